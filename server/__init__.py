@@ -1,0 +1,1 @@
+"""The aggregation side: Flower ServerApp, global evaluation and run outputs."""

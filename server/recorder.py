@@ -1,0 +1,183 @@
+"""Everything a run writes: manifest, per-round metrics, adapter versions, summary, report.
+
+A run folder is finished only when ``summary.json`` exists; it is written last. A run that
+fails leaves ``error.txt`` instead, so nobody mistakes it for a result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from fedcpt.config import RunConfig
+from fedcpt.core.data import expand_source
+from fedcpt.core.evaluation import EvalResult, paired_standard_error
+from fedcpt.core.model import AdaptedModel
+from fedcpt.server.report import write_report
+from fedcpt.strategies.base import SiteEvalReport, SiteTrainReport
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("fedcpt", "torch", "transformers", "peft", "flwr", "opacus", "ray")
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def data_hashes(sources: tuple[str, ...]) -> dict[str, str]:
+    """SHA-256 of every file a list of sources reads (built-in sources are named as is)."""
+    hashes: dict[str, str] = {}
+    for spec in sources:
+        if spec.startswith(("stdlib:", "hf:")):
+            hashes[spec] = f"builtin:{platform.python_version()}" if spec.startswith(
+                "stdlib:") else "remote"
+            continue
+        for path in expand_source(spec):
+            hashes[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashes
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _weighted_mean(pairs: list[tuple[float, int]]) -> float | None:
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
+
+
+class RunRecorder:
+    """Collects per-site and global results round by round and writes the run folder."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
+        self.run_dir = run_dir
+        self.cfg = cfg
+        self.started = time.time()
+        self.rows: list[dict[str, Any]] = []
+        self.general: dict[int, EvalResult] = {}
+        self.domain_base: dict[str, float] = {}
+        self._train: dict[int, tuple[list[SiteTrainReport], list[str]]] = {}
+        self._eval: dict[int, list[SiteEvalReport]] = {}
+        self.full_model_bytes = 0
+
+    def start(self, lm: AdaptedModel) -> None:
+        """Create the folder and write the manifest (config, versions, data hashes, seed)."""
+        (self.run_dir / "adapters").mkdir(parents=True, exist_ok=True)
+        self.full_model_bytes = lm.base_param_bytes
+        data = {site.name: data_hashes(site.data) for site in self.cfg.sites}
+        data["general"] = data_hashes(self.cfg.data.general)
+        write_json(self.run_dir / "manifest.json", {
+            "config": self.cfg.to_dict(),
+            "seed": self.cfg.seed,
+            "versions": package_versions(),
+            "data_files": data,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
+        })
+        (self.run_dir / "metrics.jsonl").write_text("", encoding="utf-8")
+
+    # --- RoundListener -------------------------------------------------------------
+    def on_train(self, server_round: int, reports: list[SiteTrainReport],
+                 failures: list[str]) -> None:
+        self._train[server_round] = (reports, failures)
+        for r in reports:
+            log.info("round %d · site %-12s train loss %.4f · %d examples · %.1fs · "
+                     "update norm %.3f", server_round, r.site, r.train_loss, r.num_examples,
+                     r.seconds, r.update_norm)
+
+    def on_evaluate(self, server_round: int, reports: list[SiteEvalReport]) -> None:
+        self._eval[server_round] = reports
+        for r in reports:
+            self.domain_base.setdefault(r.site, r.base_loss)
+            log.info("round %d · site %-12s domain loss %.4f (base %.4f)", server_round,
+                     r.site, r.loss, r.base_loss)
+
+    # --- global model, once per round after aggregation ------------------------------
+    def on_global(self, server_round: int, general: EvalResult, lm: AdaptedModel) -> None:
+        """Save the global adapter version and append the round's metrics line."""
+        self.general[server_round] = general
+        lm.model.save_pretrained(str(self.run_dir / "adapters" / f"round-{server_round:03d}"))
+        train, failures = self._train.get(server_round, ([], []))
+        evals = self._eval.get(server_round, [])
+        row = {
+            "round": server_round,
+            "general_loss": general.loss,
+            "general_perplexity": general.perplexity,
+            "general_ece": general.ece,
+            "domain_loss": _weighted_mean([(r.loss, r.tokens) for r in evals]),
+            "domain_per_site": {r.site: r.loss for r in evals},
+            "domain_ece": _weighted_mean([(r.ece, r.tokens) for r in evals]),
+            "sites_trained": [r.site for r in train],
+            "train_loss": _weighted_mean([(r.train_loss, r.num_examples) for r in train]),
+            "update_norm_per_site": {r.site: r.update_norm for r in train},
+            "bytes_up_per_client": (sum(r.bytes_up for r in train) // len(train)
+                                    if train else 0),
+            "failures": failures,
+            "elapsed_s": time.time() - self.started,
+        }
+        self.rows.append(row)
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        domain = "n/a" if row["domain_loss"] is None else f"{row['domain_loss']:.4f}"
+        log.info("round %d · global: general loss %.4f · domain loss %s · %.0fs elapsed",
+                 server_round, general.loss, domain, row["elapsed_s"])
+
+    def finish(self) -> dict[str, Any]:
+        """Write summary.json and report.md; return the summary."""
+        last = max(self.general)
+        final_evals = self._eval[max(self._eval)] if self._eval else []
+        per_site = {r.site: {"base": r.base_loss, "final": r.loss} for r in final_evals}
+        domain_base = _weighted_mean([(r.base_loss, r.tokens) for r in final_evals])
+        domain_final = _weighted_mean([(r.loss, r.tokens) for r in final_evals])
+        base, final = self.general[0], self.general[last]
+        uploads = [r["bytes_up_per_client"] for r in self.rows if r["bytes_up_per_client"]]
+        bytes_up = max(uploads) if uploads else 0
+        summary = {
+            "name": self.cfg.name,
+            "model": self.cfg.model.name,
+            "num_sites": len(self.cfg.sites),
+            "rounds": last,
+            "general_loss": {"base": base.loss, "final": final.loss},
+            "domain_loss": {"base": domain_base, "final": domain_final, "per_site": per_site},
+            "forgetting": final.loss - base.loss,
+            "forgetting_standard_error": paired_standard_error(base.block_losses,
+                                                               final.block_losses),
+            "adaptation": (domain_base - domain_final) if final_evals else None,
+            "general_ece": {"base": base.ece, "final": final.ece},
+            "eval_tokens": {"general": final.tokens,
+                            "domain_per_site": final_evals[0].tokens if final_evals else 0},
+            "bytes_up_per_client_round": bytes_up,
+            "full_model_bytes": self.full_model_bytes,
+            "upload_fraction": bytes_up / self.full_model_bytes if self.full_model_bytes else None,
+            "failures": sum(len(f) for _, f in self._train.values()),
+            "wall_time_s": time.time() - self.started,
+        }
+        write_report(self.run_dir, summary, self.rows, self.domain_base, self.cfg)
+        write_json(self.run_dir / "summary.json", summary)
+        log.info("run finished: forgetting %+.4f nats, adaptation %+.4f nats; report: %s",
+                 summary["forgetting"], summary["adaptation"] or float("nan"),
+                 self.run_dir / "report.md")
+        return summary
+
+    def fail(self, error: BaseException) -> None:
+        """Mark the folder as a failed run (no summary.json is written)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "error.txt").write_text(f"{type(error).__name__}: {error}\n",
+                                                encoding="utf-8")
+

@@ -1,0 +1,1 @@
+"""Named scenarios (``*.toml`` beside this file) and the Flower Simulation Engine runner."""

@@ -1,0 +1,38 @@
+"""What a strategy reports about each round, to whoever records the run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SiteTrainReport:
+    """One site's accepted training reply."""
+
+    site: str
+    num_examples: int
+    train_loss: float
+    seconds: float
+    bytes_up: int
+    update_norm: float
+
+
+@dataclass(frozen=True)
+class SiteEvalReport:
+    """One site's held-out domain evaluation of the global adapter."""
+
+    site: str
+    tokens: int
+    loss: float
+    base_loss: float
+    ece: float
+
+
+class RoundListener(Protocol):
+    """Receives per-site results as a strategy aggregates them."""
+
+    def on_train(self, server_round: int, reports: list[SiteTrainReport],
+                 failures: list[str]) -> None: ...
+
+    def on_evaluate(self, server_round: int, reports: list[SiteEvalReport]) -> None: ...
