@@ -24,6 +24,8 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s",
                         force=True)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Flower logs through its own console handler; keep its lines from printing twice.
+    logging.getLogger("flwr").propagate = False
 
 
 @cli.command()

@@ -185,6 +185,34 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Record-level DP-SGD at every site (a record is one training block)."""
+
+    enabled: bool = False
+    target_epsilon: float = field(
+        default=8.0, metadata={"help": "Budget per site over the whole run (all rounds)."})
+    target_delta: float = field(
+        default=0.0, metadata={"help": "δ per site; 0 means 1/N for a site with N records."})
+    noise_multiplier: float = field(
+        default=0.0, metadata={"help": "σ; 0 plans it from target_epsilon before training."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Per-sample clipping norm."})
+    accountant: Literal["prv", "rdp"] = field(
+        default="prv", metadata={"help": "Accountant that reports ε (RDP is shown beside PRV)."})
+    grad_sample_mode: Literal["hooks", "ghost", "functorch"] = "hooks"
+    ledger_dir: str = field(
+        default="", metadata={"help": "Where sites keep their ledgers (a deployed site sets "
+                              "`ledger-path` in --node-config). Empty: <run folder>/ledgers."})
+
+    def __post_init__(self) -> None:
+        _require(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon, "> 0")
+        _require(0 <= self.target_delta < 1, "privacy.target_delta", self.target_delta,
+                 "in [0, 1) (0: 1/N per site)")
+        _require(self.noise_multiplier >= 0, "privacy.noise_multiplier",
+                 self.noise_multiplier, ">= 0")
+        _require(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm, "> 0")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a federated continual-pretraining run."""
 
@@ -197,6 +225,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         _require(len(self.sites) > 0, "sites", self.sites, "at least one [[sites]] entry")

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 
 from fedcpt.config import DataConfig, ModelConfig, RunConfig, SiteConfig
 from fedcpt.core.data import TokenBlocks, build_blocks
 from fedcpt.core.model import load_tokenizer
 from fedcpt.exceptions import ConfigError
+from fedcpt.privacy.ledger import PrivacyLedger
+from fedcpt.privacy.plan import site_delta
 
 log = logging.getLogger(__name__)
 
 # node_config keys a deployed SuperNode sets with --node-config
 SITE_NAME_KEY = "site-name"
 DATA_PATH_KEY = "data-path"
+LEDGER_PATH_KEY = "ledger-path"
 
 
 def resolve_site(cfg: RunConfig, node_config: dict) -> SiteConfig:
@@ -44,3 +48,19 @@ def site_blocks(site: SiteConfig, model: ModelConfig, data: DataConfig) -> Token
     log.info("site %s: %d train blocks, %d held-out blocks", site.name, len(blocks.train),
              len(blocks.heldout))
     return blocks
+
+
+def open_ledger(cfg: RunConfig, site: SiteConfig, node_config: dict,
+                records: int) -> PrivacyLedger:
+    """The site's own privacy ledger: ``ledger-path`` at a deployed site, else
+    ``<privacy.ledger_dir>/<site>.json``."""
+    if LEDGER_PATH_KEY in node_config:
+        path = Path(str(node_config[LEDGER_PATH_KEY]))
+    elif cfg.privacy.ledger_dir:
+        path = Path(cfg.privacy.ledger_dir) / f"{site.name}.json"
+    else:
+        raise ConfigError(f"DP is on but site {site.name!r} has no ledger location: set "
+                          f"`{LEDGER_PATH_KEY}` in --node-config or privacy.ledger_dir")
+    return PrivacyLedger.open(path, site.name, delta=site_delta(cfg.privacy, records),
+                              target_epsilon=cfg.privacy.target_epsilon,
+                              accountant=cfg.privacy.accountant)

@@ -9,6 +9,7 @@ adapter version and metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import shlex
@@ -19,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedcpt.client.app import RUN_CONFIG_KEY
+from fedcpt.client.app import RUN_CONFIG_KEY, RUN_ID_KEY
 from fedcpt.config import RunConfig, load_config
 from fedcpt.core.adapters import adapter_state, load_adapter, to_arrays
 from fedcpt.core.data import build_blocks, spread
@@ -60,6 +61,9 @@ def build_strategy(cfg: RunConfig, recorder: RunRecorder) -> AdapterFedAvg:
 
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict:
     """Run all rounds of ``cfg`` on ``grid`` and write the run folder; returns the summary."""
+    if cfg.privacy.enabled and not cfg.privacy.ledger_dir:
+        privacy = dataclasses.replace(cfg.privacy, ledger_dir=str(run_dir / "ledgers"))
+        cfg = dataclasses.replace(cfg, privacy=privacy)
     recorder = RunRecorder(run_dir, cfg)
     try:
         random.seed(cfg.seed)  # Flower samples sites with the `random` module
@@ -74,7 +78,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict:
             recorder.on_global(server_round, result, lm)
             return MetricRecord({"general-loss": result.loss, "general-ece": result.ece})
 
-        config = ConfigRecord({RUN_CONFIG_KEY: cfg.to_json()})
+        config = ConfigRecord({RUN_CONFIG_KEY: cfg.to_json(), RUN_ID_KEY: run_dir.name})
         strategy = build_strategy(cfg, recorder)
         strategy.start(
             grid=grid, initial_arrays=initial, num_rounds=cfg.federation.rounds,

@@ -58,6 +58,29 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def privacy_summary(cfg: RunConfig, latest: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Per-site record-level (ε, δ) as the sites last reported them, and the federation's."""
+    sites = {
+        site: {
+            "epsilon": p["epsilon"],
+            "epsilon_rdp": p["epsilon-rdp"],
+            "delta": p["delta"],
+            "steps": int(p["dp-steps"]),
+            "noise_multiplier": p["noise-multiplier"],
+            "sample_rate": p["sample-rate"],
+        }
+        for site, p in sorted(latest.items())
+    }
+    return {
+        "sites": sites,
+        "max_epsilon": max((v["epsilon"] for v in sites.values()), default=0.0),
+        "accountant": cfg.privacy.accountant,
+        "target_epsilon": cfg.privacy.target_epsilon,
+        "level": "record",
+        "ledger_dir": cfg.privacy.ledger_dir,
+    }
+
+
 def _weighted_mean(pairs: list[tuple[float, int]]) -> float | None:
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total else None
@@ -76,6 +99,7 @@ class RunRecorder:
         self._train: dict[int, tuple[list[SiteTrainReport], list[str]]] = {}
         self._eval: dict[int, list[SiteEvalReport]] = {}
         self.full_model_bytes = 0
+        self.privacy: dict[str, dict[str, float]] = {}
 
     def start(self, lm: AdaptedModel) -> None:
         """Create the folder and write the manifest (config, versions, data hashes, seed)."""
@@ -97,6 +121,8 @@ class RunRecorder:
                  failures: list[str]) -> None:
         self._train[server_round] = (reports, failures)
         for r in reports:
+            if r.privacy:
+                self.privacy[r.site] = r.privacy
             log.info("round %d · site %-12s train loss %.4f · %d examples · %.1fs · "
                      "update norm %.3f", server_round, r.site, r.train_loss, r.num_examples,
                      r.seconds, r.update_norm)
@@ -168,6 +194,8 @@ class RunRecorder:
             "failures": sum(len(f) for _, f in self._train.values()),
             "wall_time_s": time.time() - self.started,
         }
+        if self.cfg.privacy.enabled:
+            summary["privacy"] = privacy_summary(self.cfg, self.privacy)
         write_report(self.run_dir, summary, self.rows, self.domain_base, self.cfg)
         write_json(self.run_dir / "summary.json", summary)
         log.info("run finished: forgetting %+.4f nats, adaptation %+.4f nats; report: %s",

@@ -41,6 +41,36 @@ def _plot_domain(run_dir: Path, rows: list[dict[str, Any]], base: dict[str, floa
     return "domain_loss.png"
 
 
+PRIVACY_STATEMENT = (
+    "Each site trained with DP-SGD (per-block clipping, Gaussian noise, Poisson sampling); "
+    "ε below is cumulative over every DP step the site has recorded in its ledger. The "
+    "guarantee is record-level: a record is one packed block of tokens from the site's own "
+    "data. Sites hold disjoint data, so the federation's record-level ε is the maximum over "
+    "sites (parallel composition). It is not a user-level guarantee: text about one person "
+    "spread over many blocks or several sites is protected only per block. Aggregation, "
+    "evaluation and anything the server does afterwards are post-processing.")
+
+
+def privacy_lines(privacy: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "## Privacy",
+        "",
+        PRIVACY_STATEMENT,
+        "",
+        f"Federation record-level ε = **{privacy['max_epsilon']:.3f}** "
+        f"({privacy['accountant'].upper()}; budget {privacy['target_epsilon']} per site).",
+        "",
+        "| site | ε | ε (RDP) | δ | steps | σ | q |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for site, p in privacy["sites"].items():
+        lines.append(f"| {site} | {p['epsilon']:.3f} | {p['epsilon_rdp']:.3f} | "
+                     f"{p['delta']:.3g} | {p['steps']} | {p['noise_multiplier']:.4f} | "
+                     f"{p['sample_rate']:.5f} |")
+    return lines
+
+
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -101,6 +131,8 @@ def write_report(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, An
     failures = [f for r in rows for f in r["failures"]]
     if failures:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in failures]
+    if "privacy" in s:
+        lines += privacy_lines(s["privacy"])
     lines += [
         "",
         "## Communication",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -16,6 +16,8 @@ class SiteTrainReport:
     seconds: float
     bytes_up: int
     update_norm: float
+    privacy: dict[str, float] = field(default_factory=dict)
+    """The site's cumulative DP accounting after this round (empty without DP)."""
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,10 @@ from fedcpt.strategies.base import RoundListener, SiteEvalReport, SiteTrainRepor
 
 log = logging.getLogger(__name__)
 
+# Reply metrics in which a DP site reports its cumulative ledger after the round
+PRIVACY_METRICS = ("epsilon", "epsilon-rdp", "delta", "noise-multiplier", "sample-rate",
+                   "dp-steps")
+
 
 def site_name(msg: Message) -> str:
     """The site a reply came from (its node id if it did not say)."""
@@ -85,6 +89,7 @@ class AdapterFedAvg(FedAvg):
                 seconds=float(metrics["train-seconds"]),
                 bytes_up=count_bytes(arrays),
                 update_norm=update_norm(arrays, self._global),
+                privacy={k: float(metrics[k]) for k in PRIVACY_METRICS if k in metrics},
             ))
         if self.listener is not None:
             self.listener.on_train(server_round, reports, failures)

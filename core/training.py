@@ -1,4 +1,4 @@
-"""Local training of the LoRA adapter at one site for one round."""
+"""Local training of the LoRA adapter for one round (the non-private step)."""
 
 from __future__ import annotations
 

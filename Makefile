@@ -1,0 +1,30 @@
+# Two set-up commands for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PIP    := $(VENV)/bin/pip
+# A CPU build of torch (a local file on the project's machines); a bare `torch`
+# requirement would pull a multi-GB CUDA build. Override: make TORCH_SPEC=torch demo
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test lint install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/fedcpt simulate shakespeare
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install lint
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

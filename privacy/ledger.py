@@ -1,0 +1,172 @@
+"""A data site's privacy ledger: every DP-SGD step it has ever taken, kept at the site.
+
+The ledger is the site's own record, independent of any one run: it accumulates across
+rounds, process restarts and continual phases, and ε is always recomputed from the full
+history. It is written atomically (temp file, fsync, rename) *before* the update it pays
+for leaves the site, so a crash can over-count spend but never lose it. A SHA-256 checksum
+detects corruption and hand edits; it is not a signature (the site owns its ledger).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fedcpt.exceptions import FedcptError
+from fedcpt.privacy.accounting import Step, epsilon
+
+log = logging.getLogger(__name__)
+
+LEDGER_VERSION = 1
+
+
+class LedgerError(FedcptError):
+    """A ledger file is corrupt, tampered with, or belongs to another site."""
+
+
+class PrivacyBudgetExhausted(FedcptError):
+    """Training another round would take a site past its privacy budget."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One round of DP-SGD at the site."""
+
+    run: str
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    recorded_at: str
+
+
+def _checksum(body: dict) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class PrivacyLedger:
+    """The persisted DP-SGD history of one site and the ε it adds up to.
+
+    Parameters
+    ----------
+    path : Path
+        The ledger file.
+    site : str
+        The site's name; a ledger of another site is refused.
+    delta : float
+        δ of the site's guarantee, fixed when the ledger is created.
+    target_epsilon : float
+        The site's total budget.
+    accountant : str
+        ``prv`` (reported) or ``rdp``.
+    """
+
+    def __init__(self, path: Path, site: str, *, delta: float, target_epsilon: float,
+                 accountant: str = "prv", entries: list[LedgerEntry] | None = None) -> None:
+        self.path = Path(path)
+        self.site = site
+        self.delta = delta
+        self.target_epsilon = target_epsilon
+        self.accountant = accountant
+        self.entries: list[LedgerEntry] = list(entries or [])
+
+    @classmethod
+    def open(cls, path: Path, site: str, *, delta: float, target_epsilon: float,
+             accountant: str = "prv") -> PrivacyLedger:
+        """Load the site's ledger, or start an empty one if the file does not exist yet."""
+        path = Path(path)
+        if not path.exists():
+            return cls(path, site, delta=delta, target_epsilon=target_epsilon,
+                       accountant=accountant)
+        ledger = cls.load(path)
+        if ledger.site != site:
+            raise LedgerError(f"{path} is the ledger of site {ledger.site!r}, not {site!r}")
+        ledger.target_epsilon = target_epsilon
+        ledger.accountant = accountant
+        return ledger
+
+    @classmethod
+    def load(cls, path: Path) -> PrivacyLedger:
+        """Read and verify a ledger file (format, checksum)."""
+        path = Path(path)
+        if not path.is_file():
+            raise LedgerError(f"ledger not found: {path}")
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+            body = {k: v for k, v in payload.items() if k != "checksum"}
+            checksum = payload["checksum"]
+            entries = [LedgerEntry(**e) for e in body["entries"]]
+            site, delta = body["site"], float(body["delta"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise LedgerError(f"{path} is not a valid privacy ledger: {err}") from None
+        if body.get("version") != LEDGER_VERSION:
+            raise LedgerError(f"{path}: unsupported ledger version {body.get('version')!r}")
+        if _checksum(body) != checksum:
+            raise LedgerError(f"{path}: checksum mismatch: the ledger was modified or corrupted")
+        return cls(path, site, delta=delta, target_epsilon=float(body["target_epsilon"]),
+                   accountant=str(body["accountant"]), entries=entries)
+
+    @property
+    def history(self) -> list[Step]:
+        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries]
+
+    @property
+    def steps(self) -> int:
+        return sum(e.steps for e in self.entries)
+
+    def epsilon(self, accountant: str | None = None) -> float:
+        """Cumulative ε of every recorded step at the ledger's δ."""
+        return epsilon(self.history, self.delta, accountant or self.accountant)
+
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """ε the site would have after one more round of ``steps`` steps."""
+        return epsilon(self.history + [(noise_multiplier, sample_rate, steps)], self.delta,
+                       self.accountant)
+
+    def check_budget(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Raise PrivacyBudgetExhausted if the next round would exceed the budget."""
+        after = self.epsilon_after(noise_multiplier, sample_rate, steps)
+        if after > self.target_epsilon:
+            raise PrivacyBudgetExhausted(
+                f"site {self.site!r} refuses to train: the next round would raise ε from "
+                f"{self.epsilon():.3f} to {after:.3f}, above its budget {self.target_epsilon}"
+                f" (δ={self.delta:.3g})")
+        return after
+
+    def record(self, run: str, server_round: int, noise_multiplier: float, sample_rate: float,
+               steps: int) -> None:
+        """Append one round and persist it durably before returning."""
+        self.entries.append(LedgerEntry(
+            run=run, round=server_round, noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate, steps=steps,
+            recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+        self.save()
+
+    def save(self) -> None:
+        body = {
+            "version": LEDGER_VERSION,
+            "site": self.site,
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+            "accountant": self.accountant,
+            "entries": [asdict(e) for e in self.entries],
+        }
+        payload = dict(body, checksum=_checksum(body))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

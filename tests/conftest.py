@@ -1,0 +1,106 @@
+"""Shared fixtures: generated English-like text files, the byte tokenizer, fresh tiny models.
+
+Nothing here downloads: the tests use the built-in ``tiny-llama`` model with the byte
+tokenizer and text generated on the fly. Hugging Face Hub is switched to offline mode so a
+test that names an unknown model fails at once instead of retrying the network.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_hub import
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import random  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SUBJECTS = [
+    "The old gardener", "A curious child", "The village baker", "My neighbour", "The captain",
+    "A tired traveller", "The young teacher", "Her brother", "The quiet librarian",
+    "A stray dog", "The river pilot", "The shopkeeper", "Our grandmother", "The farmer",
+    "A clever student", "The night watchman", "The painter", "A stranger from the north",
+    "The mayor", "The blacksmith",
+]
+VERBS = [
+    "carried", "found", "repaired", "painted", "remembered", "described", "counted",
+    "watched", "borrowed", "planted", "opened", "cleaned", "followed", "measured", "sold",
+]
+OBJECTS = [
+    "the wooden gate", "a basket of apples", "the broken clock", "an old map", "the long letter",
+    "a pair of boots", "the heavy lantern", "a bundle of letters", "the green boat",
+    "a loaf of bread", "the silver key", "a jar of honey", "the dusty piano", "a wool blanket",
+    "the narrow bridge", "a box of nails", "the tall ladder", "a bowl of soup", "the blue door",
+    "a sack of flour",
+]
+TAILS = [
+    "before the rain began", "after the market closed", "while the bells were ringing",
+    "on a cold morning in winter", "near the edge of the forest", "without saying a word",
+    "as the sun went down", "in the middle of the night", "because nobody else would",
+    "with great care", "for the third time that week", "beside the harbour wall",
+]
+
+
+def english_text(n_chars: int, seed: int = 0) -> str:
+    """Deterministic English-looking prose: paragraphs of 3-6 sentences, ``n_chars`` long."""
+    rng = random.Random(seed)
+    paragraphs: list[str] = []
+    total = 0
+    while total < n_chars:
+        sentences = [
+            f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} "
+            f"{rng.choice(TAILS)}."
+            for _ in range(rng.randint(3, 6))
+        ]
+        para = " ".join(sentences)
+        paragraphs.append(para)
+        total += len(para) + 2
+    return "\n\n".join(paragraphs)
+
+
+@pytest.fixture
+def write_text(tmp_path: Path) -> Callable[..., Path]:
+    """Factory writing generated UTF-8 prose to ``tmp_path/<name>``; returns the path."""
+
+    def _write(name: str, n_chars: int = 20_000, seed: int = 0) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(english_text(n_chars, seed), encoding="utf-8")
+        return path
+
+    return _write
+
+
+@pytest.fixture(scope="session")
+def byte_tok():
+    from fedcpt.core.model import byte_tokenizer
+
+    return byte_tokenizer()
+
+
+@pytest.fixture
+def fresh_lm(byte_tok):
+    """A new (uncached) tiny Llama with LoRA r=4 on q/v, fp32 on CPU.
+
+    Tests that change adapter weights use this, never the per-process cached model from
+    ``load_adapted_model`` (the in-process simulation server reuses that one).
+    """
+    from fedcpt.config import LoraSettings
+    from fedcpt.core.model import AdaptedModel, attach_lora, tiny_llama
+
+    model = attach_lora(tiny_llama(len(byte_tok)), LoraSettings(r=4, alpha=8), seed=0)
+    return AdaptedModel(model, byte_tok, torch.device("cpu"), None)
+
+
+@pytest.fixture
+def text_blocks(byte_tok) -> torch.Tensor:
+    """Sixteen 64-token blocks of generated prose (byte tokens)."""
+    from fedcpt.core.data import pack
+
+    ids = byte_tok([english_text(4000, seed=7)], add_special_tokens=False)["input_ids"]
+    blocks = pack(ids, byte_tok.eos_token_id, 64)
+    return blocks[:16]
