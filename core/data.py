@@ -179,6 +179,18 @@ def is_heldout(document: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
+def split_heldout(documents: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(held-out, train) by :func:`is_heldout`; a small corpus whose hashes put no document
+    on one side gives that side the document closest to the threshold, so both are
+    non-empty whenever there are two documents."""
+    heldout = [d for d in documents if is_heldout(d, fraction)]
+    train = [d for d in documents if not is_heldout(d, fraction)]
+    if len(documents) >= 2 and (not heldout or not train):
+        ranked = sorted(documents, key=lambda d: hashlib.sha256(d.encode("utf-8")).digest())
+        heldout, train = (ranked[:1], ranked[1:]) if not heldout else (ranked[:-1], ranked[-1:])
+    return heldout, train
+
+
 def pack(token_lists: list[list[int]], eos_id: int, block_size: int,
          max_tokens: int = 0) -> torch.Tensor:
     """Concatenate documents separated by EOS and cut into full ``block_size`` blocks."""
@@ -213,8 +225,7 @@ def build_blocks(
             raise DataError(f"{what}: source {spec!r} contains no text")
         texts.extend(found)
     documents = split_documents(texts)
-    heldout_docs = [d for d in documents if is_heldout(d, heldout_fraction)]
-    train_docs = [d for d in documents if not is_heldout(d, heldout_fraction)]
+    heldout_docs, train_docs = split_heldout(documents, heldout_fraction)
     eos = tokenizer.eos_token_id
 
     def encode(docs: list[str]) -> list[list[int]]:

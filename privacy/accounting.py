@@ -18,7 +18,7 @@ from fedcpt.exceptions import ConfigError
 
 ACCOUNTANTS = ("prv", "rdp")
 Step = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
-MAX_SIGMA = 1e4
+MAX_SIGMA = 1e3  # noise a thousand times the clipping norm: nothing is learned
 
 
 def epsilon(history: Sequence[Step], delta: float, accountant: str = "prv") -> float:
@@ -53,19 +53,17 @@ def plan_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps
     def eps(sigma: float) -> float:
         return epsilon(list(prior) + [(sigma, sample_rate, steps)], delta, accountant)
 
+    if eps(MAX_SIGMA) > target_epsilon:
+        raise ConfigError(
+            f"privacy budget ε={target_epsilon}, δ={delta:g} is too small for {steps} steps at "
+            f"sample rate {sample_rate:.4g}, even with noise σ={MAX_SIGMA:g}")
     low, high = 0.0, 1.0
     while eps(high) > target_epsilon:
         low, high = high, 2 * high
-        if high > MAX_SIGMA:
-            raise ConfigError(
-                f"privacy budget ε={target_epsilon}, δ={delta:g} is too small for {steps} "
-                f"steps at sample rate {sample_rate:.4g}")
-    while True:
-        eps_high = eps(high)
-        if target_epsilon - eps_high <= tolerance or high - low < 1e-4:
-            return high
+    while high - low > 1e-4 and target_epsilon - eps(high) > tolerance:
         mid = (low + high) / 2
         if eps(mid) <= target_epsilon:
             high = mid
         else:
             low = mid
+    return high

@@ -22,6 +22,7 @@ from fedcpt.strategies.base import RoundListener, SiteEvalReport, SiteTrainRepor
 
 log = logging.getLogger(__name__)
 
+REQUIRED_METRICS = ("num-examples", "train-loss", "train-seconds")
 # Reply metrics in which a DP site reports its cumulative ledger after the round
 PRIVACY_METRICS = ("epsilon", "epsilon-rdp", "delta", "noise-multiplier", "sample-rate",
                    "dp-steps")
@@ -75,12 +76,17 @@ class AdapterFedAvg(FedAvg):
                 if arrays is None:
                     raise UpdateRejected("reply carries no 'arrays' record")
                 check_update(arrays, self._global)
+                metrics = msg.content.metric_records.get("metrics")
+                missing = [k for k in REQUIRED_METRICS if metrics is None or k not in metrics]
+                if missing:
+                    raise UpdateRejected(f"reply metrics lack {missing}")
+                if float(metrics["num-examples"]) <= 0:
+                    raise UpdateRejected("num-examples must be positive")
             except UpdateRejected as err:
                 failures.append(f"{site}: update rejected: {err}")
                 log.warning("round %d: rejected update from site %s: %s", server_round, site,
                             err)
                 continue
-            metrics = msg.content["metrics"]
             accepted.append(msg)
             reports.append(SiteTrainReport(
                 site=site,

@@ -62,6 +62,12 @@ def english_text(n_chars: int, seed: int = 0) -> str:
     return "\n\n".join(paragraphs)
 
 
+@pytest.fixture(scope="session")
+def make_text() -> Callable[..., str]:
+    """``english_text`` as a fixture, for module- and session-scoped fixtures."""
+    return english_text
+
+
 @pytest.fixture
 def write_text(tmp_path: Path) -> Callable[..., Path]:
     """Factory writing generated UTF-8 prose to ``tmp_path/<name>``; returns the path."""

@@ -9,7 +9,6 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
 
-from conftest import english_text
 from fedcpt.config import load_config
 from fedcpt.core.model import byte_tokenizer, tiny_llama
 
@@ -23,7 +22,7 @@ ADAPTER_NUMEL = 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4))
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory):
+def sim(tmp_path_factory, make_text):
     """Run the smoke scenario once (2 rounds, 3 sites) and return (config, run_dir, summary)."""
     from fedcpt.simulations.runner import simulate
 
@@ -32,7 +31,7 @@ def sim(tmp_path_factory):
     for i, name in enumerate(SITES):
         path = root / "data" / f"{name}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(english_text(40_000, seed=100 + i), encoding="utf-8")
+        path.write_text(make_text(40_000, seed=100 + i), encoding="utf-8")
         lines += ["[[sites]]", f'name = "{name}"', f'data = ["{path.as_posix()}"]', ""]
     config_file = root / "sites.toml"
     config_file.write_text("\n".join(lines), encoding="utf-8")

@@ -1,0 +1,310 @@
+"""Text sources -> documents -> deterministic held-out split -> packed token blocks."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from fedcpt.core.data import (
+    build_blocks,
+    expand_source,
+    is_heldout,
+    pack,
+    read_texts,
+    split_documents,
+    spread,
+)
+from fedcpt.exceptions import DataError
+
+BLOCK = 64
+
+
+def _blocks(sources, tok, **kwargs):
+    kwargs.setdefault("block_size", BLOCK)
+    kwargs.setdefault("heldout_fraction", 0.5)
+    return build_blocks([str(s) for s in sources], tok, **kwargs)
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p for p in text.split("\n\n") if p.strip()]
+
+
+# --- split_documents -------------------------------------------------------------------
+
+def test_split_documents_caps_size_at_paragraph_boundaries():
+    paras = [f"paragraph {i} " + "x" * 480 for i in range(12)]
+    docs = split_documents(["\n\n".join(paras)], max_chars=2000)
+    assert len(docs) > 1
+    assert all(len(d) <= 2000 for d in docs)
+    # no paragraph is cut or lost, and order is kept
+    assert [p for d in docs for p in d.split("\n\n")] == paras
+
+
+def test_split_documents_keeps_an_oversized_paragraph_whole():
+    long = "y" * 5000
+    docs = split_documents([f"short one\n\n{long}\n\nshort two"], max_chars=2000)
+    assert long in docs
+    assert docs == ["short one", long, "short two"]
+
+
+def test_split_documents_never_joins_separate_texts():
+    assert split_documents(["first text", "second text"]) == ["first text", "second text"]
+
+
+def test_split_documents_drops_blank_paragraphs_and_whitespace_separators():
+    docs = split_documents(["a\n\n\n\n   \n\nb\n  \t\nc", "   \n\n  "], max_chars=2000)
+    assert docs == ["a\n\nb\n\nc"]
+
+
+# --- is_heldout ------------------------------------------------------------------------
+
+def test_is_heldout_is_deterministic():
+    docs = [f"document number {i}" for i in range(200)]
+    first = [is_heldout(d, 0.3) for d in docs]
+    assert first == [is_heldout(d, 0.3) for d in docs]
+    assert any(first) and not all(first)
+
+
+def test_heldout_share_is_close_to_fraction():
+    docs = [f"document {i}: some words about item {i * 7}" for i in range(5000)]
+    share = sum(is_heldout(d, 0.1) for d in docs) / len(docs)
+    assert share == pytest.approx(0.1, abs=0.015)
+
+
+def test_heldout_split_is_nested_as_fraction_grows():
+    docs = [f"doc {i}" for i in range(1000)]
+    small = {d for d in docs if is_heldout(d, 0.1)}
+    large = {d for d in docs if is_heldout(d, 0.3)}
+    assert small < large
+
+
+# --- pack ------------------------------------------------------------------------------
+
+def test_pack_inserts_eos_between_documents_and_drops_tail():
+    blocks = pack([[1, 2, 3], [4, 5], [6]], eos_id=0, block_size=3)
+    # stream: 1 2 3 0 4 5 0 6 0 -> three full blocks, nothing left over
+    assert blocks.tolist() == [[1, 2, 3], [0, 4, 5], [0, 6, 0]]
+    assert blocks.dtype == torch.long
+    blocks = pack([[1, 2, 3], [4, 5]], eos_id=9, block_size=4)
+    # stream: 1 2 3 9 4 5 9 -> one block; the partial tail "4 5 9" is dropped
+    assert blocks.tolist() == [[1, 2, 3, 9]]
+
+
+def test_pack_too_short_gives_no_blocks():
+    blocks = pack([[1, 2]], eos_id=0, block_size=8)
+    assert blocks.shape == (0, 8)
+
+
+def test_pack_respects_max_tokens():
+    blocks = pack([list(range(1, 50))] * 4, eos_id=0, block_size=10, max_tokens=35)
+    assert blocks.shape == (3, 10)
+    assert blocks.flatten().tolist() == list(range(1, 31))
+
+
+# --- build_blocks on every supported source type ---------------------------------------
+
+def test_build_blocks_txt_matches_split_and_pack(write_text, byte_tok):
+    path = write_text("site.txt", 20_000, seed=1)
+    result = _blocks([path], byte_tok)
+    text = path.read_text(encoding="utf-8")
+    docs = split_documents([text])
+    train_docs = [d for d in docs if not is_heldout(d, 0.5)]
+    held_docs = [d for d in docs if is_heldout(d, 0.5)]
+    assert result.documents == len(docs)
+    assert result.heldout_documents == len(held_docs)
+    assert result.train.shape[1] == result.heldout.shape[1] == BLOCK
+    assert result.train.dtype == result.heldout.dtype == torch.long
+    eos = byte_tok.eos_token_id
+    expected_train = []
+    for d in train_docs:
+        expected_train += byte_tok(d, add_special_tokens=False)["input_ids"] + [eos]
+    n = len(expected_train) // BLOCK
+    assert result.train.flatten().tolist() == expected_train[: n * BLOCK]
+    assert result.train_tokens == n * BLOCK
+    # held-out blocks hold only held-out text
+    held_bytes = "\x00".join(held_docs)
+    first = byte_tok.decode([t for t in result.heldout[0].tolist() if t != eos])
+    assert first[:40] in held_bytes
+
+
+def test_build_blocks_is_reproducible(write_text, byte_tok):
+    path = write_text("site.txt", 20_000, seed=2)
+    a, b = _blocks([path], byte_tok), _blocks([path], byte_tok)
+    assert torch.equal(a.train, b.train) and torch.equal(a.heldout, b.heldout)
+
+
+def test_build_blocks_caps_training_tokens(write_text, byte_tok):
+    path = write_text("site.txt", 20_000, seed=3)
+    capped = _blocks([path], byte_tok, max_train_tokens=1000)
+    full = _blocks([path], byte_tok)
+    assert capped.train.numel() <= 1000
+    assert len(capped.train) == 1000 // BLOCK
+    assert torch.equal(capped.train, full.train[: len(capped.train)])
+    assert torch.equal(capped.heldout, full.heldout)  # the cap is for training only
+
+
+def test_build_blocks_markdown(write_text, byte_tok):
+    path = write_text("notes.md", 20_000, seed=4)
+    result = _blocks([path], byte_tok)
+    assert len(result.train) > 0 and len(result.heldout) > 0
+    same_as_txt = write_text("notes.txt", 20_000, seed=4)
+    assert torch.equal(result.train, _blocks([same_as_txt], byte_tok).train)
+
+
+def test_build_blocks_jsonl_with_text_field(tmp_path, byte_tok, make_text):
+    texts = [make_text(1500, seed=i) for i in range(20)]
+    path = tmp_path / "records.jsonl"
+    lines = [json.dumps({"id": i, "body": t}) for i, t in enumerate(texts)]
+    path.write_text("\n".join(lines[:10]) + "\n\n" + "\n".join(lines[10:]) + "\n",
+                    encoding="utf-8")
+    assert read_texts(str(path), text_field="body") == texts
+    result = _blocks([path], byte_tok, text_field="body")
+    assert result.documents == len(split_documents(texts))
+    assert len(result.train) > 0 and len(result.heldout) > 0
+
+
+def test_build_blocks_parquet(tmp_path, byte_tok, make_text):
+    texts = [make_text(1500, seed=i) for i in range(20)]
+    path = tmp_path / "records.parquet"
+    pq.write_table(pa.table({"content": texts, "n": list(range(20))}), path)
+    assert read_texts(str(path), text_field="content") == texts
+    result = _blocks([path], byte_tok, text_field="content")
+    jsonl = tmp_path / "same.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"content": t}) for t in texts), encoding="utf-8")
+    assert torch.equal(result.train, _blocks([jsonl], byte_tok, text_field="content").train)
+
+
+def test_build_blocks_directory_recurses_and_skips_other_types(write_text, tmp_path, byte_tok):
+    write_text("corpus/a.txt", 8000, seed=5)
+    write_text("corpus/sub/b.md", 8000, seed=6)
+    (tmp_path / "corpus" / "manual.pdf").write_bytes(b"%PDF-1.4 not text")
+    (tmp_path / "corpus" / "image.png").write_bytes(b"\x89PNG")
+    files = expand_source(str(tmp_path / "corpus"))
+    assert [p.name for p in files] == ["a.txt", "b.md"]
+    result = _blocks([tmp_path / "corpus"], byte_tok)
+    both = _blocks([tmp_path / "corpus" / "a.txt", tmp_path / "corpus" / "sub" / "b.md"],
+                   byte_tok)
+    assert torch.equal(result.train, both.train)
+    assert torch.equal(result.heldout, both.heldout)
+
+
+def test_build_blocks_glob(write_text, tmp_path, byte_tok):
+    write_text("g/one.txt", 8000, seed=7)
+    write_text("g/two.txt", 8000, seed=8)
+    write_text("g/skip.md", 8000, seed=9)
+    assert [p.name for p in expand_source(str(tmp_path / "g" / "*.txt"))] == ["one.txt",
+                                                                              "two.txt"]
+    result = _blocks([tmp_path / "g" / "*.txt"], byte_tok)
+    explicit = _blocks([tmp_path / "g" / "one.txt", tmp_path / "g" / "two.txt"], byte_tok)
+    assert torch.equal(result.train, explicit.train)
+
+
+def test_uppercase_suffix_accepted(write_text, byte_tok):
+    path = write_text("LOUD.TXT", 20_000, seed=10)
+    assert len(_blocks([path], byte_tok).train) > 0
+
+
+# --- errors, each a DataError with a clear message --------------------------------------
+
+def test_missing_path(tmp_path, byte_tok):
+    with pytest.raises(DataError, match=r"data path not found: .*missing\.txt"):
+        _blocks([tmp_path / "missing.txt"], byte_tok)
+
+
+def test_unsupported_suffix(tmp_path, byte_tok):
+    path = tmp_path / "paper.pdf"
+    path.write_bytes(b"%PDF-1.4")
+    with pytest.raises(DataError,
+                       match=r"unsupported data file type '\.pdf' for .*paper\.pdf; "
+                             r"supported: \.txt, \.md"):
+        _blocks([path], byte_tok)
+
+
+def test_empty_file(tmp_path, byte_tok):
+    path = tmp_path / "empty.txt"
+    path.write_text("", encoding="utf-8")
+    with pytest.raises(DataError, match=r"source '.*empty\.txt' contains no text"):
+        _blocks([path], byte_tok)
+
+
+def test_whitespace_only_file(tmp_path, byte_tok):
+    path = tmp_path / "blank.md"
+    path.write_text("\n\n   \n\t\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"site 'x': source '.*blank\.md' contains no text"):
+        _blocks([path], byte_tok, what="site 'x'")
+
+
+def test_non_utf8_file(tmp_path, byte_tok):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("Café au lait, crème brûlée. ".encode("latin-1") * 200)
+    with pytest.raises(DataError, match=r"latin1\.txt is not UTF-8 text \(.* at byte 3\)"):
+        _blocks([path], byte_tok)
+
+
+def test_jsonl_line_missing_text_field(tmp_path, byte_tok):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "fine"}\n{"body": "wrong field"}\n', encoding="utf-8")
+    with pytest.raises(DataError,
+                       match=r"rows\.jsonl:2 has no string field 'text' \(set data\.text_field\)"):
+        _blocks([path], byte_tok)
+
+
+def test_jsonl_non_string_text_field(tmp_path, byte_tok):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": 5}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"rows\.jsonl:1 has no string field 'text'"):
+        _blocks([path], byte_tok)
+
+
+def test_jsonl_invalid_json(tmp_path, byte_tok):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "ok"}\n\n{"text": oops}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"rows\.jsonl:3 is not valid JSON: Expecting value"):
+        _blocks([path], byte_tok)
+
+
+def test_parquet_missing_column(tmp_path, byte_tok):
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"body": ["some text"]}), path)
+    with pytest.raises(DataError, match=r"rows\.parquet: cannot read text column 'text'"):
+        _blocks([path], byte_tok)
+
+
+def test_too_little_text_for_one_block(tmp_path, byte_tok):
+    path = tmp_path / "short.txt"
+    path.write_text("Only a sentence or two.\n\nNot nearly enough for a block.",
+                    encoding="utf-8")
+    with pytest.raises(DataError,
+                       match=r"site 'tiny': too little text for one training and one held-out "
+                             r"block of 64 tokens \(1 documents, 0 train blocks"):
+        _blocks([path], byte_tok, what="site 'tiny'")
+
+
+def test_glob_matching_nothing(tmp_path, byte_tok):
+    with pytest.raises(DataError, match=r"data glob '.*\*\.txt' matches no files"):
+        _blocks([tmp_path / "*.txt"], byte_tok)
+
+
+def test_directory_without_supported_files(tmp_path, byte_tok):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.pdf").write_bytes(b"%PDF")
+    with pytest.raises(DataError, match=r"data directory .*docs holds no \.txt/\.md"):
+        _blocks([tmp_path / "docs"], byte_tok)
+
+
+def test_unknown_stdlib_source(byte_tok):
+    with pytest.raises(DataError, match=r"unknown stdlib source 'poems'"):
+        _blocks(["stdlib:poems"], byte_tok)
+
+
+# --- spread ----------------------------------------------------------------------------
+
+def test_spread_picks_evenly_including_ends():
+    blocks = torch.arange(100).view(100, 1)
+    picked = spread(blocks, 5).flatten().tolist()
+    assert picked == [0, 25, 50, 74, 99]
+    assert torch.equal(spread(blocks[:3], 5), blocks[:3])

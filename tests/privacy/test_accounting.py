@@ -1,0 +1,72 @@
+"""ε is checked against Google's dp-accounting (PLD), computed independently of Opacus."""
+
+import pytest
+from dp_accounting import dp_event
+from dp_accounting.pld import pld_privacy_accountant
+
+from fedcpt.exceptions import ConfigError
+from fedcpt.privacy.accounting import epsilon, plan_noise
+
+
+def pld_epsilon(history, delta):
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+    for sigma, q, steps in history:
+        event = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma))
+        acc.compose(dp_event.SelfComposedDpEvent(event, steps))
+    return acc.get_epsilon(delta)
+
+
+HISTORIES = [
+    [(1.0, 0.01, 1000)],
+    [(0.6, 0.00427, 3000)],
+    # a site's ledger across rounds and phases: σ and q change between entries
+    [(0.8, 0.004, 300), (0.8, 0.004, 300), (1.1, 0.006, 200), (0.5, 0.002, 50)],
+]
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_reported_epsilon_never_below_pld_and_within_two_percent(history):
+    delta = 1e-5
+    reported = epsilon(history, delta, "prv")
+    reference = pld_epsilon(history, delta)
+    assert reported >= reference
+    assert reported <= 1.02 * reference
+
+
+def test_rdp_is_looser_than_prv():
+    history = [(1.0, 0.01, 1000)]
+    assert epsilon(history, 1e-5, "rdp") > epsilon(history, 1e-5, "prv")
+
+
+def test_no_steps_cost_nothing():
+    assert epsilon([], 1e-5) == 0.0
+
+
+def test_gdp_is_refused_because_it_can_under_report():
+    with pytest.raises(ConfigError, match="accountant must be one of"):
+        epsilon([(1.0, 0.01, 10)], 1e-5, "gdp")
+
+
+def test_planned_noise_meets_the_budget_tightly():
+    sigma = plan_noise(target_epsilon=8.0, delta=1e-4, sample_rate=0.01, steps=200)
+    spent = epsilon([(sigma, 0.01, 200)], 1e-4)
+    assert 8.0 - 0.05 <= spent <= 8.0
+
+
+def test_plan_on_top_of_prior_spend_uses_more_noise():
+    fresh = plan_noise(target_epsilon=4.0, delta=1e-4, sample_rate=0.01, steps=100)
+    prior = [(1.0, 0.01, 100)]
+    after = plan_noise(target_epsilon=4.0, delta=1e-4, sample_rate=0.01, steps=100,
+                       prior=prior)
+    assert after > fresh
+    assert epsilon(prior + [(after, 0.01, 100)], 1e-4) <= 4.0
+
+
+def test_budget_too_small_is_a_clear_error():
+    with pytest.raises(ConfigError, match="too small"):
+        plan_noise(target_epsilon=1e-6, delta=1e-5, sample_rate=0.5, steps=100)
+
+
+def test_batch_larger_than_data_is_a_clear_error():
+    with pytest.raises(ConfigError, match="sample rate"):
+        plan_noise(target_epsilon=8, delta=1e-5, sample_rate=2.0, steps=10)

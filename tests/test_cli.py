@@ -1,0 +1,123 @@
+"""`fedcpt simulate` with bad input: exit code 2, one `error:` line, and no run folder.
+
+Every case here fails before Ray starts, in the time it takes to import the package.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_cli(*args: str, columns: int | None = 400) -> subprocess.CompletedProcess:
+    """``python -m fedcpt.cli ARGS`` with stderr piped (as in CI or a log file).
+
+    ``columns`` sets COLUMNS for the child; ``None`` leaves the terminal width unset, as
+    when a user or a CI job pipes stderr.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    if columns is not None:
+        env["COLUMNS"] = str(columns)
+    env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run([sys.executable, "-m", "fedcpt.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The single stderr line saying ``error:`` (asserts there is exactly one)."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def assert_no_run(out: Path) -> None:
+    assert not (out / "summary.json").exists()
+    assert not out.exists(), sorted(p.name for p in out.iterdir())
+
+
+def sites_config(tmp_path: Path, *paths: Path | str, name: str = "alpha") -> Path:
+    lines = []
+    for i, p in enumerate(paths):
+        lines += ["[[sites]]", f'name = "{name}{i or ""}"', f'data = ["{Path(p).as_posix()}"]',
+                  ""]
+    config = tmp_path / "sites.toml"
+    config.write_text("\n".join(lines), encoding="utf-8")
+    return config
+
+
+def test_unknown_scenario(tmp_path):
+    out = tmp_path / "run"
+    line = error_line(run_cli("simulate", "nosuch", "--out", str(out)))
+    assert "unknown scenario 'nosuch'" in line
+    assert "smoke" in line  # lists what is available
+    assert_no_run(out)
+
+
+def test_unknown_set_key(tmp_path):
+    out = tmp_path / "run"
+    line = error_line(run_cli("simulate", "smoke", "--set", "train.lrr=0.1", "--out", str(out)))
+    assert "unknown config key `train.lrr` (did you mean `train.lr`?)" in line
+    assert_no_run(out)
+
+
+def test_invalid_set_value(tmp_path):
+    out = tmp_path / "run"
+    line = error_line(run_cli("simulate", "smoke", "-s", "federation.rounds=0", "-o", str(out)))
+    assert "`federation.rounds` must be > 0, got 0" in line
+    assert_no_run(out)
+
+
+def test_missing_config_file(tmp_path):
+    out = tmp_path / "run"
+    missing = tmp_path / "nope.toml"
+    line = error_line(run_cli("simulate", "smoke", "--config", str(missing), "--out", str(out)))
+    assert f"config file not found: {missing}" in line
+    assert_no_run(out)
+
+
+def test_missing_site_data(tmp_path, write_text):
+    out = tmp_path / "run"
+    good = write_text("good.txt", 30_000)
+    missing = tmp_path / "data" / "missing.txt"
+    config = sites_config(tmp_path, good, missing)
+    line = error_line(run_cli("simulate", "smoke", "--config", str(config), "--out", str(out)))
+    assert f"data path not found: {missing}" in line
+    assert_no_run(out)
+
+
+def test_non_empty_out_folder_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier results", encoding="utf-8")
+    line = error_line(run_cli("simulate", "smoke", "--out", str(out)))
+    assert f"output folder {out} already exists and is not empty" in line
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_error_stays_on_one_line_when_piped(tmp_path):
+    """A long message (a deep data path) must not be hard-wrapped at 80 columns."""
+    out = tmp_path / "run"
+    missing = tmp_path / ("a_long_directory_name_" * 3) / "missing_site_data.txt"
+    config = sites_config(tmp_path, missing)
+    proc = run_cli("simulate", "smoke", "--config", str(config), "--out", str(out),
+                   columns=None)
+    line = error_line(proc)
+    assert str(missing) in line, proc.stderr
+    assert_no_run(out)
+
+
+@pytest.mark.parametrize("site", ["alpha"])
+def test_error_text_is_not_read_as_markup(tmp_path, site):
+    """Square brackets in a message (``sites[<name>].data``) are printed as they are."""
+    config = tmp_path / "sites.toml"
+    config.write_text(f'[[sites]]\nname = "{site}"\ndata = []\n', encoding="utf-8")
+    out = tmp_path / "run"
+    line = error_line(run_cli("simulate", "smoke", "--config", str(config), "--out", str(out)))
+    assert f"`sites[{site}].data` must be at least one data source" in line
+    assert_no_run(out)
