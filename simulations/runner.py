@@ -49,6 +49,10 @@ def preflight(cfg: RunConfig) -> list[SitePlan]:
                 prior=ledger.history if ledger else None))
     general_eval_blocks(cfg)
     for p in plans:
+        if p.expected_epsilon > cfg.privacy.target_epsilon:
+            log.warning("site %s: σ=%.4f for %d steps would spend ε=%.3f, above its budget "
+                        "%g; it will refuse rounds that cross it", p.site, p.noise_multiplier,
+                        p.steps, p.expected_epsilon, cfg.privacy.target_epsilon)
         log.info("DP plan · site %-12s σ=%.4f q=%.5f steps=%d δ=%.3g expected ε=%.3f", p.site,
                  p.noise_multiplier, p.sample_rate, p.steps, p.delta, p.expected_epsilon)
     return plans

@@ -1,0 +1,72 @@
+"""DP end to end in a real Flower simulation: ledgers, the summary's privacy block, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedcpt.config import load_config
+from fedcpt.privacy.accounting import epsilon
+from fedcpt.privacy.ledger import PrivacyLedger
+from fedcpt.simulations.runner import simulate
+
+SITES = ("north", "south", "east")
+
+
+@pytest.fixture(scope="module")
+def site_config(tmp_path_factory, make_text):
+    root = tmp_path_factory.mktemp("dp-sites")
+    lines = []
+    for i, name in enumerate(SITES):
+        path = root / f"{name}.txt"
+        path.write_text(make_text(40_000, seed=100 + i), encoding="utf-8")
+        lines += ["[[sites]]", f'name = "{name}"', f'data = ["{path.as_posix()}"]', ""]
+    config = root / "sites.toml"
+    config.write_text("\n".join(lines), encoding="utf-8")
+    return config
+
+
+def test_dp_run_reports_cumulative_epsilon_from_the_ledgers(tmp_path, site_config):
+    cfg = load_config("smoke-dp", config_file=site_config)
+    run_dir = tmp_path / "run"
+    summary = simulate(cfg, run_dir)
+
+    privacy = summary["privacy"]
+    assert set(privacy["sites"]) == set(SITES)
+    assert privacy["accountant"] == "prv"
+    for site, entry in privacy["sites"].items():
+        ledger = PrivacyLedger.load(run_dir / "ledgers" / f"{site}.json")
+        assert ledger.site == site
+        assert len(ledger.entries) == cfg.federation.rounds
+        assert entry["steps"] == cfg.federation.rounds * cfg.train.local_steps
+        # the planned noise spends close to, and never more than, the budget
+        assert 0.9 * cfg.privacy.target_epsilon < entry["epsilon"] <= cfg.privacy.target_epsilon
+        assert entry["epsilon"] == pytest.approx(epsilon(ledger.history, ledger.delta))
+        assert entry["epsilon_rdp"] >= entry["epsilon"]
+    assert privacy["max_epsilon"] == max(e["epsilon"] for e in privacy["sites"].values())
+    assert "## Privacy" in (run_dir / "report.md").read_text()
+
+
+def test_site_refuses_the_round_that_would_exceed_its_budget(tmp_path, site_config):
+    sigma, q_steps = 0.8, 4  # smoke: 4 local steps per round
+    probe = load_config("smoke-dp", config_file=site_config)
+    records = 20_000 // probe.data.block_size  # max_site_tokens caps every site equally
+    q = probe.train.batch_size / records
+    one_round = epsilon([(sigma, q, q_steps)], 1 / records)
+    two_rounds = epsilon([(sigma, q, 2 * q_steps)], 1 / records)
+    budget = (one_round + two_rounds) / 2
+    cfg = load_config("smoke-dp", config_file=site_config, overrides=[
+        f"privacy.noise_multiplier={sigma}", f"privacy.target_epsilon={budget}"])
+    run_dir = tmp_path / "run"
+    summary = simulate(cfg, run_dir)
+
+    assert summary["failures"] == len(SITES)  # every site refused round 2
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("refuses to train" in f for f in metrics[2]["failures"])
+    assert metrics[2]["sites_trained"] == []
+    for site in SITES:
+        ledger = PrivacyLedger.load(run_dir / "ledgers" / f"{site}.json")
+        assert len(ledger.entries) == 1  # the refused round spent nothing
+        assert ledger.epsilon() <= budget
+    assert "refuses to train" in (run_dir / "report.md").read_text()
