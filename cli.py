@@ -49,9 +49,11 @@ def simulate(
     cfg = load_config(scenario=scenario, config_file=config, overrides=overrides)
     run_dir = new_run_dir("runs", cfg.name, exact=out)
     summary = run(cfg, run_dir)
+    adaptation = summary["adaptation"]
     console.print(
         f"[bold green]done[/] forgetting {summary['forgetting']:+.4f} nats, adaptation "
-        f"{summary['adaptation']:+.4f} nats in {summary['wall_time_s']:.0f}s")
+        f"{'n/a' if adaptation is None else f'{adaptation:+.4f}'} nats in "
+        f"{summary['wall_time_s']:.0f}s")
     print(run_dir / "report.md")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -133,9 +134,7 @@ class TrainConfig:
             return self.lr * server_round / (self.warmup_rounds + 1)
         if self.schedule == "constant":
             return self.lr
-        import math
-
-        span = max(1, num_rounds - self.warmup_rounds)
+        span = max(1, num_rounds - self.warmup_rounds - 1)  # the last round reaches the floor
         progress = min(1.0, (server_round - self.warmup_rounds - 1) / span)
         floor = self.lr * self.min_lr_ratio
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -200,6 +199,13 @@ class PrivacyConfig:
         default="prv", metadata={"help": "Accountant that reports ε (RDP is shown beside PRV)."})
     grad_sample_mode: Literal["hooks", "functorch"] = field(
         default="hooks", metadata={"help": "How Opacus computes per-sample gradients."})
+    user_level: bool = field(
+        default=False, metadata={"help": "Also add site-level DP (DP-FedAvg: clip each "
+                                 "site's update, noise the average); reported separately."})
+    user_noise_multiplier: float = 1.0
+    user_clipping_norm: float = field(
+        default=1.0, metadata={"help": "L2 bound on each site's adapter update per round."})
+    user_delta: float = 1e-5
     ledger_dir: str = field(
         default="", metadata={"help": "Where sites keep their ledgers (a deployed site sets "
                               "`ledger-path` in --node-config). Empty: <run folder>/ledgers."})
@@ -211,6 +217,11 @@ class PrivacyConfig:
         _require(self.noise_multiplier >= 0, "privacy.noise_multiplier",
                  self.noise_multiplier, ">= 0")
         _require(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm, "> 0")
+        _require(self.user_noise_multiplier > 0, "privacy.user_noise_multiplier",
+                 self.user_noise_multiplier, "> 0")
+        _require(self.user_clipping_norm > 0, "privacy.user_clipping_norm",
+                 self.user_clipping_norm, "> 0")
+        _require(0 < self.user_delta < 1, "privacy.user_delta", self.user_delta, "in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -268,6 +279,10 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
             hint = f" (did you mean `{prefix}{close}`?)" if close else ""
             raise ConfigError(f"unknown config key `{full}`{hint}")
         kwargs[key] = _coerce(hints[key], value, full)
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
+    if required:
+        raise ConfigError(f"`{prefix}{required[0]}` is required")
     return cls(**kwargs)
 
 

@@ -15,25 +15,22 @@ import zlib
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcpt.client.site import open_ledger, resolve_site, site_blocks
-from fedcpt.config import RunConfig
+from fedcpt.client.site import open_ledger, require_dp, resolve_site, site_blocks
+from fedcpt.config import RunConfig, SiteConfig
+from fedcpt.core import protocol as p
 from fedcpt.core.adapters import adapter_state, load_adapter, to_arrays
-from fedcpt.core.data import spread
+from fedcpt.core.data import TokenBlocks, spread
 from fedcpt.core.evaluation import evaluate_blocks
 from fedcpt.core.model import AdaptedModel, load_adapted_model
-from fedcpt.core.training import train_adapter
+from fedcpt.core.training import TrainResult, train_adapter
 from fedcpt.privacy.dpsgd import train_adapter_dp
-from fedcpt.privacy.ledger import PrivacyBudgetExhausted, PrivacyLedger
-from fedcpt.privacy.plan import SitePlan, plan_site
+from fedcpt.privacy.ledger import SiteRefused
+from fedcpt.privacy.plan import plan_run
+from fedcpt.privacy.user_level import clip_when_asked
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG_KEY = "run-config"
-RUN_ID_KEY = "run-id"
-BUDGET_EXHAUSTED = 100  # Error code of a reply from a site that refused to train
-SITE_KEY = "site"
-
-app = ClientApp()
+app = ClientApp(mods=[clip_when_asked])
 
 
 @functools.lru_cache(maxsize=8)
@@ -41,86 +38,73 @@ def _config(text: str) -> RunConfig:
     return RunConfig.from_json(text)
 
 
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, AdaptedModel, int]:
-    config = msg.content["config"]
-    cfg = _config(str(config[RUN_CONFIG_KEY]))
+def _setup(msg: Message) -> tuple[RunConfig, AdaptedModel, int]:
+    config = msg.content[p.CONFIG]
+    cfg = _config(str(config[p.RUN_CONFIG]))
     lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
-    load_adapter(lm.model, msg.content["arrays"])
-    return cfg, lm, int(config["server-round"])
+    load_adapter(lm.model, msg.content[p.ARRAYS])
+    return cfg, lm, int(config[p.SERVER_ROUND])
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received adapter for ``train.local_steps`` steps and return it.
 
-    With DP on, the site checks its ledger first and refuses (an error reply naming the
-    reason) if the round would exceed its budget; the spend is recorded durably before
-    the update leaves the site.
+    A site may refuse (an error reply naming the reason): when the round would exceed its
+    privacy budget, or when it requires DP and the run has none.
     """
-    cfg, lm, server_round = _setup(msg, context)
-    site = resolve_site(cfg, dict(context.node_config))
+    cfg, lm, server_round = _setup(msg)
+    node_config = dict(context.node_config)
+    site = resolve_site(cfg, node_config)
     blocks = site_blocks(site, cfg.model, cfg.data)
     lr = cfg.train.lr_at(server_round, cfg.federation.rounds)
-    metrics: dict[str, float | int] = {"lr": lr}
-    if cfg.privacy.enabled:
-        run_id = str(msg.content["config"][RUN_ID_KEY])
-        ledger = open_ledger(cfg, site, dict(context.node_config), len(blocks.train))
-        plan = _plan(cfg, site.name, len(blocks.train), run_id, ledger)
-        try:
-            ledger.check_budget(plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
-        except PrivacyBudgetExhausted as err:
-            log.warning("%s", err)
-            return Message(Error(code=BUDGET_EXHAUSTED, reason=str(err)), reply_to=msg)
-        result = train_adapter_dp(lm, blocks.train, cfg.train, cfg.privacy, lr=lr,
-                                  noise_multiplier=plan.noise_multiplier)
-        ledger.record(run_id, server_round, plan.noise_multiplier, plan.sample_rate,
-                      result.steps)
-        metrics.update({
-            "epsilon": ledger.epsilon(),
-            "epsilon-rdp": ledger.epsilon("rdp"),
-            "delta": ledger.delta,
-            "noise-multiplier": plan.noise_multiplier,
-            "sample-rate": plan.sample_rate,
-            "dp-steps": ledger.steps,
-        })
-    else:
-        # Seed per (run, site, round): reproducible, different across sites and rounds.
-        seed = zlib.crc32(f"{cfg.seed}/{site.name}/{server_round}".encode())
-        result = train_adapter(lm, blocks.train, cfg.train, lr=lr, seed=seed)
+    try:
+        require_dp(cfg, node_config)
+        if cfg.privacy.enabled:
+            run_id = str(msg.content[p.CONFIG][p.RUN_ID])
+            result, metrics = _train_private(cfg, lm, site, blocks, node_config, lr,
+                                             run_id, server_round)
+        else:
+            # Seed per (run, site, round): reproducible, different across sites and rounds.
+            seed = zlib.crc32(f"{cfg.seed}/{site.name}/{server_round}".encode())
+            result = train_adapter(lm, blocks.train, cfg.train, lr=lr, seed=seed)
+            metrics = {p.TRAIN_LOSS: result.mean_loss}
+    except SiteRefused as err:
+        log.warning("%s", err)
+        return Message(Error(code=p.BUDGET_EXHAUSTED, reason=str(err)), reply_to=msg)
     log.info("site %s round %d: loss %.4f, %d steps in %.1fs", site.name, server_round,
              result.mean_loss, result.steps, result.seconds)
-    metrics.update({
-        "num-examples": result.examples,
-        "train-loss": result.mean_loss,
-        "train-tokens": result.tokens,
-        "train-seconds": result.seconds,
-    })
+    metrics.update({p.NUM_EXAMPLES: result.examples, p.TRAIN_SECONDS: result.seconds})
     content = RecordDict({
-        "arrays": to_arrays(adapter_state(lm.model)),
-        "metrics": MetricRecord(metrics),
-        SITE_KEY: ConfigRecord({"name": site.name}),
+        p.ARRAYS: to_arrays(adapter_state(lm.model)),
+        p.METRICS: MetricRecord(metrics),
+        p.SITE: ConfigRecord({"name": site.name}),
     })
     return Message(content=content, reply_to=msg)
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_plan(cfg: RunConfig, site: str, records: int, run_id: str,
-                 prior: tuple, delta: float) -> SitePlan:
-    plan = plan_site(cfg.privacy, site=site, records=records, batch_size=cfg.train.batch_size,
-                     steps=cfg.federation.rounds * cfg.train.local_steps, delta=delta,
-                     prior=list(prior))
-    log.info("site %s DP plan: σ=%.4f, q=%.5f, %d steps, expected ε=%.3f (δ=%.3g)", site,
-             plan.noise_multiplier, plan.sample_rate, plan.steps, plan.expected_epsilon,
-             plan.delta)
-    return plan
+def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: TokenBlocks,
+                   node_config: dict, lr: float, run_id: str,
+                   server_round: int) -> tuple[TrainResult, dict[str, float]]:
+    """DP-SGD under the site's ledger lock: check the budget, train, record the spend
+    durably — all before the update can leave the site.
 
-
-def _plan(cfg: RunConfig, site: str, records: int, run_id: str,
-          ledger: PrivacyLedger) -> SitePlan:
-    """This run's plan on top of what the site spent in earlier runs and phases."""
-    prior = tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries
-                  if e.run != run_id)
-    return _cached_plan(cfg, site, records, run_id, prior, ledger.delta)
+    The training loss is computed on the protected records and is not released.
+    """
+    records = len(blocks.train)
+    with open_ledger(cfg, site, node_config, records).locked() as ledger:
+        plan = plan_run(cfg.privacy, ledger, records=records, batch_size=cfg.train.batch_size,
+                        steps=cfg.federation.rounds * cfg.train.local_steps, run_id=run_id)
+        ledger.check_budget(plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
+        result = train_adapter_dp(lm, blocks.train, cfg.train, cfg.privacy, lr=lr,
+                                  noise_multiplier=plan.noise_multiplier,
+                                  sample_rate=plan.sample_rate)
+        ledger.record(run_id, server_round, plan.noise_multiplier, plan.sample_rate,
+                      result.steps)
+        metrics = dict(zip(p.PRIVACY_METRICS, (
+            ledger.epsilon(), ledger.epsilon("rdp"), ledger.delta, plan.noise_multiplier,
+            plan.sample_rate, ledger.steps), strict=True))
+    return result, metrics
 
 
 # Base-model loss per (site, model, data): the base never changes, so compute it once.
@@ -129,8 +113,11 @@ _base_losses: dict[tuple, float] = {}
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Held-out domain loss of the received adapter on this site's data (and of the base)."""
-    cfg, lm, _ = _setup(msg, context)
+    """Held-out domain loss of the received adapter on this site's data (and of the base).
+
+    Held-out blocks are never trained on; their loss is released without DP noise.
+    """
+    cfg, lm, _ = _setup(msg)
     site = resolve_site(cfg, dict(context.node_config))
     heldout = spread(site_blocks(site, cfg.model, cfg.data).heldout, cfg.data.heldout_blocks)
     key = (site, cfg.model, cfg.data)
@@ -139,10 +126,10 @@ def evaluate(msg: Message, context: Context) -> Message:
             _base_losses[key] = evaluate_blocks(lm, heldout, cfg.train.eval_batch_size).loss
     result = evaluate_blocks(lm, heldout, cfg.train.eval_batch_size)
     metrics = MetricRecord({
-        "num-examples": result.tokens,
-        "domain-loss": result.loss,
-        "domain-base-loss": _base_losses[key],
-        "domain-ece": result.ece,
+        p.NUM_EXAMPLES: result.tokens,
+        p.DOMAIN_LOSS: result.loss,
+        p.DOMAIN_BASE_LOSS: _base_losses[key],
+        p.DOMAIN_ECE: result.ece,
     })
-    content = RecordDict({"metrics": metrics, SITE_KEY: ConfigRecord({"name": site.name})})
+    content = RecordDict({p.METRICS: metrics, p.SITE: ConfigRecord({"name": site.name})})
     return Message(content=content, reply_to=msg)

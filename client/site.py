@@ -7,10 +7,10 @@ import logging
 from pathlib import Path
 
 from fedcpt.config import DataConfig, ModelConfig, RunConfig, SiteConfig
-from fedcpt.core.data import TokenBlocks, build_blocks
+from fedcpt.core.data import TokenBlocks, load_blocks
 from fedcpt.core.model import load_tokenizer
 from fedcpt.exceptions import ConfigError
-from fedcpt.privacy.ledger import PrivacyLedger
+from fedcpt.privacy.ledger import LEDGER_SUFFIX, PrivacyLedger, SiteRefused
 from fedcpt.privacy.plan import site_delta
 
 log = logging.getLogger(__name__)
@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 SITE_NAME_KEY = "site-name"
 DATA_PATH_KEY = "data-path"
 LEDGER_PATH_KEY = "ledger-path"
+BUDGET_KEY = "epsilon-budget"
+REQUIRE_DP_KEY = "require-dp"
 
 
 def resolve_site(cfg: RunConfig, node_config: dict) -> SiteConfig:
@@ -40,11 +42,7 @@ def resolve_site(cfg: RunConfig, node_config: dict) -> SiteConfig:
 @functools.lru_cache(maxsize=4)
 def site_blocks(site: SiteConfig, model: ModelConfig, data: DataConfig) -> TokenBlocks:
     """Tokenised, packed blocks of one site's own data (cached per process)."""
-    blocks = build_blocks(
-        site.data, load_tokenizer(model), block_size=data.block_size,
-        heldout_fraction=data.heldout_fraction, text_field=data.text_field,
-        max_train_tokens=data.max_site_tokens, what=f"site {site.name!r}",
-    )
+    blocks = load_blocks(site.data, load_tokenizer(model), data, what=f"site {site.name!r}")
     log.info("site %s: %d train blocks, %d held-out blocks", site.name, len(blocks.train),
              len(blocks.heldout))
     return blocks
@@ -53,14 +51,25 @@ def site_blocks(site: SiteConfig, model: ModelConfig, data: DataConfig) -> Token
 def open_ledger(cfg: RunConfig, site: SiteConfig, node_config: dict,
                 records: int) -> PrivacyLedger:
     """The site's own privacy ledger: ``ledger-path`` at a deployed site, else
-    ``<privacy.ledger_dir>/<site>.json``."""
+    ``<privacy.ledger_dir>/<site>.ledger.json``. A site's ``epsilon-budget`` node config
+    is its budget; otherwise the run's, which can lower but never raise a stored one."""
     if LEDGER_PATH_KEY in node_config:
         path = Path(str(node_config[LEDGER_PATH_KEY]))
     elif cfg.privacy.ledger_dir:
-        path = Path(cfg.privacy.ledger_dir) / f"{site.name}.json"
+        path = Path(cfg.privacy.ledger_dir) / f"{site.name}{LEDGER_SUFFIX}"
     else:
         raise ConfigError(f"DP is on but site {site.name!r} has no ledger location: set "
                           f"`{LEDGER_PATH_KEY}` in --node-config or privacy.ledger_dir")
-    return PrivacyLedger.open(path, site.name, delta=site_delta(cfg.privacy, records),
-                              target_epsilon=cfg.privacy.target_epsilon,
-                              accountant=cfg.privacy.accountant)
+    site_budget = node_config.get(BUDGET_KEY)
+    return PrivacyLedger.open(
+        path, site.name, delta=site_delta(cfg.privacy, records),
+        target_epsilon=float(site_budget) if site_budget else cfg.privacy.target_epsilon,
+        accountant=cfg.privacy.accountant, site_sets_budget=bool(site_budget))
+
+
+def require_dp(cfg: RunConfig, node_config: dict) -> None:
+    """A site with ``require-dp=true`` refuses any round that does not use DP-SGD."""
+    if str(node_config.get(REQUIRE_DP_KEY, "")).lower() in ("1", "true") and \
+            not cfg.privacy.enabled:
+        raise SiteRefused("this site requires DP-SGD (require-dp) but the run "
+                                     "has privacy.enabled = false")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from fedcpt.config import DataConfig
 from fedcpt.exceptions import DataError
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,6 @@ class TokenBlocks:
     documents: int
     heldout_documents: int
 
-    @property
-    def train_tokens(self) -> int:
-        return int(self.train.numel())
 
 
 def expand_source(spec: str) -> list[Path]:
@@ -58,9 +56,11 @@ def expand_source(spec: str) -> list[Path]:
             raise DataError(f"unknown Shakespeare genre {genre!r}; available: {genres}")
         return sorted((root / genre).glob("*.md"))
     if any(ch in spec for ch in "*?["):
-        files = [Path(p) for p in sorted(glob.glob(spec, recursive=True)) if Path(p).is_file()]
+        files = [Path(p) for p in sorted(glob.glob(spec, recursive=True))
+                 if Path(p).is_file() and Path(p).suffix.lower() in SUPPORTED_SUFFIXES]
         if not files:
-            raise DataError(f"data glob {spec!r} matches no files")
+            raise DataError(f"data glob {spec!r} matches no "
+                            f"{'/'.join(SUPPORTED_SUFFIXES)} files")
         return files
     path = Path(spec)
     if path.is_dir():
@@ -241,6 +241,16 @@ def build_blocks(
     log.debug("%s: %d documents -> %d train / %d held-out blocks", what, len(documents),
               len(train), len(heldout))
     return TokenBlocks(train, heldout, len(documents), len(heldout_docs))
+
+
+def load_blocks(sources: tuple[str, ...], tokenizer: PreTrainedTokenizerBase,
+                data: DataConfig, *, what: str, max_train_tokens: int | None = None,
+                ) -> TokenBlocks:
+    """:func:`build_blocks` with a run's data settings (``data.max_site_tokens`` by default)."""
+    return build_blocks(
+        sources, tokenizer, block_size=data.block_size, heldout_fraction=data.heldout_fraction,
+        text_field=data.text_field, what=what,
+        max_train_tokens=data.max_site_tokens if max_train_tokens is None else max_train_tokens)
 
 
 def spread(blocks: torch.Tensor, n: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from flwr.app import ArrayRecord
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
@@ -27,6 +28,7 @@ from transformers import (
 
 from fedcpt.config import LoraSettings, ModelConfig
 from fedcpt.core import assets
+from fedcpt.core.adapters import adapter_state, to_arrays
 from fedcpt.exceptions import ModelError
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,13 @@ class AdaptedModel:
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     autocast_dtype: torch.dtype | None
+    initial_adapter: ArrayRecord | None = None
+    """The adapter as created (A random, B zero): where every run starts. The model's
+    current adapter changes with every message, so it is not a starting point."""
+
+    def __post_init__(self) -> None:
+        if self.initial_adapter is None:
+            self.initial_adapter = to_arrays(adapter_state(self.model))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed-precision context for forward passes (a no-op in fp32)."""
@@ -68,10 +77,8 @@ def resolve_device(cfg: ModelConfig) -> torch.device:
 
 def cpu_supports_bf16() -> bool:
     """True on CPUs with native bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    cpu = torch.backends.cpu
-    isa = cpu.get_cpu_capability() if hasattr(cpu, "get_cpu_capability") else ""
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return bool(native) or "AMX" in str(isa).upper()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def resolve_autocast(cfg: ModelConfig, device: torch.device) -> torch.dtype | None:

@@ -21,8 +21,8 @@ import torch
 from scipy import stats
 
 from fedcpt.config import RunConfig
-from fedcpt.core.adapters import adapter_state, load_adapter, to_arrays
-from fedcpt.core.data import build_blocks
+from fedcpt.core.adapters import load_adapter
+from fedcpt.core.data import load_blocks
 from fedcpt.core.evaluation import evaluate_blocks
 from fedcpt.core.model import load_adapted_model
 from fedcpt.core.training import train_adapter
@@ -135,11 +135,9 @@ def run_audit(cfg: RunConfig, *, site_index: int = 0, canaries: int = 200,
     site = cfg.sites[site_index]
     steps = steps or cfg.federation.rounds * cfg.train.local_steps
     lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
-    initial = to_arrays(adapter_state(lm.model))
-    data = build_blocks(site.data, lm.tokenizer, block_size=cfg.data.block_size,
-                        heldout_fraction=cfg.data.heldout_fraction,
-                        text_field=cfg.data.text_field, what=f"site {site.name!r}",
-                        max_train_tokens=data_blocks * cfg.data.block_size).train
+    load_adapter(lm.model, lm.initial_adapter)
+    data = load_blocks(site.data, lm.tokenizer, cfg.data, what=f"site {site.name!r}",
+                       max_train_tokens=data_blocks * cfg.data.block_size).train
 
     generator = torch.Generator().manual_seed(seed)
     vocab = lm.model.get_input_embeddings().weight.shape[0]
@@ -162,14 +160,14 @@ def run_audit(cfg: RunConfig, *, site_index: int = 0, canaries: int = 200,
                              batch_size=cfg.train.batch_size, steps=steps, delta=delta)
             sigma = plan.noise_multiplier
             train_adapter_dp(lm, train_set, train, cfg.privacy, lr=cfg.train.lr,
-                             noise_multiplier=sigma)
+                             noise_multiplier=sigma, sample_rate=plan.sample_rate)
             accountant_eps = epsilon([(sigma, plan.sample_rate, steps)], delta,
                                      cfg.privacy.accountant)
         else:
             train_adapter(lm, train_set, train, lr=cfg.train.lr, seed=seed)
         trained = torch.tensor(evaluate_blocks(lm, canary_blocks, batch).block_losses)
     finally:
-        load_adapter(lm.model, initial)  # leave the cached model as it was
+        load_adapter(lm.model, lm.initial_adapter)  # the audit trained from the initial one
     scores = base - trained  # how much each canary's loss dropped
     guesses, correct, eps_lb = guess_and_bound(scores, inserted, delta, beta)
     result = AuditResult(

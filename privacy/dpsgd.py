@@ -8,6 +8,7 @@ Gaussian noise of std ``σ · max_grad_norm`` — the mechanism the accountant a
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 import warnings
@@ -31,19 +32,24 @@ def train_adapter_dp(
     *,
     lr: float,
     noise_multiplier: float,
+    sample_rate: float | None = None,
 ) -> TrainResult:
     """Run ``train.local_steps`` DP-SGD (AdamW) steps on ``blocks``; returns what it did.
 
-    Sampling and noise use a generator seeded from the OS's CSPRNG: noise derived from a
+    Sampling and noise use generators seeded from the OS's CSPRNG: noise derived from a
     public seed could be subtracted by anyone who knows it, so DP runs are deliberately not
-    bit-reproducible.
+    bit-reproducible. ``sample_rate``, if given, is checked against the rate Opacus
+    actually samples at (the one the ledger records).
     """
     model = lm.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
-    loader = DataLoader(TensorDataset(blocks), batch_size=train.batch_size)
-    generator = torch.Generator().manual_seed(secrets.randbits(63))
+    # Which records are sampled must be as secret as the noise: both generators are seeded
+    # from the OS's CSPRNG (the sampler stays on the CPU; the noise is drawn on the device).
+    sampling = torch.Generator().manual_seed(secrets.randbits(63))
+    noise = torch.Generator(device=lm.device).manual_seed(secrets.randbits(63))
+    loader = DataLoader(TensorDataset(blocks), batch_size=train.batch_size, generator=sampling)
     engine = PrivacyEngine(accountant="prv")
     with warnings.catch_warnings():
         # Opacus warns that a seeded generator is not secure_mode; ours is CSPRNG-seeded.
@@ -51,9 +57,13 @@ def train_adapter_dp(
         dp_model, dp_optimizer, dp_loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=noise_multiplier, max_grad_norm=privacy.max_grad_norm,
-            poisson_sampling=True, noise_generator=generator,
+            poisson_sampling=True, noise_generator=noise,
             grad_sample_mode=privacy.grad_sample_mode,
         )
+    if sample_rate is not None and not math.isclose(dp_loader.sample_rate, sample_rate):
+        dp_model.cleanup()
+        raise RuntimeError(f"Opacus samples at q={dp_loader.sample_rate}, but the ledger "
+                           f"would record q={sample_rate}")  # a bug, never user input
     dp_model.train()
     losses: list[float] = []
     examples = 0
@@ -79,12 +89,16 @@ def train_adapter_dp(
             losses.append(loss.item())
             examples += len(batch)
     finally:
-        dp_model._close()  # remove Opacus hooks: the cached model is reused next round
+        dp_model.cleanup()  # remove Opacus hooks: the cached model is reused next round
     model.eval()
+    # The realised Poisson batch sizes depend on the data and are not released: the round
+    # reports its logical size (steps × expected batch), equal at every site.
+    nominal = train.local_steps * train.batch_size
+    log.debug("DP round: %d examples sampled for a logical %d", examples, nominal)
     return TrainResult(
         steps=train.local_steps,
-        examples=examples,
-        tokens=examples * blocks.shape[1],
+        examples=nominal,
+        tokens=nominal * blocks.shape[1],
         mean_loss=sum(losses) / max(1, len(losses)),
         seconds=time.perf_counter() - start,
     )

@@ -5,15 +5,19 @@ rounds, process restarts and continual phases, and ε is always recomputed from 
 history. It is written atomically (temp file, fsync, rename) *before* the update it pays
 for leaves the site, so a crash can over-count spend but never lose it. A SHA-256 checksum
 detects corruption and hand edits; it is not a signature (the site owns its ledger).
+Ledger files are named ``<site>.ledger.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,13 +27,18 @@ from fedcpt.privacy.accounting import Step, epsilon
 log = logging.getLogger(__name__)
 
 LEDGER_VERSION = 1
+LEDGER_SUFFIX = ".ledger.json"
 
 
 class LedgerError(FedcptError):
     """A ledger file is corrupt, tampered with, or belongs to another site."""
 
 
-class PrivacyBudgetExhausted(FedcptError):
+class SiteRefused(FedcptError):
+    """A site declines to train a round (its reply says why; the federation goes on)."""
+
+
+class PrivacyBudgetExhausted(SiteRefused):
     """Training another round would take a site past its privacy budget."""
 
 
@@ -78,8 +87,12 @@ class PrivacyLedger:
 
     @classmethod
     def open(cls, path: Path, site: str, *, delta: float, target_epsilon: float,
-             accountant: str = "prv") -> PrivacyLedger:
-        """Load the site's ledger, or start an empty one if the file does not exist yet."""
+             accountant: str = "prv", site_sets_budget: bool = False) -> PrivacyLedger:
+        """Load the site's ledger, or start an empty one if the file does not exist yet.
+
+        The budget stored in an existing ledger can be lowered by a run's configuration but
+        only raised by the site itself (``site_sets_budget``: its own node config).
+        """
         path = Path(path)
         if not path.exists():
             return cls(path, site, delta=delta, target_epsilon=target_epsilon,
@@ -87,9 +100,30 @@ class PrivacyLedger:
         ledger = cls.load(path)
         if ledger.site != site:
             raise LedgerError(f"{path} is the ledger of site {ledger.site!r}, not {site!r}")
-        ledger.target_epsilon = target_epsilon
+        if ledger.delta != delta:
+            log.warning("ledger %s keeps its δ=%.3g (the run asked for δ=%.3g)", path,
+                        ledger.delta, delta)
+        if site_sets_budget or target_epsilon < ledger.target_epsilon:
+            ledger.target_epsilon = target_epsilon
+        elif target_epsilon > ledger.target_epsilon:
+            log.warning("site %s keeps its budget ε=%g: a run cannot raise it to %g", site,
+                        ledger.target_epsilon, target_epsilon)
         ledger.accountant = accountant
         return ledger
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[PrivacyLedger]:
+        """Hold an exclusive lock on the ledger file from the budget check to the record,
+        re-reading what another process may have recorded meanwhile."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if self.path.exists():
+                    self.entries = PrivacyLedger.load(self.path).entries
+                yield self
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     @classmethod
     def load(cls, path: Path) -> PrivacyLedger:
@@ -99,6 +133,8 @@ class PrivacyLedger:
             raise LedgerError(f"ledger not found: {path}")
         try:
             payload = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(payload, dict):
+                raise ValueError("not a JSON object")
             body = {k: v for k, v in payload.items() if k != "checksum"}
             checksum = payload["checksum"]
             entries = [LedgerEntry(**e) for e in body["entries"]]

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
 from dataclasses import dataclass
 
 from fedcpt.config import PrivacyConfig
 from fedcpt.privacy.accounting import Step, epsilon, plan_noise
+from fedcpt.privacy.ledger import PrivacyLedger
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,18 +32,47 @@ def site_delta(privacy: PrivacyConfig, records: int) -> float:
     return privacy.target_delta or 1.0 / records
 
 
+def sample_rate(records: int, batch_size: int) -> float:
+    """The Poisson rate Opacus's DPDataLoader samples at: 1 / ⌈N / B⌉ (at most B / N)."""
+    return 1.0 / math.ceil(records / batch_size)
+
+
 def plan_site(privacy: PrivacyConfig, *, site: str, records: int, batch_size: int, steps: int,
-              delta: float | None = None, prior: list[Step] | None = None) -> SitePlan:
-    """σ so that ``prior`` spend plus ``steps`` steps at q = batch/N meets the budget.
+              delta: float | None = None, prior: list[Step] | None = None,
+              target_epsilon: float | None = None) -> SitePlan:
+    """σ so that ``prior`` spend plus ``steps`` steps at the loader's rate meets the budget.
 
     A configured ``privacy.noise_multiplier`` is used as is (ε is then whatever it costs).
     """
-    q = batch_size / records
+    q = sample_rate(records, batch_size)
     delta = delta if delta is not None else site_delta(privacy, records)
     prior = prior or []
     sigma = privacy.noise_multiplier or plan_noise(
-        target_epsilon=privacy.target_epsilon, delta=delta, sample_rate=q, steps=steps,
-        accountant=privacy.accountant, prior=prior)
+        target_epsilon=target_epsilon or privacy.target_epsilon, delta=delta, sample_rate=q,
+        steps=steps, accountant=privacy.accountant, prior=prior)
     expected = epsilon(prior + [(sigma, q, steps)], delta, privacy.accountant)
     return SitePlan(site=site, records=records, sample_rate=q, delta=delta, steps=steps,
                     noise_multiplier=sigma, expected_epsilon=expected)
+
+
+def plan_run(privacy: PrivacyConfig, ledger: PrivacyLedger, *, records: int, batch_size: int,
+             steps: int, run_id: str) -> SitePlan:
+    """The site's plan for run ``run_id`` on top of what its ledger holds from other runs
+    and phases (this run's own earlier rounds are part of the plan, not prior spend).
+
+    Cached per process: planning runs a PRV bisection, and every round asks again."""
+    prior = tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries
+                  if e.run != run_id)
+    return _plan_cached(privacy, ledger.site, records, batch_size, steps, prior, ledger.delta,
+                        ledger.target_epsilon)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_cached(privacy: PrivacyConfig, site: str, records: int, batch_size: int, steps: int,
+                 prior: tuple[Step, ...], delta: float, target: float) -> SitePlan:
+    plan = plan_site(privacy, site=site, records=records, batch_size=batch_size, steps=steps,
+                     delta=delta, prior=list(prior), target_epsilon=target)
+    log.info("site %s DP plan: σ=%.4f, q=%.5f, %d steps, expected ε=%.3f (δ=%.3g)", site,
+             plan.noise_multiplier, plan.sample_rate, plan.steps, plan.expected_epsilon,
+             plan.delta)
+    return plan

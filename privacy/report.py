@@ -16,15 +16,29 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedcpt.privacy.accounting import epsilon  # noqa: E402
-from fedcpt.privacy.ledger import LedgerError, PrivacyLedger  # noqa: E402
+from fedcpt.privacy.ledger import LEDGER_SUFFIX, LedgerError, PrivacyLedger  # noqa: E402
 
 STATEMENT = (
-    "Record-level differential privacy: a record is one packed block of tokens of a site's "
-    "own data. ε is cumulative over every DP-SGD step in the site's ledger (all rounds, "
-    "restarts and phases). Sites hold disjoint data, so the federation's record-level ε is "
-    "the maximum over sites. Not covered: user-level privacy when one person's text spans "
-    "many blocks or several sites, and any text the server or a site shares outside "
-    "training.")
+    "Record-level differential privacy: each site trains with DP-SGD (Poisson sampling, "
+    "per-block clipping, Gaussian noise), and a record is one packed block of tokens of the "
+    "site's own training data. ε is cumulative over every DP-SGD step in the site's ledger "
+    "(all rounds, restarts and phases). Sites hold disjoint data, so the federation's "
+    "record-level ε is the maximum over sites; aggregation and anything the server does "
+    "with the adapters are post-processing. Not covered: user-level privacy when one "
+    "person's text spans many blocks or several sites; the held-out evaluation losses each "
+    "site reports (held-out blocks are never trained on, but their losses are released "
+    "without noise); and any text shared outside training.")
+
+
+def site_table(sites: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown rows of per-site ε, δ, steps, σ and q."""
+    lines = ["| site | ε | ε (RDP) | δ | steps | σ | q |", "|---|---|---|---|---|---|---|"]
+    for site, r in sites.items():
+        sigma = "n/a" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.4f}"
+        q = "n/a" if r["sample_rate"] is None else f"{r['sample_rate']:.5f}"
+        lines.append(f"| {site} | {r['epsilon']:.3f} | {r['epsilon_rdp']:.3f} | "
+                     f"{r['delta']:.3g} | {r['steps']} | {sigma} | {q} |")
+    return lines
 
 
 def find_ledgers(path: Path) -> list[PrivacyLedger]:
@@ -33,7 +47,7 @@ def find_ledgers(path: Path) -> list[PrivacyLedger]:
     if path.is_file():
         return [PrivacyLedger.load(path)]
     folder = path / "ledgers" if (path / "ledgers").is_dir() else path
-    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    files = sorted(folder.glob(f"*{LEDGER_SUFFIX}")) if folder.is_dir() else []
     if not files:
         raise LedgerError(f"no privacy ledgers found at {path}")
     return [PrivacyLedger.load(f) for f in files]
@@ -92,15 +106,10 @@ def write_privacy_report(ledgers: list[PrivacyLedger], out_dir: Path) -> dict[st
 
     lines = ["# Privacy budget report", "", STATEMENT, "",
              f"Federation record-level ε = **{payload['max_epsilon']:.3f}** (max over sites).",
-             "", "| site | ε | ε (RDP) | δ | steps | rounds | σ | q | accountant | budget | "
-             "left |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        sigma = "n/a" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.4f}"
-        q = "n/a" if r["sample_rate"] is None else f"{r['sample_rate']:.5f}"
-        lines.append(
-            f"| {r['site']} | {r['epsilon']:.3f} | {r['epsilon_rdp']:.3f} | {r['delta']:.3g} | "
-            f"{r['steps']} | {r['rounds']} | {sigma} | {q} | {r['accountant']} | "
-            f"{r['target_epsilon']} | {r['budget_left']:.3f} |")
+             "", *site_table(payload["sites"]), "",
+             "| site | accountant | budget | left | rounds |", "|---|---|---|---|---|"]
+    lines += [f"| {r['site']} | {r['accountant']} | {r['target_epsilon']} | "
+              f"{r['budget_left']:.3f} | {r['rounds']} |" for r in rows]
     lines += ["", "![ε per round](privacy_epsilon.png)", ""]
     (out_dir / "privacy_report.md").write_text("\n".join(lines))
     return payload

@@ -14,19 +14,22 @@ import logging
 import random
 import shlex
 import time
+import uuid
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
-from fedcpt.client.app import RUN_CONFIG_KEY, RUN_ID_KEY
 from fedcpt.config import RunConfig, load_config
-from fedcpt.core.adapters import adapter_state, load_adapter, to_arrays
-from fedcpt.core.data import build_blocks, spread
+from fedcpt.core import protocol
+from fedcpt.core.adapters import load_adapter
+from fedcpt.core.data import load_blocks, spread
 from fedcpt.core.evaluation import evaluate_blocks
 from fedcpt.core.model import load_adapted_model, load_tokenizer
 from fedcpt.exceptions import ConfigError
+from fedcpt.privacy.user_level import wrap_user_level
 from fedcpt.server.recorder import RunRecorder
 from fedcpt.strategies.fedavg import AdapterFedAvg
 
@@ -35,20 +38,18 @@ log = logging.getLogger(__name__)
 
 def general_eval_blocks(cfg: RunConfig) -> torch.Tensor:
     """The server's held-out general evaluation blocks (never used for training)."""
-    blocks = build_blocks(
-        cfg.data.general, load_tokenizer(cfg.model), block_size=cfg.data.block_size,
-        heldout_fraction=cfg.data.heldout_fraction, text_field=cfg.data.text_field,
-        what="general data",
-    )
+    blocks = load_blocks(cfg.data.general, load_tokenizer(cfg.model), cfg.data,
+                         what="general data", max_train_tokens=0)
     return spread(blocks.heldout, cfg.data.general_eval_blocks)
 
 
-def build_strategy(cfg: RunConfig, recorder: RunRecorder) -> AdapterFedAvg:
-    """FedAvg sampling ``sites_per_round`` of the registered sites (0: all)."""
+def build_strategy(cfg: RunConfig, recorder: RunRecorder) -> Strategy:
+    """FedAvg sampling ``sites_per_round`` of the registered sites (0: all), wrapped in
+    Flower's DP-FedAvg when site-level DP is on."""
     fed, n_sites = cfg.federation, len(cfg.sites)
     n_train = fed.sites_per_round or n_sites
     n_eval = fed.eval_sites_per_round or n_sites
-    return AdapterFedAvg(
+    strategy = AdapterFedAvg(
         min_sites=fed.min_sites,
         listener=recorder,
         fraction_train=n_train / n_sites,
@@ -57,20 +58,30 @@ def build_strategy(cfg: RunConfig, recorder: RunRecorder) -> AdapterFedAvg:
         min_evaluate_nodes=n_eval,
         min_available_nodes=max(n_train, n_eval),
     )
+    if cfg.privacy.user_level:
+        return wrap_user_level(strategy, cfg.privacy, n_train)
+    return strategy
+
+
+def with_default_ledger_dir(cfg: RunConfig, run_dir: Path) -> RunConfig:
+    """With DP on and no ledger folder configured, simulated sites keep theirs in the run."""
+    if not cfg.privacy.enabled or cfg.privacy.ledger_dir:
+        return cfg
+    privacy = dataclasses.replace(cfg.privacy, ledger_dir=str(run_dir / "ledgers"))
+    return dataclasses.replace(cfg, privacy=privacy)
 
 
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict:
     """Run all rounds of ``cfg`` on ``grid`` and write the run folder; returns the summary."""
-    if cfg.privacy.enabled and not cfg.privacy.ledger_dir:
-        privacy = dataclasses.replace(cfg.privacy, ledger_dir=str(run_dir / "ledgers"))
-        cfg = dataclasses.replace(cfg, privacy=privacy)
-    recorder = RunRecorder(run_dir, cfg)
+    cfg = with_default_ledger_dir(cfg, run_dir)
+    run_id = uuid.uuid4().hex  # ledgers tell runs apart by it, whatever the folder is called
+    recorder = RunRecorder(run_dir, cfg, run_id)
     try:
         random.seed(cfg.seed)  # Flower samples sites with the `random` module
         lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
         general = general_eval_blocks(cfg)
         recorder.start(lm)
-        initial = to_arrays(adapter_state(lm.model))
+        initial = lm.initial_adapter  # not the cached model's current one: it may be trained
 
         def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             load_adapter(lm.model, arrays)
@@ -78,7 +89,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict:
             recorder.on_global(server_round, result, lm)
             return MetricRecord({"general-loss": result.loss, "general-ece": result.ece})
 
-        config = ConfigRecord({RUN_CONFIG_KEY: cfg.to_json(), RUN_ID_KEY: run_dir.name})
+        config = ConfigRecord({protocol.RUN_CONFIG: cfg.to_json(), protocol.RUN_ID: run_id})
         strategy = build_strategy(cfg, recorder)
         strategy.start(
             grid=grid, initial_arrays=initial, num_rounds=cfg.federation.rounds,

@@ -20,6 +20,8 @@ from fedcpt.config import RunConfig
 from fedcpt.core.data import expand_source
 from fedcpt.core.evaluation import EvalResult, paired_standard_error
 from fedcpt.core.model import AdaptedModel
+from fedcpt.exceptions import DataError, FedcptError
+from fedcpt.privacy.user_level import user_level_epsilon
 from fedcpt.server.report import write_report
 from fedcpt.strategies.base import SiteEvalReport, SiteTrainReport
 
@@ -43,7 +45,12 @@ def data_hashes(sources: tuple[str, ...]) -> dict[str, str]:
             hashes[spec] = f"builtin:{platform.python_version()}" if spec.startswith(
                 "stdlib:") else "remote"
             continue
-        for path in expand_source(spec):
+        try:
+            paths = expand_source(spec)
+        except DataError:  # a deployed site's data exists only at the site
+            hashes[spec] = "not available to the server"
+            continue
+        for path in paths:
             hashes[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return hashes
 
@@ -74,6 +81,7 @@ def privacy_summary(cfg: RunConfig, latest: dict[str, dict[str, float]]) -> dict
     return {
         "sites": sites,
         "max_epsilon": max((v["epsilon"] for v in sites.values()), default=0.0),
+        "max_delta": max((v["delta"] for v in sites.values()), default=0.0),
         "accountant": cfg.privacy.accountant,
         "target_epsilon": cfg.privacy.target_epsilon,
         "level": "record",
@@ -89,14 +97,15 @@ def _weighted_mean(pairs: list[tuple[float, int]]) -> float | None:
 class RunRecorder:
     """Collects per-site and global results round by round and writes the run folder."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig) -> None:
+    def __init__(self, run_dir: Path, cfg: RunConfig, run_id: str) -> None:
         self.run_dir = run_dir
         self.cfg = cfg
+        self.run_id = run_id
         self.started = time.time()
         self.rows: list[dict[str, Any]] = []
         self.general: dict[int, EvalResult] = {}
         self.domain_base: dict[str, float] = {}
-        self._train: dict[int, tuple[list[SiteTrainReport], list[str]]] = {}
+        self._train: dict[int, tuple[list[SiteTrainReport], list[str], bool]] = {}
         self._eval: dict[int, list[SiteEvalReport]] = {}
         self.full_model_bytes = 0
         self.privacy: dict[str, dict[str, float]] = {}
@@ -108,6 +117,7 @@ class RunRecorder:
         data = {site.name: data_hashes(site.data) for site in self.cfg.sites}
         data["general"] = data_hashes(self.cfg.data.general)
         write_json(self.run_dir / "manifest.json", {
+            "run_id": self.run_id,
             "config": self.cfg.to_dict(),
             "seed": self.cfg.seed,
             "versions": package_versions(),
@@ -118,13 +128,14 @@ class RunRecorder:
 
     # --- RoundListener -------------------------------------------------------------
     def on_train(self, server_round: int, reports: list[SiteTrainReport],
-                 failures: list[str]) -> None:
-        self._train[server_round] = (reports, failures)
+                 failures: list[str], aggregated: bool) -> None:
+        self._train[server_round] = (reports, failures, aggregated)
         for r in reports:
             if r.privacy:
                 self.privacy[r.site] = r.privacy
-            log.info("round %d · site %-12s train loss %.4f · %d examples · %.1fs · "
-                     "update norm %.3f", server_round, r.site, r.train_loss, r.num_examples,
+            loss = "n/a (DP)" if r.train_loss is None else f"{r.train_loss:.4f}"
+            log.info("round %d · site %-12s train loss %s · %d examples · %.1fs · "
+                     "update norm %.3f", server_round, r.site, loss, r.num_examples,
                      r.seconds, r.update_norm)
 
     def on_evaluate(self, server_round: int, reports: list[SiteEvalReport]) -> None:
@@ -139,7 +150,7 @@ class RunRecorder:
         """Save the global adapter version and append the round's metrics line."""
         self.general[server_round] = general
         lm.model.save_pretrained(str(self.run_dir / "adapters" / f"round-{server_round:03d}"))
-        train, failures = self._train.get(server_round, ([], []))
+        train, failures, aggregated = self._train.get(server_round, ([], [], False))
         evals = self._eval.get(server_round, [])
         row = {
             "round": server_round,
@@ -149,8 +160,10 @@ class RunRecorder:
             "domain_loss": _weighted_mean([(r.loss, r.tokens) for r in evals]),
             "domain_per_site": {r.site: r.loss for r in evals},
             "domain_ece": _weighted_mean([(r.ece, r.tokens) for r in evals]),
+            "aggregated": aggregated,
             "sites_trained": [r.site for r in train],
-            "train_loss": _weighted_mean([(r.train_loss, r.num_examples) for r in train]),
+            "train_loss": _weighted_mean([(r.train_loss, r.num_examples) for r in train
+                                          if r.train_loss is not None]),
             "update_norm_per_site": {r.site: r.update_norm for r in train},
             "bytes_up_per_client": (sum(r.bytes_up for r in train) // len(train)
                                     if train else 0),
@@ -165,9 +178,16 @@ class RunRecorder:
                  server_round, general.loss, domain, row["elapsed_s"])
 
     def finish(self) -> dict[str, Any]:
-        """Write summary.json and report.md; return the summary."""
+        """Write summary.json and report.md; return the summary.
+
+        Raises FedcptError if no round was aggregated: such a run has no result."""
         last = max(self.general)
-        final_evals = self._eval[max(self._eval)] if self._eval else []
+        aggregated = sum(1 for _, _, ok in self._train.values() if ok)
+        if aggregated == 0:
+            first = next((f for _, fs, _ in self._train.values() for f in fs), "no replies")
+            raise FedcptError(f"no round was aggregated (first failure: {first})")
+        with_evals = [r for r, reports in self._eval.items() if reports]
+        final_evals = self._eval[max(with_evals)] if with_evals else []
         per_site = {r.site: {"base": r.base_loss, "final": r.loss} for r in final_evals}
         domain_base = _weighted_mean([(r.base_loss, r.tokens) for r in final_evals])
         domain_final = _weighted_mean([(r.loss, r.tokens) for r in final_evals])
@@ -179,6 +199,7 @@ class RunRecorder:
             "model": self.cfg.model.name,
             "num_sites": len(self.cfg.sites),
             "rounds": last,
+            "rounds_aggregated": aggregated,
             "general_loss": {"base": base.loss, "final": final.loss},
             "domain_loss": {"base": domain_base, "final": domain_final, "per_site": per_site},
             "forgetting": final.loss - base.loss,
@@ -191,11 +212,21 @@ class RunRecorder:
             "bytes_up_per_client_round": bytes_up,
             "full_model_bytes": self.full_model_bytes,
             "upload_fraction": bytes_up / self.full_model_bytes if self.full_model_bytes else None,
-            "failures": sum(len(f) for _, f in self._train.values()),
+            "failures": sum(len(f) for _, f, _ in self._train.values()),
             "wall_time_s": time.time() - self.started,
         }
         if self.cfg.privacy.enabled:
             summary["privacy"] = privacy_summary(self.cfg, self.privacy)
+        if self.cfg.privacy.user_level:
+            summary["privacy_user_level"] = {
+                "epsilon": user_level_epsilon(self.cfg.privacy, last),
+                "delta": self.cfg.privacy.user_delta,
+                "noise_multiplier": self.cfg.privacy.user_noise_multiplier,
+                "clipping_norm": self.cfg.privacy.user_clipping_norm,
+                "rounds": last,
+            "rounds_aggregated": aggregated,
+                "accountant": "rdp (no sampling amplification)",
+            }
         write_report(self.run_dir, summary, self.rows, self.domain_base, self.cfg)
         write_json(self.run_dir / "summary.json", summary)
         log.info("run finished: forgetting %+.4f nats, adaptation %+.4f nats; report: %s",

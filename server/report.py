@@ -9,13 +9,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedcpt.config import RunConfig  # noqa: E402
+from fedcpt.privacy.report import STATEMENT, site_table  # noqa: E402
 
 
 def _plot_general(run_dir: Path, rows: list[dict[str, Any]]) -> str:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["round"] for r in rows], [r["general_loss"] for r in rows], marker="o")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="round", ylabel="held-out loss (nats/token)",
            title="General loss (what the model kept; lower is better)")
     ax.grid(alpha=0.3)
@@ -31,6 +34,7 @@ def _plot_domain(run_dir: Path, rows: list[dict[str, Any]], base: dict[str, floa
         points = [(0, base[site])] + [(r["round"], r["domain_per_site"][site])
                                       for r in rows if site in r["domain_per_site"]]
         ax.plot(*zip(*points, strict=True), marker="o", label=site)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="round", ylabel="held-out loss (nats/token)",
            title="Domain loss per site (what the model learned)")
     ax.grid(alpha=0.3)
@@ -41,34 +45,14 @@ def _plot_domain(run_dir: Path, rows: list[dict[str, Any]], base: dict[str, floa
     return "domain_loss.png"
 
 
-PRIVACY_STATEMENT = (
-    "Each site trained with DP-SGD (per-block clipping, Gaussian noise, Poisson sampling); "
-    "ε below is cumulative over every DP step the site has recorded in its ledger. The "
-    "guarantee is record-level: a record is one packed block of tokens from the site's own "
-    "data. Sites hold disjoint data, so the federation's record-level ε is the maximum over "
-    "sites (parallel composition). It is not a user-level guarantee: text about one person "
-    "spread over many blocks or several sites is protected only per block. Aggregation, "
-    "evaluation and anything the server does afterwards are post-processing.")
-
-
 def privacy_lines(privacy: dict[str, Any]) -> list[str]:
-    lines = [
-        "",
-        "## Privacy",
-        "",
-        PRIVACY_STATEMENT,
-        "",
-        f"Federation record-level ε = **{privacy['max_epsilon']:.3f}** "
-        f"({privacy['accountant'].upper()}; budget {privacy['target_epsilon']} per site).",
-        "",
-        "| site | ε | ε (RDP) | δ | steps | σ | q |",
-        "|---|---|---|---|---|---|---|",
+    return [
+        "", "## Privacy", "", STATEMENT, "",
+        f"Federation record-level ε = **{privacy['max_epsilon']:.3f}** at δ ≤ "
+        f"{privacy['max_delta']:.3g} ({privacy['accountant'].upper()}; budget "
+        f"{privacy['target_epsilon']} per site).", "",
+        *site_table(privacy["sites"]),
     ]
-    for site, p in privacy["sites"].items():
-        lines.append(f"| {site} | {p['epsilon']:.3f} | {p['epsilon_rdp']:.3f} | "
-                     f"{p['delta']:.3g} | {p['steps']} | {p['noise_multiplier']:.4f} | "
-                     f"{p['sample_rate']:.5f} |")
-    return lines
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -102,7 +86,8 @@ def write_report(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, An
         "Forgetting = general loss − base general loss (positive: the model lost general "
         "skill). Adaptation = base domain loss − domain loss (positive: it learned the "
         f"domain). General loss is measured on {s['eval_tokens']['general']} held-out "
-        "tokens of Python-standard-library prose and code that no training ever sees; "
+        f"tokens of the server's general data ({', '.join(cfg.data.general)}) that no "
+        "training ever sees; "
         f"domain loss on {s['eval_tokens']['domain_per_site']} held-out tokens per site.",
         "",
         f"![general loss]({general_png})",
@@ -133,6 +118,14 @@ def write_report(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, An
         lines += ["", "## Failures", ""] + [f"- {f}" for f in failures]
     if "privacy" in s:
         lines += privacy_lines(s["privacy"])
+    if "privacy_user_level" in s:
+        u = s["privacy_user_level"]
+        lines += ["", "## Site-level privacy (DP-FedAvg)", "",
+                  f"Each site's update was clipped to L2 norm {u['clipping_norm']} and the "
+                  f"server added Gaussian noise (σ = {u['noise_multiplier']}) to the average: "
+                  f"site-level ε = **{u['epsilon']:.3f}** at δ = {u['delta']:g} after "
+                  f"{u['rounds']} rounds ({u['accountant']}). This is separate from, and "
+                  "does not combine with, the record-level ε above."]
     lines += [
         "",
         "## Communication",

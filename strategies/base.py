@@ -12,7 +12,8 @@ class SiteTrainReport:
 
     site: str
     num_examples: int
-    train_loss: float
+    train_loss: float | None
+    """Mean local training loss; None under DP (it is computed on protected records)."""
     seconds: float
     bytes_up: int
     update_norm: float
@@ -35,6 +36,6 @@ class RoundListener(Protocol):
     """Receives per-site results as a strategy aggregates them."""
 
     def on_train(self, server_round: int, reports: list[SiteTrainReport],
-                 failures: list[str]) -> None: ...
+                 failures: list[str], aggregated: bool) -> None: ...
 
     def on_evaluate(self, server_round: int, reports: list[SiteEvalReport]) -> None: ...

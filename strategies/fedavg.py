@@ -1,37 +1,57 @@
-"""Example-weighted FedAvg over LoRA adapters, rejecting malformed updates.
+"""FedAvg over LoRA adapters, rejecting malformed updates.
 
-Aggregation is Flower's own :class:`flwr.serverapp.strategy.FedAvg` (McMahan et al.,
-2017, https://arxiv.org/abs/1602.05629); this class adds what a federation of data sites
-needs around it: each reply is checked (keys, shapes, dtypes, finite values) before it can
-enter the global adapter, a round with fewer than ``min_sites`` valid replies keeps the
-previous adapter, and per-site results go to a :class:`RoundListener`.
+The averaging is Flower's own (``aggregate_arrayrecords``, McMahan et al., 2017,
+https://arxiv.org/abs/1602.05629) weighted by each reply's ``num-examples``; every site
+trains the same number of steps × batch, so in practice the sites weigh equally. Around
+it, this class adds what a federation of data sites needs: each reply is checked (record
+layout, keys, shapes, dtypes, finite values, required metrics) before it can enter the
+global adapter; a round with fewer than ``min_sites`` valid replies keeps the previous
+adapter; per-site results and failures go to a :class:`RoundListener`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from fedcpt.core import protocol as p
 from fedcpt.core.adapters import check_update, count_bytes, update_norm
 from fedcpt.exceptions import UpdateRejected
 from fedcpt.strategies.base import RoundListener, SiteEvalReport, SiteTrainReport
 
 log = logging.getLogger(__name__)
 
-REQUIRED_METRICS = ("num-examples", "train-loss", "train-seconds")
-# Reply metrics in which a DP site reports its cumulative ledger after the round
-PRIVACY_METRICS = ("epsilon", "epsilon-rdp", "delta", "noise-multiplier", "sample-rate",
-                   "dp-steps")
+TRAIN_METRICS = (p.NUM_EXAMPLES, p.TRAIN_SECONDS)
+EVAL_METRICS = (p.NUM_EXAMPLES, p.DOMAIN_LOSS, p.DOMAIN_BASE_LOSS, p.DOMAIN_ECE)
 
 
 def site_name(msg: Message) -> str:
     """The site a reply came from (its node id if it did not say)."""
-    record = msg.content.config_records.get("site") if msg.has_content() else None
-    return str(record["name"]) if record else f"node-{msg.metadata.src_node_id}"
+    record = msg.content.config_records.get(p.SITE) if msg.has_content() else None
+    return str(record["name"]) if record and "name" in record else (
+        f"node-{msg.metadata.src_node_id}")
+
+
+def _metrics(msg: Message, required: tuple[str, ...]) -> dict[str, float]:
+    """The reply's numeric metrics; raises UpdateRejected if any required one is missing
+    or not a finite number."""
+    record = msg.content.metric_records.get(p.METRICS)
+    if record is None:
+        raise UpdateRejected("reply carries no 'metrics' record")
+    values: dict[str, float] = {}
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[key] = float(value)
+    missing = [k for k in required if k not in values or not math.isfinite(values[k])]
+    if missing:
+        raise UpdateRejected(f"reply metrics lack finite {missing}")
+    return values
 
 
 class AdapterFedAvg(FedAvg):
@@ -44,7 +64,7 @@ class AdapterFedAvg(FedAvg):
     listener : RoundListener, optional
         Receives per-site train and evaluation results every round.
     **kwargs
-        Passed to :class:`flwr.serverapp.strategy.FedAvg`.
+        Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling fractions and minima).
     """
 
     def __init__(self, *, min_sites: int = 1, listener: RoundListener | None = None,
@@ -53,18 +73,23 @@ class AdapterFedAvg(FedAvg):
         self.min_sites = min_sites
         self.listener = listener
         self._global: ArrayRecord | None = None
+        self._sampled: set[int] = set()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._global = arrays
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sampled = {m.metadata.dst_node_id for m in messages}
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted: list[Message] = []
+        records: list[RecordDict] = []
         reports: list[SiteTrainReport] = []
         failures: list[str] = []
+        replied: set[int] = set()
         for msg in replies:
+            replied.add(msg.metadata.src_node_id)
             site = site_name(msg)
             if msg.has_error():
                 failures.append(f"{site}: {msg.error.reason}")
@@ -72,55 +97,65 @@ class AdapterFedAvg(FedAvg):
                             msg.error.reason)
                 continue
             try:
-                arrays = msg.content.array_records.get("arrays")
-                if arrays is None:
-                    raise UpdateRejected("reply carries no 'arrays' record")
+                arrays = msg.content.array_records.get(p.ARRAYS)
+                if arrays is None or len(msg.content.array_records) != 1:
+                    raise UpdateRejected("reply must carry exactly one 'arrays' record")
                 check_update(arrays, self._global)
-                metrics = msg.content.metric_records.get("metrics")
-                missing = [k for k in REQUIRED_METRICS if metrics is None or k not in metrics]
-                if missing:
-                    raise UpdateRejected(f"reply metrics lack {missing}")
-                if float(metrics["num-examples"]) <= 0:
+                metrics = _metrics(msg, TRAIN_METRICS)
+                if metrics[p.NUM_EXAMPLES] <= 0:
                     raise UpdateRejected("num-examples must be positive")
             except UpdateRejected as err:
                 failures.append(f"{site}: update rejected: {err}")
                 log.warning("round %d: rejected update from site %s: %s", server_round, site,
                             err)
                 continue
-            accepted.append(msg)
+            # A canonical record: what reaches the average is exactly what was checked.
+            records.append(RecordDict({
+                p.ARRAYS: arrays,
+                p.METRICS: MetricRecord({p.NUM_EXAMPLES: metrics[p.NUM_EXAMPLES]}),
+            }))
             reports.append(SiteTrainReport(
                 site=site,
-                num_examples=int(metrics["num-examples"]),
-                train_loss=float(metrics["train-loss"]),
-                seconds=float(metrics["train-seconds"]),
+                num_examples=int(metrics[p.NUM_EXAMPLES]),
+                train_loss=metrics.get(p.TRAIN_LOSS),
+                seconds=metrics[p.TRAIN_SECONDS],
                 bytes_up=count_bytes(arrays),
                 update_norm=update_norm(arrays, self._global),
-                privacy={k: float(metrics[k]) for k in PRIVACY_METRICS if k in metrics},
+                privacy={k: metrics[k] for k in p.PRIVACY_METRICS if k in metrics},
             ))
+        for node in sorted(self._sampled - replied):
+            failures.append(f"node-{node}: no reply within the round timeout")
+            log.warning("round %d: node %d did not reply in time", server_round, node)
+        aggregated = len(records) >= self.min_sites
         if self.listener is not None:
-            self.listener.on_train(server_round, reports, failures)
-        if len(accepted) < self.min_sites:
+            self.listener.on_train(server_round, reports, failures, aggregated)
+        if not aggregated:
             log.warning("round %d: %d valid updates, fewer than min_sites=%d; the global "
-                        "adapter is unchanged", server_round, len(accepted), self.min_sites)
+                        "adapter is unchanged", server_round, len(records), self.min_sites)
             return None, None
-        return super().aggregate_train(server_round, accepted)
+        arrays = aggregate_arrayrecords(records, self.weighted_by_key)
+        total = sum(r.num_examples for r in reports)
+        return arrays, MetricRecord({p.NUM_EXAMPLES: total})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
                            ) -> MetricRecord | None:
-        replies = list(replies)
         reports = []
         for msg in replies:
-            if msg.has_error():
-                log.warning("round %d: evaluation failed at site %s: %s", server_round,
-                            site_name(msg), msg.error.reason)
+            site = site_name(msg)
+            try:
+                if msg.has_error():
+                    raise UpdateRejected(msg.error.reason)
+                m = _metrics(msg, EVAL_METRICS)
+            except UpdateRejected as err:
+                log.warning("round %d: evaluation failed at site %s: %s", server_round, site,
+                            err)
                 continue
-            m = msg.content["metrics"]
             reports.append(SiteEvalReport(
-                site=site_name(msg), tokens=int(m["num-examples"]),
-                loss=float(m["domain-loss"]), base_loss=float(m["domain-base-loss"]),
-                ece=float(m["domain-ece"]),
-            ))
+                site=site, tokens=int(m[p.NUM_EXAMPLES]), loss=m[p.DOMAIN_LOSS],
+                base_loss=m[p.DOMAIN_BASE_LOSS], ece=m[p.DOMAIN_ECE]))
         if self.listener is not None:
             self.listener.on_evaluate(server_round, reports)
-        return super().aggregate_evaluate(server_round, replies)
-
+        tokens = sum(r.tokens for r in reports)
+        if not tokens:
+            return None
+        return MetricRecord({p.DOMAIN_LOSS: sum(r.loss * r.tokens for r in reports) / tokens})

@@ -267,8 +267,9 @@ def test_lr_cosine_decays_from_peak_towards_floor():
     train = TrainConfig(lr=1.0, schedule="cosine", min_lr_ratio=0.1)
     lrs = [train.lr_at(r, 4) for r in range(1, 5)]
     assert lrs[0] == pytest.approx(1.0)
-    # round 3 of 4 is half way: floor + (peak - floor) / 2
-    assert lrs[2] == pytest.approx(0.1 + 0.9 * 0.5)
+    # round 3 of 4 is two thirds of the way down the cosine
+    assert lrs[2] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 3)))
+    assert lrs[3] == pytest.approx(0.1)  # the last round trains at the floor
     assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
     assert all(0.1 <= lr <= 1.0 for lr in lrs)
     assert train.lr_at(99, 4) == pytest.approx(0.1)  # never below the floor
@@ -279,5 +280,13 @@ def test_lr_cosine_after_warmup():
     assert train.lr_at(1, 6) == pytest.approx(2.0 / 3)
     assert train.lr_at(2, 6) == pytest.approx(4.0 / 3)
     assert train.lr_at(3, 6) == pytest.approx(2.0)  # first round after warm-up: peak
-    expected = 2.0 * 0.5 * (1 + math.cos(math.pi * 2 / 4))
+    expected = 2.0 * 0.5 * (1 + math.cos(math.pi * 2 / 3))
     assert train.lr_at(5, 6) == pytest.approx(expected)
+    assert train.lr_at(6, 6) == pytest.approx(0.0)
+
+
+def test_site_without_a_name_is_a_clear_error(tmp_path):
+    path = tmp_path / "sites.toml"
+    path.write_text('[[sites]]\ndata = ["x.txt"]\n')
+    with pytest.raises(ConfigError, match=r"`sites\[0\]\.name` is required"):
+        load_config("smoke", config_file=path)

@@ -36,7 +36,7 @@ def test_dp_run_reports_cumulative_epsilon_from_the_ledgers(tmp_path, site_confi
     assert set(privacy["sites"]) == set(SITES)
     assert privacy["accountant"] == "prv"
     for site, entry in privacy["sites"].items():
-        ledger = PrivacyLedger.load(run_dir / "ledgers" / f"{site}.json")
+        ledger = PrivacyLedger.load(run_dir / "ledgers" / f"{site}.ledger.json")
         assert ledger.site == site
         assert len(ledger.entries) == cfg.federation.rounds
         assert entry["steps"] == cfg.federation.rounds * cfg.train.local_steps
@@ -66,7 +66,7 @@ def test_site_refuses_the_round_that_would_exceed_its_budget(tmp_path, site_conf
     assert all("refuses to train" in f for f in metrics[2]["failures"])
     assert metrics[2]["sites_trained"] == []
     for site in SITES:
-        ledger = PrivacyLedger.load(run_dir / "ledgers" / f"{site}.json")
+        ledger = PrivacyLedger.load(run_dir / "ledgers" / f"{site}.ledger.json")
         assert len(ledger.entries) == 1  # the refused round spent nothing
         assert ledger.epsilon() <= budget
     assert "refuses to train" in (run_dir / "report.md").read_text()

@@ -66,3 +66,31 @@ def test_ledger_of_another_site_is_refused(tmp_path):
 def test_write_is_atomic_no_temp_file_left(tmp_path):
     new_ledger(tmp_path / "clinic.json").record("run", 1, 1.0, 0.01, 10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clinic.json"]
+
+
+def test_concurrent_writers_lose_no_spend(tmp_path):
+    # two federations share one site ledger: each records under the lock, re-reading first
+    path = tmp_path / "clinic.ledger.json"
+    first, second = new_ledger(path), new_ledger(path)
+    with first.locked() as ledger:
+        ledger.record("run-a", 1, 1.0, 0.01, 50)
+    with second.locked() as ledger:
+        ledger.record("run-b", 1, 1.0, 0.01, 30)
+    assert new_ledger(path).steps == 80
+
+
+def test_a_run_can_lower_but_not_raise_the_stored_budget(tmp_path):
+    path = tmp_path / "clinic.ledger.json"
+    new_ledger(path, target=4.0).record("run", 1, 1.0, 0.01, 10)
+    assert new_ledger(path, target=8.0).target_epsilon == 4.0
+    assert new_ledger(path, target=2.0).target_epsilon == 2.0
+    raised = PrivacyLedger.open(path, "clinic", delta=1e-4, target_epsilon=8.0,
+                                site_sets_budget=True)  # the site's own node config
+    assert raised.target_epsilon == 8.0
+
+
+def test_json_that_is_not_a_ledger_is_rejected(tmp_path):
+    path = tmp_path / "clinic.ledger.json"
+    path.write_text("[]")
+    with pytest.raises(LedgerError, match="not a valid privacy ledger"):
+        new_ledger(path)

@@ -1,0 +1,28 @@
+"""The message vocabulary between the ServerApp and the ClientApps, in one place."""
+
+# RecordDict keys
+ARRAYS = "arrays"          # ArrayRecord: the LoRA adapter tensors
+METRICS = "metrics"        # MetricRecord: numbers a reply reports
+CONFIG = "config"          # ConfigRecord: what the server asks for
+SITE = "site"              # ConfigRecord {"name": …}: which site replied
+
+# ConfigRecord keys sent by the server
+RUN_CONFIG = "run-config"  # the RunConfig as JSON
+RUN_ID = "run-id"          # unique per run; ledgers tell runs apart by it
+SERVER_ROUND = "server-round"
+
+# MetricRecord keys of a training reply
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"  # omitted under DP: it is computed on the protected records
+TRAIN_SECONDS = "train-seconds"
+# ... and the site's cumulative privacy ledger after the round (DP only)
+PRIVACY_METRICS = ("epsilon", "epsilon-rdp", "delta", "noise-multiplier", "sample-rate",
+                   "dp-steps")
+
+# MetricRecord keys of an evaluation reply
+DOMAIN_LOSS = "domain-loss"
+DOMAIN_BASE_LOSS = "domain-base-loss"
+DOMAIN_ECE = "domain-ece"
+
+# Error code of a reply from a site that refused to train (privacy budget)
+BUDGET_EXHAUSTED = 100

@@ -1,0 +1,41 @@
+"""`fedcpt privacy report` on a run folder, a ledgers folder, or one site's ledger."""
+
+import json
+
+from fedcpt.privacy.ledger import PrivacyLedger
+from fedcpt.privacy.report import find_ledgers, write_privacy_report
+
+
+def make_ledgers(folder):
+    for site, steps in (("clinic", 40), ("newsroom", 80)):
+        ledger = PrivacyLedger.open(folder / f"{site}.ledger.json", site, delta=1e-4,
+                                    target_epsilon=8.0)
+        for r in range(2):
+            ledger.record("run", r + 1, 1.0, 0.01, steps)
+
+
+def test_report_has_every_site_and_the_federation_maximum(tmp_path):
+    make_ledgers(tmp_path / "ledgers")
+    payload = write_privacy_report(find_ledgers(tmp_path), tmp_path)
+    assert set(payload["sites"]) == {"clinic", "newsroom"}
+    assert payload["max_epsilon"] == payload["sites"]["newsroom"]["epsilon"]
+    assert payload["sites"]["clinic"]["budget_left"] == 8.0 - payload["sites"]["clinic"][
+        "epsilon"]
+    curve = payload["epsilon_per_round"]["newsroom"]
+    assert len(curve) == 2 and curve[0] < curve[1]
+    for name in ("privacy.json", "privacy_report.md", "privacy_epsilon.png"):
+        assert (tmp_path / name).is_file()
+    assert json.loads((tmp_path / "privacy.json").read_text())["level"] == "record"
+
+
+def test_report_written_beside_ledgers_does_not_break_the_next_report(tmp_path):
+    folder = tmp_path / "ledgers"
+    make_ledgers(folder)
+    write_privacy_report(find_ledgers(folder), folder)
+    assert len(find_ledgers(folder)) == 2  # privacy.json is not mistaken for a ledger
+
+
+def test_a_site_audits_its_own_ledger_alone(tmp_path):
+    make_ledgers(tmp_path)
+    ledgers = find_ledgers(tmp_path / "clinic.ledger.json")
+    assert [ledger.site for ledger in ledgers] == ["clinic"]
