@@ -121,3 +121,31 @@ def test_error_text_is_not_read_as_markup(tmp_path, site):
     line = error_line(run_cli("simulate", "smoke", "--config", str(config), "--out", str(out)))
     assert f"`sites[{site}].data` must be at least one data source" in line
     assert_no_run(out)
+
+
+def test_impossible_privacy_budget(tmp_path, write_text):
+    out = tmp_path / "run"
+    config = sites_config(tmp_path, write_text("site.txt", 30_000))
+    line = error_line(run_cli("simulate", "smoke-dp", "--config", str(config),
+                              "--set", "privacy.target_epsilon=0.0001", "--out", str(out)))
+    assert "privacy budget ε=0.0001" in line and "too small" in line
+    assert_no_run(out)
+
+
+def test_tampered_ledger_stops_the_run_and_is_left_as_it_was(tmp_path, write_text):
+    from fedcpt.privacy.ledger import PrivacyLedger
+
+    ledgers = tmp_path / "ledgers"
+    ledger = PrivacyLedger.open(ledgers / "alpha.ledger.json", "alpha", delta=1e-4,
+                                target_epsilon=8.0)
+    ledger.record("earlier-run", 1, 1.0, 0.01, 10)
+    path = ledgers / "alpha.ledger.json"
+    path.write_text(path.read_text().replace('"steps": 10', '"steps": 1'))
+    tampered = path.read_text()
+    out = tmp_path / "run"
+    config = sites_config(tmp_path, write_text("site.txt", 30_000))
+    line = error_line(run_cli("simulate", "smoke-dp", "--config", str(config), "--set",
+                              f"privacy.ledger_dir={ledgers}", "--out", str(out)))
+    assert "checksum mismatch" in line
+    assert path.read_text() == tampered
+    assert_no_run(out)

@@ -290,3 +290,15 @@ def test_site_without_a_name_is_a_clear_error(tmp_path):
     path.write_text('[[sites]]\ndata = ["x.txt"]\n')
     with pytest.raises(ConfigError, match=r"`sites\[0\]\.name` is required"):
         load_config("smoke", config_file=path)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("privacy.target_epsilon=0", "privacy.target_epsilon"),
+    ("privacy.target_epsilon=-1", "privacy.target_epsilon"),
+    ("privacy.target_delta=1", "privacy.target_delta"),
+    ("privacy.max_grad_norm=0", "privacy.max_grad_norm"),
+    ("privacy.accountant=gdp", "privacy.accountant"),
+])
+def test_impossible_privacy_settings_are_rejected(override, key):
+    with pytest.raises(ConfigError, match=f"`{key}`"):
+        load_config("smoke-dp", overrides=[override])
