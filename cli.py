@@ -58,6 +58,35 @@ def simulate(
 
 
 @cli.command()
+def compare(
+    scenario: str = typer.Option("shakespeare", "--scenario", help="Scenario every arm runs."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Folder for the arms' "
+                             "runs, compare.json, compare.md and pareto.png."),
+    arms: str = typer.Option(",".join(["fedavg", "rehearsal-mix", "rehearsal-finetune",
+                                       "fedprox", "l2sp", "delta-scaling"]),
+                             help="Comma-separated arms (fedavg is always included)."),
+    dp: str = typer.Option("off,on", help="DP settings to run: off, on, or off,on."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="TOML merged over the "
+                                          "scenario for every arm."),
+    overrides: list[str] = typer.Option([], "--set", "-s", help="KEY=VALUE for every arm."),
+) -> None:
+    """Run the continual-strategies grid and write a table and a Pareto plot."""
+    _setup_logging(False)
+    from fedcpt.exceptions import ConfigError
+    from fedcpt.simulations.compare import compare as run_compare
+
+    settings = {"off": False, "on": True}
+    chosen = [d.strip() for d in dp.split(",") if d.strip()]
+    if not chosen or any(d not in settings for d in chosen):
+        raise ConfigError(f"--dp must be off, on or off,on; got {dp!r}")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"output folder {out} already exists and is not empty")
+    run_compare(scenario, out, [a.strip() for a in arms.split(",") if a.strip()],
+                [settings[d] for d in chosen], overrides, config_file=config)
+    print(out / "compare.md")
+
+
+@cli.command()
 def scenarios() -> None:
     """List the built-in scenarios."""
     from fedcpt.config import SCENARIO_DIR, scenario_names

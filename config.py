@@ -225,6 +225,42 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class StrategyConfig:
+    """How the server protects general capabilities while the sites adapt."""
+
+    rehearsal: Literal["none", "mix", "finetune"] = field(
+        default="none", metadata={"help": "Server-side rehearsal on its general pool: mix (its "
+                                  "own update averaged in with weight ρ) or finetune (a short "
+                                  "rehearsal fine-tune of the aggregate)."})
+    replay_fraction: float = field(
+        default=0.25, metadata={"help": "ρ: rehearsal relative to the round's client work."})
+    anchor: Literal["none", "fedprox", "l2sp"] = field(
+        default="none", metadata={"help": "Client-side pull toward the global adapter "
+                                  "(fedprox) or the initial one, i.e. the base (l2sp)."})
+    anchor_weight: float = field(
+        default=20.0, metadata={"help": "μ: each step removes lr·μ of the distance to the "
+                                "anchor (decoupled, like AdamW's weight decay)."})
+    delta_scaling: bool = field(
+        default=False, metadata={"help": "Scale each round's aggregated delta by the largest "
+                                 "α whose rehearsal validation loss stays within tolerance."})
+    delta_alphas: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    delta_tolerance: float = 0.01
+    rehearsal_val_blocks: int = field(
+        default=32, metadata={"help": "Blocks of the rehearsal pool kept for choosing α."})
+
+    def __post_init__(self) -> None:
+        _require(0 < self.replay_fraction <= 1, "strategy.replay_fraction",
+                 self.replay_fraction, "in (0, 1]")
+        _require(self.anchor_weight >= 0, "strategy.anchor_weight", self.anchor_weight, ">= 0")
+        _require(len(self.delta_alphas) > 0 and all(0 < a <= 1 for a in self.delta_alphas),
+                 "strategy.delta_alphas", self.delta_alphas, "values in (0, 1]")
+        _require(self.delta_tolerance >= 0, "strategy.delta_tolerance", self.delta_tolerance,
+                 ">= 0")
+        _require(self.rehearsal_val_blocks > 0, "strategy.rehearsal_val_blocks",
+                 self.rehearsal_val_blocks, "> 0")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a federated continual-pretraining run."""
 
@@ -238,12 +274,18 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
 
     def __post_init__(self) -> None:
         _require(len(self.sites) > 0, "sites", self.sites, "at least one [[sites]] entry")
         names = [s.name for s in self.sites]
         dupes = sorted({n for n in names if names.count(n) > 1})
         _require(not dupes, "sites.name", dupes, "unique site names")
+        if self.privacy.user_level and (self.strategy.rehearsal != "none"
+                                        or self.strategy.delta_scaling):
+            raise ConfigError("privacy.user_level cannot be combined with strategy.rehearsal "
+                              "or strategy.delta_scaling: they change the aggregate before "
+                              "the site-level noise is added")
         for key in ("sites_per_round", "eval_sites_per_round", "min_sites"):
             value = getattr(self.federation, key)
             _require(value <= len(self.sites), f"federation.{key}", value,

@@ -18,11 +18,11 @@ from flwr.clientapp import ClientApp
 from fedcpt.client.site import open_ledger, require_dp, resolve_site, site_blocks
 from fedcpt.config import RunConfig, SiteConfig
 from fedcpt.core import protocol as p
-from fedcpt.core.adapters import adapter_state, load_adapter, to_arrays
+from fedcpt.core.adapters import adapter_state, from_arrays, load_adapter, to_arrays
 from fedcpt.core.data import TokenBlocks, spread
 from fedcpt.core.evaluation import evaluate_blocks
 from fedcpt.core.model import AdaptedModel, load_adapted_model
-from fedcpt.core.training import TrainResult, train_adapter
+from fedcpt.core.training import Anchor, TrainResult, train_adapter
 from fedcpt.privacy.dpsgd import train_adapter_dp
 from fedcpt.privacy.ledger import SiteRefused
 from fedcpt.privacy.plan import plan_run
@@ -58,16 +58,18 @@ def train(msg: Message, context: Context) -> Message:
     site = resolve_site(cfg, node_config)
     blocks = site_blocks(site, cfg.model, cfg.data)
     lr = cfg.train.lr_at(server_round, cfg.federation.rounds)
+    anchor = _anchor(cfg, lm, msg)
     try:
         require_dp(cfg, node_config)
         if cfg.privacy.enabled:
             run_id = str(msg.content[p.CONFIG][p.RUN_ID])
             result, metrics = _train_private(cfg, lm, site, blocks, node_config, lr,
-                                             run_id, server_round)
+                                             run_id, server_round, anchor)
         else:
             # Seed per (run, site, round): reproducible, different across sites and rounds.
             seed = zlib.crc32(f"{cfg.seed}/{site.name}/{server_round}".encode())
-            result = train_adapter(lm, blocks.train, cfg.train, lr=lr, seed=seed)
+            result = train_adapter(lm, blocks.train, cfg.train, lr=lr, seed=seed,
+                                   anchor=anchor)
             metrics = {p.TRAIN_LOSS: result.mean_loss}
     except SiteRefused as err:
         log.warning("%s", err)
@@ -84,8 +86,8 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: TokenBlocks,
-                   node_config: dict, lr: float, run_id: str,
-                   server_round: int) -> tuple[TrainResult, dict[str, float]]:
+                   node_config: dict, lr: float, run_id: str, server_round: int,
+                   anchor: Anchor | None) -> tuple[TrainResult, dict[str, float]]:
     """DP-SGD under the site's ledger lock: check the budget, train, record the spend
     durably — all before the update can leave the site.
 
@@ -98,13 +100,21 @@ def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: T
         ledger.check_budget(plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
         result = train_adapter_dp(lm, blocks.train, cfg.train, cfg.privacy, lr=lr,
                                   noise_multiplier=plan.noise_multiplier,
-                                  sample_rate=plan.sample_rate)
+                                  sample_rate=plan.sample_rate, anchor=anchor)
         ledger.record(run_id, server_round, plan.noise_multiplier, plan.sample_rate,
                       result.steps)
         metrics = dict(zip(p.PRIVACY_METRICS, (
             ledger.epsilon(), ledger.epsilon("rdp"), ledger.delta, plan.noise_multiplier,
             plan.sample_rate, ledger.steps), strict=True))
     return result, metrics
+
+
+def _anchor(cfg: RunConfig, lm: AdaptedModel, msg: Message) -> Anchor | None:
+    """FedProx pulls toward the received global adapter, L2-SP toward the initial one."""
+    if cfg.strategy.anchor == "none" or cfg.strategy.anchor_weight == 0:
+        return None
+    target = msg.content[p.ARRAYS] if cfg.strategy.anchor == "fedprox" else lm.initial_adapter
+    return Anchor(lm.model, from_arrays(target), cfg.strategy.anchor_weight)
 
 
 # Base-model loss per (site, model, data): the base never changes, so compute it once.

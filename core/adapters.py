@@ -60,3 +60,13 @@ def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
 def count_bytes(arrays: ArrayRecord) -> int:
     """Payload bytes of the tensors (what an upload costs before framing)."""
     return sum(v.numpy().nbytes for v in arrays.values())
+
+
+def weighted_sum(parts: list[tuple[ArrayRecord, float]]) -> ArrayRecord:
+    """Σ wᵢ·xᵢ over adapters with identical keys (e.g. mixing in the server's own update,
+    or global + α·(aggregate − global))."""
+    keys = list(parts[0][0].keys())
+    return ArrayRecord({
+        k: Array(sum(np.asarray(rec[k].numpy(), dtype=np.float64) * w for rec, w in parts)
+                 .astype(parts[0][0][k].numpy().dtype))
+        for k in keys})

@@ -11,6 +11,39 @@ from fedcpt.config import TrainConfig
 from fedcpt.core.model import AdaptedModel
 
 
+class Anchor:
+    """A pull of the adapter toward fixed tensors (FedProx: the round's global adapter;
+    L2-SP: the initial adapter, i.e. the base model).
+
+    Applied after each optimizer step as θ ← θ − lr·μ·(θ − θ₀), the decoupled form of the
+    gradient of (μ/2)‖θ − θ₀‖². It touches no data, so under DP-SGD it is post-processing
+    and costs no privacy (a penalty added to the loss would be dropped by Opacus, which
+    replaces gradients with clipped per-sample ones).
+    """
+
+    def __init__(self, model: torch.nn.Module, targets: dict[str, torch.Tensor],
+                 weight: float) -> None:
+        named = dict(model.named_parameters())
+        self.pairs = [(named[_param_name(named, key)], t.to(named[_param_name(named, key)]))
+                      for key, t in targets.items()]
+        self.weight = weight
+
+    @torch.no_grad()
+    def pull(self, lr: float) -> None:
+        for param, target in self.pairs:
+            param.sub_(lr * self.weight * (param - target))
+
+
+def _param_name(named: dict[str, torch.nn.Parameter], key: str) -> str:
+    """The model parameter behind a peft state-dict key (which omits the adapter name)."""
+    candidate = key.replace(".weight", ".default.weight")
+    if candidate in named:
+        return candidate
+    if key in named:
+        return key
+    raise KeyError(f"adapter tensor {key} has no parameter in the model")
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What one site's local round did."""
@@ -29,6 +62,7 @@ def train_adapter(
     *,
     lr: float,
     seed: int,
+    anchor: Anchor | None = None,
 ) -> TrainResult:
     """Run ``train.local_steps`` AdamW steps on batches drawn from ``blocks``.
 
@@ -53,6 +87,8 @@ def train_adapter(
             torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if anchor is not None:
+            anchor.pull(lr)
         losses.append(loss.item())
     model.eval()
     examples = train.local_steps * train.batch_size

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedcpt.config import PrivacyConfig, TrainConfig
 from fedcpt.core.model import AdaptedModel
-from fedcpt.core.training import TrainResult
+from fedcpt.core.training import Anchor, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ def train_adapter_dp(
     lr: float,
     noise_multiplier: float,
     sample_rate: float | None = None,
+    anchor: Anchor | None = None,
 ) -> TrainResult:
     """Run ``train.local_steps`` DP-SGD (AdamW) steps on ``blocks``; returns what it did.
 
@@ -86,6 +87,8 @@ def train_adapter_dp(
             loss.backward()
             dp_optimizer.step()
             dp_optimizer.zero_grad(set_to_none=True)
+            if anchor is not None:
+                anchor.pull(lr)
             losses.append(loss.item())
             examples += len(batch)
     finally:

@@ -15,6 +15,7 @@ import random
 import shlex
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,23 +28,63 @@ from fedcpt.core import protocol
 from fedcpt.core.adapters import load_adapter
 from fedcpt.core.data import load_blocks, spread
 from fedcpt.core.evaluation import evaluate_blocks
-from fedcpt.core.model import load_adapted_model, load_tokenizer
+from fedcpt.core.model import AdaptedModel, load_adapted_model, load_tokenizer
 from fedcpt.exceptions import ConfigError
 from fedcpt.privacy.user_level import wrap_user_level
 from fedcpt.server.recorder import RunRecorder
+from fedcpt.strategies.delta_scaling import DeltaScaling
 from fedcpt.strategies.fedavg import AdapterFedAvg
+from fedcpt.strategies.rehearsal import Rehearsal
+from fedcpt.strategies.server_step import ServerStep
 
 log = logging.getLogger(__name__)
 
 
-def general_eval_blocks(cfg: RunConfig) -> torch.Tensor:
-    """The server's held-out general evaluation blocks (never used for training)."""
+@dataclass(frozen=True)
+class GeneralData:
+    """What the server holds: an evaluation set no training ever sees, and a rehearsal
+    pool (minus a validation slice for choosing α) that server steps may train on."""
+
+    evaluation: torch.Tensor
+    rehearsal: torch.Tensor
+    validation: torch.Tensor
+
+
+def general_data(cfg: RunConfig) -> GeneralData:
+    """Split the server's general sources by document hash (held-out → evaluation)."""
     blocks = load_blocks(cfg.data.general, load_tokenizer(cfg.model), cfg.data,
                          what="general data", max_train_tokens=0)
-    return spread(blocks.heldout, cfg.data.general_eval_blocks)
+    n_val = cfg.strategy.rehearsal_val_blocks
+    pool, validation = blocks.train[n_val:], blocks.train[:n_val]
+    needs_pool = cfg.strategy.rehearsal != "none" or cfg.strategy.delta_scaling
+    if needs_pool and len(pool) < cfg.train.batch_size:
+        raise ConfigError(
+            f"the general rehearsal pool has {len(pool)} blocks after {n_val} validation "
+            f"blocks, fewer than one batch ({cfg.train.batch_size}); add data.general sources")
+    return GeneralData(spread(blocks.heldout, cfg.data.general_eval_blocks), pool, validation)
 
 
-def build_strategy(cfg: RunConfig, recorder: RunRecorder) -> Strategy:
+def general_eval_blocks(cfg: RunConfig) -> torch.Tensor:
+    """The server's held-out general evaluation blocks (never used for training)."""
+    return general_data(cfg).evaluation
+
+
+def server_steps(cfg: RunConfig, lm: AdaptedModel, general: GeneralData) -> list[ServerStep]:
+    """Rehearsal then delta scaling, as configured in ``[strategy]``."""
+    steps: list[ServerStep] = []
+    if cfg.strategy.rehearsal != "none":
+        steps.append(Rehearsal(lm, general.rehearsal, cfg.train, mode=cfg.strategy.rehearsal,
+                               replay_fraction=cfg.strategy.replay_fraction,
+                               num_rounds=cfg.federation.rounds, seed=cfg.seed))
+    if cfg.strategy.delta_scaling:
+        steps.append(DeltaScaling(lm, general.validation, alphas=cfg.strategy.delta_alphas,
+                                  tolerance=cfg.strategy.delta_tolerance,
+                                  batch_size=cfg.train.eval_batch_size))
+    return steps
+
+
+def build_strategy(cfg: RunConfig, recorder: RunRecorder,
+                   steps: list[ServerStep] | None = None) -> Strategy:
     """FedAvg sampling ``sites_per_round`` of the registered sites (0: all), wrapped in
     Flower's DP-FedAvg when site-level DP is on."""
     fed, n_sites = cfg.federation, len(cfg.sites)
@@ -52,6 +93,7 @@ def build_strategy(cfg: RunConfig, recorder: RunRecorder) -> Strategy:
     strategy = AdapterFedAvg(
         min_sites=fed.min_sites,
         listener=recorder,
+        server_steps=steps,
         fraction_train=n_train / n_sites,
         fraction_evaluate=n_eval / n_sites,
         min_train_nodes=n_train,
@@ -79,7 +121,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict:
     try:
         random.seed(cfg.seed)  # Flower samples sites with the `random` module
         lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
-        general = general_eval_blocks(cfg)
+        data = general_data(cfg)
+        general = data.evaluation
         recorder.start(lm)
         initial = lm.initial_adapter  # not the cached model's current one: it may be trained
 
@@ -90,7 +133,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict:
             return MetricRecord({"general-loss": result.loss, "general-ece": result.ece})
 
         config = ConfigRecord({protocol.RUN_CONFIG: cfg.to_json(), protocol.RUN_ID: run_id})
-        strategy = build_strategy(cfg, recorder)
+        strategy = build_strategy(cfg, recorder, server_steps(cfg, lm, data))
         strategy.start(
             grid=grid, initial_arrays=initial, num_rounds=cfg.federation.rounds,
             timeout=cfg.federation.round_timeout_s, train_config=config,

@@ -6,7 +6,9 @@ trains the same number of steps × batch, so in practice the sites weigh equally
 it, this class adds what a federation of data sites needs: each reply is checked (record
 layout, keys, shapes, dtypes, finite values, required metrics) before it can enter the
 global adapter; a round with fewer than ``min_sites`` valid replies keeps the previous
-adapter; per-site results and failures go to a :class:`RoundListener`.
+adapter; per-site results and failures go to a :class:`RoundListener`; optional server
+steps (:mod:`~fedcpt.strategies.rehearsal`, :mod:`~fedcpt.strategies.delta_scaling`)
+turn the average into the next global adapter with the server's own general data.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from fedcpt.core import protocol as p
 from fedcpt.core.adapters import check_update, count_bytes, update_norm
 from fedcpt.exceptions import UpdateRejected
 from fedcpt.strategies.base import RoundListener, SiteEvalReport, SiteTrainReport
+from fedcpt.strategies.server_step import ServerStep
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +66,18 @@ class AdapterFedAvg(FedAvg):
         Fewest valid training replies needed to aggregate a round.
     listener : RoundListener, optional
         Receives per-site train and evaluation results every round.
+    server_steps : list of ServerStep, optional
+        Applied in order to each round's average (rehearsal, delta scaling).
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling fractions and minima).
     """
 
     def __init__(self, *, min_sites: int = 1, listener: RoundListener | None = None,
-                 **kwargs) -> None:
+                 server_steps: list[ServerStep] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.min_sites = min_sites
         self.listener = listener
+        self.server_steps = list(server_steps or [])
         self._global: ArrayRecord | None = None
         self._sampled: set[int] = set()
 
@@ -135,6 +141,8 @@ class AdapterFedAvg(FedAvg):
             return None, None
         arrays = aggregate_arrayrecords(records, self.weighted_by_key)
         total = sum(r.num_examples for r in reports)
+        for step in self.server_steps:
+            arrays = step.apply(server_round, self._global, arrays, total)
         return arrays, MetricRecord({p.NUM_EXAMPLES: total})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],

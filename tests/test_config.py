@@ -302,3 +302,19 @@ def test_site_without_a_name_is_a_clear_error(tmp_path):
 def test_impossible_privacy_settings_are_rejected(override, key):
     with pytest.raises(ConfigError, match=f"`{key}`"):
         load_config("smoke-dp", overrides=[override])
+
+
+def test_site_level_dp_refuses_server_steps_that_change_the_aggregate():
+    with pytest.raises(ConfigError, match="privacy.user_level cannot be combined"):
+        load_config("smoke", overrides=["privacy.user_level=true", "strategy.rehearsal=mix"])
+
+
+def test_rehearsal_pool_too_small_is_a_clear_error(write_text):
+    from fedcpt.server.app import general_data
+
+    general = write_text("general.txt", 20_000)
+    cfg = load_config("smoke", overrides=["strategy.rehearsal=finetune",
+                                          f"data.general={general}",
+                                          "strategy.rehearsal_val_blocks=100000"])
+    with pytest.raises(ConfigError, match="rehearsal pool has"):
+        general_data(cfg)

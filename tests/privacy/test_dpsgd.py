@@ -58,3 +58,23 @@ def test_two_runs_draw_different_noise(fresh_lm, text_blocks):
     train_adapter_dp(fresh_lm, text_blocks, TRAIN, PRIVACY, lr=1e-2, noise_multiplier=1.0)
     second = adapter_state(fresh_lm.model)
     assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+def test_anchor_pull_is_applied_under_dp(fresh_lm, text_blocks):
+    # L2-SP toward the initial adapter: with a strong pull the adapter stays near it
+    from fedcpt.core.adapters import from_arrays
+    from fedcpt.core.training import Anchor
+
+    start = adapter_state(fresh_lm.model)
+    anchor = Anchor(fresh_lm.model, from_arrays(to_arrays(start)), weight=90.0)
+    train_adapter_dp(fresh_lm, text_blocks, TRAIN, PRIVACY, lr=1e-2, noise_multiplier=0.5,
+                     anchor=anchor)
+    pulled = adapter_state(fresh_lm.model)
+    load_adapter(fresh_lm.model, to_arrays(start))
+    train_adapter_dp(fresh_lm, text_blocks, TRAIN, PRIVACY, lr=1e-2, noise_multiplier=0.5)
+    free = adapter_state(fresh_lm.model)
+
+    def drift(state):
+        return sum(float((state[k] - start[k]).norm()) for k in start)
+
+    assert drift(pulled) < 0.5 * drift(free)

@@ -1,0 +1,46 @@
+"""`fedcpt compare`: every arm is a real run, measured against plain FedAvg."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedcpt.exceptions import ConfigError
+from fedcpt.simulations.compare import compare, grid
+
+
+def test_grid_always_includes_the_fedavg_reference():
+    arms = grid(["rehearsal-mix"], [False, True])
+    assert [(a.name, a.dp) for a in arms] == [
+        ("fedavg", False), ("rehearsal-mix", False), ("fedavg", True), ("rehearsal-mix", True)]
+    assert "privacy.enabled=true" in arms[-1].overrides
+
+
+def test_unknown_arm_is_rejected_before_anything_runs():
+    with pytest.raises(ConfigError, match="unknown arms"):
+        grid(["ewc-typo"], [False])
+
+
+def test_compare_writes_arms_against_the_reference(tmp_path, make_text):
+    lines = []
+    for i, name in enumerate(("north", "south", "east")):
+        path = tmp_path / f"{name}.txt"
+        path.write_text(make_text(40_000, seed=100 + i), encoding="utf-8")
+        lines += ["[[sites]]", f'name = "{name}"', f'data = ["{path.as_posix()}"]', ""]
+    config = tmp_path / "sites.toml"
+    config.write_text("\n".join(lines), encoding="utf-8")
+    out = tmp_path / "cmp"
+    payload = compare("smoke", out, ["rehearsal-finetune"], [False], [], config_file=config)
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved == payload
+    arms = {r["arm"]: r for r in saved["arms"]}
+    assert set(arms) == {"fedavg", "rehearsal-finetune"}
+    ref = arms["fedavg"]
+    for row in arms.values():
+        assert row["dp"] is False and row["epsilon"] is None
+        assert row["reference"] == {"forgetting": ref["forgetting"],
+                                    "adaptation": ref["adaptation"]}
+        assert (out / row["arm"] / "summary.json").is_file()
+    assert arms["fedavg"]["adaptation_kept"] == pytest.approx(1.0)
+    assert (out / "pareto.png").is_file() and (out / "compare.md").is_file()
