@@ -174,6 +174,69 @@ def privacy_audit(
     print(json.dumps(payload, indent=2))
 
 
+adapters_cli = typer.Typer(no_args_is_help=True, help="Adapter versions of a run.")
+cli.add_typer(adapters_cli, name="adapters")
+
+
+@adapters_cli.command("list")
+def adapters_list(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
+    """Every version: round, parent, sites, general and domain loss."""
+    from rich.table import Table
+
+    from fedcpt.server.versions import list_versions
+
+    table = Table(title=f"Adapter versions in {run_dir}")
+    for col in ("round", "parent", "sites", "general loss", "domain loss", "server steps"):
+        table.add_column(col)
+    for v in list_versions(run_dir):
+        domain = v["metrics"]["domain_loss"]
+        table.add_row(str(v["round"]), v["parent"], ", ".join(v["sites"]) or "—",
+                      f"{v['metrics']['general_loss']:.4f}",
+                      "n/a" if domain is None else f"{domain:.4f}",
+                      ", ".join(v["server_steps"]) or "—")
+    Console().print(table)
+
+
+@adapters_cli.command("show")
+def adapters_show(run_dir: Path = typer.Argument(...),
+                  server_round: int = typer.Argument(..., metavar="ROUND")) -> None:
+    """One version's provenance as JSON."""
+    from fedcpt.server.versions import version_dir
+
+    print((version_dir(run_dir, server_round) / "version.json").read_text().strip())
+
+
+@adapters_cli.command("export")
+def adapters_export(run_dir: Path = typer.Argument(...),
+                    server_round: int = typer.Argument(..., metavar="ROUND"),
+                    out: Path = typer.Option(..., "--out", "-o", help="Model folder to write.")
+                    ) -> None:
+    """Merge a version into the base model and save it for serving (from_pretrained)."""
+    _setup_logging(False)
+    from fedcpt.server.versions import export_version
+
+    print(export_version(run_dir, server_round, out))
+
+
+@adapters_cli.command("rollback")
+def adapters_rollback(
+    run_dir: Path = typer.Argument(...),
+    server_round: int = typer.Argument(..., metavar="ROUND"),
+    rounds: int | None = typer.Option(None, help="Rounds to run (default: the run's)."),
+    out: Path | None = typer.Option(None, "--out", "-o"),
+) -> None:
+    """Continue the run's federation from an earlier version (a new run folder)."""
+    _setup_logging(False)
+    from fedcpt.server.app import new_run_dir
+    from fedcpt.server.versions import continue_from
+    from fedcpt.simulations.runner import simulate as run
+
+    cfg = continue_from(run_dir, server_round, rounds)
+    target = new_run_dir("runs", cfg.name, exact=out)
+    run(cfg, target)
+    print(target / "report.md")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -151,6 +151,9 @@ class FederationConfig:
         default=0, metadata={"help": "Sites sampled for domain evaluation each round (0: all)."})
     min_sites: int = field(
         default=1, metadata={"help": "Fewest training replies a round needs to be aggregated."})
+    initial_adapter: str = field(
+        default="", metadata={"help": "Start from this saved adapter version (a run's "
+                              "adapters/round-NNN) instead of a fresh one."})
     round_timeout_s: float = 3600.0
 
     def __post_init__(self) -> None:
@@ -247,6 +250,9 @@ class StrategyConfig:
     delta_tolerance: float = 0.01
     rehearsal_val_blocks: int = field(
         default=32, metadata={"help": "Blocks of the rehearsal pool kept for choosing α."})
+    regression_guard: float = field(
+        default=0.0, metadata={"help": "Reject a round whose rehearsal validation loss rises "
+                               "more than this many nats (0: off)."})
 
     def __post_init__(self) -> None:
         _require(0 < self.replay_fraction <= 1, "strategy.replay_fraction",
@@ -258,6 +264,8 @@ class StrategyConfig:
                  ">= 0")
         _require(self.rehearsal_val_blocks > 0, "strategy.rehearsal_val_blocks",
                  self.rehearsal_val_blocks, "> 0")
+        _require(self.regression_guard >= 0, "strategy.regression_guard",
+                 self.regression_guard, ">= 0 (0: off)")
 
 
 @dataclass(frozen=True)
@@ -282,7 +290,8 @@ class RunConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         _require(not dupes, "sites.name", dupes, "unique site names")
         if self.privacy.user_level and (self.strategy.rehearsal != "none"
-                                        or self.strategy.delta_scaling):
+                                        or self.strategy.delta_scaling
+                                        or self.strategy.regression_guard):
             raise ConfigError("privacy.user_level cannot be combined with strategy.rehearsal "
                               "or strategy.delta_scaling: they change the aggregate before "
                               "the site-level noise is added")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedcpt.exceptions import UpdateRejected
+from fedcpt.exceptions import ConfigError, UpdateRejected
 
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -70,3 +71,19 @@ def weighted_sum(parts: list[tuple[ArrayRecord, float]]) -> ArrayRecord:
         k: Array(sum(np.asarray(rec[k].numpy(), dtype=np.float64) * w for rec, w in parts)
                  .astype(parts[0][0][k].numpy().dtype))
         for k in keys})
+
+
+def load_version(path: str | Path, reference: ArrayRecord) -> ArrayRecord:
+    """A saved adapter version (peft format) as an ArrayRecord matching ``reference``."""
+    from safetensors.numpy import load_file
+
+    weights = Path(path) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"no adapter version at {path} (expected {weights.name})")
+    arrays = ArrayRecord({k: Array(v.astype(np.float32)) for k, v in load_file(weights).items()})
+    try:
+        check_update(arrays, reference)
+    except UpdateRejected as err:
+        raise ConfigError(f"adapter version {path} does not fit this run's model and LoRA "
+                          f"settings: {err}") from None
+    return arrays

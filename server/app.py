@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedcpt.config import RunConfig, load_config
 from fedcpt.core import protocol
-from fedcpt.core.adapters import load_adapter
+from fedcpt.core.adapters import load_adapter, load_version
 from fedcpt.core.data import load_blocks, spread
 from fedcpt.core.evaluation import evaluate_blocks
 from fedcpt.core.model import AdaptedModel, load_adapted_model, load_tokenizer
@@ -34,6 +34,7 @@ from fedcpt.privacy.user_level import wrap_user_level
 from fedcpt.server.recorder import RunRecorder
 from fedcpt.strategies.delta_scaling import DeltaScaling
 from fedcpt.strategies.fedavg import AdapterFedAvg
+from fedcpt.strategies.regression_guard import RegressionGuard
 from fedcpt.strategies.rehearsal import Rehearsal
 from fedcpt.strategies.server_step import ServerStep
 
@@ -56,7 +57,8 @@ def general_data(cfg: RunConfig) -> GeneralData:
                          what="general data", max_train_tokens=0)
     n_val = cfg.strategy.rehearsal_val_blocks
     pool, validation = blocks.train[n_val:], blocks.train[:n_val]
-    needs_pool = cfg.strategy.rehearsal != "none" or cfg.strategy.delta_scaling
+    needs_pool = (cfg.strategy.rehearsal != "none" or cfg.strategy.delta_scaling
+                  or cfg.strategy.regression_guard)
     if needs_pool and len(pool) < cfg.train.batch_size:
         raise ConfigError(
             f"the general rehearsal pool has {len(pool)} blocks after {n_val} validation "
@@ -70,7 +72,8 @@ def general_eval_blocks(cfg: RunConfig) -> torch.Tensor:
 
 
 def server_steps(cfg: RunConfig, lm: AdaptedModel, general: GeneralData) -> list[ServerStep]:
-    """Rehearsal then delta scaling, as configured in ``[strategy]``."""
+    """Rehearsal, delta scaling, then the regression guard, as configured in
+    ``[strategy]``."""
     steps: list[ServerStep] = []
     if cfg.strategy.rehearsal != "none":
         steps.append(Rehearsal(lm, general.rehearsal, cfg.train, mode=cfg.strategy.rehearsal,
@@ -80,6 +83,10 @@ def server_steps(cfg: RunConfig, lm: AdaptedModel, general: GeneralData) -> list
         steps.append(DeltaScaling(lm, general.validation, alphas=cfg.strategy.delta_alphas,
                                   tolerance=cfg.strategy.delta_tolerance,
                                   batch_size=cfg.train.eval_batch_size))
+    if cfg.strategy.regression_guard:
+        steps.append(RegressionGuard(lm, general.validation,
+                                     threshold=cfg.strategy.regression_guard,
+                                     batch_size=cfg.train.eval_batch_size))
     return steps
 
 
@@ -124,7 +131,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict:
         data = general_data(cfg)
         general = data.evaluation
         recorder.start(lm)
-        initial = lm.initial_adapter  # not the cached model's current one: it may be trained
+        # Not the cached model's current adapter: it may carry an earlier run's training.
+        initial = (load_version(cfg.federation.initial_adapter, lm.initial_adapter)
+                   if cfg.federation.initial_adapter else lm.initial_adapter)
 
         def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             load_adapter(lm.model, arrays)

@@ -109,6 +109,7 @@ class RunRecorder:
         self._eval: dict[int, list[SiteEvalReport]] = {}
         self.full_model_bytes = 0
         self.privacy: dict[str, dict[str, float]] = {}
+        self._steps: dict[int, dict[str, dict[str, Any]]] = {}
 
     def start(self, lm: AdaptedModel) -> None:
         """Create the folder and write the manifest (config, versions, data hashes, seed)."""
@@ -145,11 +146,15 @@ class RunRecorder:
             log.info("round %d · site %-12s domain loss %.4f (base %.4f)", server_round,
                      r.site, r.loss, r.base_loss)
 
+    def on_server_steps(self, server_round: int, details: dict[str, dict[str, Any]]) -> None:
+        self._steps[server_round] = details
+
     # --- global model, once per round after aggregation ------------------------------
     def on_global(self, server_round: int, general: EvalResult, lm: AdaptedModel) -> None:
         """Save the global adapter version and append the round's metrics line."""
         self.general[server_round] = general
-        lm.model.save_pretrained(str(self.run_dir / "adapters" / f"round-{server_round:03d}"))
+        version = self.run_dir / "adapters" / f"round-{server_round:03d}"
+        lm.model.save_pretrained(str(version))
         train, failures, aggregated = self._train.get(server_round, ([], [], False))
         evals = self._eval.get(server_round, [])
         row = {
@@ -168,14 +173,31 @@ class RunRecorder:
             "bytes_up_per_client": (sum(r.bytes_up for r in train) // len(train)
                                     if train else 0),
             "failures": failures,
+            "server_steps": self._steps.get(server_round, {}),
             "elapsed_s": time.time() - self.started,
         }
         self.rows.append(row)
+        write_json(version / "version.json", self._provenance(server_round, row))
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
         domain = "n/a" if row["domain_loss"] is None else f"{row['domain_loss']:.4f}"
         log.info("round %d · global: general loss %.4f · domain loss %s · %.0fs elapsed",
                  server_round, general.loss, domain, row["elapsed_s"])
+
+    def _provenance(self, server_round: int, row: dict[str, Any]) -> dict[str, Any]:
+        """Where a version came from: parent, sites, their data, config — never data."""
+        manifest = json.loads((self.run_dir / "manifest.json").read_text())
+        initial = self.cfg.federation.initial_adapter or "fresh adapter"
+        return {
+            "round": server_round,
+            "parent": f"round-{server_round - 1:03d}" if server_round else initial,
+            "run_id": self.run_id,
+            "sites": row["sites_trained"],
+            "data_files": {s: manifest["data_files"].get(s, {}) for s in row["sites_trained"]},
+            "config_sha256": hashlib.sha256(self.cfg.to_json().encode()).hexdigest(),
+            "metrics": {k: row[k] for k in ("general_loss", "domain_loss", "domain_per_site")},
+            "server_steps": row["server_steps"],
+        }
 
     def finish(self) -> dict[str, Any]:
         """Write summary.json and report.md; return the summary.

@@ -55,6 +55,38 @@ def privacy_lines(privacy: dict[str, Any]) -> list[str]:
     ]
 
 
+SPIKE_NATS = 0.05  # a one-round rise of general loss worth a look
+NORM_FACTOR = 3.0  # an update this many times the median earlier norm is flagged
+
+
+def round_flags(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Per round: general-loss spikes, outsized site updates, rejected rounds."""
+    flags: list[list[str]] = []
+    norms: list[float] = []
+    for i, r in enumerate(rows):
+        f = []
+        if i and r["general_loss"] - rows[i - 1]["general_loss"] > SPIKE_NATS:
+            f.append(f"general loss +{r['general_loss'] - rows[i - 1]['general_loss']:.3f}")
+        if norms:
+            median = sorted(norms)[len(norms) // 2]
+            f += [f"{site} update norm {n:.2f}" for site, n in
+                  r["update_norm_per_site"].items() if n > NORM_FACTOR * median]
+        norms += list(r["update_norm_per_site"].values())
+        if r.get("server_steps", {}).get("regression_guard", {}).get("rejected"):
+            f.append("rejected by regression guard")
+        flags.append(f)
+    return flags
+
+
+def _steps(details: dict[str, dict[str, Any]]) -> str:
+    parts = []
+    for name, d in details.items():
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in d.items())
+        parts.append(f"{name}({shown})")
+    return "; ".join(parts) or "—"
+
+
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -105,13 +137,15 @@ def write_report(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, An
         "",
         "## Rounds",
         "",
-        "| round | general loss | domain loss | train loss | sites | failures | elapsed s |",
-        "|---|---|---|---|---|---|---|",
+        "| round | general loss | domain loss | train loss | sites | failures | server steps "
+        "| flags | elapsed s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r, flags in zip(rows, round_flags(rows), strict=True):
         lines.append(
             f"| {r['round']} | {r['general_loss']:.4f} | {_fmt(r['domain_loss'])} | "
             f"{_fmt(r['train_loss'])} | {len(r['sites_trained'])} | {len(r['failures'])} | "
+            f"{_steps(r.get('server_steps', {}))} | {', '.join(flags) or '—'} | "
             f"{r['elapsed_s']:.0f} |")
     failures = [f for r in rows for f in r["failures"]]
     if failures:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -39,3 +39,7 @@ class RoundListener(Protocol):
                  failures: list[str], aggregated: bool) -> None: ...
 
     def on_evaluate(self, server_round: int, reports: list[SiteEvalReport]) -> None: ...
+
+    def on_server_steps(self, server_round: int, details: dict[str, dict[str, Any]]) -> None:
+        """What each server step did this round (rehearsal, α, regression guard)."""
+        ...

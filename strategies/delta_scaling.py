@@ -8,6 +8,7 @@ held-out rehearsal data rises at most ``tolerance`` nats over the current global
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
@@ -19,6 +20,13 @@ from fedcpt.core.model import AdaptedModel
 log = logging.getLogger(__name__)
 
 
+def validation_loss(lm: AdaptedModel, arrays: ArrayRecord, blocks: torch.Tensor,
+                    batch_size: int) -> float:
+    """Loss of ``arrays`` on server-held validation blocks."""
+    load_adapter(lm.model, arrays)
+    return evaluate_blocks(lm, blocks, batch_size).loss
+
+
 def interpolate(global_arrays: ArrayRecord, aggregated: ArrayRecord,
                 alpha: float) -> ArrayRecord:
     """global + α·(aggregated − global)."""
@@ -27,6 +35,8 @@ def interpolate(global_arrays: ArrayRecord, aggregated: ArrayRecord,
 
 class DeltaScaling:
     """Choose α on the server's rehearsal validation blocks."""
+
+    name = "delta_scaling"
 
     def __init__(self, lm: AdaptedModel, validation: torch.Tensor, *,
                  alphas: tuple[float, ...], tolerance: float, batch_size: int) -> None:
@@ -37,11 +47,10 @@ class DeltaScaling:
         self.batch_size = batch_size
 
     def _loss(self, arrays: ArrayRecord) -> float:
-        load_adapter(self.lm.model, arrays)
-        return evaluate_blocks(self.lm, self.validation, self.batch_size).loss
+        return validation_loss(self.lm, arrays, self.validation, self.batch_size)
 
     def apply(self, server_round: int, global_arrays: ArrayRecord, aggregated: ArrayRecord,
-              client_examples: int) -> ArrayRecord:
+              client_examples: int) -> tuple[ArrayRecord, dict[str, Any]]:
         reference = self._loss(global_arrays)
         for alpha in self.alphas:  # largest first; the smallest is kept if none passes
             candidate = interpolate(global_arrays, aggregated, alpha)
@@ -50,4 +59,4 @@ class DeltaScaling:
                 break
         log.info("round %d · delta scaling: α=%.2f (rehearsal loss %.4f → %.4f)",
                  server_round, alpha, reference, loss)
-        return candidate
+        return candidate, {"alpha": alpha, "rehearsal_loss": loss}

@@ -141,8 +141,11 @@ class AdapterFedAvg(FedAvg):
             return None, None
         arrays = aggregate_arrayrecords(records, self.weighted_by_key)
         total = sum(r.num_examples for r in reports)
+        details = {}
         for step in self.server_steps:
-            arrays = step.apply(server_round, self._global, arrays, total)
+            arrays, details[step.name] = step.apply(server_round, self._global, arrays, total)
+        if details and self.listener is not None:
+            self.listener.on_server_steps(server_round, details)
         return arrays, MetricRecord({p.NUM_EXAMPLES: total})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 class Rehearsal:
     """Replay of the server's general pool, in ``mix`` or ``finetune`` mode."""
 
+    name = "rehearsal"
+
     def __init__(self, lm: AdaptedModel, pool: torch.Tensor, train: TrainConfig, *,
                  mode: str, replay_fraction: float, num_rounds: int, seed: int) -> None:
         self.lm = lm
@@ -41,7 +44,7 @@ class Rehearsal:
         self.seed = seed
 
     def apply(self, server_round: int, global_arrays: ArrayRecord, aggregated: ArrayRecord,
-              client_examples: int) -> ArrayRecord:
+              client_examples: int) -> tuple[ArrayRecord, dict[str, Any]]:
         lr = self.train.lr_at(server_round, self.num_rounds)
         seed = self.seed * 1000 + server_round
         if self.mode == "mix":
@@ -50,11 +53,12 @@ class Rehearsal:
             own = to_arrays(adapter_state(self.lm.model))
             log.info("round %d · rehearsal (mix): server update on %d examples, weight %.2f",
                      server_round, result.examples, self.rho)
-            return weighted_sum([(aggregated, 1 - self.rho), (own, self.rho)])
+            mixed = weighted_sum([(aggregated, 1 - self.rho), (own, self.rho)])
+            return mixed, {"mode": "mix", "examples": result.examples, "weight": self.rho}
         steps = max(1, math.ceil(self.rho * client_examples / self.train.batch_size))
         load_adapter(self.lm.model, aggregated)
         train_adapter(self.lm, self.pool, dataclasses.replace(self.train, local_steps=steps),
                       lr=lr, seed=seed)
         log.info("round %d · rehearsal (finetune): %d steps on the general pool",
                  server_round, steps)
-        return to_arrays(adapter_state(self.lm.model))
+        return to_arrays(adapter_state(self.lm.model)), {"mode": "finetune", "steps": steps}

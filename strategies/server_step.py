@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from flwr.app import ArrayRecord
 
@@ -14,5 +14,9 @@ class ServerStep(Protocol):
     secure aggregation and, under record-level DP, are post-processing.
     """
 
+    name: str
+
     def apply(self, server_round: int, global_arrays: ArrayRecord, aggregated: ArrayRecord,
-              client_examples: int) -> ArrayRecord: ...
+              client_examples: int) -> tuple[ArrayRecord, dict[str, Any]]:
+        """The next global adapter, and what the step did (for the run's metrics)."""
+        ...

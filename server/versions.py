@@ -1,0 +1,78 @@
+"""Adapter versions in a run folder: list, inspect, export for serving, continue from one.
+
+Every accepted global adapter is saved as ``adapters/round-NNN/`` (peft format) with a
+``version.json`` naming its parent, the sites that trained it, their data file hashes,
+the config hash and its metrics — never data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from fedcpt.config import RunConfig, build
+from fedcpt.exceptions import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _versions_dir(run_dir: Path) -> Path:
+    folder = Path(run_dir) / "adapters"
+    if not folder.is_dir():
+        raise ConfigError(f"{run_dir} is not a fedcpt run folder (no adapters/)")
+    return folder
+
+
+def list_versions(run_dir: Path) -> list[dict[str, Any]]:
+    """Every saved version's provenance, oldest first."""
+    return [json.loads(p.read_text()) for p in
+            sorted(_versions_dir(run_dir).glob("round-*/version.json"))]
+
+
+def version_dir(run_dir: Path, server_round: int) -> Path:
+    """The folder of one version; ConfigError naming the versions that exist if absent."""
+    path = _versions_dir(run_dir) / f"round-{server_round:03d}"
+    if not (path / "adapter_model.safetensors").is_file():
+        existing = [v["round"] for v in list_versions(run_dir)]
+        raise ConfigError(f"no adapter version for round {server_round} in {run_dir}; "
+                          f"versions: {existing}")
+    return path
+
+
+def run_config(run_dir: Path) -> RunConfig:
+    """The configuration a run was started with (from its manifest)."""
+    manifest = Path(run_dir) / "manifest.json"
+    if not manifest.is_file():
+        raise ConfigError(f"{run_dir} has no manifest.json")
+    return build(RunConfig, json.loads(manifest.read_text())["config"], prefix="")
+
+
+def continue_from(run_dir: Path, server_round: int, rounds: int | None = None) -> RunConfig:
+    """The run's configuration, starting from version ``server_round`` (a rollback)."""
+    cfg = run_config(run_dir)
+    federation = dataclasses.replace(
+        cfg.federation, initial_adapter=str(version_dir(run_dir, server_round)),
+        rounds=rounds or cfg.federation.rounds)
+    # The manifest's config names the ledgers the run used, so DP spend keeps accumulating.
+    return dataclasses.replace(cfg, federation=federation,
+                               name=f"{cfg.name}-from-round-{server_round}")
+
+
+def export_version(run_dir: Path, server_round: int, out: Path) -> Path:
+    """Merge a version into the base model and save a standalone model for serving."""
+    from peft import PeftModel
+
+    from fedcpt.core.model import load_base_model
+
+    cfg = run_config(run_dir)
+    base, tokenizer = load_base_model(cfg.model)
+    merged = PeftModel.from_pretrained(base, str(version_dir(run_dir, server_round)))
+    merged = merged.merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    log.info("exported round %d of %s to %s", server_round, run_dir, out)
+    return out
