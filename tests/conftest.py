@@ -110,3 +110,21 @@ def text_blocks(byte_tok) -> torch.Tensor:
     ids = byte_tok([english_text(4000, seed=7)], add_special_tokens=False)["input_ids"]
     blocks = pack(ids, byte_tok.eos_token_id, 64)
     return blocks[:16]
+
+
+SITE_NAMES = ("north", "south", "east")
+
+
+@pytest.fixture(scope="session")
+def sites_config(tmp_path_factory, make_text) -> Path:
+    """A TOML with three local sites (north, south, east) of ~40k characters each, for
+    real simulations of the smoke scenario: ``load_config("smoke", config_file=...)``."""
+    root = tmp_path_factory.mktemp("sites")
+    lines = []
+    for i, name in enumerate(SITE_NAMES):
+        path = root / f"{name}.txt"
+        path.write_text(english_text(40_000, seed=100 + i), encoding="utf-8")
+        lines += ["[[sites]]", f'name = "{name}"', f'data = ["{path.as_posix()}"]', ""]
+    config = root / "sites.toml"
+    config.write_text("\n".join(lines), encoding="utf-8")
+    return config

@@ -22,19 +22,12 @@ ADAPTER_NUMEL = 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4))
 
 
 @pytest.fixture(scope="module")
-def sim(tmp_path_factory, make_text):
+def sim(tmp_path_factory, sites_config):
     """Run the smoke scenario once (2 rounds, 3 sites) and return (config, run_dir, summary)."""
     from fedcpt.simulations.runner import simulate
 
     root = tmp_path_factory.mktemp("sim")
-    lines = []
-    for i, name in enumerate(SITES):
-        path = root / "data" / f"{name}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(make_text(40_000, seed=100 + i), encoding="utf-8")
-        lines += ["[[sites]]", f'name = "{name}"', f'data = ["{path.as_posix()}"]', ""]
-    config_file = root / "sites.toml"
-    config_file.write_text("\n".join(lines), encoding="utf-8")
+    config_file = sites_config
     cfg = load_config("smoke", config_file=config_file)
     run_dir = root / "run"
     summary = simulate(cfg, run_dir)

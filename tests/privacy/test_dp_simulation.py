@@ -14,21 +14,8 @@ from fedcpt.simulations.runner import simulate
 SITES = ("north", "south", "east")
 
 
-@pytest.fixture(scope="module")
-def site_config(tmp_path_factory, make_text):
-    root = tmp_path_factory.mktemp("dp-sites")
-    lines = []
-    for i, name in enumerate(SITES):
-        path = root / f"{name}.txt"
-        path.write_text(make_text(40_000, seed=100 + i), encoding="utf-8")
-        lines += ["[[sites]]", f'name = "{name}"', f'data = ["{path.as_posix()}"]', ""]
-    config = root / "sites.toml"
-    config.write_text("\n".join(lines), encoding="utf-8")
-    return config
-
-
-def test_dp_run_reports_cumulative_epsilon_from_the_ledgers(tmp_path, site_config):
-    cfg = load_config("smoke-dp", config_file=site_config)
+def test_dp_run_reports_cumulative_epsilon_from_the_ledgers(tmp_path, sites_config):
+    cfg = load_config("smoke-dp", config_file=sites_config)
     run_dir = tmp_path / "run"
     summary = simulate(cfg, run_dir)
 
@@ -48,15 +35,15 @@ def test_dp_run_reports_cumulative_epsilon_from_the_ledgers(tmp_path, site_confi
     assert "## Privacy" in (run_dir / "report.md").read_text()
 
 
-def test_site_refuses_the_round_that_would_exceed_its_budget(tmp_path, site_config):
+def test_site_refuses_the_round_that_would_exceed_its_budget(tmp_path, sites_config):
     sigma, q_steps = 0.8, 4  # smoke: 4 local steps per round
-    probe = load_config("smoke-dp", config_file=site_config)
+    probe = load_config("smoke-dp", config_file=sites_config)
     records = 20_000 // probe.data.block_size  # max_site_tokens caps every site equally
     q = probe.train.batch_size / records
     one_round = epsilon([(sigma, q, q_steps)], 1 / records)
     two_rounds = epsilon([(sigma, q, 2 * q_steps)], 1 / records)
     budget = (one_round + two_rounds) / 2
-    cfg = load_config("smoke-dp", config_file=site_config, overrides=[
+    cfg = load_config("smoke-dp", config_file=sites_config, overrides=[
         f"privacy.noise_multiplier={sigma}", f"privacy.target_epsilon={budget}"])
     run_dir = tmp_path / "run"
     summary = simulate(cfg, run_dir)

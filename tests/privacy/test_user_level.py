@@ -12,15 +12,9 @@ from fedcpt.simulations.runner import simulate
 
 
 def test_updates_are_clipped_at_the_site_and_epsilon_reported_separately(tmp_path,
-                                                                          make_text):
-    lines = []
-    for i, name in enumerate(("north", "south", "east")):
-        path = tmp_path / f"{name}.txt"
-        path.write_text(make_text(40_000, seed=100 + i), encoding="utf-8")
-        lines += ["[[sites]]", f'name = "{name}"', f'data = ["{path.as_posix()}"]', ""]
-    (tmp_path / "sites.toml").write_text("\n".join(lines), encoding="utf-8")
+                                                                          sites_config):
     clip = 0.01  # far below the unclipped update norm of a smoke round
-    cfg = load_config("smoke", config_file=tmp_path / "sites.toml", overrides=[
+    cfg = load_config("smoke", config_file=sites_config, overrides=[
         "privacy.user_level=true", f"privacy.user_clipping_norm={clip}",
         "privacy.user_noise_multiplier=0.5"])
     run_dir = tmp_path / "run"

@@ -15,15 +15,9 @@ from fedcpt.simulations.runner import simulate
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, make_text):
+def run(tmp_path_factory, sites_config):
     root = tmp_path_factory.mktemp("versions")
-    lines = []
-    for i, name in enumerate(("north", "south", "east")):
-        path = root / f"{name}.txt"
-        path.write_text(make_text(40_000, seed=100 + i), encoding="utf-8")
-        lines += ["[[sites]]", f'name = "{name}"', f'data = ["{path.as_posix()}"]', ""]
-    (root / "sites.toml").write_text("\n".join(lines), encoding="utf-8")
-    cfg = load_config("smoke", config_file=root / "sites.toml",
+    cfg = load_config("smoke", config_file=sites_config,
                       overrides=["strategy.regression_guard=5.0"])
     simulate(cfg, root / "run")
     return root
@@ -59,7 +53,7 @@ def test_rollback_continues_from_the_chosen_version(run):
 def _reference(run):
     from fedcpt.core.model import load_adapted_model
 
-    cfg = load_config("smoke", config_file=run / "sites.toml")
+    cfg = load_config("smoke")
     return load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
 
 

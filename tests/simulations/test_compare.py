@@ -22,14 +22,8 @@ def test_unknown_arm_is_rejected_before_anything_runs():
         grid(["ewc-typo"], [False])
 
 
-def test_compare_writes_arms_against_the_reference(tmp_path, make_text):
-    lines = []
-    for i, name in enumerate(("north", "south", "east")):
-        path = tmp_path / f"{name}.txt"
-        path.write_text(make_text(40_000, seed=100 + i), encoding="utf-8")
-        lines += ["[[sites]]", f'name = "{name}"', f'data = ["{path.as_posix()}"]', ""]
-    config = tmp_path / "sites.toml"
-    config.write_text("\n".join(lines), encoding="utf-8")
+def test_compare_writes_arms_against_the_reference(tmp_path, sites_config):
+    config = sites_config
     out = tmp_path / "cmp"
     payload = compare("smoke", out, ["rehearsal-finetune"], [False], [], config_file=config)
     saved = json.loads((out / "compare.json").read_text())
