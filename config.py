@@ -151,6 +151,9 @@ class FederationConfig:
         default=0, metadata={"help": "Sites sampled for domain evaluation each round (0: all)."})
     min_sites: int = field(
         default=1, metadata={"help": "Fewest training replies a round needs to be aggregated."})
+    max_update_norm: float = field(
+        default=0.0, metadata={"help": "Reject a site's update whose L2 distance from the "
+                               "global adapter exceeds this (0: no bound)."})
     initial_adapter: str = field(
         default="", metadata={"help": "Start from this saved adapter version (a run's "
                               "adapters/round-NNN) instead of a fresh one."})
@@ -163,6 +166,8 @@ class FederationConfig:
         _require(self.eval_sites_per_round >= 0, "federation.eval_sites_per_round",
                  self.eval_sites_per_round, ">= 0")
         _require(self.min_sites >= 1, "federation.min_sites", self.min_sites, ">= 1")
+        _require(self.max_update_norm >= 0, "federation.max_update_norm",
+                 self.max_update_norm, ">= 0 (0: no bound)")
         _require(self.round_timeout_s > 0, "federation.round_timeout_s",
                  self.round_timeout_s, "> 0")
 

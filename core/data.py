@@ -173,6 +173,22 @@ def split_documents(texts: list[str], max_chars: int = DOCUMENT_CHARS) -> list[s
     return documents
 
 
+def deduplicate(documents: list[str], what: str = "data") -> list[str]:
+    """Drop exact duplicate documents (first kept), logging how many there were: repeated
+    text (boilerplate headers, copied notes) would otherwise be over-weighted."""
+    seen: set[bytes] = set()
+    unique = []
+    for doc in documents:
+        digest = hashlib.sha256(doc.encode("utf-8")).digest()
+        if digest not in seen:
+            seen.add(digest)
+            unique.append(doc)
+    if len(unique) < len(documents):
+        log.info("%s: dropped %d duplicate documents of %d", what,
+                 len(documents) - len(unique), len(documents))
+    return unique
+
+
 def is_heldout(document: str, fraction: float) -> bool:
     """Deterministic membership of the held-out split, from the document's SHA-256."""
     digest = hashlib.sha256(document.encode("utf-8")).digest()
@@ -224,7 +240,7 @@ def build_blocks(
         if not any(t.strip() for t in found):
             raise DataError(f"{what}: source {spec!r} contains no text")
         texts.extend(found)
-    documents = split_documents(texts)
+    documents = deduplicate(split_documents(texts), what)
     heldout_docs, train_docs = split_heldout(documents, heldout_fraction)
     eos = tokenizer.eos_token_id
 

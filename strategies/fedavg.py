@@ -66,6 +66,8 @@ class AdapterFedAvg(FedAvg):
         Fewest valid training replies needed to aggregate a round.
     listener : RoundListener, optional
         Receives per-site train and evaluation results every round.
+    max_update_norm : float
+        Reject an update farther than this (L2) from the global adapter (0: no bound).
     server_steps : list of ServerStep, optional
         Applied in order to each round's average (rehearsal, delta scaling).
     **kwargs
@@ -73,9 +75,11 @@ class AdapterFedAvg(FedAvg):
     """
 
     def __init__(self, *, min_sites: int = 1, listener: RoundListener | None = None,
-                 server_steps: list[ServerStep] | None = None, **kwargs) -> None:
+                 server_steps: list[ServerStep] | None = None, max_update_norm: float = 0.0,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.min_sites = min_sites
+        self.max_update_norm = max_update_norm
         self.listener = listener
         self.server_steps = list(server_steps or [])
         self._global: ArrayRecord | None = None
@@ -110,6 +114,10 @@ class AdapterFedAvg(FedAvg):
                 metrics = _metrics(msg, TRAIN_METRICS)
                 if metrics[p.NUM_EXAMPLES] <= 0:
                     raise UpdateRejected("num-examples must be positive")
+                norm = update_norm(arrays, self._global)
+                if self.max_update_norm and norm > self.max_update_norm:
+                    raise UpdateRejected(f"update norm {norm:.3f} exceeds the bound "
+                                         f"{self.max_update_norm}")
             except UpdateRejected as err:
                 failures.append(f"{site}: update rejected: {err}")
                 log.warning("round %d: rejected update from site %s: %s", server_round, site,
@@ -126,7 +134,7 @@ class AdapterFedAvg(FedAvg):
                 train_loss=metrics.get(p.TRAIN_LOSS),
                 seconds=metrics[p.TRAIN_SECONDS],
                 bytes_up=count_bytes(arrays),
-                update_norm=update_norm(arrays, self._global),
+                update_norm=norm,
                 privacy={k: metrics[k] for k in p.PRIVACY_METRICS if k in metrics},
             ))
         for node in sorted(self._sampled - replied):

@@ -308,3 +308,12 @@ def test_spread_picks_evenly_including_ends():
     picked = spread(blocks, 5).flatten().tolist()
     assert picked == [0, 25, 50, 74, 99]
     assert torch.equal(spread(blocks[:3], 5), blocks[:3])
+
+
+def test_duplicate_documents_are_dropped(byte_tok, caplog):
+    from fedcpt.core.data import deduplicate
+
+    docs = ["alpha text", "beta text", "alpha text", "alpha text"]
+    with caplog.at_level("INFO", logger="fedcpt.core.data"):
+        assert deduplicate(docs, "site x") == ["alpha text", "beta text"]
+    assert "dropped 2 duplicate documents of 4" in caplog.text

@@ -305,3 +305,17 @@ def test_evaluation_reply_missing_a_metric_is_skipped_not_fatal(strategy, listen
     assert metrics["domain-loss"] == pytest.approx(2.0)
     (_, reports), = listener.evaluate
     assert [r.site for r in reports] == ["north"]
+
+
+def test_update_beyond_the_norm_bound_is_rejected(listener, reference):
+    bounded = AdapterFedAvg(min_sites=1, listener=listener, max_update_norm=1.0,
+                            min_train_nodes=3, min_evaluate_nodes=3, min_available_nodes=3)
+    messages = sorted(bounded.configure_train(1, reference, ConfigRecord({"k": "v"}),
+                                              FakeGrid()), key=lambda m: m.metadata.dst_node_id)
+    small, huge = _arrays(fill=0.01), _arrays(fill=5.0)
+    replies = [_reply(messages[0], "calm", small, 10), _reply(messages[1], "wild", huge, 10)]
+    arrays, _ = bounded.aggregate_train(1, replies)
+    _assert_arrays_equal(arrays, _weighted_mean([(small, 10)]))
+    (_, _, failures), = listener.train
+    assert any(f.startswith("wild: update rejected: update norm") and "exceeds the bound 1.0"
+               in f for f in failures)
