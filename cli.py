@@ -38,17 +38,26 @@ def simulate(
                                         "e.g. --set train.lr=0.002 (repeatable)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run folder (default "
                                        "runs/<name>-<timestamp>)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run "
+                                          "folder from its last finished round."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a federated continual-pretraining simulation and write its report."""
     _setup_logging(verbose)
     from fedcpt.config import load_config
     from fedcpt.server.app import new_run_dir
+    from fedcpt.server.versions import resumable_config
     from fedcpt.simulations.runner import simulate as run
 
-    cfg = load_config(scenario=scenario, config_file=config, overrides=overrides)
-    run_dir = new_run_dir("runs", cfg.name, exact=out)
-    summary = run(cfg, run_dir)
+    if resume is not None:
+        if config or overrides or out:
+            raise FedcptError("--resume continues a run with its own configuration: drop "
+                              "--config, --set and --out")
+        cfg, run_dir = resumable_config(resume), resume
+    else:
+        cfg = load_config(scenario=scenario, config_file=config, overrides=overrides)
+        run_dir = new_run_dir("runs", cfg.name, exact=out)
+    summary = run(cfg, run_dir, resume=resume is not None)
     adaptation = summary["adaptation"]
     console.print(
         f"[bold green]done[/] forgetting {summary['forgetting']:+.4f} nats, adaptation "

@@ -91,7 +91,7 @@ def server_steps(cfg: RunConfig, lm: AdaptedModel, general: GeneralData) -> list
 
 
 def build_strategy(cfg: RunConfig, recorder: RunRecorder,
-                   steps: list[ServerStep] | None = None) -> Strategy:
+                   steps: list[ServerStep] | None = None, round_offset: int = 0) -> Strategy:
     """FedAvg sampling ``sites_per_round`` of the registered sites (0: all), wrapped in
     Flower's DP-FedAvg when site-level DP is on."""
     fed, n_sites = cfg.federation, len(cfg.sites)
@@ -102,6 +102,7 @@ def build_strategy(cfg: RunConfig, recorder: RunRecorder,
         listener=recorder,
         server_steps=steps,
         max_update_norm=fed.max_update_norm,
+        round_offset=round_offset,
         fraction_train=n_train / n_sites,
         fraction_evaluate=n_eval / n_sites,
         min_train_nodes=n_train,
@@ -121,34 +122,49 @@ def with_default_ledger_dir(cfg: RunConfig, run_dir: Path) -> RunConfig:
     return dataclasses.replace(cfg, privacy=privacy)
 
 
-def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path) -> dict:
-    """Run all rounds of ``cfg`` on ``grid`` and write the run folder; returns the summary."""
+def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Run all rounds of ``cfg`` on ``grid`` and write the run folder; returns the summary.
+
+    With ``resume``, continue an interrupted run from its last finished round: the same
+    run id (so site ledgers see one run), the saved adapter version, and the saved
+    sampling RNG, so the result matches an uninterrupted run."""
     cfg = with_default_ledger_dir(cfg, run_dir)
-    run_id = uuid.uuid4().hex  # ledgers tell runs apart by it, whatever the folder is called
-    recorder = RunRecorder(run_dir, cfg, run_id)
-    try:
+    if resume:
+        recorder, done = RunRecorder.resume(run_dir, cfg)
+    else:
+        # ledgers tell runs apart by the id, whatever the folder is called
+        recorder, done = RunRecorder(run_dir, cfg, uuid.uuid4().hex), 0
         random.seed(cfg.seed)  # Flower samples sites with the `random` module
+    try:
         lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
         data = general_data(cfg)
         general = data.evaluation
-        recorder.start(lm)
-        # Not the cached model's current adapter: it may carry an earlier run's training.
-        initial = (load_version(cfg.federation.initial_adapter, lm.initial_adapter)
-                   if cfg.federation.initial_adapter else lm.initial_adapter)
+        if resume:
+            initial = load_version(run_dir / "adapters" / f"round-{done:03d}",
+                                   lm.initial_adapter)
+        else:
+            recorder.start(lm)
+            # Not the cached model's current adapter: it may carry an earlier run's training.
+            initial = (load_version(cfg.federation.initial_adapter, lm.initial_adapter)
+                       if cfg.federation.initial_adapter else lm.initial_adapter)
 
-        def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if resume and server_round == 0:
+                return None  # the version resumed from was evaluated before the interruption
             load_adapter(lm.model, arrays)
             result = evaluate_blocks(lm, general, cfg.train.eval_batch_size)
-            recorder.on_global(server_round, result, lm)
+            recorder.on_global(server_round + done, result, lm)
             return MetricRecord({"general-loss": result.loss, "general-ece": result.ece})
 
-        config = ConfigRecord({protocol.RUN_CONFIG: cfg.to_json(), protocol.RUN_ID: run_id})
-        strategy = build_strategy(cfg, recorder, server_steps(cfg, lm, data))
-        strategy.start(
-            grid=grid, initial_arrays=initial, num_rounds=cfg.federation.rounds,
-            timeout=cfg.federation.round_timeout_s, train_config=config,
-            evaluate_config=ConfigRecord(dict(config)), evaluate_fn=evaluate_global,
-        )
+        config = ConfigRecord({protocol.RUN_CONFIG: cfg.to_json(),
+                               protocol.RUN_ID: recorder.run_id})
+        strategy = build_strategy(cfg, recorder, server_steps(cfg, lm, data), done)
+        if cfg.federation.rounds > done:
+            strategy.start(
+                grid=grid, initial_arrays=initial, num_rounds=cfg.federation.rounds - done,
+                timeout=cfg.federation.round_timeout_s, train_config=config,
+                evaluate_config=ConfigRecord(dict(config)), evaluate_fn=evaluate_global,
+            )
         return recorder.finish()
     except BaseException as err:
         recorder.fail(err)
@@ -178,12 +194,12 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, cfg, new_run_dir(str(rc.get("out-dir", "runs")), cfg.name))
 
 
-def make_server_app(cfg: RunConfig, run_dir: Path) -> ServerApp:
+def make_server_app(cfg: RunConfig, run_dir: Path, resume: bool = False) -> ServerApp:
     """A ServerApp bound to an already-validated config (used by ``fedcpt simulate``)."""
     server = ServerApp()
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, run_dir)
+        run_federation(grid, cfg, run_dir, resume)
 
     return server

@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import platform
+import random
 import time
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from fedcpt.strategies.base import SiteEvalReport, SiteTrainReport
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT = "checkpoint.json"
 PACKAGES = ("fedcpt", "torch", "transformers", "peft", "flwr", "opacus", "ray")
 
 
@@ -89,6 +92,16 @@ def privacy_summary(cfg: RunConfig, latest: dict[str, dict[str, float]]) -> dict
     }
 
 
+def _encode_random(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _decode_random(state: list) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
 def _weighted_mean(pairs: list[tuple[float, int]]) -> float | None:
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total else None
@@ -149,6 +162,54 @@ class RunRecorder:
     def on_server_steps(self, server_round: int, details: dict[str, dict[str, Any]]) -> None:
         self._steps[server_round] = details
 
+    # --- checkpoint: everything needed to resume after the last finished round ---------
+    def _checkpoint(self, server_round: int) -> None:
+        """Persist the recorder's state and the sampling RNG after a finished round."""
+        write_json(self.run_dir / CHECKPOINT, {
+            "last_round": server_round,
+            "elapsed_s": time.time() - self.started,
+            "full_model_bytes": self.full_model_bytes,
+            "general": {r: asdict(e) for r, e in self.general.items()},
+            "domain_base": self.domain_base,
+            "train": {r: {"reports": [asdict(x) for x in reports], "failures": failures,
+                          "aggregated": ok} for r, (reports, failures, ok) in self._train.items()},
+            "eval": {r: [asdict(x) for x in reports] for r, reports in self._eval.items()},
+            "privacy": self.privacy,
+            "steps": self._steps,
+            "random_state": _encode_random(random.getstate()),
+        })
+
+    @classmethod
+    def resume(cls, run_dir: Path, cfg: RunConfig) -> tuple[RunRecorder, int]:
+        """The recorder of an interrupted run, and the last round it finished.
+
+        Restores the sampling RNG and drops metrics lines past the checkpoint (a round
+        that died half-way is run again)."""
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        state = json.loads((run_dir / CHECKPOINT).read_text())
+        recorder = cls(run_dir, cfg, manifest["run_id"])
+        last = int(state["last_round"])
+        recorder.started = time.time() - state["elapsed_s"]
+        recorder.full_model_bytes = state["full_model_bytes"]
+        recorder.general = {int(r): EvalResult(**e) for r, e in state["general"].items()}
+        recorder.domain_base = state["domain_base"]
+        recorder._train = {int(r): ([SiteTrainReport(**x) for x in t["reports"]],
+                                    t["failures"], t["aggregated"])
+                           for r, t in state["train"].items()}
+        recorder._eval = {int(r): [SiteEvalReport(**x) for x in v]
+                          for r, v in state["eval"].items()}
+        recorder.privacy = state["privacy"]
+        recorder._steps = {int(r): v for r, v in state["steps"].items()}
+        rows = [json.loads(line) for line in
+                (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        recorder.rows = [r for r in rows if r["round"] <= last]
+        (run_dir / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in recorder.rows), encoding="utf-8")
+        (run_dir / "error.txt").unlink(missing_ok=True)
+        random.setstate(_decode_random(state["random_state"]))
+        log.info("resuming %s after round %d of %d", run_dir, last, cfg.federation.rounds)
+        return recorder, last
+
     # --- global model, once per round after aggregation ------------------------------
     def on_global(self, server_round: int, general: EvalResult, lm: AdaptedModel) -> None:
         """Save the global adapter version and append the round's metrics line."""
@@ -180,6 +241,7 @@ class RunRecorder:
         write_json(version / "version.json", self._provenance(server_round, row))
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
+        self._checkpoint(server_round)
         domain = "n/a" if row["domain_loss"] is None else f"{row['domain_loss']:.4f}"
         log.info("round %d · global: general loss %.4f · domain loss %s · %.0fs elapsed",
                  server_round, general.loss, domain, row["elapsed_s"])

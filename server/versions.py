@@ -50,6 +50,16 @@ def run_config(run_dir: Path) -> RunConfig:
     return build(RunConfig, json.loads(manifest.read_text())["config"], prefix="")
 
 
+def resumable_config(run_dir: Path) -> RunConfig:
+    """The configuration of an interrupted run; ConfigError if there is nothing to resume."""
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").exists():
+        raise ConfigError(f"{run_dir} already finished (it has summary.json)")
+    if not (run_dir / "checkpoint.json").is_file():
+        raise ConfigError(f"{run_dir} has no checkpoint.json: no round finished, start anew")
+    return run_config(run_dir)
+
+
 def continue_from(run_dir: Path, server_round: int, rounds: int | None = None) -> RunConfig:
     """The run's configuration, starting from version ``server_round`` (a rollback)."""
     cfg = run_config(run_dir)

@@ -67,11 +67,13 @@ def backend_config(cfg: RunConfig) -> dict:
     }
 
 
-def simulate(cfg: RunConfig, run_dir: Path) -> dict:
-    """Run ``cfg`` with one simulated SuperNode per site; returns the run summary."""
+def simulate(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Run ``cfg`` with one simulated SuperNode per site; returns the run summary.
+
+    ``resume`` continues the interrupted run in ``run_dir`` (see :func:`run_federation`)."""
     cfg = with_default_ledger_dir(cfg, run_dir)
     preflight(cfg)
-    server_app = make_server_app(cfg, run_dir)
+    server_app = make_server_app(cfg, run_dir, resume)
     log.info("Simulating %d sites for %d rounds; outputs in %s", len(cfg.sites),
              cfg.federation.rounds, run_dir)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(cfg.sites),

@@ -66,6 +66,8 @@ class AdapterFedAvg(FedAvg):
         Fewest valid training replies needed to aggregate a round.
     listener : RoundListener, optional
         Receives per-site train and evaluation results every round.
+    round_offset : int
+        Rounds already done before this start (a resumed run numbers on from there).
     max_update_norm : float
         Reject an update farther than this (L2) from the global adapter (0: no bound).
     server_steps : list of ServerStep, optional
@@ -76,8 +78,9 @@ class AdapterFedAvg(FedAvg):
 
     def __init__(self, *, min_sites: int = 1, listener: RoundListener | None = None,
                  server_steps: list[ServerStep] | None = None, max_update_norm: float = 0.0,
-                 **kwargs) -> None:
+                 round_offset: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.round_offset = round_offset
         self.min_sites = min_sites
         self.max_update_norm = max_update_norm
         self.listener = listener
@@ -87,6 +90,7 @@ class AdapterFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self._global = arrays
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sampled = {m.metadata.dst_node_id for m in messages}
@@ -94,6 +98,7 @@ class AdapterFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         records: list[RecordDict] = []
         reports: list[SiteTrainReport] = []
         failures: list[str] = []
@@ -156,8 +161,14 @@ class AdapterFedAvg(FedAvg):
             self.listener.on_server_steps(server_round, details)
         return arrays, MetricRecord({p.NUM_EXAMPLES: total})
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config,
+                                          grid)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
                            ) -> MetricRecord | None:
+        server_round += self.round_offset
         reports = []
         for msg in replies:
             site = site_name(msg)
