@@ -53,6 +53,9 @@ class LoraSettings:
         _require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "in [0, 1)")
         _require(len(self.target_modules) > 0, "lora.target_modules", self.target_modules,
                  "a non-empty list of module names")
+        embeddings = [m for m in self.target_modules if m in ("embed_tokens", "lm_head")]
+        _require(not embeddings, "lora.target_modules", self.target_modules,
+                 "linear layers only (embedding adapters would upload the whole embedding)")
 
 
 @dataclass(frozen=True)
@@ -297,9 +300,14 @@ class RunConfig:
         if self.privacy.user_level and (self.strategy.rehearsal != "none"
                                         or self.strategy.delta_scaling
                                         or self.strategy.regression_guard):
-            raise ConfigError("privacy.user_level cannot be combined with strategy.rehearsal "
-                              "or strategy.delta_scaling: they change the aggregate before "
-                              "the site-level noise is added")
+            raise ConfigError("privacy.user_level cannot be combined with strategy.rehearsal, "
+                              "strategy.delta_scaling or strategy.regression_guard: they "
+                              "change the aggregate before the site-level noise is added")
+        if self.strategy.anchor != "none":
+            pull = self.train.lr * self.strategy.anchor_weight
+            _require(pull < 1, "strategy.anchor_weight", self.strategy.anchor_weight,
+                     f"small enough that train.lr × anchor_weight < 1 (it is {pull:g}: each "
+                     "step would erase or overshoot the update)")
         for key in ("sites_per_round", "eval_sites_per_round", "min_sites"):
             value = getattr(self.federation, key)
             _require(value <= len(self.sites), f"federation.{key}", value,

@@ -80,7 +80,11 @@ def load_version(path: str | Path, reference: ArrayRecord) -> ArrayRecord:
     weights = Path(path) / "adapter_model.safetensors"
     if not weights.is_file():
         raise ConfigError(f"no adapter version at {path} (expected {weights.name})")
-    arrays = ArrayRecord({k: Array(v.astype(np.float32)) for k, v in load_file(weights).items()})
+    try:
+        tensors = load_file(weights)
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise ConfigError(f"adapter version {path} cannot be read: {err}") from None
+    arrays = ArrayRecord({k: Array(v.astype(np.float32)) for k, v in tensors.items()})
     try:
         check_update(arrays, reference)
     except UpdateRejected as err:

@@ -36,7 +36,8 @@ class Anchor:
 
 def _param_name(named: dict[str, torch.nn.Parameter], key: str) -> str:
     """The model parameter behind a peft state-dict key (which omits the adapter name)."""
-    candidate = key.replace(".weight", ".default.weight")
+    prefix, _, last = key.rpartition(".")
+    candidate = f"{prefix}.default.{last}"
     if candidate in named:
         return candidate
     if key in named:

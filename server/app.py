@@ -103,6 +103,7 @@ def build_strategy(cfg: RunConfig, recorder: RunRecorder,
         server_steps=steps,
         max_update_norm=fed.max_update_norm,
         round_offset=round_offset,
+        max_examples=cfg.train.local_steps * cfg.train.batch_size,
         fraction_train=n_train / n_sites,
         fraction_evaluate=n_eval / n_sites,
         min_train_nodes=n_train,
@@ -118,7 +119,7 @@ def with_default_ledger_dir(cfg: RunConfig, run_dir: Path) -> RunConfig:
     """With DP on and no ledger folder configured, simulated sites keep theirs in the run."""
     if not cfg.privacy.enabled or cfg.privacy.ledger_dir:
         return cfg
-    privacy = dataclasses.replace(cfg.privacy, ledger_dir=str(run_dir / "ledgers"))
+    privacy = dataclasses.replace(cfg.privacy, ledger_dir=str((run_dir / "ledgers").resolve()))
     return dataclasses.replace(cfg, privacy=privacy)
 
 
@@ -127,7 +128,10 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
 
     With ``resume``, continue an interrupted run from its last finished round: the same
     run id (so site ledgers see one run), the saved adapter version, and the saved
-    sampling RNG, so the result matches an uninterrupted run."""
+    sampling RNG. With every site training every round and no DP noise, the result
+    matches an uninterrupted run; Flower samples among node ids that are random per
+    process, so with partial sampling later rounds may pick other sites, and a DP round
+    interrupted after the sites trained is paid for again (ledgers never lose spend)."""
     cfg = with_default_ledger_dir(cfg, run_dir)
     if resume:
         recorder, done = RunRecorder.resume(run_dir, cfg)

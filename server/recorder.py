@@ -200,11 +200,17 @@ class RunRecorder:
                           for r, v in state["eval"].items()}
         recorder.privacy = state["privacy"]
         recorder._steps = {int(r): v for r, v in state["steps"].items()}
-        rows = [json.loads(line) for line in
-                (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        recorder.rows = [r for r in rows if r["round"] <= last]
-        (run_dir / "metrics.jsonl").write_text(
-            "".join(json.dumps(r) + "\n" for r in recorder.rows), encoding="utf-8")
+        recorder.rows = []
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by the kill: past the checkpoint
+                continue
+            if row["round"] <= last:
+                recorder.rows.append(row)
+        tmp = run_dir / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in recorder.rows), encoding="utf-8")
+        os.replace(tmp, run_dir / "metrics.jsonl")
         (run_dir / "error.txt").unlink(missing_ok=True)
         random.setstate(_decode_random(state["random_state"]))
         log.info("resuming %s after round %d of %d", run_dir, last, cfg.federation.rounds)
@@ -254,8 +260,9 @@ class RunRecorder:
             "round": server_round,
             "parent": f"round-{server_round - 1:03d}" if server_round else initial,
             "run_id": self.run_id,
-            "sites": row["sites_trained"],
-            "data_files": {s: manifest["data_files"].get(s, {}) for s in row["sites_trained"]},
+            "sites": row["sites_trained"] if row["aggregated"] else [],
+            "data_files": {s: manifest["data_files"].get(s, {}) for s in row["sites_trained"]
+                           if row["aggregated"]},
             "config_sha256": hashlib.sha256(self.cfg.to_json().encode()).hexdigest(),
             "metrics": {k: row[k] for k in ("general_loss", "domain_loss", "domain_per_site")},
             "server_steps": row["server_steps"],
@@ -308,7 +315,6 @@ class RunRecorder:
                 "noise_multiplier": self.cfg.privacy.user_noise_multiplier,
                 "clipping_norm": self.cfg.privacy.user_clipping_norm,
                 "rounds": last,
-            "rounds_aggregated": aggregated,
                 "accountant": "rdp (no sampling amplification)",
             }
         write_report(self.run_dir, summary, self.rows, self.domain_base, self.cfg)

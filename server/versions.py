@@ -34,8 +34,9 @@ def list_versions(run_dir: Path) -> list[dict[str, Any]]:
 
 def version_dir(run_dir: Path, server_round: int) -> Path:
     """The folder of one version; ConfigError naming the versions that exist if absent."""
-    path = _versions_dir(run_dir) / f"round-{server_round:03d}"
-    if not (path / "adapter_model.safetensors").is_file():
+    path = (_versions_dir(run_dir) / f"round-{server_round:03d}").resolve()
+    if not ((path / "adapter_model.safetensors").is_file()
+            and (path / "version.json").is_file()):
         existing = [v["round"] for v in list_versions(run_dir)]
         raise ConfigError(f"no adapter version for round {server_round} in {run_dir}; "
                           f"versions: {existing}")
@@ -47,7 +48,11 @@ def run_config(run_dir: Path) -> RunConfig:
     manifest = Path(run_dir) / "manifest.json"
     if not manifest.is_file():
         raise ConfigError(f"{run_dir} has no manifest.json")
-    return build(RunConfig, json.loads(manifest.read_text())["config"], prefix="")
+    try:
+        raw = json.loads(manifest.read_text())["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ConfigError(f"{manifest} is not a fedcpt manifest: {err}") from None
+    return build(RunConfig, raw, prefix="")
 
 
 def resumable_config(run_dir: Path) -> RunConfig:
@@ -55,8 +60,13 @@ def resumable_config(run_dir: Path) -> RunConfig:
     run_dir = Path(run_dir)
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"{run_dir} already finished (it has summary.json)")
-    if not (run_dir / "checkpoint.json").is_file():
+    checkpoint = run_dir / "checkpoint.json"
+    if not checkpoint.is_file():
         raise ConfigError(f"{run_dir} has no checkpoint.json: no round finished, start anew")
+    try:
+        int(json.loads(checkpoint.read_text())["last_round"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"{checkpoint} is damaged ({err}); start the run anew") from None
     return run_config(run_dir)
 
 

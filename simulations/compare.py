@@ -52,6 +52,10 @@ def grid(arms: list[str], dp_settings: list[bool]) -> list[Arm]:
     return [Arm(a, dp, ARMS[a] + (DP_ON if dp else [])) for dp in dp_settings for a in arms]
 
 
+def _folder(arm: Arm) -> str:
+    return f"{arm.name}{'-dp' if arm.dp else ''}"
+
+
 def share(part: float | None, whole: float | None) -> float | None:
     return None if part is None or not whole else part / whole
 
@@ -60,11 +64,13 @@ def compare(scenario: str, out: Path, arms: list[str], dp_settings: list[bool],
             extra: list[str], config_file: Path | None = None) -> dict[str, Any]:
     """Run every arm, write compare.json, compare.md and pareto.png into ``out``."""
     plan = grid(arms, dp_settings)
-    configs = [load_config(scenario, config_file, arm.overrides + extra) for arm in plan]
+    # each arm spends its own budget: never share ledgers between arms
+    configs = [load_config(scenario, config_file, arm.overrides + extra + [
+        f"privacy.ledger_dir={(out / _folder(arm) / 'ledgers').resolve()}"]) for arm in plan]
     out.mkdir(parents=True, exist_ok=True)  # every arm's config was valid: start
     rows = []
     for arm, cfg in zip(plan, configs, strict=True):
-        run_dir = out / f"{arm.name}{'-dp' if arm.dp else ''}"
+        run_dir = out / _folder(arm)
         log.info("compare · arm %s (DP %s)", arm.name, "on" if arm.dp else "off")
         s = simulate(cfg, run_dir)
         rows.append({
@@ -91,7 +97,7 @@ def compare(scenario: str, out: Path, arms: list[str], dp_settings: list[bool],
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for dp, marker in ((False, "o"), (True, "s")):
-        for r in (r for r in rows if r["dp"] == dp):
+        for r in (r for r in rows if r["dp"] == dp and r["adaptation"] is not None):
             ax.scatter(r["adaptation"], r["forgetting"], marker=marker)
             ax.annotate(f"{r['arm']}{' (DP)' if dp else ''}", (r["adaptation"], r["forgetting"]),
                         fontsize=7, xytext=(4, 3), textcoords="offset points")
@@ -105,6 +111,10 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.4f}"
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
@@ -115,7 +125,7 @@ def _table(rows: list[dict[str, Any]], path: Path) -> None:
     for r in rows:
         eps = "—" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         lines.append(f"| {r['arm']} | {'on' if r['dp'] else 'off'} | {eps} | "
-                     f"{r['forgetting']:+.4f} | {r['adaptation']:+.4f} | "
+                     f"{r['forgetting']:+.4f} | {_signed(r['adaptation'])} | "
                      f"{_pct(r['forgetting_removed'])} | {_pct(r['adaptation_kept'])} |")
     lines += ["", "![pareto](pareto.png)", ""]
     path.write_text("\n".join(lines))

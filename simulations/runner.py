@@ -16,6 +16,7 @@ from flwr.simulation import run_simulation
 from fedcpt.client.app import app as client_app
 from fedcpt.client.site import open_ledger
 from fedcpt.config import RunConfig
+from fedcpt.core.adapters import load_version
 from fedcpt.core.data import TokenBlocks, load_blocks
 from fedcpt.core.model import load_adapted_model
 from fedcpt.exceptions import FedcptError
@@ -25,12 +26,14 @@ from fedcpt.server.app import general_eval_blocks, make_server_app, with_default
 log = logging.getLogger(__name__)
 
 
-def preflight(cfg: RunConfig) -> list[SitePlan]:
+def preflight(cfg: RunConfig, run_id: str = "") -> list[SitePlan]:
     """Load the model (fetching it if needed) and every data source once; with DP on, open
     each site's ledger and plan its noise (raising for impossible budgets or bad ledgers).
 
     The server runs in this process, so the model loaded here is the one it uses."""
     lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
+    if cfg.federation.initial_adapter:
+        load_version(cfg.federation.initial_adapter, lm.initial_adapter)
     plans = []
     built: dict[tuple[str, ...], TokenBlocks] = {}  # sites may share sources in simulations
     for site in cfg.sites:
@@ -43,7 +46,7 @@ def preflight(cfg: RunConfig) -> list[SitePlan]:
             plans.append(plan_run(cfg.privacy, ledger, records=records,
                                   batch_size=cfg.train.batch_size,
                                   steps=cfg.federation.rounds * cfg.train.local_steps,
-                                  run_id=""))
+                                  run_id=run_id))
     general_eval_blocks(cfg)
     for plan in plans:
         if plan.expected_epsilon > cfg.privacy.target_epsilon:
@@ -72,7 +75,8 @@ def simulate(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
 
     ``resume`` continues the interrupted run in ``run_dir`` (see :func:`run_federation`)."""
     cfg = with_default_ledger_dir(cfg, run_dir)
-    preflight(cfg)
+    run_id = json.loads((run_dir / "manifest.json").read_text())["run_id"] if resume else ""
+    preflight(cfg, run_id)
     server_app = make_server_app(cfg, run_dir, resume)
     log.info("Simulating %d sites for %d rounds; outputs in %s", len(cfg.sites),
              cfg.federation.rounds, run_dir)

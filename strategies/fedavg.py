@@ -66,6 +66,9 @@ class AdapterFedAvg(FedAvg):
         Fewest valid training replies needed to aggregate a round.
     listener : RoundListener, optional
         Receives per-site train and evaluation results every round.
+    max_examples : int
+        Largest ``num-examples`` a site may claim (its local steps × batch); more would
+        let one site outweigh the rest (0: no bound).
     round_offset : int
         Rounds already done before this start (a resumed run numbers on from there).
     max_update_norm : float
@@ -78,9 +81,10 @@ class AdapterFedAvg(FedAvg):
 
     def __init__(self, *, min_sites: int = 1, listener: RoundListener | None = None,
                  server_steps: list[ServerStep] | None = None, max_update_norm: float = 0.0,
-                 round_offset: int = 0, **kwargs) -> None:
+                 round_offset: int = 0, max_examples: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.round_offset = round_offset
+        self.max_examples = max_examples
         self.min_sites = min_sites
         self.max_update_norm = max_update_norm
         self.listener = listener
@@ -117,8 +121,9 @@ class AdapterFedAvg(FedAvg):
                     raise UpdateRejected("reply must carry exactly one 'arrays' record")
                 check_update(arrays, self._global)
                 metrics = _metrics(msg, TRAIN_METRICS)
-                if metrics[p.NUM_EXAMPLES] <= 0:
-                    raise UpdateRejected("num-examples must be positive")
+                if not 0 < metrics[p.NUM_EXAMPLES] <= (self.max_examples or math.inf):
+                    raise UpdateRejected(f"num-examples {metrics[p.NUM_EXAMPLES]:g} outside "
+                                         f"(0, {self.max_examples or 'inf'}]")
                 norm = update_norm(arrays, self._global)
                 if self.max_update_norm and norm > self.max_update_norm:
                     raise UpdateRejected(f"update norm {norm:.3f} exceeds the bound "
@@ -145,20 +150,22 @@ class AdapterFedAvg(FedAvg):
         for node in sorted(self._sampled - replied):
             failures.append(f"node-{node}: no reply within the round timeout")
             log.warning("round %d: node %d did not reply in time", server_round, node)
-        aggregated = len(records) >= self.min_sites
-        if self.listener is not None:
-            self.listener.on_train(server_round, reports, failures, aggregated)
-        if not aggregated:
+        if len(records) < self.min_sites:
             log.warning("round %d: %d valid updates, fewer than min_sites=%d; the global "
                         "adapter is unchanged", server_round, len(records), self.min_sites)
+            if self.listener is not None:
+                self.listener.on_train(server_round, reports, failures, False)
             return None, None
         arrays = aggregate_arrayrecords(records, self.weighted_by_key)
         total = sum(r.num_examples for r in reports)
-        details = {}
+        details: dict[str, dict] = {}
         for step in self.server_steps:
             arrays, details[step.name] = step.apply(server_round, self._global, arrays, total)
-        if details and self.listener is not None:
-            self.listener.on_server_steps(server_round, details)
+        rejected = details.get("regression_guard", {}).get("rejected", False)
+        if self.listener is not None:
+            self.listener.on_train(server_round, reports, failures, not rejected)
+            if details:
+                self.listener.on_server_steps(server_round, details)
         return arrays, MetricRecord({p.NUM_EXAMPLES: total})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,

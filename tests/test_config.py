@@ -318,3 +318,13 @@ def test_rehearsal_pool_too_small_is_a_clear_error(write_text):
                                           "strategy.rehearsal_val_blocks=100000"])
     with pytest.raises(ConfigError, match="rehearsal pool has"):
         general_data(cfg)
+
+
+def test_anchor_pull_that_would_erase_each_step_is_rejected():
+    with pytest.raises(ConfigError, match="train.lr × anchor_weight < 1"):
+        load_config("smoke", overrides=["strategy.anchor=l2sp", "strategy.anchor_weight=200"])
+
+
+def test_embedding_adapters_are_rejected():
+    with pytest.raises(ConfigError, match="linear layers only"):
+        load_config("smoke", overrides=["lora.target_modules=q_proj,embed_tokens"])

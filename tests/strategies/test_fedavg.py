@@ -319,3 +319,15 @@ def test_update_beyond_the_norm_bound_is_rejected(listener, reference):
     (_, _, failures), = listener.train
     assert any(f.startswith("wild: update rejected: update norm") and "exceeds the bound 1.0"
                in f for f in failures)
+
+
+def test_site_claiming_more_examples_than_it_can_train_is_rejected(listener, reference):
+    capped = AdapterFedAvg(min_sites=1, listener=listener, max_examples=80,
+                           min_train_nodes=3, min_evaluate_nodes=3, min_available_nodes=3)
+    messages = sorted(capped.configure_train(1, reference, ConfigRecord({"k": "v"}),
+                                             FakeGrid()), key=lambda m: m.metadata.dst_node_id)
+    honest, greedy = _arrays(seed=1), _arrays(seed=2)
+    replies = [_reply(messages[0], "honest", honest, 80),
+               _reply(messages[1], "greedy", greedy, 10**12)]
+    arrays, _ = capped.aggregate_train(1, replies)
+    _assert_arrays_equal(arrays, _weighted_mean([(honest, 80)]))
