@@ -89,7 +89,7 @@ class DataConfig:
         metadata={"help": "General-knowledge sources held by the server."},
     )
     general_eval_blocks: int = field(
-        default=64, metadata={"help": "Held-out general blocks evaluated every round."})
+        default=128, metadata={"help": "Held-out general blocks evaluated every round."})
     text_field: str = field(default="text", metadata={"help": "JSONL/parquet text column."})
     max_site_tokens: int = field(
         default=0, metadata={"help": "Cap on training tokens per site (0: no cap)."})
