@@ -307,11 +307,16 @@ def test_evaluation_reply_missing_a_metric_is_skipped_not_fatal(strategy, listen
     assert [r.site for r in reports] == ["north"]
 
 
+def _configured(listener, reference, **kwargs) -> tuple[AdapterFedAvg, list[Message]]:
+    """A strategy with extra options, and its round-1 instructions sorted by node."""
+    strategy = AdapterFedAvg(min_sites=1, listener=listener, min_train_nodes=3,
+                             min_evaluate_nodes=3, min_available_nodes=3, **kwargs)
+    messages = strategy.configure_train(1, reference, ConfigRecord({"k": "v"}), FakeGrid())
+    return strategy, sorted(messages, key=lambda m: m.metadata.dst_node_id)
+
+
 def test_update_beyond_the_norm_bound_is_rejected(listener, reference):
-    bounded = AdapterFedAvg(min_sites=1, listener=listener, max_update_norm=1.0,
-                            min_train_nodes=3, min_evaluate_nodes=3, min_available_nodes=3)
-    messages = sorted(bounded.configure_train(1, reference, ConfigRecord({"k": "v"}),
-                                              FakeGrid()), key=lambda m: m.metadata.dst_node_id)
+    bounded, messages = _configured(listener, reference, max_update_norm=1.0)
     small, huge = _arrays(fill=0.01), _arrays(fill=5.0)
     replies = [_reply(messages[0], "calm", small, 10), _reply(messages[1], "wild", huge, 10)]
     arrays, _ = bounded.aggregate_train(1, replies)
@@ -322,10 +327,7 @@ def test_update_beyond_the_norm_bound_is_rejected(listener, reference):
 
 
 def test_site_claiming_more_examples_than_it_can_train_is_rejected(listener, reference):
-    capped = AdapterFedAvg(min_sites=1, listener=listener, max_examples=80,
-                           min_train_nodes=3, min_evaluate_nodes=3, min_available_nodes=3)
-    messages = sorted(capped.configure_train(1, reference, ConfigRecord({"k": "v"}),
-                                             FakeGrid()), key=lambda m: m.metadata.dst_node_id)
+    capped, messages = _configured(listener, reference, max_examples=80)
     honest, greedy = _arrays(seed=1), _arrays(seed=2)
     replies = [_reply(messages[0], "honest", honest, 80),
                _reply(messages[1], "greedy", greedy, 10**12)]
