@@ -10,6 +10,7 @@ adapter version and metrics.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 import shlex
@@ -23,7 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedcpt.config import RunConfig, load_config
+from fedcpt.config import DataConfig, ModelConfig, RunConfig, StrategyConfig, load_config
 from fedcpt.core import protocol
 from fedcpt.core.adapters import load_adapter, load_version
 from fedcpt.core.data import load_blocks, spread
@@ -52,18 +53,26 @@ class GeneralData:
 
 
 def general_data(cfg: RunConfig) -> GeneralData:
-    """Split the server's general sources by document hash (held-out → evaluation)."""
-    blocks = load_blocks(cfg.data.general, load_tokenizer(cfg.model), cfg.data,
-                         what="general data", max_train_tokens=0)
-    n_val = cfg.strategy.rehearsal_val_blocks
+    """Split the server's general sources by document hash (held-out → evaluation).
+
+    Cached per process: the simulation's preflight and the ServerApp share one process."""
+    return _general_data(cfg.data, cfg.model, cfg.strategy, cfg.train.batch_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _general_data(data: DataConfig, model: ModelConfig, strategy: StrategyConfig,
+                  batch_size: int) -> GeneralData:
+    blocks = load_blocks(data.general, load_tokenizer(model), data, what="general data",
+                         max_train_tokens=0)
+    n_val = strategy.rehearsal_val_blocks
     pool, validation = blocks.train[n_val:], blocks.train[:n_val]
-    needs_pool = (cfg.strategy.rehearsal != "none" or cfg.strategy.delta_scaling
-                  or cfg.strategy.regression_guard)
-    if needs_pool and len(pool) < cfg.train.batch_size:
+    needs_pool = (strategy.rehearsal != "none" or strategy.delta_scaling
+                  or strategy.regression_guard)
+    if needs_pool and len(pool) < batch_size:
         raise ConfigError(
             f"the general rehearsal pool has {len(pool)} blocks after {n_val} validation "
-            f"blocks, fewer than one batch ({cfg.train.batch_size}); add data.general sources")
-    return GeneralData(spread(blocks.heldout, cfg.data.general_eval_blocks), pool, validation)
+            f"blocks, fewer than one batch ({batch_size}); add data.general sources")
+    return GeneralData(spread(blocks.heldout, data.general_eval_blocks), pool, validation)
 
 
 def general_eval_blocks(cfg: RunConfig) -> torch.Tensor:

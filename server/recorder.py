@@ -169,7 +169,8 @@ class RunRecorder:
             "last_round": server_round,
             "elapsed_s": time.time() - self.started,
             "full_model_bytes": self.full_model_bytes,
-            "general": {r: asdict(e) for r, e in self.general.items()},
+            # the summary needs only the base and the latest evaluation
+            "general": {r: asdict(self.general[r]) for r in {0, server_round}},
             "domain_base": self.domain_base,
             "train": {r: {"reports": [asdict(x) for x in reports], "failures": failures,
                           "aggregated": ok} for r, (reports, failures, ok) in self._train.items()},
