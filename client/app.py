@@ -12,10 +12,16 @@ import functools
 import logging
 import zlib
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcpt.client.site import open_ledger, require_dp, resolve_site, site_blocks
+from fedcpt.client.update_cache import (
+    StoredUpdate,
+    UpdateCache,
+    arrays_digest,
+    reusable_update,
+)
 from fedcpt.config import RunConfig, SiteConfig
 from fedcpt.core import protocol as p
 from fedcpt.core.adapters import adapter_state, from_arrays, load_adapter, to_arrays
@@ -63,50 +69,72 @@ def train(msg: Message, context: Context) -> Message:
         require_dp(cfg, node_config)
         if cfg.privacy.enabled:
             run_id = str(msg.content[p.CONFIG][p.RUN_ID])
-            result, metrics = _train_private(cfg, lm, site, blocks, node_config, lr,
-                                             run_id, server_round, anchor)
+            arrays, metrics = _train_private(cfg, lm, site, blocks, node_config, lr,
+                                             run_id, server_round, anchor,
+                                             msg.content[p.ARRAYS])
         else:
             # Seed per (run, site, round): reproducible, different across sites and rounds.
             seed = zlib.crc32(f"{cfg.seed}/{site.name}/{server_round}".encode())
             result = train_adapter(lm, blocks.train, cfg.train, lr=lr, seed=seed,
                                    anchor=anchor)
-            metrics = {p.TRAIN_LOSS: result.mean_loss}
+            _log_result(site, server_round, result)
+            arrays = to_arrays(adapter_state(lm.model))
+            metrics = {p.TRAIN_LOSS: result.mean_loss, p.NUM_EXAMPLES: result.examples,
+                       p.TRAIN_SECONDS: result.seconds}
     except SiteRefused as err:
         log.warning("%s", err)
         return Message(Error(code=p.BUDGET_EXHAUSTED, reason=str(err)), reply_to=msg)
-    log.info("site %s round %d: loss %.4f, %d steps in %.1fs", site.name, server_round,
-             result.mean_loss, result.steps, result.seconds)
-    metrics.update({p.NUM_EXAMPLES: result.examples, p.TRAIN_SECONDS: result.seconds})
     content = RecordDict({
-        p.ARRAYS: to_arrays(adapter_state(lm.model)),
+        p.ARRAYS: arrays,
         p.METRICS: MetricRecord(metrics),
         p.SITE: ConfigRecord({"name": site.name}),
     })
     return Message(content=content, reply_to=msg)
 
 
+def _log_result(site: SiteConfig, server_round: int, result: TrainResult) -> None:
+    log.info("site %s round %d: loss %.4f, %d steps in %.1fs", site.name, server_round,
+             result.mean_loss, result.steps, result.seconds)
+
+
 def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: TokenBlocks,
                    node_config: dict, lr: float, run_id: str, server_round: int,
-                   anchor: Anchor | None) -> tuple[TrainResult, dict[str, float]]:
-    """DP-SGD under the site's ledger lock: check the budget, train, record the spend
-    durably — all before the update can leave the site.
+                   anchor: Anchor | None, request: ArrayRecord,
+                   ) -> tuple[ArrayRecord, dict[str, float]]:
+    """DP-SGD under the site's ledger lock: check the budget, train, store the update,
+    record the spend durably — all before the update can leave the site. A round already
+    paid for is resent from the store, not trained again (:mod:`~fedcpt.client.update_cache`).
 
     The training loss is computed on the protected records and is not released.
     """
     records = len(blocks.train)
     with open_ledger(cfg, site, node_config, records).locked() as ledger:
-        plan = plan_run(cfg.privacy, ledger, records=records, batch_size=cfg.train.batch_size,
-                        steps=cfg.federation.rounds * cfg.train.local_steps, run_id=run_id)
-        ledger.check_budget(plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
-        result = train_adapter_dp(lm, blocks.train, cfg.train, cfg.privacy, lr=lr,
-                                  noise_multiplier=plan.noise_multiplier,
-                                  sample_rate=plan.sample_rate, anchor=anchor)
-        ledger.record(run_id, server_round, plan.noise_multiplier, plan.sample_rate,
-                      result.steps)
-        metrics = dict(zip(p.PRIVACY_METRICS, (
-            ledger.epsilon(), ledger.epsilon("rdp"), ledger.delta, plan.noise_multiplier,
-            plan.sample_rate, ledger.steps), strict=True))
-    return result, metrics
+        cache = UpdateCache.beside(ledger.path)
+        digest = arrays_digest(request)
+        update = reusable_update(ledger, cache, run_id, server_round, digest)
+        if update is None:
+            plan = plan_run(cfg.privacy, ledger, records=records,
+                            batch_size=cfg.train.batch_size,
+                            steps=cfg.federation.rounds * cfg.train.local_steps, run_id=run_id)
+            ledger.check_budget(plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
+            result = train_adapter_dp(lm, blocks.train, cfg.train, cfg.privacy, lr=lr,
+                                      noise_multiplier=plan.noise_multiplier,
+                                      sample_rate=plan.sample_rate, anchor=anchor)
+            _log_result(site, server_round, result)
+            update = StoredUpdate(
+                run=run_id, round=server_round, request=digest,
+                arrays=to_arrays(adapter_state(lm.model)),
+                metrics={p.NUM_EXAMPLES: result.examples, p.TRAIN_SECONDS: result.seconds},
+                noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+                steps=result.steps)
+            cache.store(update)
+            ledger.record(run_id, server_round, update.noise_multiplier, update.sample_rate,
+                          update.steps)
+        metrics = dict(update.metrics)
+        metrics.update(zip(p.PRIVACY_METRICS, (
+            ledger.epsilon(), ledger.epsilon("rdp"), ledger.delta, update.noise_multiplier,
+            update.sample_rate, ledger.steps), strict=True))
+    return update.arrays, metrics
 
 
 def _anchor(cfg: RunConfig, lm: AdaptedModel, msg: Message) -> Anchor | None:

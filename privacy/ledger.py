@@ -3,8 +3,10 @@
 The ledger is the site's own record, independent of any one run: it accumulates across
 rounds, process restarts and continual phases, and ε is always recomputed from the full
 history. It is written atomically (temp file, fsync, rename) *before* the update it pays
-for leaves the site, so a crash can over-count spend but never lose it. A SHA-256 checksum
-detects corruption and hand edits; it is not a signature (the site owns its ledger).
+for leaves the site, so a crash never loses spend. Each (run, round) is recorded at most
+once: asked for a paid round again, a site resends the update it stored
+(:mod:`fedcpt.client.update_cache`) instead of paying twice. A SHA-256 checksum detects
+corruption and hand edits; it is not a signature (the site owns its ledger).
 Ledger files are named ``<site>.ledger.json``.
 """
 
@@ -15,7 +17,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from fedcpt.exceptions import FedcptError
 from fedcpt.privacy.accounting import Step, epsilon
+from fedcpt.privacy.durable import write_durably
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +177,19 @@ class PrivacyLedger:
                 f" (δ={self.delta:.3g})")
         return after
 
+    def entry(self, run: str, server_round: int) -> LedgerEntry | None:
+        """The recorded round ``server_round`` of run ``run``, or None if it was never paid."""
+        return next((e for e in self.entries if e.run == run and e.round == server_round),
+                    None)
+
     def record(self, run: str, server_round: int, noise_multiplier: float, sample_rate: float,
                steps: int) -> None:
-        """Append one round and persist it durably before returning."""
+        """Append one round and persist it durably before returning.
+
+        Raises LedgerError if the round is already recorded: a round is paid for once."""
+        if self.entry(run, server_round) is not None:
+            raise LedgerError(f"site {self.site!r} already recorded round {server_round} of "
+                              f"run {run!r}; a round is paid for once")
         self.entries.append(LedgerEntry(
             run=run, round=server_round, noise_multiplier=noise_multiplier,
             sample_rate=sample_rate, steps=steps,
@@ -194,15 +206,4 @@ class PrivacyLedger:
             "entries": [asdict(e) for e in self.entries],
         }
         payload = dict(body, checksum=_checksum(body))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_durably(self.path, json.dumps(payload, indent=2).encode("utf-8"))

@@ -1,0 +1,41 @@
+"""Drive a site's real train handler (:func:`fedcpt.client.app.train`) without Flower's
+runtime: the same Message and Context a SuperNode would hand it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedcpt.config import RunConfig
+from fedcpt.core import protocol as p
+
+
+@contextlib.contextmanager
+def task_identity() -> Iterator[None]:
+    """Messages are created inside a running Flower task; act as one (run 1, node 0)."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, 0
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def train_message(cfg: RunConfig, run_id: str, server_round: int,
+                  arrays: ArrayRecord) -> Message:
+    """The server's request: train ``arrays`` for round ``server_round`` of run ``run_id``."""
+    config = ConfigRecord({p.RUN_CONFIG: cfg.to_json(), p.RUN_ID: run_id,
+                           p.SERVER_ROUND: server_round})
+    return Message(content=RecordDict({p.ARRAYS: arrays, p.CONFIG: config}), dst_node_id=1,
+                   message_type=MessageType.TRAIN)
+
+
+def site_context(data: str, ledger: Path, name: str = "site") -> Context:
+    """A deployed site's context: its name, data and ledger from ``--node-config``."""
+    node_config = {"site-name": name, "data-path": data, "ledger-path": str(ledger)}
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                   run_config={})
