@@ -388,7 +388,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         try:
             number = tp(value) if isinstance(value, str) else value
         except ValueError:
-            raise ConfigError(f"`{key}` must be a {tp.__name__}, got {value!r}") from None
+            expected = "an integer" if tp is int else "a float"
+            raise ConfigError(f"`{key}` must be {expected}, got {value!r}") from None
         if tp is int and not isinstance(number, int):
             raise ConfigError(f"`{key}` must be an integer, got {value!r}")
         if not isinstance(number, (int, float)):

@@ -240,7 +240,8 @@ def build_blocks(
         if not any(t.strip() for t in found):
             raise DataError(f"{what}: source {spec!r} contains no text")
         texts.extend(found)
-    documents = deduplicate(split_documents(texts), what)
+    pieces = split_documents(texts)
+    documents = deduplicate(pieces, what)
     heldout_docs, train_docs = split_heldout(documents, heldout_fraction)
     eos = tokenizer.eos_token_id
 
@@ -250,10 +251,14 @@ def build_blocks(
     train = pack(encode(train_docs), eos, block_size, max_train_tokens)
     heldout = pack(encode(heldout_docs), eos, block_size)
     if len(train) == 0 or len(heldout) == 0:
+        duplicates = len(pieces) - len(documents)
         raise DataError(
             f"{what}: too little text for one training and one held-out block of "
             f"{block_size} tokens ({len(documents)} documents, {len(train)} train blocks, "
-            f"{len(heldout)} held-out blocks)")
+            f"{len(heldout)} held-out blocks)"
+            + (f"; {duplicates} duplicate documents were dropped" if duplicates else "")
+            + ("; documents are cut at blank lines, and a single document cannot be both "
+               "trained on and held out" if len(documents) < 2 else ""))
     log.debug("%s: %d documents -> %d train / %d held-out blocks", what, len(documents),
               len(train), len(heldout))
     return TokenBlocks(train, heldout, len(documents), len(heldout_docs))
