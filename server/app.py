@@ -138,9 +138,11 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
     With ``resume``, continue an interrupted run from its last finished round: the same
     run id (so site ledgers see one run), the saved adapter version, and the saved
     sampling RNG. With every site training every round and no DP noise, the result
-    matches an uninterrupted run; Flower samples among node ids that are random per
-    process, so with partial sampling later rounds may pick other sites, and a DP round
-    interrupted after the sites trained is paid for again (ledgers never lose spend)."""
+    matches an uninterrupted run. Under DP, sites asked again for a round they paid for
+    resend the stored update (:mod:`fedcpt.client.update_cache`), so ledgers match an
+    uninterrupted run's; Flower samples among node ids that are random per process, so
+    with partial sampling later rounds may pick other sites (a site not asked again keeps
+    the spend of the interrupted round: ledgers never lose spend)."""
     cfg = with_default_ledger_dir(cfg, run_dir)
     if resume:
         recorder, done = RunRecorder.resume(run_dir, cfg)
