@@ -117,7 +117,7 @@ class UpdateCache:
         try:
             with safe_open(str(path), framework="np") as fh:
                 meta = json.loads((fh.metadata() or {})["fedcpt"])
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
             arrays = ArrayRecord({k: Array(tensors[k]) for k in meta["order"]})
             update = StoredUpdate(
                 run=str(meta["run"]), round=int(meta["round"]), request=str(meta["request"]),
