@@ -15,6 +15,7 @@ import zlib
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedcpt.client.errors import report_site_errors
 from fedcpt.client.site import open_ledger, require_dp, resolve_site, site_blocks
 from fedcpt.config import RunConfig, SiteConfig
 from fedcpt.core import protocol as p
@@ -30,7 +31,7 @@ from fedcpt.privacy.user_level import clip_when_asked
 
 log = logging.getLogger(__name__)
 
-app = ClientApp(mods=[clip_when_asked])
+app = ClientApp(mods=[report_site_errors, clip_when_asked])
 
 
 @functools.lru_cache(maxsize=8)

@@ -26,3 +26,5 @@ DOMAIN_ECE = "domain-ece"
 
 # Error code of a reply from a site that refused to train (privacy budget)
 BUDGET_EXHAUSTED = 100
+# Error code of a reply from a site that could not take part (its data, ledger or config)
+SITE_ERROR = 101

@@ -1,0 +1,98 @@
+"""The app on Flower's Deployment Engine: a real SuperLink and SuperNodes on 127.0.0.1, with
+TLS and SuperNode authentication, driven by the ``flwr`` CLI."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+from local_federation import LocalFederation, tail, wait_for
+
+pytestmark = pytest.mark.slow
+
+SITES = ["north", "south", "east"]
+
+
+def site_paths(sites_config: Path) -> dict[str, str]:
+    """Each site's text file, from the shared ``sites_config`` fixture."""
+    sites = tomllib.loads(sites_config.read_text())["sites"]
+    return {s["name"]: s["data"][0] for s in sites}
+
+
+def node_config(site: str, data_path: str, ledger_dir: Path) -> str:
+    return (f'site-name="{site}" data-path="{data_path}" '
+            f'ledger-path="{ledger_dir / f"{site}.ledger.json"}"')
+
+
+def start_sites(fed: LocalFederation, paths: dict[str, str]) -> None:
+    for site, path in paths.items():
+        fed.register(site)
+        fed.start_supernode(site, site, node_config(site, path, fed.root))
+    for site in paths:
+        fed.wait_connected(site)
+
+
+def run_to_summary(fed: LocalFederation, sites_config: Path, rounds: int,
+                   timeout: float = 420) -> tuple[dict, list[dict]]:
+    """``flwr run`` the smoke scenario; wait for its run folder's summary.json."""
+    out = fed.root / "runs"
+    fed.run(f'scenario="smoke" config-file="{sites_config}" '
+            f'set="federation.rounds={rounds}" out-dir="{out}"')
+
+    def finished() -> bool:
+        errors = list(out.glob("*/error.txt"))
+        if errors:
+            pytest.fail(f"the run failed: {errors[0].read_text()}\n"
+                        f"{tail(fed.log('superlink'))}")
+        return bool(list(out.glob("*/summary.json")))
+
+    wait_for(finished, timeout, "the run's summary.json", fed.logs())
+    run_dir = next(out.glob("*/summary.json")).parent
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((run_dir / "summary.json").read_text()), rows
+
+
+def test_three_sites_with_tls_and_node_auth(federation, sites_config: Path) -> None:
+    fed = federation([*SITES, "unregistered"])
+    fed.start_superlink()
+    paths = site_paths(sites_config)
+    start_sites(fed, paths)
+
+    # A SuperNode whose key the operator never registered is refused, and exits.
+    intruder = fed.start_supernode("unregistered", "unregistered",
+                                   node_config("intruder", paths["north"], fed.root))
+    assert intruder.wait(timeout=90) != 0
+    assert "Failed to activate SuperNode" in fed.log("supernode-unregistered").read_text()
+    assert "No SuperNode found with the given public key" in fed.log("superlink").read_text()
+
+    summary, rows = run_to_summary(fed, sites_config, rounds=2)
+    assert summary["num_sites"] == 3
+    assert summary["rounds"] == 2 and summary["rounds_aggregated"] == 2
+    assert summary["failures"] == 0
+    assert set(summary["domain_loss"]["per_site"]) == set(SITES)
+    for row in rows[1:]:
+        assert row["aggregated"] and sorted(row["sites_trained"]) == sorted(SITES)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for site in SITES:  # the refused node never reached the run
+        assert "intruder" not in fed.log(f"supernode-{site}").read_text()
+
+
+def test_site_with_missing_data_fails_alone(federation, sites_config: Path) -> None:
+    fed = federation(SITES)
+    fed.start_superlink()
+    paths = site_paths(sites_config)
+    paths["east"] = str(fed.root / "no-such-folder" / "east.txt")
+    start_sites(fed, paths)
+
+    summary, rows = run_to_summary(fed, sites_config, rounds=1)
+    assert summary["rounds_aggregated"] == 1
+    assert sorted(rows[1]["sites_trained"]) == ["north", "south"]
+    assert summary["failures"] == 1
+    (failure,) = rows[1]["failures"]
+    assert "site east: data path not found" in failure and "no-such-folder" in failure
+    assert set(summary["domain_loss"]["per_site"]) == {"north", "south"}
+    # The site's own log says what to fix, in one line.
+    east_log = fed.log("supernode-east").read_text()
+    assert "site east cannot take part in this train round: data path not found" in east_log
