@@ -95,10 +95,6 @@ def check_data(cfg: RunConfig, node_config: dict) -> str:
     """Load and count the site's blocks with the ClientApp's own code."""
     site = resolve_site(cfg, node_config)
     blocks = site_blocks(site, cfg.model, cfg.data)
-    if len(blocks.train) < cfg.train.batch_size:
-        raise ConfigError(f"site {site.name!r} has {len(blocks.train)} training blocks of "
-                          f"{cfg.data.block_size} tokens, fewer than one batch "
-                          f"({cfg.train.batch_size}); add text to {', '.join(site.data)}")
     return (f"data: {len(blocks.train)} training + {len(blocks.heldout)} held-out blocks of "
             f"{cfg.data.block_size} tokens from {blocks.documents} documents")
 

@@ -4,6 +4,8 @@ TLS and SuperNode authentication, driven by the ``flwr`` CLI."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -58,6 +60,16 @@ def test_three_sites_with_tls_and_node_auth(federation, sites_config: Path) -> N
     fed = federation([*SITES, "unregistered"])
     fed.start_superlink()
     paths = site_paths(sites_config)
+    # The site's preflight passes against the real SuperLink (TCP, TLS verified with the CA).
+    check = subprocess.run(
+        [sys.executable, "-m", "fedcpt.cli", "site", "check", "--scenario", "smoke",
+         "--config", str(sites_config), "--node-config", node_config("north", paths["north"],
+                                                                     fed.root),
+         "--superlink", fed.address, "--root-certificates", str(fed.certs.ca_cert),
+         "--auth-key", str(fed.certs.site_keys["north"][0])],
+        capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr
+    assert f"SuperLink: {fed.address} answers, TLS certificate verified" in check.stdout
     start_sites(fed, paths)
 
     # A SuperNode whose key the operator never registered is refused, and exits.
