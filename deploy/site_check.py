@@ -29,6 +29,7 @@ from fedcpt.client.site import (
     DATA_PATH_KEY,
     LEDGER_PATH_KEY,
     REQUIRE_DP_KEY,
+    REQUIRE_SECAGG_KEY,
     SITE_NAME_KEY,
     resolve_site,
     site_blocks,
@@ -39,7 +40,8 @@ from fedcpt.privacy.ledger import PrivacyLedger
 
 log = logging.getLogger(__name__)
 
-KNOWN_KEYS = (SITE_NAME_KEY, DATA_PATH_KEY, LEDGER_PATH_KEY, BUDGET_KEY, REQUIRE_DP_KEY)
+KNOWN_KEYS = (SITE_NAME_KEY, DATA_PATH_KEY, LEDGER_PATH_KEY, BUDGET_KEY, REQUIRE_DP_KEY,
+              REQUIRE_SECAGG_KEY)
 # Curves Flower accepts for SuperNode authentication keys (NIST curves).
 NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 BOOLEAN = {"true": True, "1": True, "false": False, "0": False}
@@ -82,12 +84,14 @@ def check_node_config(node_config: dict) -> list[str]:
             raise ConfigError(f"node-config `{BUDGET_KEY}` must be a positive number "
                               f"(e.g. {BUDGET_KEY}=8.0); got {budget!r}")
         lines.append(f"privacy budget: ε ≤ {float(budget):g}")
-    if REQUIRE_DP_KEY in node_config:
-        flag = str(node_config[REQUIRE_DP_KEY]).lower()
-        if flag not in BOOLEAN:
-            raise ConfigError(f"node-config `{REQUIRE_DP_KEY}` must be true or false; got "
-                              f"{node_config[REQUIRE_DP_KEY]!r}")
-        lines.append(f"require DP-SGD: {'yes' if BOOLEAN[flag] else 'no'}")
+    for key, what in ((REQUIRE_DP_KEY, "require DP-SGD"),
+                      (REQUIRE_SECAGG_KEY, "require secure aggregation")):
+        if key in node_config:
+            flag = str(node_config[key]).lower()
+            if flag not in BOOLEAN:
+                raise ConfigError(f"node-config `{key}` must be true or false; got "
+                                  f"{node_config[key]!r}")
+            lines.append(f"{what}: {'yes' if BOOLEAN[flag] else 'no'}")
     return lines
 
 

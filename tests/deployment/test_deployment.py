@@ -1,5 +1,6 @@
 """The app on Flower's Deployment Engine: a real SuperLink and SuperNodes on 127.0.0.1, with
-TLS and SuperNode authentication, driven by the ``flwr`` CLI."""
+TLS and SuperNode authentication, driven by the ``flwr`` CLI. Under ``flwr run`` secure
+aggregation is on by default (``secagg.mode = "auto"``)."""
 
 from __future__ import annotations
 
@@ -23,21 +24,23 @@ def site_paths(sites_config: Path) -> dict[str, str]:
     return {s["name"]: s["data"][0] for s in sites}
 
 
-def node_config(site: str, data_path: str, ledger_dir: Path) -> str:
+def node_config(site: str, data_path: str, ledger_dir: Path, extra: str = "") -> str:
     return (f'site-name="{site}" data-path="{data_path}" '
-            f'ledger-path="{ledger_dir / f"{site}.ledger.json"}"')
+            f'ledger-path="{ledger_dir / f"{site}.ledger.json"}" {extra}').strip()
 
 
-def start_sites(fed: LocalFederation, paths: dict[str, str]) -> None:
+def start_sites(fed: LocalFederation, paths: dict[str, str],
+                extra: dict[str, str] | None = None) -> None:
     for site, path in paths.items():
         fed.register(site)
-        fed.start_supernode(site, site, node_config(site, path, fed.root))
+        fed.start_supernode(site, site, node_config(site, path, fed.root,
+                                                    (extra or {}).get(site, "")))
     for site in paths:
         fed.wait_connected(site)
 
 
 def run_to_summary(fed: LocalFederation, sites_config: Path, rounds: int,
-                   timeout: float = 420) -> tuple[dict, list[dict]]:
+                   timeout: float = 600) -> tuple[dict, list[dict]]:
     """``flwr run`` the smoke scenario; wait for its run folder's summary.json."""
     out = fed.root / "runs"
     fed.run(f'scenario="smoke" config-file="{sites_config}" '
@@ -70,7 +73,8 @@ def test_three_sites_with_tls_and_node_auth(federation, sites_config: Path) -> N
         capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stderr
     assert f"SuperLink: {fed.address} answers, TLS certificate verified" in check.stdout
-    start_sites(fed, paths)
+    # north refuses any round without secure aggregation: the run must use it.
+    start_sites(fed, paths, extra={"north": "require-secagg=true"})
 
     # A SuperNode whose key the operator never registered is refused, and exits.
     intruder = fed.start_supernode("unregistered", "unregistered",
@@ -83,6 +87,7 @@ def test_three_sites_with_tls_and_node_auth(federation, sites_config: Path) -> N
     assert summary["num_sites"] == 3
     assert summary["rounds"] == 2 and summary["rounds_aggregated"] == 2
     assert summary["failures"] == 0
+    assert summary["secagg"]["enabled"] is True
     assert set(summary["domain_loss"]["per_site"]) == set(SITES)
     for row in rows[1:]:
         assert row["aggregated"] and sorted(row["sites_trained"]) == sorted(SITES)
@@ -103,8 +108,11 @@ def test_site_with_missing_data_fails_alone(federation, sites_config: Path) -> N
     assert sorted(rows[1]["sites_trained"]) == ["north", "south"]
     assert summary["failures"] == 1
     (failure,) = rows[1]["failures"]
-    assert "site east: data path not found" in failure and "no-such-folder" in failure
+    assert "data path not found" in failure and "no-such-folder" in failure
+    assert summary["secagg"]["enabled"] is True  # the two others' sum was still unmasked
     assert set(summary["domain_loss"]["per_site"]) == {"north", "south"}
-    # The site's own log says what to fix, in one line.
+    # The site's own log says what to fix, in one line each time, with no traceback.
     east_log = fed.log("supernode-east").read_text()
-    assert "site east cannot take part in this train round: data path not found" in east_log
+    assert f"data path not found: {paths['east']}" in east_log
+    assert "site east cannot take part in this evaluate round: data path not found" in east_log
+    assert "Traceback" not in east_log

@@ -85,11 +85,12 @@ def tls_server(cert: Path, key: Path, host: str = "127.0.0.1") -> Iterator[str]:
 
 def test_node_config_parsed_as_flower_does() -> None:
     config = parse_node_config('site-name="clinic" data-path="/d" epsilon-budget=8.0 '
-                               "require-dp=true")
+                               "require-dp=true require-secagg=false")
     assert config == {"site-name": "clinic", "data-path": "/d", "epsilon-budget": 8.0,
-                      "require-dp": True}
+                      "require-dp": True, "require-secagg": False}
     assert check_node_config(config) == ["site name: clinic", "privacy budget: ε ≤ 8",
-                                         "require DP-SGD: yes"]
+                                         "require DP-SGD: yes",
+                                         "require secure aggregation: no"]
 
 
 @pytest.mark.parametrize(("text", "match"), [
@@ -98,7 +99,8 @@ def test_node_config_parsed_as_flower_does() -> None:
     ('data-path="/d"', "needs `site-name`"),
     ('site-name="a" data-path="/d" epsilon-budget=-1', "positive number"),
     ('site-name="a" data-path="/d" epsilon-budget="lots"', "positive number"),
-    ('site-name="a" data-path="/d" require-dp="maybe"', "true or false"),
+    ('site-name="a" data-path="/d" require-dp="maybe"', "`require-dp` must be true or false"),
+    ('site-name="a" data-path="/d" require-secagg=2', "`require-secagg` must be true or"),
 ])
 def test_bad_node_config(text: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
