@@ -136,6 +136,18 @@ class LocalFederation:
         assert payload["success"], payload
         return str(payload["run-id"])
 
+    def run_status(self, run_id: str) -> str:
+        """The SuperLink's status of a run, e.g. ``running`` or ``finished:failed``."""
+        result = self.flwr("list", "test", "--run-id", run_id, "--format", "json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        (run,) = json.loads(result.stdout[result.stdout.index("{"):])["runs"]
+        return str(run["status"])
+
+    def server_log(self, run_id: str) -> str:
+        """The ServerApp's log of a run (``flwr log --show``)."""
+        result = self.flwr("log", run_id, "test", "--show")
+        return result.stdout + result.stderr
+
     def logs(self) -> list[Path]:
         return [self.log(name) for name in self.processes]
 
