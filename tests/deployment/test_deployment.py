@@ -117,7 +117,7 @@ def test_site_with_missing_data_fails_alone(federation, sites_config: Path) -> N
     assert sorted(rows[1]["sites_trained"]) == ["north", "south"]
     assert summary["failures"] == 1
     (failure,) = rows[1]["failures"]
-    assert "data path not found" in failure and "no-such-folder" in failure
+    assert f"site east: data path not found: {paths['east']}" in failure
     assert summary["secagg"]["enabled"] is True  # the two others' sum was still unmasked
     assert set(summary["domain_loss"]["per_site"]) == {"north", "south"}
     # The site's own log says what to fix, in one line each time, with no traceback.
