@@ -182,7 +182,7 @@ def check_auth_key(path: Path) -> str:
                                                                        NIST_CURVES):
         kind = key.curve.name if isinstance(key, ec.EllipticCurvePrivateKey) else \
             type(key).__name__.removeprefix("_").replace("PrivateKey", "")
-        raise ConfigError(f"authentication key {path} is a {kind} key; Flower needs an EC "
+        raise ConfigError(f"authentication key {path} is of type {kind}; Flower needs an EC "
                           f"key on a NIST curve (P-256, P-384 or P-521)")
     return f"authentication key: {path} (EC {key.curve.name})"
 

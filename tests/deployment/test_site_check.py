@@ -213,7 +213,7 @@ def test_auth_key_of_wrong_type(tmp_path: Path, key, kind: str) -> None:
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                        serialization.PrivateFormat.OpenSSH,
                                        serialization.NoEncryption()))
-    with pytest.raises(ConfigError, match=f"is a {kind} key; Flower needs an EC key"):
+    with pytest.raises(ConfigError, match=f"is of type {kind}; Flower needs an EC key"):
         check_auth_key(path)
 
 
