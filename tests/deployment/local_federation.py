@@ -112,14 +112,19 @@ class LocalFederation:
         assert result.returncode == 0 and "registered successfully" in result.stdout, (
             result.stdout + result.stderr)
 
-    def start_supernode(self, name: str, key_site: str, node_config: str) -> subprocess.Popen:
+    def start_supernode(self, name: str, key_site: str, node_config: str, *,
+                        key: Path | None = None, root_certificates: Path | None = None,
+                        superlink: str | None = None,
+                        extra: tuple[str, ...] = ()) -> subprocess.Popen:
+        """A SuperNode with ``key_site``'s key, this federation's CA and SuperLink (each
+        replaceable, to test what a site gets wrong)."""
         home = self.root / f"home-{name}"
         home.mkdir()
         return self.start(f"supernode-{name}", [
-            "flower-supernode", "--superlink", self.address,
-            "--root-certificates", str(self.certs.ca_cert),
-            "--auth-supernode-private-key", str(self.certs.site_keys[key_site][0]),
-            "--port", str(free_port()), "--node-config", node_config,
+            "flower-supernode", "--superlink", superlink or self.address,
+            "--root-certificates", str(root_certificates or self.certs.ca_cert),
+            "--auth-supernode-private-key", str(key or self.certs.site_keys[key_site][0]),
+            "--port", str(free_port()), "--node-config", node_config, *extra,
         ], home)
 
     def wait_connected(self, name: str) -> None:

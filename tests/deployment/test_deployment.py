@@ -12,7 +12,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from local_federation import LocalFederation, wait_for
+from local_federation import LocalFederation, free_port, wait_for
+
+from fedcpt.deploy.certs import write_federation_certs
 
 pytestmark = pytest.mark.slow
 
@@ -85,11 +87,31 @@ def test_three_sites_with_tls_and_node_auth(federation, sites_config: Path) -> N
     # north refuses any round without secure aggregation: the run must use it.
     start_sites(fed, paths, extra={"north": "require-secagg=true"})
 
-    # A SuperNode whose key the operator never registered is refused, and exits.
-    intruder = fed.start_supernode("unregistered", "unregistered",
-                                   node_config("intruder", paths["north"], fed.root))
-    assert intruder.wait(timeout=90) != 0
-    assert "Failed to activate SuperNode" in fed.log("supernode-unregistered").read_text()
+    # Sites that got something wrong are refused, exit with a clear error, and leave the
+    # federation to the others: a key the operator never registered, a CA of another
+    # federation, a key file that is not a key, a SuperLink address that does not answer.
+    other = write_federation_certs(fed.root / "other-certs", ["127.0.0.1"], ["x"])
+    garbage = fed.root / "garbage.key"
+    garbage.write_text("not a key\n")
+    once = ("--max-retries", "1")
+    config = node_config("intruder", paths["north"], fed.root)
+    bad = {
+        "unregistered": fed.start_supernode("unregistered", "unregistered", config),
+        "wrong-ca": fed.start_supernode("wrong-ca", "north", config,
+                                        root_certificates=other.ca_cert, extra=once),
+        "garbage-key": fed.start_supernode("garbage-key", "north", config, key=garbage),
+        "no-superlink": fed.start_supernode("no-superlink", "north", config, extra=once,
+                                            superlink=f"127.0.0.1:{free_port()}"),
+    }
+    expected = {
+        "unregistered": "Failed to activate SuperNode",
+        "wrong-ca": "certificate verify failed: unable to get local issuer certificate",
+        "garbage-key": "Unable to parse the private key file",
+        "no-superlink": "Connection refused",
+    }
+    for name, proc in bad.items():
+        assert proc.wait(timeout=90) != 0, name
+        assert expected[name] in fed.log(f"supernode-{name}").read_text(), name
     assert "No SuperNode found with the given public key" in fed.log("superlink").read_text()
 
     summary, rows = run_to_summary(fed, sites_config, rounds=2)
@@ -98,11 +120,9 @@ def test_three_sites_with_tls_and_node_auth(federation, sites_config: Path) -> N
     assert summary["failures"] == 0
     assert summary["secagg"]["enabled"] is True
     assert set(summary["domain_loss"]["per_site"]) == set(SITES)
-    for row in rows[1:]:
+    for row in rows[1:]:  # the refused SuperNodes ("intruder") never took part
         assert row["aggregated"] and sorted(row["sites_trained"]) == sorted(SITES)
     assert [r["round"] for r in rows] == [0, 1, 2]
-    for site in SITES:  # the refused node never reached the run
-        assert "intruder" not in fed.log(f"supernode-{site}").read_text()
 
 
 def test_site_with_missing_data_fails_alone(federation, sites_config: Path) -> None:
