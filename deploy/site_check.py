@@ -10,6 +10,7 @@ site that passes here trains the same blocks when the federation starts.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import logging
 import os
 import socket
@@ -72,7 +73,9 @@ def check_node_config(node_config: dict) -> list[str]:
     """Keys and values of a site's node config (not its data): names, budget, DP policy."""
     unknown = sorted(set(node_config) - set(KNOWN_KEYS))
     if unknown:
-        raise ConfigError(f"unknown node-config key(s) {unknown}; a site sets "
+        close = difflib.get_close_matches(unknown[0], KNOWN_KEYS, n=1)
+        hint = f" (did you mean `{close[0]}`?)" if close else ""
+        raise ConfigError(f"unknown node-config key(s) {unknown}{hint}; a site sets "
                           f"{list(KNOWN_KEYS)}")
     for key in (SITE_NAME_KEY, DATA_PATH_KEY):
         if not str(node_config.get(key, "")).strip():

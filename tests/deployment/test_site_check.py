@@ -94,7 +94,8 @@ def test_node_config_parsed_as_flower_does() -> None:
 
 
 @pytest.mark.parametrize(("text", "match"), [
-    ('site-name="a" data-path="/d" data-pth="/e"', r"unknown node-config key\(s\) \['data-pth'\]"),
+    ('site-name="a" data-path="/d" data-pth="/e"',
+     r"unknown node-config key\(s\) \['data-pth'\] \(did you mean `data-path`\?\)"),
     ('site-name="a"', "needs `data-path`"),
     ('data-path="/d"', "needs `site-name`"),
     ('site-name="a" data-path="/d" epsilon-budget=-1', "positive number"),
