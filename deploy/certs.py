@@ -77,9 +77,11 @@ def _general_name(address: str) -> x509.GeneralName:
     if not host:
         raise ConfigError(f"empty SuperLink address {address!r}")
     try:
-        return x509.IPAddress(ipaddress.ip_address(host))
-    except ValueError:
-        pass
+        ip = ipaddress.ip_address(host)
+    except ValueError:  # not an IP address: a DNS name then
+        ip = None
+    if ip is not None:
+        return x509.IPAddress(ip)
     if not re.fullmatch(r"[A-Za-z0-9*]([A-Za-z0-9.-]*[A-Za-z0-9])?", host):
         raise ConfigError(f"SuperLink address {address!r} is neither an IP address nor a "
                           f"DNS name")
