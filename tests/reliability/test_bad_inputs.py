@@ -31,7 +31,7 @@ def test_bad_input_gets_a_clear_error(case, tmp_path):
 def test_catalogue_covers_every_kind_with_distinct_cases():
     kinds = Counter(c.kind for c in CATALOGUE)
     assert len(CATALOGUE) >= 30
-    assert {"data", "config", "update", "ledger", "cli"} <= set(kinds)
+    assert {"data", "config", "update", "ledger", "certificate", "cli"} <= set(kinds)
     assert len({c.name for c in CATALOGUE}) == len(CATALOGUE)
 
 

@@ -1,6 +1,7 @@
 """Kill a DP site at every point of a round, and the DP server mid-round and between
 rounds; after restarts the ledgers equal an uninterrupted run's, with no round lost or
-paid twice. Minutes on 2 cores: marked slow (``pytest -m slow``, benchmarks/faults.py)."""
+paid twice. Minutes on 2 cores: marked ``kills``, outside ``make test`` (``pytest -m kills``
+or benchmarks/faults.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from fedcpt.testing.kills import client_kills, server_kills
 from fedcpt.testing.site_process import POINTS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.kills, pytest.mark.slow]
 
 
 def test_site_killed_at_every_point_pays_each_round_once(tmp_path):
