@@ -1,5 +1,6 @@
 """Fault injection: kill the DP server and a DP site at chosen points, and feed fedcpt a
-catalogue of bad inputs (data, configuration, client updates, ledgers, the CLI).
+catalogue of bad inputs (data, configuration, client updates, ledgers, certificates and
+site settings, the CLI).
 
 - Server kills: ``fedcpt simulate smoke-dp`` (three sites, 4 rounds) SIGKILLed as a
   process tree after the sites paid for round 1, after round 2's checkpoint, and after
