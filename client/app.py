@@ -57,7 +57,7 @@ def train(msg: Message, context: Context) -> Message:
     node_config = dict(context.node_config)
     site = resolve_site(cfg, node_config)
     blocks = site_blocks(site, cfg.model, cfg.data)
-    lr = cfg.train.lr_at(server_round, cfg.federation.rounds)
+    lr = cfg.lr_at(server_round)
     anchor = _anchor(cfg, lm, msg)
     try:
         require_dp(cfg, node_config)
@@ -115,6 +115,15 @@ def _anchor(cfg: RunConfig, lm: AdaptedModel, msg: Message) -> Anchor | None:
         return None
     target = msg.content[p.ARRAYS] if cfg.strategy.anchor == "fedprox" else lm.initial_adapter
     return Anchor(lm.model, from_arrays(target), cfg.strategy.anchor_weight)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Say which site this node is (the server trains only a phase's sites)."""
+    cfg = _config(str(msg.content[p.CONFIG][p.RUN_CONFIG]))
+    site = resolve_site(cfg, dict(context.node_config))
+    return Message(content=RecordDict({p.SITE: ConfigRecord({"name": site.name})}),
+                   reply_to=msg)
 
 
 # Base-model loss per (site, model, data): the base never changes, so compute it once.
