@@ -245,12 +245,17 @@ class StrategyConfig:
                                   "rehearsal fine-tune of the aggregate)."})
     replay_fraction: float = field(
         default=0.25, metadata={"help": "ρ: rehearsal relative to the round's client work."})
-    anchor: Literal["none", "fedprox", "l2sp"] = field(
+    anchor: Literal["none", "fedprox", "l2sp", "ewc"] = field(
         default="none", metadata={"help": "Client-side pull toward the global adapter "
-                                  "(fedprox) or the initial one, i.e. the base (l2sp)."})
+                                  "(fedprox), the initial one, i.e. the base (l2sp), or the "
+                                  "base weighted by the server's diagonal Fisher on its "
+                                  "rehearsal pool (ewc)."})
     anchor_weight: float = field(
         default=20.0, metadata={"help": "μ: each step removes lr·μ of the distance to the "
                                 "anchor (decoupled, like AdamW's weight decay)."})
+    fisher_blocks: int = field(
+        default=32, metadata={"help": "EWC: rehearsal-pool blocks the server computes the "
+                              "diagonal Fisher on, each round."})
     delta_scaling: bool = field(
         default=False, metadata={"help": "Scale each round's aggregated delta by the largest "
                                  "α whose rehearsal validation loss stays within tolerance."})
@@ -280,6 +285,7 @@ class StrategyConfig:
         _require(0 < self.replay_fraction <= 1, "strategy.replay_fraction",
                  self.replay_fraction, "in (0, 1]")
         _require(self.anchor_weight >= 0, "strategy.anchor_weight", self.anchor_weight, ">= 0")
+        _require(self.fisher_blocks > 0, "strategy.fisher_blocks", self.fisher_blocks, "> 0")
         _require(len(self.delta_alphas) > 0 and all(0 < a <= 1 for a in self.delta_alphas),
                  "strategy.delta_alphas", self.delta_alphas, "values in (0, 1]")
         _require(self.delta_tolerance >= 0, "strategy.delta_tolerance", self.delta_tolerance,
@@ -361,6 +367,10 @@ class RunConfig:
                               "strategy.delta_scaling, strategy.regression_guard or "
                               "strategy.server_optimizer: they change the aggregate before "
                               "the site-level noise is added")
+        if self.privacy.user_level and self.strategy.anchor == "ewc":
+            raise ConfigError("privacy.user_level cannot be combined with strategy.anchor = "
+                              "\"ewc\": Flower's fixedclipping_mod accepts training messages "
+                              "with one ArrayRecord only, and EWC sends the Fisher as a second")
         if self.strategy.anchor != "none":
             pull = self.train.lr * self.strategy.anchor_weight
             _require(pull < 1, "strategy.anchor_weight", self.strategy.anchor_weight,

@@ -18,11 +18,18 @@ from flwr.clientapp import ClientApp
 from fedcpt.client.site import open_ledger, require_dp, resolve_site, site_blocks
 from fedcpt.config import RunConfig, SiteConfig
 from fedcpt.core import protocol as p
-from fedcpt.core.adapters import adapter_state, from_arrays, load_adapter, to_arrays
+from fedcpt.core.adapters import (
+    adapter_state,
+    check_update,
+    from_arrays,
+    load_adapter,
+    to_arrays,
+)
 from fedcpt.core.data import TokenBlocks, spread
 from fedcpt.core.evaluation import evaluate_blocks
 from fedcpt.core.model import AdaptedModel, load_adapted_model
 from fedcpt.core.training import Anchor, TrainResult, train_adapter
+from fedcpt.exceptions import UpdateRejected
 from fedcpt.privacy.dpsgd import train_adapter_dp
 from fedcpt.privacy.ledger import SiteRefused
 from fedcpt.privacy.plan import plan_run
@@ -110,11 +117,20 @@ def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: T
 
 
 def _anchor(cfg: RunConfig, lm: AdaptedModel, msg: Message) -> Anchor | None:
-    """FedProx pulls toward the received global adapter, L2-SP toward the initial one."""
+    """FedProx pulls toward the received global adapter, L2-SP toward the initial one, EWC
+    toward the initial one weighted by the Fisher the server sent."""
     if cfg.strategy.anchor == "none" or cfg.strategy.anchor_weight == 0:
         return None
     target = msg.content[p.ARRAYS] if cfg.strategy.anchor == "fedprox" else lm.initial_adapter
-    return Anchor(lm.model, from_arrays(target), cfg.strategy.anchor_weight)
+    weights = None
+    if cfg.strategy.anchor == "ewc":
+        fisher = msg.content.array_records.get(p.FISHER)
+        if fisher is None:
+            raise UpdateRejected("strategy.anchor is 'ewc' but the training message carries "
+                                 "no 'fisher' record")
+        check_update(fisher, lm.initial_adapter)
+        weights = from_arrays(fisher)
+    return Anchor(lm.model, from_arrays(target), cfg.strategy.anchor_weight, weights)
 
 
 @app.query()

@@ -34,6 +34,7 @@ from fedcpt.exceptions import ConfigError
 from fedcpt.privacy.user_level import wrap_user_level
 from fedcpt.server.recorder import RunRecorder
 from fedcpt.strategies.delta_scaling import DeltaScaling
+from fedcpt.strategies.ewc import FisherToSites
 from fedcpt.strategies.fedavg import AdapterFedAvg
 from fedcpt.strategies.phase_training import PhaseTraining, discover_sites, phase_nodes
 from fedcpt.strategies.regression_guard import RegressionGuard
@@ -70,7 +71,7 @@ def _general_data(data: DataConfig, model: ModelConfig, strategy: StrategyConfig
     n_val = strategy.rehearsal_val_blocks
     pool, validation = blocks.train[n_val:], blocks.train[:n_val]
     needs_pool = (strategy.rehearsal != "none" or strategy.delta_scaling
-                  or strategy.regression_guard)
+                  or strategy.regression_guard or strategy.anchor == "ewc")
     if needs_pool and len(pool) < batch_size:
         raise ConfigError(
             f"the general rehearsal pool has {len(pool)} blocks after {n_val} validation "
@@ -109,10 +110,12 @@ def server_steps(cfg: RunConfig, lm: AdaptedModel, general: GeneralData) -> list
 
 def build_strategy(cfg: RunConfig, recorder: RunRecorder,
                    steps: list[ServerStep] | None = None, round_offset: int = 0,
-                   train_nodes: list[int] | None = None) -> Strategy:
+                   train_nodes: list[int] | None = None,
+                   ewc: tuple[AdaptedModel, torch.Tensor] | None = None) -> Strategy:
     """FedAvg sampling ``sites_per_round`` of the registered sites (0: all), wrapped in
     Flower's DP-FedAvg when site-level DP is on. With ``train_nodes`` (a phase's sites)
-    only those train; every site is still evaluated."""
+    only those train; every site is still evaluated. With ``ewc`` (the server's model and
+    general blocks) training instructions carry the round's diagonal Fisher."""
     fed, n_sites = cfg.federation, len(cfg.sites)
     n_pool = n_sites if train_nodes is None else len(train_nodes)
     n_train = fed.sites_per_round or n_pool
@@ -134,6 +137,8 @@ def build_strategy(cfg: RunConfig, recorder: RunRecorder,
     wrapped: Strategy = strategy
     if cfg.privacy.user_level:
         wrapped = wrap_user_level(strategy, cfg.privacy, n_train)
+    if ewc is not None:
+        wrapped = FisherToSites(wrapped, *ewc)
     if train_nodes is not None:
         wrapped = PhaseTraining(wrapped, train_nodes)
     return wrapped
@@ -192,6 +197,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
         if resume:
             for step in recorder.stateful:
                 step.load_state(run_dir / "adapters" / f"round-{done:03d}")
+        ewc = ((lm, spread(data.rehearsal, cfg.strategy.fisher_blocks))
+               if cfg.strategy.anchor == "ewc" else None)
         arrays = initial
         directory: dict[int, str] | None = None
         all_sites = {s.name for s in cfg.sites}
@@ -206,7 +213,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
                 train_nodes = phase_nodes(directory, phase.sites, phase.name)
             log.info("phase %d (%s): rounds %d-%d, sites %s", phase.index + 1, phase.name,
                      offset + 1, phase.last_round, ", ".join(phase.sites))
-            result = build_strategy(cfg, recorder, steps, offset, train_nodes).start(
+            result = build_strategy(cfg, recorder, steps, offset, train_nodes, ewc).start(
                 grid=grid, initial_arrays=arrays, num_rounds=phase.last_round - offset,
                 timeout=cfg.federation.round_timeout_s, train_config=config,
                 evaluate_config=ConfigRecord(dict(config)),

@@ -1,0 +1,68 @@
+"""EWC (Kirkpatrick et al., 2017): sites pull the adapter toward the base, weighted by how
+much each weight matters for general text.
+
+Every round the server computes the diagonal Fisher of the round's global adapter on
+blocks of its rehearsal pool (:func:`~fedcpt.core.fisher.diagonal_fisher`) and sends it
+with the training instructions as a second ArrayRecord, ``fisher``; each site applies it
+as the weights of its :class:`~fedcpt.core.training.Anchor` toward the initial adapter.
+The Fisher comes from the server's own data, so it reveals nothing about any site, and
+under DP-SGD the weighted pull is post-processing.
+
+The Fisher is taken at the current global adapter rather than once at the base: at the
+base LoRA's B is zero, so the loss does not depend on A there and A's Fisher would be 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedcpt.core import protocol as p
+from fedcpt.core.adapters import load_adapter, to_arrays
+from fedcpt.core.fisher import diagonal_fisher
+from fedcpt.core.model import AdaptedModel
+
+log = logging.getLogger(__name__)
+
+
+class FisherToSites(Strategy):
+    """``strategy`` whose training instructions also carry the round's diagonal Fisher."""
+
+    def __init__(self, strategy: Strategy, lm: AdaptedModel, blocks: torch.Tensor) -> None:
+        self.strategy = strategy
+        self.lm = lm
+        self.blocks = blocks
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        if messages:
+            load_adapter(self.lm.model, arrays)
+            fisher = to_arrays(diagonal_fisher(self.lm, self.blocks))
+            log.info("round %d · EWC: diagonal Fisher on %d general blocks sent to %d sites",
+                     server_round, len(self.blocks), len(messages))
+            for msg in messages:
+                msg.content[p.FISHER] = fisher
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
+                           ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        log.info("\t├──> EWC: diagonal Fisher on %d general blocks each round",
+                 len(self.blocks))
+        self.strategy.summary()
