@@ -236,6 +236,47 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation (SecAgg+, Bell et al. 2020): the server learns only the weighted
+    sum of the sites' adapter updates."""
+
+    mode: Literal["auto", "on", "off"] = field(
+        default="auto", metadata={"help": "auto: on for deployments (`flwr run`), off in "
+                                  "`fedcpt simulate`."})
+    num_shares: int = field(
+        default=0, metadata={"help": "Neighbours each site shares its secrets with, itself "
+                             "included (0: every sampled site). Below the number of sampled "
+                             "sites it must be odd."})
+    reconstruction_threshold: int = field(
+        default=0, metadata={"help": "Shares needed to rebuild a secret (0: a majority of "
+                             "num_shares). A round survives num_shares − threshold dropouts."})
+    clipping_range: float = field(
+        default=0.0, metadata={"help": "Coordinates of each weighted update are clipped to "
+                               "±this before quantisation (0: federation.max_update_norm, "
+                               "which bounds every coordinate, so nothing is clipped)."})
+    quantization_range: int = field(
+        default=2**22, metadata={"help": "Quantisation levels over [−clip, +clip]; sums are "
+                                 "taken modulo 2^32, so sites × this must stay below 2^32."})
+
+    def __post_init__(self) -> None:
+        _require(self.num_shares == 0 or self.num_shares >= 3, "secagg.num_shares",
+                 self.num_shares, "0 (all sampled sites) or >= 3")
+        _require(self.reconstruction_threshold >= 0, "secagg.reconstruction_threshold",
+                 self.reconstruction_threshold, ">= 0 (0: a majority)")
+        _require(self.clipping_range >= 0, "secagg.clipping_range", self.clipping_range,
+                 ">= 0 (0: federation.max_update_norm)")
+        _require(2 <= self.quantization_range < 2**31, "secagg.quantization_range",
+                 self.quantization_range, "in [2, 2^31)")
+
+    @property
+    def enabled(self) -> bool:
+        """True when on; ``auto`` must be resolved (:meth:`RunConfig.for_deployment`)."""
+        if self.mode == "auto":
+            raise ConfigError("secagg.mode 'auto' was not resolved to on or off")
+        return self.mode == "on"
+
+
+@dataclass(frozen=True)
 class StrategyConfig:
     """How the server protects general capabilities while the sites adapt."""
 
@@ -352,6 +393,7 @@ class RunConfig:
     phases: tuple[PhaseConfig, ...] = ()
     """A continual stream: phases run in order, each with its own sites and LR re-warm.
     Empty: one phase of all sites for ``federation.rounds``."""
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def __post_init__(self) -> None:
         _require(len(self.sites) > 0, "sites", self.sites, "at least one [[sites]] entry")
@@ -380,6 +422,46 @@ class RunConfig:
             value = getattr(self.federation, key)
             _require(value <= len(self.sites), f"federation.{key}", value,
                      f"at most the number of sites ({len(self.sites)})")
+        if self.secagg.mode == "on":
+            self._check_secagg()
+
+    @property
+    def sites_per_round(self) -> int:
+        """Sites sampled for training each round."""
+        return self.federation.sites_per_round or len(self.sites)
+
+    def with_secagg_resolved(self, deployment: bool) -> RunConfig:
+        """``secagg.mode = "auto"`` made concrete: on for a deployment, off in simulation."""
+        if self.secagg.mode != "auto":
+            return self
+        mode = "on" if deployment else "off"
+        return dataclasses.replace(self, secagg=dataclasses.replace(self.secagg, mode=mode))
+
+    def _check_secagg(self) -> None:
+        sec, n = self.secagg, self.sites_per_round
+        if self.privacy.user_level:
+            raise ConfigError("secagg cannot be combined with privacy.user_level: Flower's "
+                              "site-level clipping acts on the plain update the server never "
+                              "sees under secure aggregation")
+        _require(n >= 3, "federation.sites_per_round", n,
+                 ">= 3 under secure aggregation (with two, the sum reveals each update to "
+                 "the other site)")
+        _require(bool(sec.clipping_range or self.federation.max_update_norm),
+                 "federation.max_update_norm", self.federation.max_update_norm,
+                 "> 0 under secure aggregation (the sites enforce it before masking and it "
+                 "sets the quantisation range), or set secagg.clipping_range")
+        shares = sec.num_shares or n
+        _require(shares <= n, "secagg.num_shares", shares,
+                 f"at most the sites sampled per round ({n})")
+        _require(shares == n or shares % 2 == 1, "secagg.num_shares", shares,
+                 f"odd when below the sites sampled per round ({n}): neighbours are taken "
+                 "symmetrically on both sides")
+        threshold = sec.reconstruction_threshold or shares // 2 + 1
+        _require(shares / 2 < threshold <= shares, "secagg.reconstruction_threshold",
+                 threshold, f"a majority of num_shares ({shares}) and at most num_shares: with "
+                 "fewer, the server could rebuild both secrets of one site")
+        _require(n * sec.quantization_range < 2**32, "secagg.quantization_range",
+                 sec.quantization_range, f"below 2^32 / {n} sites (sums are taken mod 2^32)")
 
     def _check_phases(self, site_names: list[str]) -> None:
         if not self.phases:
@@ -407,6 +489,11 @@ class RunConfig:
                  "federation.eval_sites_per_round", self.federation.eval_sites_per_round,
                  "0 with [[phases]] (every site is evaluated every round, for the loss "
                  "matrix across phases)")
+        if self.secagg.mode == "on":
+            fewest = self.federation.sites_per_round or smallest
+            _require(fewest >= 3, "phases.sites", smallest,
+                     "at least 3 training sites in every phase under secure aggregation "
+                     "(with two, the sum reveals each update to the other site)")
 
     def phase_plan(self) -> list[Phase]:
         """The phases on the run's round numbers; without [[phases]], one of all sites."""

@@ -12,10 +12,19 @@ import functools
 import logging
 import zlib
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
-from fedcpt.client.site import open_ledger, require_dp, resolve_site, site_blocks
+from fedcpt.client.site import open_ledger, require_dp, require_secagg, resolve_site, site_blocks
 from fedcpt.config import RunConfig, SiteConfig
 from fedcpt.core import protocol as p
 from fedcpt.core.adapters import (
@@ -24,15 +33,20 @@ from fedcpt.core.adapters import (
     from_arrays,
     load_adapter,
     to_arrays,
+    update_norm,
 )
 from fedcpt.core.data import TokenBlocks, spread
 from fedcpt.core.evaluation import evaluate_blocks
 from fedcpt.core.model import AdaptedModel, load_adapted_model
 from fedcpt.core.training import Anchor, TrainResult, train_adapter
-from fedcpt.exceptions import UpdateRejected
+from fedcpt.exceptions import FedcptError, UpdateRejected
 from fedcpt.privacy.dpsgd import train_adapter_dp
 from fedcpt.privacy.ledger import SiteRefused
 from fedcpt.privacy.plan import plan_run
+from fedcpt.privacy.secagg import site as secagg_site
+from fedcpt.privacy.secagg.encoding import encode
+from fedcpt.privacy.secagg.params import SecAggParams
+from fedcpt.privacy.secagg.site import STATE
 from fedcpt.privacy.user_level import clip_when_asked
 
 log = logging.getLogger(__name__)
@@ -45,12 +59,20 @@ def _config(text: str) -> RunConfig:
     return RunConfig.from_json(text)
 
 
+def _run_config(msg: Message) -> RunConfig:
+    return _config(str(msg.content[p.CONFIG][p.RUN_CONFIG]))
+
+
 def _setup(msg: Message) -> tuple[RunConfig, AdaptedModel, int]:
-    config = msg.content[p.CONFIG]
-    cfg = _config(str(config[p.RUN_CONFIG]))
+    cfg = _run_config(msg)
     lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
     load_adapter(lm.model, msg.content[p.ARRAYS])
-    return cfg, lm, int(config[p.SERVER_ROUND])
+    return cfg, lm, int(msg.content[p.CONFIG][p.SERVER_ROUND])
+
+
+def _refusal(msg: Message, err: Exception, code: int = p.UPDATE_REFUSED) -> Message:
+    log.warning("%s", err)
+    return Message(Error(code=code, reason=str(err)), reply_to=msg)
 
 
 @app.train()
@@ -58,38 +80,102 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received adapter for ``train.local_steps`` steps and return it.
 
     A site may refuse (an error reply naming the reason): when the round would exceed its
-    privacy budget, or when it requires DP and the run has none.
+    privacy budget, when it requires DP and the run has none, or when secure aggregation
+    is required and this message is a plain one.
     """
+    try:
+        require_secagg(_run_config(msg), dict(context.node_config), secure=False)
+        arrays, metrics, site = _train_update(msg, context)
+    except SiteRefused as err:
+        return _refusal(msg, err, p.BUDGET_EXHAUSTED)
+    content = RecordDict({p.ARRAYS: arrays, p.METRICS: MetricRecord(metrics),
+                          p.SITE: ConfigRecord({"name": site.name})})
+    return Message(content=content, reply_to=msg)
+
+
+def _train_update(msg: Message, context: Context,
+                  ) -> tuple[ArrayRecord, dict[str, float], SiteConfig]:
+    """The site's trained adapter and metrics (under DP, after the spend is recorded)."""
     cfg, lm, server_round = _setup(msg)
     node_config = dict(context.node_config)
     site = resolve_site(cfg, node_config)
     blocks = site_blocks(site, cfg.model, cfg.data)
     lr = cfg.lr_at(server_round)
     anchor = _anchor(cfg, lm, msg)
-    try:
-        require_dp(cfg, node_config)
-        if cfg.privacy.enabled:
-            run_id = str(msg.content[p.CONFIG][p.RUN_ID])
-            result, metrics = _train_private(cfg, lm, site, blocks, node_config, lr,
-                                             run_id, server_round, anchor)
-        else:
-            # Seed per (run, site, round): reproducible, different across sites and rounds.
-            seed = zlib.crc32(f"{cfg.seed}/{site.name}/{server_round}".encode())
-            result = train_adapter(lm, blocks.train, cfg.train, lr=lr, seed=seed,
-                                   anchor=anchor)
-            metrics = {p.TRAIN_LOSS: result.mean_loss}
-    except SiteRefused as err:
-        log.warning("%s", err)
-        return Message(Error(code=p.BUDGET_EXHAUSTED, reason=str(err)), reply_to=msg)
+    require_dp(cfg, node_config)
+    if cfg.privacy.enabled:
+        run_id = str(msg.content[p.CONFIG][p.RUN_ID])
+        result, metrics = _train_private(cfg, lm, site, blocks, node_config, lr,
+                                         run_id, server_round, anchor)
+    else:
+        # Seed per (run, site, round): reproducible, different across sites and rounds.
+        seed = zlib.crc32(f"{cfg.seed}/{site.name}/{server_round}".encode())
+        result = train_adapter(lm, blocks.train, cfg.train, lr=lr, seed=seed,
+                               anchor=anchor)
+        metrics = {p.TRAIN_LOSS: result.mean_loss}
     log.info("site %s round %d: loss %.4f, %d steps in %.1fs", site.name, server_round,
              result.mean_loss, result.steps, result.seconds)
     metrics.update({p.NUM_EXAMPLES: result.examples, p.TRAIN_SECONDS: result.seconds})
-    content = RecordDict({
-        p.ARRAYS: to_arrays(adapter_state(lm.model)),
-        p.METRICS: MetricRecord(metrics),
-        p.SITE: ConfigRecord({"name": site.name}),
-    })
+    return to_arrays(adapter_state(lm.model)), metrics, site
+
+
+# --- Secure aggregation (SecAgg+): stages 1, 2 and 4 carry keys and shares only -------
+def _secagg_reply(msg: Message, record: ConfigRecord) -> Message:
+    return Message(RecordDict({STATE: record}), reply_to=msg)
+
+
+@app.train("secagg_setup")
+def secagg_setup(msg: Message, context: Context) -> Message:
+    try:
+        record = secagg_site.setup(context, msg.metadata.dst_node_id,
+                                   msg.content.config_records[STATE])
+    except FedcptError as err:
+        return _refusal(msg, err)
+    return _secagg_reply(msg, record)
+
+
+@app.train("secagg_share_keys")
+def secagg_share_keys(msg: Message, context: Context) -> Message:
+    try:
+        record = secagg_site.share_keys(context, msg.content.config_records[STATE])
+    except FedcptError as err:
+        return _refusal(msg, err)
+    return _secagg_reply(msg, record)
+
+
+@app.train("secagg_masked")
+def secagg_masked(msg: Message, context: Context) -> Message:
+    """Stage 3: train as in :func:`train`, check the update here (the server will only
+    see the sum), then send it quantised and masked."""
+    try:
+        secagg_site.receive_shares(context, msg.content.config_records[STATE])
+        arrays, metrics, site = _train_update(msg, context)
+        cfg, reference = _run_config(msg), msg.content[p.ARRAYS]
+        check_update(arrays, reference)
+        norm = update_norm(arrays, reference)
+        if cfg.federation.max_update_norm and norm > cfg.federation.max_update_norm:
+            raise UpdateRejected(f"update norm {norm:.3f} exceeds the bound "
+                                 f"{cfg.federation.max_update_norm}; not sent")
+        params = SecAggParams.from_record(context.state.config_records[STATE])
+        vector = encode(arrays, reference, int(metrics[p.NUM_EXAMPLES]), params)
+        masked = secagg_site.mask(context, vector)
+    except SiteRefused as err:
+        return _refusal(msg, err, p.BUDGET_EXHAUSTED)
+    except FedcptError as err:
+        return _refusal(msg, err)
+    content = RecordDict({p.MASKED: ArrayRecord({p.MASKED_VECTOR: Array(masked)}),
+                          p.METRICS: MetricRecord(metrics),
+                          p.SITE: ConfigRecord({"name": site.name})})
     return Message(content=content, reply_to=msg)
+
+
+@app.train("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    try:
+        record = secagg_site.unmask(context, msg.content.config_records[STATE])
+    except FedcptError as err:
+        return _refusal(msg, err)
+    return _secagg_reply(msg, record)
 
 
 def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: TokenBlocks,

@@ -21,6 +21,7 @@ DATA_PATH_KEY = "data-path"
 LEDGER_PATH_KEY = "ledger-path"
 BUDGET_KEY = "epsilon-budget"
 REQUIRE_DP_KEY = "require-dp"
+REQUIRE_SECAGG_KEY = "require-secagg"
 
 
 def resolve_site(cfg: RunConfig, node_config: dict) -> SiteConfig:
@@ -72,4 +73,14 @@ def require_dp(cfg: RunConfig, node_config: dict) -> None:
     if str(node_config.get(REQUIRE_DP_KEY, "")).lower() in ("1", "true") and \
             not cfg.privacy.enabled:
         raise SiteRefused("this site requires DP-SGD (require-dp) but the run "
-                                     "has privacy.enabled = false")
+                          "has privacy.enabled = false")
+
+
+def require_secagg(cfg: RunConfig, node_config: dict, secure: bool) -> None:
+    """Plain training is refused when the run or the site (``require-secagg=true``) asks
+    for secure aggregation: it never silently turns off."""
+    required = str(node_config.get(REQUIRE_SECAGG_KEY, "")).lower() in ("1", "true")
+    if not secure and (required or cfg.secagg.mode == "on"):
+        who = "this site (require-secagg)" if required else "the run (secagg.mode = on)"
+        raise SiteRefused(f"{who} requires secure aggregation, but the server sent a "
+                          "plain training message")

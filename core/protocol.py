@@ -6,6 +6,8 @@ METRICS = "metrics"        # MetricRecord: numbers a reply reports
 CONFIG = "config"          # ConfigRecord: what the server asks for
 SITE = "site"              # ConfigRecord {"name": …}: which site replied
 FISHER = "fisher"          # ArrayRecord: EWC's diagonal Fisher, sent with training (EWC only)
+MASKED = "masked"          # ArrayRecord: a masked update under secure aggregation …
+MASKED_VECTOR = "vector"   # … its one uint32 array (privacy.secagg.encoding's layout)
 
 # ConfigRecord keys sent by the server
 RUN_CONFIG = "run-config"  # the RunConfig as JSON
@@ -25,5 +27,6 @@ DOMAIN_LOSS = "domain-loss"
 DOMAIN_BASE_LOSS = "domain-base-loss"
 DOMAIN_ECE = "domain-ece"
 
-# Error code of a reply from a site that refused to train (privacy budget)
-BUDGET_EXHAUSTED = 100
+# Error codes of a reply from a site that refused to train
+BUDGET_EXHAUSTED = 100     # its privacy budget, or a DP / secure aggregation requirement
+UPDATE_REFUSED = 101       # its own update or a secure aggregation message failed a check

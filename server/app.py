@@ -39,6 +39,7 @@ from fedcpt.strategies.fedavg import AdapterFedAvg
 from fedcpt.strategies.phase_training import PhaseTraining, discover_sites, phase_nodes
 from fedcpt.strategies.regression_guard import RegressionGuard
 from fedcpt.strategies.rehearsal import Rehearsal
+from fedcpt.strategies.secagg_fedavg import SecAggFedAvg
 from fedcpt.strategies.server_optimizer import ServerOptimizer
 from fedcpt.strategies.server_step import ServerStep
 from fedcpt.strategies.stateful import StatefulStep
@@ -112,15 +113,19 @@ def build_strategy(cfg: RunConfig, recorder: RunRecorder,
                    steps: list[ServerStep] | None = None, round_offset: int = 0,
                    train_nodes: list[int] | None = None,
                    ewc: tuple[AdaptedModel, torch.Tensor] | None = None) -> Strategy:
-    """FedAvg sampling ``sites_per_round`` of the registered sites (0: all), wrapped in
-    Flower's DP-FedAvg when site-level DP is on. With ``train_nodes`` (a phase's sites)
-    only those train; every site is still evaluated. With ``ewc`` (the server's model and
-    general blocks) training instructions carry the round's diagonal Fisher."""
+    """FedAvg sampling ``sites_per_round`` of the registered sites (0: all), with secure
+    aggregation when ``secagg`` is on, or wrapped in Flower's DP-FedAvg when site-level
+    DP is on. With ``train_nodes`` (a phase's sites) only those train; every site is still
+    evaluated. With ``ewc`` (the server's model and general blocks) training instructions
+    carry the round's diagonal Fisher."""
     fed, n_sites = cfg.federation, len(cfg.sites)
     n_pool = n_sites if train_nodes is None else len(train_nodes)
     n_train = fed.sites_per_round or n_pool
     n_eval = fed.eval_sites_per_round or n_sites
-    strategy = AdapterFedAvg(
+    secure = ({"cfg": cfg, "round_timeout": fed.round_timeout_s} if cfg.secagg.enabled
+              else {})
+    strategy = (SecAggFedAvg if secure else AdapterFedAvg)(
+        **secure,
         min_sites=fed.min_sites,
         listener=recorder,
         server_steps=steps,
@@ -240,13 +245,15 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run``: the run config names a scenario plus overrides."""
+    """Entry point for ``flwr run``: the run config names a scenario plus overrides.
+
+    Secure aggregation is on unless the config turns it off (``secagg.mode = off``)."""
     rc = context.run_config
     cfg = load_config(
         scenario=str(rc.get("scenario", "")) or None,
         config_file=str(rc.get("config-file", "")) or None,
         overrides=shlex.split(str(rc.get("set", ""))),
-    )
+    ).with_secagg_resolved(deployment=True)
     run_federation(grid, cfg, new_run_dir(str(rc.get("out-dir", "runs")), cfg.name))
 
 

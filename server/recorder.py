@@ -23,6 +23,7 @@ from fedcpt.core.data import expand_source
 from fedcpt.core.evaluation import EvalResult, paired_standard_error
 from fedcpt.core.model import AdaptedModel
 from fedcpt.exceptions import DataError, FedcptError
+from fedcpt.privacy.secagg.params import MODULUS, SecAggParams
 from fedcpt.privacy.user_level import user_level_epsilon
 from fedcpt.server.continual import continual_metrics
 from fedcpt.server.report import write_report
@@ -68,6 +69,15 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def secagg_summary(cfg: RunConfig) -> dict[str, Any]:
+    """Whether the server saw only sums, and the SecAgg+ parameters of a full round."""
+    if not cfg.secagg.enabled:
+        return {"enabled": False}
+    params = SecAggParams.for_round(cfg, cfg.sites_per_round)
+    return {"enabled": True, "protocol": "SecAgg+ (Bell et al. 2020)", **asdict(params),
+            "modulus": MODULUS}
 
 
 def privacy_summary(cfg: RunConfig, latest: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -152,9 +162,10 @@ class RunRecorder:
             if r.privacy:
                 self.privacy[r.site] = r.privacy
             loss = "n/a (DP)" if r.train_loss is None else f"{r.train_loss:.4f}"
+            norm = "masked" if r.update_norm is None else f"{r.update_norm:.3f}"
             log.info("round %d · site %-12s train loss %s · %d examples · %.1fs · "
-                     "update norm %.3f", server_round, r.site, loss, r.num_examples,
-                     r.seconds, r.update_norm)
+                     "update norm %s", server_round, r.site, loss, r.num_examples,
+                     r.seconds, norm)
 
     def on_evaluate(self, server_round: int, reports: list[SiteEvalReport]) -> None:
         self._eval[server_round] = reports
@@ -244,7 +255,8 @@ class RunRecorder:
             "sites_trained": [r.site for r in train],
             "train_loss": _weighted_mean([(r.train_loss, r.num_examples) for r in train
                                           if r.train_loss is not None]),
-            "update_norm_per_site": {r.site: r.update_norm for r in train},
+            "update_norm_per_site": {r.site: r.update_norm for r in train
+                                     if r.update_norm is not None},
             "bytes_up_per_client": (sum(r.bytes_up for r in train) // len(train)
                                     if train else 0),
             "failures": failures,
@@ -319,6 +331,7 @@ class RunRecorder:
         if self.cfg.phases:
             summary["continual"] = continual_metrics(
                 self.cfg, self._eval, {r["round"]: r["general_loss"] for r in self.rows})
+        summary["secagg"] = secagg_summary(self.cfg)
         if self.cfg.privacy.enabled:
             summary["privacy"] = privacy_summary(self.cfg, self.privacy)
         if self.cfg.privacy.user_level:

@@ -73,8 +73,9 @@ def backend_config(cfg: RunConfig) -> dict:
 def simulate(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     """Run ``cfg`` with one simulated SuperNode per site; returns the run summary.
 
-    ``resume`` continues the interrupted run in ``run_dir`` (see :func:`run_federation`)."""
-    cfg = with_default_ledger_dir(cfg, run_dir)
+    ``resume`` continues the interrupted run in ``run_dir`` (see :func:`run_federation`).
+    Secure aggregation runs only when ``secagg.mode = "on"``."""
+    cfg = with_default_ledger_dir(cfg.with_secagg_resolved(deployment=False), run_dir)
     run_id = json.loads((run_dir / "manifest.json").read_text())["run_id"] if resume else ""
     preflight(cfg, run_id)
     server_app = make_server_app(cfg, run_dir, resume)

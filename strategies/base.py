@@ -16,7 +16,9 @@ class SiteTrainReport:
     """Mean local training loss; None under DP (it is computed on protected records)."""
     seconds: float
     bytes_up: int
-    update_norm: float
+    update_norm: float | None
+    """L2 distance from the global adapter; None under secure aggregation (the server
+    never sees a single update)."""
     privacy: dict[str, float] = field(default_factory=dict)
     """The site's cumulative DP accounting after this round (empty without DP)."""
 

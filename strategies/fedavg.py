@@ -91,11 +91,13 @@ class AdapterFedAvg(FedAvg):
         self.server_steps = list(server_steps or [])
         self._global: ArrayRecord | None = None
         self._sampled: set[int] = set()
+        self._failures: list[str] = []  # failures before the training replies arrive
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         self._global = arrays
+        self._failures = []
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sampled = {m.metadata.dst_node_id for m in messages}
         return messages
@@ -103,60 +105,40 @@ class AdapterFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        records: list[RecordDict] = []
+        accepted: dict[int, ArrayRecord] = {}
         reports: list[SiteTrainReport] = []
-        failures: list[str] = []
+        failures: list[str] = list(self._failures)
         replied: set[int] = set()
         for msg in replies:
-            replied.add(msg.metadata.src_node_id)
-            site = site_name(msg)
+            node, site = msg.metadata.src_node_id, site_name(msg)
+            replied.add(node)
             if msg.has_error():
                 failures.append(f"{site}: {msg.error.reason}")
                 log.warning("round %d: site %s failed: %s", server_round, site,
                             msg.error.reason)
                 continue
             try:
-                arrays = msg.content.array_records.get(p.ARRAYS)
-                if arrays is None or len(msg.content.array_records) != 1:
-                    raise UpdateRejected("reply must carry exactly one 'arrays' record")
-                check_update(arrays, self._global)
-                metrics = _metrics(msg, TRAIN_METRICS)
-                if not 0 < metrics[p.NUM_EXAMPLES] <= (self.max_examples or math.inf):
-                    raise UpdateRejected(f"num-examples {metrics[p.NUM_EXAMPLES]:g} outside "
-                                         f"(0, {self.max_examples or 'inf'}]")
-                norm = update_norm(arrays, self._global)
-                if self.max_update_norm and norm > self.max_update_norm:
-                    raise UpdateRejected(f"update norm {norm:.3f} exceeds the bound "
-                                         f"{self.max_update_norm}")
+                payload, report = self.check_reply(msg, site)
             except UpdateRejected as err:
                 failures.append(f"{site}: update rejected: {err}")
                 log.warning("round %d: rejected update from site %s: %s", server_round, site,
                             err)
                 continue
-            # A canonical record: what reaches the average is exactly what was checked.
-            records.append(RecordDict({
-                p.ARRAYS: arrays,
-                p.METRICS: MetricRecord({p.NUM_EXAMPLES: metrics[p.NUM_EXAMPLES]}),
-            }))
-            reports.append(SiteTrainReport(
-                site=site,
-                num_examples=int(metrics[p.NUM_EXAMPLES]),
-                train_loss=metrics.get(p.TRAIN_LOSS),
-                seconds=metrics[p.TRAIN_SECONDS],
-                bytes_up=count_bytes(arrays),
-                update_norm=norm,
-                privacy={k: metrics[k] for k in p.PRIVACY_METRICS if k in metrics},
-            ))
+            accepted[node] = payload
+            reports.append(report)
         for node in sorted(self._sampled - replied):
             failures.append(f"node-{node}: no reply within the round timeout")
             log.warning("round %d: node %d did not reply in time", server_round, node)
-        if len(records) < self.min_sites:
+        arrays = None
+        if len(accepted) < self.min_sites:
             log.warning("round %d: %d valid updates, fewer than min_sites=%d; the global "
-                        "adapter is unchanged", server_round, len(records), self.min_sites)
+                        "adapter is unchanged", server_round, len(accepted), self.min_sites)
+        else:
+            arrays = self.combine(server_round, accepted, reports, failures)
+        if arrays is None:
             if self.listener is not None:
                 self.listener.on_train(server_round, reports, failures, False)
             return None, None
-        arrays = aggregate_arrayrecords(records, self.weighted_by_key)
         total = sum(r.num_examples for r in reports)
         details: dict[str, dict] = {}
         for step in self.server_steps:
@@ -167,6 +149,50 @@ class AdapterFedAvg(FedAvg):
             if details:
                 self.listener.on_server_steps(server_round, details)
         return arrays, MetricRecord({p.NUM_EXAMPLES: total})
+
+    def check_reply(self, msg: Message, site: str) -> tuple[ArrayRecord, SiteTrainReport]:
+        """Validate one training reply; raise UpdateRejected, or return what enters the
+        aggregate and the site's report."""
+        arrays = msg.content.array_records.get(p.ARRAYS)
+        if arrays is None or len(msg.content.array_records) != 1:
+            raise UpdateRejected("reply must carry exactly one 'arrays' record")
+        check_update(arrays, self._global)
+        metrics = self.check_metrics(msg)
+        norm = update_norm(arrays, self._global)
+        if self.max_update_norm and norm > self.max_update_norm:
+            raise UpdateRejected(f"update norm {norm:.3f} exceeds the bound "
+                                 f"{self.max_update_norm}")
+        return arrays, self.site_report(site, metrics, count_bytes(arrays), norm)
+
+    def check_metrics(self, msg: Message) -> dict[str, float]:
+        """The reply's training metrics, with ``num-examples`` within its bound."""
+        metrics = _metrics(msg, TRAIN_METRICS)
+        if not 0 < metrics[p.NUM_EXAMPLES] <= (self.max_examples or math.inf):
+            raise UpdateRejected(f"num-examples {metrics[p.NUM_EXAMPLES]:g} outside "
+                                 f"(0, {self.max_examples or 'inf'}]")
+        return metrics
+
+    @staticmethod
+    def site_report(site: str, metrics: dict[str, float], bytes_up: int,
+                    norm: float | None) -> SiteTrainReport:
+        return SiteTrainReport(
+            site=site,
+            num_examples=int(metrics[p.NUM_EXAMPLES]),
+            train_loss=metrics.get(p.TRAIN_LOSS),
+            seconds=metrics[p.TRAIN_SECONDS],
+            bytes_up=bytes_up,
+            update_norm=norm,
+            privacy={k: metrics[k] for k in p.PRIVACY_METRICS if k in metrics},
+        )
+
+    def combine(self, server_round: int, accepted: dict[int, ArrayRecord],
+                reports: list[SiteTrainReport], failures: list[str]) -> ArrayRecord | None:
+        """The weighted average of the accepted updates (Flower's own averaging)."""
+        # Canonical records: what reaches the average is exactly what was checked.
+        records = [RecordDict({p.ARRAYS: arrays,
+                               p.METRICS: MetricRecord({p.NUM_EXAMPLES: r.num_examples})})
+                   for arrays, r in zip(accepted.values(), reports, strict=True)]
+        return aggregate_arrayrecords(records, self.weighted_by_key)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
                            config: ConfigRecord, grid: Grid) -> Iterable[Message]:

@@ -128,3 +128,15 @@ def sites_config(tmp_path_factory, make_text) -> Path:
     config = root / "sites.toml"
     config.write_text("\n".join(lines), encoding="utf-8")
     return config
+
+
+@pytest.fixture(scope="session")
+def smoke_dp_run(tmp_path_factory, sites_config):
+    """One DP smoke simulation shared by the tests that read its outputs:
+    ``(config, run_dir, summary)``."""
+    from fedcpt.config import load_config
+    from fedcpt.simulations.runner import simulate
+
+    cfg = load_config("smoke-dp", config_file=sites_config)
+    run_dir = tmp_path_factory.mktemp("smoke-dp") / "run"
+    return cfg, run_dir, simulate(cfg, run_dir)

@@ -14,10 +14,8 @@ from fedcpt.simulations.runner import simulate
 SITES = ("north", "south", "east")
 
 
-def test_dp_run_reports_cumulative_epsilon_from_the_ledgers(tmp_path, sites_config):
-    cfg = load_config("smoke-dp", config_file=sites_config)
-    run_dir = tmp_path / "run"
-    summary = simulate(cfg, run_dir)
+def test_dp_run_reports_cumulative_epsilon_from_the_ledgers(smoke_dp_run):
+    cfg, run_dir, summary = smoke_dp_run
 
     privacy = summary["privacy"]
     assert set(privacy["sites"]) == set(SITES)

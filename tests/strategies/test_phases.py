@@ -78,6 +78,9 @@ def test_rounds_default_to_the_phases_and_must_match_them(tmp_path, sites_config
         load_config(None, config_file=_write(tmp_path, text.replace(
             'sites = ["north", "south"]', 'sites = ["north"]')),
             overrides=["federation.sites_per_round=2"])
+    with pytest.raises(ConfigError, match="phases.sites.*secure aggregation"):
+        load_config(None, config_file=_write(tmp_path, text),
+                    overrides=["secagg.mode=on", "federation.max_update_norm=1"])
     with pytest.raises(ConfigError, match="`phases` cannot be overridden"):
         load_config("smoke", overrides=["phases=x"])
 

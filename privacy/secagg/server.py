@@ -1,0 +1,151 @@
+"""The server's side of a SecAgg+ round: route keys and shares, then unmask the sum.
+
+:meth:`SecAggRound.share_keys` runs stages 1–2 (public keys, encrypted shares) before
+the sites train; the training messages then carry each site's inbound shares (stage 3);
+:meth:`SecAggRound.unmask` runs stage 4 on the masked vectors that arrived, rebuilding
+the private mask seeds of the sites that answered and the mask keys of those that
+dropped after sharing keys. The server never holds a site's update, only the sum.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.serverapp import Grid
+
+from fedcpt.exceptions import FedcptError
+from fedcpt.privacy.secagg.masking import agree, expand
+from fedcpt.privacy.secagg.params import SecAggParams, neighbours
+from fedcpt.privacy.secagg.site import MASK, STATE
+
+log = logging.getLogger(__name__)
+
+# Message types (ClientApp actions) of the stages; stage 3 is the training message itself.
+SETUP, SHARE_KEYS, MASKED, UNMASK = ("train.secagg_setup", "train.secagg_share_keys",
+                                     "train.secagg_masked", "train.secagg_unmask")
+
+
+class SecAggFailed(FedcptError):
+    """Too few sites stayed in the round to finish secure aggregation."""
+
+
+class SecAggRound:
+    """Stages 1, 2 and 4 of one round over ``nodes``, sent through ``grid``."""
+
+    def __init__(self, grid: Grid, nodes: list[int], params: SecAggParams, server_round: int,
+                 timeout: float) -> None:
+        self.grid, self.params, self.round, self.timeout = grid, params, server_round, timeout
+        self.nodes = sorted(nodes)
+        self.public: dict[int, tuple[bytes, bytes]] = {}
+        self.peers: dict[int, list[int]] = {}
+        self.shared: set[int] = set()
+        self.failures: list[str] = []
+
+    def _exchange(self, message_type: str, requests: Mapping[int, ConfigRecord],
+                  ) -> dict[int, ConfigRecord]:
+        """Send each node its request; the replies that came back without error."""
+        messages = [Message(RecordDict({STATE: record}), dst_node_id=node,
+                            message_type=message_type, group_id=str(self.round))
+                    for node, record in requests.items()]
+        replies: dict[int, ConfigRecord] = {}
+        answered: set[int] = set()
+        for msg in self.grid.send_and_receive(messages, timeout=self.timeout):
+            node = msg.metadata.src_node_id
+            answered.add(node)
+            if msg.has_error():
+                self._fail(node, message_type, msg.error.reason)
+            elif STATE not in msg.content.config_records:
+                self._fail(node, message_type, "reply carries no secagg record")
+            else:
+                replies[node] = msg.content.config_records[STATE]
+        for node in sorted(set(requests) - answered):
+            self._fail(node, message_type, "no reply within the round timeout")
+        return replies
+
+    def _fail(self, node: int, stage: str, reason: str) -> None:
+        self.failures.append(f"node-{node}: {stage.split('_', 1)[-1]}: {reason}")
+        log.warning("round %d: secure aggregation %s failed at node %d: %s", self.round,
+                    stage, node, reason)
+
+    def _require(self, present: set[int], stage: str) -> None:
+        if len(present) < self.params.threshold:
+            raise SecAggFailed(f"secure aggregation {stage}: {len(present)} sites left, below "
+                               f"the reconstruction threshold {self.params.threshold}")
+
+    def share_keys(self) -> dict[int, ConfigRecord]:
+        """Stages 1–2; returns, per site still present, the shares addressed to it."""
+        record = self.params.to_record()
+        for node, reply in self._exchange(SETUP, {n: record for n in self.nodes}).items():
+            pk1, pk2 = reply.get("pk1"), reply.get("pk2")
+            if isinstance(pk1, bytes) and isinstance(pk2, bytes) and len(pk1) == len(pk2) == 32:
+                self.public[node] = (pk1, pk2)
+            else:
+                self._fail(node, SETUP, "malformed public keys")
+        self._require(set(self.public), "setup")
+        present = sorted(self.public)
+        self.peers = {n: neighbours(present, n, self.params.num_shares) for n in present}
+        requests = {n: ConfigRecord({"nodes": self.peers[n],
+                                     "pk1": [self.public[p][0] for p in self.peers[n]],
+                                     "pk2": [self.public[p][1] for p in self.peers[n]]})
+                    for n in present}
+        outgoing = {}
+        for node, reply in self._exchange(SHARE_KEYS, requests).items():
+            dsts, sealed = list(reply.get("dst", [])), list(reply.get("sealed", []))
+            if sorted(dsts) != [p for p in self.peers[node] if p != node] or (
+                    len(sealed) != len(dsts)):
+                self._fail(node, SHARE_KEYS, "shares not addressed to its neighbours")
+                continue
+            outgoing[node] = dict(zip(dsts, sealed, strict=True))
+        self.shared = set(outgoing)
+        self._require(self.shared, "key sharing")
+        return {dst: ConfigRecord({
+                    "src": [s for s in sorted(self.shared) if dst in outgoing[s]],
+                    "sealed": [outgoing[s][dst] for s in sorted(self.shared)
+                               if dst in outgoing[s]]})
+                for dst in sorted(self.shared)}
+
+    def unmask(self, masked: Mapping[int, np.ndarray]) -> tuple[np.ndarray, int]:
+        """Stage 4: the sum of the encoded vectors of the sites in ``masked`` (uint32),
+        and how many sites it covers."""
+        active = set(masked) & self.shared
+        dead = self.shared - active
+        self._require(active, "masked updates")
+        requests = {n: ConfigRecord({"active": [p for p in self.peers[n] if p in active],
+                                     "dead": [p for p in self.peers[n] if p in dead]})
+                    for n in sorted(active)}
+        seed_shares: dict[int, list[bytes]] = {n: [] for n in active}
+        key_shares: dict[int, list[bytes]] = {n: [] for n in dead}
+        for node, reply in self._exchange(UNMASK, requests).items():
+            nodes, shares = list(reply.get("nodes", [])), list(reply.get("shares", []))
+            asked = requests[node]
+            if nodes != list(asked["active"]) + list(asked["dead"]) or (
+                    len(shares) != len(nodes)):
+                self._fail(node, UNMASK, "shares do not match the request")
+                continue
+            for owner, share in zip(nodes, shares, strict=True):
+                (seed_shares if owner in active else key_shares)[owner].append(share)
+        total = np.sum(np.stack([masked[n].astype(np.uint32) for n in sorted(active)]), axis=0,
+                       dtype=np.uint32)
+        for node, shares in seed_shares.items():
+            total -= expand(self._rebuild(node, shares, "mask seed"), total.size)
+        for node, shares in key_shares.items():
+            partners = [p for p in self.peers[node] if p in active]
+            if not partners:
+                continue
+            sk1 = self._rebuild(node, shares, "mask key")
+            for partner in partners:
+                pairwise = expand(agree(sk1, self.public[partner][0], MASK), total.size)
+                # the partner added it toward a higher id and subtracted it toward a lower
+                total = total - pairwise if partner < node else total + pairwise
+        return total, len(active)
+
+    def _rebuild(self, node: int, shares: list[bytes], what: str) -> bytes:
+        if len(shares) < self.params.threshold:
+            raise SecAggFailed(f"secure aggregation: only {len(shares)} shares of node "
+                               f"{node}'s {what} arrived, below the threshold "
+                               f"{self.params.threshold}")
+        return combine_shares(shares[:self.params.threshold])
