@@ -161,9 +161,18 @@ class FederationConfig:
         default="", metadata={"help": "Start from this saved adapter version (a run's "
                               "adapters/round-NNN) instead of a fresh one."})
     round_timeout_s: float = 3600.0
+    round_retries: int = field(
+        default=1, metadata={"help": "Times a round with fewer than min_sites valid updates "
+                             "is sent again (a DP site resends the update it already paid "
+                             "for)."})
+    failed_round: Literal["stop", "skip"] = field(
+        default="stop", metadata={"help": "After the retries: stop the run (resumable with "
+                                  "--resume) or skip the round, keeping the global adapter."})
 
     def __post_init__(self) -> None:
         _require(self.rounds > 0, "federation.rounds", self.rounds, "> 0")
+        _require(self.round_retries >= 0, "federation.round_retries", self.round_retries,
+                 ">= 0")
         _require(self.sites_per_round >= 0, "federation.sites_per_round",
                  self.sites_per_round, ">= 0")
         _require(self.eval_sites_per_round >= 0, "federation.eval_sites_per_round",

@@ -19,3 +19,7 @@ class ModelError(FedcptError):
 
 class UpdateRejected(FedcptError):
     """A client's adapter update failed validation and must not be aggregated."""
+
+
+class RoundFailed(FedcptError):
+    """A round stayed below ``federation.min_sites`` valid updates after its retries."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import zlib
+from collections.abc import Callable
 
 from flwr.app import (
     Array,
@@ -120,27 +121,24 @@ def _train_update(msg: Message, context: Context,
 
 
 # --- Secure aggregation (SecAgg+): stages 1, 2 and 4 carry keys and shares only -------
-def _secagg_reply(msg: Message, record: ConfigRecord) -> Message:
+def _secagg_stage(msg: Message, stage: Callable[[ConfigRecord], ConfigRecord]) -> Message:
+    try:
+        record = stage(msg.content.config_records[STATE])
+    except FedcptError as err:
+        return _refusal(msg, err)
     return Message(RecordDict({STATE: record}), reply_to=msg)
 
 
 @app.train("secagg_setup")
 def secagg_setup(msg: Message, context: Context) -> Message:
-    try:
-        record = secagg_site.setup(context, msg.metadata.dst_node_id,
-                                   msg.content.config_records[STATE])
-    except FedcptError as err:
-        return _refusal(msg, err)
-    return _secagg_reply(msg, record)
+    """Stage 1: fresh key pairs for the round; only the public halves leave."""
+    return _secagg_stage(msg, lambda r: secagg_site.setup(context, msg.metadata.dst_node_id, r))
 
 
 @app.train("secagg_share_keys")
 def secagg_share_keys(msg: Message, context: Context) -> Message:
-    try:
-        record = secagg_site.share_keys(context, msg.content.config_records[STATE])
-    except FedcptError as err:
-        return _refusal(msg, err)
-    return _secagg_reply(msg, record)
+    """Stage 2: shares of this site's secrets, encrypted for each neighbour."""
+    return _secagg_stage(msg, lambda r: secagg_site.share_keys(context, r))
 
 
 @app.train("secagg_masked")
@@ -171,11 +169,8 @@ def secagg_masked(msg: Message, context: Context) -> Message:
 
 @app.train("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    try:
-        record = secagg_site.unmask(context, msg.content.config_records[STATE])
-    except FedcptError as err:
-        return _refusal(msg, err)
-    return _secagg_reply(msg, record)
+    """Stage 4: the shares that unmask the sum; then the round's secrets are deleted."""
+    return _secagg_stage(msg, lambda r: secagg_site.unmask(context, r))
 
 
 def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: TokenBlocks,

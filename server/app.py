@@ -33,6 +33,7 @@ from fedcpt.core.model import AdaptedModel, load_adapted_model, load_tokenizer
 from fedcpt.exceptions import ConfigError
 from fedcpt.privacy.user_level import wrap_user_level
 from fedcpt.server.recorder import RunRecorder
+from fedcpt.server.versions import resumable_config
 from fedcpt.strategies.delta_scaling import DeltaScaling
 from fedcpt.strategies.ewc import FisherToSites
 from fedcpt.strategies.fedavg import AdapterFedAvg
@@ -122,11 +123,13 @@ def build_strategy(cfg: RunConfig, recorder: RunRecorder,
     n_pool = n_sites if train_nodes is None else len(train_nodes)
     n_train = fed.sites_per_round or n_pool
     n_eval = fed.eval_sites_per_round or n_sites
-    secure = ({"cfg": cfg, "round_timeout": fed.round_timeout_s} if cfg.secagg.enabled
-              else {})
+    secure = {"cfg": cfg} if cfg.secagg.enabled else {}
     strategy = (SecAggFedAvg if secure else AdapterFedAvg)(
         **secure,
         min_sites=fed.min_sites,
+        round_timeout=fed.round_timeout_s,
+        round_retries=fed.round_retries,
+        stop_on_failed_round=fed.failed_round == "stop",
         listener=recorder,
         server_steps=steps,
         max_update_norm=fed.max_update_norm,
@@ -245,10 +248,15 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run``: the run config names a scenario plus overrides.
+    """Entry point for ``flwr run``: the run config names a scenario plus overrides, or
+    ``resume`` names an interrupted run folder to continue.
 
     Secure aggregation is on unless the config turns it off (``secagg.mode = off``)."""
     rc = context.run_config
+    if str(rc.get("resume", "")):
+        run_dir = Path(str(rc["resume"]))
+        run_federation(grid, resumable_config(run_dir), run_dir, resume=True)
+        return
     cfg = load_config(
         scenario=str(rc.get("scenario", "")) or None,
         config_file=str(rc.get("config-file", "")) or None,

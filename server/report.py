@@ -190,6 +190,17 @@ def write_report(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, An
         lines += ["", "## Failures", ""] + [f"- {f}" for f in failures]
     if "privacy" in s:
         lines += privacy_lines(s["privacy"])
+    if s.get("secagg", {}).get("enabled"):
+        a = s["secagg"]
+        lines += ["", "## Secure aggregation", "",
+                  f"Every round ran {a['protocol']}: the server saw only the weighted sum of "
+                  f"the sites' updates. Each site shared its secrets with {a['num_shares']} "
+                  f"sites (itself included); any {a['threshold']} of them could unmask it, "
+                  f"so a round survived up to {a['num_shares'] - a['threshold']} of a site's "
+                  "neighbours dropping. Each site checked its own update before masking and "
+                  f"quantised it over ±{a['clipping_range']:g} to "
+                  f"{a['quantization_range']:,} levels; per-site update norms are therefore "
+                  "not shown."]
     if "privacy_user_level" in s:
         u = s["privacy_user_level"]
         lines += ["", "## Site-level privacy (DP-FedAvg)", "",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -30,6 +31,29 @@ from fedcpt.core.model import AdaptedModel
 log = logging.getLogger(__name__)
 
 
+class FisherGrid:
+    """A grid that attaches the Fisher to every training instruction sent through it (so
+    a strategy's own re-sends, e.g. round retries, carry it too)."""
+
+    def __init__(self, grid: Grid, fisher: ArrayRecord) -> None:
+        self._grid = grid
+        self.fisher = fisher
+
+    def attach(self, msg: Message) -> Message:
+        """Add the Fisher to a message that carries the adapter to train."""
+        if p.ARRAYS in msg.content.array_records:
+            msg.content[p.FISHER] = self.fisher
+        return msg
+
+    def send_and_receive(self, messages: Iterable[Message],
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive([self.attach(m) for m in messages],
+                                           timeout=timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
 class FisherToSites(Strategy):
     """``strategy`` whose training instructions also carry the round's diagonal Fisher."""
 
@@ -40,15 +64,13 @@ class FisherToSites(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        if messages:
-            load_adapter(self.lm.model, arrays)
-            fisher = to_arrays(diagonal_fisher(self.lm, self.blocks))
-            log.info("round %d · EWC: diagonal Fisher on %d general blocks sent to %d sites",
-                     server_round, len(self.blocks), len(messages))
-            for msg in messages:
-                msg.content[p.FISHER] = fisher
-        return messages
+        load_adapter(self.lm.model, arrays)
+        view = FisherGrid(grid, to_arrays(diagonal_fisher(self.lm, self.blocks)))
+        messages = list(self.strategy.configure_train(server_round, arrays, config,
+                                                      view))  # type: ignore[arg-type]
+        log.info("round %d · EWC: diagonal Fisher on %d general blocks sent to %d sites",
+                 server_round, len(self.blocks), len(messages))
+        return [view.attach(m) for m in messages]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -5,8 +5,9 @@ https://arxiv.org/abs/1602.05629) weighted by each reply's ``num-examples``; eve
 trains the same number of steps × batch, so in practice the sites weigh equally. Around
 it, this class adds what a federation of data sites needs: each reply is checked (record
 layout, keys, shapes, dtypes, finite values, required metrics) before it can enter the
-global adapter; a round with fewer than ``min_sites`` valid replies keeps the previous
-adapter; per-site results and failures go to a :class:`RoundListener`; optional server
+global adapter; a round with fewer than ``min_sites`` valid replies is sent again, then
+stops the run or keeps the previous adapter; per-site results and failures go to a
+:class:`RoundListener`; optional server
 steps (:mod:`~fedcpt.strategies.rehearsal`, :mod:`~fedcpt.strategies.delta_scaling`)
 turn the average into the next global adapter with the server's own general data.
 """
@@ -24,7 +25,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fedcpt.core import protocol as p
 from fedcpt.core.adapters import check_update, count_bytes, update_norm
-from fedcpt.exceptions import UpdateRejected
+from fedcpt.exceptions import RoundFailed, UpdateRejected
 from fedcpt.strategies.base import RoundListener, SiteEvalReport, SiteTrainReport
 from fedcpt.strategies.server_step import ServerStep
 
@@ -75,13 +76,21 @@ class AdapterFedAvg(FedAvg):
         Reject an update farther than this (L2) from the global adapter (0: no bound).
     server_steps : list of ServerStep, optional
         Applied in order to each round's average (rehearsal, delta scaling).
+    round_timeout : float
+        Seconds to wait for the replies of a retried round (and of extra exchanges).
+    round_retries : int
+        Times a round with fewer than ``min_sites`` valid updates is sent again.
+    stop_on_failed_round : bool
+        Then raise :class:`~fedcpt.exceptions.RoundFailed` (else keep the global adapter).
     **kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling fractions and minima).
     """
 
     def __init__(self, *, min_sites: int = 1, listener: RoundListener | None = None,
                  server_steps: list[ServerStep] | None = None, max_update_norm: float = 0.0,
-                 round_offset: int = 0, max_examples: int = 0, **kwargs) -> None:
+                 round_offset: int = 0, max_examples: int = 0, round_timeout: float = 3600.0,
+                 round_retries: int = 0, stop_on_failed_round: bool = False,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.round_offset = round_offset
         self.max_examples = max_examples
@@ -89,14 +98,19 @@ class AdapterFedAvg(FedAvg):
         self.max_update_norm = max_update_norm
         self.listener = listener
         self.server_steps = list(server_steps or [])
+        self.round_timeout = round_timeout
+        self.round_retries = round_retries
+        self.stop_on_failed_round = stop_on_failed_round
         self._global: ArrayRecord | None = None
+        self._config: ConfigRecord | None = None
+        self._grid: Grid | None = None
         self._sampled: set[int] = set()
         self._failures: list[str] = []  # failures before the training replies arrive
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
-        self._global = arrays
+        self._global, self._config, self._grid = arrays, config, grid
         self._failures = []
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._sampled = {m.metadata.dst_node_id for m in messages}
@@ -104,7 +118,51 @@ class AdapterFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        server_round += self.round_offset
+        raw_round, server_round = server_round, server_round + self.round_offset
+        failures: list[str] = []
+        accepted: dict[int, ArrayRecord] = {}
+        for attempt in range(self.round_retries + 1):
+            if attempt:
+                log.warning("round %d: %d valid updates, fewer than min_sites=%d; sending "
+                            "the round again (retry %d of %d)", server_round, len(accepted),
+                            self.min_sites, attempt, self.round_retries)
+                messages = self.configure_train(raw_round, self._global, self._config,
+                                                self._grid)
+                replies = self._grid.send_and_receive(messages, timeout=self.round_timeout)
+            accepted, reports, new_failures = self._collect(server_round, replies)
+            failures += [f"attempt {attempt + 1}: {f}" if self.round_retries else f
+                         for f in new_failures]
+            if len(accepted) >= self.min_sites:
+                break
+        arrays = None
+        if len(accepted) >= self.min_sites:
+            arrays = self.combine(server_round, accepted, reports, failures)
+        if arrays is None:
+            if self.listener is not None:
+                self.listener.on_train(server_round, reports, failures, False)
+            if self.stop_on_failed_round:
+                raise RoundFailed(
+                    f"round {server_round} was not aggregated ({len(accepted)} valid updates, "
+                    f"min_sites={self.min_sites}, {self.round_retries} retries): "
+                    f"{'; '.join(failures[-3:]) or 'no replies'}. Fix the sites and continue "
+                    "with --resume, or set federation.failed_round = \"skip\"")
+            log.warning("round %d: not aggregated; the global adapter is unchanged",
+                        server_round)
+            return None, None
+        total = sum(r.num_examples for r in reports)
+        details: dict[str, dict] = {}
+        for step in self.server_steps:
+            arrays, details[step.name] = step.apply(server_round, self._global, arrays, total)
+        rejected = details.get("regression_guard", {}).get("rejected", False)
+        if self.listener is not None:
+            self.listener.on_train(server_round, reports, failures, not rejected)
+            if details:
+                self.listener.on_server_steps(server_round, details)
+        return arrays, MetricRecord({p.NUM_EXAMPLES: total})
+
+    def _collect(self, server_round: int, replies: Iterable[Message],
+                 ) -> tuple[dict[int, ArrayRecord], list[SiteTrainReport], list[str]]:
+        """The valid updates by node, their sites' reports, and every failure."""
         accepted: dict[int, ArrayRecord] = {}
         reports: list[SiteTrainReport] = []
         failures: list[str] = list(self._failures)
@@ -129,26 +187,7 @@ class AdapterFedAvg(FedAvg):
         for node in sorted(self._sampled - replied):
             failures.append(f"node-{node}: no reply within the round timeout")
             log.warning("round %d: node %d did not reply in time", server_round, node)
-        arrays = None
-        if len(accepted) < self.min_sites:
-            log.warning("round %d: %d valid updates, fewer than min_sites=%d; the global "
-                        "adapter is unchanged", server_round, len(accepted), self.min_sites)
-        else:
-            arrays = self.combine(server_round, accepted, reports, failures)
-        if arrays is None:
-            if self.listener is not None:
-                self.listener.on_train(server_round, reports, failures, False)
-            return None, None
-        total = sum(r.num_examples for r in reports)
-        details: dict[str, dict] = {}
-        for step in self.server_steps:
-            arrays, details[step.name] = step.apply(server_round, self._global, arrays, total)
-        rejected = details.get("regression_guard", {}).get("rejected", False)
-        if self.listener is not None:
-            self.listener.on_train(server_round, reports, failures, not rejected)
-            if details:
-                self.listener.on_server_steps(server_round, details)
-        return arrays, MetricRecord({p.NUM_EXAMPLES: total})
+        return accepted, reports, failures
 
     def check_reply(self, msg: Message, site: str) -> tuple[ArrayRecord, SiteTrainReport]:
         """Validate one training reply; raise UpdateRejected, or return what enters the

@@ -36,16 +36,13 @@ class SecAggFedAvg(AdapterFedAvg):
     ----------
     cfg : RunConfig
         The run (its ``[secagg]`` section must be on and validated).
-    round_timeout : float
-        Seconds to wait for each of the extra exchanges.
     **kwargs
         Passed to :class:`AdapterFedAvg`.
     """
 
-    def __init__(self, *, cfg: RunConfig, round_timeout: float, **kwargs) -> None:
+    def __init__(self, *, cfg: RunConfig, **kwargs) -> None:
         super().__init__(**kwargs)
         self.cfg = cfg
-        self.round_timeout = round_timeout
         self._round: SecAggRound | None = None
         self.last_params: SecAggParams | None = None
 

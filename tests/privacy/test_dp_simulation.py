@@ -7,6 +7,7 @@ import json
 import pytest
 
 from fedcpt.config import load_config
+from fedcpt.exceptions import FedcptError
 from fedcpt.privacy.accounting import epsilon
 from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.simulations.runner import simulate
@@ -44,14 +45,15 @@ def test_site_refuses_the_round_that_would_exceed_its_budget(tmp_path, sites_con
     cfg = load_config("smoke-dp", config_file=sites_config, overrides=[
         f"privacy.noise_multiplier={sigma}", f"privacy.target_epsilon={budget}"])
     run_dir = tmp_path / "run"
-    summary = simulate(cfg, run_dir)
+    with pytest.raises(FedcptError, match="round 2 was not aggregated.*refuses to train"):
+        simulate(cfg, run_dir)  # round 2: every site refuses, also when it is sent again
 
-    assert summary["failures"] == len(SITES)  # every site refused round 2
+    error = (run_dir / "error.txt").read_text()
+    assert "round 2 was not aggregated" in error and "refuses to train" in error
+    assert not (run_dir / "summary.json").exists()
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert all("refuses to train" in f for f in metrics[2]["failures"])
-    assert metrics[2]["sites_trained"] == []
+    assert [m["round"] for m in metrics] == [0, 1]  # round 1 stays, resumable
     for site in SITES:
         ledger = PrivacyLedger.load(run_dir / "ledgers" / f"{site}.ledger.json")
-        assert len(ledger.entries) == 1  # the refused round spent nothing
+        assert len(ledger.entries) == 1  # the refused round spent nothing, twice
         assert ledger.epsilon() <= budget
-    assert "refuses to train" in (run_dir / "report.md").read_text()

@@ -31,6 +31,7 @@ def test_secagg_with_dp_runs_and_spends_exactly_what_dp_alone_spends(
     assert dp_summary["secagg"] == {"enabled": False}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["update_norm_per_site"] == {} for r in rows)  # the server saw no update
+    assert "## Secure aggregation" in (run_dir / "report.md").read_text()
     for site in summary["privacy"]["sites"]:
         secure = PrivacyLedger.load(run_dir / "ledgers" / f"{site}.ledger.json")
         plain = PrivacyLedger.load(dp_dir / "ledgers" / f"{site}.ledger.json")

@@ -62,11 +62,16 @@ def test_weighted_anchor_pulls_each_coordinate_by_its_weight(trained_lm):
     torch.testing.assert_close(param.detach(), expected)
 
 
-def test_train_instructions_carry_the_fisher_and_evaluation_does_not(
-        monkeypatch, trained_lm, text_blocks):
+@pytest.fixture
+def server_identity(monkeypatch):
+    """Messages are created inside a running ServerApp; act as one (SuperLink node 0)."""
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+def test_train_instructions_carry_the_fisher_and_evaluation_does_not(
+        server_identity, trained_lm, text_blocks):
 
     class Grid:
         def get_node_ids(self):
@@ -82,6 +87,29 @@ def test_train_instructions_carry_the_fisher_and_evaluation_does_not(
         assert set(fisher.keys()) == set(arrays.keys())
     evaluate = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), Grid()))
     assert all("fisher" not in m.content.array_records for m in evaluate)
+
+
+def test_resends_through_the_strategy_grid_carry_the_fisher_too(server_identity):
+    from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+    from fedcpt.strategies.ewc import FisherGrid
+
+    sent: list[Message] = []
+
+    class Grid:
+        def send_and_receive(self, messages, timeout=None):
+            sent.extend(messages)
+            return []
+
+    fisher = ArrayRecord({"w": Array(np.ones(2, np.float32))})
+    view = FisherGrid(Grid(), fisher)
+    train = Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(2, np.float32))})}),
+                    dst_node_id=5, message_type="train")
+    keys = Message(RecordDict({"config": ConfigRecord({"stage": 1})}), dst_node_id=5,
+                   message_type="train.secagg_setup")
+    view.send_and_receive([train, keys], timeout=1.0)  # e.g. a round retry
+    assert sent[0].content.array_records["fisher"] is fisher
+    assert "fisher" not in sent[1].content.array_records
 
 
 def test_ewc_config_errors():

@@ -18,6 +18,7 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedcpt.exceptions import RoundFailed
 from fedcpt.strategies.base import SiteEvalReport, SiteTrainReport
 from fedcpt.strategies.fedavg import AdapterFedAvg
 
@@ -248,6 +249,53 @@ def test_fewer_than_min_sites_keeps_global(listener, reference):
     (_, reports, failures), = listener.train
     assert [r.site for r in reports] == ["good"]
     assert len(failures) == 2
+
+
+class AnsweringGrid(FakeGrid):
+    """A grid whose nodes answer a re-sent round with valid updates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[int] = []
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        self.sent += [m.metadata.dst_node_id for m in messages]
+        return [_reply(m, f"site-{m.metadata.dst_node_id}", _arrays(seed=i), 10)
+                for i, m in enumerate(messages)]
+
+
+def _failing_round(strategy, reference, grid):
+    messages = list(strategy.configure_train(1, reference, ConfigRecord({}), grid))
+    return [Message(Error(code=1, reason="node crashed"), reply_to=m) for m in messages]
+
+
+def test_round_below_min_sites_is_sent_again_and_aggregated(listener, reference):
+    strategy = AdapterFedAvg(min_sites=2, listener=listener, min_train_nodes=3,
+                             min_available_nodes=3, round_retries=1, stop_on_failed_round=True)
+    grid = AnsweringGrid()
+    arrays, metrics = strategy.aggregate_train(1, _failing_round(strategy, reference, grid))
+
+    assert sorted(grid.sent) == [11, 12, 13]  # the retry went to every sampled site
+    assert arrays is not None and metrics["num-examples"] == 30
+    (_, reports, failures), = listener.train
+    assert len(reports) == 3
+    assert sorted(failures) == ["attempt 1: node-11: node crashed",
+                               "attempt 1: node-12: node crashed",
+                               "attempt 1: node-13: node crashed"]
+
+
+def test_round_failing_after_its_retries_stops_the_run_with_a_clear_error(listener,
+                                                                          reference):
+    strategy = AdapterFedAvg(min_sites=2, listener=listener, min_train_nodes=3,
+                             min_available_nodes=3, round_retries=2, stop_on_failed_round=True)
+    grid = FakeGrid()
+    grid.send_and_receive = lambda messages, timeout=None: [
+        Message(Error(code=1, reason="node crashed"), reply_to=m) for m in messages]
+    with pytest.raises(RoundFailed, match=r"round 1 was not aggregated.*--resume"):
+        strategy.aggregate_train(1, _failing_round(strategy, reference, grid))
+    (_, reports, failures), = listener.train
+    assert reports == [] and len(failures) == 9  # 3 attempts × 3 sites, all reported
 
 
 def test_all_rejected_with_min_sites_one(strategy, instructions, listener):
