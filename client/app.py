@@ -25,6 +25,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
+from fedcpt.client.errors import report_site_errors
 from fedcpt.client.site import open_ledger, require_dp, require_secagg, resolve_site, site_blocks
 from fedcpt.config import RunConfig, SiteConfig
 from fedcpt.core import protocol as p
@@ -52,7 +53,7 @@ from fedcpt.privacy.user_level import clip_when_asked
 
 log = logging.getLogger(__name__)
 
-app = ClientApp(mods=[clip_when_asked])
+app = ClientApp(mods=[report_site_errors, clip_when_asked])
 
 
 @functools.lru_cache(maxsize=8)

@@ -30,3 +30,4 @@ DOMAIN_ECE = "domain-ece"
 # Error codes of a reply from a site that refused to train
 BUDGET_EXHAUSTED = 100     # its privacy budget, or a DP / secure aggregation requirement
 UPDATE_REFUSED = 101       # its own update or a secure aggregation message failed a check
+SITE_ERROR = 102           # it could not take part: its data, ledger or node config

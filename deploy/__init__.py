@@ -1,0 +1,1 @@
+"""Deployment on Flower's Deployment Engine: federation certificates and site checks."""

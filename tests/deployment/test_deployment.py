@@ -1,0 +1,147 @@
+"""The app on Flower's Deployment Engine: a real SuperLink and SuperNodes on 127.0.0.1, with
+TLS and SuperNode authentication, driven by the ``flwr`` CLI. Under ``flwr run`` secure
+aggregation is on by default (``secagg.mode = "auto"``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from local_federation import LocalFederation, free_port, wait_for
+
+from fedcpt.deploy.certs import write_federation_certs
+
+pytestmark = pytest.mark.slow
+
+SITES = ["north", "south", "east"]
+
+
+def site_paths(sites_config: Path) -> dict[str, str]:
+    """Each site's text file, from the shared ``sites_config`` fixture."""
+    sites = tomllib.loads(sites_config.read_text())["sites"]
+    return {s["name"]: s["data"][0] for s in sites}
+
+
+def node_config(site: str, data_path: str, ledger_dir: Path, extra: str = "") -> str:
+    return (f'site-name="{site}" data-path="{data_path}" '
+            f'ledger-path="{ledger_dir / f"{site}.ledger.json"}" {extra}').strip()
+
+
+def start_sites(fed: LocalFederation, paths: dict[str, str],
+                extra: dict[str, str] | None = None) -> None:
+    for site, path in paths.items():
+        fed.register(site)
+        fed.start_supernode(site, site, node_config(site, path, fed.root,
+                                                    (extra or {}).get(site, "")))
+    for site in paths:
+        fed.wait_connected(site)
+
+
+def run_to_summary(fed: LocalFederation, sites_config: Path, rounds: int,
+                   timeout: float = 600) -> tuple[dict, list[dict]]:
+    """``flwr run`` the smoke scenario; wait for its run folder's summary.json.
+
+    Secure aggregation needs a bound on each site's update (``max_update_norm``)."""
+    out = fed.root / "runs"
+    run_id = fed.run(f'scenario="smoke" config-file="{sites_config}" '
+                     f'set="federation.rounds={rounds} federation.max_update_norm=5.0" '
+                     f'out-dir="{out}"')
+    last_status_check = time.monotonic()
+
+    def finished() -> bool:
+        nonlocal last_status_check
+        if list(out.glob("*/summary.json")):
+            return True
+        if time.monotonic() - last_status_check > 15:  # a ServerApp that failed early
+            last_status_check = time.monotonic()        # leaves no run folder
+            status = fed.run_status(run_id)
+            if status.startswith("finished") and not list(out.glob("*/summary.json")):
+                pytest.fail(f"run {run_id} {status}:\n{fed.server_log(run_id)[-4000:]}")
+        return False
+
+    wait_for(finished, timeout, "the run's summary.json", fed.logs())
+    run_dir = next(out.glob("*/summary.json")).parent
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return json.loads((run_dir / "summary.json").read_text()), rows
+
+
+def test_three_sites_with_tls_and_node_auth(federation, sites_config: Path) -> None:
+    fed = federation([*SITES, "unregistered"])
+    fed.start_superlink()
+    paths = site_paths(sites_config)
+    # The site's preflight passes against the real SuperLink (TCP, TLS verified with the CA).
+    check = subprocess.run(
+        [sys.executable, "-m", "fedcpt.cli", "site", "check", "--scenario", "smoke",
+         "--config", str(sites_config), "--node-config", node_config("north", paths["north"],
+                                                                     fed.root),
+         "--superlink", fed.address, "--root-certificates", str(fed.certs.ca_cert),
+         "--auth-key", str(fed.certs.site_keys["north"][0])],
+        capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr
+    assert f"SuperLink: {fed.address} answers, TLS certificate verified" in check.stdout
+    # north refuses any round without secure aggregation: the run must use it.
+    start_sites(fed, paths, extra={"north": "require-secagg=true"})
+
+    # Sites that got something wrong are refused, exit with a clear error, and leave the
+    # federation to the others: a key the operator never registered, a CA of another
+    # federation, a key file that is not a key, a SuperLink address that does not answer.
+    other = write_federation_certs(fed.root / "other-certs", ["127.0.0.1"], ["x"])
+    garbage = fed.root / "garbage.key"
+    garbage.write_text("not a key\n")
+    once = ("--max-retries", "1")
+    config = node_config("intruder", paths["north"], fed.root)
+    bad = {
+        "unregistered": fed.start_supernode("unregistered", "unregistered", config),
+        "wrong-ca": fed.start_supernode("wrong-ca", "north", config,
+                                        root_certificates=other.ca_cert, extra=once),
+        "garbage-key": fed.start_supernode("garbage-key", "north", config, key=garbage),
+        "no-superlink": fed.start_supernode("no-superlink", "north", config, extra=once,
+                                            superlink=f"127.0.0.1:{free_port()}"),
+    }
+    expected = {
+        "unregistered": "Failed to activate SuperNode",
+        "wrong-ca": "certificate verify failed: unable to get local issuer certificate",
+        "garbage-key": "Unable to parse the private key file",
+        "no-superlink": "Connection refused",
+    }
+    for name, proc in bad.items():
+        assert proc.wait(timeout=90) != 0, name
+        assert expected[name] in fed.log(f"supernode-{name}").read_text(), name
+    assert "No SuperNode found with the given public key" in fed.log("superlink").read_text()
+
+    summary, rows = run_to_summary(fed, sites_config, rounds=2)
+    assert summary["num_sites"] == 3
+    assert summary["rounds"] == 2 and summary["rounds_aggregated"] == 2
+    assert summary["failures"] == 0
+    assert summary["secagg"]["enabled"] is True
+    assert set(summary["domain_loss"]["per_site"]) == set(SITES)
+    for row in rows[1:]:  # the refused SuperNodes ("intruder") never took part
+        assert row["aggregated"] and sorted(row["sites_trained"]) == sorted(SITES)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+
+
+def test_site_with_missing_data_fails_alone(federation, sites_config: Path) -> None:
+    fed = federation(SITES)
+    fed.start_superlink()
+    paths = site_paths(sites_config)
+    paths["east"] = str(fed.root / "no-such-folder" / "east.txt")
+    start_sites(fed, paths)
+
+    summary, rows = run_to_summary(fed, sites_config, rounds=1)
+    assert summary["rounds_aggregated"] == 1
+    assert sorted(rows[1]["sites_trained"]) == ["north", "south"]
+    assert summary["failures"] == 1
+    (failure,) = rows[1]["failures"]
+    assert f"site east: data path not found: {paths['east']}" in failure
+    assert summary["secagg"]["enabled"] is True  # the two others' sum was still unmasked
+    assert set(summary["domain_loss"]["per_site"]) == {"north", "south"}
+    # The site's own log says what to fix, in one line each time, with no traceback.
+    east_log = fed.log("supernode-east").read_text()
+    assert f"data path not found: {paths['east']}" in east_log
+    assert "site east cannot take part in this evaluate round: data path not found" in east_log
+    assert "Traceback" not in east_log

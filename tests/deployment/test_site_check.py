@@ -1,0 +1,281 @@
+"""``fedcpt site check``: each bad input a site can have gives one clear error."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from local_federation import free_port
+
+from fedcpt.config import load_config
+from fedcpt.deploy.certs import FederationFiles, write_federation_certs
+from fedcpt.deploy.site_check import (
+    check_auth_key,
+    check_data,
+    check_ledger,
+    check_node_config,
+    check_root_certificates,
+    check_superlink,
+    parse_endpoint,
+    parse_node_config,
+    run_site_check,
+)
+from fedcpt.exceptions import ConfigError, DataError
+from fedcpt.privacy.ledger import LedgerError, PrivacyLedger
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> FederationFiles:
+    return write_federation_certs(tmp_path_factory.mktemp("certs"), ["127.0.0.1"], ["clinic"])
+
+
+@pytest.fixture(scope="module")
+def other_certs(tmp_path_factory) -> FederationFiles:
+    """Another federation's files: a different CA."""
+    return write_federation_certs(tmp_path_factory.mktemp("other"), ["127.0.0.1"], ["x"])
+
+
+@pytest.fixture(scope="module")
+def smoke(sites_config: Path):
+    return load_config(scenario="smoke", config_file=sites_config)
+
+
+@contextmanager
+def tls_server(cert: Path, key: Path, host: str = "127.0.0.1") -> Iterator[str]:
+    """A TLS listener on ``host`` presenting ``cert``; yields its address."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server((host, 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            try:
+                with context.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass  # the client rejected our certificate: what the test provokes
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"{host}:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+# --- node config ----------------------------------------------------------------------
+
+def test_node_config_parsed_as_flower_does() -> None:
+    config = parse_node_config('site-name="clinic" data-path="/d" epsilon-budget=8.0 '
+                               "require-dp=true require-secagg=false")
+    assert config == {"site-name": "clinic", "data-path": "/d", "epsilon-budget": 8.0,
+                      "require-dp": True, "require-secagg": False}
+    assert check_node_config(config) == ["site name: clinic", "privacy budget: ε ≤ 8",
+                                         "require DP-SGD: yes",
+                                         "require secure aggregation: no"]
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ('site-name="a" data-path="/d" data-pth="/e"',
+     r"unknown node-config key\(s\) \['data-pth'\] \(did you mean `data-path`\?\)"),
+    ('site-name="a"', "needs `data-path`"),
+    ('data-path="/d"', "needs `site-name`"),
+    ('site-name="a" data-path="/d" epsilon-budget=-1', "positive number"),
+    ('site-name="a" data-path="/d" epsilon-budget="lots"', "positive number"),
+    ('site-name="a" data-path="/d" require-dp="maybe"', "`require-dp` must be true or false"),
+    ('site-name="a" data-path="/d" require-secagg=2', "`require-secagg` must be true or"),
+])
+def test_bad_node_config(text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        check_node_config(parse_node_config(text))
+
+
+def test_unparseable_node_config() -> None:
+    with pytest.raises(ConfigError, match="is not valid"):
+        parse_node_config('site-name="unterminated data-path=x=y')
+
+
+# --- data and ledger ------------------------------------------------------------------
+
+def test_data_counted_with_the_client_code(smoke, write_text) -> None:
+    path = write_text("clinic/notes.txt", 40_000)
+    line = check_data(smoke, {"site-name": "clinic", "data-path": str(path.parent)})
+    assert line.startswith("data: ") and "training" in line and "held-out" in line
+
+
+def test_missing_data_path(smoke, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=f"data path not found: {tmp_path / 'gone.txt'}"):
+        check_data(smoke, {"site-name": "clinic", "data-path": str(tmp_path / "gone.txt")})
+
+
+def test_too_little_data(smoke, write_text) -> None:
+    path = write_text("tiny.txt", 600)
+    with pytest.raises(DataError, match="site 'clinic': too little text"):
+        check_data(smoke, {"site-name": "clinic", "data-path": str(path)})
+
+
+def test_ledger_checks(tmp_path: Path) -> None:
+    new = {"site-name": "clinic", "ledger-path": str(tmp_path / "clinic.ledger.json")}
+    assert "new; created at the first DP round" in check_ledger(new)
+    with pytest.raises(ConfigError, match="folder .*missing does not exist"):
+        check_ledger({"site-name": "clinic",
+                      "ledger-path": str(tmp_path / "missing" / "l.json")})
+    ledger = PrivacyLedger.open(tmp_path / "lab.ledger.json", "lab", delta=1e-5,
+                                target_epsilon=8.0, accountant="prv", site_sets_budget=True)
+    ledger.save()
+    with pytest.raises(ConfigError, match="ledger of site 'lab', not 'clinic'"):
+        check_ledger({"site-name": "clinic", "ledger-path": str(ledger.path)})
+    assert "ε spent 0.000" in check_ledger({"site-name": "lab",
+                                            "ledger-path": str(ledger.path)})
+    ledger.path.write_text(ledger.path.read_text().replace("lab", "lbb"))
+    with pytest.raises(LedgerError, match="checksum mismatch|not a valid"):
+        check_ledger({"site-name": "lab", "ledger-path": str(ledger.path)})
+
+
+# --- certificates and keys ------------------------------------------------------------
+
+def test_root_certificate_ok(certs) -> None:
+    assert check_root_certificates(certs.ca_cert).startswith(f"root certificate: "
+                                                             f"{certs.ca_cert} (1 CA")
+
+
+def test_root_certificate_missing(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"root certificate {tmp_path / 'ca.crt'} not found"):
+        check_root_certificates(tmp_path / "ca.crt")
+
+
+def test_root_certificate_garbage(tmp_path: Path) -> None:
+    path = tmp_path / "ca.crt"
+    path.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ConfigError, match="is not a PEM certificate"):
+        check_root_certificates(path)
+
+
+def test_root_certificate_expired(certs) -> None:
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=400)
+    with pytest.raises(ConfigError, match="expired on .* ask the federation operator"):
+        check_root_certificates(certs.ca_cert, now=later)
+
+
+def test_server_certificate_given_as_root(certs) -> None:
+    with pytest.raises(ConfigError, match="is not a CA certificate"):
+        check_root_certificates(certs.server_cert)
+
+
+def test_auth_key_ok(certs) -> None:
+    assert check_auth_key(certs.site_keys["clinic"][0]).endswith("(EC secp384r1)")
+
+
+def test_auth_key_missing(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="authentication key .* not found"):
+        check_auth_key(tmp_path / "clinic.key")
+
+
+def test_auth_key_garbage(tmp_path: Path) -> None:
+    path = tmp_path / "clinic.key"
+    path.write_text("hello")
+    with pytest.raises(ConfigError, match="is not an unencrypted OpenSSH private key"):
+        check_auth_key(path)
+
+
+def test_auth_key_in_pem_format(tmp_path: Path) -> None:
+    path = tmp_path / "clinic.key"
+    path.write_bytes(ec.generate_private_key(ec.SECP384R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    with pytest.raises(ConfigError, match="it is a PEM key; SuperNodes need the OpenSSH"):
+        check_auth_key(path)
+
+
+@pytest.mark.parametrize(("key", "kind"), [
+    (ed25519.Ed25519PrivateKey.generate(), "Ed25519"),
+    (rsa.generate_private_key(65537, 2048), "RSA"),
+])
+def test_auth_key_of_wrong_type(tmp_path: Path, key, kind: str) -> None:
+    path = tmp_path / "clinic.key"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    with pytest.raises(ConfigError, match=f"is of type {kind}; Flower needs an EC key"):
+        check_auth_key(path)
+
+
+def test_a_certificate_is_not_an_auth_key(certs) -> None:
+    with pytest.raises(ConfigError, match="not an unencrypted OpenSSH private key"):
+        check_auth_key(certs.ca_cert)
+
+
+# --- SuperLink address ----------------------------------------------------------------
+
+@pytest.mark.parametrize("address", ["superlink", "superlink:port", "host:70000", ":9092"])
+def test_bad_address(address: str) -> None:
+    with pytest.raises(ConfigError, match="must be host:port"):
+        parse_endpoint(address)
+
+
+def test_unreachable_superlink(certs) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    with pytest.raises(ConfigError, match=f"SuperLink {address} does not answer"):
+        check_superlink(address, certs.ca_cert, timeout=2)
+
+
+def test_superlink_certificate_verified(certs) -> None:
+    with tls_server(certs.server_cert, certs.server_key) as address:
+        assert "TLS certificate verified" in check_superlink(address, certs.ca_cert)
+
+
+def test_superlink_certificate_not_signed_by_the_ca(certs, other_certs) -> None:
+    with tls_server(other_certs.server_cert, other_certs.server_key) as address, \
+            pytest.raises(ConfigError, match=f"SuperLink {address} presents a certificate "
+                                             f"that .*ca.crt does not accept"):
+        check_superlink(address, certs.ca_cert)
+
+
+def test_superlink_certificate_for_another_name(certs) -> None:
+    # The certificate names 127.0.0.1 and localhost; this SuperLink answers on 127.0.0.2.
+    with tls_server(certs.server_cert, certs.server_key, host="127.0.0.2") as address, \
+            pytest.raises(ConfigError, match="does not accept: IP address mismatch"):
+        check_superlink(address, certs.ca_cert)
+
+
+# --- everything, as the CLI runs it ---------------------------------------------------
+
+def test_run_site_check_stops_at_the_first_problem(smoke, sites_config, certs) -> None:
+    data = str(sites_config.parent / "north.txt")
+    lines = run_site_check(smoke, f'site-name="north" data-path="{data}"',
+                           root_certificates=certs.ca_cert,
+                           auth_key=certs.site_keys["clinic"][0])
+    assert [line.split(":")[0] for line in lines] == [
+        "site name", "data", "privacy ledger", "root certificate", "authentication key"]
+    with pytest.raises(ConfigError, match="does not answer"):
+        run_site_check(smoke, f'site-name="north" data-path="{data}"',
+                       superlink=f"127.0.0.1:{free_port()}", timeout=1)
+
+
+def test_cli_error_line(sites_config: Path, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedcpt.cli", "site", "check", "--scenario", "smoke",
+         "--config", str(sites_config),
+         "--node-config", f'site-name="north" data-path="{tmp_path / "nothing"}"'],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: data path not found: {tmp_path / 'nothing'}")
