@@ -295,12 +295,17 @@ class StrategyConfig:
                                   "rehearsal fine-tune of the aggregate)."})
     replay_fraction: float = field(
         default=0.25, metadata={"help": "ρ: rehearsal relative to the round's client work."})
-    anchor: Literal["none", "fedprox", "l2sp"] = field(
+    anchor: Literal["none", "fedprox", "l2sp", "ewc"] = field(
         default="none", metadata={"help": "Client-side pull toward the global adapter "
-                                  "(fedprox) or the initial one, i.e. the base (l2sp)."})
+                                  "(fedprox), the initial one, i.e. the base (l2sp), or the "
+                                  "base weighted by the server's diagonal Fisher on its "
+                                  "rehearsal pool (ewc)."})
     anchor_weight: float = field(
         default=20.0, metadata={"help": "μ: each step removes lr·μ of the distance to the "
                                 "anchor (decoupled, like AdamW's weight decay)."})
+    fisher_blocks: int = field(
+        default=32, metadata={"help": "EWC: rehearsal-pool blocks the server computes the "
+                              "diagonal Fisher on, each round."})
     delta_scaling: bool = field(
         default=False, metadata={"help": "Scale each round's aggregated delta by the largest "
                                  "α whose rehearsal validation loss stays within tolerance."})
@@ -311,11 +316,26 @@ class StrategyConfig:
     regression_guard: float = field(
         default=0.0, metadata={"help": "Reject a round whose rehearsal validation loss rises "
                                "more than this many nats (0: off)."})
+    server_optimizer: Literal["none", "fedavgm", "fedadam", "fedyogi"] = field(
+        default="none", metadata={"help": "Server optimiser on the aggregated delta (Reddi et "
+                                  "al. 2021): none (FedAvg), fedavgm, fedadam or fedyogi."})
+    server_lr: float = field(
+        default=0.0, metadata={"help": "η of the server optimiser; 0: its default (1.0 for "
+                               "fedavgm, 0.01 for fedadam and fedyogi)."})
+    server_momentum: float = field(
+        default=0.9, metadata={"help": "FedAvgM's momentum β."})
+    beta_1: float = field(
+        default=0.9, metadata={"help": "FedAdam/FedYogi first-moment decay."})
+    beta_2: float = field(
+        default=0.99, metadata={"help": "FedAdam/FedYogi second-moment decay."})
+    tau: float = field(
+        default=1e-3, metadata={"help": "FedAdam/FedYogi adaptivity τ (added to √v)."})
 
     def __post_init__(self) -> None:
         _require(0 < self.replay_fraction <= 1, "strategy.replay_fraction",
                  self.replay_fraction, "in (0, 1]")
         _require(self.anchor_weight >= 0, "strategy.anchor_weight", self.anchor_weight, ">= 0")
+        _require(self.fisher_blocks > 0, "strategy.fisher_blocks", self.fisher_blocks, "> 0")
         _require(len(self.delta_alphas) > 0 and all(0 < a <= 1 for a in self.delta_alphas),
                  "strategy.delta_alphas", self.delta_alphas, "values in (0, 1]")
         _require(self.delta_tolerance >= 0, "strategy.delta_tolerance", self.delta_tolerance,
@@ -324,6 +344,44 @@ class StrategyConfig:
                  self.rehearsal_val_blocks, "> 0")
         _require(self.regression_guard >= 0, "strategy.regression_guard",
                  self.regression_guard, ">= 0 (0: off)")
+        _require(self.server_lr >= 0, "strategy.server_lr", self.server_lr,
+                 ">= 0 (0: the optimiser's default)")
+        _require(0 <= self.server_momentum < 1, "strategy.server_momentum",
+                 self.server_momentum, "in [0, 1)")
+        _require(0 <= self.beta_1 < 1, "strategy.beta_1", self.beta_1, "in [0, 1)")
+        _require(0 <= self.beta_2 < 1, "strategy.beta_2", self.beta_2, "in [0, 1)")
+        _require(self.tau > 0, "strategy.tau", self.tau, "> 0")
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """One phase of a continual stream: which sites train, for how many rounds."""
+
+    name: str
+    rounds: int = field(metadata={"help": "Rounds in this phase."})
+    sites: tuple[str, ...] = field(
+        default=(), metadata={"help": "Names of the [[sites]] that train in this phase."})
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "phases.name", self.name, "a non-empty string")
+        _require(self.rounds > 0, f"phases[{self.name}].rounds", self.rounds, "> 0")
+        _require(len(self.sites) > 0, f"phases[{self.name}].sites", self.sites,
+                 "at least one site name")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A phase placed on the run's round numbers (1-based, inclusive)."""
+
+    index: int
+    name: str
+    first_round: int
+    last_round: int
+    sites: tuple[str, ...]
+
+    @property
+    def rounds(self) -> int:
+        return self.last_round - self.first_round + 1
 
 
 @dataclass(frozen=True)
@@ -341,6 +399,9 @@ class RunConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    phases: tuple[PhaseConfig, ...] = ()
+    """A continual stream: phases run in order, each with its own sites and LR re-warm.
+    Empty: one phase of all sites for ``federation.rounds``."""
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def __post_init__(self) -> None:
@@ -348,12 +409,19 @@ class RunConfig:
         names = [s.name for s in self.sites]
         dupes = sorted({n for n in names if names.count(n) > 1})
         _require(not dupes, "sites.name", dupes, "unique site names")
+        self._check_phases(names)
         if self.privacy.user_level and (self.strategy.rehearsal != "none"
                                         or self.strategy.delta_scaling
-                                        or self.strategy.regression_guard):
+                                        or self.strategy.regression_guard
+                                        or self.strategy.server_optimizer != "none"):
             raise ConfigError("privacy.user_level cannot be combined with strategy.rehearsal, "
-                              "strategy.delta_scaling or strategy.regression_guard: they "
-                              "change the aggregate before the site-level noise is added")
+                              "strategy.delta_scaling, strategy.regression_guard or "
+                              "strategy.server_optimizer: they change the aggregate before "
+                              "the site-level noise is added")
+        if self.privacy.user_level and self.strategy.anchor == "ewc":
+            raise ConfigError("privacy.user_level cannot be combined with strategy.anchor = "
+                              "\"ewc\": Flower's fixedclipping_mod accepts training messages "
+                              "with one ArrayRecord only, and EWC sends the Fisher as a second")
         if self.strategy.anchor != "none":
             pull = self.train.lr * self.strategy.anchor_weight
             _require(pull < 1, "strategy.anchor_weight", self.strategy.anchor_weight,
@@ -403,6 +471,61 @@ class RunConfig:
                  "fewer, the server could rebuild both secrets of one site")
         _require(n * sec.quantization_range < 2**32, "secagg.quantization_range",
                  sec.quantization_range, f"below 2^32 / {n} sites (sums are taken mod 2^32)")
+
+    def _check_phases(self, site_names: list[str]) -> None:
+        if not self.phases:
+            return
+        names = [ph.name for ph in self.phases]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        _require(not dupes, "phases.name", dupes, "unique phase names")
+        for ph in self.phases:
+            unknown = [s for s in ph.sites if s not in site_names]
+            _require(not unknown, f"phases[{ph.name}].sites", list(ph.sites),
+                     f"names of [[sites]] ({', '.join(site_names)}); unknown: "
+                     f"{', '.join(unknown)}")
+            _require(len(set(ph.sites)) == len(ph.sites), f"phases[{ph.name}].sites",
+                     list(ph.sites), "names without repeats")
+        total = sum(ph.rounds for ph in self.phases)
+        _require(self.federation.rounds == total, "federation.rounds", self.federation.rounds,
+                 f"the sum of the [[phases]] rounds ({total}); set each phase's rounds "
+                 "instead")
+        smallest = min(len(ph.sites) for ph in self.phases)
+        for key in ("sites_per_round", "min_sites"):
+            value = getattr(self.federation, key)
+            _require(value <= smallest, f"federation.{key}", value,
+                     f"at most the sites of the smallest phase ({smallest})")
+        _require(self.federation.eval_sites_per_round == 0,
+                 "federation.eval_sites_per_round", self.federation.eval_sites_per_round,
+                 "0 with [[phases]] (every site is evaluated every round, for the loss "
+                 "matrix across phases)")
+        if self.secagg.mode == "on":
+            fewest = self.federation.sites_per_round or smallest
+            _require(fewest >= 3, "phases.sites", smallest,
+                     "at least 3 training sites in every phase under secure aggregation "
+                     "(with two, the sum reveals each update to the other site)")
+
+    def phase_plan(self) -> list[Phase]:
+        """The phases on the run's round numbers; without [[phases]], one of all sites."""
+        if not self.phases:
+            return [Phase(0, "all", 1, self.federation.rounds,
+                          tuple(s.name for s in self.sites))]
+        plan, first = [], 1
+        for i, ph in enumerate(self.phases):
+            plan.append(Phase(i, ph.name, first, first + ph.rounds - 1, ph.sites))
+            first += ph.rounds
+        return plan
+
+    def phase_of(self, server_round: int) -> Phase:
+        """The phase a (1-based) round belongs to; round 0 belongs to the first."""
+        plan = self.phase_plan()
+        return next((ph for ph in plan if server_round <= ph.last_round), plan[-1])
+
+    def lr_at(self, server_round: int) -> float:
+        """Learning rate for a (1-based) round of the run. Each phase re-warms and re-decays
+        (Ibrahim et al., 2024): the schedule of ``train`` restarts at its first round. With
+        one phase this is ``train.lr_at(server_round, federation.rounds)``."""
+        phase = self.phase_of(server_round)
+        return self.train.lr_at(server_round - phase.first_round + 1, phase.rounds)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -559,9 +682,23 @@ def load_config(
         raw = _merge(raw, read_toml(Path(config_file)))
     if overrides:
         extra = parse_overrides(overrides)
-        if "sites" in extra:
-            raise ConfigError("`sites` cannot be overridden with --set; use a config file")
+        for key in ("sites", "phases"):
+            if key in extra:
+                raise ConfigError(f"`{key}` cannot be overridden with --set; use a config file")
         raw = _merge(raw, extra)
-    if "sites" in raw and not isinstance(raw["sites"], list):
-        raise ConfigError("`sites` must be a list of [[sites]] tables")
-    return build(RunConfig, raw, prefix="")
+    for key in ("sites", "phases"):
+        if key in raw and not isinstance(raw[key], list):
+            raise ConfigError(f"`{key}` must be a list of [[{key}]] tables")
+    return build(RunConfig, _rounds_from_phases(raw), prefix="")
+
+
+def _rounds_from_phases(raw: dict[str, Any]) -> dict[str, Any]:
+    """With [[phases]] and no ``federation.rounds``, the run has the phases' rounds."""
+    phases = raw.get("phases")
+    federation = raw.get("federation", {})
+    if not phases or not isinstance(federation, dict) or "rounds" in federation:
+        return raw
+    rounds = [ph.get("rounds") for ph in phases if isinstance(ph, dict)]
+    if len(rounds) != len(phases) or not all(isinstance(r, int) for r in rounds):
+        return raw  # build() reports the malformed phase
+    return _merge(raw, {"federation": {"rounds": sum(rounds)}})

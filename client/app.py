@@ -108,7 +108,7 @@ def _train_update(msg: Message, context: Context,
     node_config = dict(context.node_config)
     site = resolve_site(cfg, node_config)
     blocks = site_blocks(site, cfg.model, cfg.data)
-    lr = cfg.train.lr_at(server_round, cfg.federation.rounds)
+    lr = cfg.lr_at(server_round)
     anchor = _anchor(cfg, lm, msg)
     require_dp(cfg, node_config)
     if cfg.privacy.enabled:
@@ -224,11 +224,29 @@ def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: T
 
 
 def _anchor(cfg: RunConfig, lm: AdaptedModel, msg: Message) -> Anchor | None:
-    """FedProx pulls toward the received global adapter, L2-SP toward the initial one."""
+    """FedProx pulls toward the received global adapter, L2-SP toward the initial one, EWC
+    toward the initial one weighted by the Fisher the server sent."""
     if cfg.strategy.anchor == "none" or cfg.strategy.anchor_weight == 0:
         return None
     target = msg.content[p.ARRAYS] if cfg.strategy.anchor == "fedprox" else lm.initial_adapter
-    return Anchor(lm.model, from_arrays(target), cfg.strategy.anchor_weight)
+    weights = None
+    if cfg.strategy.anchor == "ewc":
+        fisher = msg.content.array_records.get(p.FISHER)
+        if fisher is None:
+            raise UpdateRejected("strategy.anchor is 'ewc' but the training message carries "
+                                 "no 'fisher' record")
+        check_update(fisher, lm.initial_adapter)
+        weights = from_arrays(fisher)
+    return Anchor(lm.model, from_arrays(target), cfg.strategy.anchor_weight, weights)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Say which site this node is (the server trains only a phase's sites)."""
+    cfg = _config(str(msg.content[p.CONFIG][p.RUN_CONFIG]))
+    site = resolve_site(cfg, dict(context.node_config))
+    return Message(content=RecordDict({p.SITE: ConfigRecord({"name": site.name})}),
+                   reply_to=msg)
 
 
 # Base-model loss per (site, model, data): the base never changes, so compute it once.

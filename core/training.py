@@ -13,28 +13,34 @@ from fedcpt.core.model import AdaptedModel
 
 class Anchor:
     """A pull of the adapter toward fixed tensors (FedProx: the round's global adapter;
-    L2-SP: the initial adapter, i.e. the base model).
+    L2-SP: the initial adapter, i.e. the base model; EWC: the initial adapter, weighted by
+    a diagonal Fisher).
 
-    Applied after each optimizer step as θ ← θ − lr·μ·(θ − θ₀), the decoupled form of the
-    gradient of (μ/2)‖θ − θ₀‖². It touches no data, so under DP-SGD it is post-processing
-    and costs no privacy (a penalty added to the loss would be dropped by Opacus, which
-    replaces gradients with clipped per-sample ones).
+    Applied after each optimizer step as θ ← θ − lr·μ·w·(θ − θ₀), the decoupled form of the
+    gradient of (μ/2)·Σ w·(θ − θ₀)² (w = 1 without ``weights``). It touches no data, so
+    under DP-SGD it is post-processing and costs no privacy (a penalty added to the loss
+    would be dropped by Opacus, which replaces gradients with clipped per-sample ones).
+    Weights in [0, 1] keep each coordinate's pull within the unweighted one.
     """
 
     def __init__(self, model: torch.nn.Module, targets: dict[str, torch.Tensor],
-                 weight: float) -> None:
+                 weight: float, weights: dict[str, torch.Tensor] | None = None) -> None:
         named = dict(model.named_parameters())
-        self.pairs = [(named[_param_name(named, key)], t.to(named[_param_name(named, key)]))
-                      for key, t in targets.items()]
+        self.pairs: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor | None]] = []
+        for key, target in targets.items():
+            param = named[adapter_param(named, key)]
+            w = None if weights is None else weights[key].to(param)
+            self.pairs.append((param, target.to(param), w))
         self.weight = weight
 
     @torch.no_grad()
     def pull(self, lr: float) -> None:
-        for param, target in self.pairs:
-            param.sub_(lr * self.weight * (param - target))
+        for param, target, w in self.pairs:
+            step = lr * self.weight * (param - target)
+            param.sub_(step if w is None else w * step)
 
 
-def _param_name(named: dict[str, torch.nn.Parameter], key: str) -> str:
+def adapter_param(named: dict[str, torch.nn.Parameter], key: str) -> str:
     """The model parameter behind a peft state-dict key (which omits the adapter name)."""
     prefix, _, last = key.rpartition(".")
     candidate = f"{prefix}.default.{last}"

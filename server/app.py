@@ -35,11 +35,15 @@ from fedcpt.privacy.user_level import wrap_user_level
 from fedcpt.server.recorder import RunRecorder
 from fedcpt.server.versions import resumable_config
 from fedcpt.strategies.delta_scaling import DeltaScaling
+from fedcpt.strategies.ewc import FisherToSites
 from fedcpt.strategies.fedavg import AdapterFedAvg
+from fedcpt.strategies.phase_training import PhaseTraining, discover_sites, phase_nodes
 from fedcpt.strategies.regression_guard import RegressionGuard
 from fedcpt.strategies.rehearsal import Rehearsal
 from fedcpt.strategies.secagg_fedavg import SecAggFedAvg
+from fedcpt.strategies.server_optimizer import ServerOptimizer
 from fedcpt.strategies.server_step import ServerStep
+from fedcpt.strategies.stateful import StatefulStep
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,7 @@ def _general_data(data: DataConfig, model: ModelConfig, strategy: StrategyConfig
     n_val = strategy.rehearsal_val_blocks
     pool, validation = blocks.train[n_val:], blocks.train[:n_val]
     needs_pool = (strategy.rehearsal != "none" or strategy.delta_scaling
-                  or strategy.regression_guard)
+                  or strategy.regression_guard or strategy.anchor == "ewc")
     if needs_pool and len(pool) < batch_size:
         raise ConfigError(
             f"the general rehearsal pool has {len(pool)} blocks after {n_val} validation "
@@ -83,13 +87,18 @@ def general_eval_blocks(cfg: RunConfig) -> torch.Tensor:
 
 
 def server_steps(cfg: RunConfig, lm: AdaptedModel, general: GeneralData) -> list[ServerStep]:
-    """Rehearsal, delta scaling, then the regression guard, as configured in
-    ``[strategy]``."""
+    """The server optimiser, rehearsal, delta scaling, then the regression guard, as
+    configured in ``[strategy]``.
+
+    The optimiser comes first: its moments follow the federation's own updates, and the
+    steps that protect general skill judge the move it proposes."""
     steps: list[ServerStep] = []
+    if cfg.strategy.server_optimizer != "none":
+        steps.append(ServerOptimizer(cfg.strategy))
     if cfg.strategy.rehearsal != "none":
         steps.append(Rehearsal(lm, general.rehearsal, cfg.train, mode=cfg.strategy.rehearsal,
                                replay_fraction=cfg.strategy.replay_fraction,
-                               num_rounds=cfg.federation.rounds, seed=cfg.seed))
+                               lr_at=cfg.lr_at, seed=cfg.seed))
     if cfg.strategy.delta_scaling:
         steps.append(DeltaScaling(lm, general.validation, alphas=cfg.strategy.delta_alphas,
                                   tolerance=cfg.strategy.delta_tolerance,
@@ -102,12 +111,17 @@ def server_steps(cfg: RunConfig, lm: AdaptedModel, general: GeneralData) -> list
 
 
 def build_strategy(cfg: RunConfig, recorder: RunRecorder,
-                   steps: list[ServerStep] | None = None, round_offset: int = 0) -> Strategy:
+                   steps: list[ServerStep] | None = None, round_offset: int = 0,
+                   train_nodes: list[int] | None = None,
+                   ewc: tuple[AdaptedModel, torch.Tensor] | None = None) -> Strategy:
     """FedAvg sampling ``sites_per_round`` of the registered sites (0: all), with secure
     aggregation when ``secagg`` is on, or wrapped in Flower's DP-FedAvg when site-level
-    DP is on."""
+    DP is on. With ``train_nodes`` (a phase's sites) only those train; every site is still
+    evaluated. With ``ewc`` (the server's model and general blocks) training instructions
+    carry the round's diagonal Fisher."""
     fed, n_sites = cfg.federation, len(cfg.sites)
-    n_train = fed.sites_per_round or n_sites
+    n_pool = n_sites if train_nodes is None else len(train_nodes)
+    n_train = fed.sites_per_round or n_pool
     n_eval = fed.eval_sites_per_round or n_sites
     secure = {"cfg": cfg} if cfg.secagg.enabled else {}
     strategy = (SecAggFedAvg if secure else AdapterFedAvg)(
@@ -121,15 +135,21 @@ def build_strategy(cfg: RunConfig, recorder: RunRecorder,
         max_update_norm=fed.max_update_norm,
         round_offset=round_offset,
         max_examples=cfg.train.local_steps * cfg.train.batch_size,
-        fraction_train=n_train / n_sites,
+        fraction_train=n_train / n_pool,
         fraction_evaluate=n_eval / n_sites,
         min_train_nodes=n_train,
         min_evaluate_nodes=n_eval,
-        min_available_nodes=max(n_train, n_eval),
+        # evaluation still waits for its n_eval nodes; a phase's training waits for its own
+        min_available_nodes=max(n_train, n_eval) if train_nodes is None else n_train,
     )
+    wrapped: Strategy = strategy
     if cfg.privacy.user_level:
-        return wrap_user_level(strategy, cfg.privacy, n_train)
-    return strategy
+        wrapped = wrap_user_level(strategy, cfg.privacy, n_train)
+    if ewc is not None:
+        wrapped = FisherToSites(wrapped, *ewc)
+    if train_nodes is not None:
+        wrapped = PhaseTraining(wrapped, train_nodes)
+    return wrapped
 
 
 def with_default_ledger_dir(cfg: RunConfig, run_dir: Path) -> RunConfig:
@@ -171,23 +191,46 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
             initial = (load_version(cfg.federation.initial_adapter, lm.initial_adapter)
                        if cfg.federation.initial_adapter else lm.initial_adapter)
 
-        def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            if resume and server_round == 0:
-                return None  # the version resumed from was evaluated before the interruption
+        def evaluate_global(offset: int, server_round: int,
+                            arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0 and (resume or offset):
+                return None  # this version was evaluated already (earlier phase or process)
             load_adapter(lm.model, arrays)
             result = evaluate_blocks(lm, general, cfg.train.eval_batch_size)
-            recorder.on_global(server_round + done, result, lm)
+            recorder.on_global(server_round + offset, result, lm)
             return MetricRecord({"general-loss": result.loss, "general-ece": result.ece})
 
         config = ConfigRecord({protocol.RUN_CONFIG: cfg.to_json(),
                                protocol.RUN_ID: recorder.run_id})
-        strategy = build_strategy(cfg, recorder, server_steps(cfg, lm, data), done)
-        if cfg.federation.rounds > done:
-            strategy.start(
-                grid=grid, initial_arrays=initial, num_rounds=cfg.federation.rounds - done,
+        steps = server_steps(cfg, lm, data)
+        recorder.stateful = [s for s in steps if isinstance(s, StatefulStep)]
+        if resume:
+            for step in recorder.stateful:
+                step.load_state(run_dir / "adapters" / f"round-{done:03d}")
+        ewc = ((lm, spread(data.rehearsal, cfg.strategy.fisher_blocks))
+               if cfg.strategy.anchor == "ewc" else None)
+        arrays = initial
+        directory: dict[int, str] | None = None
+        all_sites = {s.name for s in cfg.sites}
+        for phase in cfg.phase_plan():
+            if phase.last_round <= done:
+                continue
+            offset = max(done, phase.first_round - 1)
+            train_nodes = None
+            if set(phase.sites) != all_sites:
+                directory = directory or discover_sites(
+                    grid, len(cfg.sites), config, cfg.federation.round_timeout_s)
+                train_nodes = phase_nodes(directory, phase.sites, phase.name)
+            log.info("phase %d (%s): rounds %d-%d, sites %s", phase.index + 1, phase.name,
+                     offset + 1, phase.last_round, ", ".join(phase.sites))
+            result = build_strategy(cfg, recorder, steps, offset, train_nodes, ewc).start(
+                grid=grid, initial_arrays=arrays, num_rounds=phase.last_round - offset,
                 timeout=cfg.federation.round_timeout_s, train_config=config,
-                evaluate_config=ConfigRecord(dict(config)), evaluate_fn=evaluate_global,
+                evaluate_config=ConfigRecord(dict(config)),
+                evaluate_fn=functools.partial(evaluate_global, offset),
             )
+            if len(result.arrays):  # empty when no round of the phase was aggregated
+                arrays = result.arrays
         return recorder.finish()
     except BaseException as err:
         recorder.fail(err)

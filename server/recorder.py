@@ -25,8 +25,10 @@ from fedcpt.core.model import AdaptedModel
 from fedcpt.exceptions import DataError, FedcptError
 from fedcpt.privacy.secagg.params import MODULUS, SecAggParams
 from fedcpt.privacy.user_level import user_level_epsilon
+from fedcpt.server.continual import continual_metrics
 from fedcpt.server.report import write_report
 from fedcpt.strategies.base import SiteEvalReport, SiteTrainReport
+from fedcpt.strategies.stateful import StatefulStep
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +135,8 @@ class RunRecorder:
         self.full_model_bytes = 0
         self.privacy: dict[str, dict[str, float]] = {}
         self._steps: dict[int, dict[str, dict[str, Any]]] = {}
+        self.stateful: list[StatefulStep] = []
+        """Server steps whose state is saved with every version (before the checkpoint)."""
 
     def start(self, lm: AdaptedModel) -> None:
         """Create the folder and write the manifest (config, versions, data hashes, seed)."""
@@ -178,6 +182,7 @@ class RunRecorder:
         """Persist the recorder's state and the sampling RNG after a finished round."""
         write_json(self.run_dir / CHECKPOINT, {
             "last_round": server_round,
+            "phase": self.cfg.phase_of(server_round).index,
             "elapsed_s": time.time() - self.started,
             "full_model_bytes": self.full_model_bytes,
             # the summary needs only the base and the latest evaluation
@@ -225,7 +230,8 @@ class RunRecorder:
         os.replace(tmp, run_dir / "metrics.jsonl")
         (run_dir / "error.txt").unlink(missing_ok=True)
         random.setstate(_decode_random(state["random_state"]))
-        log.info("resuming %s after round %d of %d", run_dir, last, cfg.federation.rounds)
+        log.info("resuming %s after round %d of %d (phase %d)", run_dir, last,
+                 cfg.federation.rounds, state.get("phase", 0) + 1)
         return recorder, last
 
     # --- global model, once per round after aggregation ------------------------------
@@ -238,6 +244,7 @@ class RunRecorder:
         evals = self._eval.get(server_round, [])
         row = {
             "round": server_round,
+            "phase": self.cfg.phase_of(server_round).name,
             "general_loss": general.loss,
             "general_perplexity": general.perplexity,
             "general_ece": general.ece,
@@ -258,6 +265,8 @@ class RunRecorder:
         }
         self.rows.append(row)
         write_json(version / "version.json", self._provenance(server_round, row))
+        for step in self.stateful:
+            step.save_state(version)
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
         self._checkpoint(server_round)
@@ -319,6 +328,9 @@ class RunRecorder:
             "failures": sum(len(f) for _, f, _ in self._train.values()),
             "wall_time_s": time.time() - self.started,
         }
+        if self.cfg.phases:
+            summary["continual"] = continual_metrics(
+                self.cfg, self._eval, {r["round"]: r["general_loss"] for r in self.rows})
         summary["secagg"] = secagg_summary(self.cfg)
         if self.cfg.privacy.enabled:
             summary["privacy"] = privacy_summary(self.cfg, self.privacy)

@@ -91,6 +91,42 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.4f}"
+
+
+def continual_lines(c: dict[str, Any]) -> list[str]:
+    """The loss matrix across phases, BWT, FWT and general forgetting per phase."""
+    names = [ph["name"] for ph in c["phases"]]
+    lines = [
+        "", "## Phases (continual stream)", "",
+        "| phase | rounds | sites |", "|---|---|---|",
+        *[f"| {ph['name']} | {ph['first_round']}–{ph['last_round']} | "
+          f"{', '.join(ph['sites'])} |" for ph in c["phases"]],
+        "",
+        "Held-out domain loss on each phase's sites (columns) after each phase (rows):",
+        "",
+        "| after ↓ · on → | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+        "| base | " + " | ".join(_fmt(v) for v in c["base_loss"]) + " |",
+    ]
+    for name, row in zip(names, c["loss_matrix"], strict=True):
+        lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in row) + " |")
+    lines += [
+        "",
+        f"Backward transfer BWT = **{_signed(c['bwt'])}** nats (mean over earlier phases of "
+        "the loss after the last phase − the loss right after that phase; positive = "
+        f"forgetting). Forward transfer FWT = **{_signed(c['fwt'])}** nats (mean over later "
+        "phases of the loss before they trained − the base loss; negative = earlier phases "
+        "helped).",
+        "",
+        "General forgetting after each phase: " + ", ".join(
+            f"{n} {_signed(v)}" for n, v in zip(names, c["general_forgetting"], strict=True))
+        + " nats.",
+    ]
+    return lines
+
+
 def write_report(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, Any]],
                  domain_base: dict[str, float], cfg: RunConfig) -> None:
     """Render the run's report as Markdown beside its plots."""
@@ -147,6 +183,8 @@ def write_report(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, An
             f"{_fmt(r['train_loss'])} | {len(r['sites_trained'])} | {len(r['failures'])} | "
             f"{_steps(r.get('server_steps', {}))} | {', '.join(flags) or '—'} | "
             f"{r['elapsed_s']:.0f} |")
+    if "continual" in s:
+        lines += continual_lines(s["continual"])
     failures = [f for r in rows for f in r["failures"]]
     if failures:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in failures]

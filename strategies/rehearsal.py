@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,18 +35,20 @@ class Rehearsal:
     name = "rehearsal"
 
     def __init__(self, lm: AdaptedModel, pool: torch.Tensor, train: TrainConfig, *,
-                 mode: str, replay_fraction: float, num_rounds: int, seed: int) -> None:
+                 mode: str, replay_fraction: float, lr_at: Callable[[int], float],
+                 seed: int) -> None:
         self.lm = lm
         self.pool = pool
         self.train = train
         self.mode = mode
         self.rho = replay_fraction
-        self.num_rounds = num_rounds
+        self.lr_at = lr_at
+        """The sites' learning rate for a round (phase-aware: see RunConfig.lr_at)."""
         self.seed = seed
 
     def apply(self, server_round: int, global_arrays: ArrayRecord, aggregated: ArrayRecord,
               client_examples: int) -> tuple[ArrayRecord, dict[str, Any]]:
-        lr = self.train.lr_at(server_round, self.num_rounds)
+        lr = self.lr_at(server_round)
         seed = self.seed * 1000 + server_round
         if self.mode == "mix":
             load_adapter(self.lm.model, global_arrays)

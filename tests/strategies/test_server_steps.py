@@ -53,8 +53,9 @@ def test_rehearsal_lowers_general_loss_of_the_aggregate(fresh_lm, trained, byte_
     general = _general_blocks(byte_tok)
     load_adapter(fresh_lm.model, aggregate)
     before = evaluate_blocks(fresh_lm, general, 8).loss
-    step = Rehearsal(fresh_lm, general, TrainConfig(local_steps=10, batch_size=4, lr=5e-2),
-                     mode=mode, replay_fraction=0.5, num_rounds=1, seed=0)
+    train = TrainConfig(local_steps=10, batch_size=4, lr=5e-2)
+    step = Rehearsal(fresh_lm, general, train, mode=mode, replay_fraction=0.5,
+                     lr_at=lambda r: train.lr_at(r, 1), seed=0)
     result, detail = step.apply(1, initial, aggregate, client_examples=80)
     assert detail["mode"] == mode
     load_adapter(fresh_lm.model, result)

@@ -1,0 +1,101 @@
+"""Train only a phase's sites while every site is still evaluated.
+
+A continual stream (``[[phases]]``) trains some sites per phase but needs every site's
+held-out loss after each phase (the loss matrix). :class:`PhaseTraining` wraps any Flower
+strategy and hands its ``configure_train`` a view of the grid that shows only the phase's
+nodes; evaluation and aggregation go to the wrapped strategy unchanged. Node ids are
+random per process, so the server asks each node once which site it is
+(:func:`discover_sites`, answered by the ClientApp's query handler).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedcpt.core import protocol as p
+from fedcpt.exceptions import FedcptError
+
+log = logging.getLogger(__name__)
+
+
+class NodeSubset:
+    """A grid that shows only some of its nodes to whoever samples from it."""
+
+    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        self._grid = grid
+        self._nodes = set(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self._grid.get_node_ids() if n in self._nodes]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+class PhaseTraining(Strategy):
+    """``strategy`` with training restricted to ``train_nodes``."""
+
+    def __init__(self, strategy: Strategy, train_nodes: Iterable[int]) -> None:
+        self.strategy = strategy
+        self.train_nodes = sorted(train_nodes)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        view = NodeSubset(grid, self.train_nodes)
+        return self.strategy.configure_train(server_round, arrays, config, view)  # type: ignore[arg-type]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
+                           ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        log.info("\t├──> training only on nodes %s", self.train_nodes)
+        self.strategy.summary()
+
+
+def discover_sites(grid: Grid, num_sites: int, config: ConfigRecord,
+                   timeout: float) -> dict[int, str]:
+    """Node id → site name, asked of every connected node once ``num_sites`` are up."""
+    while len(nodes := list(grid.get_node_ids())) < num_sites:
+        log.info("waiting for sites to connect: %d of %d", len(nodes), num_sites)
+        time.sleep(1)
+    queries = [Message(content=RecordDict({p.CONFIG: ConfigRecord(dict(config))}),
+                       dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
+    names: dict[int, str] = {}
+    for reply in grid.send_and_receive(queries, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            raise FedcptError(f"node {node} did not say which site it is: "
+                              f"{reply.error.reason}")
+        names[node] = str(reply.content.config_records[p.SITE]["name"])
+    missing = sorted(set(nodes) - set(names))
+    if missing:
+        raise FedcptError(f"nodes {missing} did not say which site they are within "
+                          f"{timeout:g} s")
+    return names
+
+
+def phase_nodes(directory: dict[int, str], sites: Iterable[str], phase: str) -> list[int]:
+    """The nodes of a phase's sites; FedcptError if a site has no connected node."""
+    wanted = set(sites)
+    nodes = [n for n, name in directory.items() if name in wanted]
+    absent = sorted(wanted - {directory[n] for n in nodes})
+    if absent:
+        raise FedcptError(f"phase {phase!r} needs sites {absent}, but no connected node is "
+                          f"that site (connected: {sorted(set(directory.values()))})")
+    return nodes
