@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=3)
     args = parser.parse_args()
     settings = [f"federation.rounds={args.rounds}", f"train.local_steps={args.local_steps}",
-                "federation.max_update_norm=5", "data.heldout_blocks=4",
+                "data.heldout_blocks=4",
                 "data.general_eval_blocks=16"]
     cfg = load_config(args.scenario, overrides=settings)
     lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
