@@ -31,6 +31,7 @@ ARMS: dict[str, list[str]] = {
     "rehearsal-finetune": ["strategy.rehearsal=finetune"],
     "fedprox": ["strategy.anchor=fedprox"],
     "l2sp": ["strategy.anchor=l2sp"],
+    "ewc": ["strategy.anchor=ewc"],
     "delta-scaling": ["strategy.delta_scaling=true"],
 }
 DP_ON = ["privacy.enabled=true", "privacy.target_epsilon=8"]
