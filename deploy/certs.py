@@ -47,6 +47,9 @@ class FederationFiles:
     site_keys: dict[str, tuple[Path, Path]]  # site -> (private key, public key)
 
 
+RESERVED = {"ca", "superlink"}  # file stems of the CA and SuperLink keys in the same folder
+
+
 def site_names(sites: str) -> list[str]:
     """``"3"`` → ``site-1 … site-3``; ``"clinic,lab"`` → those names (validated)."""
     text = sites.strip()
@@ -62,8 +65,12 @@ def site_names(sites: str) -> list[str]:
     if bad:
         raise ConfigError(f"site names may use letters, digits, '.', '_' and '-' "
                           f"(at most 63 characters); got {bad}")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"site names must be unique; got {names}")
+    if len({n.lower() for n in names}) != len(names):
+        raise ConfigError(f"site names must be unique (ignoring case); got {names}")
+    reserved = [n for n in names if n.lower() in RESERVED]
+    if reserved:
+        raise ConfigError(f"site names {reserved} would overwrite the federation's own "
+                          f"{' and '.join(sorted(RESERVED))} files; choose other names")
     return names
 
 

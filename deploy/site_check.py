@@ -218,8 +218,8 @@ def check_superlink(address: str, root_certificates: Path | None,
     with sock:
         if root_certificates is None:
             return f"SuperLink: {endpoint} answers (TLS not checked: no root certificate)"
-        context = ssl.create_default_context(cafile=str(root_certificates))
         try:
+            context = ssl.create_default_context(cafile=str(root_certificates))
             with context.wrap_socket(sock, server_hostname=endpoint.host) as tls:
                 version = tls.version()
         except ssl.SSLCertVerificationError as err:

@@ -120,31 +120,31 @@ class AdapterFedAvg(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         raw_round, server_round = server_round, server_round + self.round_offset
         failures: list[str] = []
-        accepted: dict[int, ArrayRecord] = {}
+        arrays = None
         for attempt in range(self.round_retries + 1):
             if attempt:
-                log.warning("round %d: %d valid updates, fewer than min_sites=%d; sending "
-                            "the round again (retry %d of %d)", server_round, len(accepted),
-                            self.min_sites, attempt, self.round_retries)
+                log.warning("round %d: not aggregated; sending the round again (retry %d of "
+                            "%d)", server_round, attempt, self.round_retries)
                 messages = self.configure_train(raw_round, self._global, self._config,
                                                 self._grid)
                 replies = self._grid.send_and_receive(messages, timeout=self.round_timeout)
             accepted, reports, new_failures = self._collect(server_round, replies)
+            if len(accepted) >= self.min_sites:
+                arrays = self.combine(server_round, accepted, reports, new_failures)
+            else:
+                new_failures.append(f"{len(accepted)} valid updates, fewer than "
+                                    f"min_sites={self.min_sites}")
             failures += [f"attempt {attempt + 1}: {f}" if self.round_retries else f
                          for f in new_failures]
-            if len(accepted) >= self.min_sites:
+            if arrays is not None:
                 break
-        arrays = None
-        if len(accepted) >= self.min_sites:
-            arrays = self.combine(server_round, accepted, reports, failures)
         if arrays is None:
             if self.listener is not None:
                 self.listener.on_train(server_round, reports, failures, False)
             if self.stop_on_failed_round:
                 raise RoundFailed(
-                    f"round {server_round} was not aggregated ({len(accepted)} valid updates, "
-                    f"min_sites={self.min_sites}, {self.round_retries} retries): "
-                    f"{'; '.join(failures[-3:]) or 'no replies'}. Fix the sites and continue "
+                    f"round {server_round} was not aggregated after {self.round_retries} "
+                    f"retries: {'; '.join(failures[-3:])}. Fix the sites and continue "
                     "with --resume, or set federation.failed_round = \"skip\"")
             log.warning("round %d: not aggregated; the global adapter is unchanged",
                         server_round)

@@ -44,7 +44,6 @@ class SecAggFedAvg(AdapterFedAvg):
         super().__init__(**kwargs)
         self.cfg = cfg
         self._round: SecAggRound | None = None
-        self.last_params: SecAggParams | None = None
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -53,7 +52,6 @@ class SecAggFedAvg(AdapterFedAvg):
             return messages
         nodes = [m.metadata.dst_node_id for m in messages]
         params = SecAggParams.for_round(self.cfg, len(nodes))
-        self.last_params = params
         self._round = SecAggRound(grid, nodes, params, server_round + self.round_offset,
                                   self.round_timeout)
         try:

@@ -26,10 +26,15 @@ _NONCE = bytes(16)  # every mask key is fresh per round and expands one stream o
 
 def new_key_pair() -> tuple[bytes, bytes]:
     """A fresh X25519 (private, public) key pair as raw 32-byte strings."""
-    private = X25519PrivateKey.generate()
-    return (private.private_bytes(_RAW, serialization.PrivateFormat.Raw,
-                                  serialization.NoEncryption()),
-            private.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw))
+    private = X25519PrivateKey.generate().private_bytes(
+        _RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    return private, public_key(private)
+
+
+def public_key(private: bytes) -> bytes:
+    """The raw public key of a raw X25519 private key."""
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
+        _RAW, serialization.PublicFormat.Raw)
 
 
 def agree(private: bytes, public: bytes, purpose: bytes) -> bytes:
@@ -58,7 +63,7 @@ def seal(key: bytes, src: int, dst: int, plaintext: bytes) -> bytes:
 def unseal(key: bytes, src: int, dst: int, sealed: bytes) -> bytes:
     try:
         return ChaCha20Poly1305(key).decrypt(sealed[:12], sealed[12:], _route(src, dst))
-    except InvalidTag:
+    except (InvalidTag, ValueError, TypeError):
         raise UpdateRejected(f"shares from node {src} failed authentication") from None
 
 

@@ -11,6 +11,9 @@ from fedcpt.exceptions import ConfigError
 
 # Sums are taken in uint32 arithmetic, which wraps modulo 2^32 at no cost.
 MODULUS = 2**32
+# Fewest updates in one revealed sum: with two, each site could subtract its own update
+# from the sum and learn the other's.
+MIN_SUM = 3
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,8 @@ class SecAggParams:
     def check(self, sites: int) -> None:
         """Raise ConfigError unless a round over ``sites`` sites is well defined."""
         problems = []
-        if sites < 3:
-            problems.append(f"{sites} sites (need >= 3)")
+        if sites < MIN_SUM:
+            problems.append(f"{sites} sites (need >= {MIN_SUM})")
         if not self.threshold * 2 > self.num_shares >= self.threshold >= 2:
             problems.append(f"threshold {self.threshold} is not a majority of num_shares "
                             f"{self.num_shares}")
@@ -59,9 +62,9 @@ class SecAggParams:
             problems.append(f"num_shares {self.num_shares} above {sites} sites")
         if not self.clipping_range > 0:
             problems.append(f"clipping range {self.clipping_range}")
-        if sites * self.quantization_range >= MODULUS:
-            problems.append(f"{sites} × quantization range {self.quantization_range} "
-                            "overflows 2^32")
+        if sites * self.quantization_range >= MODULUS or sites * self.max_weight >= MODULUS:
+            problems.append(f"{sites} × quantization range {self.quantization_range} or "
+                            f"max weight {self.max_weight} overflows 2^32")
         if self.max_weight < 1:
             problems.append(f"max weight {self.max_weight}")
         if problems:

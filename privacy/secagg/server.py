@@ -10,6 +10,7 @@ dropped after sharing keys. The server never holds a site's update, only the sum
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping
 
 import numpy as np
@@ -18,8 +19,8 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.serverapp import Grid
 
 from fedcpt.exceptions import FedcptError
-from fedcpt.privacy.secagg.masking import agree, expand
-from fedcpt.privacy.secagg.params import SecAggParams, neighbours
+from fedcpt.privacy.secagg.masking import agree, expand, public_key
+from fedcpt.privacy.secagg.params import MIN_SUM, SecAggParams, neighbours
 from fedcpt.privacy.secagg.site import MASK, STATE
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class SecAggRound:
         for node, reply in self._exchange(SHARE_KEYS, requests).items():
             dsts, sealed = list(reply.get("dst", [])), list(reply.get("sealed", []))
             if sorted(dsts) != [p for p in self.peers[node] if p != node] or (
-                    len(sealed) != len(dsts)):
+                    len(sealed) != len(dsts)) or not all(isinstance(c, bytes) for c in sealed):
                 self._fail(node, SHARE_KEYS, "shares not addressed to its neighbours")
                 continue
             outgoing[node] = dict(zip(dsts, sealed, strict=True))
@@ -114,6 +115,10 @@ class SecAggRound:
         active = set(masked) & self.shared
         dead = self.shared - active
         self._require(active, "masked updates")
+        if len(active) < MIN_SUM:
+            raise SecAggFailed(f"secure aggregation: only {len(active)} masked updates "
+                               f"arrived; a sum of fewer than {MIN_SUM} would reveal each "
+                               "update to the other site")
         requests = {n: ConfigRecord({"active": [p for p in self.peers[n] if p in active],
                                      "dead": [p for p in self.peers[n] if p in dead]})
                     for n in sorted(active)}
@@ -123,7 +128,7 @@ class SecAggRound:
             nodes, shares = list(reply.get("nodes", [])), list(reply.get("shares", []))
             asked = requests[node]
             if nodes != list(asked["active"]) + list(asked["dead"]) or (
-                    len(shares) != len(nodes)):
+                    len(shares) != len(nodes)) or not all(isinstance(x, bytes) for x in shares):
                 self._fail(node, UNMASK, "shares do not match the request")
                 continue
             for owner, share in zip(nodes, shares, strict=True):
@@ -137,6 +142,9 @@ class SecAggRound:
             if not partners:
                 continue
             sk1 = self._rebuild(node, shares, "mask key")
+            if public_key(sk1) != self.public[node][0]:
+                raise SecAggFailed(f"secure aggregation: the shares of node {node}'s mask key "
+                                   "rebuild a key that does not match its public key")
             for partner in partners:
                 pairwise = expand(agree(sk1, self.public[partner][0], MASK), total.size)
                 # the partner added it toward a higher id and subtracted it toward a lower
@@ -144,8 +152,20 @@ class SecAggRound:
         return total, len(active)
 
     def _rebuild(self, node: int, shares: list[bytes], what: str) -> bytes:
+        # Shares of one secret have one length and distinct indices (their first 4 bytes);
+        # leave out any that do not, so one malformed reply cannot spoil the rebuild.
+        length = Counter(len(x) for x in shares).most_common(1)[0][0] if shares else 0
+        shares = list({x[:4]: x for x in shares if len(x) == length > 4}.values())
         if len(shares) < self.params.threshold:
             raise SecAggFailed(f"secure aggregation: only {len(shares)} shares of node "
                                f"{node}'s {what} arrived, below the threshold "
                                f"{self.params.threshold}")
-        return combine_shares(shares[:self.params.threshold])
+        try:
+            secret = combine_shares(shares[:self.params.threshold])
+        except ValueError as err:  # pycryptodome's error for malformed shares
+            raise SecAggFailed(f"secure aggregation: node {node}'s {what} cannot be rebuilt "
+                               f"from its shares: {err}") from None
+        if len(secret) != 32:
+            raise SecAggFailed(f"secure aggregation: node {node}'s {what} rebuilt to "
+                               f"{len(secret)} bytes, not 32")
+        return secret

@@ -15,9 +15,9 @@ import numpy as np
 from flwr.app import ConfigRecord, Context
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
 
-from fedcpt.exceptions import UpdateRejected
+from fedcpt.exceptions import ConfigError, UpdateRejected
 from fedcpt.privacy.secagg.masking import agree, expand, new_key_pair, seal, unseal
-from fedcpt.privacy.secagg.params import SecAggParams
+from fedcpt.privacy.secagg.params import MIN_SUM, SecAggParams
 
 STATE = "secagg"  # the ConfigRecord in Context.state holding this round's secrets
 SHARES, MASK = b"shares", b"mask"  # key-derivation purposes
@@ -44,6 +44,10 @@ def _unpack(data: bytes) -> tuple[bytes, bytes]:
 def setup(context: Context, node: int, request: ConfigRecord) -> ConfigRecord:
     """Stage 1: fresh key pairs for this round; publish the public halves."""
     params = SecAggParams.from_record(request)
+    try:  # the site's own check: a server must not weaken what protects this update
+        params.check(params.num_shares)
+    except ConfigError as err:
+        raise UpdateRejected(f"refusing secure aggregation parameters: {err}") from None
     sk1, pk1 = new_key_pair()  # pairwise masks
     sk2, pk2 = new_key_pair()  # encrypting shares for neighbours
     context.state.config_records[STATE] = ConfigRecord({
@@ -64,9 +68,10 @@ def share_keys(context: Context, request: ConfigRecord) -> ConfigRecord:
     if me not in peers or pk1s[peers.index(me)] != state["pk1"] or (
             pk2s[peers.index(me)] != state["pk2"]):
         raise UpdateRejected("the server listed this site's public keys incorrectly")
-    if not params.threshold <= len(peers) <= params.num_shares:
-        raise UpdateRejected(f"{len(peers)} neighbours, outside [threshold "
-                             f"{params.threshold}, num_shares {params.num_shares}]")
+    if not (MIN_SUM <= len(peers) <= params.num_shares and 2 * params.threshold > len(peers)):
+        raise UpdateRejected(f"{len(peers)} neighbours with threshold {params.threshold}: "
+                             f"need {MIN_SUM} to num_shares ({params.num_shares}) "
+                             "neighbours of which the threshold is a majority")
     if len(set(pk1s + pk2s)) != 2 * len(peers) or len(set(peers)) != len(peers):
         raise UpdateRejected("neighbour keys or ids are not unique")
     seed = os.urandom(32)
@@ -94,6 +99,8 @@ def receive_shares(context: Context, request: ConfigRecord) -> None:
     me, peers = int(state["node"]), [int(n) for n in state["peers"]]
     nodes, seeds, keys = (list(state["held-nodes"]), list(state["held-seed"]),
                           list(state["held-key"]))
+    if len(request["src"]) != len(request["sealed"]):
+        raise UpdateRejected("malformed share delivery")
     for src, sealed in zip(request["src"], request["sealed"], strict=True):
         src = int(src)
         if src not in peers or src in nodes:

@@ -69,7 +69,9 @@ def test_bad_address_writes_nothing(tmp_path: Path, address: str) -> None:
 def test_site_names() -> None:
     assert site_names("3") == ["site-1", "site-2", "site-3"]
     assert site_names("clinic, lab") == ["clinic", "lab"]
-    for bad, match in [("0", "between 1 and 1000"), ("a,a", "unique"),
+    for bad, match in [("0", "between 1 and 1000"), ("a,a", "unique"), ("lab,Lab", "unique"),
+                       ("CA,lab", "overwrite the federation's own"),
+                       ("superlink", "overwrite the federation's own"),
                        ("bad name", "letters, digits"), (" , ", "number or")]:
         with pytest.raises(ConfigError, match=match):
             site_names(bad)

@@ -178,6 +178,60 @@ def test_too_many_dropouts_fail_the_round_cleanly(federation, drop):
     assert arrays is None and metrics is None  # the global adapter stays as it was
 
 
+def test_a_sum_of_two_is_never_revealed(federation):
+    reference, updates = federation
+    three = {n: updates[n] for n in NODES[:3]}  # threshold 2 of 3
+    arrays, _ = _round(SiteGrid(three, drop={MASKED: {NODES[0]}}), _config(3), reference)
+    assert arrays is None  # each survivor could subtract its own update from the sum
+
+
+def test_sites_refuse_parameters_that_would_let_the_server_unmask_one_update():
+    ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    weak = SecAggParams(num_shares=1, threshold=1, clipping_range=1.0,
+                        quantization_range=2**22, max_weight=8)
+    with pytest.raises(UpdateRejected, match="refusing secure aggregation parameters"):
+        site.setup(ctx, 7, weak.to_record())
+    fair = SecAggParams(num_shares=5, threshold=3, clipping_range=1.0,
+                        quantization_range=2**22, max_weight=8)
+    keys = site.setup(ctx, 7, fair.to_record())
+    alone = ConfigRecord({"nodes": [7], "pk1": [keys["pk1"]], "pk2": [keys["pk2"]]})
+    with pytest.raises(UpdateRejected, match="neighbours"):
+        site.share_keys(ctx, alone)
+
+
+class MisbehavingGrid(SiteGrid):
+    """One site answers a stage with malformed content."""
+
+    def __init__(self, updates, stage: str, node: int, field: str, value) -> None:
+        super().__init__(updates)
+        self.bad = (stage, node, field, value)
+
+    def _answer(self, node, kind, msg):
+        reply = super()._answer(node, kind, msg)
+        stage, bad_node, field, value = self.bad
+        if (kind, node) == (stage, bad_node):
+            record = reply.content.config_records[STATE]
+            record[field] = value
+        return reply
+
+
+@pytest.mark.parametrize("stage, field, value", [
+    (SHARE_KEYS, "sealed", ["not", "bytes", "at", "all"]),
+    (UNMASK, "shares", [b"garbage"] * 5),
+])
+def test_a_malformed_site_fails_the_round_not_the_server(federation, stage, field, value):
+    reference, updates = federation
+    grid = MisbehavingGrid(updates, stage, NODES[0], field, value)
+    arrays, _ = _round(grid, _config(), reference)
+    if stage == SHARE_KEYS:  # the site is left out; the other four are summed
+        weight = sum(updates[n][1] for n in NODES[1:])
+        assert _max_error(arrays, _plain_mean(updates, NODES[1:])) <= _quantum(cfg=_config(),
+                                                                              contributors=4,
+                                                                              weight=weight)
+    else:  # its shares are ignored; the others' still rebuild every secret
+        assert arrays is not None
+
+
 def test_what_the_server_receives_is_unrelated_to_the_update(federation):
     reference, updates = federation
     grid = SiteGrid(updates)

@@ -248,7 +248,7 @@ def test_fewer_than_min_sites_keeps_global(listener, reference):
     assert strategy.aggregate_train(1, replies) == (None, None)
     (_, reports, failures), = listener.train
     assert [r.site for r in reports] == ["good"]
-    assert len(failures) == 2
+    assert len(failures) == 3 and "fewer than min_sites=2" in failures[-1]
 
 
 class AnsweringGrid(FakeGrid):
@@ -280,7 +280,8 @@ def test_round_below_min_sites_is_sent_again_and_aggregated(listener, reference)
     assert arrays is not None and metrics["num-examples"] == 30
     (_, reports, failures), = listener.train
     assert len(reports) == 3
-    assert sorted(failures) == ["attempt 1: node-11: node crashed",
+    assert sorted(failures) == ["attempt 1: 0 valid updates, fewer than min_sites=2",
+                               "attempt 1: node-11: node crashed",
                                "attempt 1: node-12: node crashed",
                                "attempt 1: node-13: node crashed"]
 
@@ -295,14 +296,16 @@ def test_round_failing_after_its_retries_stops_the_run_with_a_clear_error(listen
     with pytest.raises(RoundFailed, match=r"round 1 was not aggregated.*--resume"):
         strategy.aggregate_train(1, _failing_round(strategy, reference, grid))
     (_, reports, failures), = listener.train
-    assert reports == [] and len(failures) == 9  # 3 attempts × 3 sites, all reported
+    assert reports == [] and len(failures) == 12  # 3 attempts × (3 sites + the shortfall)
+    assert sum("fewer than min_sites=2" in f for f in failures) == 3
 
 
 def test_all_rejected_with_min_sites_one(strategy, instructions, listener):
     replies = [_reply(instructions[0], "nan", _bad_nan(), 10)]
     assert strategy.aggregate_train(1, replies) == (None, None)
     (_, reports, failures), = listener.train
-    assert reports == [] and len(_without_timeouts(failures)) == 1
+    assert reports == [] and len(_without_timeouts(failures)) == 2
+    assert "nan" in failures[0] and "fewer than min_sites=1" in failures[-1]
 
 
 def test_updates_are_checked_against_the_latest_configure_train(strategy, instructions,
