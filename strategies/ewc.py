@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -27,6 +27,7 @@ from fedcpt.core import protocol as p
 from fedcpt.core.adapters import load_adapter, to_arrays
 from fedcpt.core.fisher import diagonal_fisher
 from fedcpt.core.model import AdaptedModel
+from fedcpt.strategies.base import WrappedStrategy
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,11 @@ class FisherGrid:
         return getattr(self._grid, name)
 
 
-class FisherToSites(Strategy):
+class FisherToSites(WrappedStrategy):
     """``strategy`` whose training instructions also carry the round's diagonal Fisher."""
 
     def __init__(self, strategy: Strategy, lm: AdaptedModel, blocks: torch.Tensor) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.lm = lm
         self.blocks = blocks
 
@@ -71,18 +72,6 @@ class FisherToSites(Strategy):
         log.info("round %d · EWC: diagonal Fisher on %d general blocks sent to %d sites",
                  server_round, len(self.blocks), len(messages))
         return [view.attach(m) for m in messages]
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message],
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.strategy.aggregate_train(server_round, replies)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
-                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
-                           ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
         log.info("\t├──> EWC: diagonal Fisher on %d general blocks each round",

@@ -15,12 +15,13 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedcpt.core import protocol as p
 from fedcpt.exceptions import FedcptError
+from fedcpt.strategies.base import WrappedStrategy
 
 log = logging.getLogger(__name__)
 
@@ -39,29 +40,17 @@ class NodeSubset:
         return getattr(self._grid, name)
 
 
-class PhaseTraining(Strategy):
+class PhaseTraining(WrappedStrategy):
     """``strategy`` with training restricted to ``train_nodes``."""
 
     def __init__(self, strategy: Strategy, train_nodes: Iterable[int]) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.train_nodes = sorted(train_nodes)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         view = NodeSubset(grid, self.train_nodes)
         return self.strategy.configure_train(server_round, arrays, config, view)  # type: ignore[arg-type]
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message],
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.strategy.aggregate_train(server_round, replies)
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
-                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
-                           ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
         log.info("\t├──> training only on nodes %s", self.train_nodes)
