@@ -126,20 +126,25 @@ def test_three_sites_with_tls_and_node_auth(federation, sites_config: Path) -> N
 
 
 def test_site_with_missing_data_fails_alone(federation, sites_config: Path) -> None:
-    fed = federation(SITES)
+    sites = [*SITES, "west"]  # secure aggregation unmasks no sum of fewer than 3 updates
+    fed = federation(sites)
     fed.start_superlink()
     paths = site_paths(sites_config)
+    paths["west"] = paths["north"]
     paths["east"] = str(fed.root / "no-such-folder" / "east.txt")
     start_sites(fed, paths)
+    run_sites = fed.root / "four-sites.toml"  # the run waits for, and samples, four sites
+    run_sites.write_text("".join(f'[[sites]]\nname = "{s}"\ndata = ["{paths["north"]}"]\n\n'
+                                 for s in sites))
 
-    summary, rows = run_to_summary(fed, sites_config, rounds=1)
+    summary, rows = run_to_summary(fed, run_sites, rounds=1)
     assert summary["rounds_aggregated"] == 1
-    assert sorted(rows[1]["sites_trained"]) == ["north", "south"]
+    assert sorted(rows[1]["sites_trained"]) == ["north", "south", "west"]
     assert summary["failures"] == 1
     (failure,) = rows[1]["failures"]
     assert f"site east: data path not found: {paths['east']}" in failure
-    assert summary["secagg"]["enabled"] is True  # the two others' sum was still unmasked
-    assert set(summary["domain_loss"]["per_site"]) == {"north", "south"}
+    assert summary["secagg"]["enabled"] is True  # the three others' sum was still unmasked
+    assert set(summary["domain_loss"]["per_site"]) == {"north", "south", "west"}
     # The site's own log says what to fix, in one line each time, with no traceback.
     east_log = fed.log("supernode-east").read_text()
     assert f"data path not found: {paths['east']}" in east_log
