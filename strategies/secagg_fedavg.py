@@ -29,6 +29,7 @@ from fedcpt.strategies.fedavg import AdapterFedAvg
 
 log = logging.getLogger(__name__)
 
+
 class SecAggFedAvg(AdapterFedAvg):
     """:class:`AdapterFedAvg` with SecAgg+ in every training round.
 
@@ -59,7 +60,7 @@ class SecAggFedAvg(AdapterFedAvg):
         except SecAggFailed as err:
             log.warning("round %d: %s", server_round + self.round_offset, err)
             inbound = {}
-            self._failures.append(f"secure aggregation: {err}")
+            self._failures.append(str(err))
         finally:
             self._failures.extend(self._round.failures)
             self._round.failures.clear()
@@ -96,7 +97,8 @@ class SecAggFedAvg(AdapterFedAvg):
                                      f"{claimed} examples the sites reported")
         except (SecAggFailed, UpdateRejected) as err:
             failures.extend(secagg.failures)
-            failures.append(f"secure aggregation: {err}")
+            failures.append(str(err) if isinstance(err, SecAggFailed)
+                            else f"secure aggregation: {err}")
             log.warning("round %d: %s; the global adapter is unchanged", server_round, err)
             return None
         failures.extend(secagg.failures)
