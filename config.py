@@ -76,6 +76,37 @@ class SiteConfig:
 
 
 @dataclass(frozen=True)
+class GeneralSet:
+    """One kind of general text the server holds (sources in ``fedcpt.core.sources``):
+    evaluated every round, and drawn into the rehearsal pool with ``rehearsal_share``."""
+
+    name: str
+    sources: tuple[str, ...] = ()
+    rehearsal_share: float = field(
+        default=0.0, metadata={"help": "Share of the rehearsal pool drawn from this kind "
+                               "(0: evaluation only, never trained on)."})
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "data.general_eval.name", self.name, "a non-empty string")
+        _require(len(self.sources) > 0, f"data.general_eval[{self.name}].sources",
+                 self.sources, "at least one source")
+        _require(self.rehearsal_share >= 0, f"data.general_eval[{self.name}].rehearsal_share",
+                 self.rehearsal_share, ">= 0")
+
+
+def default_general_eval() -> tuple[GeneralSet, ...]:
+    """Five registers: prose and code make up the rehearsal pool, the other three never
+    train."""
+    return (
+        GeneralSet("prose", ("stdlib:topics",), 0.5),
+        GeneralSet("code", ("stdlib:code",), 0.5),
+        GeneralSet("legal", ("licenses:packages",)),
+        GeneralSet("c", ("numpy:c-headers",)),
+        GeneralSet("dialogue", ("chatterbot:english",)),
+    )
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """How text becomes training and held-out blocks."""
 
@@ -85,11 +116,21 @@ class DataConfig:
     heldout_blocks: int = field(
         default=32, metadata={"help": "Held-out blocks evaluated per site (domain loss)."})
     general: tuple[str, ...] = field(
-        default=("stdlib:topics", "stdlib:code"),
-        metadata={"help": "General-knowledge sources held by the server."},
-    )
+        default=(), metadata={"help": "Shorthand: these sources as the one general kind "
+                              "`general`, all of it in the rehearsal pool (replaces "
+                              "data.general_eval)."})
+    general_eval: tuple[GeneralSet, ...] = field(
+        default_factory=default_general_eval,
+        metadata={"help": "Kinds of general text held by the server ([[data.general_eval]] "
+                  "tables: name, sources, rehearsal_share)."})
     general_eval_blocks: int = field(
-        default=128, metadata={"help": "Held-out general blocks evaluated every round."})
+        default=128, metadata={"help": "Held-out general blocks evaluated every round, per "
+                               "kind."})
+    answer_prompts: int = field(
+        default=16, metadata={"help": "Built-in instruction prompts whose base-model answers "
+                              "are checked every round (0: off)."})
+    answer_tokens: int = field(
+        default=32, metadata={"help": "Longest base-model answer, in tokens."})
     text_field: str = field(default="text", metadata={"help": "JSONL/parquet text column."})
     max_site_tokens: int = field(
         default=0, metadata={"help": "Cap on training tokens per site (0: no cap)."})
@@ -101,7 +142,18 @@ class DataConfig:
         _require(self.heldout_blocks > 0, "data.heldout_blocks", self.heldout_blocks, "> 0")
         _require(self.general_eval_blocks > 0, "data.general_eval_blocks",
                  self.general_eval_blocks, "> 0")
-        _require(len(self.general) > 0, "data.general", self.general, "at least one source")
+        kinds = [k.name for k in self.general_kinds()]
+        _require(len(kinds) > 0, "data.general_eval", kinds, "at least one kind")
+        _require(len(set(kinds)) == len(kinds), "data.general_eval.name", kinds, "unique names")
+        _require(self.answer_prompts >= 0, "data.answer_prompts", self.answer_prompts, ">= 0")
+        _require(self.answer_tokens > 0, "data.answer_tokens", self.answer_tokens, "> 0")
+
+    def general_kinds(self) -> tuple[GeneralSet, ...]:
+        """The general kinds in force: ``general`` as one pooled kind if set, else
+        ``general_eval``."""
+        if self.general:
+            return (GeneralSet("general", self.general, 1.0),)
+        return self.general_eval
         _require(self.max_site_tokens >= 0, "data.max_site_tokens", self.max_site_tokens, ">= 0")
 
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import re
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedcpt.config import DataConfig
+from fedcpt.core.sources import builtin_texts, is_builtin
 from fedcpt.exceptions import DataError
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,6 @@ JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 DOCUMENT_CHARS = 2000
-STDLIB_CODE_CHARS = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -78,8 +77,8 @@ def expand_source(spec: str) -> list[Path]:
 
 def read_texts(spec: str, text_field: str = "text") -> list[str]:
     """All texts of one source spec (one per file, JSONL line or parquet row)."""
-    if spec.startswith("stdlib:"):
-        return _stdlib_texts(spec.split(":", 1)[1])
+    if is_builtin(spec):  # the general text of fedcpt.core.sources
+        return builtin_texts(spec)
     if spec.startswith("hf:"):
         return _hf_texts(spec[3:], text_field)
     texts: list[str] = []
@@ -117,25 +116,6 @@ def _read_file(path: Path, text_field: str) -> list[str]:
             texts.append(record[text_field])
         return texts
     return [raw]
-
-
-def _stdlib_texts(kind: str) -> list[str]:
-    """General-knowledge text every Python install has: reference prose and library code."""
-    if kind == "topics":
-        from pydoc_data.topics import topics
-
-        return [topics[key] for key in sorted(topics)]
-    if kind == "code":
-        root = Path(sysconfig.get_paths()["stdlib"])
-        texts, total = [], 0
-        for path in sorted(root.glob("*.py")):
-            text = path.read_text(encoding="utf-8", errors="replace")
-            texts.append(text)
-            total += len(text)
-            if total >= STDLIB_CODE_CHARS:
-                break
-        return texts
-    raise DataError(f"unknown stdlib source {kind!r}; use stdlib:topics or stdlib:code")
 
 
 def _hf_texts(spec: str, text_field: str) -> list[str]:
