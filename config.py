@@ -462,6 +462,10 @@ class RunConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         _require(not dupes, "sites.name", dupes, "unique site names")
         self._check_phases(names)
+        trained = {src for site in self.sites for src in site.data}
+        shared = sorted(trained & {s for k in self.data.general_kinds() for s in k.sources})
+        _require(not shared, "data.general_eval", shared, "sources no site trains on (general "
+                 "text a site trains on cannot show what the model forgot)")
         if self.privacy.user_level and (self.strategy.rehearsal != "none"
                                         or self.strategy.delta_scaling
                                         or self.strategy.regression_guard

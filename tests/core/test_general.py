@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedcpt.config import DataConfig, GeneralSet, load_config
+from fedcpt.config import DataConfig, GeneralSet, RunConfig, SiteConfig, load_config
 from fedcpt.core.general import load_general, mix_pool, pool_counts
 from fedcpt.exceptions import ConfigError
 
@@ -84,3 +84,20 @@ def test_a_general_kind_needs_sources_and_a_non_negative_share():
         GeneralSet("x", ())
     with pytest.raises(ConfigError, match=r"data.general_eval\[x\].rehearsal_share.*>= 0"):
         GeneralSet("x", ("stdlib:code",), -0.5)
+
+
+def test_a_site_cannot_train_on_general_evaluation_text():
+    data = DataConfig(general_eval=(GeneralSet("legal", ("licenses:packages",)),))
+    with pytest.raises(ConfigError,
+                       match=r"data.general_eval.*no site trains on.*licenses:packages"):
+        RunConfig(sites=(SiteConfig("law", ("licenses:packages",)),), data=data)
+
+
+def test_stream_scenarios_have_three_phases_of_distinct_domains():
+    for name in ("smoke-stream", "shakespeare-stream"):
+        cfg = load_config(name)
+        plan = cfg.phase_plan()
+        assert len(plan) >= 3, name
+        sources = [{src.split(":")[0] for site in cfg.sites if site.name in ph.sites
+                    for src in site.data} for ph in plan]
+        assert all(not a & b for i, a in enumerate(sources) for b in sources[i + 1:]), name
