@@ -25,6 +25,7 @@ characters, so the same install yields the same documents on every machine.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import sysconfig
@@ -187,8 +188,9 @@ def builtin_texts(spec: str) -> list[str]:
     return source.read()
 
 
+@functools.cache
 def fingerprint(spec: str) -> str:
-    """SHA-256 over a built-in source's texts (for the run manifest)."""
+    """SHA-256 over a built-in source's texts (for the run manifest; once per process)."""
     digest = hashlib.sha256()
     for text in builtin_texts(spec):
         digest.update(hashlib.sha256(text.encode("utf-8")).digest())

@@ -27,8 +27,9 @@ from flwr.serverapp.strategy import Strategy
 from fedcpt.config import DataConfig, ModelConfig, RunConfig, StrategyConfig, load_config
 from fedcpt.core import protocol
 from fedcpt.core.adapters import load_adapter, load_version
-from fedcpt.core.data import load_blocks, spread
+from fedcpt.core.data import spread
 from fedcpt.core.evaluation import evaluate_blocks
+from fedcpt.core.general import load_general
 from fedcpt.core.model import AdaptedModel, load_adapted_model, load_tokenizer
 from fedcpt.exceptions import ConfigError
 from fedcpt.privacy.user_level import wrap_user_level
@@ -50,16 +51,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GeneralData:
-    """What the server holds: an evaluation set no training ever sees, and a rehearsal
-    pool (minus a validation slice for choosing α) that server steps may train on."""
+    """What the server holds: evaluation blocks per kind that no training ever sees, and a
+    rehearsal pool drawn from the in-pool kinds (minus a validation slice for choosing α)
+    that server steps may train on."""
 
-    evaluation: torch.Tensor
+    kinds: dict[str, torch.Tensor]
+    in_pool: tuple[str, ...]
     rehearsal: torch.Tensor
     validation: torch.Tensor
 
+    @property
+    def evaluation(self) -> torch.Tensor:
+        """Every kind's evaluation blocks together."""
+        return torch.cat(list(self.kinds.values()))
+
 
 def general_data(cfg: RunConfig) -> GeneralData:
-    """Split the server's general sources by document hash (held-out → evaluation).
+    """The server's general kinds (:func:`fedcpt.core.general.load_general`).
 
     Cached per process: the simulation's preflight and the ServerApp share one process."""
     return _general_data(cfg.data, cfg.model, cfg.strategy, cfg.train.batch_size)
@@ -68,17 +76,16 @@ def general_data(cfg: RunConfig) -> GeneralData:
 @functools.lru_cache(maxsize=2)
 def _general_data(data: DataConfig, model: ModelConfig, strategy: StrategyConfig,
                   batch_size: int) -> GeneralData:
-    blocks = load_blocks(data.general, load_tokenizer(model), data, what="general data",
-                         max_train_tokens=0)
     n_val = strategy.rehearsal_val_blocks
-    pool, validation = blocks.train[n_val:], blocks.train[:n_val]
+    corpus = load_general(data, load_tokenizer(model), validation_blocks=n_val)
     needs_pool = (strategy.rehearsal != "none" or strategy.delta_scaling
                   or strategy.regression_guard or strategy.anchor == "ewc")
-    if needs_pool and len(pool) < batch_size:
+    if needs_pool and len(corpus.pool) < batch_size:
         raise ConfigError(
-            f"the general rehearsal pool has {len(pool)} blocks after {n_val} validation "
-            f"blocks, fewer than one batch ({batch_size}); add data.general sources")
-    return GeneralData(spread(blocks.heldout, data.general_eval_blocks), pool, validation)
+            f"the general rehearsal pool has {len(corpus.pool)} blocks after {n_val} "
+            f"validation blocks, fewer than one batch ({batch_size}); add sources to the "
+            "in-pool kinds of data.general_eval (rehearsal_share > 0)")
+    return GeneralData(corpus.evaluation, corpus.in_pool, corpus.pool, corpus.validation)
 
 
 def general_eval_blocks(cfg: RunConfig) -> torch.Tensor:

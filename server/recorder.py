@@ -22,6 +22,7 @@ from fedcpt.config import RunConfig
 from fedcpt.core.data import expand_source
 from fedcpt.core.evaluation import EvalResult, paired_standard_error
 from fedcpt.core.model import AdaptedModel
+from fedcpt.core.sources import fingerprint, is_builtin
 from fedcpt.exceptions import DataError, FedcptError
 from fedcpt.privacy.secagg.params import MODULUS, SecAggParams
 from fedcpt.privacy.user_level import user_level_epsilon
@@ -47,9 +48,11 @@ def data_hashes(sources: tuple[str, ...]) -> dict[str, str]:
     """SHA-256 of every file a list of sources reads (built-in sources are named as is)."""
     hashes: dict[str, str] = {}
     for spec in sources:
-        if spec.startswith(("stdlib:", "hf:")):
-            hashes[spec] = f"builtin:{platform.python_version()}" if spec.startswith(
-                "stdlib:") else "remote"
+        if is_builtin(spec):
+            hashes[spec] = fingerprint(spec)
+            continue
+        if spec.startswith("hf:"):
+            hashes[spec] = "remote"
             continue
         try:
             paths = expand_source(spec)
@@ -143,7 +146,8 @@ class RunRecorder:
         (self.run_dir / "adapters").mkdir(parents=True, exist_ok=True)
         self.full_model_bytes = lm.base_param_bytes
         data = {site.name: data_hashes(site.data) for site in self.cfg.sites}
-        data["general"] = data_hashes(self.cfg.data.general)
+        data["general"] = data_hashes(tuple(src for kind in self.cfg.data.general_kinds()
+                                            for src in kind.sources))
         write_json(self.run_dir / "manifest.json", {
             "run_id": self.run_id,
             "config": self.cfg.to_dict(),

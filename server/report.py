@@ -154,7 +154,8 @@ def write_report(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, An
         "Forgetting = general loss − base general loss (positive: the model lost general "
         "skill). Adaptation = base domain loss − domain loss (positive: it learned the "
         f"domain). General loss is measured on {s['eval_tokens']['general']} held-out "
-        f"tokens of the server's general data ({', '.join(cfg.data.general)}) that no "
+        "tokens of the server's general data "
+        f"({', '.join(k.name for k in cfg.data.general_kinds())}) that no "
         "training ever sees; "
         f"domain loss on {s['eval_tokens']['domain_per_site']} held-out tokens per site.",
         "",
