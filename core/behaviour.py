@@ -19,8 +19,10 @@ asks an instruct model about.
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -65,6 +67,17 @@ class BaseAnswer:
     prompt_ids: list[int]
     answer_ids: list[int]
     text: str
+
+
+def save_answers(path: Path, answers: list[BaseAnswer]) -> None:
+    """Write the base answers as JSON (kept in the run folder: a resumed run scores the
+    same answers, and a reader can see what the base said)."""
+    path.write_text(json.dumps([asdict(a) for a in answers], indent=1, ensure_ascii=False)
+                    + "\n", encoding="utf-8")
+
+
+def load_answers(path: Path) -> list[BaseAnswer]:
+    return [BaseAnswer(**raw) for raw in json.loads(path.read_text(encoding="utf-8"))]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ answers became less likely.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -39,6 +40,18 @@ class GeneralReport:
     kinds: dict[str, EvalResult]
     overall: EvalResult
     answers: AnswerRetention | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (for checkpoints); :meth:`from_dict` reads it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> GeneralReport:
+        answers = raw.get("answers")
+        return cls({k: EvalResult(**v) for k, v in raw["kinds"].items()},
+                   EvalResult(**raw["overall"]),
+                   None if answers is None else AnswerRetention(
+                       **{**answers, "matches": tuple(answers["matches"])}))
 
 
 class GeneralEvaluation:
@@ -111,6 +124,9 @@ class RetentionSummary:
     behaviour: Behaviour
     eces: dict[str, tuple[float, float]]
     """Per kind: (base ECE, later ECE)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _forgetting(base: list[EvalResult], after: list[EvalResult]) -> Forgetting:

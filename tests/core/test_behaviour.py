@@ -78,3 +78,11 @@ def test_teacher_forced_exact_match_equals_greedy_decoding(fresh_lm, scale):
 def answer_retention_at_base(lm, answers) -> float:
     with lm.model.disable_adapter():
         return answer_retention(lm, answers).loss
+
+
+def test_base_answers_round_trip_through_json(fresh_lm, tmp_path):
+    from fedcpt.core.behaviour import load_answers, save_answers
+
+    answers = base_answers(fresh_lm, PROMPTS[:1], 4)
+    save_answers(tmp_path / "answers.json", answers)
+    assert load_answers(tmp_path / "answers.json") == answers
