@@ -29,6 +29,7 @@ from fedcpt.core.behaviour import (
 )
 from fedcpt.core.evaluation import EvalResult, evaluate_kinds, paired_standard_error
 from fedcpt.core.model import AdaptedModel
+from fedcpt.exceptions import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,10 @@ class GeneralEvaluation:
                 batch_size: int) -> GeneralEvaluation:
         """Generate the base answers (``data.answer_prompts`` prompts, greedy, at most
         ``data.answer_tokens`` tokens each) and fix the evaluation."""
+        if data.answer_prompts > len(INSTRUCTION_PROMPTS):
+            raise ConfigError(f"`data.answer_prompts` must be at most the "
+                              f"{len(INSTRUCTION_PROMPTS)} built-in prompts, got "
+                              f"{data.answer_prompts}")
         prompts = INSTRUCTION_PROMPTS[:data.answer_prompts]
         answers = base_answers(lm, prompts, data.answer_tokens) if prompts else []
         if answers:

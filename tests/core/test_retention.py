@@ -56,3 +56,12 @@ def test_summary_groups_kinds_in_and_out_of_the_pool(fresh_lm, evaluation):
     # a report survives the checkpoint's JSON round trip
     assert GeneralReport.from_dict(after.to_dict()) == after
     assert s.to_dict()["behaviour"]["kl_to_base"] == s.behaviour.kl_to_base
+
+
+def test_more_prompts_than_built_in_is_a_config_error(fresh_lm, text_blocks):
+    from fedcpt.core.behaviour import INSTRUCTION_PROMPTS
+    from fedcpt.exceptions import ConfigError
+
+    data = DataConfig(answer_prompts=len(INSTRUCTION_PROMPTS) + 1)
+    with pytest.raises(ConfigError, match=r"data.answer_prompts.*at most the 24 built-in"):
+        GeneralEvaluation.prepare(fresh_lm, {"a": text_blocks[:1]}, (), data, batch_size=1)
