@@ -58,7 +58,6 @@ def _log_result(site: SiteConfig, server_round: int, result: TrainResult) -> Non
              result.mean_loss, result.steps, result.seconds)
 
 
-
 def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: TokenBlocks,
                    node_config: dict, lr: float, run_id: str, server_round: int,
                    anchor: Anchor | None, request: ArrayRecord,
