@@ -180,12 +180,18 @@ def is_builtin(spec: str) -> bool:
 
 def builtin_texts(spec: str) -> list[str]:
     """The texts of a built-in source; raises DataError naming the known ones."""
-    source = BUILTIN_SOURCES.get(spec)
-    if source is None:
+    if spec not in BUILTIN_SOURCES:
         namespace, _, name = spec.partition(":")
         raise DataError(f"unknown {namespace} source {name!r}; available: "
                         f"{', '.join(BUILTIN_SOURCES)}")
-    return source.read()
+    return list(_read_once(spec))
+
+
+@functools.cache
+def _read_once(spec: str) -> tuple[str, ...]:
+    """A source's texts, read once per process (they come from the install, which does not
+    change under a running process; the manifest's fingerprint reads them again)."""
+    return tuple(BUILTIN_SOURCES[spec].read())
 
 
 @functools.cache
