@@ -71,7 +71,7 @@ def share(part: float | None, whole: float | None) -> float | None:
     return None if part is None or not whole else part / whole
 
 
-def removed(reference: float | None, value: float | None) -> float | None:
+def share_removed(reference: float | None, value: float | None) -> float | None:
     """Share of the reference's (positive) damage that ``value`` removes; None when the
     reference did no damage to remove."""
     if reference is None or value is None or reference <= 0:
@@ -110,11 +110,9 @@ def compare(scenario: str, out: Path, arms: list[str], dp_settings: list[bool],
     for row in rows:
         ref = next(r for r in rows if r["arm"] == "fedavg" and r["dp"] == row["dp"])
         row["reference"] = {"forgetting": ref["forgetting"], "adaptation": ref["adaptation"]}
-        removed = None if ref["forgetting"] <= 0 else share(
-            ref["forgetting"] - row["forgetting"], ref["forgetting"])
-        row["forgetting_removed"] = removed
+        row["forgetting_removed"] = share_removed(ref["forgetting"], row["forgetting"])
         row["adaptation_kept"] = share(row["adaptation"], ref["adaptation"])
-        row["retention_removed"] = {k: removed(ref["retention"][k], v)
+        row["retention_removed"] = {k: share_removed(ref["retention"][k], v)
                                     for k, v in row["retention"].items()}
     payload = {"scenario": scenario, "overrides": extra, "arms": rows}
     (out / "compare.json").write_text(json.dumps(payload, indent=2) + "\n")
