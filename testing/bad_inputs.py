@@ -8,8 +8,8 @@ UpdateRejected, LedgerError, SiteRefused, …) whose message names the problem (
 ``expect`` pattern), or, at the command line, exited 2 with a single ``error:`` line. An
 update counts as handled when the strategy rejected it — kept it out of the average and
 recorded why — through the round loop's own collection
-(:func:`fedcpt.server.exchange.collect_train`) and :mod:`fedcpt.strategies.fedavg`. Anything else (accepted,
-another exception, an unclear message) is unhandled.
+(:func:`fedcpt.server.exchange.collect_train`) and :mod:`fedcpt.strategies.fedavg`.
+Anything else (accepted, another exception, an unclear message) is unhandled.
 """
 
 from __future__ import annotations
