@@ -19,17 +19,21 @@ ServerApp and ClientApps; every policy of a round is here, in the order it happe
    step may reject the round;
 8. **evaluate** the new global adapter at the sites (domain) and on the server (general);
 9. **commit**: the adapter version, its metrics line and the checkpoint ``--resume`` uses.
+
+The message-level helpers (sampling, requests, reading replies) close the module.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedcpt.config import Phase, RunConfig
@@ -40,21 +44,18 @@ from fedcpt.core.model import AdaptedModel
 from fedcpt.exceptions import RoundFailed, UpdateRejected
 from fedcpt.privacy.secagg.server import SecAggFailed, SecAggRound
 from fedcpt.privacy.user_level import add_site_noise, clipping_config
-from fedcpt.server.exchange import (
-    EVALUATE,
-    TRAIN,
-    Collected,
-    collect_evaluate,
-    collect_train,
-    messages_to,
-    request,
-    sample_nodes,
-)
 from fedcpt.server.fisher import FisherForSites
 from fedcpt.server.phases import discover_sites, phase_nodes
 from fedcpt.server.recorder import RunRecorder
 from fedcpt.server.steps.base import ServerStep, StatefulStep
-from fedcpt.strategies.base import Aggregator
+from fedcpt.strategies.base import (
+    Aggregator,
+    SiteEvalReport,
+    SiteTrainReport,
+    contribution,
+    eval_report,
+    site_name,
+)
 from fedcpt.strategies.secagg_fedavg import SecAggFedAvg
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def train_attempt(fed: Federation, server_round: int, global_arrays: ArrayRecord
         messages = [aggregator.training_message(content, n, s) for n, s in shares.items()]
         nodes = list(shares)
     else:
-        messages = messages_to(nodes, content, TRAIN)
+        messages = messages_to(nodes, content, MessageType.TRAIN)
     replies = fed.grid.send_and_receive(messages, timeout=timeout) if messages else []
     collected = collect_train(server_round, replies, set(nodes), aggregator, global_arrays)
     failures += collected.failures
@@ -238,7 +239,7 @@ def evaluate_sites(fed: Federation, server_round: int, arrays: ArrayRecord) -> N
     n_eval = fed.cfg.federation.eval_sites_per_round or len(fed.cfg.sites)
     nodes = sample_nodes(fed.grid, n_eval, fed.rng)
     content = request(arrays, fed.config, server_round)
-    replies = fed.grid.send_and_receive(messages_to(nodes, content, EVALUATE),
+    replies = fed.grid.send_and_receive(messages_to(nodes, content, MessageType.EVALUATE),
                                         timeout=fed.cfg.federation.round_timeout_s)
     fed.recorder.record_evaluate(server_round, collect_evaluate(server_round, replies))
 
@@ -249,3 +250,81 @@ def commit(fed: Federation, server_round: int, arrays: ArrayRecord) -> None:
     general = evaluate_blocks(fed.lm, fed.general, fed.cfg.train.eval_batch_size)
     stateful = [s for s in fed.steps if isinstance(s, StatefulStep)]
     fed.recorder.commit(server_round, general, fed.lm, stateful, fed.rng)
+
+
+# --- the message-level pieces: sample, build requests, read replies --------------------
+
+def sample_nodes(grid: Grid, size: int, rng: random.Random,
+                 pool: Iterable[int] | None = None) -> list[int]:
+    """``size`` nodes drawn with ``rng`` from ``pool`` (default: every connected node),
+    once that many are connected."""
+    wanted = None if pool is None else set(pool)
+    while len(nodes := sorted(n for n in grid.get_node_ids()
+                              if wanted is None or n in wanted)) < size:
+        log.info("waiting for sites to connect: %d of %d", len(nodes), size)
+        time.sleep(1)
+    return rng.sample(nodes, size)
+
+
+def request(arrays: ArrayRecord, config: ConfigRecord, server_round: int,
+            extra: dict[str, ArrayRecord] | None = None) -> RecordDict:
+    """What the sampled sites get: the global adapter and the config with the round."""
+    config = ConfigRecord({**dict(config), p.SERVER_ROUND: server_round})
+    return RecordDict({p.ARRAYS: arrays, p.CONFIG: config, **(extra or {})})
+
+
+def messages_to(nodes: Iterable[int], content: RecordDict, message_type: str) -> list[Message]:
+    return [Message(content=content, dst_node_id=node, message_type=message_type)
+            for node in nodes]
+
+
+@dataclass
+class Collected:
+    """The training replies of one attempt, checked."""
+
+    accepted: dict[int, RecordDict] = field(default_factory=dict)
+    """Node → the canonical record of its valid update (what enters the aggregate)."""
+    reports: list[SiteTrainReport] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    errors: int = 0
+    """Replies that were errors (a site that failed or refused)."""
+
+
+def collect_train(server_round: int, replies: Iterable[Message], sampled: set[int],
+                  aggregator: Aggregator, reference: ArrayRecord) -> Collected:
+    """Validate every training reply; each failure is named, none is fatal."""
+    out = Collected()
+    replied: set[int] = set()
+    for msg in replies:
+        node, site = msg.metadata.src_node_id, site_name(msg)
+        replied.add(node)
+        if msg.has_error():
+            out.errors += 1
+            out.failures.append(f"{site}: {msg.error.reason}")
+            log.warning("round %d: site %s failed: %s", server_round, site, msg.error.reason)
+            continue
+        try:
+            payload, report = aggregator.validate(msg, reference)
+        except UpdateRejected as err:
+            out.failures.append(f"{site}: update rejected: {err}")
+            log.warning("round %d: rejected update from site %s: %s", server_round, site, err)
+            continue
+        out.accepted[node] = contribution(aggregator.payload_key, payload, report.num_examples)
+        out.reports.append(report)
+    for node in sorted(sampled - replied):
+        out.failures.append(f"node-{node}: no reply within the round timeout")
+        log.warning("round %d: node %d did not reply in time", server_round, node)
+    return out
+
+
+def collect_evaluate(server_round: int, replies: Iterable[Message]) -> list[SiteEvalReport]:
+    """The sites' evaluation reports; a failed or incomplete one is logged and skipped."""
+    reports = []
+    for msg in replies:
+        try:
+            reports.append(eval_report(msg))
+        except UpdateRejected as err:
+            log.warning("round %d: evaluation failed at site %s: %s", server_round,
+                        site_name(msg), err)
+    return reports
+

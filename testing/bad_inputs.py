@@ -8,7 +8,7 @@ UpdateRejected, LedgerError, SiteRefused, …) whose message names the problem (
 ``expect`` pattern), or, at the command line, exited 2 with a single ``error:`` line. An
 update counts as handled when the strategy rejected it — kept it out of the average and
 recorded why — through the round loop's own collection
-(:func:`fedcpt.server.exchange.collect_train`) and :mod:`fedcpt.strategies.fedavg`.
+(:func:`fedcpt.server.round_loop.collect_train`) and :mod:`fedcpt.strategies.fedavg`.
 Anything else (accepted, another exception, an unclear message) is unhandled.
 """
 
@@ -32,7 +32,7 @@ from fedcpt.core.model import byte_tokenizer
 from fedcpt.exceptions import FedcptError, UpdateRejected
 from fedcpt.privacy.ledger import PrivacyLedger, _checksum
 from fedcpt.privacy.plan import plan_site
-from fedcpt.server.exchange import collect_train
+from fedcpt.server.round_loop import collect_train
 from fedcpt.strategies.fedavg import AdapterFedAvg
 from fedcpt.testing.site_round import task_identity
 

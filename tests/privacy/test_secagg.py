@@ -25,8 +25,7 @@ from fedcpt.privacy.secagg.encoding import encode
 from fedcpt.privacy.secagg.masking import expand
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import MASKED, SETUP, SHARE_KEYS, STATE, UNMASK
-from fedcpt.server.exchange import request
-from fedcpt.server.round_loop import Federation, train_attempt
+from fedcpt.server.round_loop import Federation, request, train_attempt
 from fedcpt.strategies.secagg_fedavg import SecAggFedAvg
 
 SHAPES = {"a.lora_A.weight": (4, 64), "a.lora_B.weight": (64, 4), "b.lora_A.weight": (4, 64)}

@@ -1,6 +1,6 @@
 """FedAvg as pure aggregation: each reply validated against the global adapter it was
 sent, the accepted ones averaged by example count (through the round loop's collection,
-:func:`fedcpt.server.exchange.collect_train`)."""
+:func:`fedcpt.server.round_loop.collect_train`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedcpt.server.exchange import collect_evaluate, collect_train
+from fedcpt.server.round_loop import collect_evaluate, collect_train
 from fedcpt.server.summary import weighted_mean
 from fedcpt.strategies.base import SiteEvalReport
 from fedcpt.strategies.fedavg import AdapterFedAvg
