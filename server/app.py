@@ -151,7 +151,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path,
                 if isinstance(step, StatefulStep):
                     step.load_state(folder.version(done))
         else:
-            recorder, done = RunRecorder.start(folder, cfg, lm), 0
+            recorder, done = RunRecorder.start(folder, cfg, lm), None
             # Not the cached model's current adapter: it may carry an earlier run's training.
             arrays = (load_version(cfg.federation.initial_adapter, lm.initial_adapter)
                       if cfg.federation.initial_adapter else lm.initial_adapter)

@@ -100,11 +100,13 @@ class Attempt:
     failures: list[str]
 
 
-def run_rounds(fed: Federation, arrays: ArrayRecord, done: int = 0) -> ArrayRecord:
-    """Rounds ``done + 1`` … ``federation.rounds`` from the global adapter ``arrays``
-    (``done = 0``: evaluate and commit the starting adapter as round 0 first)."""
-    if done == 0:
+def run_rounds(fed: Federation, arrays: ArrayRecord, done: int | None = None) -> ArrayRecord:
+    """Rounds ``done + 1`` … ``federation.rounds`` from the global adapter ``arrays``, the
+    version committed after round ``done`` (None: a new run, whose starting adapter is
+    evaluated and committed as round 0 first)."""
+    if done is None:
         commit(fed, 0, arrays)
+        done = 0
     for server_round in range(done + 1, fed.cfg.federation.rounds + 1):
         phase = fed.cfg.phase_of(server_round)
         if server_round in (done + 1, phase.first_round):

@@ -30,7 +30,7 @@ def _run_folder(run_dir: Path) -> RunFolder:
 def list_versions(run_dir: Path) -> list[dict[str, Any]]:
     """Every saved version's provenance, oldest first."""
     return [json.loads(p.read_text()) for p in
-            sorted(_run_folder(run_dir).adapters.glob("round-*/version.json"))]  # provenance
+            sorted(_run_folder(run_dir).adapters.glob("round-*/version.json"))]
 
 
 def version_dir(run_dir: Path, server_round: int) -> Path:

@@ -257,3 +257,11 @@ def test_ewc_sends_the_rounds_fisher_with_every_training_request_retries_too(com
     fed.fisher = lambda server_round, arrays: calls.append(server_round) or fisher
     run_round(fed, 1, _arrays(0.0))
     assert len(grid.sent) == 2 and calls == [1]  # computed once per round
+
+
+def test_a_resumed_run_goes_on_after_its_last_committed_round(committed):
+    grid = SiteGrid(lambda m, _: _update(m, 1.0))
+    fed = _federation(grid, rounds=3)
+    run_rounds(fed, _arrays(0.0), done=0)  # killed after round 0 was committed
+    assert [r for r, _ in committed] == [1, 2, 3]  # round 0 is not evaluated twice
+    assert len(grid.sent) == 3
