@@ -28,6 +28,7 @@ from fedcpt.core.behaviour import load_answers, save_answers
 from fedcpt.core.data import spread
 from fedcpt.core.general import load_general
 from fedcpt.core.model import AdaptedModel, load_adapted_model, load_tokenizer
+from fedcpt.core.progress import stream_plain_lines
 from fedcpt.core.retention import GeneralEvaluation
 from fedcpt.exceptions import ConfigError
 from fedcpt.server.fisher import FisherForSites
@@ -173,7 +174,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path,
                 if isinstance(step, StatefulStep):
                     step.load_state(folder.version(done))
         else:
-            recorder, done = RunRecorder.start(folder, cfg, lm), 0
+            recorder, done = RunRecorder.start(folder, cfg, lm), None
             # Not the cached model's current adapter: it may carry an earlier run's training.
             arrays = (load_version(cfg.federation.initial_adapter, lm.initial_adapter)
                       if cfg.federation.initial_adapter else lm.initial_adapter)
@@ -208,7 +209,12 @@ def main(grid: Grid, context: Context) -> None:
     ``resume`` names an interrupted run folder to continue.
 
     Secure aggregation is on unless the config turns it off (``secagg.mode = off``)."""
+    stream_plain_lines()
     rc = context.run_config
+    if str(rc.get("config-json", "")):  # from `fedcpt simulate`: validated, exact folder
+        cfg = RunConfig.from_json(Path(str(rc["config-json"])).read_text(encoding="utf-8"))
+        run_federation(grid, cfg, Path(str(rc["run-dir"])))
+        return
     if str(rc.get("resume", "")):
         run_dir = Path(str(rc["resume"]))
         run_federation(grid, resumable_config(run_dir), run_dir, resume=True)
@@ -219,14 +225,3 @@ def main(grid: Grid, context: Context) -> None:
         overrides=shlex.split(str(rc.get("set", ""))),
     ).with_secagg_resolved(deployment=True)
     run_federation(grid, cfg, new_run_dir(str(rc.get("out-dir", "runs")), cfg.name))
-
-
-def make_server_app(cfg: RunConfig, run_dir: Path, resume: bool = False) -> ServerApp:
-    """A ServerApp bound to an already-validated config (used by ``fedcpt simulate``)."""
-    server = ServerApp()
-
-    @server.main()
-    def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, run_dir, resume)
-
-    return server

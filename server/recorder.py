@@ -135,7 +135,7 @@ class RunRecorder:
         record = self._round_record(server_round, general)
         version = self.folder.version(server_round)
         lm.model.save_pretrained(str(version))
-        write_json(version / "version.json",
+        write_json(self.folder.provenance(server_round),
                    version_provenance(self.folder, self.cfg, self.run_id, record))
         for step in stateful:
             step.save_state(version)

@@ -19,19 +19,24 @@ ServerApp and ClientApps; every policy of a round is here, in the order it happe
    step may reject the round;
 8. **evaluate** the new global adapter at the sites (domain) and on the server (general);
 9. **commit**: the adapter version, its metrics line and the checkpoint ``--resume`` uses.
+
+The message-level helpers (sampling, requests, reading replies) close the module.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedcpt.config import Phase, RunConfig
+from fedcpt.core import progress
 from fedcpt.core import protocol as p
 from fedcpt.core.adapters import load_adapter
 from fedcpt.core.model import AdaptedModel
@@ -39,21 +44,18 @@ from fedcpt.core.retention import GeneralEvaluation
 from fedcpt.exceptions import RoundFailed, UpdateRejected
 from fedcpt.privacy.secagg.server import SecAggFailed, SecAggRound
 from fedcpt.privacy.user_level import add_site_noise, clipping_config
-from fedcpt.server.exchange import (
-    EVALUATE,
-    TRAIN,
-    Collected,
-    collect_evaluate,
-    collect_train,
-    messages_to,
-    request,
-    sample_nodes,
-)
 from fedcpt.server.fisher import FisherForSites
 from fedcpt.server.phases import discover_sites, phase_nodes
 from fedcpt.server.recorder import RunRecorder
 from fedcpt.server.steps.base import ServerStep, StatefulStep
-from fedcpt.strategies.base import Aggregator
+from fedcpt.strategies.base import (
+    Aggregator,
+    SiteEvalReport,
+    SiteTrainReport,
+    contribution,
+    eval_report,
+    site_name,
+)
 from fedcpt.strategies.secagg_fedavg import SecAggFedAvg
 
 log = logging.getLogger(__name__)
@@ -98,11 +100,13 @@ class Attempt:
     failures: list[str]
 
 
-def run_rounds(fed: Federation, arrays: ArrayRecord, done: int = 0) -> ArrayRecord:
-    """Rounds ``done + 1`` … ``federation.rounds`` from the global adapter ``arrays``
-    (``done = 0``: evaluate and commit the starting adapter as round 0 first)."""
-    if done == 0:
+def run_rounds(fed: Federation, arrays: ArrayRecord, done: int | None = None) -> ArrayRecord:
+    """Rounds ``done + 1`` … ``federation.rounds`` from the global adapter ``arrays``, the
+    version committed after round ``done`` (None: a new run, whose starting adapter is
+    evaluated and committed as round 0 first)."""
+    if done is None:
         commit(fed, 0, arrays)
+        done = 0
     for server_round in range(done + 1, fed.cfg.federation.rounds + 1):
         phase = fed.cfg.phase_of(server_round)
         if server_round in (done + 1, phase.first_round):
@@ -163,6 +167,7 @@ def train_attempt(fed: Federation, server_round: int, global_arrays: ArrayRecord
     n_train = fed.cfg.federation.sites_per_round or (
         len(fed.cfg.sites) if pool is None else len(pool))
     nodes = sample_nodes(fed.grid, n_train, fed.rng, pool)
+    progress.emit("round", round=server_round, state="training", sites=len(nodes))
     failures: list[str] = []
     secagg: SecAggRound | None = None
     if isinstance(aggregator, SecAggFedAvg):  # SecAgg+ stages 1–2 before training
@@ -171,9 +176,10 @@ def train_attempt(fed: Federation, server_round: int, global_arrays: ArrayRecord
         messages = [aggregator.training_message(content, n, s) for n, s in shares.items()]
         nodes = list(shares)
     else:
-        messages = messages_to(nodes, content, TRAIN)
+        messages = messages_to(nodes, content, MessageType.TRAIN)
     replies = fed.grid.send_and_receive(messages, timeout=timeout) if messages else []
     collected = collect_train(server_round, replies, set(nodes), aggregator, global_arrays)
+    _emit_sites(server_round, collected)
     failures += collected.failures
     if len(collected.accepted) < fed.cfg.federation.min_sites:
         failures.append(f"{len(collected.accepted)} valid updates, fewer than "
@@ -232,20 +238,109 @@ def apply_steps(steps: list[ServerStep], server_round: int, global_arrays: Array
     return arrays, True, details
 
 
+def _emit_sites(server_round: int, collected: Collected) -> None:
+    """Each sampled site's outcome as a progress line (the live view's rows)."""
+    for report in collected.reports:
+        progress.emit("site", round=server_round, site=report.site, state="done",
+                      loss=report.train_loss, epsilon=report.privacy.get("epsilon"))
+    for failure in collected.failures:
+        progress.emit("site", round=server_round, site=failure.split(":", 1)[0],
+                      state="failed")
+
+
 def evaluate_sites(fed: Federation, server_round: int, arrays: ArrayRecord) -> None:
     """Every (or ``eval_sites_per_round``) site's held-out domain loss of ``arrays``."""
+    progress.emit("round", round=server_round, state="evaluating")
     n_eval = fed.cfg.federation.eval_sites_per_round or len(fed.cfg.sites)
     nodes = sample_nodes(fed.grid, n_eval, fed.rng)
     content = request(arrays, fed.config, server_round)
-    replies = fed.grid.send_and_receive(messages_to(nodes, content, EVALUATE),
+    replies = fed.grid.send_and_receive(messages_to(nodes, content, MessageType.EVALUATE),
                                         timeout=fed.cfg.federation.round_timeout_s)
     fed.recorder.record_evaluate(server_round, collect_evaluate(server_round, replies))
 
 
 def commit(fed: Federation, server_round: int, arrays: ArrayRecord) -> None:
-    """Evaluate ``arrays`` on the server's general text (per kind, KL to the base, the
-    base's answers), then record the round."""
+    """Evaluate ``arrays`` on the server's general blocks, then record the round."""
     load_adapter(fed.lm.model, arrays)
     general = fed.general.evaluate(fed.lm)
     stateful = [s for s in fed.steps if isinstance(s, StatefulStep)]
     fed.recorder.commit(server_round, general, fed.lm, stateful, fed.rng)
+    progress.emit("round", round=server_round, state="done", general_loss=general.loss)
+
+
+# --- the message-level pieces: sample, build requests, read replies --------------------
+
+def sample_nodes(grid: Grid, size: int, rng: random.Random,
+                 pool: Iterable[int] | None = None) -> list[int]:
+    """``size`` nodes drawn with ``rng`` from ``pool`` (default: every connected node),
+    once that many are connected."""
+    wanted = None if pool is None else set(pool)
+    while len(nodes := sorted(n for n in grid.get_node_ids()
+                              if wanted is None or n in wanted)) < size:
+        log.info("waiting for sites to connect: %d of %d", len(nodes), size)
+        time.sleep(1)
+    return rng.sample(nodes, size)
+
+
+def request(arrays: ArrayRecord, config: ConfigRecord, server_round: int,
+            extra: dict[str, ArrayRecord] | None = None) -> RecordDict:
+    """What the sampled sites get: the global adapter and the config with the round."""
+    config = ConfigRecord({**dict(config), p.SERVER_ROUND: server_round})
+    return RecordDict({p.ARRAYS: arrays, p.CONFIG: config, **(extra or {})})
+
+
+def messages_to(nodes: Iterable[int], content: RecordDict, message_type: str) -> list[Message]:
+    return [Message(content=content, dst_node_id=node, message_type=message_type)
+            for node in nodes]
+
+
+@dataclass
+class Collected:
+    """The training replies of one attempt, checked."""
+
+    accepted: dict[int, RecordDict] = field(default_factory=dict)
+    """Node → the canonical record of its valid update (what enters the aggregate)."""
+    reports: list[SiteTrainReport] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    errors: int = 0
+    """Replies that were errors (a site that failed or refused)."""
+
+
+def collect_train(server_round: int, replies: Iterable[Message], sampled: set[int],
+                  aggregator: Aggregator, reference: ArrayRecord) -> Collected:
+    """Validate every training reply; each failure is named, none is fatal."""
+    out = Collected()
+    replied: set[int] = set()
+    for msg in replies:
+        node, site = msg.metadata.src_node_id, site_name(msg)
+        replied.add(node)
+        if msg.has_error():
+            out.errors += 1
+            out.failures.append(f"{site}: {msg.error.reason}")
+            log.warning("round %d: site %s failed: %s", server_round, site, msg.error.reason)
+            continue
+        try:
+            payload, report = aggregator.validate(msg, reference)
+        except UpdateRejected as err:
+            out.failures.append(f"{site}: update rejected: {err}")
+            log.warning("round %d: rejected update from site %s: %s", server_round, site, err)
+            continue
+        out.accepted[node] = contribution(aggregator.payload_key, payload, report.num_examples)
+        out.reports.append(report)
+    for node in sorted(sampled - replied):
+        out.failures.append(f"node-{node}: no reply within the round timeout")
+        log.warning("round %d: node %d did not reply in time", server_round, node)
+    return out
+
+
+def collect_evaluate(server_round: int, replies: Iterable[Message]) -> list[SiteEvalReport]:
+    """The sites' evaluation reports; a failed or incomplete one is logged and skipped."""
+    reports = []
+    for msg in replies:
+        try:
+            reports.append(eval_report(msg))
+        except UpdateRejected as err:
+            log.warning("round %d: evaluation failed at site %s: %s", server_round,
+                        site_name(msg), err)
+    return reports
+

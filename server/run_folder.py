@@ -64,6 +64,10 @@ class RunFolder:
         """The adapter version saved after ``server_round`` (peft format + version.json)."""
         return self.adapters / f"round-{server_round:03d}"
 
+    def provenance(self, server_round: int) -> Path:
+        """``version.json`` of a version: parent, sites, data hashes, config hash."""
+        return self.version(server_round) / "version.json"
+
     def plot(self, name: str) -> Path:
         return self.root / name
 
