@@ -53,6 +53,14 @@ def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
         hf_logging.disable_progress_bar()
 
 
+def _drop_if_only_log(run_dir: Path) -> None:
+    """Bad input found before the run began leaves no run folder (only its log was there)."""
+    if run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == ["run.log"]:
+        logging.shutdown()  # close the file handler before removing its file
+        (run_dir / "run.log").unlink()
+        run_dir.rmdir()
+
+
 def _print_summary(summary: dict, run_dir: Path) -> None:
     from rich.table import Table
 
@@ -110,10 +118,14 @@ def simulate(
     log.info("config: %s", cfg.to_json())
     console.print(f"[bold]{cfg.name}[/]: {len(cfg.sites)} sites, {cfg.federation.rounds} "
                   f"rounds, model {cfg.model.name}; run folder {run_dir}", highlight=False)
-    with LiveView(console, verbose) as view:
-        view.state.apply(ProgressEvent("run", {"rounds": cfg.federation.rounds,
-                                               "sites": [s.name for s in cfg.sites]}))
-        summary = run(cfg, run_dir, resume=resume is not None, on_line=view.feed)
+    try:
+        with LiveView(console, verbose) as view:
+            view.state.apply(ProgressEvent("run", {"rounds": cfg.federation.rounds,
+                                                   "sites": [s.name for s in cfg.sites]}))
+            summary = run(cfg, run_dir, resume=resume is not None, on_line=view.feed)
+    except FedcptError:
+        _drop_if_only_log(run_dir)
+        raise
     _print_summary(summary, run_dir)
     print(run_dir / "report.md")
 

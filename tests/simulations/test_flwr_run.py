@@ -9,12 +9,32 @@ import json
 import pytest
 
 from fedcpt.config import load_config
-from fedcpt.simulations.runner import simulate
-from fedcpt.simulations.superlink import LocalSuperLink
+from fedcpt.exceptions import ConfigError
+from fedcpt.simulations.runner import federation_config, simulate
+from fedcpt.simulations.superlink import LocalSuperLink, toml_pairs
 
-pytestmark = pytest.mark.slow  # two real simulations (about a minute each on 2 idle cores)
+
+def test_federation_config_has_one_supernode_per_site_and_whole_cpus():
+    cfg = load_config("smoke", overrides=["simulation.num_cpus=2"])
+    assert federation_config(cfg) == {"num-supernodes": 3, "client-resources-num-cpus": 1,
+                                      "client-resources-num-gpus": 0,
+                                      "init-args-num-cpus": 2}
+    half = load_config("smoke", overrides=["simulation.cpus_per_client=0.5"])
+    assert federation_config(half)["client-resources-num-cpus"] == 0.5
 
 
+def test_ray_address_is_refused_with_the_key_named():
+    cfg = load_config("smoke", overrides=["simulation.ray_address=auto"])
+    with pytest.raises(ConfigError, match=r"simulation\.ray_address"):
+        federation_config(cfg)
+
+
+def test_run_config_strings_are_toml_quoted():
+    assert toml_pairs({"scenario": "smoke", "set": 'a=1 b="x y"', "n": 3}) == (
+        'scenario="smoke" set="a=1 b=\\"x y\\"" n=3')
+
+
+@pytest.mark.slow  # two real simulations (about a minute each on 2 idle cores)
 def test_flwr_run_matches_fedcpt_simulate(tmp_path):
     cli_lines: list[str] = []
     summary = simulate(load_config("smoke"), tmp_path / "simulate", on_line=cli_lines.append)
