@@ -106,8 +106,9 @@ class LocalSuperLink:
             raise FedcptError(f"no Flower app at {app_dir} (pyproject.toml missing): run from "
                               "a source checkout installed with `make install`")
         cmd = [str(BIN / "flwr"), "run", str(app_dir), CONNECTION,
-               "--run-config", toml_pairs(run_config),
                "--federation-config", toml_pairs(federation_config), "--stream"]
+        if run_config:
+            cmd += ["--run-config", toml_pairs(run_config)]
         with subprocess.Popen(cmd, env=self.env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
             for line in proc.stdout:  # type: ignore[union-attr]
