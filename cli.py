@@ -76,8 +76,9 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
                                       f"{general.get('final', float('nan')):.4f}")
     table.add_row("forgetting", nats(summary.get("forgetting")))
     table.add_row("adaptation", nats(summary.get("adaptation")))
-    if summary.get("max_epsilon") is not None:
-        table.add_row("ε spent (max over sites)", f"{summary['max_epsilon']:.3f}")
+    epsilon = (summary.get("privacy") or {}).get("max_epsilon")
+    if epsilon is not None:
+        table.add_row("ε spent (max over sites)", f"{epsilon:.3f}")
     table.add_row("wall time", f"{summary.get('wall_time_s', 0):.0f} s")
     table.add_row("report", str(run_dir / "report.md"))
     table.add_row("full log", str(run_dir / "run.log"))
