@@ -76,7 +76,8 @@ class LocalSuperLink:
         while not self._healthy():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.__exit__(None, None, None)
-                raise FedcptError(f"the Flower SuperLink did not start; see {self.log_path}")
+                tail = self.log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                raise FedcptError("the Flower SuperLink did not start: " + " | ".join(tail))
             time.sleep(0.5)
         log.debug("SuperLink on 127.0.0.1:%d (FLWR_HOME=%s)", self.port, self.home)
         return self
