@@ -61,6 +61,9 @@ class RunState:
                     if row.state != "failed" or self.phase == "training":
                         row.state = self.phase
             if self.phase == "done":
+                for row in self.sites.values():
+                    if row.state == "evaluating":
+                        row.state = "done"
                 self.rounds_done = max(self.rounds_done, server_round)
                 if f.get("general_loss") is not None:
                     self.general_loss = float(f["general_loss"])
@@ -112,6 +115,7 @@ class LiveView:
         self.verbose = verbose
         self.state = RunState()
         self._live: Live | None = None
+        self._last_printed = ""
 
     def __enter__(self) -> LiveView:
         if self.console.is_terminal:
@@ -132,9 +136,11 @@ class LiveView:
         event = parse(line)
         if event is not None:
             self.state.apply(event)
-            if self._live is None:  # not a terminal: the event as a plain line
-                self.console.print(line[line.index("progress "):], markup=False,
-                                   highlight=False)
+            text = line[line.index("progress "):]
+            # Not a terminal: the event as a plain line (once: Flower streams lines twice).
+            if self._live is None and text != self._last_printed:
+                self.console.print(text, markup=False, highlight=False)
+                self._last_printed = text
             return
         if self.verbose:
             self.console.print(line, markup=False, highlight=False)

@@ -50,6 +50,7 @@ def test_state_follows_a_round_with_a_failed_site():
     state.apply(progress.ProgressEvent("round", {"round": 1, "state": "done",
                                                  "general_loss": 4.0}))
     assert state.rounds_done == 1 and state.eta_s() is not None and state.eta_s() >= 0
+    assert state.sites["a"].state == "done" and state.sites["b"].state == "failed"
     text = _text(render(state))
     assert "round 1/3" in text and "ETA" in text and "general loss 4.0000" in text
     assert "2.5000" in text and "0.250" in text and "failed" in text
@@ -60,11 +61,12 @@ def test_plain_output_shows_progress_and_fedcpt_warnings_only():
     view = LiveView(Console(file=out, force_terminal=False, width=200), verbose=False)
     with view:
         view.feed('INFO :      progress round round=1 state="training"')
+        view.feed('12/01/2026 21:58:11:INFO:progress round round=1 state="training"')
         view.feed("INFO :      ConfigRecord (train): {'run-config': {...}}")
         view.feed("/site-packages/transformers/x.py:1: FutureWarning: deprecated")
         view.feed("WARNING fedcpt.server.round_loop: round 1: not aggregated")
     printed = out.getvalue()
-    assert 'progress round round=1 state="training"' in printed
+    assert printed.count('progress round round=1 state="training"') == 1  # streamed twice
     assert "round 1: not aggregated" in printed
     assert "ConfigRecord" not in printed and "FutureWarning" not in printed
 
