@@ -260,12 +260,14 @@ def evaluate_sites(fed: Federation, server_round: int, arrays: ArrayRecord) -> N
 
 
 def commit(fed: Federation, server_round: int, arrays: ArrayRecord) -> None:
-    """Evaluate ``arrays`` on the server's general blocks, then record the round."""
+    """Evaluate ``arrays`` on the server's general text (per kind, KL to the base, the
+    base's answers), then record the round."""
     load_adapter(fed.lm.model, arrays)
     general = fed.general.evaluate(fed.lm)
     stateful = [s for s in fed.steps if isinstance(s, StatefulStep)]
     fed.recorder.commit(server_round, general, fed.lm, stateful, fed.rng)
-    progress.emit("round", round=server_round, state="done", general_loss=general.loss)
+    progress.emit("round", round=server_round, state="done",
+                  general_loss=general.overall.loss)
 
 
 # --- the message-level pieces: sample, build requests, read replies --------------------
