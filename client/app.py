@@ -53,6 +53,7 @@ from fedcpt.privacy.ledger import SiteRefused
 from fedcpt.privacy.plan import plan_run
 from fedcpt.privacy.secagg import site as secagg_site
 from fedcpt.privacy.secagg.encoding import encode
+from fedcpt.privacy.secagg.identity import SiteIdentity, identity_for
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.site import STATE
 from fedcpt.privacy.user_level import clip_when_asked
@@ -130,10 +131,12 @@ def _log_result(site: SiteConfig, server_round: int, result: TrainResult) -> Non
              result.mean_loss, result.steps, result.seconds)
 
 
-# --- Secure aggregation (SecAgg+): stages 1, 2 and 4 carry keys and shares only -------
-def _secagg_stage(msg: Message, stage: Callable[[ConfigRecord], ConfigRecord]) -> Message:
+# --- Secure aggregation (SecAgg+): stages 1, 2, 4 and 5 carry keys and shares only ----
+def _secagg_stage(msg: Message, context: Context,
+                  stage: Callable[[ConfigRecord, SiteIdentity], ConfigRecord]) -> Message:
     try:
-        record = stage(msg.content.config_records[STATE])
+        record = stage(msg.content.config_records[STATE],
+                       identity_for(dict(context.node_config)))
     except FedcptError as err:
         return _refusal(msg, err)
     return Message(RecordDict({STATE: record}), reply_to=msg)
@@ -141,14 +144,16 @@ def _secagg_stage(msg: Message, stage: Callable[[ConfigRecord], ConfigRecord]) -
 
 @app.train("secagg_setup")
 def secagg_setup(msg: Message, context: Context) -> Message:
-    """Stage 1: fresh key pairs for the round; only the public halves leave."""
-    return _secagg_stage(msg, lambda r: secagg_site.setup(context, msg.metadata.dst_node_id, r))
+    """Stage 1: fresh key pairs for the round, signed; only the public halves leave."""
+    return _secagg_stage(msg, context, lambda r, me: secagg_site.setup(
+        context, msg.metadata.dst_node_id, r, me))
 
 
 @app.train("secagg_share_keys")
 def secagg_share_keys(msg: Message, context: Context) -> Message:
-    """Stage 2: shares of this site's secrets, encrypted for each neighbour."""
-    return _secagg_stage(msg, lambda r: secagg_site.share_keys(context, r))
+    """Stage 2: check every neighbour's signed keys; shares of this site's secrets,
+    encrypted for each neighbour."""
+    return _secagg_stage(msg, context, lambda r, me: secagg_site.share_keys(context, r, me))
 
 
 @app.train("secagg_masked")
@@ -156,13 +161,17 @@ def secagg_masked(msg: Message, context: Context) -> Message:
     """Stage 3: train as in :func:`train`, check the update here (the server will only
     see the sum), then send it quantised and masked."""
     try:
-        secagg_site.receive_shares(context, msg.content.config_records[STATE])
+        secagg_site.receive_shares(context, msg.content.config_records[STATE],
+                                   msg.content[p.ARRAYS], msg.content[p.CONFIG])
         arrays, metrics, site = _train_update(msg, context)
         cfg, reference = _run_config(msg), msg.content[p.ARRAYS]
         check_update(arrays, reference)
         norm = update_norm(arrays, reference)
         if cfg.federation.max_update_norm and norm > cfg.federation.max_update_norm:
-            raise UpdateRejected(f"update norm {norm:.3f} exceeds the bound "
+            log.warning("site %s: update norm %.3f exceeds the bound %s; not sent", site.name,
+                        norm, cfg.federation.max_update_norm)
+            # the norm itself stays here: it is a release about the site's data
+            raise UpdateRejected(f"the update exceeds the norm bound "
                                  f"{cfg.federation.max_update_norm}; not sent")
         params = SecAggParams.from_record(context.state.config_records[STATE])
         vector = encode(arrays, reference, int(metrics[p.NUM_EXAMPLES]), params)
@@ -177,10 +186,17 @@ def secagg_masked(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+@app.train("secagg_consistency")
+def secagg_consistency(msg: Message, context: Context) -> Message:
+    """Stage 4: sign the survivor set (once per round)."""
+    return _secagg_stage(msg, context, lambda r, me: secagg_site.consistency(context, r, me))
+
+
 @app.train("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    """Stage 4: the shares that unmask the sum; then the round's secrets are deleted."""
-    return _secagg_stage(msg, lambda r: secagg_site.unmask(context, r))
+    """Stage 5: the shares that unmask the sum, only with enough signatures over the
+    survivor set; then the round's secrets are deleted."""
+    return _secagg_stage(msg, context, lambda r, me: secagg_site.unmask(context, r, me))
 
 
 def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: TokenBlocks,

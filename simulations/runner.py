@@ -6,9 +6,12 @@ the general data), so bad input fails in seconds with one clear error and no run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from flwr.simulation import run_simulation
@@ -19,8 +22,10 @@ from fedcpt.config import RunConfig
 from fedcpt.core.adapters import load_version
 from fedcpt.core.data import TokenBlocks, load_blocks
 from fedcpt.core.model import load_adapted_model
+from fedcpt.deploy.certs import provision_simulated_identities
 from fedcpt.exceptions import FedcptError
 from fedcpt.privacy.plan import SitePlan, plan_run
+from fedcpt.privacy.secagg.identity import SIMULATION_IDENTITIES_ENV
 from fedcpt.server.app import general_eval_blocks, make_server_app, with_default_ledger_dir
 
 log = logging.getLogger(__name__)
@@ -70,6 +75,27 @@ def backend_config(cfg: RunConfig) -> dict:
     }
 
 
+@contextlib.contextmanager
+def simulated_identities(cfg: RunConfig) -> Iterator[None]:
+    """Under secure aggregation, a throwaway CA and one signing identity per site for the
+    simulation's duration (in a temporary folder the local Ray workers find through the
+    environment they inherit)."""
+    if not cfg.secagg.enabled:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="fedcpt-secagg-") as folder:
+        provision_simulated_identities(Path(folder), [s.name for s in cfg.sites])
+        previous = os.environ.get(SIMULATION_IDENTITIES_ENV)
+        os.environ[SIMULATION_IDENTITIES_ENV] = folder
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(SIMULATION_IDENTITIES_ENV, None)
+            else:
+                os.environ[SIMULATION_IDENTITIES_ENV] = previous
+
+
 def simulate(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     """Run ``cfg`` with one simulated SuperNode per site; returns the run summary.
 
@@ -81,8 +107,9 @@ def simulate(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
     server_app = make_server_app(cfg, run_dir, resume)
     log.info("Simulating %d sites for %d rounds; outputs in %s", len(cfg.sites),
              cfg.federation.rounds, run_dir)
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(cfg.sites),
-                   backend_config=backend_config(cfg))
+    with simulated_identities(cfg):
+        run_simulation(server_app=server_app, client_app=client_app,
+                       num_supernodes=len(cfg.sites), backend_config=backend_config(cfg))
     summary = run_dir / "summary.json"
     if not summary.is_file():
         raise FedcptError(f"the simulation ended without a result; see {run_dir}/error.txt "

@@ -2,11 +2,13 @@
 
 Each round is :class:`~fedcpt.strategies.fedavg.AdapterFedAvg`'s round with the SecAgg+
 stages around the training message (:mod:`fedcpt.privacy.secagg`): before it, the sampled
-sites exchange keys and shares; the training reply carries the site's masked, quantised
-update and its plaintext metrics; after it, the surviving sites reveal the shares that
-unmask the sum. What follows the sum — server steps, the regression guard, recording —
-is the plain strategy's, unchanged. Checks the server can no longer make on a single
-update (finite values, the norm bound) are made by the site before masking.
+sites exchange signed keys and shares, bound to a round context that commits to the
+adapter and config every site receives; the training reply carries the site's masked,
+quantised update and its plaintext metrics; after it, the surviving sites sign the
+survivor set and then reveal the shares that unmask the sum. What follows the sum —
+server steps, the regression guard, recording — is the plain strategy's, unchanged.
+Checks the server can no longer make on a single update (finite values, the norm bound)
+are made by the site before masking.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from flwr.serverapp import Grid
 from fedcpt.config import RunConfig
 from fedcpt.core import protocol as p
 from fedcpt.exceptions import UpdateRejected
+from fedcpt.privacy.secagg.context import RoundContext, adapter_digest, config_digest
 from fedcpt.privacy.secagg.encoding import decode, vector_length
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import MASKED, STATE, SecAggFailed, SecAggRound
@@ -53,8 +56,13 @@ class SecAggFedAvg(AdapterFedAvg):
             return messages
         nodes = [m.metadata.dst_node_id for m in messages]
         params = SecAggParams.for_round(self.cfg, len(nodes))
-        self._round = SecAggRound(grid, nodes, params, server_round + self.round_offset,
-                                  self.round_timeout)
+        content = messages[0].content  # every site gets this adapter and config
+        context = RoundContext(
+            run_id=str(content[p.CONFIG].get(p.RUN_ID, "")),
+            server_round=server_round + self.round_offset,
+            adapter=adapter_digest(content[p.ARRAYS]), config=config_digest(content[p.CONFIG]),
+            participants=tuple(sorted(nodes)))
+        self._round = SecAggRound(grid, context, params, self.round_timeout)
         try:
             inbound = self._round.share_keys()
         except SecAggFailed as err:
@@ -65,7 +73,6 @@ class SecAggFedAvg(AdapterFedAvg):
             self._failures.extend(self._round.failures)
             self._round.failures.clear()
         self._sampled = set(inbound)
-        content = messages[0].content
         return [Message(RecordDict({p.ARRAYS: content[p.ARRAYS], p.CONFIG: content[p.CONFIG],
                                     STATE: record}),
                         dst_node_id=node, message_type=MASKED)
