@@ -266,6 +266,10 @@ class SecAggConfig:
     quantization_range: int = field(
         default=2**22, metadata={"help": "Quantisation levels over [−clip, +clip]; sums are "
                                  "taken modulo 2^32, so sites × this must stay below 2^32."})
+    dishonest_fraction: float = field(
+        default=0.0, metadata={"help": "With privacy.user_level: fraction of the sampled "
+                               "sites that may collude with the server; the other sites' "
+                               "noise alone must meet the site-level guarantee."})
 
     def __post_init__(self) -> None:
         _require(self.num_shares == 0 or self.num_shares >= 3, "secagg.num_shares",
@@ -276,6 +280,8 @@ class SecAggConfig:
                  ">= 0 (0: federation.max_update_norm)")
         _require(2 <= self.quantization_range < 2**31, "secagg.quantization_range",
                  self.quantization_range, "in [2, 2^31)")
+        _require(0 <= self.dishonest_fraction < 1, "secagg.dishonest_fraction",
+                 self.dishonest_fraction, "in [0, 1)")
 
     @property
     def enabled(self) -> bool:
@@ -448,10 +454,6 @@ class RunConfig:
 
     def _check_secagg(self) -> None:
         sec, n = self.secagg, self.sites_per_round
-        if self.privacy.user_level:
-            raise ConfigError("secagg cannot be combined with privacy.user_level: Flower's "
-                              "site-level clipping acts on the plain update the server never "
-                              "sees under secure aggregation")
         _require(n >= 3, "federation.sites_per_round", n,
                  ">= 3 under secure aggregation (with two, the sum reveals each update to "
                  "the other site)")
@@ -471,6 +473,11 @@ class RunConfig:
                  "fewer, the server could rebuild both secrets of one site")
         _require(n * sec.quantization_range < 2**32, "secagg.quantization_range",
                  sec.quantization_range, f"below 2^32 / {n} sites (sums are taken mod 2^32)")
+        if self.privacy.user_level:  # the sites add the noise (distributed DP)
+            honest = max(threshold, 3) - math.floor(sec.dishonest_fraction * n)
+            _require(honest >= 1, "secagg.dishonest_fraction", sec.dishonest_fraction,
+                     f"small enough to leave an honest site among the {max(threshold, 3)} "
+                     f"a sum needs ({n} sites per round)")
 
     def _check_phases(self, site_names: list[str]) -> None:
         if not self.phases:

@@ -52,7 +52,8 @@ from fedcpt.privacy.dpsgd import train_adapter_dp
 from fedcpt.privacy.ledger import SiteRefused
 from fedcpt.privacy.plan import plan_run
 from fedcpt.privacy.secagg import site as secagg_site
-from fedcpt.privacy.secagg.encoding import encode
+from fedcpt.privacy.secagg.ddp import DistributedDP
+from fedcpt.privacy.secagg.encoding import encode, vector_length
 from fedcpt.privacy.secagg.identity import SiteIdentity, identity_for
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.site import STATE
@@ -159,7 +160,8 @@ def secagg_share_keys(msg: Message, context: Context) -> Message:
 @app.train("secagg_masked")
 def secagg_masked(msg: Message, context: Context) -> Message:
     """Stage 3: train as in :func:`train`, check the update here (the server will only
-    see the sum), then send it quantised and masked."""
+    see the sum), then send it quantised and masked (with site-level DP on: clipped and
+    noised here, :mod:`~fedcpt.privacy.secagg.ddp`)."""
     try:
         secagg_site.receive_shares(context, msg.content.config_records[STATE],
                                    msg.content[p.ARRAYS], msg.content[p.CONFIG])
@@ -173,8 +175,11 @@ def secagg_masked(msg: Message, context: Context) -> Message:
             # the norm itself stays here: it is a release about the site's data
             raise UpdateRejected(f"the update exceeds the norm bound "
                                  f"{cfg.federation.max_update_norm}; not sent")
-        params = SecAggParams.from_record(context.state.config_records[STATE])
-        vector = encode(arrays, reference, int(metrics[p.NUM_EXAMPLES]), params)
+        state = context.state.config_records[STATE]
+        params = SecAggParams.from_record(state)
+        ddp = DistributedDP.for_config(cfg, params.threshold, len(state["participants"]),
+                                       vector_length(reference) - 1)
+        vector = encode(arrays, reference, int(metrics[p.NUM_EXAMPLES]), params, ddp)
         masked = secagg_site.mask(context, vector)
     except SiteRefused as err:
         return _refusal(msg, err, p.BUDGET_EXHAUSTED)

@@ -143,7 +143,7 @@ def build_strategy(cfg: RunConfig, recorder: RunRecorder,
         min_available_nodes=max(n_train, n_eval) if train_nodes is None else n_train,
     )
     wrapped: Strategy = strategy
-    if cfg.privacy.user_level:
+    if cfg.privacy.user_level and not secure:  # under SecAgg the sites add the noise
         wrapped = wrap_user_level(strategy, cfg.privacy, n_train)
     if ewc is not None:
         wrapped = FisherToSites(wrapped, *ewc)
@@ -180,6 +180,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, resume: bool = Fal
         random.seed(cfg.seed)  # Flower samples sites with the `random` module
     try:
         lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
+        recorder.adapter_size = sum(a.numpy().size for a in lm.initial_adapter.values())
         data = general_data(cfg)
         general = data.evaluation
         if resume:

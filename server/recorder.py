@@ -23,6 +23,7 @@ from fedcpt.core.data import expand_source
 from fedcpt.core.evaluation import EvalResult, paired_standard_error
 from fedcpt.core.model import AdaptedModel
 from fedcpt.exceptions import DataError, FedcptError
+from fedcpt.privacy.secagg.ddp import DistributedDP
 from fedcpt.privacy.secagg.params import MODULUS, SecAggParams
 from fedcpt.privacy.user_level import user_level_epsilon
 from fedcpt.server.continual import continual_metrics
@@ -80,6 +81,19 @@ def secagg_summary(cfg: RunConfig) -> dict[str, Any]:
             "modulus": MODULUS}
 
 
+def distributed_dp_summary(cfg: RunConfig, rounds: int, adapter_size: int) -> dict[str, Any]:
+    """Site-level (ε, δ) of the noise the sites added under SecAgg, for a full round."""
+    params = SecAggParams.for_round(cfg, cfg.sites_per_round)
+    ddp = DistributedDP.for_config(cfg, params.threshold, cfg.sites_per_round, adapter_size)
+    return {"epsilon": ddp.epsilon(rounds, cfg.privacy.user_delta),
+            "delta": cfg.privacy.user_delta,
+            "noise_multiplier": cfg.privacy.user_noise_multiplier,
+            "clipping_norm": cfg.privacy.user_clipping_norm, "rounds": rounds,
+            "mechanism": "distributed discrete Gaussian (Kairouz et al. 2021), added by the "
+                         f"sites; counts only {ddp.honest} honest survivors",
+            "accountant": "rdp (DDG, no sampling amplification)"}
+
+
 def privacy_summary(cfg: RunConfig, latest: dict[str, dict[str, float]]) -> dict[str, Any]:
     """Per-site record-level (ε, δ) as the sites last reported them, and the federation's."""
     sites = {
@@ -133,6 +147,7 @@ class RunRecorder:
         self._train: dict[int, tuple[list[SiteTrainReport], list[str], bool]] = {}
         self._eval: dict[int, list[SiteEvalReport]] = {}
         self.full_model_bytes = 0
+        self.adapter_size = 0  # adapter coordinates (distributed DP's accounting needs them)
         self.privacy: dict[str, dict[str, float]] = {}
         self._steps: dict[int, dict[str, dict[str, Any]]] = {}
         self.stateful: list[StatefulStep] = []
@@ -334,7 +349,10 @@ class RunRecorder:
         summary["secagg"] = secagg_summary(self.cfg)
         if self.cfg.privacy.enabled:
             summary["privacy"] = privacy_summary(self.cfg, self.privacy)
-        if self.cfg.privacy.user_level:
+        if self.cfg.privacy.user_level and self.cfg.secagg.enabled:
+            summary["privacy_user_level"] = distributed_dp_summary(self.cfg, last,
+                                                                   self.adapter_size)
+        elif self.cfg.privacy.user_level:
             summary["privacy_user_level"] = {
                 "epsilon": user_level_epsilon(self.cfg.privacy, last),
                 "delta": self.cfg.privacy.user_delta,

@@ -24,6 +24,7 @@ from fedcpt.config import RunConfig
 from fedcpt.core import protocol as p
 from fedcpt.exceptions import UpdateRejected
 from fedcpt.privacy.secagg.context import RoundContext, adapter_digest, config_digest
+from fedcpt.privacy.secagg.ddp import DistributedDP
 from fedcpt.privacy.secagg.encoding import decode, vector_length
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import MASKED, STATE, SecAggFailed, SecAggRound
@@ -97,7 +98,9 @@ class SecAggFedAvg(AdapterFedAvg):
         try:
             total, contributors = secagg.unmask(
                 {node: rec[p.MASKED_VECTOR].numpy() for node, rec in accepted.items()})
-            mean, weight = decode(total, contributors, self._global, secagg.params)
+            ddp = DistributedDP.for_config(self.cfg, secagg.params.threshold,
+                                           len(secagg.nodes), vector_length(self._global) - 1)
+            mean, weight = decode(total, contributors, self._global, secagg.params, ddp)
             claimed = sum(r.num_examples for r in reports)
             if weight != claimed:
                 raise UpdateRejected(f"the summed weight {weight} differs from the "

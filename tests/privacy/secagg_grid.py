@@ -8,11 +8,13 @@ import numpy as np
 from cryptography.hazmat.primitives import serialization
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedcpt.config import RunConfig
 from fedcpt.core import protocol as p
 from fedcpt.deploy.certs import make_ca, make_site_signing_cert
 from fedcpt.privacy.secagg import site
 from fedcpt.privacy.secagg.context import RoundContext, adapter_digest, config_digest
-from fedcpt.privacy.secagg.encoding import encode
+from fedcpt.privacy.secagg.ddp import DistributedDP
+from fedcpt.privacy.secagg.encoding import encode, vector_length
 from fedcpt.privacy.secagg.identity import SiteIdentity
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import CONSISTENCY, MASKED, SETUP, SHARE_KEYS, STATE, UNMASK
@@ -37,9 +39,10 @@ class SiteGrid:
     """Delivers stage messages to in-process sites; ``drop[stage]`` sites never answer."""
 
     def __init__(self, updates: dict[int, tuple[ArrayRecord, int]],
-                 drop: dict[str, set[int]] | None = None) -> None:
+                 drop: dict[str, set[int]] | None = None, cfg: RunConfig | None = None) -> None:
         self.updates = updates
         self.drop = drop or {}
+        self.cfg = cfg  # with site-level DP on, the sites noise their updates
         self.contexts = {n: new_context(n) for n in updates}
         self.identities = make_identities(updates)
         self.sent_masked: dict[int, np.ndarray] = {}
@@ -69,8 +72,12 @@ class SiteGrid:
         assert kind == MASKED
         site.receive_shares(ctx, record, msg.content[p.ARRAYS], msg.content[p.CONFIG])
         update, weight = self.updates[node]
-        params = SecAggParams.from_record(ctx.state.config_records[STATE])
-        self.encoded[node] = encode(update, msg.content[p.ARRAYS], weight, params)
+        state = ctx.state.config_records[STATE]
+        params = SecAggParams.from_record(state)
+        ddp = None if self.cfg is None else DistributedDP.for_config(
+            self.cfg, params.threshold, len(state["participants"]),
+            vector_length(msg.content[p.ARRAYS]) - 1)
+        self.encoded[node] = encode(update, msg.content[p.ARRAYS], weight, params, ddp)
         masked = site.mask(ctx, self.encoded[node])
         self.sent_masked[node] = masked
         return Message(RecordDict({
@@ -88,7 +95,8 @@ class Sites:
         self.nodes, self.params = sorted(nodes), params
         self.adapter, self.config = adapter, config
         self.contexts = {n: new_context(n) for n in self.nodes}
-        self.identities = make_identities(self.nodes)
+        self.ca = make_ca(days=1)  # (key, certificate) of the federation CA
+        self.identities = make_identities(self.nodes, self.ca)
 
     def round_record(self, config: ConfigRecord | None = None, nodes=None) -> ConfigRecord:
         """The setup request an honest server would send (optionally for another config)."""
