@@ -246,7 +246,7 @@ def test_shares_redirected_by_the_server_fail_authentication(federation):
 @pytest.mark.parametrize("overrides, message", [
     (["secagg.reconstruction_threshold=1"], "majority"),
     (["federation.max_update_norm=0"], "max_update_norm"),
-    (["privacy.user_level=true"], "user_level"),
+    (["privacy.user_level=true", "secagg.dishonest_fraction=1"], "dishonest_fraction"),
     (["federation.sites_per_round=2"], ">= 3"),
     (["secagg.quantization_range=1500000000"], r"2\^32"),
 ])
