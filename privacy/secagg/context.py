@@ -90,6 +90,9 @@ def keys_message(context: bytes, node: int, pk1: bytes, pk2: bytes) -> bytes:
     return _KEYS_LABEL + context + _node(node) + pk1 + pk2
 
 
-def survivors_message(context: bytes, survivors: list[int]) -> bytes:
-    """What a site signs in the consistency check: the survivor set of the round."""
-    return _SURVIVORS_LABEL + context + b"".join(_node(n) for n in sorted(survivors))
+def survivors_message(context: bytes, survivors: list[int], pk1: bytes, pk2: bytes) -> bytes:
+    """What a site signs in the consistency check: the survivor set of the round, and its
+    own public keys of this attempt. The keys are fresh each time the round is sent, so a
+    signature from an earlier attempt of the same round cannot be replayed into this one."""
+    return (_SURVIVORS_LABEL + context + pk1 + pk2
+            + b"".join(_node(n) for n in sorted(survivors)))

@@ -218,8 +218,8 @@ def consistency(context: Context, request: ConfigRecord,
         raise UpdateRejected(f"the survivor set names neighbours that never sent shares, or "
                              f"fewer than the threshold {threshold} (or {MIN_SUM} sites)")
     state.update({"stage": "consistency", "survivors": survivors})
-    return ConfigRecord({"signature": identity.sign(
-        survivors_message(bytes(state["ctx"]), survivors))})
+    return ConfigRecord({"signature": identity.sign(survivors_message(
+        bytes(state["ctx"]), survivors, bytes(state["pk1"]), bytes(state["pk2"])))})
 
 
 def unmask(context: Context, request: ConfigRecord, identity: SiteIdentity) -> ConfigRecord:
@@ -237,11 +237,13 @@ def unmask(context: Context, request: ConfigRecord, identity: SiteIdentity) -> C
     signers, signatures = _ints(request, "signers"), list(request.get("signatures", []))
     if len(signers) != len(signatures):
         raise UpdateRejected("malformed survivor signatures")
-    message, valid = survivors_message(ctx, survivors), set()
+    valid = set()
     for signer, signature in zip(signers, signatures, strict=True):
         if signer in peers:  # other sites' signatures this site cannot check
-            verify_signed(identity, state["peer-cert"][peers.index(signer)], message,
-                          signature)
+            i = peers.index(signer)
+            message = survivors_message(ctx, survivors, bytes(state["peer-pk1"][i]),
+                                        bytes(state["peer-pk2"][i]))
+            verify_signed(identity, state["peer-cert"][i], message, signature)
             valid.add(signer)
     if len(valid) < threshold:
         raise UpdateRejected(f"only {len(valid)} neighbours signed the survivor set, below "

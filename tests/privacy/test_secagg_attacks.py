@@ -130,6 +130,22 @@ def test_inconsistent_survivor_sets_reveal_nothing_that_unmasks_the_victim(sites
     assert len(revealed) == (2 if victim_signs else 0)
 
 
+def test_survivor_signatures_from_an_earlier_attempt_of_the_round_are_refused(sites):
+    """The server runs the round twice with the same context (a retry): in the first
+    attempt it has D and E sign a set without A, then aborts; in the second it shows D
+    and E the full set (they reveal A's seed share) and B and C the set without A, with
+    D's and E's old signatures to reach the threshold (for A's mask-key share)."""
+    sites.honest_until_masked()
+    dead = [B, C, D, E]
+    stale = {n: bytes(sites.consistency(n, dead)["signature"]) for n in (D, E)}
+    sites.honest_until_masked()  # attempt 2: fresh keys, same round context
+    fresh = {n: bytes(sites.consistency(n, dead)["signature"]) for n in (B, C)}
+    for n in (B, C):
+        _fails(lambda n=n: sites.unmask(n, dead, {**fresh, **stale}, active=dead, dead=[A]),
+               "did not make")
+        assert sites.secrets_kept(n)
+
+
 def test_a_site_signs_one_survivor_set_per_round(sites):
     sites.honest_until_masked()
     sites.consistency(D, NODES)

@@ -13,6 +13,7 @@ from fedcpt.config import load_config
 from fedcpt.core import protocol as p
 from fedcpt.core.adapters import adapter_state, to_arrays
 from fedcpt.core.model import load_adapted_model
+from fedcpt.privacy.accounting import epsilon
 from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.simulations.runner import simulate
 
@@ -56,3 +57,21 @@ def test_a_site_requiring_secagg_refuses_a_plain_training_message(monkeypatch, s
     assert reply.has_error()
     assert "requires secure aggregation" in reply.error.reason
     assert not reply.has_content()  # no adapter leaves the site
+
+
+def test_site_level_dp_under_secagg_is_added_by_the_sites(tmp_path, sites_config):
+    cfg = load_config("smoke", config_file=sites_config, overrides=[
+        "secagg.mode=on", "federation.max_update_norm=5", "privacy.user_level=true",
+        "privacy.user_clipping_norm=0.01", "privacy.user_noise_multiplier=0.5"])
+    run_dir = tmp_path / "run"
+    summary = simulate(cfg, run_dir)
+
+    assert summary["rounds_aggregated"] == cfg.federation.rounds
+    assert summary["failures"] == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["update_norm_per_site"] == {} for r in rows)  # the server saw only sums
+    user = summary["privacy_user_level"]
+    assert "distributed discrete Gaussian" in user["mechanism"]
+    central = epsilon([(0.5, 1.0, cfg.federation.rounds)], user["delta"], "rdp")
+    assert central * 0.99 <= user["epsilon"] <= central * 1.05  # never below the central ε
+    assert "the sites added" in (run_dir / "report.md").read_text()
