@@ -30,7 +30,7 @@ from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS, compute
 
 from fedcpt.config import RunConfig
 from fedcpt.exceptions import ConfigError, UpdateRejected
-from fedcpt.privacy.secagg.params import MIN_SUM, MODULUS
+from fedcpt.privacy.secagg.params import MIN_SECAGG_SITES, MODULUS
 
 # One site's clipped update spans this many grid steps at most, with room left below
 # 2^31 for the sum of all sampled sites and their noise (8 standard deviations).
@@ -57,11 +57,12 @@ class DistributedDP:
     @classmethod
     def for_round(cls, *, clip: float, noise_multiplier: float, sites: int, threshold: int,
                   dishonest_fraction: float, dimension: int) -> DistributedDP:
-        honest = max(threshold, MIN_SUM) - math.floor(dishonest_fraction * sites)
+        fewest = max(threshold, MIN_SECAGG_SITES)
+        honest = fewest - math.floor(dishonest_fraction * sites)
         if honest < 1:
             raise ConfigError(f"secagg.dishonest_fraction {dishonest_fraction} of {sites} "
-                              f"sites leaves no honest site among the {max(threshold, MIN_SUM)} "
-                              "that a sum needs; lower it or raise the threshold")
+                              f"sites leaves no honest site among the {fewest} that a sum "
+                              "needs; lower it or raise the threshold")
         return cls(clip=clip, noise_multiplier=noise_multiplier, sites=sites, honest=honest,
                    dimension=dimension)
 

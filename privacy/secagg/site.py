@@ -37,7 +37,7 @@ from fedcpt.privacy.secagg.context import (
 )
 from fedcpt.privacy.secagg.identity import SiteIdentity, verify_signed
 from fedcpt.privacy.secagg.masking import agree, expand, new_key_pair, seal, unseal
-from fedcpt.privacy.secagg.params import MIN_SUM, SecAggParams
+from fedcpt.privacy.secagg.params import MIN_SECAGG_SITES, SecAggParams
 
 STATE = "secagg"  # the ConfigRecord in Context.state holding this round's secrets
 SHARES, MASK = b"shares", b"mask"  # key-derivation purposes (the context is appended)
@@ -80,9 +80,9 @@ def setup(context: Context, node: int, request: ConfigRecord,
         raise UpdateRejected(f"refusing secure aggregation parameters: {err}") from None
     round_context = RoundContext.from_record(request)
     if node not in round_context.participants or (
-            len(round_context.participants) < MIN_SUM):
+            len(round_context.participants) < MIN_SECAGG_SITES):
         raise UpdateRejected("the round context does not list this site among at least "
-                             f"{MIN_SUM} participants")
+                             f"{MIN_SECAGG_SITES} participants")
     ctx = round_context.digest(params)
     sk1, pk1 = new_key_pair()  # pairwise masks
     sk2, pk2 = new_key_pair()  # encrypting shares for neighbours
@@ -130,9 +130,10 @@ def share_keys(context: Context, request: ConfigRecord,
     state = _state(context, "setup")
     params, me, ctx = SecAggParams.from_record(state), int(state["node"]), bytes(state["ctx"])
     peers, pk1s, pk2s, certs = _verified_neighbours(state, request, identity)
-    if not (MIN_SUM <= len(peers) <= params.num_shares and 2 * params.threshold > len(peers)):
+    if not (MIN_SECAGG_SITES <= len(peers) <= params.num_shares
+            and 2 * params.threshold > len(peers)):
         raise UpdateRejected(f"{len(peers)} neighbours with threshold {params.threshold}: "
-                             f"need {MIN_SUM} to num_shares ({params.num_shares}) "
+                             f"need {MIN_SECAGG_SITES} to num_shares ({params.num_shares}) "
                              "neighbours of which the threshold is a majority")
     if len(set(pk1s + pk2s)) != 2 * len(peers) or len(set(peers)) != len(peers):
         raise UpdateRejected("neighbour keys or ids are not unique")
@@ -214,9 +215,9 @@ def consistency(context: Context, request: ConfigRecord,
         raise UpdateRejected("the server names this site as dropped although it sent its "
                              "masked update; nothing is revealed")
     if not set(survivors) & peers <= held or len(set(survivors) & peers) < threshold or (
-            len(survivors) < MIN_SUM):
+            len(survivors) < MIN_SECAGG_SITES):
         raise UpdateRejected(f"the survivor set names neighbours that never sent shares, or "
-                             f"fewer than the threshold {threshold} (or {MIN_SUM} sites)")
+                             f"fewer than the threshold {threshold} (or {MIN_SECAGG_SITES} sites)")
     state.update({"stage": "consistency", "survivors": survivors})
     return ConfigRecord({"signature": identity.sign(survivors_message(
         bytes(state["ctx"]), survivors, bytes(state["pk1"]), bytes(state["pk2"])))})
