@@ -3,7 +3,9 @@ the unmasked sum carries what the plan says, even with only the survivors' noise
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 
 import numpy as np
 import pytest
@@ -26,6 +28,7 @@ from fedcpt.privacy.accounting import epsilon as opacus_epsilon
 from fedcpt.privacy.secagg.ddp import DistributedDP, discrete_gaussian
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import MASKED
+from fedcpt.server.round_loop import Federation, request, train_attempt
 from fedcpt.strategies.secagg_fedavg import SecAggFedAvg
 
 NODES = (101, 202, 303, 404, 505)
@@ -54,10 +57,13 @@ def _zero_round(cfg: RunConfig, dropped: set[int]) -> tuple[np.ndarray, int]:
     updates = {n: (reference, 24) for n in NODES}
     grid = SiteGrid(updates, drop={MASKED: dropped}, cfg=cfg)
     max_weight = cfg.train.local_steps * cfg.train.batch_size
-    strategy = SecAggFedAvg(cfg=cfg, round_timeout=5.0, min_sites=1, max_examples=max_weight,
-                            min_train_nodes=5, min_available_nodes=5)
-    replies = grid.send_and_receive(strategy.configure_train(1, reference, ConfigRecord(), grid))
-    arrays, _ = strategy.aggregate_train(1, replies)
+    cfg = dataclasses.replace(cfg, federation=dataclasses.replace(
+        cfg.federation, sites_per_round=5, round_timeout_s=5.0))
+    fed = Federation(grid=grid, cfg=cfg, recorder=None, lm=None, general=None,
+                     aggregator=SecAggFedAvg(cfg=cfg, max_examples=max_weight),
+                     config=ConfigRecord(), rng=random.Random(0))
+    arrays = train_attempt(fed, 1, reference, request(reference, ConfigRecord(), 1),
+                           None).aggregate
     noise = np.concatenate([arrays[k].numpy().ravel().astype(np.float64) for k in SHAPES])
     return noise, 24 * (5 - len(dropped))
 
