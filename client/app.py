@@ -49,16 +49,17 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-# --- Secure aggregation (SecAgg+): the four stages of a round --------------------------
+# --- Secure aggregation (SecAgg+): the five stages of a round --------------------------
 @app.train(p.SECAGG_SETUP)
 def secagg_setup(msg: Message, context: Context) -> Message:
-    """Stage 1: fresh key pairs for the round; only the public halves leave."""
+    """Stage 1: fresh key pairs for the round, signed; only the public halves leave."""
     return secagg_stages.setup(msg, context)
 
 
 @app.train(p.SECAGG_SHARE_KEYS)
 def secagg_share_keys(msg: Message, context: Context) -> Message:
-    """Stage 2: shares of this site's secrets, encrypted for each neighbour."""
+    """Stage 2: check the neighbours' signed keys; shares of this site's secrets,
+    encrypted for each neighbour."""
     return secagg_stages.share_keys(msg, context)
 
 
@@ -69,9 +70,16 @@ def secagg_masked(msg: Message, context: Context) -> Message:
     return secagg_stages.masked(msg, context)
 
 
+@app.train(p.SECAGG_CONSISTENCY)
+def secagg_consistency(msg: Message, context: Context) -> Message:
+    """Stage 4: sign the survivor set (once per round)."""
+    return secagg_stages.consistency(msg, context)
+
+
 @app.train(p.SECAGG_UNMASK)
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    """Stage 4: the shares that unmask the sum; then the round's secrets are deleted."""
+    """Stage 5: the shares that unmask the sum, given enough signatures over the
+    survivor set; then the round's secrets are deleted."""
     return secagg_stages.unmask(msg, context)
 
 

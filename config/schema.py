@@ -310,6 +310,9 @@ class SecAggConfig:
     quantization_range: int = _opt(
         2**22, "Quantisation levels over [−clip, +clip]; sums are taken modulo 2^32, so "
         "sites × this must stay below 2^32.")
+    dishonest_fraction: float = _opt(
+        0.0, "With privacy.user_level: fraction of the sampled sites that may collude with "
+        "the server; the other sites' noise alone must meet the site-level guarantee.")
 
     def __post_init__(self) -> None:
         require(self.num_shares == 0 or self.num_shares >= MIN_SECAGG_SITES,
@@ -321,6 +324,8 @@ class SecAggConfig:
                 ">= 0 (0: federation.max_update_norm)")
         require(2 <= self.quantization_range < 2**31, "secagg.quantization_range",
                 self.quantization_range, "in [2, 2^31)")
+        require(0 <= self.dishonest_fraction < 1, "secagg.dishonest_fraction",
+                self.dishonest_fraction, "in [0, 1)")
 
     @property
     def enabled(self) -> bool:

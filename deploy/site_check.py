@@ -38,11 +38,17 @@ from fedcpt.client.site import (
 from fedcpt.config import RunConfig
 from fedcpt.exceptions import ConfigError
 from fedcpt.privacy.ledger import PrivacyLedger
+from fedcpt.privacy.secagg.identity import (
+    CA_CERT_KEY,
+    SIGNING_CERT_KEY,
+    SIGNING_KEY_KEY,
+    identity_for,
+)
 
 log = logging.getLogger(__name__)
 
 KNOWN_KEYS = (SITE_NAME_KEY, DATA_PATH_KEY, LEDGER_PATH_KEY, BUDGET_KEY, REQUIRE_DP_KEY,
-              REQUIRE_SECAGG_KEY)
+              REQUIRE_SECAGG_KEY, CA_CERT_KEY, SIGNING_KEY_KEY, SIGNING_CERT_KEY)
 # Curves Flower accepts for SuperNode authentication keys (NIST curves).
 NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 BOOLEAN = {"true": True, "1": True, "false": False, "0": False}
@@ -95,6 +101,8 @@ def check_node_config(node_config: dict) -> list[str]:
                 raise ConfigError(f"node-config `{key}` must be true or false; got "
                                   f"{node_config[key]!r}")
             lines.append(f"{what}: {'yes' if BOOLEAN[flag] else 'no'}")
+    if any(k in node_config for k in (CA_CERT_KEY, SIGNING_KEY_KEY, SIGNING_CERT_KEY)):
+        lines.append(f"secure aggregation identity: {identity_for(node_config).name}")
     return lines
 
 

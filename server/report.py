@@ -216,9 +216,12 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
                   "not shown."]
     if s.privacy_user_level is not None:
         u = s.privacy_user_level
+        who = (f"the sites added {u['mechanism']} noise (z = {u['noise_multiplier']}) "
+               "before masking" if "mechanism" in u else
+               f"the server added Gaussian noise (σ = {u['noise_multiplier']}) to the average")
         lines += ["", "## Site-level privacy (DP-FedAvg)", "",
-                  f"Each site's update was clipped to L2 norm {u['clipping_norm']} and the "
-                  f"server added Gaussian noise (σ = {u['noise_multiplier']}) to the average: "
+                  f"Each site's update was clipped to L2 norm {u['clipping_norm']} and "
+                  f"{who}: "
                   f"site-level ε = **{u['epsilon']:.3f}** at δ = {u['delta']:g} after "
                   f"{u['rounds']} rounds ({u['accountant']}). This is separate from, and "
                   "does not combine with, the record-level ε above."]

@@ -172,7 +172,7 @@ def train_attempt(fed: Federation, server_round: int, global_arrays: ArrayRecord
     secagg: SecAggRound | None = None
     if isinstance(aggregator, SecAggFedAvg):  # SecAgg+ stages 1–2 before training
         secagg, shares = _share_keys(aggregator, fed.grid, nodes, server_round, timeout,
-                                     failures)
+                                     content, failures)
         messages = [aggregator.training_message(content, n, s) for n, s in shares.items()]
         nodes = list(shares)
     else:
@@ -185,13 +185,14 @@ def train_attempt(fed: Federation, server_round: int, global_arrays: ArrayRecord
         failures.append(f"{len(collected.accepted)} valid updates, fewer than "
                         f"min_sites={fed.cfg.federation.min_sites}")
         return Attempt(None, collected, failures)
-    if fed.cfg.privacy.user_level and collected.errors:
+    # (under SecAgg the sites' noise is sized for the fewest survivors it may unmask)
+    if fed.cfg.privacy.user_level and secagg is None and collected.errors:
         # As Flower's DP wrapper: the noise is sized for every sampled site's update.
         failures.append("site-level DP: a sampled site failed; the round is not released")
         return Attempt(None, collected, failures)
     records = list(collected.accepted.values())
     try:
-        if secagg is not None:  # SecAgg+ stage 4: only the sum is unmasked
+        if secagg is not None:  # SecAgg+ stages 4–5: only the sum is unmasked
             records = [SecAggFedAvg.unmask(secagg, collected.accepted)]
         aggregate = aggregator.aggregate(records, global_arrays)
     except (SecAggFailed, UpdateRejected) as err:
@@ -201,17 +202,17 @@ def train_attempt(fed: Federation, server_round: int, global_arrays: ArrayRecord
         log.warning("round %d: %s; the global adapter is unchanged", server_round, err)
         return Attempt(None, collected, failures)
     failures += secagg.failures if secagg else []
-    if fed.cfg.privacy.user_level:
+    if fed.cfg.privacy.user_level and secagg is None:  # under SecAgg the sites added it
         aggregate = add_site_noise(aggregate, fed.cfg.privacy, n_train)
     return Attempt(aggregate, collected, failures)
 
 
 def _share_keys(aggregator: SecAggFedAvg, grid: Grid, nodes: list[int], server_round: int,
-                timeout: float, failures: list[str],
+                timeout: float, content: RecordDict, failures: list[str],
                 ) -> tuple[SecAggRound, dict[int, ConfigRecord]]:
     """SecAgg+ stages 1–2: per site still present, its inbound shares (none if the stages
     failed: then no site trains this attempt, and ``failures`` say why)."""
-    secagg = aggregator.open_round(grid, nodes, server_round, timeout)
+    secagg = aggregator.open_round(grid, nodes, server_round, timeout, content)
     try:
         shares = secagg.share_keys()
     except SecAggFailed as err:

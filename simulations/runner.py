@@ -6,11 +6,12 @@ the general data), so bad input fails in seconds with one clear error and no run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fedcpt.client.site import open_ledger
@@ -18,8 +19,10 @@ from fedcpt.config import RunConfig
 from fedcpt.core.adapters import load_version
 from fedcpt.core.data import TokenBlocks, load_blocks
 from fedcpt.core.model import load_adapted_model
+from fedcpt.deploy.certs import provision_simulated_identities
 from fedcpt.exceptions import ConfigError, FedcptError
 from fedcpt.privacy.plan import SitePlan, plan_run
+from fedcpt.privacy.secagg.identity import SIMULATION_IDENTITIES_ENV
 from fedcpt.server.app import general_eval_blocks, with_default_ledger_dir
 from fedcpt.simulations.superlink import LocalSuperLink
 
@@ -76,6 +79,27 @@ def federation_config(cfg: RunConfig) -> dict:
     }
 
 
+@contextlib.contextmanager
+def simulated_identities(cfg: RunConfig) -> Iterator[None]:
+    """Under secure aggregation, a throwaway CA and one signing identity per site for the
+    simulation's duration (in a temporary folder the local Ray workers find through the
+    environment they inherit)."""
+    if not cfg.secagg.enabled:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="fedcpt-secagg-") as folder:
+        provision_simulated_identities(Path(folder), [s.name for s in cfg.sites])
+        previous = os.environ.get(SIMULATION_IDENTITIES_ENV)
+        os.environ[SIMULATION_IDENTITIES_ENV] = folder
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(SIMULATION_IDENTITIES_ENV, None)
+            else:
+                os.environ[SIMULATION_IDENTITIES_ENV] = previous
+
+
 def simulate(cfg: RunConfig, run_dir: Path, resume: bool = False,
              on_line: Callable[[str], None] | None = None) -> dict:
     """Run ``cfg`` with one simulated SuperNode per site; returns the run summary.
@@ -107,7 +131,7 @@ def simulate(cfg: RunConfig, run_dir: Path, resume: bool = False,
             if on_line is not None:
                 on_line(line)
 
-        with LocalSuperLink(Path(home) / "flwr-home") as superlink:
+        with simulated_identities(cfg), LocalSuperLink(Path(home) / "flwr-home") as superlink:
             status = superlink.run(run_config, federation_config(cfg), record)
     summary = run_dir / "summary.json"
     if status != 0 or not summary.is_file():
