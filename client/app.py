@@ -58,7 +58,7 @@ from fedcpt.privacy.dpsgd import train_adapter_dp
 from fedcpt.privacy.ledger import SiteRefused
 from fedcpt.privacy.plan import plan_run
 from fedcpt.privacy.policy import SitePolicy, accept_proposal
-from fedcpt.privacy.release import evaluation_queries, release_evaluation
+from fedcpt.privacy.release import eval_reservation, release_evaluation
 from fedcpt.privacy.secagg import site as secagg_site
 from fedcpt.privacy.secagg.encoding import encode
 from fedcpt.privacy.secagg.params import SecAggParams
@@ -205,8 +205,7 @@ def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: T
     """
     records = blocks.units  # the N of the unit-level guarantee
     terms = accept_proposal(policy, cfg, records)
-    reserved = ((policy.eval_noise_multiplier, 1.0, evaluation_queries(cfg.federation.rounds)),
-                ) if policy.eval_release == "noised" else ()
+    reserved = eval_reservation(policy, cfg.federation.rounds)
     with open_ledger(cfg, policy, terms).locked() as ledger:
         cache = UpdateCache.beside(ledger.path)
         digest = arrays_digest(request)

@@ -146,7 +146,9 @@ def _read_file(path: Path, text_field: str, unit_field: str) -> list[Record]:
         try:
             table = pq.read_table(path, columns=columns)
         except (KeyError, ValueError, OSError) as err:
-            raise DataError(f"{path}: cannot read column(s) {columns}: {err}") from None
+            what = f"text column {text_field!r}" + (f" or unit column {unit_field!r}"
+                                                    if unit_field else "")
+            raise DataError(f"{path}: cannot read {what}: {err}") from None
         texts = table.column(text_field).to_pylist()
         keys = table.column(unit_field).to_pylist() if unit_field else [None] * len(texts)
         out = []

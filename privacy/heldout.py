@@ -10,9 +10,11 @@ fraction or adds data. The file is ``<site>.split.json`` beside ``<site>.ledger.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,10 +54,23 @@ class HeldoutSplit:
 
     @classmethod
     def open(cls, path: Path, site: str, unit: str) -> HeldoutSplit:
-        """The recorded split, or a new one with a fresh secret salt."""
+        """The recorded split, or a new one with a fresh secret salt. Creation is atomic and
+        exclusive: two processes of one site starting together agree on one salt."""
         path = Path(path)
         if not path.exists():
-            return cls(path, site, unit, secrets.token_hex(SALT_BYTES))
+            fresh = cls(path, site, unit, secrets.token_hex(SALT_BYTES))
+            tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.new")
+            write_durably(tmp, fresh._payload())
+            try:
+                os.link(tmp, path)  # fails if another process created it first
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        return cls._load(path, site, unit)
+
+    @classmethod
+    def _load(cls, path: Path, site: str, unit: str) -> HeldoutSplit:
         try:
             payload = json.loads(path.read_text(encoding="utf-8"))
             body = {k: v for k, v in payload.items() if k != "checksum"}
@@ -100,8 +115,18 @@ class HeldoutSplit:
         return sum(self.sides.values())
 
     def save(self) -> None:
+        """Merge this process's new sides into the file under a lock (recorded sides win)."""
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                stored = HeldoutSplit._load(self.path, self.site, self.unit)
+                self.sides = {**self.sides, **stored.sides}
+                write_durably(self.path, self._payload())
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _payload(self) -> bytes:
         body = {"version": 1, "site": self.site, "unit": self.unit, "salt": self.salt,
                 "heldout": sorted(d for d, h in self.sides.items() if h),
                 "train": sorted(d for d, h in self.sides.items() if not h)}
-        write_durably(self.path, json.dumps(dict(body, checksum=_checksum(body)),
-                                            indent=1).encode("utf-8"))
+        return json.dumps(dict(body, checksum=_checksum(body)), indent=1).encode("utf-8")

@@ -43,6 +43,13 @@ def evaluation_queries(rounds: int) -> int:
     return 2 * (rounds + 1) + 1
 
 
+def eval_reservation(policy: SitePolicy, rounds: int) -> tuple[tuple[float, float, int], ...]:
+    """The spend a DP plan keeps free for this run's noised evaluations (none otherwise)."""
+    if policy.eval_release != "noised":
+        return ()
+    return ((policy.eval_noise_multiplier, EVAL_SAMPLE_RATE, evaluation_queries(rounds)),)
+
+
 def release_evaluation(cfg: RunConfig, lm: AdaptedModel, policy: SitePolicy,
                        blocks: TokenBlocks, *, base_cache: dict, run_id: str,
                        ledger: PrivacyLedger | None) -> dict[str, float]:
