@@ -154,11 +154,12 @@ def _typed(name: str, value: Any, where: str) -> Any:
                           f"{type(default).__name__}") from None
 
 
-def site_policy(cfg: RunConfig, site: SiteConfig, node_config: dict,
+def site_policy(cfg: RunConfig | None, site: SiteConfig, node_config: dict,
                 deployed: bool) -> SitePolicy:
-    """The policy in force at ``site``: node config, then its policy file (deployed), or the
-    simulated tables; then site defaults. ``eval_release`` defaults to ``nothing`` when the
-    site requires DP (nothing un-noised leaves), else ``plain``."""
+    """The policy in force at ``site``: node config, then its policy file (deployed: the
+    run config ``cfg`` is not read), or the simulated tables of ``cfg``; then defaults.
+    ``eval_release`` defaults to ``nothing`` when the site requires DP (nothing un-noised
+    leaves), else ``plain``."""
     values: dict[str, Any] = {}
     set_by: dict[str, str] = {}
     if deployed:
@@ -170,6 +171,8 @@ def site_policy(cfg: RunConfig, site: SiteConfig, node_config: dict,
             layers.append((f"site policy file {path}",
                            {NODE_KEYS[k]: v for k, v in read_policy_file(path).items()}))
     else:
+        if cfg is None:
+            raise ValueError("a simulated site's policy needs the run config")  # a bug
         unset = dataclasses.asdict(type(site.policy)())
         layers = [(f"simulated site table [sites.policy] of {site.name!r}",
                    {k: v for k, v in dataclasses.asdict(site.policy).items()
@@ -188,7 +191,8 @@ def site_policy(cfg: RunConfig, site: SiteConfig, node_config: dict,
         values["eval_release"] = "nothing" if values["require_dp"] else "plain"
         set_by["eval_release"] = ("site default (require-dp: nothing un-noised)"
                                   if values["require_dp"] else "site default")
-    if not values["ledger_path"] and not deployed and cfg.privacy.ledger_dir:
+    if not values["ledger_path"] and cfg is not None and not deployed and \
+            cfg.privacy.ledger_dir:
         values["ledger_path"] = str(Path(cfg.privacy.ledger_dir) / f"{site.name}{LEDGER_SUFFIX}")
         set_by["ledger_path"] = "simulation: the run's privacy.ledger_dir"
     return SitePolicy(site=site.name, set_by=tuple(sorted(set_by.items())), **values)

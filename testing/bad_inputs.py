@@ -32,6 +32,7 @@ from fedcpt.exceptions import FedcptError, UpdateRejected
 from fedcpt.privacy.ledger import PrivacyLedger, _checksum
 from fedcpt.privacy.plan import plan_site
 from fedcpt.strategies.fedavg import AdapterFedAvg
+from fedcpt.testing.bad_proposals import PROPOSALS
 from fedcpt.testing.site_round import task_identity
 
 
@@ -40,7 +41,7 @@ class BadInput:
     """One bad input: ``attempt(folder)`` feeds it to fedcpt in a fresh folder."""
 
     name: str
-    kind: str  # data, config, update, ledger, certificate, cli
+    kind: str  # data, config, update, ledger, certificate, proposal, cli
     attempt: Callable[[Path], object]
     expect: str  # regex the answer must match: it names the problem
 
@@ -79,7 +80,8 @@ PROSE = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog
 
 def _blocks(*sources: str | Path, text_field: str = "text") -> object:
     blocks = build_blocks([str(s) for s in sources], byte_tokenizer(), block_size=16,
-                          heldout_fraction=0.1, text_field=text_field, what="site 'test'")
+                          heldout_fraction=0.1, text_field=text_field, what="site 'test'",
+                          unit="passage")
     return f"{len(blocks.train)} train blocks"
 
 
@@ -539,4 +541,6 @@ CERTIFICATE = [
              r"`epsilon-budget` must be a positive number"),
 ]
 
-CATALOGUE: list[BadInput] = DATA + CONFIG + UPDATE + LEDGER + CERTIFICATE + CLI
+PROPOSAL = [BadInput(name, "proposal", attempt, expect) for name, attempt, expect in PROPOSALS]
+
+CATALOGUE: list[BadInput] = DATA + CONFIG + UPDATE + LEDGER + CERTIFICATE + PROPOSAL + CLI

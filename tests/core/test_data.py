@@ -290,7 +290,8 @@ def test_too_little_text_for_one_block(tmp_path, byte_tok):
                     encoding="utf-8")
     with pytest.raises(DataError,
                        match=r"site 'tiny': too little text for one training and one held-out "
-                             r"block of 64 tokens \(1 privacy units of kind 'passage', 0 train blocks"):
+                             r"block of 64 tokens \(1 privacy units of kind 'passage', "
+                             r"0 train blocks"):
         _blocks([path], byte_tok, what="site 'tiny'")
 
 
