@@ -195,7 +195,7 @@ def privacy_report(
     ledgers = find_ledgers(path)
     out_dir = out or (path if path.is_dir() else path.parent)
     payload = write_privacy_report(ledgers, out_dir)
-    table = Table(title=f"Privacy spent (federation record-level ε = "
+    table = Table(title=f"Privacy spent (federation unit-level ε = "
                         f"{payload['max_epsilon']:.3f})")
     for col in ("site", "ε", "ε (RDP)", "δ", "steps", "σ", "q", "accountant", "budget left"):
         table.add_column(col)

@@ -228,6 +228,7 @@ def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: T
                 noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
                 steps=result.steps)
             cache.store(update)
+            ledger.policy = policy.record()
             ledger.record(run_id, server_round, update.noise_multiplier, update.sample_rate,
                           update.steps)
         metrics = dict(update.metrics)

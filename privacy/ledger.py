@@ -95,6 +95,8 @@ class PrivacyLedger:
         self.accountant = accountant
         self.unit = unit
         self.entries: list[LedgerEntry] = list(entries or [])
+        # the site policy in force at the last record: each value and who set it
+        self.policy: dict[str, dict] = {}
 
     @classmethod
     def open(cls, path: Path, site: str, *, delta: float, target_epsilon: float,
@@ -166,9 +168,11 @@ class PrivacyLedger:
             raise LedgerError(f"{path}: unsupported ledger version {body.get('version')!r}")
         if _checksum(body) != checksum:
             raise LedgerError(f"{path}: checksum mismatch: the ledger was modified or corrupted")
-        return cls(path, site, delta=delta, target_epsilon=float(body["target_epsilon"]),
-                   accountant=str(body["accountant"]), entries=entries,
-                   unit=str(body.get("unit", LEGACY_UNIT)))
+        ledger = cls(path, site, delta=delta, target_epsilon=float(body["target_epsilon"]),
+                     accountant=str(body["accountant"]), entries=entries,
+                     unit=str(body.get("unit", LEGACY_UNIT)))
+        ledger.policy = dict(body.get("policy", {}))
+        return ledger
 
     @property
     def history(self) -> list[Step]:
@@ -176,7 +180,8 @@ class PrivacyLedger:
 
     @property
     def steps(self) -> int:
-        return sum(e.steps for e in self.entries)
+        """DP-SGD steps (noised evaluation releases are entries of kind ``eval``)."""
+        return sum(e.steps for e in self.entries if e.kind == "train")
 
     def epsilon(self, accountant: str | None = None) -> float:
         """Cumulative ε of every recorded step at the ledger's δ."""
@@ -224,6 +229,7 @@ class PrivacyLedger:
             "target_epsilon": self.target_epsilon,
             "accountant": self.accountant,
             "unit": self.unit,
+            "policy": self.policy,
             "entries": [asdict(e) for e in self.entries],
         }
         payload = dict(body, checksum=_checksum(body))

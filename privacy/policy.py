@@ -114,6 +114,11 @@ class SitePolicy:
                               f"{min(DEFAULT_DELTA_CAP, 1 / (10 * units)):.2g}")
         return self.delta
 
+    def record(self) -> dict[str, dict]:
+        """Each value and who set it, as kept in the ledger and shown in the report."""
+        return {f.name: {"value": getattr(self, f.name), "set_by": self.who(f.name)}
+                for f in dataclasses.fields(self) if f.name not in ("site", "set_by")}
+
     def lines(self) -> list[str]:
         """The policy in force, one line per value with who set it (for `site check`)."""
         shown = {"delta": self.delta or "min(1e-5, 1/(10·N))",

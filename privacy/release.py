@@ -93,6 +93,7 @@ def release_evaluation(cfg: RunConfig, lm: AdaptedModel, policy: SitePolicy,
             with lm.model.disable_adapter():
                 base = _per_unit(lm, chosen)[0]
         evals = sum(1 for e in ledger.entries if e.run == run_id + EVAL_RUN_SUFFIX)
+        ledger.policy = policy.record()
         ledger.record(run_id + EVAL_RUN_SUFFIX, evals + 1, sigma, EVAL_SAMPLE_RATE, queries,
                       kind="eval")  # durable before anything is released
     bound = policy.eval_loss_bound

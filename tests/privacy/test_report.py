@@ -25,7 +25,8 @@ def test_report_has_every_site_and_the_federation_maximum(tmp_path):
     assert len(curve) == 2 and curve[0] < curve[1]
     for name in ("privacy.json", "privacy_report.md", "privacy_epsilon.png"):
         assert (tmp_path / name).is_file()
-    assert json.loads((tmp_path / "privacy.json").read_text())["level"] == "record"
+    saved = json.loads((tmp_path / "privacy.json").read_text())
+    assert saved["level"] == "unit" and saved["units"] == ["document"]
 
 
 def test_report_written_beside_ledgers_does_not_break_the_next_report(tmp_path):
