@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 # requirement would pull a multi-GB CUDA build. Override: make TORCH_SPEC=torch demo
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-slow lint install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,14 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# The fast tier: everything but the tests marked slow (real Flower processes, minutes)
+# and kills (SIGKILLed sites and servers; `pytest -m kills`).
 test: install lint
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -m "not slow and not kills"
+
+# The slow tier (CI runs it as a second, time-bounded step: .ci/run).
+test-slow: install
+	$(VENV)/bin/python -m pytest -q -m "slow and not kills"
 
 clean:
 	rm -rf $(VENV) runs

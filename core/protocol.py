@@ -9,6 +9,13 @@ FISHER = "fisher"          # ArrayRecord: EWC's diagonal Fisher, sent with train
 MASKED = "masked"          # ArrayRecord: a masked update under secure aggregation …
 MASKED_VECTOR = "vector"   # … its one uint32 array (privacy.secagg.encoding's layout)
 
+# Message types of the SecAgg+ stages: ClientApp train actions, sent as "train.<action>";
+# stage 3 (masked) is the round's training message itself
+SECAGG_SETUP = "secagg_setup"            # 1: public keys
+SECAGG_SHARE_KEYS = "secagg_share_keys"  # 2: encrypted shares of each site's secrets
+SECAGG_MASKED = "secagg_masked"          # 3: train, then reply with the masked update
+SECAGG_UNMASK = "secagg_unmask"          # 4: the shares that unmask the sum
+
 # ConfigRecord keys sent by the server
 RUN_CONFIG = "run-config"  # the RunConfig as JSON
 RUN_ID = "run-id"          # unique per run; ledgers tell runs apart by it

@@ -27,6 +27,7 @@ from flwr.app import Array, ArrayRecord
 from safetensors.numpy import load_file, save
 
 import fedcpt.client.app as client_app
+import fedcpt.client.train_step as train_step
 import fedcpt.client.update_cache as update_cache
 import fedcpt.privacy.ledger as ledger_module
 from fedcpt.config import RunConfig
@@ -65,7 +66,7 @@ def arm(point: str) -> None:
     if point == "training":
         def train(*args, **kwargs):
             die(point)
-        client_app.train_adapter_dp = train
+        train_step.train_adapter_dp = train
     elif point == "update-write":
         update_cache.write_durably = torn_write(point)
     elif point == "ledger-write":

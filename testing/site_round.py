@@ -13,16 +13,28 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedcpt.config import RunConfig
 from fedcpt.core import protocol as p
 
+_IDENTITY = ("task_id", "run_id", "node_id")
+
+
+def _current(name: str) -> int | None:
+    try:
+        return getattr(TaskIdentity, name)
+    except RuntimeError:  # Flower's getter raises while no task runs in this process
+        return None
+
 
 @contextlib.contextmanager
 def task_identity() -> Iterator[None]:
-    """Messages are created inside a running Flower task; act as one (run 1, node 0)."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = 1, 1, 0
+    """Messages are created inside a running Flower task; act as one (task 1, run 1,
+    node 0) through TaskIdentity's public setters, as Flower's own runtimes do."""
+    saved = {name: _current(name) for name in _IDENTITY}
+    for name, value in zip(_IDENTITY, (1, 1, 0), strict=True):
+        setattr(TaskIdentity, name, value)
     try:
         yield
     finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+        for name, value in saved.items():
+            setattr(TaskIdentity, name, value)
 
 
 def train_message(cfg: RunConfig, run_id: str, server_round: int,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +20,7 @@ from fedcpt.config import (
     parse_overrides,
     scenario_names,
 )
+from fedcpt.config.reference import reference_markdown
 from fedcpt.exceptions import ConfigError
 
 
@@ -328,3 +332,31 @@ def test_anchor_pull_that_would_erase_each_step_is_rejected():
 def test_embedding_adapters_are_rejected():
     with pytest.raises(ConfigError, match="linear layers only"):
         load_config("smoke", overrides=["lora.target_modules=q_proj,embed_tokens"])
+
+
+# --- the generated reference (docs/configuration.md) -----------------------------------
+def _leaf_fields(cls: type, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, args = hints[f.name], typing.get_args(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            yield from _leaf_fields(tp, f"{prefix}{f.name}.")
+        elif args and dataclasses.is_dataclass(args[0]):
+            yield from _leaf_fields(args[0], f"{prefix}{f.name}[].")
+        else:
+            yield f"{prefix}{f.name}", f
+
+
+def test_every_setting_has_help_and_is_in_the_reference():
+    text = reference_markdown()
+    missing = [key for key, f in _leaf_fields(RunConfig) if not f.metadata.get("help")]
+    assert missing == []
+    for key, _ in _leaf_fields(RunConfig):
+        assert f"`{key.split('[].')[-1]}`" in text, key  # [[sites]] keys: `name`, `data`
+
+
+def test_committed_reference_is_current():
+    committed = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text("utf-8")
+    assert committed == reference_markdown(), (
+        "docs/configuration.md is stale: run "
+        "`python -m fedcpt.config.reference > docs/configuration.md`")

@@ -6,14 +6,13 @@ from dataclasses import asdict, dataclass
 
 from flwr.app import ConfigRecord
 
-from fedcpt.config import RunConfig
+# MIN_SECAGG_SITES, the fewest updates in one revealed sum, is defined in fedcpt.config
+# (the lowest layer that checks it) and imported from here by the protocol code.
+from fedcpt.config import MIN_SECAGG_SITES, RunConfig
 from fedcpt.exceptions import ConfigError
 
 # Sums are taken in uint32 arithmetic, which wraps modulo 2^32 at no cost.
 MODULUS = 2**32
-# Fewest updates in one revealed sum: with two, each site could subtract its own update
-# from the sum and learn the other's.
-MIN_SUM = 3
 
 
 @dataclass(frozen=True)
@@ -51,8 +50,8 @@ class SecAggParams:
     def check(self, sites: int) -> None:
         """Raise ConfigError unless a round over ``sites`` sites is well defined."""
         problems = []
-        if sites < MIN_SUM:
-            problems.append(f"{sites} sites (need >= {MIN_SUM})")
+        if sites < MIN_SECAGG_SITES:
+            problems.append(f"{sites} sites (need >= {MIN_SECAGG_SITES})")
         if not self.threshold * 2 > self.num_shares >= self.threshold >= 2:
             problems.append(f"threshold {self.threshold} is not a majority of num_shares "
                             f"{self.num_shares}")

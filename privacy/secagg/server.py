@@ -14,20 +14,22 @@ from collections import Counter
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.serverapp import Grid
 
+from fedcpt.core import protocol as p
 from fedcpt.exceptions import FedcptError
 from fedcpt.privacy.secagg.masking import agree, expand, public_key
-from fedcpt.privacy.secagg.params import MIN_SUM, SecAggParams, neighbours
+from fedcpt.privacy.secagg.params import MIN_SECAGG_SITES, SecAggParams, neighbours
 from fedcpt.privacy.secagg.site import MASK, STATE
 
 log = logging.getLogger(__name__)
 
-# Message types (ClientApp actions) of the stages; stage 3 is the training message itself.
-SETUP, SHARE_KEYS, MASKED, UNMASK = ("train.secagg_setup", "train.secagg_share_keys",
-                                     "train.secagg_masked", "train.secagg_unmask")
+# Message types of the stages (core.protocol); stage 3 is the training message itself.
+SETUP, SHARE_KEYS, MASKED, UNMASK = (
+    f"{MessageType.TRAIN}.{action}"
+    for action in (p.SECAGG_SETUP, p.SECAGG_SHARE_KEYS, p.SECAGG_MASKED, p.SECAGG_UNMASK))
 
 
 class SecAggFailed(FedcptError):
@@ -115,9 +117,9 @@ class SecAggRound:
         active = set(masked) & self.shared
         dead = self.shared - active
         self._require(active, "masked updates")
-        if len(active) < MIN_SUM:
+        if len(active) < MIN_SECAGG_SITES:
             raise SecAggFailed(f"secure aggregation: only {len(active)} masked updates "
-                               f"arrived; a sum of fewer than {MIN_SUM} would reveal each "
+                               f"arrived; a sum of fewer than {MIN_SECAGG_SITES} would reveal each "
                                "update to the other site")
         requests = {n: ConfigRecord({"active": [p for p in self.peers[n] if p in active],
                                      "dead": [p for p in self.peers[n] if p in dead]})

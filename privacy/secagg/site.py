@@ -17,7 +17,7 @@ from flwr.common.secure_aggregation.crypto.shamir import create_shares
 
 from fedcpt.exceptions import ConfigError, UpdateRejected
 from fedcpt.privacy.secagg.masking import agree, expand, new_key_pair, seal, unseal
-from fedcpt.privacy.secagg.params import MIN_SUM, SecAggParams
+from fedcpt.privacy.secagg.params import MIN_SECAGG_SITES, SecAggParams
 
 STATE = "secagg"  # the ConfigRecord in Context.state holding this round's secrets
 SHARES, MASK = b"shares", b"mask"  # key-derivation purposes
@@ -68,9 +68,10 @@ def share_keys(context: Context, request: ConfigRecord) -> ConfigRecord:
     if me not in peers or pk1s[peers.index(me)] != state["pk1"] or (
             pk2s[peers.index(me)] != state["pk2"]):
         raise UpdateRejected("the server listed this site's public keys incorrectly")
-    if not (MIN_SUM <= len(peers) <= params.num_shares and 2 * params.threshold > len(peers)):
+    if not (MIN_SECAGG_SITES <= len(peers) <= params.num_shares
+            and 2 * params.threshold > len(peers)):
         raise UpdateRejected(f"{len(peers)} neighbours with threshold {params.threshold}: "
-                             f"need {MIN_SUM} to num_shares ({params.num_shares}) "
+                             f"need {MIN_SECAGG_SITES} to num_shares ({params.num_shares}) "
                              "neighbours of which the threshold is a majority")
     if len(set(pk1s + pk2s)) != 2 * len(peers) or len(set(peers)) != len(peers):
         raise UpdateRejected("neighbour keys or ids are not unique")

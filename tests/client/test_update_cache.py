@@ -7,6 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 import fedcpt.client.app as client_app
+import fedcpt.client.train_step as train_step
 from fedcpt.client.update_cache import (
     StoredUpdate,
     UpdateCache,
@@ -57,8 +58,8 @@ def test_same_round_twice_is_paid_once_and_resends_the_same_update(tmp_path, wri
                            name="clinic")
     initial = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
     trained = []
-    real = client_app.train_adapter_dp
-    monkeypatch.setattr(client_app, "train_adapter_dp",
+    real = train_step.train_adapter_dp
+    monkeypatch.setattr(train_step, "train_adapter_dp",
                         lambda *a, **k: trained.append(1) or real(*a, **k))
     with task_identity():
         first = client_app.train(train_message(cfg, RUN, 1, initial), context)

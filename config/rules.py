@@ -1,0 +1,113 @@
+"""Checks that span sections of a :class:`~fedcpt.config.RunConfig`, and the one-line
+``require`` every check uses: its message names the key, what was expected and what was
+given."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fedcpt.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from fedcpt.config.schema import RunConfig
+
+# Fewest sites in one sum revealed by secure aggregation: with two, each site could
+# subtract its own update from the sum and learn the other's.
+MIN_SECAGG_SITES = 3
+
+
+def require(ok: bool, key: str, value: Any, expected: str) -> None:
+    """Raise ConfigError "`key` must be expected, got value" unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"`{key}` must be {expected}, got {value!r}")
+
+
+def check_run(cfg: RunConfig) -> None:
+    """Every cross-section rule of a run, in the order a user would fix them."""
+    require(len(cfg.sites) > 0, "sites", cfg.sites, "at least one [[sites]] entry")
+    names = [s.name for s in cfg.sites]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    require(not dupes, "sites.name", dupes, "unique site names")
+    _check_phases(cfg, names)
+    strategy = cfg.strategy
+    if cfg.privacy.user_level and (strategy.rehearsal != "none" or strategy.delta_scaling
+                                   or strategy.regression_guard
+                                   or strategy.server_optimizer != "none"):
+        raise ConfigError("privacy.user_level cannot be combined with strategy.rehearsal, "
+                          "strategy.delta_scaling, strategy.regression_guard or "
+                          "strategy.server_optimizer: they change the aggregate before "
+                          "the site-level noise is added")
+    if cfg.privacy.user_level and strategy.anchor == "ewc":
+        raise ConfigError("privacy.user_level cannot be combined with strategy.anchor = "
+                          "\"ewc\": Flower's fixedclipping_mod accepts training messages "
+                          "with one ArrayRecord only, and EWC sends the Fisher as a second")
+    if strategy.anchor != "none":
+        pull = cfg.train.lr * strategy.anchor_weight
+        require(pull < 1, "strategy.anchor_weight", strategy.anchor_weight,
+                f"small enough that train.lr × anchor_weight < 1 (it is {pull:g}: each "
+                "step would erase or overshoot the update)")
+    for key in ("sites_per_round", "eval_sites_per_round", "min_sites"):
+        value = getattr(cfg.federation, key)
+        require(value <= len(cfg.sites), f"federation.{key}", value,
+                f"at most the number of sites ({len(cfg.sites)})")
+    if cfg.secagg.mode == "on":
+        _check_secagg(cfg)
+
+
+def _check_secagg(cfg: RunConfig) -> None:
+    sec, n = cfg.secagg, cfg.sites_per_round
+    if cfg.privacy.user_level:
+        raise ConfigError("secagg cannot be combined with privacy.user_level: Flower's "
+                          "site-level clipping acts on the plain update the server never "
+                          "sees under secure aggregation")
+    require(n >= MIN_SECAGG_SITES, "federation.sites_per_round", n,
+            f">= {MIN_SECAGG_SITES} under secure aggregation (with two, the sum reveals each "
+            "update to the other site)")
+    require(bool(sec.clipping_range or cfg.federation.max_update_norm),
+            "federation.max_update_norm", cfg.federation.max_update_norm,
+            "> 0 under secure aggregation (the sites enforce it before masking and it "
+            "sets the quantisation range), or set secagg.clipping_range")
+    shares = sec.num_shares or n
+    require(shares <= n, "secagg.num_shares", shares,
+            f"at most the sites sampled per round ({n})")
+    require(shares == n or shares % 2 == 1, "secagg.num_shares", shares,
+            f"odd when below the sites sampled per round ({n}): neighbours are taken "
+            "symmetrically on both sides")
+    threshold = sec.reconstruction_threshold or shares // 2 + 1
+    require(shares / 2 < threshold <= shares, "secagg.reconstruction_threshold",
+            threshold, f"a majority of num_shares ({shares}) and at most num_shares: with "
+            "fewer, the server could rebuild both secrets of one site")
+    require(n * sec.quantization_range < 2**32, "secagg.quantization_range",
+            sec.quantization_range, f"below 2^32 / {n} sites (sums are taken mod 2^32)")
+
+
+def _check_phases(cfg: RunConfig, site_names: list[str]) -> None:
+    if not cfg.phases:
+        return
+    names = [ph.name for ph in cfg.phases]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    require(not dupes, "phases.name", dupes, "unique phase names")
+    for ph in cfg.phases:
+        unknown = [s for s in ph.sites if s not in site_names]
+        require(not unknown, f"phases[{ph.name}].sites", list(ph.sites),
+                f"names of [[sites]] ({', '.join(site_names)}); unknown: "
+                f"{', '.join(unknown)}")
+        require(len(set(ph.sites)) == len(ph.sites), f"phases[{ph.name}].sites",
+                list(ph.sites), "names without repeats")
+    total = sum(ph.rounds for ph in cfg.phases)
+    require(cfg.federation.rounds == total, "federation.rounds", cfg.federation.rounds,
+            f"the sum of the [[phases]] rounds ({total}); set each phase's rounds instead")
+    smallest = min(len(ph.sites) for ph in cfg.phases)
+    for key in ("sites_per_round", "min_sites"):
+        value = getattr(cfg.federation, key)
+        require(value <= smallest, f"federation.{key}", value,
+                f"at most the sites of the smallest phase ({smallest})")
+    require(cfg.federation.eval_sites_per_round == 0,
+            "federation.eval_sites_per_round", cfg.federation.eval_sites_per_round,
+            "0 with [[phases]] (every site is evaluated every round, for the loss "
+            "matrix across phases)")
+    if cfg.secagg.mode == "on":
+        fewest = cfg.federation.sites_per_round or smallest
+        require(fewest >= MIN_SECAGG_SITES, "phases.sites", smallest,
+                f"at least {MIN_SECAGG_SITES} training sites in every phase under secure "
+                "aggregation (with two, the sum reveals each update to the other site)")

