@@ -111,11 +111,20 @@ def node_policy(node_config: dict) -> SitePolicy:
 def check_data(cfg: RunConfig, node_config: dict) -> str:
     """Load and count the site's blocks with the ClientApp's own code."""
     site = resolve_site(cfg, node_config)
-    blocks = site_blocks(site, cfg.model, cfg.data, policy_for(cfg, site, node_config))
-    return (f"data: {len(blocks.train)} training + {len(blocks.heldout)} held-out blocks of "
+    policy = policy_for(cfg, site, node_config)
+    blocks = site_blocks(site, cfg.model, cfg.data, policy)
+    delta = policy.delta_for(blocks.units)  # refuses δ ≥ 1/N
+    line = (f"data: {len(blocks.train)} training + {len(blocks.heldout)} held-out blocks of "
             f"{cfg.data.block_size} tokens from {blocks.documents} documents, in "
             f"{blocks.units} training + {blocks.heldout_unit_count} held-out privacy units "
-            f"({blocks.unit})")
+            f"({blocks.unit}); δ = {delta:.3g}")
+    if policy.eval_release != "nothing" and blocks.heldout_unit_count < policy.eval_min_units:
+        log.warning("site %s will refuse every evaluation: %d held-out units, fewer than "
+                    "its eval-min-units %d", site.name, blocks.heldout_unit_count,
+                    policy.eval_min_units)
+        line += (f"; evaluation will be refused ({blocks.heldout_unit_count} held-out units "
+                 f"< eval-min-units {policy.eval_min_units})")
+    return line
 
 
 def check_ledger(node_config: dict) -> str:
