@@ -184,13 +184,17 @@ def pack(token_lists: list[list[int]], eos_id: int, block_size: int,
 
 
 def pack_units(units: list[list[str]], tokenizer: PreTrainedTokenizerBase, block_size: int,
-               what: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Pack each unit's documents on its own: ``(blocks, unit index per block, documents)``.
-    A unit with fewer than ``block_size`` tokens gives no block (and is not counted)."""
-    blocks, owners, documents = [], [], 0
+               what: str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Pack each unit's documents on its own: ``(blocks, unit index per block, documents,
+    duplicates dropped)``. Duplicates are dropped within a unit only (across units, dropping
+    one unit's copy would make another unit's blocks depend on it). A unit with fewer than
+    ``block_size`` tokens gives no block (and is not counted)."""
+    blocks, owners, documents, duplicates = [], [], 0, 0
     for texts in units:
-        docs = deduplicate(split_documents(texts), what)
+        pieces = split_documents(texts)
+        docs = deduplicate(pieces, what)
         documents += len(docs)
+        duplicates += len(pieces) - len(docs)
         ids = tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []
         packed = pack(ids, tokenizer.eos_token_id, block_size)
         if len(packed):
@@ -198,8 +202,8 @@ def pack_units(units: list[list[str]], tokenizer: PreTrainedTokenizerBase, block
             blocks.append(packed)
     if not blocks:
         return (torch.empty(0, block_size, dtype=torch.long),
-                torch.empty(0, dtype=torch.long), documents)
-    return torch.cat(blocks), torch.cat(owners), documents
+                torch.empty(0, dtype=torch.long), documents, duplicates)
+    return torch.cat(blocks), torch.cat(owners), documents, duplicates
 
 
 def build_blocks(
@@ -230,10 +234,10 @@ def build_blocks(
     units = group_units(records, unit)
     keys = list(units)
     flags = (heldout_rule or heldout_by_hash(heldout_fraction))(keys)
-    train, train_units, n_train_docs = pack_units(
+    train, train_units, n_train_docs, dup_train = pack_units(
         [units[k] for k, f in zip(keys, flags, strict=True) if not f], tokenizer, block_size,
         what)
-    heldout, heldout_units, n_heldout_docs = pack_units(
+    heldout, heldout_units, n_heldout_docs, dup_heldout = pack_units(
         [units[k] for k, f in zip(keys, flags, strict=True) if f], tokenizer, block_size, what)
     if max_train_tokens:
         keep = max_train_tokens // block_size
@@ -243,6 +247,8 @@ def build_blocks(
             f"{what}: too little text for one training and one held-out block of "
             f"{block_size} tokens ({len(keys)} privacy units of kind {kind!r}, "
             f"{len(train)} train blocks, {len(heldout)} held-out blocks)"
+            + (f"; {dup_train + dup_heldout} duplicate documents were dropped"
+               if dup_train + dup_heldout else "")
             + ("; a single unit cannot be both trained on and held out: choose a finer "
                "privacy unit or add data" if len(keys) < 2 else ""))
     result = TokenBlocks(train, heldout, n_train_docs + n_heldout_docs, n_heldout_docs,

@@ -123,7 +123,7 @@ DATA = [
     BadInput("data-binary", "data", _file("notes.txt", b"\x89PNG\r\n\x1a\n" + bytes(range(256))),
              r"not UTF-8 text"),
     BadInput("data-huge-line", "data", _file("notes.txt", "word " * 200_000),
-             r"single document cannot be both trained on and held out"),
+             r"single unit cannot be both trained on and held out"),
     BadInput("data-too-short", "data", _file("notes.txt", "Hello.\n\nBye."),
              r"too little text for one training and one held-out block"),
     BadInput("data-all-duplicates", "data", _copies, r"2 duplicate documents were dropped"),
