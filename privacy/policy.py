@@ -236,15 +236,16 @@ def accept_proposal(policy: SitePolicy, cfg: RunConfig, units: int) -> RunTerms:
                                                     cfg.privacy.target_epsilon))
 
 
-def check_query(policy: SitePolicy, cfg: RunConfig, available: int) -> int:
+def check_query(policy: SitePolicy, cfg: RunConfig, available: int | None) -> int:
     """Units one evaluation query covers: ``data.heldout_blocks`` (one block per unit),
-    refused below the site's minimum or above what the site holds."""
+    refused below the site's minimum or (unless ``available`` is None) above what the
+    site holds."""
     asked = cfg.data.heldout_blocks
     if asked < policy.eval_min_units:
         raise PolicyRefused(f"site {policy.site!r} refuses `data.heldout_blocks` = {asked}: "
                             f"a query must cover at least {policy.eval_min_units} held-out "
                             f"units ({policy.who('eval_min_units')})")
-    if available < asked:
+    if available is not None and available < asked:
         raise PolicyRefused(f"site {policy.site!r} refuses `data.heldout_blocks` = {asked}: "
                             "it holds fewer held-out units than the query asks for")
     return asked

@@ -60,7 +60,7 @@ def release_evaluation(cfg: RunConfig, lm: AdaptedModel, policy: SitePolicy,
                             f"nothing, {policy.who('eval_release')})")
     accept_proposal(policy, cfg, blocks.units)
     if policy.eval_release == "plain":
-        check_query(policy, cfg, available=cfg.data.heldout_blocks)  # the query's size
+        check_query(policy, cfg, available=None)  # the query's size, not its units
         if blocks.heldout_unit_count < policy.eval_min_units:
             raise PolicyRefused(
                 f"site {policy.site!r} holds {blocks.heldout_unit_count} held-out units, "
