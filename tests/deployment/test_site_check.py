@@ -270,13 +270,14 @@ def test_superlink_certificate_for_another_name(certs) -> None:
 
 def test_run_site_check_stops_at_the_first_problem(smoke, sites_config, certs) -> None:
     data = str(sites_config.parent / "north.txt")
-    lines = run_site_check(smoke, f'site-name="north" data-path="{data}"',
-                           root_certificates=certs.ca_cert,
+    lines = run_site_check(smoke, f'site-name="north" data-path="{data}" '
+                           'privacy-unit="passage"', root_certificates=certs.ca_cert,
                            auth_key=certs.site_keys["clinic"][0])
-    assert [line.split(":")[0] for line in lines] == [
+    assert [line.split(":")[0] for line in lines if not line.startswith("policy ")] == [
         "site name", "data", "privacy ledger", "root certificate", "authentication key"]
+    assert "policy unit: passage [site node config]" in lines
     with pytest.raises(ConfigError, match="does not answer"):
-        run_site_check(smoke, f'site-name="north" data-path="{data}"',
+        run_site_check(smoke, f'site-name="north" data-path="{data}" privacy-unit="passage"',
                        superlink=f"127.0.0.1:{free_port()}", timeout=1)
 
 
