@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -56,6 +57,25 @@ def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
     return math.sqrt(sum(
         float(np.square(arrays[k].numpy().astype(np.float64) - ref.numpy()).sum())
         for k, ref in reference.items()))
+
+
+def check_update_bound(arrays: ArrayRecord, reference: ArrayRecord, bound: float) -> float:
+    """The update's L2 distance from ``reference``; UpdateRejected if it exceeds ``bound``
+    (0: no bound). The one check both the server and a masking site make."""
+    norm = update_norm(arrays, reference)
+    if bound and norm > bound:
+        raise UpdateRejected(f"update norm {norm:.3f} exceeds the bound {bound}")
+    return norm
+
+
+def arrays_digest(arrays: ArrayRecord) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes (in key order)."""
+    h = hashlib.sha256()
+    for key in sorted(arrays.keys()):
+        value = np.ascontiguousarray(arrays[key].numpy())
+        h.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
 
 
 def count_bytes(arrays: ArrayRecord) -> int:

@@ -1,33 +1,50 @@
-"""User-level (site-level) DP: Flower's DP-FedAvg wrapper with client-side fixed clipping.
+"""User-level (site-level) DP: DP-FedAvg with client-side fixed clipping.
 
 Each site's adapter update is clipped to ``user_clipping_norm`` at the site (Flower's
-``fixedclipping_mod``) and the server adds Gaussian noise of std σ·C/n to the average of
-the n sampled sites (``DifferentialPrivacyClientSideFixedClipping``; McMahan et al., 2018,
-https://arxiv.org/abs/1710.06963). This protects a whole site's contribution, not just a
-record, and is reported separately from record-level ε. Flower's own accountant refuses
-strategies that override ``aggregate_train``, so ε is computed here with RDP and no
-sampling amplification (every round counts as a full Gaussian release), which can only
-over-report.
+``fixedclipping_mod``, asked for by :func:`clipping_config`) and the round loop adds
+Gaussian noise of std σ·C/n to the average of the n sampled sites (:func:`add_site_noise`,
+Flower's own noise helpers, as its ``DifferentialPrivacyClientSideFixedClipping`` does;
+McMahan et al., 2018, https://arxiv.org/abs/1710.06963), before any server step, so every
+step is post-processing. As in Flower's wrapper, a round in which a sampled site answered
+with an error is not released. This protects a whole site's contribution, not just a
+record, and is reported separately from record-level ε, computed here with RDP and no
+sampling amplification (every released round counts as a full Gaussian release), which
+can only over-report.
 """
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MessageType
+import logging
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.supercore.differential_privacy import (
+    KEY_CLIPPING_NORM,
+    add_gaussian_noise_inplace,
+    compute_stdv,
+)
 
 from fedcpt.config import PrivacyConfig
 from fedcpt.privacy.accounting import epsilon
 
+log = logging.getLogger(__name__)
 
-def wrap_user_level(strategy: Strategy, privacy: PrivacyConfig,
-                    sites_per_round: int) -> Strategy:
-    """``strategy`` with server-side noise on the average of client-clipped updates."""
-    return DifferentialPrivacyClientSideFixedClipping(
-        strategy, noise_multiplier=privacy.user_noise_multiplier,
-        clipping_norm=privacy.user_clipping_norm, num_sampled_clients=sites_per_round)
+
+def clipping_config(config: ConfigRecord, privacy: PrivacyConfig) -> ConfigRecord:
+    """The training config with the clipping norm that turns on the sites' clipping."""
+    return ConfigRecord({**dict(config), KEY_CLIPPING_NORM: privacy.user_clipping_norm})
+
+
+def add_site_noise(arrays: ArrayRecord, privacy: PrivacyConfig,
+                   sites_per_round: int) -> ArrayRecord:
+    """The average of ``sites_per_round`` clipped updates plus Gaussian noise σ·C/n."""
+    ndarrays = arrays.to_numpy_ndarrays()
+    std = compute_stdv(privacy.user_noise_multiplier, privacy.user_clipping_norm,
+                       sites_per_round)
+    add_gaussian_noise_inplace(ndarrays, std)
+    log.info("site-level DP: Gaussian noise with std %.4g added to the average", std)
+    return ArrayRecord({k: Array(v) for k, v in zip(arrays.keys(), ndarrays, strict=True)})
 
 
 def user_level_epsilon(privacy: PrivacyConfig, rounds: int) -> float:

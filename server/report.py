@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -13,26 +12,28 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedcpt.config import RunConfig  # noqa: E402
 from fedcpt.privacy.report import STATEMENT, site_table  # noqa: E402
+from fedcpt.server.records import RoundRecord, Summary  # noqa: E402
+from fedcpt.server.run_folder import RunFolder  # noqa: E402
 
 
-def _plot_general(run_dir: Path, rows: list[dict[str, Any]]) -> str:
+def _plot_general(folder: RunFolder, rows: list[RoundRecord]) -> str:
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["round"] for r in rows], [r["general_loss"] for r in rows], marker="o")
+    ax.plot([r.round for r in rows], [r.general_loss for r in rows], marker="o")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="round", ylabel="held-out loss (nats/token)",
            title="General loss (what the model kept; lower is better)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run_dir / "general_loss.png", dpi=110)
+    fig.savefig(folder.plot("general_loss.png"), dpi=110)
     plt.close(fig)
     return "general_loss.png"
 
 
-def _plot_domain(run_dir: Path, rows: list[dict[str, Any]], base: dict[str, float]) -> str:
+def _plot_domain(folder: RunFolder, rows: list[RoundRecord], base: dict[str, float]) -> str:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for site in sorted(base):
-        points = [(0, base[site])] + [(r["round"], r["domain_per_site"][site])
-                                      for r in rows if site in r["domain_per_site"]]
+        points = [(0, base[site])] + [(r.round, r.domain_per_site[site])
+                                      for r in rows if site in r.domain_per_site]
         ax.plot(*zip(*points, strict=True), marker="o", label=site)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="round", ylabel="held-out loss (nats/token)",
@@ -40,7 +41,7 @@ def _plot_domain(run_dir: Path, rows: list[dict[str, Any]], base: dict[str, floa
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(run_dir / "domain_loss.png", dpi=110)
+    fig.savefig(folder.plot("domain_loss.png"), dpi=110)
     plt.close(fig)
     return "domain_loss.png"
 
@@ -59,20 +60,20 @@ SPIKE_NATS = 0.05  # a one-round rise of general loss worth a look
 NORM_FACTOR = 3.0  # an update this many times the median earlier norm is flagged
 
 
-def round_flags(rows: list[dict[str, Any]]) -> list[list[str]]:
+def round_flags(rows: list[RoundRecord]) -> list[list[str]]:
     """Per round: general-loss spikes, outsized site updates, rejected rounds."""
     flags: list[list[str]] = []
     norms: list[float] = []
     for i, r in enumerate(rows):
         f = []
-        if i and r["general_loss"] - rows[i - 1]["general_loss"] > SPIKE_NATS:
-            f.append(f"general loss +{r['general_loss'] - rows[i - 1]['general_loss']:.3f}")
+        if i and r.general_loss - rows[i - 1].general_loss > SPIKE_NATS:
+            f.append(f"general loss +{r.general_loss - rows[i - 1].general_loss:.3f}")
         if norms:
             median = sorted(norms)[len(norms) // 2]
             f += [f"{site} update norm {n:.2f}" for site, n in
-                  r["update_norm_per_site"].items() if n > NORM_FACTOR * median]
-        norms += list(r["update_norm_per_site"].values())
-        if r.get("server_steps", {}).get("regression_guard", {}).get("rejected"):
+                  r.update_norm_per_site.items() if n > NORM_FACTOR * median]
+        norms += list(r.update_norm_per_site.values())
+        if r.rejected_by_guard:
             f.append("rejected by regression guard")
         flags.append(f)
     return flags
@@ -127,16 +128,16 @@ def continual_lines(c: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, Any]],
+def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
                  domain_base: dict[str, float], cfg: RunConfig) -> None:
     """Render the run's report as Markdown beside its plots."""
-    general_png = _plot_general(run_dir, rows)
-    domain_png = _plot_domain(run_dir, rows, domain_base)
+    general_png = _plot_general(folder, rows)
+    domain_png = _plot_domain(folder, rows, domain_base)
     s = summary
     lines = [
-        f"# fedcpt run `{s['name']}`",
+        f"# fedcpt run `{s.name}`",
         "",
-        f"Model **{s['model']}**, {s['num_sites']} sites, {s['rounds']} rounds, "
+        f"Model **{s.model}**, {s.num_sites} sites, {s.rounds} rounds, "
         f"LoRA r={cfg.lora.r} on {', '.join(cfg.lora.target_modules)}, "
         f"{cfg.train.local_steps} local steps × {cfg.train.batch_size} × "
         f"{cfg.data.block_size} tokens at LR {cfg.train.lr:g} ({cfg.train.schedule}).",
@@ -145,18 +146,18 @@ def write_report(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, An
         "",
         "| | base | final | change |",
         "|---|---|---|---|",
-        f"| general loss (kept) | {_fmt(s['general_loss']['base'])} | "
-        f"{_fmt(s['general_loss']['final'])} | forgetting {s['forgetting']:+.4f} "
-        f"(± {s['forgetting_standard_error']:.4f} s.e.) |",
-        f"| domain loss (learned) | {_fmt(s['domain_loss']['base'])} | "
-        f"{_fmt(s['domain_loss']['final'])} | adaptation {_fmt(s['adaptation'])} |",
+        f"| general loss (kept) | {_fmt(s.general_loss['base'])} | "
+        f"{_fmt(s.general_loss['final'])} | forgetting {s.forgetting:+.4f} "
+        f"(± {s.forgetting_standard_error:.4f} s.e.) |",
+        f"| domain loss (learned) | {_fmt(s.domain_loss['base'])} | "
+        f"{_fmt(s.domain_loss['final'])} | adaptation {_fmt(s.adaptation)} |",
         "",
         "Forgetting = general loss − base general loss (positive: the model lost general "
         "skill). Adaptation = base domain loss − domain loss (positive: it learned the "
-        f"domain). General loss is measured on {s['eval_tokens']['general']} held-out "
+        f"domain). General loss is measured on {s.eval_tokens['general']} held-out "
         f"tokens of the server's general data ({', '.join(cfg.data.general)}) that no "
         "training ever sees; "
-        f"domain loss on {s['eval_tokens']['domain_per_site']} held-out tokens per site.",
+        f"domain loss on {s.eval_tokens['domain_per_site']} held-out tokens per site.",
         "",
         f"![general loss]({general_png})",
         f"![domain loss]({domain_png})",
@@ -166,7 +167,7 @@ def write_report(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, An
         "| site | base domain loss | final domain loss | change |",
         "|---|---|---|---|",
     ]
-    for site, v in sorted(s["domain_loss"]["per_site"].items()):
+    for site, v in sorted(s.domain_loss["per_site"].items()):
         lines.append(f"| {site} | {v['base']:.4f} | {v['final']:.4f} | "
                      f"{v['final'] - v['base']:+.4f} |")
     lines += [
@@ -179,19 +180,18 @@ def write_report(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, An
     ]
     for r, flags in zip(rows, round_flags(rows), strict=True):
         lines.append(
-            f"| {r['round']} | {r['general_loss']:.4f} | {_fmt(r['domain_loss'])} | "
-            f"{_fmt(r['train_loss'])} | {len(r['sites_trained'])} | {len(r['failures'])} | "
-            f"{_steps(r.get('server_steps', {}))} | {', '.join(flags) or '—'} | "
-            f"{r['elapsed_s']:.0f} |")
-    if "continual" in s:
-        lines += continual_lines(s["continual"])
-    failures = [f for r in rows for f in r["failures"]]
+            f"| {r.round} | {r.general_loss:.4f} | {_fmt(r.domain_loss)} | "
+            f"{_fmt(r.train_loss)} | {len(r.sites_trained)} | {len(r.failures)} | "
+            f"{_steps(r.server_steps)} | {', '.join(flags) or '—'} | {r.elapsed_s:.0f} |")
+    if s.continual is not None:
+        lines += continual_lines(s.continual)
+    failures = [f for r in rows for f in r.failures]
     if failures:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in failures]
-    if "privacy" in s:
-        lines += privacy_lines(s["privacy"])
-    if s.get("secagg", {}).get("enabled"):
-        a = s["secagg"]
+    if s.privacy is not None:
+        lines += privacy_lines(s.privacy)
+    if s.secagg.get("enabled"):
+        a = s.secagg
         lines += ["", "## Secure aggregation", "",
                   f"Every round ran {a['protocol']}: the server saw only the weighted sum of "
                   f"the sites' updates. Each site shared its secrets with {a['num_shares']} "
@@ -201,8 +201,8 @@ def write_report(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, An
                   f"quantised it over ±{a['clipping_range']:g} to "
                   f"{a['quantization_range']:,} levels; per-site update norms are therefore "
                   "not shown."]
-    if "privacy_user_level" in s:
-        u = s["privacy_user_level"]
+    if s.privacy_user_level is not None:
+        u = s.privacy_user_level
         lines += ["", "## Site-level privacy (DP-FedAvg)", "",
                   f"Each site's update was clipped to L2 norm {u['clipping_norm']} and the "
                   f"server added Gaussian noise (σ = {u['noise_multiplier']}) to the average: "
@@ -213,9 +213,9 @@ def write_report(run_dir: Path, summary: dict[str, Any], rows: list[dict[str, An
         "",
         "## Communication",
         "",
-        f"Each site uploads {s['bytes_up_per_client_round']:,} bytes of adapter tensors per "
-        f"round, {100 * (s['upload_fraction'] or 0):.3f}% of the full model "
-        f"({s['full_model_bytes']:,} bytes). Wall time {s['wall_time_s']:.0f} s.",
+        f"Each site uploads {s.bytes_up_per_client_round:,} bytes of adapter tensors per "
+        f"round, {100 * (s.upload_fraction or 0):.3f}% of the full model "
+        f"({s.full_model_bytes:,} bytes). Wall time {s.wall_time_s:.0f} s.",
         "",
     ]
-    (run_dir / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    folder.report.write_text("\n".join(lines), encoding="utf-8")

@@ -15,13 +15,14 @@ from typing import Any
 
 from fedcpt.config import RunConfig, build
 from fedcpt.exceptions import ConfigError
+from fedcpt.server.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
 
-def _versions_dir(run_dir: Path) -> Path:
-    folder = Path(run_dir) / "adapters"
-    if not folder.is_dir():
+def _run_folder(run_dir: Path) -> RunFolder:
+    folder = RunFolder(run_dir)
+    if not folder.adapters.is_dir():
         raise ConfigError(f"{run_dir} is not a fedcpt run folder (no adapters/)")
     return folder
 
@@ -29,14 +30,15 @@ def _versions_dir(run_dir: Path) -> Path:
 def list_versions(run_dir: Path) -> list[dict[str, Any]]:
     """Every saved version's provenance, oldest first."""
     return [json.loads(p.read_text()) for p in
-            sorted(_versions_dir(run_dir).glob("round-*/version.json"))]
+            sorted(_run_folder(run_dir).adapters.glob("round-*/version.json"))]
 
 
 def version_dir(run_dir: Path, server_round: int) -> Path:
     """The folder of one version; ConfigError naming the versions that exist if absent."""
-    path = (_versions_dir(run_dir) / f"round-{server_round:03d}").resolve()
+    folder = _run_folder(run_dir)
+    path = folder.version(server_round).resolve()
     if not ((path / "adapter_model.safetensors").is_file()
-            and (path / "version.json").is_file()):
+            and folder.provenance(server_round).is_file()):
         existing = [v["round"] for v in list_versions(run_dir)]
         raise ConfigError(f"no adapter version for round {server_round} in {run_dir}; "
                           f"versions: {existing}")
@@ -45,7 +47,7 @@ def version_dir(run_dir: Path, server_round: int) -> Path:
 
 def run_config(run_dir: Path) -> RunConfig:
     """The configuration a run was started with (from its manifest)."""
-    manifest = Path(run_dir) / "manifest.json"
+    manifest = RunFolder(run_dir).manifest
     if not manifest.is_file():
         raise ConfigError(f"{run_dir} has no manifest.json")
     try:
@@ -57,10 +59,10 @@ def run_config(run_dir: Path) -> RunConfig:
 
 def resumable_config(run_dir: Path) -> RunConfig:
     """The configuration of an interrupted run; ConfigError if there is nothing to resume."""
-    run_dir = Path(run_dir)
-    if (run_dir / "summary.json").exists():
+    folder = RunFolder(run_dir)
+    if folder.summary.exists():
         raise ConfigError(f"{run_dir} already finished (it has summary.json)")
-    checkpoint = run_dir / "checkpoint.json"
+    checkpoint = folder.checkpoint
     if not checkpoint.is_file():
         raise ConfigError(f"{run_dir} has no checkpoint.json: no round finished, start anew")
     try:

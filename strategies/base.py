@@ -1,14 +1,24 @@
-"""What a strategy reports about each round, to whoever records the run."""
+"""The strategy interface: validate one site's reply, aggregate the accepted ones.
+
+A strategy is pure aggregation, records in and a record out (as Flower's
+``aggregate_arrayrecords``); sampling, sending, retries, server steps and recording are
+the round loop's (:mod:`fedcpt.server.round_loop`). Also here: what a round reports
+about each site, and the reply checks every strategy shares.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from fedcpt.core import protocol as p
+from fedcpt.exceptions import UpdateRejected
+
+TRAIN_METRICS = (p.NUM_EXAMPLES, p.TRAIN_SECONDS)
+EVAL_METRICS = (p.NUM_EXAMPLES, p.DOMAIN_LOSS, p.DOMAIN_BASE_LOSS, p.DOMAIN_ECE)
 
 
 @dataclass(frozen=True)
@@ -39,41 +49,88 @@ class SiteEvalReport:
     ece: float
 
 
-class RoundListener(Protocol):
-    """Receives per-site results as a strategy aggregates them."""
-
-    def on_train(self, server_round: int, reports: list[SiteTrainReport],
-                 failures: list[str], aggregated: bool) -> None: ...
-
-    def on_evaluate(self, server_round: int, reports: list[SiteEvalReport]) -> None: ...
-
-    def on_server_steps(self, server_round: int, details: dict[str, dict[str, Any]]) -> None:
-        """What each server step did this round (rehearsal, α, regression guard)."""
-        ...
+def site_name(msg: Message) -> str:
+    """The site a reply came from (its node id if it did not say)."""
+    record = msg.content.config_records.get(p.SITE) if msg.has_content() else None
+    return str(record["name"]) if record and "name" in record else (
+        f"node-{msg.metadata.src_node_id}")
 
 
-class WrappedStrategy(Strategy):
-    """A Flower strategy that hands every call to ``strategy``; subclasses change one
-    step (e.g. what ``configure_train`` sees or sends)."""
+def reply_metrics(msg: Message, required: tuple[str, ...]) -> dict[str, float]:
+    """The reply's numeric metrics; UpdateRejected if a required one is missing or not a
+    finite number."""
+    record = msg.content.metric_records.get(p.METRICS)
+    if record is None:
+        raise UpdateRejected("reply carries no 'metrics' record")
+    values = {k: float(v) for k, v in record.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    missing = [k for k in required if k not in values or not math.isfinite(values[k])]
+    if missing:
+        raise UpdateRejected(f"reply metrics lack finite {missing}")
+    return values
 
-    def __init__(self, strategy: Strategy) -> None:
-        self.strategy = strategy
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+def train_metrics(msg: Message, max_examples: int) -> dict[str, float]:
+    """A training reply's metrics, with ``num-examples`` in (0, max_examples] (0: no bound;
+    a larger claim would let one site outweigh the rest)."""
+    metrics = reply_metrics(msg, TRAIN_METRICS)
+    if not 0 < metrics[p.NUM_EXAMPLES] <= (max_examples or math.inf):
+        raise UpdateRejected(f"num-examples {metrics[p.NUM_EXAMPLES]:g} outside "
+                             f"(0, {max_examples or 'inf'}]")
+    return metrics
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message],
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.strategy.aggregate_train(server_round, replies)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
-                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+def site_report(site: str, metrics: dict[str, float], bytes_up: int,
+                norm: float | None) -> SiteTrainReport:
+    return SiteTrainReport(
+        site=site,
+        num_examples=int(metrics[p.NUM_EXAMPLES]),
+        train_loss=metrics.get(p.TRAIN_LOSS),
+        seconds=metrics[p.TRAIN_SECONDS],
+        bytes_up=bytes_up,
+        update_norm=norm,
+        privacy={k: metrics[k] for k in p.PRIVACY_METRICS if k in metrics},
+    )
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
-                           ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
-    def summary(self) -> None:
-        self.strategy.summary()
+def eval_report(msg: Message) -> SiteEvalReport:
+    """One evaluation reply as a report; UpdateRejected if it erred or lacks a metric."""
+    if msg.has_error():
+        raise UpdateRejected(msg.error.reason)
+    m = reply_metrics(msg, EVAL_METRICS)
+    return SiteEvalReport(site=site_name(msg), tokens=int(m[p.NUM_EXAMPLES]),
+                          loss=m[p.DOMAIN_LOSS], base_loss=m[p.DOMAIN_BASE_LOSS],
+                          ece=m[p.DOMAIN_ECE])
+
+
+def contribution(payload_key: str, payload: ArrayRecord, num_examples: int) -> RecordDict:
+    """The canonical record of an accepted update: exactly what was checked, and its weight."""
+    return RecordDict({payload_key: payload,
+                       p.METRICS: MetricRecord({p.NUM_EXAMPLES: num_examples})})
+
+
+class Aggregator(ABC):
+    """Validates each training reply, then turns the accepted ones into one adapter.
+
+    Parameters
+    ----------
+    max_examples : int
+        Largest ``num-examples`` a site may claim (its local steps × batch; 0: no bound).
+    """
+
+    payload_key: str = p.ARRAYS
+    """The record a training reply carries its update in."""
+
+    def __init__(self, *, max_examples: int = 0) -> None:
+        self.max_examples = max_examples
+
+    @abstractmethod
+    def validate(self, msg: Message, reference: ArrayRecord,
+                 ) -> tuple[ArrayRecord, SiteTrainReport]:
+        """What of ``msg`` may enter the aggregate, and the site's report; UpdateRejected
+        if the reply is malformed. ``reference`` is the global adapter the site was sent."""
+
+    @abstractmethod
+    def aggregate(self, records: list[RecordDict], reference: ArrayRecord) -> ArrayRecord:
+        """The round's aggregate from the accepted records (see :func:`contribution`);
+        UpdateRejected if they cannot be combined."""

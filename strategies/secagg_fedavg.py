@@ -1,21 +1,19 @@
 """FedAvg under secure aggregation: the server sees only the sum of the updates.
 
-Each round is :class:`~fedcpt.strategies.fedavg.AdapterFedAvg`'s round with the SecAgg+
-stages around the training message (:mod:`fedcpt.privacy.secagg`): before it, the sampled
-sites exchange keys and shares; the training reply carries the site's masked, quantised
-update and its plaintext metrics; after it, the surviving sites reveal the shares that
-unmask the sum. What follows the sum — server steps, the regression guard, recording —
-is the plain strategy's, unchanged. Checks the server can no longer make on a single
-update (finite values, the norm bound) are made by the site before masking.
+The round loop calls SecAgg+'s stages (:mod:`fedcpt.privacy.secagg`) explicitly around
+the training message: :meth:`SecAggFedAvg.open_round` and its ``share_keys`` (stages 1–2:
+keys and shares) before it; the training message carries each site's inbound shares
+(stage 3) and its reply the masked, quantised update; :meth:`SecAggFedAvg.unmask`
+(stage 4) asks the surviving sites for the shares that unmask the sum;
+:meth:`SecAggFedAvg.aggregate` turns that sum into the weighted mean. Checks the server
+can no longer make on a single update (finite values, the norm bound) are made by the
+site before masking.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable
-
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedcpt.config import RunConfig
@@ -23,84 +21,81 @@ from fedcpt.core import protocol as p
 from fedcpt.exceptions import UpdateRejected
 from fedcpt.privacy.secagg.encoding import decode, vector_length
 from fedcpt.privacy.secagg.params import SecAggParams
-from fedcpt.privacy.secagg.server import MASKED, STATE, SecAggFailed, SecAggRound
-from fedcpt.strategies.base import SiteTrainReport
-from fedcpt.strategies.fedavg import AdapterFedAvg
+from fedcpt.privacy.secagg.server import MASKED, STATE, SecAggRound
+from fedcpt.strategies.base import (
+    Aggregator,
+    SiteTrainReport,
+    site_name,
+    site_report,
+    train_metrics,
+)
 
-log = logging.getLogger(__name__)
+CONTRIBUTORS = "contributors"  # metric of the unmasked sum: how many sites it covers
 
 
-class SecAggFedAvg(AdapterFedAvg):
-    """:class:`AdapterFedAvg` with SecAgg+ in every training round.
+class SecAggFedAvg(Aggregator):
+    """Example-weighted mean of SecAgg+-masked updates.
 
     Parameters
     ----------
     cfg : RunConfig
         The run (its ``[secagg]`` section must be on and validated).
-    **kwargs
-        Passed to :class:`AdapterFedAvg`.
+    max_examples : int
+        See :class:`~fedcpt.strategies.base.Aggregator`.
     """
 
-    def __init__(self, *, cfg: RunConfig, **kwargs) -> None:
-        super().__init__(**kwargs)
+    payload_key = p.MASKED
+
+    def __init__(self, *, cfg: RunConfig, max_examples: int = 0) -> None:
+        super().__init__(max_examples=max_examples)
         self.cfg = cfg
-        self._round: SecAggRound | None = None
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        if not messages:
-            return messages
-        nodes = [m.metadata.dst_node_id for m in messages]
-        params = SecAggParams.for_round(self.cfg, len(nodes))
-        self._round = SecAggRound(grid, nodes, params, server_round + self.round_offset,
-                                  self.round_timeout)
-        try:
-            inbound = self._round.share_keys()
-        except SecAggFailed as err:
-            log.warning("round %d: %s", server_round + self.round_offset, err)
-            inbound = {}
-            self._failures.append(str(err))
-        finally:
-            self._failures.extend(self._round.failures)
-            self._round.failures.clear()
-        self._sampled = set(inbound)
-        content = messages[0].content
-        return [Message(RecordDict({p.ARRAYS: content[p.ARRAYS], p.CONFIG: content[p.CONFIG],
-                                    STATE: record}),
-                        dst_node_id=node, message_type=MASKED)
-                for node, record in inbound.items()]
+    def open_round(self, grid: Grid, nodes: list[int], server_round: int,
+                   timeout: float) -> SecAggRound:
+        """The SecAgg+ state of a round over the sampled ``nodes``; its ``share_keys()``
+        runs stages 1–2 (and raises SecAggFailed below the threshold)."""
+        return SecAggRound(grid, nodes, SecAggParams.for_round(self.cfg, len(nodes)),
+                           server_round, timeout)
 
-    def check_reply(self, msg: Message, site: str) -> tuple[ArrayRecord, SiteTrainReport]:
+    @staticmethod
+    def training_message(content: RecordDict, node: int, shares: ConfigRecord) -> Message:
+        """Stage 3's request: the plain training content plus the site's inbound shares."""
+        return Message(RecordDict({**dict(content.items()), STATE: shares}),
+                       dst_node_id=node, message_type=MASKED)
+
+    def validate(self, msg: Message, reference: ArrayRecord,
+                 ) -> tuple[ArrayRecord, SiteTrainReport]:
         masked = msg.content.array_records.get(p.MASKED)
         if masked is None or len(msg.content.array_records) != 1 or (
                 list(masked) != [p.MASKED_VECTOR]):
             raise UpdateRejected(f"reply must carry exactly one '{p.MASKED}' record")
         vector = masked[p.MASKED_VECTOR].numpy()
-        if vector.dtype != np.uint32 or vector.shape != (vector_length(self._global),):
+        if vector.dtype != np.uint32 or vector.shape != (vector_length(reference),):
             raise UpdateRejected(f"masked vector is {vector.dtype}{list(vector.shape)}, "
-                                 f"expected uint32[{vector_length(self._global)}]")
-        metrics = self.check_metrics(msg)
-        return masked, self.site_report(site, metrics, vector.nbytes, None)
+                                 f"expected uint32[{vector_length(reference)}]")
+        metrics = train_metrics(msg, self.max_examples)
+        return masked, site_report(site_name(msg), metrics, vector.nbytes, None)
 
-    def combine(self, server_round: int, accepted: dict[int, ArrayRecord],
-                reports: list[SiteTrainReport], failures: list[str]) -> ArrayRecord | None:
-        """Unmask the sum of the masked updates and turn it into the weighted mean."""
-        secagg, self._round = self._round, None
-        try:
-            total, contributors = secagg.unmask(
-                {node: rec[p.MASKED_VECTOR].numpy() for node, rec in accepted.items()})
-            mean, weight = decode(total, contributors, self._global, secagg.params)
-            claimed = sum(r.num_examples for r in reports)
-            if weight != claimed:
-                raise UpdateRejected(f"the summed weight {weight} differs from the "
-                                     f"{claimed} examples the sites reported")
-        except (SecAggFailed, UpdateRejected) as err:
-            failures.extend(secagg.failures)
-            failures.append(str(err) if isinstance(err, SecAggFailed)
-                            else f"secure aggregation: {err}")
-            log.warning("round %d: %s; the global adapter is unchanged", server_round, err)
-            return None
-        failures.extend(secagg.failures)
+    @staticmethod
+    def unmask(secagg: SecAggRound, accepted: dict[int, RecordDict]) -> RecordDict:
+        """Stage 4: the sum of the accepted masked vectors, and the examples the sites
+        claimed, as one record. Raises SecAggFailed if it cannot be unmasked."""
+        total, contributors = secagg.unmask(
+            {node: rec[p.MASKED][p.MASKED_VECTOR].numpy() for node, rec in accepted.items()})
+        claimed = sum(int(rec[p.METRICS][p.NUM_EXAMPLES]) for rec in accepted.values())
+        return RecordDict({
+            p.MASKED: ArrayRecord({p.MASKED_VECTOR: Array(total)}),
+            p.METRICS: MetricRecord({p.NUM_EXAMPLES: claimed, CONTRIBUTORS: contributors}),
+            p.CONFIG: secagg.params.to_record()})
+
+    def aggregate(self, records: list[RecordDict], reference: ArrayRecord) -> ArrayRecord:
+        """The weighted mean from the one unmasked sum :meth:`unmask` returns."""
+        (summed,) = records
+        metrics = summed[p.METRICS]
+        params = SecAggParams.from_record(summed[p.CONFIG])
+        mean, weight = decode(summed[p.MASKED][p.MASKED_VECTOR].numpy(),
+                              int(metrics[CONTRIBUTORS]), reference, params)
+        if weight != metrics[p.NUM_EXAMPLES]:
+            raise UpdateRejected(f"the summed weight {weight} differs from the "
+                                 f"{metrics[p.NUM_EXAMPLES]} examples the sites reported")
         return mean
-

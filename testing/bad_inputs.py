@@ -7,8 +7,9 @@ An input is *handled* only if it raised one of fedcpt's own errors
 UpdateRejected, LedgerError, SiteRefused, …) whose message names the problem (the case's
 ``expect`` pattern), or, at the command line, exited 2 with a single ``error:`` line. An
 update counts as handled when the strategy rejected it — kept it out of the average and
-recorded why — as documented in :mod:`fedcpt.strategies.fedavg`. Anything else (accepted,
-another exception, an unclear message) is unhandled.
+recorded why — through the round loop's own collection
+(:func:`fedcpt.server.round_loop.collect_train`) and :mod:`fedcpt.strategies.fedavg`.
+Anything else (accepted, another exception, an unclear message) is unhandled.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from fedcpt.core.model import byte_tokenizer
 from fedcpt.exceptions import FedcptError, UpdateRejected
 from fedcpt.privacy.ledger import PrivacyLedger, _checksum
 from fedcpt.privacy.plan import plan_site
+from fedcpt.server.round_loop import collect_train
 from fedcpt.strategies.fedavg import AdapterFedAvg
 from fedcpt.testing.bad_proposals import PROPOSALS
 from fedcpt.testing.site_round import task_identity
@@ -246,26 +248,18 @@ def _update(build: Callable[[], RecordDict], max_update_norm: float = 0.0,
     """Aggregate a good reply and the bad one; handled if the bad one was rejected (kept out
     of the average, with a reason) — raised here as that UpdateRejected."""
     def attempt(folder: Path) -> object:
-        failures: list[str] = []
-
-        class Listener:
-            def on_train(self, server_round, reports, failed, aggregated=True):
-                failures.extend(failed)
-
-            def on_evaluate(self, server_round, reports):
-                pass
-
+        strategy = AdapterFedAvg(max_examples=32, max_update_norm=max_update_norm)
+        reference = _arrays(0.0)
         with task_identity():
-            strategy = AdapterFedAvg(min_sites=1, listener=Listener(), max_examples=32,
-                                     max_update_norm=max_update_norm, min_train_nodes=2,
-                                     min_available_nodes=2)
-            strategy._global = _arrays(0.0)
             requests = [Message(content=RecordDict(), dst_node_id=n, message_type="train")
                         for n in (1, 2)]
             good = _reply(requests[0], "good", RecordDict(
                 {"arrays": _arrays(1.0), "metrics": _metrics()}))
             bad = _reply(requests[1], "bad", build())
-            arrays, _ = strategy.aggregate_train(1, [good, bad])
+            collected = collect_train(1, [good, bad], {1, 2}, strategy, reference)
+        failures = collected.failures
+        arrays = (strategy.aggregate(list(collected.accepted.values()), reference)
+                  if collected.accepted else None)
         rejected = [f for f in failures if f.startswith("bad: update rejected: ")]
         averaged_good_only = arrays is not None and all(
             np.array_equal(arrays[k].numpy(), np.full(s, 1.0, np.float32))

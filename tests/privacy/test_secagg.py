@@ -8,6 +8,9 @@ compared with the plain weighted average.
 
 from __future__ import annotations
 
+import dataclasses
+import random
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -22,6 +25,7 @@ from fedcpt.privacy.secagg.encoding import encode
 from fedcpt.privacy.secagg.masking import expand
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import MASKED, SETUP, SHARE_KEYS, STATE, UNMASK
+from fedcpt.server.round_loop import Federation, request, train_attempt
 from fedcpt.strategies.secagg_fedavg import SecAggFedAvg
 
 SHAPES = {"a.lora_A.weight": (4, 64), "a.lora_B.weight": (64, 4), "b.lora_A.weight": (4, 64)}
@@ -94,13 +98,19 @@ def _config(n_sites: int = 5, **secagg) -> RunConfig:
 
 
 def _round(grid: SiteGrid, cfg: RunConfig, reference: ArrayRecord):
+    """One attempt of the round loop's training over ``grid``: the aggregate (None if the
+    round failed) and the examples it covers (None then too)."""
     max_weight = cfg.train.local_steps * cfg.train.batch_size
-    strategy = SecAggFedAvg(cfg=cfg, round_timeout=5.0, min_sites=1, max_examples=max_weight,
-                            min_train_nodes=len(grid.updates),
-                            min_available_nodes=len(grid.updates))
-    messages = strategy.configure_train(1, reference, ConfigRecord(), grid)
-    replies = grid.send_and_receive(messages)
-    return strategy.aggregate_train(1, replies)
+    cfg = dataclasses.replace(cfg, federation=dataclasses.replace(
+        cfg.federation, sites_per_round=len(grid.updates), round_timeout_s=5.0))
+    fed = Federation(grid=grid, cfg=cfg, recorder=None, lm=None, general=None,
+                     aggregator=SecAggFedAvg(cfg=cfg, max_examples=max_weight),
+                     config=ConfigRecord(), rng=random.Random(0))
+    attempt = train_attempt(fed, 1, reference, request(reference, ConfigRecord(), 1), None)
+    if attempt.aggregate is None:
+        return None, None
+    return attempt.aggregate, {p.NUM_EXAMPLES: sum(r.num_examples
+                                                   for r in attempt.collected.reports)}
 
 
 def _plain_mean(updates: dict[int, tuple[ArrayRecord, int]], nodes) -> dict[str, np.ndarray]:

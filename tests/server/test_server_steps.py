@@ -9,9 +9,9 @@ from flwr.app import Array, ArrayRecord
 from fedcpt.config import TrainConfig
 from fedcpt.core.adapters import adapter_state, load_adapter, to_arrays, weighted_sum
 from fedcpt.core.evaluation import evaluate_blocks
-from fedcpt.strategies.delta_scaling import DeltaScaling, interpolate
-from fedcpt.strategies.regression_guard import RegressionGuard
-from fedcpt.strategies.rehearsal import Rehearsal
+from fedcpt.server.steps.delta_scaling import DeltaScaling, interpolate
+from fedcpt.server.steps.regression_guard import RegressionGuard
+from fedcpt.server.steps.rehearsal import Rehearsal
 
 
 def _record(value: float) -> ArrayRecord:
@@ -56,7 +56,8 @@ def test_rehearsal_lowers_general_loss_of_the_aggregate(fresh_lm, trained, byte_
     train = TrainConfig(local_steps=10, batch_size=4, lr=5e-2)
     step = Rehearsal(fresh_lm, general, train, mode=mode, replay_fraction=0.5,
                      lr_at=lambda r: train.lr_at(r, 1), seed=0)
-    result, detail = step.apply(1, initial, aggregate, client_examples=80)
+    step_result = step.apply(1, initial, aggregate, client_examples=80)
+    result, detail = step_result.arrays, step_result.details
     assert detail["mode"] == mode
     load_adapter(fresh_lm.model, result)
     assert evaluate_blocks(fresh_lm, general, 8).loss < before
@@ -67,7 +68,8 @@ def test_delta_scaling_takes_the_largest_alpha_within_tolerance(fresh_lm, traine
     validation = _general_blocks(byte_tok)
     loose = DeltaScaling(fresh_lm, validation, alphas=(0.25, 0.5, 1.0), tolerance=10.0,
                          batch_size=8)
-    result, detail = loose.apply(1, initial, aggregate, client_examples=0)
+    step_result = loose.apply(1, initial, aggregate, client_examples=0)
+    result, detail = step_result.arrays, step_result.details
     assert detail["alpha"] == 1.0
     np.testing.assert_allclose(result["base_model.model.model.layers.0.self_attn.q_proj"
                                       ".lora_B.weight"].numpy(),
@@ -75,7 +77,8 @@ def test_delta_scaling_takes_the_largest_alpha_within_tolerance(fresh_lm, traine
                                          ".lora_B.weight"].numpy(), rtol=1e-6)
     strict = DeltaScaling(fresh_lm, validation, alphas=(0.25, 0.5, 1.0), tolerance=-1.0,
                           batch_size=8)  # nothing passes: the smallest α is kept
-    result, detail = strict.apply(1, initial, aggregate, client_examples=0)
+    step_result = strict.apply(1, initial, aggregate, client_examples=0)
+    result, detail = step_result.arrays, step_result.details
     assert detail["alpha"] == 0.25
     expected = interpolate(initial, aggregate, 0.25)
     for key in result.keys():
@@ -87,10 +90,12 @@ def test_regression_guard_keeps_the_accepted_adapter_when_general_loss_jumps(
     initial, aggregate = trained
     validation = _general_blocks(byte_tok)
     lenient = RegressionGuard(fresh_lm, validation, threshold=100.0, batch_size=8)
-    accepted, detail = lenient.apply(1, initial, aggregate, client_examples=0)
-    assert not detail["rejected"] and accepted is aggregate
+    step_result = lenient.apply(1, initial, aggregate, client_examples=0)
+    accepted, detail = step_result.arrays, step_result.details
+    assert not detail["rejected"] and accepted is aggregate and not step_result.rejects_round
     # a limit just below the measured rise rejects the round and keeps the accepted adapter
     strict = RegressionGuard(fresh_lm, validation, threshold=detail["rise"] - 1e-3,
                              batch_size=8)
-    kept, detail = strict.apply(1, initial, aggregate, client_examples=0)
-    assert detail["rejected"] and kept is initial
+    step_result = strict.apply(1, initial, aggregate, client_examples=0)
+    kept, detail = step_result.arrays, step_result.details
+    assert detail["rejected"] and kept is initial and step_result.rejects_round

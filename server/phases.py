@@ -1,10 +1,9 @@
-"""Train only a phase's sites while every site is still evaluated.
+"""Which nodes a phase trains on, while every site is still evaluated.
 
 A continual stream (``[[phases]]``) trains some sites per phase but needs every site's
-held-out loss after each phase (the loss matrix). :class:`PhaseTraining` wraps any Flower
-strategy and hands its ``configure_train`` a view of the grid that shows only the phase's
-nodes; evaluation and aggregation go to the wrapped strategy unchanged. Node ids are
-random per process, so the server asks each node once which site it is
+held-out loss after each phase (the loss matrix), so the round loop samples training
+nodes from the phase's nodes (:func:`phase_nodes`) and evaluation nodes from all. Node
+ids are random per process, so the server asks each node once which site it is
 (:func:`discover_sites`, answered by the ClientApp's query handler).
 """
 
@@ -13,48 +12,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from fedcpt.core import protocol as p
 from fedcpt.exceptions import FedcptError
-from fedcpt.strategies.base import WrappedStrategy
 
 log = logging.getLogger(__name__)
-
-
-class NodeSubset:
-    """A grid that shows only some of its nodes to whoever samples from it."""
-
-    def __init__(self, grid: Grid, node_ids: Iterable[int]) -> None:
-        self._grid = grid
-        self._nodes = set(node_ids)
-
-    def get_node_ids(self) -> list[int]:
-        return [n for n in self._grid.get_node_ids() if n in self._nodes]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-
-class PhaseTraining(WrappedStrategy):
-    """``strategy`` with training restricted to ``train_nodes``."""
-
-    def __init__(self, strategy: Strategy, train_nodes: Iterable[int]) -> None:
-        super().__init__(strategy)
-        self.train_nodes = sorted(train_nodes)
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        view = NodeSubset(grid, self.train_nodes)
-        return self.strategy.configure_train(server_round, arrays, config, view)  # type: ignore[arg-type]
-
-    def summary(self) -> None:
-        log.info("\t├──> training only on nodes %s", self.train_nodes)
-        self.strategy.summary()
 
 
 def discover_sites(grid: Grid, num_sites: int, config: ConfigRecord,

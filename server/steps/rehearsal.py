@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
@@ -25,6 +24,7 @@ from fedcpt.config import TrainConfig
 from fedcpt.core.adapters import adapter_state, load_adapter, to_arrays, weighted_sum
 from fedcpt.core.model import AdaptedModel
 from fedcpt.core.training import train_adapter
+from fedcpt.server.steps.base import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Rehearsal:
         self.seed = seed
 
     def apply(self, server_round: int, global_arrays: ArrayRecord, aggregated: ArrayRecord,
-              client_examples: int) -> tuple[ArrayRecord, dict[str, Any]]:
+              client_examples: int) -> StepResult:
         lr = self.lr_at(server_round)
         seed = self.seed * 1000 + server_round
         if self.mode == "mix":
@@ -57,11 +57,13 @@ class Rehearsal:
             log.info("round %d · rehearsal (mix): server update on %d examples, weight %.2f",
                      server_round, result.examples, self.rho)
             mixed = weighted_sum([(aggregated, 1 - self.rho), (own, self.rho)])
-            return mixed, {"mode": "mix", "examples": result.examples, "weight": self.rho}
+            return StepResult(mixed, {"mode": "mix", "examples": result.examples,
+                                      "weight": self.rho})
         steps = max(1, math.ceil(self.rho * client_examples / self.train.batch_size))
         load_adapter(self.lm.model, aggregated)
         train_adapter(self.lm, self.pool, dataclasses.replace(self.train, local_steps=steps),
                       lr=lr, seed=seed)
         log.info("round %d · rehearsal (finetune): %d steps on the general pool",
                  server_round, steps)
-        return to_arrays(adapter_state(self.lm.model)), {"mode": "finetune", "steps": steps}
+        return StepResult(to_arrays(adapter_state(self.lm.model)),
+                          {"mode": "finetune", "steps": steps})

@@ -8,7 +8,6 @@ held-out rehearsal data rises at most ``tolerance`` nats over the current global
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
@@ -16,6 +15,7 @@ from flwr.app import ArrayRecord
 from fedcpt.core.adapters import load_adapter, weighted_sum
 from fedcpt.core.evaluation import evaluate_blocks
 from fedcpt.core.model import AdaptedModel
+from fedcpt.server.steps.base import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class DeltaScaling:
         return validation_loss(self.lm, arrays, self.validation, self.batch_size)
 
     def apply(self, server_round: int, global_arrays: ArrayRecord, aggregated: ArrayRecord,
-              client_examples: int) -> tuple[ArrayRecord, dict[str, Any]]:
+              client_examples: int) -> StepResult:
         reference = self._loss(global_arrays)
         for alpha in self.alphas:  # largest first; the smallest is kept if none passes
             candidate = interpolate(global_arrays, aggregated, alpha)
@@ -59,4 +59,4 @@ class DeltaScaling:
                 break
         log.info("round %d · delta scaling: α=%.2f (rehearsal loss %.4f → %.4f)",
                  server_round, alpha, reference, loss)
-        return candidate, {"alpha": alpha, "rehearsal_loss": loss}
+        return StepResult(candidate, {"alpha": alpha, "rehearsal_loss": loss})

@@ -9,13 +9,13 @@ version stays global.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
 
 from fedcpt.core.model import AdaptedModel
-from fedcpt.strategies.delta_scaling import validation_loss
+from fedcpt.server.steps.base import StepResult
+from fedcpt.server.steps.delta_scaling import validation_loss
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class RegressionGuard:
         self.batch_size = batch_size
 
     def apply(self, server_round: int, global_arrays: ArrayRecord, aggregated: ArrayRecord,
-              client_examples: int) -> tuple[ArrayRecord, dict[str, Any]]:
+              client_examples: int) -> StepResult:
         before = validation_loss(self.lm, global_arrays, self.validation, self.batch_size)
         after = validation_loss(self.lm, aggregated, self.validation, self.batch_size)
         rise = after - before
@@ -41,5 +41,5 @@ class RegressionGuard:
             log.warning("round %d rejected by the regression guard: rehearsal loss rose "
                         "%.4f nats (limit %.4f); the previous adapter stays global",
                         server_round, rise, self.threshold)
-            return global_arrays, {"rejected": True, "rise": rise}
-        return aggregated, {"rejected": False, "rise": rise}
+            return StepResult(global_arrays, {"rejected": True, "rise": rise}, rejects_round=True)
+        return StepResult(aggregated, {"rejected": False, "rise": rise})

@@ -6,16 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedcpt.config import TrainConfig, load_config
 from fedcpt.core.adapters import adapter_state, to_arrays
 from fedcpt.core.fisher import diagonal_fisher
 from fedcpt.core.training import Anchor, adapter_param, train_adapter
 from fedcpt.exceptions import ConfigError
-from fedcpt.strategies.ewc import FisherToSites
-from fedcpt.strategies.fedavg import AdapterFedAvg
+from fedcpt.server.fisher import FisherForSites
 
 
 @pytest.fixture
@@ -62,54 +59,16 @@ def test_weighted_anchor_pulls_each_coordinate_by_its_weight(trained_lm):
     torch.testing.assert_close(param.detach(), expected)
 
 
-@pytest.fixture
-def server_identity(monkeypatch):
-    """Messages are created inside a running ServerApp; act as one (SuperLink node 0)."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-
-
-def test_train_instructions_carry_the_fisher_and_evaluation_does_not(
-        server_identity, trained_lm, text_blocks):
-
-    class Grid:
-        def get_node_ids(self):
-            return [11, 12]
-
-    inner = AdapterFedAvg(min_train_nodes=2, min_evaluate_nodes=2, min_available_nodes=2)
-    strategy = FisherToSites(inner, trained_lm, text_blocks[:2])
+def test_the_fisher_sent_to_sites_is_the_global_adapters_on_the_general_blocks(
+        trained_lm, text_blocks):
+    # the round loop attaches it to every training request, retries included
+    # (tests/server/test_round_loop.py), and never to evaluation requests
     arrays = to_arrays(adapter_state(trained_lm.model))
-    train = list(strategy.configure_train(1, arrays, ConfigRecord(), Grid()))
-    assert len(train) == 2
-    for msg in train:
-        fisher = msg.content.array_records["fisher"]
-        assert set(fisher.keys()) == set(arrays.keys())
-    evaluate = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), Grid()))
-    assert all("fisher" not in m.content.array_records for m in evaluate)
-
-
-def test_resends_through_the_strategy_grid_carry_the_fisher_too(server_identity):
-    from flwr.app import Array, ArrayRecord, Message, RecordDict
-
-    from fedcpt.strategies.ewc import FisherGrid
-
-    sent: list[Message] = []
-
-    class Grid:
-        def send_and_receive(self, messages, timeout=None):
-            sent.extend(messages)
-            return []
-
-    fisher = ArrayRecord({"w": Array(np.ones(2, np.float32))})
-    view = FisherGrid(Grid(), fisher)
-    train = Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(2, np.float32))})}),
-                    dst_node_id=5, message_type="train")
-    keys = Message(RecordDict({"config": ConfigRecord({"stage": 1})}), dst_node_id=5,
-                   message_type="train.secagg_setup")
-    view.send_and_receive([train, keys], timeout=1.0)  # e.g. a round retry
-    assert sent[0].content.array_records["fisher"] is fisher
-    assert "fisher" not in sent[1].content.array_records
+    fisher = FisherForSites(trained_lm, text_blocks[:2])(1, arrays)
+    assert set(fisher.keys()) == set(arrays.keys())
+    expected = diagonal_fisher(trained_lm, text_blocks[:2])
+    for key, value in expected.items():
+        np.testing.assert_allclose(fisher[key].numpy(), value.numpy())
 
 
 def test_ewc_config_errors():

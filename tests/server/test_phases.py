@@ -1,5 +1,5 @@
 """Continual streams ([[phases]]): config checks, LR re-warm per phase, phase-restricted
-training, the loss matrix / BWT / FWT, and a smoke run that resumes across phases."""
+training nodes, the loss matrix / BWT / FWT, and a smoke run that resumes across phases."""
 
 from __future__ import annotations
 
@@ -12,13 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from flwr.app import ConfigRecord
 
 from fedcpt.config import load_config
 from fedcpt.exceptions import ConfigError
 from fedcpt.server.continual import continual_metrics
+from fedcpt.server.phases import phase_nodes
 from fedcpt.strategies.base import SiteEvalReport
-from fedcpt.strategies.phase_training import PhaseTraining, phase_nodes
 
 PHASES = """
 [[phases]]
@@ -123,34 +122,10 @@ def test_loss_matrix_bwt_and_fwt_by_hand(tmp_path, sites_config):
     assert m["general_forgetting"] == pytest.approx([0.1, 0.05])
 
 
-class FakeGrid:
-    def __init__(self, nodes):
-        self.nodes = list(nodes)
-
-    def get_node_ids(self):
-        return self.nodes
-
-
-def test_phase_training_samples_only_the_phase_nodes_but_evaluates_all(monkeypatch):
-    import numpy as np
-    from flwr.app import Array, ArrayRecord
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from fedcpt.strategies.fedavg import AdapterFedAvg
-
-    # messages are created inside a running ServerApp; act as one (SuperLink node 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    inner = AdapterFedAvg(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=2,
-                          min_evaluate_nodes=3, min_available_nodes=2)
+def test_phase_nodes_are_the_nodes_of_the_phases_sites():
+    # the round loop samples a phase's training among these; see tests/server/test_round_loop
     directory = {11: "north", 12: "south", 13: "east"}
-    strategy = PhaseTraining(inner, phase_nodes(directory, ("south", "east"), "late"))
-    arrays = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
-    trained = strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([11, 12, 13]))
-    evaluated = strategy.configure_evaluate(1, arrays, ConfigRecord(), FakeGrid([11, 12, 13]))
-    assert sorted(m.metadata.dst_node_id for m in trained) == [12, 13]
-    assert sorted(m.metadata.dst_node_id for m in evaluated) == [11, 12, 13]
+    assert sorted(phase_nodes(directory, ("south", "east"), "late")) == [12, 13]
 
 
 def test_a_phase_site_without_a_node_is_an_error():

@@ -12,9 +12,9 @@ With η = 1 and no momentum this is plain FedAvg.
   Algorithm 2, without bias correction, as in Flower's FedYogi).
 
 Flower ships FedAdam/FedYogi/FedAvgM as subclasses of its FedAvg Strategy; they keep their
-moments in memory only (no ``--resume``) and would replace :class:`AdapterFedAvg`'s update
-validation. Here the optimiser is a :class:`ServerStep` on the validated aggregate, and
-its state is saved beside each adapter version.
+moments in memory only (no ``--resume``) and would replace fedcpt's update validation.
+Here the optimiser is a server step on the validated aggregate, and its state is saved
+beside each adapter version.
 
 A round the regression guard rejects must not enter the moments: each step is kept
 *pending* until the next round shows whether the global adapter moved (then it is
@@ -23,20 +23,19 @@ committed) or stayed where it was (then it is dropped).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 from safetensors.torch import load_file, save_file
 
 from fedcpt.config import StrategyConfig
+from fedcpt.core.adapters import arrays_digest, update_norm
+from fedcpt.core.durable import replace_durably
 from fedcpt.exceptions import ConfigError
+from fedcpt.server.steps.base import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +45,6 @@ DEFAULT_LR = {"fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01}
 State = dict[str, dict[str, torch.Tensor]]
 """Per adapter key: the optimiser's tensors (``momentum_buffer``; ``step``, ``exp_avg``,
 ``exp_avg_sq``), in torch's own state names."""
-
-
-def fingerprint(arrays: ArrayRecord) -> str:
-    """SHA-256 of an adapter's tensors (keys in order), to recognise an unchanged global."""
-    digest = hashlib.sha256()
-    for key in sorted(arrays.keys()):
-        digest.update(key.encode())
-        digest.update(np.ascontiguousarray(arrays[key].numpy()).tobytes())
-    return digest.hexdigest()
 
 
 def _yogi_step(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict],
@@ -116,8 +106,8 @@ class ServerOptimizer:
         return result, new_state
 
     def apply(self, server_round: int, global_arrays: ArrayRecord, aggregated: ArrayRecord,
-              client_examples: int) -> tuple[ArrayRecord, dict[str, Any]]:
-        current = fingerprint(global_arrays)
+              client_examples: int) -> StepResult:
+        current = arrays_digest(global_arrays)
         if self.pending is not None:
             if current == self.pending_input:  # the last step did not become global
                 log.info("round %d · server optimiser: the previous round was not "
@@ -126,16 +116,14 @@ class ServerOptimizer:
                 self.committed = self.pending
         result, self.pending = self._step(self.committed, global_arrays, aggregated)
         self.pending_input = current
-        delta = float(np.sqrt(sum(np.square(result[k].numpy().astype(np.float64)
-                                             - global_arrays[k].numpy()).sum()
-                                  for k in global_arrays.keys())))
+        delta = update_norm(result, global_arrays)
         log.info("round %d · server optimiser %s (η=%g): step norm %.4f", server_round,
                  self.kind, self.lr, delta)
-        return result, {"optimizer": self.kind, "lr": self.lr, "step_norm": delta}
+        return StepResult(result, {"optimizer": self.kind, "lr": self.lr, "step_norm": delta})
 
     # --- persistence: the state is saved beside each adapter version ---------------
     def save_state(self, folder: Path) -> None:
-        """Write the moments to ``folder/server-optimizer.safetensors`` atomically."""
+        """Write the moments to ``folder/server-optimizer.safetensors`` durably."""
         tensors: dict[str, torch.Tensor] = {}
         for part, state in (("committed", self.committed), ("pending", self.pending or {})):
             for key, named in state.items():
@@ -143,9 +131,8 @@ class ServerOptimizer:
                     tensors[f"{part}/{name}/{key}"] = tensor.detach().contiguous()
         meta = {"kind": self.kind, "has_pending": json.dumps(self.pending is not None),
                 "pending_input": self.pending_input}
-        tmp = folder / (STATE_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, folder / STATE_FILE)
+        replace_durably(folder / STATE_FILE,
+                        lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     def load_state(self, folder: Path) -> None:
         """Restore the moments saved with the adapter version in ``folder``."""

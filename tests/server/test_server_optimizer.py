@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord
 
 from fedcpt.config import StrategyConfig, load_config
 from fedcpt.exceptions import ConfigError
-from fedcpt.strategies.server_optimizer import STATE_FILE, ServerOptimizer
+from fedcpt.server.steps.server_optimizer import STATE_FILE, ServerOptimizer
 
 KEYS = ("a", "b")
 
@@ -32,9 +32,9 @@ SHIFT2 = {"a": [0.1, 0.4, -0.2], "b": [-0.3, 0.05]}  # round 2's aggregate = x1 
 
 def _two_rounds(opt: ServerOptimizer) -> tuple[dict, dict]:
     """Apply two rounds; returns (x1, x2) as float64 arrays."""
-    x1, _ = opt.apply(1, _rec(X0), _rec(AGG1), client_examples=8)
+    x1 = opt.apply(1, _rec(X0), _rec(AGG1), client_examples=8).arrays
     agg2 = {k: (x1[k].numpy() + np.asarray(SHIFT2[k], np.float32)).tolist() for k in KEYS}
-    x2, _ = opt.apply(2, x1, _rec(agg2), client_examples=8)
+    x2 = opt.apply(2, x1, _rec(agg2), client_examples=8).arrays
     return _np(x1), _np(x2)
 
 
@@ -71,7 +71,7 @@ def test_fedavgm_is_heavy_ball_momentum_on_the_pseudo_gradient():
 
 def test_fedavgm_without_momentum_at_lr_one_is_fedavg():
     opt = ServerOptimizer(_cfg(server_optimizer="fedavgm", server_lr=1.0, server_momentum=0))
-    x1, _ = opt.apply(1, _rec(X0), _rec(AGG1), client_examples=8)
+    x1 = opt.apply(1, _rec(X0), _rec(AGG1), client_examples=8).arrays
     for k in KEYS:
         np.testing.assert_allclose(x1[k].numpy(), AGG1[k], rtol=1e-6)
 
@@ -121,19 +121,19 @@ def test_default_server_lr_depends_on_the_optimiser():
 def test_state_survives_save_and_load(tmp_path, kind):
     cfg = _cfg(server_optimizer=kind, server_lr=0.1)
     original = ServerOptimizer(cfg)
-    x1, _ = original.apply(1, _rec(X0), _rec(AGG1), client_examples=8)
+    x1 = original.apply(1, _rec(X0), _rec(AGG1), client_examples=8).arrays
     original.save_state(tmp_path)
     assert (tmp_path / STATE_FILE).is_file()
     restored = ServerOptimizer(cfg)
     restored.load_state(tmp_path)
     agg2 = _rec({k: (x1[k].numpy() + np.asarray(SHIFT2[k], np.float32)).tolist()
                  for k in KEYS})
-    want, _ = original.apply(2, x1, agg2, client_examples=8)
-    got, _ = restored.apply(2, x1, agg2, client_examples=8)
+    want = original.apply(2, x1, agg2, client_examples=8).arrays
+    got = restored.apply(2, x1, agg2, client_examples=8).arrays
     for k in KEYS:
         np.testing.assert_array_equal(got[k].numpy(), want[k].numpy())
     # a fresh optimiser (no moments) takes a different second step
-    fresh, _ = ServerOptimizer(cfg).apply(2, x1, agg2, client_examples=8)
+    fresh = ServerOptimizer(cfg).apply(2, x1, agg2, client_examples=8).arrays
     assert not np.allclose(fresh["a"].numpy(), want["a"].numpy())
 
 
@@ -152,8 +152,8 @@ def test_a_rejected_round_does_not_enter_the_moments():
     opt = ServerOptimizer(cfg)
     opt.apply(1, _rec(X0), _rec(AGG1), client_examples=8)  # then rejected: x0 stays global
     agg2 = _rec({k: (np.asarray(X0[k]) + np.asarray(SHIFT2[k])).tolist() for k in KEYS})
-    after_reject, _ = opt.apply(2, _rec(X0), agg2, client_examples=8)
-    clean, _ = ServerOptimizer(cfg).apply(2, _rec(X0), agg2, client_examples=8)
+    after_reject = opt.apply(2, _rec(X0), agg2, client_examples=8).arrays
+    clean = ServerOptimizer(cfg).apply(2, _rec(X0), agg2, client_examples=8).arrays
     for k in KEYS:
         np.testing.assert_allclose(after_reject[k].numpy(), clean[k].numpy(), rtol=1e-6)
 

@@ -1,0 +1,92 @@
+"""What a run has learned so far, and ``checkpoint.json``: all ``--resume`` needs to go on
+after the last finished round (written after every round, after that round's version)."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fedcpt.core.durable import write_json
+from fedcpt.core.evaluation import EvalResult
+from fedcpt.server.run_folder import RunFolder
+from fedcpt.strategies.base import SiteEvalReport, SiteTrainReport
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """One round's training as the round loop recorded it."""
+
+    reports: list[SiteTrainReport]
+    failures: list[str]
+    aggregated: bool
+    """Whether the round changed the global adapter."""
+
+
+@dataclass
+class RunState:
+    """Per-round results the summary and the report are built from."""
+
+    run_id: str
+    started: float = field(default_factory=time.time)
+    full_model_bytes: int = 0
+    general: dict[int, EvalResult] = field(default_factory=dict)
+    domain_base: dict[str, float] = field(default_factory=dict)
+    """Each site's base-model domain loss, as it first reported it."""
+    train: dict[int, TrainOutcome] = field(default_factory=dict)
+    evals: dict[int, list[SiteEvalReport]] = field(default_factory=dict)
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Each site's latest cumulative record-level DP accounting."""
+    steps: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def save(self, folder: RunFolder, last_round: int, phase: int,
+             rng: random.Random) -> None:
+        """Write ``checkpoint.json`` after ``last_round`` finished."""
+        write_json(folder.checkpoint, {
+            "last_round": last_round,
+            "phase": phase,
+            "elapsed_s": time.time() - self.started,
+            "full_model_bytes": self.full_model_bytes,
+            # the summary needs only the base and the latest evaluation
+            "general": {r: asdict(self.general[r]) for r in {0, last_round}},
+            "domain_base": self.domain_base,
+            "train": {r: asdict(t) for r, t in self.train.items()},
+            "eval": {r: [asdict(x) for x in reports] for r, reports in self.evals.items()},
+            "privacy": self.privacy,
+            "steps": self.steps,
+            "random_state": _encode_random(rng.getstate()),
+        })
+
+    @classmethod
+    def load(cls, folder: RunFolder, run_id: str,
+             rng: random.Random) -> tuple[RunState, int, int]:
+        """The state saved in ``checkpoint.json``, its last round and phase; restores the
+        sampling ``rng``."""
+        raw = json.loads(folder.checkpoint.read_text())
+        state = cls(
+            run_id=run_id,
+            started=time.time() - raw["elapsed_s"],
+            full_model_bytes=raw["full_model_bytes"],
+            general={int(r): EvalResult(**e) for r, e in raw["general"].items()},
+            domain_base=raw["domain_base"],
+            train={int(r): TrainOutcome([SiteTrainReport(**x) for x in t["reports"]],
+                                        t["failures"], t["aggregated"])
+                   for r, t in raw["train"].items()},
+            evals={int(r): [SiteEvalReport(**x) for x in v] for r, v in raw["eval"].items()},
+            privacy=raw["privacy"],
+            steps={int(r): v for r, v in raw["steps"].items()},
+        )
+        rng.setstate(_decode_random(raw["random_state"]))
+        return state, int(raw["last_round"]), int(raw.get("phase", 0))
+
+
+def _encode_random(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _decode_random(state: list) -> tuple:
+    version, internal, gauss = state
+    return version, tuple(internal), gauss

@@ -1,0 +1,119 @@
+"""The typed rows a run writes, and the one module that writes and reads them:
+:class:`RoundRecord` (one line of ``metrics.jsonl`` per round) and :class:`Summary`
+(``summary.json``). Their JSON field names are the run folder's public format."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from fedcpt.core.durable import write_durably, write_json
+from fedcpt.server.run_folder import RunFolder
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What one round did; round 0 is the starting adapter (evaluated, never trained)."""
+
+    round: int
+    phase: str
+    general_loss: float
+    general_perplexity: float
+    general_ece: float
+    domain_loss: float | None
+    domain_per_site: dict[str, float]
+    domain_ece: float | None
+    aggregated: bool
+    """Whether the round changed the global adapter."""
+    sites_trained: list[str]
+    train_loss: float | None
+    update_norm_per_site: dict[str, float]
+    bytes_up_per_client: int
+    failures: list[str]
+    server_steps: dict[str, dict[str, Any]]
+    elapsed_s: float
+
+    @property
+    def rejected_by_guard(self) -> bool:
+        return bool(self.server_steps.get("regression_guard", {}).get("rejected"))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The run's result; its presence marks a finished run folder."""
+
+    name: str
+    model: str
+    num_sites: int
+    rounds: int
+    rounds_aggregated: int
+    general_loss: dict[str, float]
+    """``base`` and ``final`` held-out general loss (nats/token)."""
+    domain_loss: dict[str, Any]
+    """``base``, ``final`` (token-weighted over sites) and ``per_site`` {base, final}."""
+    forgetting: float
+    forgetting_standard_error: float
+    adaptation: float | None
+    general_ece: dict[str, float]
+    eval_tokens: dict[str, int]
+    bytes_up_per_client_round: int
+    full_model_bytes: int
+    upload_fraction: float | None
+    failures: int
+    wall_time_s: float
+    secagg: dict[str, Any] = field(default_factory=lambda: {"enabled": False})
+    continual: dict[str, Any] | None = None
+    privacy: dict[str, Any] | None = None
+    """Record-level DP (only when it was on)."""
+    privacy_user_level: dict[str, Any] | None = None
+    """Site-level DP (only when it was on)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form; sections that do not apply are left out, not null."""
+        return {k: v for k, v in asdict(self).items()
+                if v is not None or k in {"adaptation", "upload_fraction"}}
+
+
+def append_round(folder: RunFolder, record: RoundRecord) -> None:
+    """Append one round's line to ``metrics.jsonl`` and fsync it."""
+    with open(folder.metrics, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(asdict(record)) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _round(raw: dict[str, Any]) -> RoundRecord:
+    names = {f.name for f in fields(RoundRecord)}
+    return RoundRecord(**{k: v for k, v in raw.items() if k in names})
+
+
+def read_rounds(folder: RunFolder, last: int | None = None) -> list[RoundRecord]:
+    """The rounds in ``metrics.jsonl`` (up to ``last``); a line torn by a kill is skipped."""
+    if not folder.metrics.is_file():
+        return []
+    records = []
+    for line in folder.metrics.read_text(encoding="utf-8").splitlines():
+        try:
+            record = _round(json.loads(line))
+        except (json.JSONDecodeError, TypeError):
+            continue
+        if last is None or record.round <= last:
+            records.append(record)
+    return records
+
+
+def write_rounds(folder: RunFolder, records: list[RoundRecord]) -> None:
+    """Replace ``metrics.jsonl`` with ``records`` (durably)."""
+    write_durably(folder.metrics,
+                  "".join(json.dumps(asdict(r)) + "\n" for r in records).encode("utf-8"))
+
+
+def write_summary(folder: RunFolder, summary: Summary) -> None:
+    write_json(folder.summary, summary.to_dict())
+
+
+def read_summary(folder: RunFolder) -> Summary:
+    raw = json.loads(folder.summary.read_text(encoding="utf-8"))
+    return Summary(**raw)

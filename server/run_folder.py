@@ -1,0 +1,72 @@
+"""Every path of a run folder, named once.
+
+A run folder is finished only when ``summary.json`` exists; it is written last. A run that
+fails leaves ``error.txt`` instead, so nobody mistakes it for a result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The files of one run under ``root``."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def manifest(self) -> Path:
+        """Config, package versions, data hashes, run id (written at the start)."""
+        return self.root / "manifest.json"
+
+    @property
+    def metrics(self) -> Path:
+        """One :class:`~fedcpt.server.records.RoundRecord` per line, round 0 first."""
+        return self.root / "metrics.jsonl"
+
+    @property
+    def checkpoint(self) -> Path:
+        """What ``--resume`` needs after the last finished round."""
+        return self.root / "checkpoint.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def error(self) -> Path:
+        return self.root / "error.txt"
+
+    @property
+    def adapters(self) -> Path:
+        return self.root / "adapters"
+
+    @property
+    def ledgers(self) -> Path:
+        """Simulated sites' privacy ledgers, when the config names no other folder."""
+        return self.root / "ledgers"
+
+    def version(self, server_round: int) -> Path:
+        """The adapter version saved after ``server_round`` (peft format + version.json)."""
+        return self.adapters / f"round-{server_round:03d}"
+
+    def provenance(self, server_round: int) -> Path:
+        """``version.json`` of a version: parent, sites, data hashes, config hash."""
+        return self.version(server_round) / "version.json"
+
+    def plot(self, name: str) -> Path:
+        return self.root / name
+
+    def mark_failed(self, error: BaseException) -> None:
+        """Write ``error.txt``: the folder holds a failed run (no summary.json follows)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.error.write_text(f"{type(error).__name__}: {error}\n", encoding="utf-8")

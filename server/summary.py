@@ -1,0 +1,109 @@
+"""The run's :class:`~fedcpt.server.records.Summary`, built from what its rounds recorded."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+from fedcpt.config import RunConfig
+from fedcpt.core.evaluation import paired_standard_error
+from fedcpt.exceptions import FedcptError
+from fedcpt.privacy.secagg.params import MODULUS, SecAggParams
+from fedcpt.privacy.user_level import user_level_epsilon
+from fedcpt.server.checkpoint import RunState
+from fedcpt.server.continual import continual_metrics
+from fedcpt.server.records import RoundRecord, Summary
+
+
+def weighted_mean(pairs: list[tuple[float, int]]) -> float | None:
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
+
+
+def secagg_summary(cfg: RunConfig) -> dict[str, Any]:
+    """Whether the server saw only sums, and the SecAgg+ parameters of a full round."""
+    if not cfg.secagg.enabled:
+        return {"enabled": False}
+    params = SecAggParams.for_round(cfg, cfg.sites_per_round)
+    return {"enabled": True, "protocol": "SecAgg+ (Bell et al. 2020)", **asdict(params),
+            "modulus": MODULUS}
+
+
+def privacy_summary(cfg: RunConfig, latest: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Per-site record-level (ε, δ) as the sites last reported them, and the federation's."""
+    sites = {
+        site: {
+            "epsilon": p["epsilon"],
+            "epsilon_rdp": p["epsilon-rdp"],
+            "delta": p["delta"],
+            "steps": int(p["dp-steps"]),
+            "noise_multiplier": p["noise-multiplier"],
+            "sample_rate": p["sample-rate"],
+        }
+        for site, p in sorted(latest.items())
+    }
+    return {
+        "sites": sites,
+        "max_epsilon": max((v["epsilon"] for v in sites.values()), default=0.0),
+        "max_delta": max((v["delta"] for v in sites.values()), default=0.0),
+        "accountant": cfg.privacy.accountant,
+        "target_epsilon": cfg.privacy.target_epsilon,
+        "level": "record",
+        "ledger_dir": cfg.privacy.ledger_dir,
+    }
+
+
+def user_level_summary(cfg: RunConfig, rounds: int) -> dict[str, Any]:
+    """Site-level (ε, δ) after ``rounds`` noisy releases."""
+    return {
+        "epsilon": user_level_epsilon(cfg.privacy, rounds),
+        "delta": cfg.privacy.user_delta,
+        "noise_multiplier": cfg.privacy.user_noise_multiplier,
+        "clipping_norm": cfg.privacy.user_clipping_norm,
+        "rounds": rounds,
+        "accountant": "rdp (no sampling amplification)",
+    }
+
+
+def build_summary(cfg: RunConfig, state: RunState, rows: list[RoundRecord]) -> Summary:
+    """The summary of a run; FedcptError if no round was aggregated (no result)."""
+    last = max(state.general)
+    aggregated = sum(1 for t in state.train.values() if t.aggregated)
+    if aggregated == 0:
+        first = next((f for t in state.train.values() for f in t.failures), "no replies")
+        raise FedcptError(f"no round was aggregated (first failure: {first})")
+    with_evals = [r for r, reports in state.evals.items() if reports]
+    final_evals = state.evals[max(with_evals)] if with_evals else []
+    per_site = {r.site: {"base": r.base_loss, "final": r.loss} for r in final_evals}
+    domain_base = weighted_mean([(r.base_loss, r.tokens) for r in final_evals])
+    domain_final = weighted_mean([(r.loss, r.tokens) for r in final_evals])
+    base, final = state.general[0], state.general[last]
+    uploads = [r.bytes_up_per_client for r in rows if r.bytes_up_per_client]
+    bytes_up = max(uploads) if uploads else 0
+    return Summary(
+        name=cfg.name,
+        model=cfg.model.name,
+        num_sites=len(cfg.sites),
+        rounds=last,
+        rounds_aggregated=aggregated,
+        general_loss={"base": base.loss, "final": final.loss},
+        domain_loss={"base": domain_base, "final": domain_final, "per_site": per_site},
+        forgetting=final.loss - base.loss,
+        forgetting_standard_error=paired_standard_error(base.block_losses,
+                                                        final.block_losses),
+        adaptation=(domain_base - domain_final) if final_evals else None,
+        general_ece={"base": base.ece, "final": final.ece},
+        eval_tokens={"general": final.tokens,
+                     "domain_per_site": final_evals[0].tokens if final_evals else 0},
+        bytes_up_per_client_round=bytes_up,
+        full_model_bytes=state.full_model_bytes,
+        upload_fraction=bytes_up / state.full_model_bytes if state.full_model_bytes else None,
+        failures=sum(len(t.failures) for t in state.train.values()),
+        wall_time_s=time.time() - state.started,
+        secagg=secagg_summary(cfg),
+        continual=(continual_metrics(cfg, state.evals, {r.round: r.general_loss for r in rows})
+                   if cfg.phases else None),
+        privacy=privacy_summary(cfg, state.privacy) if cfg.privacy.enabled else None,
+        privacy_user_level=user_level_summary(cfg, last) if cfg.privacy.user_level else None,
+    )
