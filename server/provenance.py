@@ -11,9 +11,9 @@ from importlib import metadata
 from typing import Any
 
 from fedcpt.config import RunConfig
+from fedcpt.core.builtin_sources import fingerprint, is_builtin
 from fedcpt.core.data import expand_source
 from fedcpt.core.durable import write_json
-from fedcpt.core.sources import fingerprint, is_builtin
 from fedcpt.exceptions import DataError
 from fedcpt.server.records import RoundRecord
 from fedcpt.server.run_folder import RunFolder

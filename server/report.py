@@ -50,7 +50,7 @@ def _plot_domain(folder: RunFolder, rows: list[RoundRecord], base: dict[str, flo
 def privacy_lines(privacy: dict[str, Any]) -> list[str]:
     return [
         "", "## Privacy", "", STATEMENT, "",
-        f"Federation record-level ε = **{privacy['max_epsilon']:.3f}** at δ ≤ "
+        f"Federation unit-level ε = **{privacy['max_epsilon']:.3f}** at δ ≤ "
         f"{privacy['max_delta']:.3g} ({privacy['accountant'].upper()}; budget "
         f"{privacy['target_epsilon']} per site).", "",
         *site_table(privacy["sites"]),
@@ -224,7 +224,7 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
                   f"{who}: "
                   f"site-level ε = **{u['epsilon']:.3f}** at δ = {u['delta']:g} after "
                   f"{u['rounds']} rounds ({u['accountant']}). This is separate from, and "
-                  "does not combine with, the record-level ε above."]
+                  "does not combine with, the unit-level ε above."]
     lines += [
         "",
         "## Communication",

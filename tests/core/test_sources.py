@@ -7,8 +7,8 @@ import re
 
 import pytest
 
+from fedcpt.core.builtin_sources import BUILTIN_SOURCES, SOURCE_CHARS, builtin_texts, is_builtin
 from fedcpt.core.data import read_texts
-from fedcpt.core.sources import BUILTIN_SOURCES, SOURCE_CHARS, builtin_texts, is_builtin
 from fedcpt.exceptions import DataError
 
 # what each register's text must look like, in most of its texts

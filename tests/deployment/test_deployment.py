@@ -28,7 +28,8 @@ def site_paths(sites_config: Path) -> dict[str, str]:
 
 
 def node_config(site: str, data_path: str, ledger_dir: Path, extra: str = "") -> str:
-    return (f'site-name="{site}" data-path="{data_path}" '
+    # each test site is one generated text file: its privacy unit is a passage
+    return (f'site-name="{site}" data-path="{data_path}" privacy-unit="passage" '
             f'ledger-path="{ledger_dir / f"{site}.ledger.json"}" {extra}').strip()
 
 
