@@ -13,12 +13,17 @@ from fedcpt.client.site import open_ledger, policy_for, require_dp, resolve_site
 from fedcpt.client.update_cache import (
     StoredUpdate,
     UpdateCache,
-    arrays_digest,
     reusable_update,
 )
 from fedcpt.config import RunConfig, SiteConfig
 from fedcpt.core import protocol as p
-from fedcpt.core.adapters import adapter_state, check_update, from_arrays, to_arrays
+from fedcpt.core.adapters import (
+    adapter_state,
+    arrays_digest,
+    check_update,
+    from_arrays,
+    to_arrays,
+)
 from fedcpt.core.data import TokenBlocks
 from fedcpt.core.model import AdaptedModel
 from fedcpt.core.training import Anchor, TrainResult, train_adapter

@@ -35,8 +35,9 @@ from flwr.app import Array, ArrayRecord
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
+from fedcpt.core.adapters import arrays_digest
+from fedcpt.core.durable import write_durably
 from fedcpt.exceptions import FedcptError
-from fedcpt.privacy.durable import write_durably
 from fedcpt.privacy.ledger import PrivacyLedger, SiteRefused
 
 log = logging.getLogger(__name__)
@@ -61,16 +62,6 @@ class StoredUpdate:
     noise_multiplier: float
     sample_rate: float
     steps: int
-
-
-def arrays_digest(arrays: ArrayRecord) -> str:
-    """SHA-256 over the tensors' names, dtypes, shapes and bytes (in key order)."""
-    h = hashlib.sha256()
-    for key in sorted(arrays.keys()):
-        value = np.ascontiguousarray(arrays[key].numpy())
-        h.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
-        h.update(value.tobytes())
-    return h.hexdigest()
 
 
 class UpdateCache:

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedcpt.core.data import HeldoutRule, heldout_by_hash, unit_digest
+from fedcpt.core.durable import write_durably
 from fedcpt.exceptions import FedcptError
-from fedcpt.privacy.durable import write_durably
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedcpt.core.durable import write_durably
 from fedcpt.exceptions import FedcptError
 from fedcpt.privacy.accounting import Step, epsilon
-from fedcpt.privacy.durable import write_durably
 
 log = logging.getLogger(__name__)
 

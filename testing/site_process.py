@@ -32,8 +32,8 @@ import fedcpt.client.update_cache as update_cache
 import fedcpt.privacy.ledger as ledger_module
 from fedcpt.config import RunConfig
 from fedcpt.core import protocol as p
+from fedcpt.core.durable import write_durably
 from fedcpt.core.model import load_adapted_model
-from fedcpt.privacy.durable import write_durably
 from fedcpt.testing.site_round import site_context, task_identity, train_message
 
 log = logging.getLogger("fedcpt.testing.site_process")

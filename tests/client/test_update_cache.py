@@ -11,10 +11,10 @@ import fedcpt.client.train_step as train_step
 from fedcpt.client.update_cache import (
     StoredUpdate,
     UpdateCache,
-    arrays_digest,
     reusable_update,
 )
 from fedcpt.config import load_config
+from fedcpt.core.adapters import arrays_digest
 from fedcpt.core.model import load_adapted_model
 from fedcpt.privacy.ledger import LedgerError, PrivacyLedger, SiteRefused
 from fedcpt.testing.site_round import site_context, task_identity, train_message
