@@ -2,14 +2,14 @@
 
 Each site's adapter update is clipped to ``user_clipping_norm`` at the site (Flower's
 ``fixedclipping_mod``, asked for by :func:`clipping_config`) and the round loop adds
-Gaussian noise of std σ·C/n to the average of the n sampled sites (:func:`add_site_noise`,
-Flower's own noise helpers, as its ``DifferentialPrivacyClientSideFixedClipping`` does;
-McMahan et al., 2018, https://arxiv.org/abs/1710.06963), before any server step, so every
-step is post-processing. As in Flower's wrapper, a round in which a sampled site answered
-with an error is not released. This protects a whole site's contribution, not just a
-record, and is reported separately from record-level ε, computed here with RDP and no
-sampling amplification (every released round counts as a full Gaussian release), which
-can only over-report.
+Gaussian noise of std σ·C/n to the average of the n updates it actually averaged
+(:func:`add_site_noise`, with Flower's own noise helpers; McMahan et al., 2018,
+https://arxiv.org/abs/1710.06963), before any server step, so every step is
+post-processing. A site that is silent or rejected shrinks n and so raises the noise; a
+round in which a sampled site answered with an error is not released. This protects a
+whole site's contribution, not just one unit, and is reported separately from unit-level
+ε, computed here with RDP and no sampling amplification (every released round counts as a
+full Gaussian release), which can only over-report.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ def clipping_config(config: ConfigRecord, privacy: PrivacyConfig) -> ConfigRecor
 
 
 def add_site_noise(arrays: ArrayRecord, privacy: PrivacyConfig,
-                   sites_per_round: int) -> ArrayRecord:
-    """The average of ``sites_per_round`` clipped updates plus Gaussian noise σ·C/n."""
+                   n_averaged: int) -> ArrayRecord:
+    """The average of ``n_averaged`` clipped updates plus Gaussian noise σ·C/n."""
     ndarrays = arrays.to_numpy_ndarrays()
     std = compute_stdv(privacy.user_noise_multiplier, privacy.user_clipping_norm,
-                       sites_per_round)
+                       n_averaged)
     add_gaussian_noise_inplace(ndarrays, std)
     log.info("site-level DP: Gaussian noise with std %.4g added to the average", std)
     return ArrayRecord({k: Array(v) for k, v in zip(arrays.keys(), ndarrays, strict=True)})

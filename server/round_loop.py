@@ -203,7 +203,9 @@ def train_attempt(fed: Federation, server_round: int, global_arrays: ArrayRecord
         return Attempt(None, collected, failures)
     failures += secagg.failures if secagg else []
     if fed.cfg.privacy.user_level and secagg is None:  # under SecAgg the sites added it
-        aggregate = add_site_noise(aggregate, fed.cfg.privacy, n_train)
+        # Calibrated to the updates actually averaged: a silent or rejected site shrinks
+        # n, and the noise on the mean (σ·C/n) grows with it.
+        aggregate = add_site_noise(aggregate, fed.cfg.privacy, len(records))
     return Attempt(aggregate, collected, failures)
 
 

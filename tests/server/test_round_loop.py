@@ -231,6 +231,19 @@ def test_site_level_dp_does_not_release_a_round_in_which_a_site_failed(committed
     assert not aggregated and "site-level DP" in failures[-1]
 
 
+def test_site_level_dp_noise_follows_the_sites_averaged_when_one_is_silent(committed):
+    """One of three sites never replies: the mean is over two planted zero updates, so the
+    noise must be σ·C/2, not the σ·C/3 sized for the sites sampled (that would under-report ε)."""
+    privacy = PrivacyConfig(user_level=True, user_clipping_norm=0.5,
+                            user_noise_multiplier=2.0)
+    grid = SiteGrid(lambda m, _: None if m.metadata.dst_node_id == 13 else _update(m, 0.0))
+    fed = _federation(grid, privacy=privacy, min_sites=2)
+    np.random.seed(0)
+    new = run_round(fed, 1, _arrays(0.0))
+    noise = np.concatenate([new[k].numpy().ravel() for k in SHAPES])
+    assert noise.std() == pytest.approx(2.0 * 0.5 / 2, rel=0.15)  # σ·C/n, n = 2 averaged
+
+
 def test_phases_train_their_own_sites_and_evaluate_every_site(committed, monkeypatch):
     monkeypatch.setattr(round_loop, "discover_sites", lambda *a, **k: dict(NODES))
     grid = SiteGrid(lambda m, _: _update(m, 1.0))
