@@ -34,6 +34,10 @@ class RoundRecord:
     failures: list[str]
     server_steps: dict[str, dict[str, Any]]
     elapsed_s: float
+    update_norm: float | None = None
+    """L2 norm of the round's global update (None: the round did not aggregate)."""
+    drift: dict[str, Any] = field(default_factory=dict)
+    """The drift monitor's signals, flags and rollback (:mod:`fedcpt.server.drift`)."""
 
     @property
     def rejected_by_guard(self) -> bool:

@@ -75,6 +75,9 @@ def round_flags(rows: list[RoundRecord]) -> list[list[str]]:
         norms += list(r.update_norm_per_site.values())
         if r.rejected_by_guard:
             f.append("rejected by regression guard")
+        f += r.drift.get("flags", [])
+        if r.drift.get("rolled_back_to") is not None:
+            f.append(f"rolled back to version {r.drift['rolled_back_to']}")
         flags.append(f)
     return flags
 
@@ -125,6 +128,26 @@ def continual_lines(c: dict[str, Any]) -> list[str]:
             f"{n} {_signed(v)}" for n, v in zip(names, c["general_forgetting"], strict=True))
         + " nats.",
     ]
+    return lines
+
+
+def drift_lines(rows: list[RoundRecord], cfg: RunConfig) -> list[str]:
+    """The drift signals per round and the rollbacks they triggered."""
+    signals = [r for r in rows if r.drift]
+    if not signals:
+        return []
+    m = cfg.monitor
+    lines = ["", "## Drift", "",
+             f"Global update norm against the median of the last {m.window} good rounds "
+             f"(threshold {m.update_drift or 'off'}), general loss against their lowest "
+             f"(threshold {m.general_loss_drift or 'off'} nats); action: {m.action}.", "",
+             "| round | update norm | × median | general loss rise | flagged | rolled back to |",
+             "|---|---|---|---|---|---|"]
+    for r in signals:
+        d = r.drift
+        lines.append(f"| {r.round} | {_fmt(r.update_norm, 3)} | {_fmt(d['update_ratio'], 2)} "
+                     f"| {_signed(d['general_loss_rise'])} | {'yes' if d['flags'] else '—'} | "
+                     f"{'—' if d['rolled_back_to'] is None else d['rolled_back_to']} |")
     return lines
 
 
@@ -183,6 +206,7 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
             f"| {r.round} | {r.general_loss:.4f} | {_fmt(r.domain_loss)} | "
             f"{_fmt(r.train_loss)} | {len(r.sites_trained)} | {len(r.failures)} | "
             f"{_steps(r.server_steps)} | {', '.join(flags) or '—'} | {r.elapsed_s:.0f} |")
+    lines += drift_lines(rows, cfg)
     if s.continual is not None:
         lines += continual_lines(s.continual)
     failures = [f for r in rows for f in r.failures]
