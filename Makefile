@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 # requirement would pull a multi-GB CUDA build. Override: make TORCH_SPEC=torch demo
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-slow lint install clean
+.PHONY: demo test test-slow lint install clean flwr-smoke
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/fedcpt simulate shakespeare
+
+# Flower's own CLI on the installed environment: no uv sync, no download (see README).
+flwr-smoke: install
+	FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
+		$(VENV)/bin/flwr run . local --run-config 'scenario="smoke"' \
+		--federation-config 'num-supernodes=3' --stream
 
 lint: install
 	$(VENV)/bin/ruff check .

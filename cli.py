@@ -19,13 +19,70 @@ console = Console(stderr=True)
 log = logging.getLogger("fedcpt")
 
 
-def _setup_logging(verbose: bool) -> None:
+CHATTER = ("flwr", "ray", "transformers", "urllib3", "filelock", "huggingface_hub")
+"""Loggers whose lines go to run.log only (``--verbose`` shows them); their warnings and
+Python's FutureWarnings are chatter too, fedcpt's own warnings never are."""
+
+
+def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
+    """fedcpt's INFO (only WARNING with a ``log_file``: the live view shows progress) to
+    the screen, with ``--verbose`` everything; with ``log_file``, all of it to that file."""
     handler = RichHandler(console=console, show_path=False, markup=False)
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s",
+    handler.setLevel(logging.DEBUG if verbose else
+                     logging.WARNING if log_file is not None else logging.INFO)
+    if not verbose:
+        handler.addFilter(lambda record: record.name.split(".")[0] == "fedcpt")
+    handlers: list[logging.Handler] = [handler]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(log_file, encoding="utf-8")
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: "
+                                               "%(message)s"))
+        handlers.append(to_file)
+    logging.basicConfig(level=logging.INFO, handlers=handlers, format="%(message)s",
                         force=True)
+    logging.captureWarnings(True)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    # Flower logs through its own console handler; keep its lines from printing twice.
-    logging.getLogger("flwr").propagate = False
+    for name in CHATTER:
+        chatter = logging.getLogger(name)
+        chatter.handlers.clear()  # Flower's own console handler would print it a second time
+        chatter.propagate = True
+    if not verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def _drop_if_only_log(run_dir: Path) -> None:
+    """Bad input found before the run began leaves no run folder (only its log was there)."""
+    if run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == ["run.log"]:
+        logging.shutdown()  # close the file handler before removing its file
+        (run_dir / "run.log").unlink()
+        run_dir.rmdir()
+
+
+def _print_summary(summary: dict, run_dir: Path) -> None:
+    from rich.table import Table
+
+    def nats(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:+.4f} nats"
+
+    table = Table(title="Run finished", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    general = summary.get("general_loss") or {}
+    if general:
+        table.add_row("general loss", f"{general.get('base', float('nan')):.4f} → "
+                                      f"{general.get('final', float('nan')):.4f}")
+    table.add_row("forgetting", nats(summary.get("forgetting")))
+    table.add_row("adaptation", nats(summary.get("adaptation")))
+    epsilon = (summary.get("privacy") or {}).get("max_epsilon")
+    if epsilon is not None:
+        table.add_row("ε spent (max over sites)", f"{epsilon:.3f}")
+    table.add_row("wall time", f"{summary.get('wall_time_s', 0):.0f} s")
+    table.add_row("report", str(run_dir / "report.md"))
+    table.add_row("full log", str(run_dir / "run.log"))
+    console.print(table)
 
 
 @cli.command()
@@ -43,10 +100,11 @@ def simulate(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a federated continual-pretraining simulation and write its report."""
-    _setup_logging(verbose)
     from fedcpt.config import load_config
+    from fedcpt.core.progress import ProgressEvent
     from fedcpt.server.app import new_run_dir
     from fedcpt.server.versions import resumable_config
+    from fedcpt.simulations.live_view import LiveView
     from fedcpt.simulations.runner import simulate as run
 
     if resume is not None:
@@ -57,12 +115,19 @@ def simulate(
     else:
         cfg = load_config(scenario=scenario, config_file=config, overrides=overrides)
         run_dir = new_run_dir("runs", cfg.name, exact=out)
-    summary = run(cfg, run_dir, resume=resume is not None)
-    adaptation = summary["adaptation"]
-    console.print(
-        f"[bold green]done[/] forgetting {summary['forgetting']:+.4f} nats, adaptation "
-        f"{'n/a' if adaptation is None else f'{adaptation:+.4f}'} nats in "
-        f"{summary['wall_time_s']:.0f}s")
+    _setup_logging(verbose, run_dir / "run.log")
+    log.info("config: %s", cfg.to_json())
+    console.print(f"[bold]{cfg.name}[/]: {len(cfg.sites)} sites, {cfg.federation.rounds} "
+                  f"rounds, model {cfg.model.name}; run folder {run_dir}", highlight=False)
+    try:
+        with LiveView(console, verbose) as view:
+            view.state.apply(ProgressEvent("run", {"rounds": cfg.federation.rounds,
+                                                   "sites": [s.name for s in cfg.sites]}))
+            summary = run(cfg, run_dir, resume=resume is not None, on_line=view.feed)
+    except FedcptError:
+        _drop_if_only_log(run_dir)
+        raise
+    _print_summary(summary, run_dir)
     print(run_dir / "report.md")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -43,3 +44,56 @@ def write(out: Path, payload: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
     print(json.dumps(payload, indent=2))
+
+
+# FP32 FLOPs per cycle per core of the widest vector unit torch dispatches to: two FMA
+# pipes × lanes × 2 (multiply + add). AVX2: 2 × 8 × 2; AVX-512 (two 512-bit FMA pipes, as on
+# Xeon Scalable; Zen 4 runs 512-bit ops on 256-bit pipes, so it counts as AVX2 here).
+_FP32_FLOPS_PER_CYCLE = {"AVX2": 32, "AVX512": 64, "DEFAULT": 16}
+
+
+def cpu_class() -> dict:
+    """What the step runs on: vendor/model string, vector ISA, bf16 matrix units, clock."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    isa = torch.backends.cpu.get_cpu_capability()
+    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    vendor = fields.get("vendor_id", platform.processor())
+    return {
+        "model": fields.get("model name", platform.machine()),
+        "vendor": vendor,
+        "isa": isa,
+        "amx_bf16": amx,
+        "mhz": float(fields.get("cpu MHz", "nan")),
+        "class": "AMX bf16" if amx else f"{'AVX-512' if isa == 'AVX512' else 'AVX2'} fp32",
+    }
+
+
+def peak_fp32_flops(threads: int, cpu: dict) -> tuple[float, str]:
+    """Peak fp32 FLOP/s for ``threads`` cores, and how it was derived."""
+    isa = cpu["isa"]
+    if isa == "AVX512" and cpu["vendor"] == "AuthenticAMD":
+        isa = "AVX2"  # Zen 4: 512-bit instructions, 256-bit FMA datapath
+    per_cycle = _FP32_FLOPS_PER_CYCLE.get(isa, _FP32_FLOPS_PER_CYCLE["DEFAULT"])
+    peak = threads * per_cycle * cpu["mhz"] * 1e6
+    return peak, (f"{threads} core(s) × {per_cycle} fp32 FLOP/cycle ({isa}: 2 FMA pipes × "
+                  f"lanes × 2) × {cpu['mhz']:.0f} MHz (/proc/cpuinfo; turbo not counted)")
+
+
+def measured_sgemm_flops(threads: int, n: int = 1536, repeats: int = 5) -> float:
+    """FLOP/s of a square fp32 matmul at ``threads`` threads: what BLAS attains here
+    (timed in process CPU time with one thread, so other processes do not count)."""
+    torch.set_num_threads(threads)
+    clock = time.process_time if threads == 1 else time.perf_counter
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = clock()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (clock() - start)
+
+
+def load_average() -> float:
+    """1-minute load average: how shared the CPU was while measuring."""
+    return os.getloadavg()[0]

@@ -191,8 +191,9 @@ def load_adapted_model(model_cfg: ModelConfig, lora: LoraSettings, seed: int) ->
     peft_model = attach_lora(base, lora, seed)
     peft_model.to(device)
     dtype = resolve_autocast(model_cfg, device)
-    log.info("Loaded %s on %s (%s), %d trainable of %d parameters", model_cfg.name, device,
-             "bf16 autocast" if dtype else "fp32", *_param_counts(peft_model))
+    log.info("Loaded %s on %s (%s, %d torch threads), %d trainable of %d parameters",
+             model_cfg.name, device, "bf16 autocast" if dtype else "fp32",
+             torch.get_num_threads(), *_param_counts(peft_model))
     return AdaptedModel(peft_model, tokenizer, device, dtype)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from fedcpt.config import TrainConfig
+from fedcpt.core.lm_loss import next_token_loss
 from fedcpt.core.model import AdaptedModel
 
 
@@ -88,7 +89,7 @@ def train_adapter(
         idx = torch.randint(len(blocks), (train.batch_size,), generator=generator)
         batch = blocks[idx].to(lm.device)  # (B, T)
         with lm.autocast():
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = next_token_loss(model, batch)
         loss.backward()
         if train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)

@@ -18,6 +18,7 @@ from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedcpt.config import PrivacyConfig, TrainConfig
+from fedcpt.core.lm_loss import next_token_loss
 from fedcpt.core.model import AdaptedModel
 from fedcpt.core.training import Anchor, TrainResult
 
@@ -83,7 +84,8 @@ def train_adapter_dp(
                 continue
             batch = batch.to(lm.device)  # (B, T), B varies under Poisson sampling
             with lm.autocast():
-                loss = dp_model(input_ids=batch, labels=batch).loss
+                # The decoder's LoRA layers carry Opacus' hooks; the head is frozen.
+                loss = next_token_loss(model, batch)
             loss.backward()
             dp_optimizer.step()
             dp_optimizer.zero_grad(set_to_none=True)

@@ -26,6 +26,7 @@ from fedcpt.core import protocol
 from fedcpt.core.adapters import load_version
 from fedcpt.core.data import load_blocks, spread
 from fedcpt.core.model import AdaptedModel, load_adapted_model, load_tokenizer
+from fedcpt.core.progress import stream_plain_lines
 from fedcpt.exceptions import ConfigError
 from fedcpt.server.fisher import FisherForSites
 from fedcpt.server.recorder import RunRecorder
@@ -186,7 +187,12 @@ def main(grid: Grid, context: Context) -> None:
     ``resume`` names an interrupted run folder to continue.
 
     Secure aggregation is on unless the config turns it off (``secagg.mode = off``)."""
+    stream_plain_lines()
     rc = context.run_config
+    if str(rc.get("config-json", "")):  # from `fedcpt simulate`: validated, exact folder
+        cfg = RunConfig.from_json(Path(str(rc["config-json"])).read_text(encoding="utf-8"))
+        run_federation(grid, cfg, Path(str(rc["run-dir"])))
+        return
     if str(rc.get("resume", "")):
         run_dir = Path(str(rc["resume"]))
         run_federation(grid, resumable_config(run_dir), run_dir, resume=True)
@@ -197,14 +203,3 @@ def main(grid: Grid, context: Context) -> None:
         overrides=shlex.split(str(rc.get("set", ""))),
     ).with_secagg_resolved(deployment=True)
     run_federation(grid, cfg, new_run_dir(str(rc.get("out-dir", "runs")), cfg.name))
-
-
-def make_server_app(cfg: RunConfig, run_dir: Path, resume: bool = False) -> ServerApp:
-    """A ServerApp bound to an already-validated config (used by ``fedcpt simulate``)."""
-    server = ServerApp()
-
-    @server.main()
-    def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, run_dir, resume)
-
-    return server

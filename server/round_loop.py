@@ -39,6 +39,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedcpt.config import Phase, RunConfig
+from fedcpt.core import progress
 from fedcpt.core import protocol as p
 from fedcpt.core.adapters import load_adapter, load_version, update_norm
 from fedcpt.core.evaluation import evaluate_blocks
@@ -170,6 +171,7 @@ def train_attempt(fed: Federation, server_round: int, global_arrays: ArrayRecord
     n_train = fed.cfg.federation.sites_per_round or (
         len(fed.cfg.sites) if pool is None else len(pool))
     nodes = sample_nodes(fed.grid, n_train, fed.rng, pool)
+    progress.emit("round", round=server_round, state="training", sites=len(nodes))
     failures: list[str] = []
     secagg: SecAggRound | None = None
     if isinstance(aggregator, SecAggFedAvg):  # SecAgg+ stages 1–2 before training
@@ -181,6 +183,7 @@ def train_attempt(fed: Federation, server_round: int, global_arrays: ArrayRecord
         messages = messages_to(nodes, content, MessageType.TRAIN)
     replies = fed.grid.send_and_receive(messages, timeout=timeout) if messages else []
     collected = collect_train(server_round, replies, set(nodes), aggregator, global_arrays)
+    _emit_sites(server_round, collected)
     failures += collected.failures
     if len(collected.accepted) < fed.cfg.federation.min_sites:
         failures.append(f"{len(collected.accepted)} valid updates, fewer than "
@@ -239,8 +242,19 @@ def apply_steps(steps: list[ServerStep], server_round: int, global_arrays: Array
     return arrays, True, details
 
 
+def _emit_sites(server_round: int, collected: Collected) -> None:
+    """Each sampled site's outcome as a progress line (the live view's rows)."""
+    for report in collected.reports:
+        progress.emit("site", round=server_round, site=report.site, state="done",
+                      loss=report.train_loss, epsilon=report.privacy.get("epsilon"))
+    for failure in collected.failures:
+        progress.emit("site", round=server_round, site=failure.split(":", 1)[0],
+                      state="failed")
+
+
 def evaluate_sites(fed: Federation, server_round: int, arrays: ArrayRecord) -> None:
     """Every (or ``eval_sites_per_round``) site's held-out domain loss of ``arrays``."""
+    progress.emit("round", round=server_round, state="evaluating")
     n_eval = fed.cfg.federation.eval_sites_per_round or len(fed.cfg.sites)
     nodes = sample_nodes(fed.grid, n_eval, fed.rng)
     content = request(arrays, fed.config, server_round)
@@ -266,6 +280,7 @@ def commit(fed: Federation, server_round: int, arrays: ArrayRecord,
             general = evaluate_blocks(fed.lm, fed.general, fed.cfg.train.eval_batch_size)
     stateful = [s for s in fed.steps if isinstance(s, StatefulStep)]
     fed.recorder.commit(server_round, general, fed.lm, stateful, fed.rng)
+    progress.emit("round", round=server_round, state="done", general_loss=general.loss)
     return arrays
 
 

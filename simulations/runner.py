@@ -1,4 +1,4 @@
-"""Run a configured federation on Flower's Simulation Engine (Ray backend).
+"""Run a configured federation on Flower's Simulation Engine (Ray backend) via ``flwr run``.
 
 ``simulate`` checks everything it can before Ray starts (config, model, every site's data,
 the general data), so bad input fails in seconds with one clear error and no run folder.
@@ -9,19 +9,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from flwr.simulation import run_simulation
-
-from fedcpt.client.app import app as client_app
 from fedcpt.client.site import open_ledger
 from fedcpt.config import RunConfig
 from fedcpt.core.adapters import load_version
 from fedcpt.core.data import TokenBlocks, load_blocks
 from fedcpt.core.model import load_adapted_model
-from fedcpt.exceptions import FedcptError
+from fedcpt.exceptions import ConfigError, FedcptError
 from fedcpt.privacy.plan import SitePlan, plan_run
-from fedcpt.server.app import general_eval_blocks, make_server_app, with_default_ledger_dir
+from fedcpt.server.app import general_eval_blocks, with_default_ledger_dir
+from fedcpt.simulations.superlink import LocalSuperLink
 
 log = logging.getLogger(__name__)
 
@@ -57,34 +57,60 @@ def preflight(cfg: RunConfig, run_id: str = "") -> list[SitePlan]:
     return plans
 
 
-def backend_config(cfg: RunConfig) -> dict:
+def _whole(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def federation_config(cfg: RunConfig) -> dict:
+    """``flwr run --federation-config`` for ``cfg``: one SuperNode per site, Ray resources."""
     sim = cfg.simulation
-    init_args: dict = {}
     if sim.ray_address:
-        init_args["address"] = sim.ray_address
-    else:
-        init_args["num_cpus"] = sim.num_cpus or len(os.sched_getaffinity(0))
+        raise ConfigError("simulation.ray_address: flwr run's simulation SuperLink starts its "
+                          "own Ray runtime; remove the setting")
     return {
-        "client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": sim.gpus_per_client},
-        "init_args": init_args,
+        "num-supernodes": len(cfg.sites),
+        # Flower's parser wants whole CPUs as an int (1, not 1.0)
+        "client-resources-num-cpus": _whole(sim.cpus_per_client),
+        "client-resources-num-gpus": _whole(sim.gpus_per_client),
+        "init-args-num-cpus": sim.num_cpus or len(os.sched_getaffinity(0)),
     }
 
 
-def simulate(cfg: RunConfig, run_dir: Path, resume: bool = False) -> dict:
+def simulate(cfg: RunConfig, run_dir: Path, resume: bool = False,
+             on_line: Callable[[str], None] | None = None) -> dict:
     """Run ``cfg`` with one simulated SuperNode per site; returns the run summary.
 
-    ``resume`` continues the interrupted run in ``run_dir`` (see :func:`run_federation`).
-    Secure aggregation runs only when ``secagg.mode = "on"``."""
+    The run goes through Flower's supported path (:mod:`fedcpt.simulations.superlink`):
+    a private simulation SuperLink and ``flwr run`` of this package's ServerApp and
+    ClientApp. Every streamed log line is written to ``run.log`` in the run folder and
+    passed to ``on_line``. ``resume`` continues the interrupted run in ``run_dir`` (see
+    :func:`run_federation`). Secure aggregation runs only when ``secagg.mode = "on"``."""
     cfg = with_default_ledger_dir(cfg.with_secagg_resolved(deployment=False), run_dir)
     run_id = json.loads((run_dir / "manifest.json").read_text())["run_id"] if resume else ""
     preflight(cfg, run_id)
-    server_app = make_server_app(cfg, run_dir, resume)
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
     log.info("Simulating %d sites for %d rounds; outputs in %s", len(cfg.sites),
              cfg.federation.rounds, run_dir)
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(cfg.sites),
-                   backend_config=backend_config(cfg))
+    with tempfile.TemporaryDirectory(prefix="fedcpt-flwr-") as home, \
+            open(run_dir / "run.log", "a", encoding="utf-8") as run_log:
+        if resume:
+            run_config = {"resume": str(run_dir)}
+        else:  # the validated config and the exact folder, for the ServerApp's process
+            config_json = Path(home) / "config.json"
+            config_json.write_text(cfg.to_json(), encoding="utf-8")
+            run_config = {"config-json": str(config_json), "run-dir": str(run_dir)}
+
+        def record(line: str) -> None:
+            run_log.write(line + "\n")
+            run_log.flush()
+            if on_line is not None:
+                on_line(line)
+
+        with LocalSuperLink(Path(home) / "flwr-home") as superlink:
+            status = superlink.run(run_config, federation_config(cfg), record)
     summary = run_dir / "summary.json"
-    if not summary.is_file():
-        raise FedcptError(f"the simulation ended without a result; see {run_dir}/error.txt "
-                          "and the log above")
+    if status != 0 or not summary.is_file():
+        raise FedcptError(f"the simulation ended without a result (flwr run exit {status}); "
+                          f"see {run_dir}/run.log and {run_dir}/error.txt")
     return json.loads(summary.read_text())

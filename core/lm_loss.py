@@ -1,0 +1,86 @@
+"""Next-token loss of a causal LM without materialising full-vocabulary logits.
+
+``model(input_ids=x, labels=x).loss`` builds (B, T, V) fp32 logits (200 MB for 8 × 128
+tokens and SmolLM2's 49k vocabulary), a log-softmax of the same size, and its gradient:
+about a tenth of a CPU training step. Here the frozen output head and the cross-entropy
+run together over chunks of tokens, and the gradient with respect to the final hidden
+states is formed in the same pass (the approach of Liger-Kernel's fused linear
+cross-entropy; no maintained library offers it for CPU, hence this file).
+
+The loss is the same mean over all (B · (T − 1)) predicted tokens that transformers
+computes, so Opacus' ``loss_reduction="mean"`` sees the same scale. Only the decoder's
+modules run through autograd, so Opacus' per-sample-gradient hooks on LoRA layers work
+unchanged. Models whose head is not a plain frozen linear layer, or that post-process
+logits, take transformers' own path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CHUNK_TOKENS = 256
+"""Tokens per head chunk: (256, 49152) fp32 is 50 MB, and the head matmul stays efficient."""
+
+_PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3"})
+"""Model types whose logits are exactly ``lm_head(final hidden state)``: no soft-capping or
+logit scaling. Others fall back to transformers' loss."""
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, chunked over tokens.
+
+    ``weight`` is frozen, so the only gradient is with respect to ``hidden``; it is computed
+    in the forward pass (softmax − one-hot, times the weight) and replayed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        n = hidden.shape[0]  # hidden (N, H), weight (V, H), targets (N,)
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(hidden) if want_grad else None
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least, as HF does
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, n, chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = (h @ weight.t()).to(acc)  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            total += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+            if want_grad:
+                probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad[start:start + chunk] = (probs.to(weight.dtype) @ weight) / n
+        ctx.save_for_backward(grad if want_grad else torch.empty(0))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None
+
+
+def _plain_head(causal_lm: nn.Module) -> nn.Linear | None:
+    """The output head if the chunked loss reproduces transformers' exactly, else None."""
+    config = getattr(causal_lm, "config", None)
+    head = causal_lm.get_output_embeddings() if hasattr(causal_lm,
+                                                        "get_output_embeddings") else None
+    if (config is None or getattr(config, "model_type", None) not in _PLAIN_HEAD_TYPES
+            or type(head) is not nn.Linear or head.bias is not None
+            or head.weight.requires_grad):
+        return None
+    return head
+
+
+def next_token_loss(model: nn.Module, input_ids: torch.Tensor,
+                    chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``model`` (a peft or transformers causal LM) on
+    ``input_ids`` (B, T): equal to ``model(input_ids=x, labels=x).loss``."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = _plain_head(causal_lm)
+    if head is None:
+        return model(input_ids=input_ids, labels=input_ids).loss
+    hidden = causal_lm.get_decoder()(input_ids=input_ids).last_hidden_state  # (B, T, H)
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B·(T−1), H)
+    targets = input_ids[:, 1:].reshape(-1)
+    return _HeadCrossEntropy.apply(hidden, head.weight, targets, chunk)

@@ -1,0 +1,98 @@
+"""The chunked head + cross-entropy: the same loss and gradients as full logits, also as
+Opacus per-sample gradients, and transformers' path wherever the head is not plain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+
+from fedcpt.config import LoraSettings
+from fedcpt.core.lm_loss import next_token_loss
+from fedcpt.core.model import attach_lora, tiny_llama
+
+
+def _lora_model(dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    model = attach_lora(tiny_llama(257), LoraSettings(r=4, alpha=8), seed=0).to(dtype)
+    with torch.no_grad():  # B = 0 at creation would leave A's gradient zero
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1, generator=torch.Generator().manual_seed(1))
+    return model
+
+
+def _reference_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits and cross-entropy in the model's own precision."""
+    logits = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def _lora_grads(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 10_000])  # a ragged last chunk, exact, one chunk
+def test_loss_and_gradients_equal_full_logits(chunk):
+    model = _lora_model()
+    ids = torch.randint(0, 257, (3, 33), generator=torch.Generator().manual_seed(0))
+    ref_loss = _reference_loss(model, ids)
+    ref = _lora_grads(model, ref_loss)
+    loss = next_token_loss(model, ids, chunk=chunk)
+    got = _lora_grads(model, loss)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)
+    assert got.keys() == ref.keys() and len(got) == 8
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_matches_transformers_loss_in_fp32():
+    model = _lora_model(torch.float32)
+    ids = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(2))
+    expected = model(input_ids=ids, labels=ids).loss
+    assert next_token_loss(model, ids, chunk=16).item() == pytest.approx(expected.item(),
+                                                                         rel=1e-6)
+
+
+def test_opacus_per_sample_gradients_equal_full_logits():
+    """DP-SGD clips each record's gradient: those must not change with the loss path."""
+    model = _lora_model()
+    gsm = GradSampleModule(model, loss_reduction="mean")
+    ids = torch.randint(0, 257, (4, 17), generator=torch.Generator().manual_seed(3))
+
+    def per_sample(loss_fn) -> dict[str, torch.Tensor]:
+        loss_fn().backward()
+        out = {n: p.grad_sample.clone() for n, p in model.named_parameters()
+               if p.requires_grad}
+        gsm.zero_grad(set_to_none=True)
+        return out
+
+    ref = per_sample(lambda: _reference_loss(gsm, ids))
+    got = per_sample(lambda: next_token_loss(model, ids, chunk=5))
+    gsm._close()
+    assert got.keys() == ref.keys() and len(got) == 8
+    for name in ref:
+        assert got[name].shape[0] == 4  # one gradient per record
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_no_gradient_work_without_autograd():
+    model = _lora_model()
+    ids = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        loss = next_token_loss(model, ids)
+    assert not loss.requires_grad
+    assert loss.item() == pytest.approx(_reference_loss(model, ids).item(), rel=1e-12)
+
+
+def test_trainable_head_takes_transformers_path():
+    """A head with its own gradient is outside the fused function's contract."""
+    model = _lora_model()
+    head = model.get_base_model().get_output_embeddings()
+    head.weight.requires_grad_(True)
+    ids = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(5))
+    next_token_loss(model, ids).backward()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0

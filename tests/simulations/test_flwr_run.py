@@ -1,0 +1,60 @@
+"""Flower's supported path, offline: ``flwr run`` of the smoke scenario against a simulation
+SuperLink installs nothing, prints no deprecation banner, and writes the same summary as
+``fedcpt simulate`` (which takes the same path)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedcpt.config import load_config
+from fedcpt.exceptions import ConfigError
+from fedcpt.simulations.runner import federation_config, simulate
+from fedcpt.simulations.superlink import LocalSuperLink, toml_pairs
+
+
+def test_federation_config_has_one_supernode_per_site_and_whole_cpus():
+    cfg = load_config("smoke", overrides=["simulation.num_cpus=2"])
+    assert federation_config(cfg) == {"num-supernodes": 3, "client-resources-num-cpus": 1,
+                                      "client-resources-num-gpus": 0,
+                                      "init-args-num-cpus": 2}
+    half = load_config("smoke", overrides=["simulation.cpus_per_client=0.5"])
+    assert federation_config(half)["client-resources-num-cpus"] == 0.5
+
+
+def test_ray_address_is_refused_with_the_key_named():
+    cfg = load_config("smoke", overrides=["simulation.ray_address=auto"])
+    with pytest.raises(ConfigError, match=r"simulation\.ray_address"):
+        federation_config(cfg)
+
+
+def test_run_config_strings_are_toml_quoted():
+    assert toml_pairs({"scenario": "smoke", "set": 'a=1 b="x y"', "n": 3}) == (
+        'scenario="smoke" set="a=1 b=\\"x y\\"" n=3')
+
+
+@pytest.mark.slow  # two real simulations (about a minute each on 2 idle cores)
+def test_flwr_run_matches_fedcpt_simulate(tmp_path):
+    cli_lines: list[str] = []
+    summary = simulate(load_config("smoke"), tmp_path / "simulate", on_line=cli_lines.append)
+
+    lines: list[str] = []
+    with LocalSuperLink(tmp_path / "flwr-home") as superlink:
+        status = superlink.run({"scenario": "smoke", "out-dir": str(tmp_path / "runs"),
+                                "set": "secagg.mode=off"},
+                               {"num-supernodes": 3, "client-resources-num-cpus": 1},
+                               lines.append)
+    streamed = "\n".join(lines)
+    assert status == 0, streamed[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    flwr_summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(flwr_summary) == set(summary)
+    assert flwr_summary["rounds"] == summary["rounds"] == 2
+
+    for text in (streamed, "\n".join(cli_lines)):
+        assert "uv sync" not in text and "Installing application dependencies" not in text
+        assert "DEPRECATED" not in text
+        assert "progress round" in text  # the live view's events reach the stream
+    assert not any((tmp_path / "flwr-home" / "runtime-envs").glob("*"))
+    assert (tmp_path / "simulate" / "run.log").read_text().count("progress round") > 0
