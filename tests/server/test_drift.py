@@ -87,6 +87,7 @@ def switched_run(tmp_path_factory, make_text):
     return root / "run"
 
 
+@pytest.mark.slow  # a real simulation
 def test_a_site_switching_corpus_is_flagged_within_one_round_and_rolled_back(switched_run):
     from fedcpt.core.adapters import load_version
     from fedcpt.core.model import load_adapted_model

@@ -42,6 +42,7 @@ def _adapter(folder, server_round):
     return load_version(version_dir(folder, server_round), reference)
 
 
+@pytest.mark.slow  # three smoke simulations
 def test_replacement_equals_a_run_that_never_had_the_site(runs):
     root, plan, cert = runs
     assert plan.start == 0 and plan.affected == [1, 2]
@@ -55,6 +56,7 @@ def test_replacement_equals_a_run_that_never_had_the_site(runs):
                for k in never.keys()) > 1e-4
 
 
+@pytest.mark.slow  # three smoke simulations
 def test_certificate_names_versions_replacement_and_remaining_fingerprints(runs):
     root, _, cert = runs
     assert json.loads((root / "replay" / CERTIFICATE).read_text()) == cert
@@ -69,6 +71,7 @@ def test_certificate_names_versions_replacement_and_remaining_fingerprints(runs)
     assert "Removal certificate" in (root / "replay" / "report.md").read_text()
 
 
+@pytest.mark.slow  # three smoke simulations
 def test_forgetting_an_unknown_site_is_a_clear_error_and_changes_nothing(runs):
     root, _, _ = runs
     before = sorted(p.name for p in (root / "run").rglob("*"))
@@ -82,6 +85,7 @@ def test_forgetting_from_a_run_without_versions_is_a_clear_error(tmp_path):
         plan_forget(tmp_path, "east")
 
 
+@pytest.mark.slow  # three smoke simulations
 def test_cli_forget_unknown_site_exits_2_with_one_error_line(runs):
     root, _, _ = runs
     proc = subprocess.run([sys.executable, "-m", "fedcpt.cli", "adapters", "forget",
