@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import string
@@ -107,3 +108,20 @@ def test_a_site_switching_corpus_is_flagged_within_one_round_and_rolled_back(swi
     assert version["sites"] == []  # the rolled-back version carries no round-3 update
     report = (switched_run / "report.md").read_text()
     assert "## Drift" in report and "rolled back to version 2" in report
+
+
+def test_the_report_plots_the_signals_and_lists_the_rollback(tmp_path):
+    from fedcpt.server.report import drift_lines
+
+    rolled = dataclasses.replace(
+        _row(4, 6.0, 9.0, flags=["update drift"], aggregated=False),
+        drift={"update_ratio": 9.0, "general_loss_rise": 1.4, "flags": ["update drift"],
+               "rolled_back_to": 3})
+    signals = [dataclasses.replace(r, drift={"update_ratio": 1.0, "general_loss_rise": -0.1,
+                                             "flags": [], "rolled_back_to": None})
+               for r in HISTORY[1:]]
+    folder = RunFolder(tmp_path)
+    lines = drift_lines(folder, [HISTORY[0], *signals, rolled],
+                        load_config("smoke", overrides=["monitor.update_drift=3"]))
+    assert (tmp_path / "drift.png").is_file()
+    assert "| 4 | 9.000 | 9.00 | +1.4000 | yes | 3 |" in lines
