@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
-import string
 
 import numpy as np
 import pytest
@@ -60,46 +58,63 @@ def test_monitor_thresholds_are_checked():
         MonitorConfig(window=0)
 
 
-@pytest.fixture(scope="module")
-def switched_run(tmp_path_factory, make_text):
-    """Three sites train on English prose for two rounds; in round 3 site east's data is
-    switched to a different corpus (random characters). Update-drift rollback on."""
-    root = tmp_path_factory.mktemp("drift")
+def _federation(root, make_text, third_round_site: str):
+    """North, south and east train on English prose for two rounds; in round 3 the third
+    site is ``third_round_site`` (east-switched: east's data switched to a corpus of one
+    repeated letter). General-loss drift rollback on; LoRA on every projection at LR 0.05
+    so that one round of the tiny model moves the general loss measurably."""
     lines = []
     for i, name in enumerate(("north", "south", "east")):
         path = root / f"{name}.txt"
         path.write_text(make_text(40_000, seed=100 + i), encoding="utf-8")
         lines += ["[[sites]]", f'name = "{name}"', f'data = ["{path.as_posix()}"]', ""]
-    rng = random.Random(5)
-    alphabet = string.ascii_letters + string.digits + string.punctuation + " "
     switched = root / "east-switched.txt"
-    switched.write_text("\n\n".join("".join(rng.choice(alphabet) for _ in range(400))
-                                    for _ in range(100)), encoding="utf-8")
+    switched.write_text("\n\n".join(f"{i} " + "z" * 400 for i in range(100)),
+                        encoding="utf-8")
     lines += ["[[sites]]", 'name = "east-switched"', f'data = ["{switched.as_posix()}"]', "",
-              "[federation]", "rounds = 3", "",
-              "[monitor]", "window = 2", "update_drift = UPDATE_DRIFT", "",
+              "[train]", "lr = 0.05", "",
+              "[lora]", 'target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", '
+              '"gate_proj", "up_proj", "down_proj"]', "",
+              "[federation]", "rounds = 3", "max_update_norm = 0.0", "",
+              "[monitor]", "window = 2", "general_loss_drift = 0.005", "",
               "[[phases]]", 'name = "before"', "rounds = 2",
               'sites = ["north", "south", "east"]', "",
-              "[[phases]]", 'name = "switched"', "rounds = 1",
-              'sites = ["north", "south", "east-switched"]', ""]
+              "[[phases]]", 'name = "after"', "rounds = 1",
+              f'sites = ["north", "south", "{third_round_site}"]', ""]
     config = root / "sites.toml"
-    config.write_text("\n".join(lines).replace("UPDATE_DRIFT", "2.0"), encoding="utf-8")
+    config.write_text("\n".join(lines), encoding="utf-8")
     simulate(load_config("smoke", config_file=config), root / "run")
     return root / "run"
 
 
-@pytest.mark.slow  # a real simulation
-def test_a_site_switching_corpus_is_flagged_within_one_round_and_rolled_back(switched_run):
+@pytest.fixture(scope="module")
+def switched_run(tmp_path_factory, make_text):
+    return _federation(tmp_path_factory.mktemp("switched"), make_text, "east-switched")
+
+
+@pytest.fixture(scope="module")
+def unswitched_run(tmp_path_factory, make_text):
+    return _federation(tmp_path_factory.mktemp("unswitched"), make_text, "east")
+
+
+@pytest.mark.slow  # two real simulations
+def test_a_site_switching_corpus_is_flagged_within_one_round_and_rolled_back(
+        switched_run, unswitched_run):
     from fedcpt.core.adapters import load_version
     from fedcpt.core.model import load_adapted_model
 
+    control = read_rounds(RunFolder(unswitched_run))
+    assert not any(r.drift.get("flags") for r in control)  # the same run, no switch
     rows = read_rounds(RunFolder(switched_run))
     assert [bool(r.drift.get("flags")) for r in rows[1:]] == [False, False, True]
     switched = rows[3]
+    assert "general-loss drift" in switched.drift["flags"][0]
     assert switched.drift["rolled_back_to"] == 2 and not switched.aggregated
     assert switched.general_loss == pytest.approx(rows[2].general_loss, abs=1e-6)
     cfg = load_config("smoke")
-    ref = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
+    ref = load_adapted_model(cfg.model, dataclasses.replace(
+        cfg.lora, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                  "up_proj", "down_proj")), cfg.seed).initial_adapter
     v2 = load_version(switched_run / "adapters" / "round-002", ref)
     v3 = load_version(switched_run / "adapters" / "round-003", ref)
     for key in v2.keys():
