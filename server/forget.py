@@ -96,6 +96,9 @@ def _replay_config(cfg: RunConfig, run_dir: Path, site: str, start: int,
         federation = dataclasses.replace(
             federation, initial_adapter=str(version_dir(run_dir, start)))
         caveats += _restart_caveats(cfg, start)
+    elif cfg.federation.initial_adapter:
+        caveats.append(f"the run started from {cfg.federation.initial_adapter}; forget the "
+                       "site from that adapter's own run too if it trained there")
     phases = []
     for ph in cfg.phase_plan() if cfg.phases else []:
         first, rounds = max(ph.first_round, start + 1), min(ph.last_round, last)
