@@ -81,7 +81,7 @@ def test_forgetting_an_unknown_site_is_a_clear_error_and_changes_nothing(runs):
 
 
 def test_forgetting_from_a_run_without_versions_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match="not a fedcpt run folder"):
+    with pytest.raises(ConfigError, match="has no manifest.json"):
         plan_forget(tmp_path, "east")
 
 
