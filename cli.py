@@ -192,7 +192,8 @@ def certs(
     days: int = typer.Option(365, help="Validity of the certificates in days."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
 ) -> None:
-    """Write a federation's CA, SuperLink TLS certificate and SuperNode auth keys."""
+    """Write a federation's CA, SuperLink TLS certificate, SuperNode auth keys and
+    secure aggregation signing certificates."""
     from fedcpt.deploy.certs import site_names, write_federation_certs
 
     files = write_federation_certs(out_dir, address, site_names(sites), days=days, force=force)
@@ -202,6 +203,9 @@ def certs(
     for site, (private, public) in files.site_keys.items():
         typer.echo(f"site {site}: private key {private} (give to the site), "
                    f"public key {public} (flwr supernode register)")
+        key, cert = files.signing[site]
+        typer.echo(f"site {site}: secure aggregation key {key} and certificate {cert} "
+                   "(give to the site)")
 
 
 site_cli = typer.Typer(no_args_is_help=True, help="A data site's own checks.")
@@ -260,8 +264,8 @@ def privacy_report(
     ledgers = find_ledgers(path)
     out_dir = out or (path if path.is_dir() else path.parent)
     payload = write_privacy_report(ledgers, out_dir)
-    table = Table(title=f"Privacy spent (federation record-level ε = "
-                        f"{payload['max_epsilon']:.3f})")
+    table = Table(title=f"Privacy spent (federation unit-level ε = "
+                        f"{payload['max_epsilon']:.3f}; unit: {', '.join(payload['units'])})")
     for col in ("site", "ε", "ε (RDP)", "δ", "steps", "σ", "q", "accountant", "budget left"):
         table.add_column(col)
     for r in payload["sites"].values():

@@ -8,12 +8,14 @@ Two parts, one run:
    ``elapsed_s`` in ``metrics.jsonl`` (training, the SecAgg stages, evaluation); the
    first round, which loads the model in each worker, is left out.
 2. **Where the time goes** — the SecAgg+ work itself at the scenario's adapter size,
-   timed in this process: a site's key set-up, sharing, masking (quantisation plus one
-   ChaCha20 mask per neighbour), and the server's unmasking of the sum; and the bytes a
-   site uploads at each stage.
+   timed in this process: a site's signed key set-up, verified sharing, masking
+   (quantisation plus one ChaCha20 mask per neighbour), the consistency signature, the
+   verified unmasking, and the server's unmasking of the sum; and the bytes a site
+   uploads at each stage.
 
     python benchmarks/secagg_overhead.py --out results/secagg_overhead.json
     python benchmarks/secagg_overhead.py --scenario smoke --out /tmp/s.json  # minutes
+    python benchmarks/secagg_overhead.py --protocol-only --out /tmp/p.json   # seconds
 """
 
 from __future__ import annotations
@@ -28,14 +30,19 @@ from pathlib import Path
 
 import numpy as np
 from _common import median, write
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 
 from fedcpt.config import load_config
 from fedcpt.core.adapters import adapter_state, to_arrays
 from fedcpt.core.model import load_adapted_model
+from fedcpt.deploy.certs import make_ca, make_site_signing_cert
 from fedcpt.privacy.secagg import site
+from fedcpt.privacy.secagg.context import RoundContext, adapter_digest, config_digest
 from fedcpt.privacy.secagg.encoding import encode
+from fedcpt.privacy.secagg.identity import SiteIdentity
 from fedcpt.privacy.secagg.masking import expand
 from fedcpt.privacy.secagg.params import SecAggParams
 
@@ -67,13 +74,27 @@ def simulate(scenario: str, sites: Path, out: Path, secagg: str, settings: list[
             "wall_s": time.perf_counter() - start}
 
 
+def _identities(nodes: list[int]) -> dict[int, SiteIdentity]:
+    ca_key, ca_cert = make_ca(days=1)
+    out = {}
+    for n in nodes:
+        key, cert = make_site_signing_cert(ca_key, ca_cert, f"site-{n}", days=1)
+        out[n] = SiteIdentity(key, cert.public_bytes(serialization.Encoding.DER), ca_cert)
+    return out
+
+
 def protocol_costs(reference: ArrayRecord, n_sites: int, max_weight: int) -> dict:
-    """Seconds and upload bytes of each SecAgg+ stage at one site, and of unmasking."""
+    """Seconds and upload bytes of each SecAgg+ stage at one site (signatures and the
+    consistency check included), and of the server's unmasking."""
     params = SecAggParams(num_shares=n_sites, threshold=n_sites // 2 + 1,
                           clipping_range=5.0, quantization_range=2**22, max_weight=max_weight)
     nodes = list(range(1, n_sites + 1))
     ctx = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
            for n in nodes}
+    me = _identities(nodes)
+    config = ConfigRecord({"run-id": "bench", "server-round": 1})
+    context = RoundContext(run_id="bench", server_round=1, adapter=adapter_digest(reference),
+                           config=config_digest(config), participants=tuple(nodes))
     seconds: dict[str, float] = {}
     up: dict[str, int] = {}
 
@@ -83,11 +104,13 @@ def protocol_costs(reference: ArrayRecord, n_sites: int, max_weight: int) -> dic
         seconds[stage] = (time.perf_counter() - start) / n_sites
         return result
 
-    keys = timed("setup", lambda n: site.setup(ctx[n], n, params.to_record()))
-    up["setup"] = len(keys[1]["pk1"]) + len(keys[1]["pk2"])
-    request = ConfigRecord({"nodes": nodes, "pk1": [keys[n]["pk1"] for n in nodes],
-                            "pk2": [keys[n]["pk2"] for n in nodes]})
-    shared = timed("share_keys", lambda n: site.share_keys(ctx[n], request))
+    setup_request = ConfigRecord({**params.to_record(), **context.to_record()})
+    keys = timed("setup", lambda n: site.setup(ctx[n], n, setup_request, me[n]))
+    up["setup"] = sum(len(keys[1][k]) for k in ("pk1", "pk2", "signature", "cert"))
+    request = ConfigRecord({"nodes": nodes} | {f: [keys[n][f] for n in nodes]
+                                               for f in ("pk1", "pk2", "signature", "cert")})
+    # (each certificate is checked once per process and cached: this is a later round)
+    shared = timed("share_keys", lambda n: site.share_keys(ctx[n], request, me[n]))
     up["share_keys"] = sum(len(c) for c in shared[1]["sealed"]) + 8 * len(shared[1]["dst"])
     inbound = {d: ConfigRecord({"src": [s for s in nodes if s != d],
                                 "sealed": [shared[s]["sealed"][list(shared[s]["dst"]).index(d)]
@@ -97,13 +120,18 @@ def protocol_costs(reference: ArrayRecord, n_sites: int, max_weight: int) -> dic
                                    .astype(np.float32)) for k, v in reference.items()})
 
     def masked(n: int) -> np.ndarray:
-        site.receive_shares(ctx[n], inbound[n])
+        site.receive_shares(ctx[n], inbound[n], reference, config)
         return site.mask(ctx[n], encode(update, reference, max_weight, params))
 
     vectors = timed("mask", masked)
     up["masked_vector"] = vectors[1].nbytes
-    replies = timed("unmask", lambda n: site.unmask(
-        ctx[n], ConfigRecord({"active": nodes, "dead": []})))
+    survivors = ConfigRecord({"survivors": nodes})
+    signed = timed("consistency", lambda n: site.consistency(ctx[n], survivors, me[n]))
+    up["consistency"] = len(signed[1]["signature"])
+    unmask_request = ConfigRecord({"survivors": nodes, "signers": nodes,
+                                   "signatures": [signed[n]["signature"] for n in nodes],
+                                   "active": nodes, "dead": []})
+    replies = timed("unmask", lambda n: site.unmask(ctx[n], unmask_request, me[n]))
     up["unmask"] = sum(len(s) for s in replies[1]["shares"]) + 8 * len(nodes)
     # the server: sum, then per site one Shamir rebuild of its seed and one mask expansion
     start = time.perf_counter()
@@ -113,9 +141,17 @@ def protocol_costs(reference: ArrayRecord, n_sites: int, max_weight: int) -> dic
         total -= expand(combine_shares(shares[:params.threshold]), total.size)
     server_unmask = time.perf_counter() - start
     assert np.array_equal(total[0], max_weight * n_sites)  # the masks cancelled
+    # a first round also checks each neighbour's certificate once against the CA
+    start = time.perf_counter()
+    x509.load_der_x509_certificate(me[2].cert_der).verify_directly_issued_by(me[1].ca)
+    certificate_check = time.perf_counter() - start
     plain = sum(v.numpy().nbytes for v in reference.values())
+    added = {"signatures_and_certificate": up["setup"] - 64 + up["consistency"]}
     return {"site_seconds": seconds, "server_unmask_seconds": server_unmask,
+            "first_round_certificate_checks_s": certificate_check * (n_sites - 1),
             "site_upload_bytes": up, "plain_upload_bytes": plain,
+            "bytes_added_per_site": sum(up.values()) - plain,
+            "bytes_added_by_malicious_server_defences": added,
             "upload_ratio": sum(up.values()) / plain}
 
 
@@ -126,6 +162,8 @@ def main() -> None:
     parser.add_argument("--sites", type=int, nargs="+", default=[5, 10])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=3)
+    parser.add_argument("--protocol-only", action="store_true",
+                        help="Only part 2 (no simulations).")
     args = parser.parse_args()
     settings = [f"federation.rounds={args.rounds}", f"train.local_steps={args.local_steps}",
                 "data.heldout_blocks=4",
@@ -140,11 +178,13 @@ def main() -> None:
         for n in args.sites:
             sites = Path(tmp) / f"sites-{n}.toml"
             write_sites(sites, n)
+            costs[str(n)] = protocol_costs(reference, n, max_weight)
+            if args.protocol_only:
+                continue
             runs = {mode: simulate(args.scenario, sites, Path(tmp) / f"{mode}-{n}", mode,
                                    settings) for mode in ("off", "on")}
             rounds[str(n)] = dict(runs, ratio=runs["on"]["median_round_s"]
                                   / runs["off"]["median_round_s"])
-            costs[str(n)] = protocol_costs(reference, n, max_weight)
             print(f"{n} sites: {runs['off']['median_round_s']:.1f}s plain, "
                   f"{runs['on']['median_round_s']:.1f}s secure", flush=True)
     write(args.out, {

@@ -18,12 +18,12 @@ from flwr.clientapp import ClientApp
 from fedcpt.client import secagg_stages
 from fedcpt.client.errors import report_site_errors
 from fedcpt.client.request import load_request, refusal, run_config
-from fedcpt.client.site import require_secagg, resolve_site, site_blocks
+from fedcpt.client.site import open_ledger, policy_for, require_secagg, resolve_site, site_blocks
 from fedcpt.client.train_step import train_update
 from fedcpt.core import protocol as p
-from fedcpt.core.data import spread
-from fedcpt.core.evaluation import evaluate_blocks
 from fedcpt.privacy.ledger import SiteRefused
+from fedcpt.privacy.policy import accept_proposal
+from fedcpt.privacy.release import release_evaluation
 from fedcpt.privacy.user_level import clip_when_asked
 
 log = logging.getLogger(__name__)
@@ -49,16 +49,17 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-# --- Secure aggregation (SecAgg+): the four stages of a round --------------------------
+# --- Secure aggregation (SecAgg+): the five stages of a round --------------------------
 @app.train(p.SECAGG_SETUP)
 def secagg_setup(msg: Message, context: Context) -> Message:
-    """Stage 1: fresh key pairs for the round; only the public halves leave."""
+    """Stage 1: fresh key pairs for the round, signed; only the public halves leave."""
     return secagg_stages.setup(msg, context)
 
 
 @app.train(p.SECAGG_SHARE_KEYS)
 def secagg_share_keys(msg: Message, context: Context) -> Message:
-    """Stage 2: shares of this site's secrets, encrypted for each neighbour."""
+    """Stage 2: check the neighbours' signed keys; shares of this site's secrets,
+    encrypted for each neighbour."""
     return secagg_stages.share_keys(msg, context)
 
 
@@ -69,9 +70,16 @@ def secagg_masked(msg: Message, context: Context) -> Message:
     return secagg_stages.masked(msg, context)
 
 
+@app.train(p.SECAGG_CONSISTENCY)
+def secagg_consistency(msg: Message, context: Context) -> Message:
+    """Stage 4: sign the survivor set (once per round)."""
+    return secagg_stages.consistency(msg, context)
+
+
 @app.train(p.SECAGG_UNMASK)
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    """Stage 4: the shares that unmask the sum; then the round's secrets are deleted."""
+    """Stage 5: the shares that unmask the sum, given enough signatures over the
+    survivor set; then the round's secrets are deleted."""
     return secagg_stages.unmask(msg, context)
 
 
@@ -84,29 +92,30 @@ def query(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
-# Base-model loss per (site, model, data): the base never changes, so compute it once.
-_base_losses: dict[tuple, float] = {}
+# Base-model loss per (site, model, data, policy): the base never changes, so compute it
+# (and, under a noised release, pay for it) once per process.
+_base_losses: dict[tuple, dict] = {}
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Held-out domain loss of the received adapter on this site's data (and of the base).
-
-    Held-out blocks are never trained on; their loss is released without DP noise.
-    """
+    """Held-out domain loss of the received adapter on this site's data (and of the base),
+    released only as the site's policy allows (:mod:`fedcpt.privacy.release`)."""
     cfg, lm, _ = load_request(msg)
-    site = resolve_site(cfg, dict(context.node_config))
-    heldout = spread(site_blocks(site, cfg.model, cfg.data).heldout, cfg.data.heldout_blocks)
-    key = (site, cfg.model, cfg.data)
-    if key not in _base_losses:
-        with lm.model.disable_adapter():
-            _base_losses[key] = evaluate_blocks(lm, heldout, cfg.train.eval_batch_size).loss
-    result = evaluate_blocks(lm, heldout, cfg.train.eval_batch_size)
-    metrics = MetricRecord({
-        p.NUM_EXAMPLES: result.tokens,
-        p.DOMAIN_LOSS: result.loss,
-        p.DOMAIN_BASE_LOSS: _base_losses[key],
-        p.DOMAIN_ECE: result.ece,
-    })
-    content = RecordDict({p.METRICS: metrics, p.SITE: ConfigRecord({"name": site.name})})
+    node_config = dict(context.node_config)
+    site = resolve_site(cfg, node_config)
+    policy = policy_for(cfg, site, node_config)
+    blocks = site_blocks(site, cfg.model, cfg.data, policy)
+    try:
+        ledger = None
+        if policy.eval_release == "noised" and policy.ledger_path:
+            ledger = open_ledger(cfg, policy, accept_proposal(policy, cfg, blocks.units))
+        metrics = release_evaluation(
+            cfg, lm, policy, blocks, run_id=str(msg.content[p.CONFIG].get(p.RUN_ID, "")),
+            base_cache=_base_losses.setdefault((site, cfg.model, cfg.data, policy), {}),
+            ledger=ledger)
+    except SiteRefused as err:
+        return refusal(msg, err, p.BUDGET_EXHAUSTED)
+    content = RecordDict({p.METRICS: MetricRecord(metrics),
+                          p.SITE: ConfigRecord({"name": site.name})})
     return Message(content=content, reply_to=msg)

@@ -1,10 +1,14 @@
-"""A site's side of the four SecAgg+ stages (:mod:`fedcpt.privacy.secagg.site` holds the
-cryptography). Stages 1, 2 and 4 carry keys and shares only; stage 3 trains as a plain
-round does, checks the update here (the server will only see the sum), then sends it
-quantised and masked. A check that fails is an error reply naming it."""
+"""A site's side of the five SecAgg+ stages (:mod:`fedcpt.privacy.secagg.site` holds the
+cryptography and every check against a malicious server). Stages 1, 2, 4 and 5 carry
+keys, shares and signatures only, signed with this site's identity
+(:mod:`fedcpt.privacy.secagg.identity`); stage 3 trains as a plain round does, checks the
+update here (the server will only see the sum), then sends it quantised and masked — with
+site-level DP on, clipped and noised here first (:mod:`fedcpt.privacy.secagg.ddp`). A
+check that fails is an error reply naming it."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -16,43 +20,59 @@ from fedcpt.core.adapters import check_update, update_norm
 from fedcpt.exceptions import FedcptError, UpdateRejected
 from fedcpt.privacy.ledger import SiteRefused
 from fedcpt.privacy.secagg import site as secagg_site
-from fedcpt.privacy.secagg.encoding import encode
+from fedcpt.privacy.secagg.ddp import DistributedDP
+from fedcpt.privacy.secagg.encoding import encode, vector_length
+from fedcpt.privacy.secagg.identity import SiteIdentity, identity_for
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.site import STATE
 
+log = logging.getLogger(__name__)
 
-def _secagg_stage(msg: Message, stage: Callable[[ConfigRecord], ConfigRecord]) -> Message:
+
+def _secagg_stage(msg: Message, context: Context,
+                  stage: Callable[[ConfigRecord, SiteIdentity], ConfigRecord]) -> Message:
     try:
-        record = stage(msg.content.config_records[STATE])
+        record = stage(msg.content.config_records[STATE],
+                       identity_for(dict(context.node_config)))
     except FedcptError as err:
         return refusal(msg, err)
     return Message(RecordDict({STATE: record}), reply_to=msg)
 
 
 def setup(msg: Message, context: Context) -> Message:
-    """Stage 1: fresh key pairs for the round; only the public halves leave."""
-    return _secagg_stage(msg, lambda r: secagg_site.setup(context, msg.metadata.dst_node_id, r))
+    """Stage 1: fresh key pairs for the round, signed; only the public halves leave."""
+    return _secagg_stage(msg, context, lambda r, me: secagg_site.setup(
+        context, msg.metadata.dst_node_id, r, me))
 
 
 def share_keys(msg: Message, context: Context) -> Message:
-    """Stage 2: shares of this site's secrets, encrypted for each neighbour."""
-    return _secagg_stage(msg, lambda r: secagg_site.share_keys(context, r))
+    """Stage 2: check every neighbour's signed keys; shares of this site's secrets,
+    encrypted for each neighbour."""
+    return _secagg_stage(msg, context, lambda r, me: secagg_site.share_keys(context, r, me))
 
 
 def masked(msg: Message, context: Context) -> Message:
-    """Stage 3: train, check the update against ``federation.max_update_norm``, then send
-    it quantised and masked."""
+    """Stage 3: check that the adapter and config are those the round committed to,
+    train, check the update against ``federation.max_update_norm``, then send it
+    quantised (noised, under site-level DP) and masked."""
     try:
-        secagg_site.receive_shares(context, msg.content.config_records[STATE])
+        secagg_site.receive_shares(context, msg.content.config_records[STATE],
+                                   msg.content[p.ARRAYS], msg.content[p.CONFIG])
         arrays, metrics, site = train_update(msg, context)
         cfg, reference = run_config(msg), msg.content[p.ARRAYS]
         check_update(arrays, reference)
         norm = update_norm(arrays, reference)
         if cfg.federation.max_update_norm and norm > cfg.federation.max_update_norm:
-            raise UpdateRejected(f"update norm {norm:.3f} exceeds the bound "
+            log.warning("site %s: update norm %.3f exceeds the bound %s; not sent", site.name,
+                        norm, cfg.federation.max_update_norm)
+            # the norm itself stays here: it is a release about the site's data
+            raise UpdateRejected(f"the update exceeds the norm bound "
                                  f"{cfg.federation.max_update_norm}; not sent")
-        params = SecAggParams.from_record(context.state.config_records[STATE])
-        vector = encode(arrays, reference, int(metrics[p.NUM_EXAMPLES]), params)
+        state = context.state.config_records[STATE]
+        params = SecAggParams.from_record(state)
+        ddp = DistributedDP.for_config(cfg, params.threshold, len(state["participants"]),
+                                       vector_length(reference) - 1)
+        vector = encode(arrays, reference, int(metrics[p.NUM_EXAMPLES]), params, ddp)
         masked_vector = secagg_site.mask(context, vector)
     except SiteRefused as err:
         return refusal(msg, err, p.BUDGET_EXHAUSTED)
@@ -64,6 +84,12 @@ def masked(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def consistency(msg: Message, context: Context) -> Message:
+    """Stage 4: sign the survivor set (once per round)."""
+    return _secagg_stage(msg, context, lambda r, me: secagg_site.consistency(context, r, me))
+
+
 def unmask(msg: Message, context: Context) -> Message:
-    """Stage 4: the shares that unmask the sum; then the round's secrets are deleted."""
-    return _secagg_stage(msg, lambda r: secagg_site.unmask(context, r))
+    """Stage 5: the shares that unmask the sum, only with enough signatures over the
+    survivor set; then the round's secrets are deleted."""
+    return _secagg_stage(msg, context, lambda r, me: secagg_site.unmask(context, r, me))

@@ -1,4 +1,4 @@
-"""Which site this client is, and its data, loaded once per process."""
+"""Which site this client is, its privacy policy, and its data, loaded once per process."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ import logging
 from pathlib import Path
 
 from fedcpt.config import DataConfig, ModelConfig, RunConfig, SiteConfig
-from fedcpt.core.data import TokenBlocks, load_blocks
+from fedcpt.core.data import TokenBlocks, heldout_by_hash, load_blocks
 from fedcpt.core.model import load_tokenizer
 from fedcpt.exceptions import ConfigError
-from fedcpt.privacy.ledger import LEDGER_SUFFIX, PrivacyLedger, SiteRefused
-from fedcpt.privacy.plan import site_delta
+from fedcpt.privacy.heldout import HeldoutSplit, split_path
+from fedcpt.privacy.ledger import PrivacyLedger, SiteRefused
+from fedcpt.privacy.policy import RunTerms, SitePolicy, site_policy
 
 log = logging.getLogger(__name__)
 
-# node_config keys a deployed SuperNode sets with --node-config
+# node_config keys a deployed SuperNode sets with --node-config (the privacy policy's keys
+# are in fedcpt.privacy.policy.NODE_KEYS)
 SITE_NAME_KEY = "site-name"
 DATA_PATH_KEY = "data-path"
 LEDGER_PATH_KEY = "ledger-path"
@@ -26,7 +28,7 @@ REQUIRE_SECAGG_KEY = "require-secagg"
 
 def resolve_site(cfg: RunConfig, node_config: dict) -> SiteConfig:
     """A deployed site names its data in node_config; a simulated one is ``sites[partition-id]``."""
-    if DATA_PATH_KEY in node_config:
+    if is_deployed(node_config):
         name = str(node_config.get(SITE_NAME_KEY, "site"))
         paths = tuple(p for p in str(node_config[DATA_PATH_KEY]).split(",") if p)
         return SiteConfig(name=name, data=paths)
@@ -40,38 +42,54 @@ def resolve_site(cfg: RunConfig, node_config: dict) -> SiteConfig:
     return cfg.sites[index]
 
 
+def is_deployed(node_config: dict) -> bool:
+    return DATA_PATH_KEY in node_config
+
+
+def policy_for(cfg: RunConfig, site: SiteConfig, node_config: dict) -> SitePolicy:
+    """The privacy policy in force at ``site`` (its own node config when deployed)."""
+    return site_policy(cfg, site, node_config, deployed=is_deployed(node_config))
+
+
 @functools.lru_cache(maxsize=4)
-def site_blocks(site: SiteConfig, model: ModelConfig, data: DataConfig) -> TokenBlocks:
-    """Tokenised, packed blocks of one site's own data (cached per process)."""
-    blocks = load_blocks(site.data, load_tokenizer(model), data, what=f"site {site.name!r}")
-    log.info("site %s: %d train blocks, %d held-out blocks", site.name, len(blocks.train),
-             len(blocks.heldout))
+def site_blocks(site: SiteConfig, model: ModelConfig, data: DataConfig,
+                policy: SitePolicy | None = None) -> TokenBlocks:
+    """Tokenised blocks of one site's own data, packed within its privacy units, with the
+    held-out split recorded beside its ledger (cached per process). Without a policy (a
+    benchmark), every document is a unit and the split is unsalted."""
+    unit, rule = "document", heldout_by_hash(data.heldout_fraction)
+    if policy is not None:
+        unit, rule = policy.unit, heldout_by_hash(policy.heldout_fraction)
+        if policy.ledger_path:
+            split = HeldoutSplit.open(split_path(Path(policy.ledger_path)), site.name, unit)
+            rule = split.rule(policy.heldout_fraction)
+        else:
+            log.info("site %s has no ledger location: its held-out split is unsalted and "
+                     "not recorded", site.name)
+    blocks = load_blocks(site.data, load_tokenizer(model), data, what=f"site {site.name!r}",
+                         unit=unit, heldout_rule=rule)
+    log.info("site %s: %d train blocks in %d units, %d held-out blocks in %d units "
+             "(unit: %s)", site.name, len(blocks.train), blocks.units, len(blocks.heldout),
+             blocks.heldout_unit_count, unit)
     return blocks
 
 
-def open_ledger(cfg: RunConfig, site: SiteConfig, node_config: dict,
-                records: int) -> PrivacyLedger:
-    """The site's own privacy ledger: ``ledger-path`` at a deployed site, else
-    ``<privacy.ledger_dir>/<site>.ledger.json``. A site's ``epsilon-budget`` node config
-    is its budget; otherwise the run's, which can lower but never raise a stored one."""
-    if LEDGER_PATH_KEY in node_config:
-        path = Path(str(node_config[LEDGER_PATH_KEY]))
-    elif cfg.privacy.ledger_dir:
-        path = Path(cfg.privacy.ledger_dir) / f"{site.name}{LEDGER_SUFFIX}"
-    else:
-        raise ConfigError(f"DP is on but site {site.name!r} has no ledger location: set "
-                          f"`{LEDGER_PATH_KEY}` in --node-config or privacy.ledger_dir")
-    site_budget = node_config.get(BUDGET_KEY)
+def open_ledger(cfg: RunConfig, policy: SitePolicy, terms: RunTerms) -> PrivacyLedger:
+    """The site's own privacy ledger at the policy's ``ledger_path``, under the run's
+    accepted terms (a δ and budget no looser than the site's)."""
+    if not policy.ledger_path:
+        raise ConfigError(f"DP is on but site {policy.site!r} has no ledger location: set "
+                          f"`{LEDGER_PATH_KEY}` in its --node-config (or policy file); a "
+                          "ledger the server places could be reset by the server")
     return PrivacyLedger.open(
-        path, site.name, delta=site_delta(cfg.privacy, records),
-        target_epsilon=float(site_budget) if site_budget else cfg.privacy.target_epsilon,
-        accountant=cfg.privacy.accountant, site_sets_budget=bool(site_budget))
+        Path(policy.ledger_path).expanduser(), policy.site, delta=terms.delta,
+        target_epsilon=terms.epsilon_budget, accountant=cfg.privacy.accountant,
+        site_sets_budget=True, unit=policy.unit)
 
 
-def require_dp(cfg: RunConfig, node_config: dict) -> None:
+def require_dp(cfg: RunConfig, policy: SitePolicy) -> None:
     """A site with ``require-dp=true`` refuses any round that does not use DP-SGD."""
-    if str(node_config.get(REQUIRE_DP_KEY, "")).lower() in ("1", "true") and \
-            not cfg.privacy.enabled:
+    if policy.require_dp and not cfg.privacy.enabled:
         raise SiteRefused("this site requires DP-SGD (require-dp) but the run "
                           "has privacy.enabled = false")
 

@@ -9,7 +9,7 @@ import zlib
 from flwr.app import ArrayRecord, Context, Message
 
 from fedcpt.client.request import load_request
-from fedcpt.client.site import open_ledger, require_dp, resolve_site, site_blocks
+from fedcpt.client.site import open_ledger, policy_for, require_dp, resolve_site, site_blocks
 from fedcpt.client.update_cache import (
     StoredUpdate,
     UpdateCache,
@@ -25,6 +25,8 @@ from fedcpt.core.training import Anchor, TrainResult, train_adapter
 from fedcpt.exceptions import UpdateRejected
 from fedcpt.privacy.dpsgd import train_adapter_dp
 from fedcpt.privacy.plan import plan_run
+from fedcpt.privacy.policy import SitePolicy, accept_proposal
+from fedcpt.privacy.release import eval_reservation
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +37,14 @@ def train_update(msg: Message, context: Context,
     cfg, lm, server_round = load_request(msg)
     node_config = dict(context.node_config)
     site = resolve_site(cfg, node_config)
-    blocks = site_blocks(site, cfg.model, cfg.data)
+    policy = policy_for(cfg, site, node_config)
+    blocks = site_blocks(site, cfg.model, cfg.data, policy)
     lr = cfg.lr_at(server_round)
     anchor = _anchor(cfg, lm, msg)
-    require_dp(cfg, node_config)
+    require_dp(cfg, policy)
     if cfg.privacy.enabled:
         run_id = str(msg.content[p.CONFIG][p.RUN_ID])
-        arrays, metrics = _train_private(cfg, lm, site, blocks, node_config, lr, run_id,
+        arrays, metrics = _train_private(cfg, lm, site, blocks, policy, lr, run_id,
                                          server_round, anchor, msg.content[p.ARRAYS])
         return arrays, metrics, site
     # Seed per (run, site, round): reproducible, different across sites and rounds.
@@ -59,36 +62,42 @@ def _log_result(site: SiteConfig, server_round: int, result: TrainResult) -> Non
 
 
 def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: TokenBlocks,
-                   node_config: dict, lr: float, run_id: str, server_round: int,
+                   policy: SitePolicy, lr: float, run_id: str, server_round: int,
                    anchor: Anchor | None, request: ArrayRecord,
                    ) -> tuple[ArrayRecord, dict[str, float]]:
     """DP-SGD under the site's ledger lock: check the budget, train, store the update,
     record the spend durably — all before the update can leave the site. A round already
     paid for is resent from the store, not trained again (:mod:`~fedcpt.client.update_cache`).
 
-    The training loss is computed on the protected records and is not released.
+    The training loss is computed on the protected records and is not released; neither is
+    the training time (it depends on the realised Poisson batch sizes): it is sent as 0.
     """
-    records = len(blocks.train)
-    with open_ledger(cfg, site, node_config, records).locked() as ledger:
+    records = blocks.units  # the N of the unit-level guarantee
+    terms = accept_proposal(policy, cfg, records)
+    reserved = eval_reservation(policy, cfg.federation.rounds)
+    with open_ledger(cfg, policy, terms).locked() as ledger:
         cache = UpdateCache.beside(ledger.path)
         digest = arrays_digest(request)
         update = reusable_update(ledger, cache, run_id, server_round, digest)
         if update is None:
             plan = plan_run(cfg.privacy, ledger, records=records,
                             batch_size=cfg.train.batch_size,
-                            steps=cfg.federation.rounds * cfg.train.local_steps, run_id=run_id)
+                            steps=cfg.federation.rounds * cfg.train.local_steps, run_id=run_id,
+                            reserved=reserved)
             ledger.check_budget(plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
             result = train_adapter_dp(lm, blocks.train, cfg.train, cfg.privacy, lr=lr,
                                       noise_multiplier=plan.noise_multiplier,
-                                      sample_rate=plan.sample_rate, anchor=anchor)
+                                      sample_rate=plan.sample_rate, anchor=anchor,
+                                      units=blocks.train_units)
             _log_result(site, server_round, result)
             update = StoredUpdate(
                 run=run_id, round=server_round, request=digest,
                 arrays=to_arrays(adapter_state(lm.model)),
-                metrics={p.NUM_EXAMPLES: result.examples, p.TRAIN_SECONDS: result.seconds},
+                metrics={p.NUM_EXAMPLES: result.examples, p.TRAIN_SECONDS: 0.0},
                 noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
                 steps=result.steps)
             cache.store(update)
+            ledger.policy = policy.record()
             ledger.record(run_id, server_round, update.noise_multiplier, update.sample_rate,
                           update.steps)
         metrics = dict(update.metrics)

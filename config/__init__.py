@@ -22,6 +22,7 @@ from fedcpt.config.rules import MIN_SECAGG_SITES
 from fedcpt.config.schema import (
     DataConfig,
     FederationConfig,
+    GeneralSet,
     LoraSettings,
     ModelConfig,
     MonitorConfig,
@@ -35,12 +36,15 @@ from fedcpt.config.schema import (
     StrategyConfig,
     TrainConfig,
 )
+from fedcpt.config.site_policy import EVAL_RELEASES, SitePolicySettings
 
 __all__ = [
+    "EVAL_RELEASES",
     "MIN_SECAGG_SITES",
     "SCENARIO_DIR",
     "DataConfig",
     "FederationConfig",
+    "GeneralSet",
     "LoraSettings",
     "ModelConfig",
     "MonitorConfig",
@@ -51,6 +55,7 @@ __all__ = [
     "SecAggConfig",
     "SimulationConfig",
     "SiteConfig",
+    "SitePolicySettings",
     "StrategyConfig",
     "TrainConfig",
     "build",

@@ -80,8 +80,16 @@ def reference_markdown() -> str:
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             lines += _section(f"`[{f.name}]`", tp, f"{f.name}.")
+            for sub in dataclasses.fields(tp):  # its [[tables]], e.g. [[data.general_eval]]
+                if (item := _table_list(typing.get_type_hints(tp)[sub.name])) is not None:
+                    lines += _section(f"`[[{f.name}.{sub.name}]]`", item, "")
         elif (item := _table_list(tp)) is not None:
             lines += _section(f"`[[{f.name}]]`", item, "")
+            item_hints = typing.get_type_hints(item)
+            for g in dataclasses.fields(item):  # a table inside each entry: [sites.policy]
+                if dataclasses.is_dataclass(item_hints[g.name]):
+                    lines += _section(f"`[{f.name}.{g.name}]`", item_hints[g.name],
+                                      f"{g.name}.")
     return "\n".join(lines) + "\n"
 
 

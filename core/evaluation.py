@@ -1,4 +1,13 @@
-"""Held-out language-model metrics: mean token loss, perplexity and calibration."""
+"""Held-out language-model metrics: mean token loss, perplexity, calibration, and drift
+from the base model, per kind of general text.
+
+- **ECE** (expected calibration error, Guo et al. 2017): next-token top-1 probability as
+  confidence, in ``ECE_BINS`` equal-width bins; Σ_b (n_b / N)·|mean conf_b − accuracy_b|.
+- **KL to base**: per token, KL(p_base ‖ p_adapted) = Σ_v p_base(v)·(log p_base(v) −
+  log p_adapted(v)), averaged over tokens, with the base = the adapter disabled (peft's
+  ``disable_adapter``). Unlike the loss it cannot fall below zero by recalibrating the
+  model toward raw text: it measures how far the next-token distribution moved at all.
+"""
 
 from __future__ import annotations
 
@@ -21,42 +30,116 @@ class EvalResult:
     ece: float
     tokens: int
     block_losses: list[float] = field(repr=False)
+    kl_to_base: float | None = None
+    """Mean per-token KL(base ‖ adapted) in nats; None when not measured."""
+
+
+@dataclass
+class _Tally:
+    """Running sums for one set of blocks: per-block losses, calibration bins, KL."""
+
+    block_losses: list[float] = field(default_factory=list)
+    bin_count: torch.Tensor = field(default_factory=lambda: torch.zeros(ECE_BINS,
+                                                                        dtype=torch.float64))
+    bin_conf: torch.Tensor = field(default_factory=lambda: torch.zeros(ECE_BINS,
+                                                                       dtype=torch.float64))
+    bin_correct: torch.Tensor = field(default_factory=lambda: torch.zeros(ECE_BINS,
+                                                                          dtype=torch.float64))
+    kl_sum: float = 0.0
+
+    def add(self, logprobs: torch.Tensor, targets: torch.Tensor,
+            kl: torch.Tensor | None) -> None:
+        """Blocks' log-probabilities (B, T-1, V), targets (B, T-1), per-token KL (B, T-1)."""
+        nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+        self.block_losses.extend(nll.mean(dim=1).double().cpu().tolist())
+        conf, pred = logprobs.max(dim=-1)
+        counts, conf_sums, correct_sums = calibration_bins(conf.exp().flatten().cpu(),
+                                                           (pred == targets).flatten().cpu())
+        self.bin_count += counts
+        self.bin_conf += conf_sums
+        self.bin_correct += correct_sums
+        if kl is not None:
+            self.kl_sum += kl.double().sum().item()
+
+    def merged(self, other: _Tally) -> _Tally:
+        return _Tally(self.block_losses + other.block_losses, self.bin_count + other.bin_count,
+                      self.bin_conf + other.bin_conf, self.bin_correct + other.bin_correct,
+                      self.kl_sum + other.kl_sum)
+
+    def result(self, with_kl: bool) -> EvalResult:
+        tokens = int(self.bin_count.sum().item())
+        loss = sum(self.block_losses) / len(self.block_losses)
+        return EvalResult(loss=loss, perplexity=math.exp(loss),
+                          ece=ece_from_bins(self.bin_count, self.bin_conf, self.bin_correct),
+                          tokens=tokens, block_losses=self.block_losses,
+                          kl_to_base=self.kl_sum / tokens if with_kl else None)
+
+
+def calibration_bins(confidence: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per equal-width confidence bin: count, sum of confidences, number correct."""
+    conf = confidence.double().flatten()
+    hits = correct.double().flatten()
+    idx = torch.clamp((conf * bins).long(), min=0, max=bins - 1)
+    return (torch.bincount(idx, minlength=bins).double(),
+            torch.bincount(idx, weights=conf, minlength=bins),
+            torch.bincount(idx, weights=hits, minlength=bins))
+
+
+def ece_from_bins(count: torch.Tensor, conf_sum: torch.Tensor, correct_sum: torch.Tensor,
+                  ) -> float:
+    """Σ_b |Σ conf − Σ correct| / N: the count-weighted gap between confidence and accuracy."""
+    total = count.sum().item()
+    return float((conf_sum - correct_sum).abs().sum().item() / total) if total else 0.0
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor,
+                               bins: int = ECE_BINS) -> float:
+    """ECE of predictions with top-1 ``confidence`` in [0, 1] and 0/1 ``correct``."""
+    return ece_from_bins(*calibration_bins(confidence, correct, bins))
+
+
+def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(base ‖ other) in nats from log-probabilities over the last axis."""
+    return (base_logprobs.exp() * (base_logprobs - logprobs)).sum(dim=-1)
+
+
+def _logprobs(lm: AdaptedModel, batch: torch.Tensor) -> torch.Tensor:
+    with lm.autocast():
+        logits = lm.model(input_ids=batch).logits[:, :-1]
+    return torch.log_softmax(logits.float(), dim=-1)  # (B, T-1, V)
 
 
 @torch.no_grad()
-def evaluate_blocks(lm: AdaptedModel, blocks: torch.Tensor, batch_size: int) -> EvalResult:
-    """Mean next-token loss, perplexity and token-level expected calibration error.
-
-    ECE uses the top-1 probability as confidence in ``ECE_BINS`` equal-width bins.
-    """
+def evaluate_kinds(lm: AdaptedModel, kinds: dict[str, torch.Tensor], batch_size: int, *,
+                   kl_to_base: bool = False) -> tuple[dict[str, EvalResult], EvalResult]:
+    """Loss, perplexity, ECE (and with ``kl_to_base`` the KL from the base model) for each
+    named set of blocks, and over all of them together (block-weighted)."""
     model = lm.model
     was_training = model.training
     model.eval()
-    block_losses: list[float] = []
-    bin_count = torch.zeros(ECE_BINS, dtype=torch.float64)
-    bin_conf = torch.zeros(ECE_BINS, dtype=torch.float64)
-    bin_correct = torch.zeros(ECE_BINS, dtype=torch.float64)
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks[start:start + batch_size].to(lm.device)
-        with lm.autocast():
-            logits = model(input_ids=batch).logits[:, :-1]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, T-1, V)
-        targets = batch[:, 1:]
-        nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-        block_losses.extend(nll.mean(dim=1).double().cpu().tolist())
-        conf, pred = logprobs.max(dim=-1)
-        conf = conf.exp().double().flatten().cpu()
-        correct = (pred == targets).double().flatten().cpu()
-        bins = torch.clamp((conf * ECE_BINS).long(), max=ECE_BINS - 1)
-        bin_count += torch.bincount(bins, minlength=ECE_BINS)
-        bin_conf += torch.bincount(bins, weights=conf, minlength=ECE_BINS)
-        bin_correct += torch.bincount(bins, weights=correct, minlength=ECE_BINS)
+    tallies = {name: _Tally() for name in kinds}
+    for name, blocks in kinds.items():
+        for start in range(0, len(blocks), batch_size):
+            batch = blocks[start:start + batch_size].to(lm.device)
+            logprobs = _logprobs(lm, batch)
+            kl = None
+            if kl_to_base:
+                with model.disable_adapter():
+                    kl = kl_divergence(_logprobs(lm, batch), logprobs)
+            tallies[name].add(logprobs, batch[:, 1:], kl)
     model.train(was_training)
-    total = bin_count.sum().item()
-    ece = float((bin_conf - bin_correct).abs().sum().item() / total)
-    loss = sum(block_losses) / len(block_losses)
-    return EvalResult(loss=loss, perplexity=math.exp(loss), ece=ece, tokens=int(total),
-                      block_losses=block_losses)
+    overall = _Tally()
+    for tally in tallies.values():
+        overall = overall.merged(tally)
+    return ({name: t.result(kl_to_base) for name, t in tallies.items()},
+            overall.result(kl_to_base))
+
+
+def evaluate_blocks(lm: AdaptedModel, blocks: torch.Tensor, batch_size: int, *,
+                    kl_to_base: bool = False) -> EvalResult:
+    """Mean next-token loss, perplexity and token-level ECE on one set of blocks."""
+    return evaluate_kinds(lm, {"blocks": blocks}, batch_size, kl_to_base=kl_to_base)[1]
 
 
 def paired_standard_error(before: list[float], after: list[float]) -> float:

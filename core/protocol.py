@@ -14,7 +14,8 @@ MASKED_VECTOR = "vector"   # … its one uint32 array (privacy.secagg.encoding's
 SECAGG_SETUP = "secagg_setup"            # 1: public keys
 SECAGG_SHARE_KEYS = "secagg_share_keys"  # 2: encrypted shares of each site's secrets
 SECAGG_MASKED = "secagg_masked"          # 3: train, then reply with the masked update
-SECAGG_UNMASK = "secagg_unmask"          # 4: the shares that unmask the sum
+SECAGG_CONSISTENCY = "secagg_consistency"  # 4: each survivor signs the survivor set
+SECAGG_UNMASK = "secagg_unmask"          # 5: the shares that unmask the sum
 
 # ConfigRecord keys sent by the server
 RUN_CONFIG = "run-config"  # the RunConfig as JSON

@@ -8,7 +8,11 @@
 - ``<site>.key`` / ``<site>.pub``: one SuperNode authentication key pair per site, in the
   formats Flower 1.42 loads: an OpenSSH private key on an NIST curve (``flower-supernode
   --auth-supernode-private-key`` reads it with ``load_ssh_private_key``) and an OpenSSH
-  public key (``flwr supernode register`` reads it with ``load_ssh_public_key``).
+  public key (``flwr supernode register`` reads it with ``load_ssh_public_key``);
+- ``<site>.secagg.key`` / ``<site>.secagg.crt``: one secure aggregation signing key per
+  site (Ed25519) and its certificate from the CA, for the SecAgg extended key usage
+  (:mod:`fedcpt.privacy.secagg.identity`): sites sign their round keys and survivor
+  sets with it, and check each other's against ``ca.crt``.
 
 Private keys are written with mode 0600; no file is ever overwritten unless ``force``.
 """
@@ -25,9 +29,16 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedcpt.exceptions import ConfigError
+from fedcpt.privacy.secagg.identity import (
+    SECAGG_SIGNING,
+    signing_cert_file,
+    signing_key_file,
+    simulated_site_stem,
+)
 
 CURVE = ec.SECP384R1()
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -45,6 +56,7 @@ class FederationFiles:
     server_key: Path
     server_cert: Path
     site_keys: dict[str, tuple[Path, Path]]  # site -> (private key, public key)
+    signing: dict[str, tuple[Path, Path]]  # site -> (SecAgg signing key, its certificate)
 
 
 RESERVED = {"ca", "superlink"}  # file stems of the CA and SuperLink keys in the same folder
@@ -157,6 +169,49 @@ def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certifica
     return key, cert
 
 
+def make_site_signing_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate,
+                           site: str, days: int) -> tuple[Ed25519PrivateKey, x509.Certificate]:
+    """A site's SecAgg signing key and its certificate (common name = the site), signed
+    by the CA for the SecAgg extended key usage only."""
+    key = Ed25519PrivateKey.generate()
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(site))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=False, crl_sign=False,
+            content_commitment=False, key_encipherment=False, data_encipherment=False,
+            key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([SECAGG_SIGNING]), critical=True)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def write_site_signing_certs(out_dir: Path, ca_key: ec.EllipticCurvePrivateKey,
+                             ca_cert: x509.Certificate, sites: dict[str, str],
+                             days: int) -> dict[str, tuple[Path, Path]]:
+    """Write ``<stem>.secagg.key`` / ``<stem>.secagg.crt`` for every ``stem: site name``."""
+    made = {stem: make_site_signing_cert(ca_key, ca_cert, s, days) for stem, s in sites.items()}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for site, (key, cert) in made.items():
+        paths[site] = signing_key_file(out_dir, site), signing_cert_file(out_dir, site)
+        _write(paths[site][0], key.private_bytes(serialization.Encoding.PEM,
+                                                 serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()), private=True)
+        _write(paths[site][1], cert.public_bytes(serialization.Encoding.PEM), private=False)
+    return paths
+
+
 def pem_private_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM,
                              serialization.PrivateFormat.PKCS8,
@@ -192,9 +247,12 @@ def write_federation_certs(out_dir: Path, addresses: list[str], sites: list[str]
         ca_key=out_dir / "ca.key", ca_cert=out_dir / "ca.crt",
         server_key=out_dir / "superlink.key", server_cert=out_dir / "superlink.crt",
         site_keys={s: (out_dir / f"{s}.key", out_dir / f"{s}.pub") for s in sites},
+        signing={s: (signing_key_file(out_dir, s), signing_cert_file(out_dir, s))
+                 for s in sites},
     )
     targets = [files.ca_key, files.ca_cert, files.server_key, files.server_cert,
-               *(p for pair in files.site_keys.values() for p in pair)]
+               *(p for pair in files.site_keys.values() for p in pair),
+               *(p for pair in files.signing.values() for p in pair)]
     existing = [str(p) for p in targets if p.exists()]
     if existing and not force:
         raise ConfigError(f"refusing to overwrite {', '.join(existing)} (use --force)")
@@ -212,4 +270,16 @@ def write_federation_certs(out_dir: Path, addresses: list[str], sites: list[str]
         key_path, pub_path = files.site_keys[site]
         _write(key_path, private, private=True)
         _write(pub_path, public, private=False)
+    write_site_signing_certs(out_dir, ca_key, ca_cert, {s: s for s in sites}, days)
     return files
+
+
+def provision_simulated_identities(folder: Path, sites: list[str]) -> None:
+    """A throwaway CA (``ca.crt``; its key is never written) and one SecAgg signing
+    identity per simulated node, named by partition id, so that secure aggregation in
+    ``fedcpt simulate`` runs with authenticated keys out of the box."""
+    ca_key, ca_cert = make_ca(days=7)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write(folder / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
+    write_site_signing_certs(folder, ca_key, ca_cert,
+                             {simulated_site_stem(i): s for i, s in enumerate(sites)}, days=7)

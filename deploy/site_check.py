@@ -32,17 +32,27 @@ from fedcpt.client.site import (
     REQUIRE_DP_KEY,
     REQUIRE_SECAGG_KEY,
     SITE_NAME_KEY,
+    policy_for,
     resolve_site,
     site_blocks,
 )
-from fedcpt.config import RunConfig
+from fedcpt.config import RunConfig, SiteConfig
 from fedcpt.exceptions import ConfigError
 from fedcpt.privacy.ledger import PrivacyLedger
+from fedcpt.privacy.policy import NODE_KEYS, POLICY_FILE_KEY, SitePolicy, site_policy
+from fedcpt.privacy.secagg.identity import (
+    CA_CERT_KEY,
+    SIGNING_CERT_KEY,
+    SIGNING_KEY_KEY,
+    identity_for,
+)
 
 log = logging.getLogger(__name__)
 
-KNOWN_KEYS = (SITE_NAME_KEY, DATA_PATH_KEY, LEDGER_PATH_KEY, BUDGET_KEY, REQUIRE_DP_KEY,
-              REQUIRE_SECAGG_KEY)
+KNOWN_KEYS = (SITE_NAME_KEY, DATA_PATH_KEY, REQUIRE_SECAGG_KEY, POLICY_FILE_KEY,
+              *(k for k in NODE_KEYS if k not in (BUDGET_KEY, REQUIRE_DP_KEY, LEDGER_PATH_KEY)),
+              LEDGER_PATH_KEY, BUDGET_KEY, REQUIRE_DP_KEY,
+              CA_CERT_KEY, SIGNING_KEY_KEY, SIGNING_CERT_KEY)
 # Curves Flower accepts for SuperNode authentication keys (NIST curves).
 NIST_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
 BOOLEAN = {"true": True, "1": True, "false": False, "0": False}
@@ -95,27 +105,56 @@ def check_node_config(node_config: dict) -> list[str]:
                 raise ConfigError(f"node-config `{key}` must be true or false; got "
                                   f"{node_config[key]!r}")
             lines.append(f"{what}: {'yes' if BOOLEAN[flag] else 'no'}")
-    return lines
+    if any(k in node_config for k in (CA_CERT_KEY, SIGNING_KEY_KEY, SIGNING_CERT_KEY)):
+        lines.append(f"secure aggregation identity: {identity_for(node_config).name}")
+    return lines + node_policy(node_config).lines()
+
+
+def node_policy(node_config: dict) -> SitePolicy:
+    """The privacy policy a deployed site's node config (and policy file) puts in force."""
+    site = SiteConfig(name=str(node_config.get(SITE_NAME_KEY, "site")),
+                      data=(str(node_config.get(DATA_PATH_KEY, "-")),))
+    return site_policy(None, site, node_config, deployed=True)
 
 
 def check_data(cfg: RunConfig, node_config: dict) -> str:
     """Load and count the site's blocks with the ClientApp's own code."""
     site = resolve_site(cfg, node_config)
-    blocks = site_blocks(site, cfg.model, cfg.data)
-    return (f"data: {len(blocks.train)} training + {len(blocks.heldout)} held-out blocks of "
-            f"{cfg.data.block_size} tokens from {blocks.documents} documents")
+    policy = policy_for(cfg, site, node_config)
+    blocks = site_blocks(site, cfg.model, cfg.data, policy)
+    delta = policy.delta_for(blocks.units)  # refuses δ ≥ 1/N
+    line = (f"data: {len(blocks.train)} training + {len(blocks.heldout)} held-out blocks of "
+            f"{cfg.data.block_size} tokens from {blocks.documents} documents, in "
+            f"{blocks.units} training + {blocks.heldout_unit_count} held-out privacy units "
+            f"({blocks.unit}); δ = {delta:.3g}")
+    if policy.eval_release != "nothing" and blocks.heldout_unit_count < policy.eval_min_units:
+        log.warning("site %s will refuse every evaluation: %d held-out units, fewer than "
+                    "its eval-min-units %d", site.name, blocks.heldout_unit_count,
+                    policy.eval_min_units)
+        line += (f"; evaluation will be refused ({blocks.heldout_unit_count} held-out units "
+                 f"< eval-min-units {policy.eval_min_units})")
+    return line
 
 
 def check_ledger(node_config: dict) -> str:
     """An existing ledger must be this site's and intact; a new one must be creatable."""
-    if LEDGER_PATH_KEY not in node_config:
+    policy = node_policy(node_config)
+    if not policy.ledger_path:
+        if policy.require_dp:
+            raise ConfigError(f"node-config sets `{REQUIRE_DP_KEY}=true` but no "
+                              f"`{LEDGER_PATH_KEY}`: a DP site keeps its own ledger (one the "
+                              "server placed could be reset by the server)")
         return "privacy ledger: none set (needed only when the run uses DP-SGD)"
-    path = Path(str(node_config[LEDGER_PATH_KEY])).expanduser()
-    site = str(node_config[SITE_NAME_KEY])
+    path = Path(policy.ledger_path).expanduser()
+    site = policy.site
     if path.exists():
         ledger = PrivacyLedger.load(path)
         if ledger.site != site:
             raise ConfigError(f"{path} is the ledger of site {ledger.site!r}, not {site!r}")
+        if ledger.unit != policy.unit:
+            raise ConfigError(f"{path} holds a history for privacy unit {ledger.unit!r}, but "
+                              f"the site's unit is {policy.unit!r}: give it its own "
+                              f"`{LEDGER_PATH_KEY}`")
         if not os.access(path, os.W_OK):
             raise ConfigError(f"privacy ledger {path} is not writable")
         return f"privacy ledger: {path} (ε spent {ledger.epsilon():.3f}, {ledger.steps} steps)"

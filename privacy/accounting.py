@@ -30,7 +30,9 @@ def epsilon(history: Sequence[Step], delta: float, accountant: str = "prv") -> f
         return 0.0
     acc = create_accountant(mechanism=accountant)
     acc.history = entries
-    return float(acc.get_epsilon(delta=delta))
+    # PRV's numerical inversion can return ε < 0 at large δ (−0.68 at δ = 0.5); ε is never
+    # below 0, and reporting a negative one would be meaningless.
+    return max(0.0, float(acc.get_epsilon(delta=delta)))
 
 
 def plan_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,

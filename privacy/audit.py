@@ -2,8 +2,9 @@
 https://arxiv.org/abs/2305.08846).
 
 ``m`` random canary blocks are made; each is inserted into a site's training data with
-probability ½. After training the site's step exactly as a real run would (DP-SGD with its
-planned σ, or without DP), each canary is scored by how much its loss dropped under the
+probability ½, as a privacy unit of its own (so the bound is on the unit-level ε). After
+training the site's step exactly as a real run would (DP-SGD with its planned σ, or
+without DP), each canary is scored by how much its loss dropped under the
 trained adapter compared with the base model. The auditor guesses "inserted" for the
 highest scores and "not inserted" for the lowest; the number of correct guesses turns
 into a lower bound on ε that holds with confidence 1 − β. Under DP the bound must stay
@@ -30,6 +31,7 @@ from fedcpt.exceptions import ConfigError
 from fedcpt.privacy.accounting import epsilon
 from fedcpt.privacy.dpsgd import train_adapter_dp
 from fedcpt.privacy.plan import plan_site
+from fedcpt.privacy.policy import site_policy
 
 log = logging.getLogger(__name__)
 
@@ -136,15 +138,20 @@ def run_audit(cfg: RunConfig, *, site_index: int = 0, canaries: int = 200,
     steps = steps or cfg.federation.rounds * cfg.train.local_steps
     lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
     load_adapter(lm.model, lm.initial_adapter)
-    data = load_blocks(site.data, lm.tokenizer, cfg.data, what=f"site {site.name!r}",
-                       max_train_tokens=data_blocks * cfg.data.block_size).train
+    policy = site_policy(cfg, site, {}, deployed=False)
+    blocks = load_blocks(site.data, lm.tokenizer, cfg.data, what=f"site {site.name!r}",
+                         max_train_tokens=data_blocks * cfg.data.block_size, unit=policy.unit)
+    data = blocks.train
 
     generator = torch.Generator().manual_seed(seed)
     vocab = lm.model.get_input_embeddings().weight.shape[0]
     canary_blocks = torch.randint(0, vocab, (canaries, data.shape[1]), generator=generator)
     inserted = torch.rand(canaries, generator=generator) < 0.5
+    # Each canary is a privacy unit of its own, beside the site's units (``policy.unit``).
     train_set = torch.cat([data, canary_blocks[inserted]])
-    records = len(train_set)
+    owners = torch.cat([blocks.train_units,
+                        blocks.units + torch.arange(int(inserted.sum()))])
+    records = blocks.units + int(inserted.sum())
     batch = cfg.train.eval_batch_size
 
     with lm.model.disable_adapter():
@@ -160,7 +167,8 @@ def run_audit(cfg: RunConfig, *, site_index: int = 0, canaries: int = 200,
                              batch_size=cfg.train.batch_size, steps=steps, delta=delta)
             sigma = plan.noise_multiplier
             train_adapter_dp(lm, train_set, train, cfg.privacy, lr=cfg.train.lr,
-                             noise_multiplier=sigma, sample_rate=plan.sample_rate)
+                             noise_multiplier=sigma, sample_rate=plan.sample_rate,
+                             units=owners)
             accountant_eps = epsilon([(sigma, plan.sample_rate, steps)], delta,
                                      cfg.privacy.accountant)
         else:

@@ -7,6 +7,9 @@ for leaves the site, so a crash never loses spend. Each (run, round) is recorded
 once: asked for a paid round again, a site resends the update it stored
 (:mod:`fedcpt.client.update_cache`) instead of paying twice. A SHA-256 checksum detects
 corruption and hand edits; it is not a signature (the site owns its ledger).
+The ledger records the site's privacy unit: a history kept for one unit (a document, a
+patient) is never composed with rounds run for another (version-1 ledgers predate units:
+their unit is ``block``). δ can only be tightened once the ledger exists.
 Ledger files are named ``<site>.ledger.json``.
 """
 
@@ -28,7 +31,8 @@ from fedcpt.privacy.durable import write_durably
 
 log = logging.getLogger(__name__)
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
+LEGACY_UNIT = "block"  # version-1 ledgers: one packed block per record
 LEDGER_SUFFIX = ".ledger.json"
 
 
@@ -54,6 +58,7 @@ class LedgerEntry:
     sample_rate: float
     steps: int
     recorded_at: str
+    kind: str = "train"  # train: DP-SGD steps; eval: a noised evaluation release
 
 
 def _checksum(body: dict) -> str:
@@ -76,33 +81,49 @@ class PrivacyLedger:
         The site's total budget.
     accountant : str
         ``prv`` (reported) or ``rdp``.
+    unit : str
+        The privacy unit every recorded step protects (the site policy's).
     """
 
     def __init__(self, path: Path, site: str, *, delta: float, target_epsilon: float,
-                 accountant: str = "prv", entries: list[LedgerEntry] | None = None) -> None:
+                 accountant: str = "prv", entries: list[LedgerEntry] | None = None,
+                 unit: str = "document") -> None:
         self.path = Path(path)
         self.site = site
         self.delta = delta
         self.target_epsilon = target_epsilon
         self.accountant = accountant
+        self.unit = unit
         self.entries: list[LedgerEntry] = list(entries or [])
+        # the site policy in force at the last record: each value and who set it
+        self.policy: dict[str, dict] = {}
 
     @classmethod
     def open(cls, path: Path, site: str, *, delta: float, target_epsilon: float,
-             accountant: str = "prv", site_sets_budget: bool = False) -> PrivacyLedger:
+             accountant: str = "prv", site_sets_budget: bool = False,
+             unit: str = "document") -> PrivacyLedger:
         """Load the site's ledger, or start an empty one if the file does not exist yet.
 
         The budget stored in an existing ledger can be lowered by a run's configuration but
-        only raised by the site itself (``site_sets_budget``: its own node config).
+        only raised by the site itself (``site_sets_budget``: its own policy). A stored δ
+        is kept unless ``delta`` is smaller; a ledger of another unit is refused.
         """
         path = Path(path)
         if not path.exists():
             return cls(path, site, delta=delta, target_epsilon=target_epsilon,
-                       accountant=accountant)
+                       accountant=accountant, unit=unit)
         ledger = cls.load(path)
         if ledger.site != site:
             raise LedgerError(f"{path} is the ledger of site {ledger.site!r}, not {site!r}")
-        if ledger.delta != delta:
+        if ledger.unit != unit:
+            raise LedgerError(
+                f"{path} holds a history for privacy unit {ledger.unit!r}, but the site's "
+                f"unit is now {unit!r}: histories of different units are never composed; "
+                "give this unit its own ledger-path")
+        if delta < ledger.delta:
+            log.warning("ledger %s: δ tightened from %.3g to %.3g", path, ledger.delta, delta)
+            ledger.delta = delta
+        elif delta > ledger.delta:
             log.warning("ledger %s keeps its δ=%.3g (the run asked for δ=%.3g)", path,
                         ledger.delta, delta)
         if site_sets_budget or target_epsilon < ledger.target_epsilon:
@@ -143,12 +164,15 @@ class PrivacyLedger:
             site, delta = body["site"], float(body["delta"])
         except (ValueError, KeyError, TypeError) as err:
             raise LedgerError(f"{path} is not a valid privacy ledger: {err}") from None
-        if body.get("version") != LEDGER_VERSION:
+        if body.get("version") not in (1, LEDGER_VERSION):
             raise LedgerError(f"{path}: unsupported ledger version {body.get('version')!r}")
         if _checksum(body) != checksum:
             raise LedgerError(f"{path}: checksum mismatch: the ledger was modified or corrupted")
-        return cls(path, site, delta=delta, target_epsilon=float(body["target_epsilon"]),
-                   accountant=str(body["accountant"]), entries=entries)
+        ledger = cls(path, site, delta=delta, target_epsilon=float(body["target_epsilon"]),
+                     accountant=str(body["accountant"]), entries=entries,
+                     unit=str(body.get("unit", LEGACY_UNIT)))
+        ledger.policy = dict(body.get("policy", {}))
+        return ledger
 
     @property
     def history(self) -> list[Step]:
@@ -156,7 +180,8 @@ class PrivacyLedger:
 
     @property
     def steps(self) -> int:
-        return sum(e.steps for e in self.entries)
+        """DP-SGD steps (noised evaluation releases are entries of kind ``eval``)."""
+        return sum(e.steps for e in self.entries if e.kind == "train")
 
     def epsilon(self, accountant: str | None = None) -> float:
         """Cumulative ε of every recorded step at the ledger's δ."""
@@ -183,7 +208,7 @@ class PrivacyLedger:
                     None)
 
     def record(self, run: str, server_round: int, noise_multiplier: float, sample_rate: float,
-               steps: int) -> None:
+               steps: int, kind: str = "train") -> None:
         """Append one round and persist it durably before returning.
 
         Raises LedgerError if the round is already recorded: a round is paid for once."""
@@ -193,7 +218,7 @@ class PrivacyLedger:
         self.entries.append(LedgerEntry(
             run=run, round=server_round, noise_multiplier=noise_multiplier,
             sample_rate=sample_rate, steps=steps,
-            recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+            recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), kind=kind))
         self.save()
 
     def save(self) -> None:
@@ -203,6 +228,8 @@ class PrivacyLedger:
             "delta": self.delta,
             "target_epsilon": self.target_epsilon,
             "accountant": self.accountant,
+            "unit": self.unit,
+            "policy": self.policy,
             "entries": [asdict(e) for e in self.entries],
         }
         payload = dict(body, checksum=_checksum(body))

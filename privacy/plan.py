@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from dataclasses import dataclass
 
 from fedcpt.config import PrivacyConfig
 from fedcpt.privacy.accounting import Step, epsilon, plan_noise
+from fedcpt.privacy.dpsgd import unit_sample_rate
 from fedcpt.privacy.ledger import PrivacyLedger
+from fedcpt.privacy.policy import default_delta
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +28,9 @@ class SitePlan:
     expected_epsilon: float
 
 
-def site_delta(privacy: PrivacyConfig, records: int) -> float:
-    """δ for a site with ``records`` training records: the configured one, else 1/N."""
-    return privacy.target_delta or 1.0 / records
-
-
-def sample_rate(records: int, batch_size: int) -> float:
-    """The Poisson rate Opacus's DPDataLoader samples at: 1 / ⌈N / B⌉ (at most B / N)."""
-    return 1.0 / math.ceil(records / batch_size)
+def sample_rate(units: int, batch_size: int) -> float:
+    """The Poisson rate the unit sampler uses: q = B / N units (at most 1)."""
+    return unit_sample_rate(units, batch_size)
 
 
 def plan_site(privacy: PrivacyConfig, *, site: str, records: int, batch_size: int, steps: int,
@@ -45,7 +41,7 @@ def plan_site(privacy: PrivacyConfig, *, site: str, records: int, batch_size: in
     A configured ``privacy.noise_multiplier`` is used as is (ε is then whatever it costs).
     """
     q = sample_rate(records, batch_size)
-    delta = delta if delta is not None else site_delta(privacy, records)
+    delta = delta if delta is not None else default_delta(records)
     prior = prior or []
     sigma = privacy.noise_multiplier or plan_noise(
         target_epsilon=target_epsilon or privacy.target_epsilon, delta=delta, sample_rate=q,
@@ -55,14 +51,19 @@ def plan_site(privacy: PrivacyConfig, *, site: str, records: int, batch_size: in
                     noise_multiplier=sigma, expected_epsilon=expected)
 
 
+EVAL_RUN_SUFFIX = "/eval"  # ledger run id of a run's noised evaluation releases
+
+
 def plan_run(privacy: PrivacyConfig, ledger: PrivacyLedger, *, records: int, batch_size: int,
-             steps: int, run_id: str) -> SitePlan:
+             steps: int, run_id: str, reserved: tuple[Step, ...] = ()) -> SitePlan:
     """The site's plan for run ``run_id`` on top of what its ledger holds from other runs
-    and phases (this run's own earlier rounds are part of the plan, not prior spend).
+    and phases (this run's own earlier rounds are part of the plan, not prior spend), with
+    room kept for ``reserved`` releases of this run (its noised evaluations).
 
     Cached per process: planning runs a PRV bisection, and every round asks again."""
+    own = (run_id, run_id + EVAL_RUN_SUFFIX)
     prior = tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries
-                  if e.run != run_id)
+                  if e.run not in own) + tuple(reserved)
     return _plan_cached(privacy, ledger.site, records, batch_size, steps, prior, ledger.delta,
                         ledger.target_epsilon)
 

@@ -19,25 +19,46 @@ from fedcpt.privacy.accounting import epsilon  # noqa: E402
 from fedcpt.privacy.ledger import LEDGER_SUFFIX, LedgerError, PrivacyLedger  # noqa: E402
 
 STATEMENT = (
-    "Record-level differential privacy: each site trains with DP-SGD (Poisson sampling, "
-    "per-block clipping, Gaussian noise), and a record is one packed block of tokens of the "
-    "site's own training data. ε is cumulative over every DP-SGD step in the site's ledger "
-    "(all rounds, restarts and phases). Sites hold disjoint data, so the federation's "
-    "record-level ε is the maximum over sites; aggregation and anything the server does "
-    "with the adapters are post-processing. Not covered: user-level privacy when one "
-    "person's text spans many blocks or several sites; the held-out evaluation losses each "
-    "site reports (held-out blocks are never trained on, but their losses are released "
-    "without noise); and any text shared outside training.")
+    "Unit-level differential privacy at each site: the unit is named by the site's own "
+    "policy (a document, a file, a folder, or every record sharing a field such as "
+    "patient_id), and no training block spans two units. Each DP-SGD step Poisson-samples "
+    "units, takes one block from each sampled unit, clips its gradient and adds Gaussian "
+    "noise, so ε bounds what the adapter updates reveal about any one unit. ε is "
+    "cumulative over every step and noised evaluation release in the site's ledger (all "
+    "rounds, restarts and phases), at the site's δ. Sites hold disjoint data, so the "
+    "federation's ε is the maximum over sites; aggregation and anything the server does "
+    "with the adapters are post-processing. Not covered: one person whose text sits in "
+    "several units or at several sites (unless the unit is that person), quantities listed "
+    "below as not covered, and any text shared outside training.")
+
+# What a site sends the server, and whether its ε covers it (eval depends on the policy).
+RELEASES = (
+    ("adapter update (DP-SGD)", "covered by ε"),
+    ("num-examples (steps × expected batch, data-independent)", "not data-dependent"),
+    ("train-seconds", "not released under DP (sent as 0: it depends on Poisson batch sizes)"),
+    ("training loss", "not released under DP"),
+    ("ε, δ, σ, q and DP steps", "public: together they reveal N, the number of training "
+     "units, which fedcpt treats as public"),
+    ("refusals (budget exhausted, policy refused)", "functions of the public parameters"),
+)
+EVAL_RELEASE = {
+    "nothing": "evaluation: nothing released",
+    "plain": "evaluation loss, base loss, ECE: released WITHOUT noise, NOT covered by ε",
+    "noised": "evaluation loss, base loss, ECE: Gaussian mechanism on clipped per-unit "
+              "values, covered by ε (in the ledger)",
+}
 
 
 def site_table(sites: dict[str, dict[str, Any]]) -> list[str]:
     """Markdown rows of per-site ε, δ, steps, σ and q."""
-    lines = ["| site | ε | ε (RDP) | δ | steps | σ | q |", "|---|---|---|---|---|---|---|"]
+    lines = ["| site | unit | ε | ε (RDP) | δ | steps | σ | q |",
+             "|---|---|---|---|---|---|---|---|"]
     for site, r in sites.items():
         sigma = "n/a" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.4f}"
         q = "n/a" if r["sample_rate"] is None else f"{r['sample_rate']:.5f}"
-        lines.append(f"| {site} | {r['epsilon']:.3f} | {r['epsilon_rdp']:.3f} | "
-                     f"{r['delta']:.3g} | {r['steps']} | {sigma} | {q} |")
+        lines.append(f"| {site} | {r.get('unit', 'block')} | {r['epsilon']:.3f} | "
+                     f"{r['epsilon_rdp']:.3f} | {r['delta']:.3g} | {r['steps']} | {sigma} | "
+                     f"{q} |")
     return lines
 
 
@@ -54,10 +75,17 @@ def find_ledgers(path: Path) -> list[PrivacyLedger]:
 
 
 def site_row(ledger: PrivacyLedger) -> dict[str, Any]:
-    last = ledger.entries[-1] if ledger.entries else None
+    trained = [e for e in ledger.entries if e.kind == "train"]
+    last = trained[-1] if trained else None
     eps = ledger.epsilon()
+    release = ledger.policy.get("eval_release", {}).get("value", "unknown")
     return {
         "site": ledger.site,
+        "unit": ledger.unit,
+        "policy": ledger.policy,
+        "releases": [f"{what}: {how}" for what, how in RELEASES]
+        + [EVAL_RELEASE.get(release, f"evaluation: policy {release!r} (not recorded)")],
+        "eval_releases": sum(e.steps for e in ledger.entries if e.kind == "eval"),
         "epsilon": eps,
         "epsilon_rdp": ledger.epsilon("rdp"),
         "delta": ledger.delta,
@@ -86,7 +114,8 @@ def write_privacy_report(ledgers: list[PrivacyLedger], out_dir: Path) -> dict[st
     payload = {
         "sites": {r["site"]: r for r in rows},
         "max_epsilon": max(r["epsilon"] for r in rows),
-        "level": "record",
+        "level": "unit",
+        "units": sorted({r["unit"] for r in rows}),
         "epsilon_per_round": curves,
         "statement": STATEMENT,
     }
@@ -105,11 +134,18 @@ def write_privacy_report(ledgers: list[PrivacyLedger], out_dir: Path) -> dict[st
     plt.close(fig)
 
     lines = ["# Privacy budget report", "", STATEMENT, "",
-             f"Federation record-level ε = **{payload['max_epsilon']:.3f}** (max over sites).",
+             f"Federation unit-level ε = **{payload['max_epsilon']:.3f}** (max over sites; "
+             f"units: {', '.join(payload['units'])}).",
              "", *site_table(payload["sites"]), "",
              "| site | accountant | budget | left | rounds |", "|---|---|---|---|---|"]
     lines += [f"| {r['site']} | {r['accountant']} | {r['target_epsilon']} | "
               f"{r['budget_left']:.3f} | {r['rounds']} |" for r in rows]
+    for r in rows:
+        lines += ["", f"## Site {r['site']}: what it releases", ""]
+        lines += [f"- {item}" for item in r["releases"]]
+        if r["policy"]:
+            lines += ["", "| policy | value | set by |", "|---|---|---|"]
+            lines += [f"| {k} | {v['value']} | {v['set_by']} |" for k, v in r["policy"].items()]
     lines += ["", "![ε per round](privacy_epsilon.png)", ""]
     (out_dir / "privacy_report.md").write_text("\n".join(lines))
     return payload

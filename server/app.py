@@ -24,9 +24,12 @@ from flwr.serverapp import Grid, ServerApp
 from fedcpt.config import DataConfig, ModelConfig, RunConfig, StrategyConfig, load_config
 from fedcpt.core import protocol
 from fedcpt.core.adapters import load_version
-from fedcpt.core.data import load_blocks, spread
+from fedcpt.core.behaviour import load_answers, save_answers
+from fedcpt.core.data import spread
+from fedcpt.core.general import load_general
 from fedcpt.core.model import AdaptedModel, load_adapted_model, load_tokenizer
 from fedcpt.core.progress import stream_plain_lines
+from fedcpt.core.retention import GeneralEvaluation
 from fedcpt.exceptions import ConfigError
 from fedcpt.server.fisher import FisherForSites
 from fedcpt.server.recorder import RunRecorder
@@ -48,16 +51,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GeneralData:
-    """What the server holds: an evaluation set no training ever sees, and a rehearsal
-    pool (minus a validation slice for choosing α) that server steps may train on."""
+    """What the server holds: evaluation blocks per kind that no training ever sees, and a
+    rehearsal pool drawn from the in-pool kinds (minus a validation slice for choosing α)
+    that server steps may train on."""
 
-    evaluation: torch.Tensor
+    kinds: dict[str, torch.Tensor]
+    in_pool: tuple[str, ...]
     rehearsal: torch.Tensor
     validation: torch.Tensor
 
+    @property
+    def evaluation(self) -> torch.Tensor:
+        """Every kind's evaluation blocks together."""
+        return torch.cat(list(self.kinds.values()))
+
 
 def general_data(cfg: RunConfig) -> GeneralData:
-    """Split the server's general sources by document hash (held-out → evaluation).
+    """The server's general kinds (:func:`fedcpt.core.general.load_general`).
 
     Cached per process: the simulation's preflight and the ServerApp share one process."""
     return _general_data(cfg.data, cfg.model, cfg.strategy, cfg.train.batch_size)
@@ -66,22 +76,34 @@ def general_data(cfg: RunConfig) -> GeneralData:
 @functools.lru_cache(maxsize=2)
 def _general_data(data: DataConfig, model: ModelConfig, strategy: StrategyConfig,
                   batch_size: int) -> GeneralData:
-    blocks = load_blocks(data.general, load_tokenizer(model), data, what="general data",
-                         max_train_tokens=0)
     n_val = strategy.rehearsal_val_blocks
-    pool, validation = blocks.train[n_val:], blocks.train[:n_val]
+    corpus = load_general(data, load_tokenizer(model), validation_blocks=n_val)
     needs_pool = (strategy.rehearsal != "none" or strategy.delta_scaling
                   or strategy.regression_guard or strategy.anchor == "ewc")
-    if needs_pool and len(pool) < batch_size:
+    if needs_pool and len(corpus.pool) < batch_size:
         raise ConfigError(
-            f"the general rehearsal pool has {len(pool)} blocks after {n_val} validation "
-            f"blocks, fewer than one batch ({batch_size}); add data.general sources")
-    return GeneralData(spread(blocks.heldout, data.general_eval_blocks), pool, validation)
+            f"the general rehearsal pool has {len(corpus.pool)} blocks after {n_val} "
+            f"validation blocks, fewer than one batch ({batch_size}); add sources to the "
+            "in-pool kinds of data.general_eval (rehearsal_share > 0)")
+    return GeneralData(corpus.evaluation, corpus.in_pool, corpus.pool, corpus.validation)
 
 
 def general_eval_blocks(cfg: RunConfig) -> torch.Tensor:
     """The server's held-out general evaluation blocks (never used for training)."""
     return general_data(cfg).evaluation
+
+
+def general_evaluation(cfg: RunConfig, lm: AdaptedModel, data: GeneralData,
+                       folder: RunFolder, resume: bool) -> GeneralEvaluation:
+    """The run's fixed general evaluation. The base model answers the built-in prompts
+    once; the answers are kept in the run folder, so a resumed run scores the same ones."""
+    if resume and folder.base_answers.is_file():
+        return GeneralEvaluation(data.kinds, data.in_pool, load_answers(folder.base_answers),
+                                 cfg.train.eval_batch_size)
+    evaluation = GeneralEvaluation.prepare(lm, data.kinds, data.in_pool, cfg.data,
+                                           cfg.train.eval_batch_size)
+    save_answers(folder.base_answers, evaluation.answers)
+    return evaluation
 
 
 def server_steps(cfg: RunConfig, lm: AdaptedModel, general: GeneralData) -> list[ServerStep]:
@@ -158,7 +180,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path,
                       if cfg.federation.initial_adapter else lm.initial_adapter)
         fed = Federation(
             grid=grid, cfg=cfg, aggregator=build_strategy(cfg), recorder=recorder, lm=lm,
-            general=data.evaluation, rng=rng, steps=steps,
+            general=general_evaluation(cfg, lm, data, folder, resume), rng=rng, steps=steps,
             config=ConfigRecord({protocol.RUN_CONFIG: cfg.to_json(),
                                  protocol.RUN_ID: recorder.run_id}),
             fisher=(FisherForSites(lm, spread(data.rehearsal, cfg.strategy.fisher_blocks))

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fedcpt.core.durable import write_json
-from fedcpt.core.evaluation import EvalResult
+from fedcpt.core.retention import GeneralReport
 from fedcpt.server.run_folder import RunFolder
 from fedcpt.strategies.base import SiteEvalReport, SiteTrainReport
 
@@ -32,7 +32,8 @@ class RunState:
     run_id: str
     started: float = field(default_factory=time.time)
     full_model_bytes: int = 0
-    general: dict[int, EvalResult] = field(default_factory=dict)
+    general: dict[int, GeneralReport] = field(default_factory=dict)
+    """The server's general evaluation of each committed round (checkpointed: base, last)."""
     domain_base: dict[str, float] = field(default_factory=dict)
     """Each site's base-model domain loss, as it first reported it."""
     train: dict[int, TrainOutcome] = field(default_factory=dict)
@@ -50,7 +51,7 @@ class RunState:
             "elapsed_s": time.time() - self.started,
             "full_model_bytes": self.full_model_bytes,
             # the summary needs only the base and the latest evaluation
-            "general": {r: asdict(self.general[r]) for r in {0, last_round}},
+            "general": {r: self.general[r].to_dict() for r in {0, last_round}},
             "domain_base": self.domain_base,
             "train": {r: asdict(t) for r, t in self.train.items()},
             "eval": {r: [asdict(x) for x in reports] for r, reports in self.evals.items()},
@@ -69,7 +70,7 @@ class RunState:
             run_id=run_id,
             started=time.time() - raw["elapsed_s"],
             full_model_bytes=raw["full_model_bytes"],
-            general={int(r): EvalResult(**e) for r, e in raw["general"].items()},
+            general={int(r): GeneralReport.from_dict(e) for r, e in raw["general"].items()},
             domain_base=raw["domain_base"],
             train={int(r): TrainOutcome([SiteTrainReport(**x) for x in t["reports"]],
                                         t["failures"], t["aggregated"])

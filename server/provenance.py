@@ -11,6 +11,7 @@ from importlib import metadata
 from typing import Any
 
 from fedcpt.config import RunConfig
+from fedcpt.core.builtin_sources import fingerprint, is_builtin
 from fedcpt.core.data import expand_source
 from fedcpt.core.durable import write_json
 from fedcpt.exceptions import DataError
@@ -24,9 +25,11 @@ def data_hashes(sources: tuple[str, ...]) -> dict[str, str]:
     """SHA-256 of every file a list of sources reads (built-in sources are named as is)."""
     hashes: dict[str, str] = {}
     for spec in sources:
-        if spec.startswith(("stdlib:", "hf:")):
-            hashes[spec] = f"builtin:{platform.python_version()}" if spec.startswith(
-                "stdlib:") else "remote"
+        if is_builtin(spec):
+            hashes[spec] = fingerprint(spec)
+            continue
+        if spec.startswith("hf:"):
+            hashes[spec] = "remote"
             continue
         try:
             paths = expand_source(spec)
@@ -51,7 +54,8 @@ def package_versions() -> dict[str, str]:
 def write_manifest(folder: RunFolder, cfg: RunConfig, run_id: str, started: float) -> None:
     """``manifest.json``: the run id, config, seed, package versions and data hashes."""
     data = {site.name: data_hashes(site.data) for site in cfg.sites}
-    data["general"] = data_hashes(cfg.data.general)
+    data["general"] = data_hashes(tuple(src for kind in cfg.data.general_kinds()
+                                        for src in kind.sources))
     write_json(folder.manifest, {
         "run_id": run_id,
         "config": cfg.to_dict(),

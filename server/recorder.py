@@ -13,8 +13,8 @@ from typing import Any
 
 from fedcpt.config import RunConfig
 from fedcpt.core.durable import write_json
-from fedcpt.core.evaluation import EvalResult
 from fedcpt.core.model import AdaptedModel
+from fedcpt.core.retention import GeneralReport
 from fedcpt.server.checkpoint import RunState, TrainOutcome
 from fedcpt.server.drift import Drift
 from fedcpt.server.provenance import read_run_id, version_provenance, write_manifest
@@ -103,14 +103,19 @@ class RunRecorder:
         """The drift monitor's verdict on the round (a rollback un-aggregates it)."""
         self.drift[server_round] = drift
 
-    def _round_record(self, server_round: int, general: EvalResult) -> RoundRecord:
+    def _round_record(self, server_round: int, report: GeneralReport) -> RoundRecord:
         outcome = self.state.train.get(server_round, TrainOutcome([], [], False))
         drift = self.drift.get(server_round)
         train, evals = outcome.reports, self.state.evals.get(server_round, [])
+        general = report.overall
         return RoundRecord(
             round=server_round,
             phase=self.cfg.phase_of(server_round).name,
             general_loss=general.loss,
+            general_per_kind={k: r.loss for k, r in report.kinds.items()},
+            general_kl_to_base=general.kl_to_base,
+            answer_loss=report.answers.loss if report.answers else None,
+            answer_exact_match=report.answers.exact_match if report.answers else None,
             general_perplexity=general.perplexity,
             general_ece=general.ece,
             domain_loss=weighted_mean([(r.loss, r.tokens) for r in evals]),
@@ -130,7 +135,7 @@ class RunRecorder:
             drift=drift.to_dict() if drift else {},
         )
 
-    def commit(self, server_round: int, general: EvalResult, lm: AdaptedModel,
+    def commit(self, server_round: int, general: GeneralReport, lm: AdaptedModel,
                stateful: Sequence[StatefulStep], rng: random.Random) -> None:
         """Finish a round: save the global adapter in ``lm`` as the round's version (with
         its provenance and the server steps' state), append its metrics line, then write
@@ -147,8 +152,10 @@ class RunRecorder:
         append_round(self.folder, record)
         self.state.save(self.folder, server_round, self.cfg.phase_of(server_round).index, rng)
         domain = "n/a" if record.domain_loss is None else f"{record.domain_loss:.4f}"
-        log.info("round %d · global: general loss %.4f · domain loss %s · %.0fs elapsed",
-                 server_round, general.loss, domain, record.elapsed_s)
+        kl = general.overall.kl_to_base
+        log.info("round %d · global: general loss %.4f · KL to base %s · domain loss %s · "
+                 "%.0fs elapsed", server_round, general.overall.loss,
+                 "n/a" if kl is None else f"{kl:.4f}", domain, record.elapsed_s)
 
     def finish(self) -> Summary:
         """Write report.md, then summary.json (last: it marks the run finished)."""

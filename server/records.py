@@ -34,6 +34,14 @@ class RoundRecord:
     failures: list[str]
     server_steps: dict[str, dict[str, Any]]
     elapsed_s: float
+    general_per_kind: dict[str, float] = field(default_factory=dict)
+    """General loss per kind of general text."""
+    general_kl_to_base: float | None = None
+    """Mean per-token KL(base ‖ adapted) over all general text."""
+    answer_loss: float | None = None
+    """Loss on the base model's own answers to the built-in prompts."""
+    answer_exact_match: float | None = None
+    """Share of those answers the model reproduces under greedy decoding."""
     update_norm: float | None = None
     """L2 norm of the round's global update (None: the round did not aggregate)."""
     drift: dict[str, Any] = field(default_factory=dict)
@@ -69,6 +77,11 @@ class Summary:
     wall_time_s: float
     secagg: dict[str, Any] = field(default_factory=lambda: {"enabled": False})
     continual: dict[str, Any] | None = None
+    general_kinds: dict[str, Any] | None = None
+    """Per kind of general text: its sources, rehearsal share, whether it is in the pool."""
+    retention: dict[str, Any] | None = None
+    """Forgetting per kind, in and out of the rehearsal pool, and behaviour kept
+    (:class:`~fedcpt.core.retention.RetentionSummary`)."""
     privacy: dict[str, Any] | None = None
     """Record-level DP (only when it was on)."""
     privacy_user_level: dict[str, Any] | None = None

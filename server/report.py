@@ -13,6 +13,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from fedcpt.config import RunConfig  # noqa: E402
 from fedcpt.privacy.report import STATEMENT, site_table  # noqa: E402
 from fedcpt.server.records import RoundRecord, Summary  # noqa: E402
+from fedcpt.server.retention_report import plot_kinds, retention_lines  # noqa: E402
 from fedcpt.server.run_folder import RunFolder  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def _plot_domain(folder: RunFolder, rows: list[RoundRecord], base: dict[str, flo
 def privacy_lines(privacy: dict[str, Any]) -> list[str]:
     return [
         "", "## Privacy", "", STATEMENT, "",
-        f"Federation record-level ε = **{privacy['max_epsilon']:.3f}** at δ ≤ "
+        f"Federation unit-level ε = **{privacy['max_epsilon']:.3f}** at δ ≤ "
         f"{privacy['max_delta']:.3g} ({privacy['accountant'].upper()}; budget "
         f"{privacy['target_epsilon']} per site).", "",
         *site_table(privacy["sites"]),
@@ -171,6 +172,16 @@ def drift_lines(folder: RunFolder, rows: list[RoundRecord], cfg: RunConfig) -> l
     return lines
 
 
+def _retention(folder: RunFolder, s: Summary, rows: list[RoundRecord]) -> list[str]:
+    """The retention section and its plot (general loss by kind, KL to the base)."""
+    if not s.retention or not rows or not rows[0].general_per_kind:
+        return []
+    plot_kinds(folder.plot("general_kinds.png"), [r.round for r in rows],
+               [r.general_per_kind for r in rows], [r.general_kl_to_base for r in rows])
+    return [*retention_lines(s.retention, s.general_kinds or {}), "",
+            "![general loss by kind and KL to the base](general_kinds.png)"]
+
+
 def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
                  domain_base: dict[str, float], cfg: RunConfig) -> None:
     """Render the run's report as Markdown beside its plots."""
@@ -198,12 +209,14 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
         "Forgetting = general loss − base general loss (positive: the model lost general "
         "skill). Adaptation = base domain loss − domain loss (positive: it learned the "
         f"domain). General loss is measured on {s.eval_tokens['general']} held-out "
-        f"tokens of the server's general data ({', '.join(cfg.data.general)}) that no "
-        "training ever sees; "
+        "tokens of the server's general text "
+        f"({', '.join(k.name for k in cfg.data.general_kinds())}) that no training ever "
+        "sees; "
         f"domain loss on {s.eval_tokens['domain_per_site']} held-out tokens per site.",
         "",
         f"![general loss]({general_png})",
         f"![domain loss]({domain_png})",
+        *_retention(folder, s, rows),
         "",
         "## Per site",
         "",
@@ -247,12 +260,15 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
                   "not shown."]
     if s.privacy_user_level is not None:
         u = s.privacy_user_level
+        who = (f"the sites added {u['mechanism']} noise (z = {u['noise_multiplier']}) "
+               "before masking" if "mechanism" in u else
+               f"the server added Gaussian noise (σ = {u['noise_multiplier']}) to the average")
         lines += ["", "## Site-level privacy (DP-FedAvg)", "",
-                  f"Each site's update was clipped to L2 norm {u['clipping_norm']} and the "
-                  f"server added Gaussian noise (σ = {u['noise_multiplier']}) to the average: "
+                  f"Each site's update was clipped to L2 norm {u['clipping_norm']} and "
+                  f"{who}: "
                   f"site-level ε = **{u['epsilon']:.3f}** at δ = {u['delta']:g} after "
                   f"{u['rounds']} rounds ({u['accountant']}). This is separate from, and "
-                  "does not combine with, the record-level ε above."]
+                  "does not combine with, the unit-level ε above."]
     lines += [
         "",
         "## Communication",

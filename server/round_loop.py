@@ -34,7 +34,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -42,8 +41,8 @@ from fedcpt.config import Phase, RunConfig
 from fedcpt.core import progress
 from fedcpt.core import protocol as p
 from fedcpt.core.adapters import load_adapter, load_version, update_norm
-from fedcpt.core.evaluation import evaluate_blocks
 from fedcpt.core.model import AdaptedModel
+from fedcpt.core.retention import GeneralEvaluation
 from fedcpt.exceptions import RoundFailed, UpdateRejected
 from fedcpt.privacy.secagg.server import SecAggFailed, SecAggRound
 from fedcpt.privacy.user_level import add_site_noise, clipping_config
@@ -75,8 +74,8 @@ class Federation:
     recorder: RunRecorder
     lm: AdaptedModel
     """The server's model: evaluates the global adapter and saves its versions."""
-    general: torch.Tensor
-    """Held-out general blocks no training sees."""
+    general: GeneralEvaluation
+    """General text in kinds no training sees, and the base model's answers."""
     config: ConfigRecord
     """What every request carries: the run config and the run id."""
     rng: random.Random
@@ -176,7 +175,7 @@ def train_attempt(fed: Federation, server_round: int, global_arrays: ArrayRecord
     secagg: SecAggRound | None = None
     if isinstance(aggregator, SecAggFedAvg):  # SecAgg+ stages 1–2 before training
         secagg, shares = _share_keys(aggregator, fed.grid, nodes, server_round, timeout,
-                                     failures)
+                                     content, failures)
         messages = [aggregator.training_message(content, n, s) for n, s in shares.items()]
         nodes = list(shares)
     else:
@@ -189,13 +188,14 @@ def train_attempt(fed: Federation, server_round: int, global_arrays: ArrayRecord
         failures.append(f"{len(collected.accepted)} valid updates, fewer than "
                         f"min_sites={fed.cfg.federation.min_sites}")
         return Attempt(None, collected, failures)
-    if fed.cfg.privacy.user_level and collected.errors:
+    # (under SecAgg the sites' noise is sized for the fewest survivors it may unmask)
+    if fed.cfg.privacy.user_level and secagg is None and collected.errors:
         # As Flower's DP wrapper: the noise is sized for every sampled site's update.
         failures.append("site-level DP: a sampled site failed; the round is not released")
         return Attempt(None, collected, failures)
     records = list(collected.accepted.values())
     try:
-        if secagg is not None:  # SecAgg+ stage 4: only the sum is unmasked
+        if secagg is not None:  # SecAgg+ stages 4–5: only the sum is unmasked
             records = [SecAggFedAvg.unmask(secagg, collected.accepted)]
         aggregate = aggregator.aggregate(records, global_arrays)
     except (SecAggFailed, UpdateRejected) as err:
@@ -205,17 +205,17 @@ def train_attempt(fed: Federation, server_round: int, global_arrays: ArrayRecord
         log.warning("round %d: %s; the global adapter is unchanged", server_round, err)
         return Attempt(None, collected, failures)
     failures += secagg.failures if secagg else []
-    if fed.cfg.privacy.user_level:
+    if fed.cfg.privacy.user_level and secagg is None:  # under SecAgg the sites added it
         aggregate = add_site_noise(aggregate, fed.cfg.privacy, n_train)
     return Attempt(aggregate, collected, failures)
 
 
 def _share_keys(aggregator: SecAggFedAvg, grid: Grid, nodes: list[int], server_round: int,
-                timeout: float, failures: list[str],
+                timeout: float, content: RecordDict, failures: list[str],
                 ) -> tuple[SecAggRound, dict[int, ConfigRecord]]:
     """SecAgg+ stages 1–2: per site still present, its inbound shares (none if the stages
     failed: then no site trains this attempt, and ``failures`` say why)."""
-    secagg = aggregator.open_round(grid, nodes, server_round, timeout)
+    secagg = aggregator.open_round(grid, nodes, server_round, timeout, content)
     try:
         shares = secagg.share_keys()
     except SecAggFailed as err:
@@ -265,22 +265,24 @@ def evaluate_sites(fed: Federation, server_round: int, arrays: ArrayRecord) -> N
 
 def commit(fed: Federation, server_round: int, arrays: ArrayRecord,
            previous: ArrayRecord | None = None) -> ArrayRecord:
-    """Evaluate ``arrays`` on the server's general blocks; for a round that moved the
-    global adapter from ``previous``, check drift (a flagged round may roll back to the
-    last good version); then record the round. Returns the round's version."""
+    """Evaluate ``arrays`` on the server's general text (per kind, KL to the base, the
+    base's answers); for a round that moved the global adapter from ``previous``, check
+    drift (a flagged round may roll back to the last good version); then record the
+    round. Returns the round's version."""
     load_adapter(fed.lm.model, arrays)
-    general = evaluate_blocks(fed.lm, fed.general, fed.cfg.train.eval_batch_size)
+    general = fed.general.evaluate(fed.lm)
     if previous is not None:
         drift = check_drift(fed.cfg.monitor, fed.recorder.rows,
-                            update_norm(arrays, previous), general.loss)
+                            update_norm(arrays, previous), general.overall.loss)
         fed.recorder.record_drift(server_round, drift)
         if drift.rolled_back_to is not None:
             arrays = load_version(fed.recorder.folder.version(drift.rolled_back_to), arrays)
             load_adapter(fed.lm.model, arrays)
-            general = evaluate_blocks(fed.lm, fed.general, fed.cfg.train.eval_batch_size)
+            general = fed.general.evaluate(fed.lm)
     stateful = [s for s in fed.steps if isinstance(s, StatefulStep)]
     fed.recorder.commit(server_round, general, fed.lm, stateful, fed.rng)
-    progress.emit("round", round=server_round, state="done", general_loss=general.loss)
+    progress.emit("round", round=server_round, state="done",
+                  general_loss=general.overall.loss)
     return arrays
 
 

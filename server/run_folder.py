@@ -51,6 +51,11 @@ class RunFolder:
         return self.root / "adapters"
 
     @property
+    def base_answers(self) -> Path:
+        """The base model's answers to the built-in prompts, scored every round."""
+        return self.root / "base-answers.json"
+
+    @property
     def ledgers(self) -> Path:
         """Simulated sites' privacy ledgers, when the config names no other folder."""
         return self.root / "ledgers"

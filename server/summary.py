@@ -8,7 +8,9 @@ from typing import Any
 
 from fedcpt.config import RunConfig
 from fedcpt.core.evaluation import paired_standard_error
+from fedcpt.core.retention import retention_summary
 from fedcpt.exceptions import FedcptError
+from fedcpt.privacy.secagg.ddp import DistributedDP
 from fedcpt.privacy.secagg.params import MODULUS, SecAggParams
 from fedcpt.privacy.user_level import user_level_epsilon
 from fedcpt.server.checkpoint import RunState
@@ -54,8 +56,20 @@ def privacy_summary(cfg: RunConfig, latest: dict[str, dict[str, float]]) -> dict
     }
 
 
-def user_level_summary(cfg: RunConfig, rounds: int) -> dict[str, Any]:
-    """Site-level (ε, δ) after ``rounds`` noisy releases."""
+def user_level_summary(cfg: RunConfig, rounds: int, bytes_up: int) -> dict[str, Any]:
+    """Site-level (ε, δ) after ``rounds`` noisy releases: of the server's Gaussian noise,
+    or under SecAgg of the distributed discrete Gaussian the sites added."""
+    if cfg.secagg.enabled:
+        # a masked upload is the uint32 vector [weight, one value per adapter coordinate]
+        ddp = DistributedDP.for_config(cfg, SecAggParams.for_round(cfg, cfg.sites_per_round)
+                                       .threshold, cfg.sites_per_round, bytes_up // 4 - 1)
+        return {"epsilon": ddp.epsilon(rounds, cfg.privacy.user_delta),
+                "delta": cfg.privacy.user_delta,
+                "noise_multiplier": cfg.privacy.user_noise_multiplier,
+                "clipping_norm": cfg.privacy.user_clipping_norm, "rounds": rounds,
+                "mechanism": "distributed discrete Gaussian (Kairouz et al. 2021), added by "
+                             f"the sites; counts only {ddp.honest} honest survivors",
+                "accountant": "rdp (DDG, no sampling amplification)"}
     return {
         "epsilon": user_level_epsilon(cfg.privacy, rounds),
         "delta": cfg.privacy.user_delta,
@@ -78,7 +92,10 @@ def build_summary(cfg: RunConfig, state: RunState, rows: list[RoundRecord]) -> S
     per_site = {r.site: {"base": r.base_loss, "final": r.loss} for r in final_evals}
     domain_base = weighted_mean([(r.base_loss, r.tokens) for r in final_evals])
     domain_final = weighted_mean([(r.loss, r.tokens) for r in final_evals])
-    base, final = state.general[0], state.general[last]
+    base_report, final_report = state.general[0], state.general[last]
+    base, final = base_report.overall, final_report.overall
+    kinds = cfg.data.general_kinds()
+    in_pool = tuple(k.name for k in kinds if k.rehearsal_share > 0)
     uploads = [r.bytes_up_per_client for r in rows if r.bytes_up_per_client]
     bytes_up = max(uploads) if uploads else 0
     return Summary(
@@ -102,8 +119,12 @@ def build_summary(cfg: RunConfig, state: RunState, rows: list[RoundRecord]) -> S
         failures=sum(len(t.failures) for t in state.train.values()),
         wall_time_s=time.time() - state.started,
         secagg=secagg_summary(cfg),
+        general_kinds={k.name: {"sources": list(k.sources), "rehearsal_share": k.rehearsal_share,
+                                "in_pool": k.rehearsal_share > 0} for k in kinds},
+        retention=retention_summary(base_report, final_report, in_pool).to_dict(),
         continual=(continual_metrics(cfg, state.evals, {r.round: r.general_loss for r in rows})
                    if cfg.phases else None),
         privacy=privacy_summary(cfg, state.privacy) if cfg.privacy.enabled else None,
-        privacy_user_level=user_level_summary(cfg, last) if cfg.privacy.user_level else None,
+        privacy_user_level=(user_level_summary(cfg, last, bytes_up) if cfg.privacy.user_level
+                            else None),
     )

@@ -4,6 +4,8 @@ Every arm is an ordinary simulation of the same scenario with a few overrides, s
 folder is a normal run. The comparison reports, for each arm, forgetting and adaptation
 beside the plain-FedAvg reference with the same DP setting, the share of FedAvg's
 forgetting it removes and of its adaptation it keeps, and a forgetting-vs-adaptation plot.
+Forgetting removed is reported apart for the general kinds in the rehearsal pool, those
+outside it, and behaviour (KL to the base model, loss on the base model's own answers).
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ ARMS: dict[str, list[str]] = {
     "delta-scaling": ["strategy.delta_scaling=true"],
 }
 DP_ON = ["privacy.enabled=true", "privacy.target_epsilon=8"]
+# Retention measures of a summary's `retention` section: (group, field); each is 0 at the
+# base model and higher is worse, so "removed" is the share of FedAvg's value taken away.
+RETENTION = {
+    "in_pool_forgetting": ("in_pool", "forgetting"),
+    "out_of_pool_forgetting": ("out_of_pool", "forgetting"),
+    "kl_to_base": ("behaviour", "kl_to_base"),
+    "answer_loss_increase": ("behaviour", "answer_loss_increase"),
+}
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,21 @@ def share(part: float | None, whole: float | None) -> float | None:
     return None if part is None or not whole else part / whole
 
 
+def share_removed(reference: float | None, value: float | None) -> float | None:
+    """Share of the reference's (positive) damage that ``value`` removes; None when the
+    reference did no damage to remove."""
+    if reference is None or value is None or reference <= 0:
+        return None
+    return (reference - value) / reference
+
+
+def retention_measures(summary: dict[str, Any]) -> dict[str, float | None]:
+    """The :data:`RETENTION` measures of one run's summary (None where not measured)."""
+    retention = summary.get("retention") or {}
+    return {name: (retention.get(group) or {}).get(key)
+            for name, (group, key) in RETENTION.items()}
+
+
 def compare(scenario: str, out: Path, arms: list[str], dp_settings: list[bool],
             extra: list[str], config_file: Path | None = None) -> dict[str, Any]:
     """Run every arm, write compare.json, compare.md and pareto.png into ``out``."""
@@ -79,15 +104,16 @@ def compare(scenario: str, out: Path, arms: list[str], dp_settings: list[bool],
             "dp": arm.dp,
             "epsilon": s["privacy"]["max_epsilon"] if arm.dp else None,
             "forgetting": s["forgetting"], "adaptation": s["adaptation"],
+            "retention": retention_measures(s),
             "run_dir": str(run_dir),
         })
     for row in rows:
         ref = next(r for r in rows if r["arm"] == "fedavg" and r["dp"] == row["dp"])
         row["reference"] = {"forgetting": ref["forgetting"], "adaptation": ref["adaptation"]}
-        removed = None if ref["forgetting"] <= 0 else share(
-            ref["forgetting"] - row["forgetting"], ref["forgetting"])
-        row["forgetting_removed"] = removed
+        row["forgetting_removed"] = share_removed(ref["forgetting"], row["forgetting"])
         row["adaptation_kept"] = share(row["adaptation"], ref["adaptation"])
+        row["retention_removed"] = {k: share_removed(ref["retention"][k], v)
+                                    for k, v in row["retention"].items()}
     payload = {"scenario": scenario, "overrides": extra, "arms": rows}
     (out / "compare.json").write_text(json.dumps(payload, indent=2) + "\n")
     _plot(rows, out / "pareto.png")
@@ -128,5 +154,13 @@ def _table(rows: list[dict[str, Any]], path: Path) -> None:
         lines.append(f"| {r['arm']} | {'on' if r['dp'] else 'off'} | {eps} | "
                      f"{r['forgetting']:+.4f} | {_signed(r['adaptation'])} | "
                      f"{_pct(r['forgetting_removed'])} | {_pct(r['adaptation_kept'])} |")
+    lines += ["", "Forgetting removed by kind group and behaviour (share of plain FedAvg's "
+              "value; n/a where FedAvg did no damage):", "",
+              "| arm | DP | in-pool forgetting | out-of-pool forgetting | KL to base "
+              "| base-answer loss increase |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [f"{_signed(r['retention'][k])} ({_pct(r['retention_removed'][k])})"
+                 for k in RETENTION]
+        lines.append(f"| {r['arm']} | {'on' if r['dp'] else 'off'} | {' | '.join(cells)} |")
     lines += ["", "![pareto](pareto.png)", ""]
     path.write_text("\n".join(lines))

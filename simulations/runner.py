@@ -6,20 +6,24 @@ the general data), so bad input fails in seconds with one clear error and no run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from fedcpt.client.site import open_ledger
+from fedcpt.client.site import open_ledger, policy_for, site_blocks
 from fedcpt.config import RunConfig
 from fedcpt.core.adapters import load_version
-from fedcpt.core.data import TokenBlocks, load_blocks
 from fedcpt.core.model import load_adapted_model
+from fedcpt.deploy.certs import provision_simulated_identities
 from fedcpt.exceptions import ConfigError, FedcptError
 from fedcpt.privacy.plan import SitePlan, plan_run
+from fedcpt.privacy.policy import accept_proposal
+from fedcpt.privacy.release import eval_reservation
+from fedcpt.privacy.secagg.identity import SIMULATION_IDENTITIES_ENV
 from fedcpt.server.app import general_eval_blocks, with_default_ledger_dir
 from fedcpt.simulations.superlink import LocalSuperLink
 
@@ -35,18 +39,17 @@ def preflight(cfg: RunConfig, run_id: str = "") -> list[SitePlan]:
     if cfg.federation.initial_adapter:
         load_version(cfg.federation.initial_adapter, lm.initial_adapter)
     plans = []
-    built: dict[tuple[str, ...], TokenBlocks] = {}  # sites may share sources in simulations
     for site in cfg.sites:
-        if site.data not in built:
-            built[site.data] = load_blocks(site.data, lm.tokenizer, cfg.data,
-                                           what=f"site {site.name!r}")
-        records = len(built[site.data].train)
+        policy = policy_for(cfg, site, {})
+        blocks = site_blocks(site, cfg.model, cfg.data, policy)  # also fixes its split
+        records = blocks.units
         if cfg.privacy.enabled:
-            ledger = open_ledger(cfg, site, {}, records)
+            ledger = open_ledger(cfg, policy, accept_proposal(policy, cfg, records))
             plans.append(plan_run(cfg.privacy, ledger, records=records,
                                   batch_size=cfg.train.batch_size,
                                   steps=cfg.federation.rounds * cfg.train.local_steps,
-                                  run_id=run_id))
+                                  run_id=run_id,
+                                  reserved=eval_reservation(policy, cfg.federation.rounds)))
     general_eval_blocks(cfg)
     for plan in plans:
         if plan.expected_epsilon > cfg.privacy.target_epsilon:
@@ -74,6 +77,27 @@ def federation_config(cfg: RunConfig) -> dict:
         "client-resources-num-gpus": _whole(sim.gpus_per_client),
         "init-args-num-cpus": sim.num_cpus or len(os.sched_getaffinity(0)),
     }
+
+
+@contextlib.contextmanager
+def simulated_identities(cfg: RunConfig) -> Iterator[None]:
+    """Under secure aggregation, a throwaway CA and one signing identity per site for the
+    simulation's duration (in a temporary folder the local Ray workers find through the
+    environment they inherit)."""
+    if not cfg.secagg.enabled:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="fedcpt-secagg-") as folder:
+        provision_simulated_identities(Path(folder), [s.name for s in cfg.sites])
+        previous = os.environ.get(SIMULATION_IDENTITIES_ENV)
+        os.environ[SIMULATION_IDENTITIES_ENV] = folder
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(SIMULATION_IDENTITIES_ENV, None)
+            else:
+                os.environ[SIMULATION_IDENTITIES_ENV] = previous
 
 
 def simulate(cfg: RunConfig, run_dir: Path, resume: bool = False,
@@ -107,7 +131,7 @@ def simulate(cfg: RunConfig, run_dir: Path, resume: bool = False,
             if on_line is not None:
                 on_line(line)
 
-        with LocalSuperLink(Path(home) / "flwr-home") as superlink:
+        with simulated_identities(cfg), LocalSuperLink(Path(home) / "flwr-home") as superlink:
             status = superlink.run(run_config, federation_config(cfg), record)
     summary = run_dir / "summary.json"
     if status != 0 or not summary.is_file():

@@ -4,7 +4,8 @@ The round loop calls SecAgg+'s stages (:mod:`fedcpt.privacy.secagg`) explicitly 
 the training message: :meth:`SecAggFedAvg.open_round` and its ``share_keys`` (stages 1–2:
 keys and shares) before it; the training message carries each site's inbound shares
 (stage 3) and its reply the masked, quantised update; :meth:`SecAggFedAvg.unmask`
-(stage 4) asks the surviving sites for the shares that unmask the sum;
+(stages 4–5) has the surviving sites sign the survivor set, then asks them for the shares
+that unmask the sum;
 :meth:`SecAggFedAvg.aggregate` turns that sum into the weighted mean. Checks the server
 can no longer make on a single update (finite values, the norm bound) are made by the
 site before masking.
@@ -19,6 +20,8 @@ from flwr.serverapp import Grid
 from fedcpt.config import RunConfig
 from fedcpt.core import protocol as p
 from fedcpt.exceptions import UpdateRejected
+from fedcpt.privacy.secagg.context import RoundContext, adapter_digest, config_digest
+from fedcpt.privacy.secagg.ddp import DistributedDP
 from fedcpt.privacy.secagg.encoding import decode, vector_length
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import MASKED, STATE, SecAggRound
@@ -31,6 +34,7 @@ from fedcpt.strategies.base import (
 )
 
 CONTRIBUTORS = "contributors"  # metric of the unmasked sum: how many sites it covers
+SAMPLED = "sampled"  # ... and how many the round sampled (distributed DP is sized for them)
 
 
 class SecAggFedAvg(Aggregator):
@@ -50,12 +54,18 @@ class SecAggFedAvg(Aggregator):
         super().__init__(max_examples=max_examples)
         self.cfg = cfg
 
-    def open_round(self, grid: Grid, nodes: list[int], server_round: int,
-                   timeout: float) -> SecAggRound:
-        """The SecAgg+ state of a round over the sampled ``nodes``; its ``share_keys()``
-        runs stages 1–2 (and raises SecAggFailed below the threshold)."""
-        return SecAggRound(grid, nodes, SecAggParams.for_round(self.cfg, len(nodes)),
-                           server_round, timeout)
+    def open_round(self, grid: Grid, nodes: list[int], server_round: int, timeout: float,
+                   content: RecordDict) -> SecAggRound:
+        """The SecAgg+ state of a round over the sampled ``nodes``, bound to the adapter
+        and config of the training ``content`` every site receives (the round context);
+        its ``share_keys()`` runs stages 1–2 (and raises SecAggFailed below the
+        threshold)."""
+        context = RoundContext(
+            run_id=str(content[p.CONFIG].get(p.RUN_ID, "")), server_round=server_round,
+            adapter=adapter_digest(content[p.ARRAYS]), config=config_digest(content[p.CONFIG]),
+            participants=tuple(sorted(nodes)))
+        return SecAggRound(grid, context, SecAggParams.for_round(self.cfg, len(nodes)),
+                           timeout)
 
     @staticmethod
     def training_message(content: RecordDict, node: int, shares: ConfigRecord) -> Message:
@@ -85,7 +95,8 @@ class SecAggFedAvg(Aggregator):
         claimed = sum(int(rec[p.METRICS][p.NUM_EXAMPLES]) for rec in accepted.values())
         return RecordDict({
             p.MASKED: ArrayRecord({p.MASKED_VECTOR: Array(total)}),
-            p.METRICS: MetricRecord({p.NUM_EXAMPLES: claimed, CONTRIBUTORS: contributors}),
+            p.METRICS: MetricRecord({p.NUM_EXAMPLES: claimed, CONTRIBUTORS: contributors,
+                                     SAMPLED: len(secagg.nodes)}),
             p.CONFIG: secagg.params.to_record()})
 
     def aggregate(self, records: list[RecordDict], reference: ArrayRecord) -> ArrayRecord:
@@ -93,8 +104,10 @@ class SecAggFedAvg(Aggregator):
         (summed,) = records
         metrics = summed[p.METRICS]
         params = SecAggParams.from_record(summed[p.CONFIG])
+        ddp = DistributedDP.for_config(self.cfg, params.threshold, int(metrics[SAMPLED]),
+                                       vector_length(reference) - 1)
         mean, weight = decode(summed[p.MASKED][p.MASKED_VECTOR].numpy(),
-                              int(metrics[CONTRIBUTORS]), reference, params)
+                              int(metrics[CONTRIBUTORS]), reference, params, ddp)
         if weight != metrics[p.NUM_EXAMPLES]:
             raise UpdateRejected(f"the summed weight {weight} differs from the "
                                  f"{metrics[p.NUM_EXAMPLES]} examples the sites reported")

@@ -34,6 +34,7 @@ from fedcpt.privacy.ledger import PrivacyLedger, _checksum
 from fedcpt.privacy.plan import plan_site
 from fedcpt.server.round_loop import collect_train
 from fedcpt.strategies.fedavg import AdapterFedAvg
+from fedcpt.testing.bad_proposals import PROPOSALS
 from fedcpt.testing.site_round import task_identity
 
 
@@ -42,7 +43,7 @@ class BadInput:
     """One bad input: ``attempt(folder)`` feeds it to fedcpt in a fresh folder."""
 
     name: str
-    kind: str  # data, config, update, ledger, certificate, cli
+    kind: str  # data, config, update, ledger, certificate, proposal, cli
     attempt: Callable[[Path], object]
     expect: str  # regex the answer must match: it names the problem
 
@@ -81,7 +82,8 @@ PROSE = "\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog
 
 def _blocks(*sources: str | Path, text_field: str = "text") -> object:
     blocks = build_blocks([str(s) for s in sources], byte_tokenizer(), block_size=16,
-                          heldout_fraction=0.1, text_field=text_field, what="site 'test'")
+                          heldout_fraction=0.1, text_field=text_field, what="site 'test'",
+                          unit="passage")
     return f"{len(blocks.train)} train blocks"
 
 
@@ -123,7 +125,7 @@ DATA = [
     BadInput("data-binary", "data", _file("notes.txt", b"\x89PNG\r\n\x1a\n" + bytes(range(256))),
              r"not UTF-8 text"),
     BadInput("data-huge-line", "data", _file("notes.txt", "word " * 200_000),
-             r"single document cannot be both trained on and held out"),
+             r"single unit cannot be both trained on and held out"),
     BadInput("data-too-short", "data", _file("notes.txt", "Hello.\n\nBye."),
              r"too little text for one training and one held-out block"),
     BadInput("data-all-duplicates", "data", _copies, r"2 duplicate documents were dropped"),
@@ -548,4 +550,6 @@ CERTIFICATE = [
              r"`epsilon-budget` must be a positive number"),
 ]
 
-CATALOGUE: list[BadInput] = DATA + CONFIG + UPDATE + LEDGER + CERTIFICATE + CLI
+PROPOSAL = [BadInput(name, "proposal", attempt, expect) for name, attempt, expect in PROPOSALS]
+
+CATALOGUE: list[BadInput] = DATA + CONFIG + UPDATE + LEDGER + CERTIFICATE + PROPOSAL + CLI

@@ -46,8 +46,11 @@ def train_message(cfg: RunConfig, run_id: str, server_round: int,
                    message_type=MessageType.TRAIN)
 
 
-def site_context(data: str, ledger: Path, name: str = "site") -> Context:
-    """A deployed site's context: its name, data and ledger from ``--node-config``."""
-    node_config = {"site-name": name, "data-path": data, "ledger-path": str(ledger)}
+def site_context(data: str, ledger: Path, name: str = "site", unit: str = "passage",
+                 **policy: str) -> Context:
+    """A deployed site's context: its name, data, ledger and privacy policy from
+    ``--node-config`` (the unit defaults to passages: test sites are one generated file)."""
+    node_config = {"site-name": name, "data-path": data, "ledger-path": str(ledger),
+                   "privacy-unit": unit, **policy}
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
                    run_config={})

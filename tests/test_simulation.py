@@ -110,3 +110,25 @@ def test_report_and_plots_written(sim):
         data = (run_dir / png).read_bytes()
         assert data.startswith(b"\x89PNG"), png
     assert (run_dir / "manifest.json").is_file()
+
+
+def test_retention_by_kind_and_behaviour_recorded(sim):
+    cfg, run_dir, summary = sim
+    kinds = [k.name for k in cfg.data.general_kinds()]
+    retention = summary["retention"]
+    assert list(retention["kinds"]) == kinds == list(summary["general_kinds"])
+    pooled = [k for k, v in summary["general_kinds"].items() if v["in_pool"]]
+    assert pooled == ["prose", "code"]  # the smoke scenario's stated mix
+    assert retention["in_pool"] is not None and retention["out_of_pool"] is not None
+    assert retention["overall"]["forgetting"] == pytest.approx(summary["forgetting"])
+    behaviour = retention["behaviour"]
+    assert behaviour["exact_match_base"] == 1.0  # the base reproduces its own answers
+    assert behaviour["kl_to_base"] > 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["general_kl_to_base"] == pytest.approx(0.0, abs=1e-6)
+    assert set(rows[-1]["general_per_kind"]) == set(kinds)
+    answers = json.loads((run_dir / "base-answers.json").read_text(encoding="utf-8"))
+    assert len(answers) == cfg.data.answer_prompts
+    report = (run_dir / "report.md").read_text(encoding="utf-8")
+    assert "## General retention by kind" in report and "general_kinds.png" in report
+    assert (run_dir / "general_kinds.png").read_bytes().startswith(b"\x89PNG")

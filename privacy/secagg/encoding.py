@@ -7,6 +7,10 @@ integer, so the server can divide the sum by the total weight); ``q`` quantises
 than the adapter keeps the values small, so the quantisation step stays far below the
 size of an update. With ``c`` set to the update-norm bound no coordinate is ever clipped,
 since no coordinate of a vector exceeds its L2 norm.
+
+Under distributed DP (:mod:`.ddp`) ``q`` is instead the site's clipped, rounded and
+noised update on the signed integer grid of step ``γ``, taken mod 2^32; the sum is
+lifted back to signed integers before it is rescaled.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from fedcpt.exceptions import UpdateRejected
+from fedcpt.privacy.secagg.ddp import DistributedDP, from_ring, to_ring
 from fedcpt.privacy.secagg.params import SecAggParams
 
 
@@ -24,13 +29,17 @@ def vector_length(reference: ArrayRecord) -> int:
 
 
 def encode(update: ArrayRecord, reference: ArrayRecord, weight: int,
-           params: SecAggParams) -> np.ndarray:
-    """Quantise ``weight/max_weight · (update − reference)`` into a uint32 vector."""
+           params: SecAggParams, ddp: DistributedDP | None = None) -> np.ndarray:
+    """Quantise ``weight/max_weight · (update − reference)`` into a uint32 vector (with
+    ``ddp``: clipped, rounded and noised on its grid)."""
     if not 0 < weight <= params.max_weight:
         raise UpdateRejected(f"weight {weight} outside (0, {params.max_weight}]")
     delta = np.concatenate([
         (update[k].numpy().astype(np.float64) - ref.numpy()).ravel()
         for k, ref in reference.items()])
+    if ddp is not None:
+        noised = ddp.noised(delta * (weight / params.max_weight))
+        return np.concatenate([[np.uint32(weight)], to_ring(noised)]).astype(np.uint32)
     c, levels = params.clipping_range, params.quantization_range
     scaled = (np.clip(delta * (weight / params.max_weight), -c, c) + c) * (levels / (2 * c))
     floor = np.floor(scaled)
@@ -40,15 +49,18 @@ def encode(update: ArrayRecord, reference: ArrayRecord, weight: int,
 
 
 def decode(total: np.ndarray, contributors: int, reference: ArrayRecord,
-           params: SecAggParams) -> tuple[ArrayRecord, int]:
+           params: SecAggParams, ddp: DistributedDP | None = None) -> tuple[ArrayRecord, int]:
     """The weighted mean update (``reference`` + Σ wᵢ·Δᵢ / Σ wᵢ) and the total weight,
     from the unmasked sum of ``contributors`` encoded vectors."""
     weight = int(total[0])
     if not 0 < weight <= contributors * params.max_weight:
         raise UpdateRejected(f"the summed weight {weight} is impossible for {contributors} "
                              f"sites of at most {params.max_weight} examples each")
-    c, levels = params.clipping_range, params.quantization_range
-    sums = total[1:].astype(np.float64) * (2 * c / levels) - contributors * c
+    if ddp is not None:
+        sums = from_ring(total[1:]).astype(np.float64) * ddp.granularity
+    else:
+        c, levels = params.clipping_range, params.quantization_range
+        sums = total[1:].astype(np.float64) * (2 * c / levels) - contributors * c
     mean = sums * (params.max_weight / weight)
     arrays, start = {}, 0
     for key, ref in reference.items():

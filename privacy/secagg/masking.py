@@ -53,16 +53,18 @@ def _route(src: int, dst: int) -> bytes:
     return src.to_bytes(8, "little") + dst.to_bytes(8, "little")
 
 
-def seal(key: bytes, src: int, dst: int, plaintext: bytes) -> bytes:
-    """Encrypt and authenticate shares sent from ``src`` to ``dst`` (the route is bound as
-    associated data, so the server cannot redirect them)."""
+def seal(key: bytes, src: int, dst: int, plaintext: bytes, context: bytes) -> bytes:
+    """Encrypt and authenticate shares sent from ``src`` to ``dst`` (the route and the
+    round context are bound as associated data, so the server cannot redirect them)."""
     nonce = os.urandom(12)
-    return nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, _route(src, dst))
+    return nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext,
+                                                 _route(src, dst) + context)
 
 
-def unseal(key: bytes, src: int, dst: int, sealed: bytes) -> bytes:
+def unseal(key: bytes, src: int, dst: int, sealed: bytes, context: bytes) -> bytes:
     try:
-        return ChaCha20Poly1305(key).decrypt(sealed[:12], sealed[12:], _route(src, dst))
+        return ChaCha20Poly1305(key).decrypt(sealed[:12], sealed[12:],
+                                             _route(src, dst) + context)
     except (InvalidTag, ValueError, TypeError):
         raise UpdateRejected(f"shares from node {src} failed authentication") from None
 

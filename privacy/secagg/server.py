@@ -1,10 +1,13 @@
 """The server's side of a SecAgg+ round: route keys and shares, then unmask the sum.
 
-:meth:`SecAggRound.share_keys` runs stages 1–2 (public keys, encrypted shares) before
-the sites train; the training messages then carry each site's inbound shares (stage 3);
-:meth:`SecAggRound.unmask` runs stage 4 on the masked vectors that arrived, rebuilding
-the private mask seeds of the sites that answered and the mask keys of those that
-dropped after sharing keys. The server never holds a site's update, only the sum.
+:meth:`SecAggRound.share_keys` runs stages 1–2 (signed public keys, encrypted shares)
+before the sites train; the training messages then carry each site's inbound shares
+(stage 3); :meth:`SecAggRound.unmask` runs the consistency check (stage 4: every
+survivor signs the survivor set; the server forwards all signatures) and the unmasking
+(stage 5) on the masked vectors that arrived, rebuilding the private mask seeds of the
+sites that answered and the mask keys of those that dropped after sharing keys. The
+server never holds a site's update, only the sum. Nothing here is trusted by the sites:
+:mod:`.site` checks everything this module sends.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from flwr.serverapp import Grid
 
 from fedcpt.core import protocol as p
 from fedcpt.exceptions import FedcptError
+from fedcpt.privacy.secagg.context import RoundContext
 from fedcpt.privacy.secagg.masking import agree, expand, public_key
 from fedcpt.privacy.secagg.params import MIN_SECAGG_SITES, SecAggParams, neighbours
 from fedcpt.privacy.secagg.site import MASK, STATE
@@ -27,9 +31,10 @@ from fedcpt.privacy.secagg.site import MASK, STATE
 log = logging.getLogger(__name__)
 
 # Message types of the stages (core.protocol); stage 3 is the training message itself.
-SETUP, SHARE_KEYS, MASKED, UNMASK = (
+SETUP, SHARE_KEYS, MASKED, CONSISTENCY, UNMASK = (
     f"{MessageType.TRAIN}.{action}"
-    for action in (p.SECAGG_SETUP, p.SECAGG_SHARE_KEYS, p.SECAGG_MASKED, p.SECAGG_UNMASK))
+    for action in (p.SECAGG_SETUP, p.SECAGG_SHARE_KEYS, p.SECAGG_MASKED, p.SECAGG_CONSISTENCY,
+                   p.SECAGG_UNMASK))
 
 
 class SecAggFailed(FedcptError):
@@ -37,13 +42,17 @@ class SecAggFailed(FedcptError):
 
 
 class SecAggRound:
-    """Stages 1, 2 and 4 of one round over ``nodes``, sent through ``grid``."""
+    """Stages 1, 2, 4 and 5 of one round over ``context.participants``, sent through
+    ``grid``."""
 
-    def __init__(self, grid: Grid, nodes: list[int], params: SecAggParams, server_round: int,
+    def __init__(self, grid: Grid, context: RoundContext, params: SecAggParams,
                  timeout: float) -> None:
-        self.grid, self.params, self.round, self.timeout = grid, params, server_round, timeout
-        self.nodes = sorted(nodes)
+        self.grid, self.params, self.timeout = grid, params, timeout
+        self.context, self.round = context, context.server_round
+        self.ctx = context.digest(params)
+        self.nodes = list(context.participants)
         self.public: dict[int, tuple[bytes, bytes]] = {}
+        self.signed: dict[int, tuple[bytes, bytes]] = {}  # node -> (signature, certificate)
         self.peers: dict[int, list[int]] = {}
         self.shared: set[int] = set()
         self.failures: list[str] = []
@@ -81,11 +90,12 @@ class SecAggRound:
 
     def share_keys(self) -> dict[int, ConfigRecord]:
         """Stages 1–2; returns, per site still present, the shares addressed to it."""
-        record = self.params.to_record()
+        record = ConfigRecord({**self.params.to_record(), **self.context.to_record()})
         for node, reply in self._exchange(SETUP, {n: record for n in self.nodes}).items():
-            pk1, pk2 = reply.get("pk1"), reply.get("pk2")
-            if isinstance(pk1, bytes) and isinstance(pk2, bytes) and len(pk1) == len(pk2) == 32:
-                self.public[node] = (pk1, pk2)
+            keys = [reply.get(k) for k in ("pk1", "pk2", "signature", "cert")]
+            if all(isinstance(k, bytes) for k in keys) and len(keys[0]) == len(keys[1]) == 32:
+                self.public[node] = (keys[0], keys[1])
+                self.signed[node] = (keys[2], keys[3])
             else:
                 self._fail(node, SETUP, "malformed public keys")
         self._require(set(self.public), "setup")
@@ -93,7 +103,9 @@ class SecAggRound:
         self.peers = {n: neighbours(present, n, self.params.num_shares) for n in present}
         requests = {n: ConfigRecord({"nodes": self.peers[n],
                                      "pk1": [self.public[p][0] for p in self.peers[n]],
-                                     "pk2": [self.public[p][1] for p in self.peers[n]]})
+                                     "pk2": [self.public[p][1] for p in self.peers[n]],
+                                     "signature": [self.signed[p][0] for p in self.peers[n]],
+                                     "cert": [self.signed[p][1] for p in self.peers[n]]})
                     for n in present}
         outgoing = {}
         for node, reply in self._exchange(SHARE_KEYS, requests).items():
@@ -121,9 +133,21 @@ class SecAggRound:
             raise SecAggFailed(f"secure aggregation: only {len(active)} masked updates "
                                f"arrived; a sum of fewer than {MIN_SECAGG_SITES} would reveal each "
                                "update to the other site")
-        requests = {n: ConfigRecord({"active": [p for p in self.peers[n] if p in active],
+        survivors = sorted(active)
+        signatures = {}
+        for node, reply in self._exchange(CONSISTENCY, {n: ConfigRecord(
+                {"survivors": survivors}) for n in survivors}).items():
+            if isinstance(reply.get("signature"), bytes):
+                signatures[node] = reply["signature"]
+            else:
+                self._fail(node, CONSISTENCY, "no signature over the survivor set")
+        self._require(set(signatures), "consistency check")
+        signers = sorted(signatures)
+        requests = {n: ConfigRecord({"survivors": survivors, "signers": signers,
+                                     "signatures": [signatures[s] for s in signers],
+                                     "active": [p for p in self.peers[n] if p in active],
                                      "dead": [p for p in self.peers[n] if p in dead]})
-                    for n in sorted(active)}
+                    for n in signers}
         seed_shares: dict[int, list[bytes]] = {n: [] for n in active}
         key_shares: dict[int, list[bytes]] = {n: [] for n in dead}
         for node, reply in self._exchange(UNMASK, requests).items():
@@ -148,7 +172,8 @@ class SecAggRound:
                 raise SecAggFailed(f"secure aggregation: the shares of node {node}'s mask key "
                                    "rebuild a key that does not match its public key")
             for partner in partners:
-                pairwise = expand(agree(sk1, self.public[partner][0], MASK), total.size)
+                pairwise = expand(agree(sk1, self.public[partner][0], MASK + self.ctx),
+                                  total.size)
                 # the partner added it toward a higher id and subtracted it toward a lower
                 total = total - pairwise if partner < node else total + pairwise
         return total, len(active)

@@ -1,12 +1,17 @@
-"""Which site a client is: ``sites[partition-id]`` in simulation, node_config when deployed."""
+"""Which site a client is (``sites[partition-id]`` in simulation, node_config when
+deployed), its policy, and its data packed within its privacy units."""
 
 from __future__ import annotations
 
-import pytest
+import json
 
-from fedcpt.client.site import resolve_site, site_blocks
+import pytest
+import torch
+
+from fedcpt.client.site import open_ledger, policy_for, resolve_site, site_blocks
 from fedcpt.config import SiteConfig, load_config
 from fedcpt.exceptions import ConfigError, DataError
+from fedcpt.privacy.policy import accept_proposal
 
 
 @pytest.fixture
@@ -43,10 +48,34 @@ def test_deployed_node_without_data_path(cfg):
 def test_site_blocks_reads_only_that_sites_data(cfg, write_text):
     path = write_text("clinic.txt", 40_000, seed=100)
     site = SiteConfig(name="clinic", data=(str(path),))
-    blocks = site_blocks(site, cfg.model, cfg.data)
+    policy = policy_for(cfg, site, {"partition-id": 0})
+    blocks = site_blocks(site, cfg.model, cfg.data, policy)
     assert blocks.train.shape[1] == cfg.data.block_size
     assert blocks.train.numel() <= cfg.data.max_site_tokens
-    assert site_blocks(site, cfg.model, cfg.data) is blocks  # loaded once per process
+    assert blocks.unit == "passage" and blocks.units > 1  # smoke's [site_policy]
+    assert site_blocks(site, cfg.model, cfg.data, policy) is blocks  # loaded once per process
+
+
+def test_deployed_site_records_its_salted_split_beside_its_ledger(cfg, tmp_path, write_text):
+    path = write_text("clinic/notes.txt", 40_000, seed=101)
+    node = {"site-name": "clinic", "data-path": str(path), "privacy-unit": "passage",
+            "ledger-path": str(tmp_path / "clinic.ledger.json")}
+    site = resolve_site(cfg, node)
+    first = site_blocks(site, cfg.model, cfg.data, policy_for(cfg, site, node))
+    split = json.loads((tmp_path / "clinic.split.json").read_text())
+    assert len(split["salt"]) == 64 and split["unit"] == "passage"
+    assert len(split["heldout"]) == first.heldout_unit_count
+    site_blocks.cache_clear()  # a new process: the same salt, the same split
+    again = site_blocks(site, cfg.model, cfg.data, policy_for(cfg, site, node))
+    assert torch.equal(first.heldout, again.heldout)
+
+
+def test_a_deployed_dp_site_without_a_ledger_path_refuses(cfg):
+    node = {"site-name": "clinic", "data-path": "/d"}
+    site = resolve_site(cfg, node)
+    policy = policy_for(cfg, site, node)
+    with pytest.raises(ConfigError, match="has no ledger location: set `ledger-path`"):
+        open_ledger(cfg, policy, accept_proposal(policy, cfg, units=100))
 
 
 def test_site_blocks_error_names_the_site(cfg, tmp_path):

@@ -1,4 +1,4 @@
-"""Text sources -> documents -> deterministic held-out split -> packed token blocks."""
+"""Text sources -> privacy units -> deterministic held-out split -> blocks packed per unit."""
 
 from __future__ import annotations
 
@@ -20,12 +20,19 @@ from fedcpt.core.data import (
 )
 from fedcpt.exceptions import DataError
 
+
+def _sha(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
 BLOCK = 64
 
 
 def _blocks(sources, tok, **kwargs):
     kwargs.setdefault("block_size", BLOCK)
     kwargs.setdefault("heldout_fraction", 0.5)
+    kwargs.setdefault("unit", "passage")
     return build_blocks([str(s) for s in sources], tok, **kwargs)
 
 
@@ -107,25 +114,28 @@ def test_pack_respects_max_tokens():
 
 # --- build_blocks on every supported source type ---------------------------------------
 
-def test_build_blocks_txt_matches_split_and_pack(write_text, byte_tok):
+def test_build_blocks_txt_packs_each_passage_on_its_own(write_text, byte_tok):
     path = write_text("site.txt", 20_000, seed=1)
     result = _blocks([path], byte_tok)
     text = path.read_text(encoding="utf-8")
     docs = split_documents([text])
-    train_docs = [d for d in docs if not is_heldout(d, 0.5)]
-    held_docs = [d for d in docs if is_heldout(d, 0.5)]
+    train_docs = [d for d in docs if not is_heldout("passage:" + _sha(d), 0.5)]
+    held_docs = [d for d in docs if is_heldout("passage:" + _sha(d), 0.5)]
     assert result.documents == len(docs)
     assert result.heldout_documents == len(held_docs)
     assert result.train.shape[1] == result.heldout.shape[1] == BLOCK
     assert result.train.dtype == result.heldout.dtype == torch.long
     eos = byte_tok.eos_token_id
-    expected_train = []
-    for d in train_docs:
-        expected_train += byte_tok(d, add_special_tokens=False)["input_ids"] + [eos]
-    n = len(expected_train) // BLOCK
-    assert result.train.flatten().tolist() == expected_train[: n * BLOCK]
-    assert result.train.numel() == n * BLOCK
-    # held-out blocks hold only held-out text
+    expected, owners = [], []
+    for d in train_docs:  # each unit packed alone: its tail is dropped, never joined
+        ids = byte_tok(d, add_special_tokens=False)["input_ids"] + [eos]
+        n = len(ids) // BLOCK
+        if n:
+            expected += ids[: n * BLOCK]
+            owners += [len(set(owners))] * n
+    assert result.train.flatten().tolist() == expected
+    assert result.train_units.tolist() == owners
+    assert result.units == len(set(owners))
     held_bytes = "\x00".join(held_docs)
     first = byte_tok.decode([t for t in result.heldout[0].tolist() if t != eos])
     assert first[:40] in held_bytes
@@ -280,7 +290,8 @@ def test_too_little_text_for_one_block(tmp_path, byte_tok):
                     encoding="utf-8")
     with pytest.raises(DataError,
                        match=r"site 'tiny': too little text for one training and one held-out "
-                             r"block of 64 tokens \(1 documents, 0 train blocks"):
+                             r"block of 64 tokens \(1 privacy units of kind 'passage', "
+                             r"0 train blocks"):
         _blocks([path], byte_tok, what="site 'tiny'")
 
 
@@ -317,3 +328,83 @@ def test_duplicate_documents_are_dropped(byte_tok, caplog):
     with caplog.at_level("INFO", logger="fedcpt.core.data"):
         assert deduplicate(docs, "site x") == ["alpha text", "beta text"]
     assert "dropped 2 duplicate documents of 4" in caplog.text
+
+
+# --- privacy units ------------------------------------------------------------------------
+
+def _records(tmp_path, make_text, users=12, per_user=3, name="notes.jsonl"):
+    path = tmp_path / name
+    lines = [json.dumps({"user_id": f"u{u}", "text": make_text(900, seed=u * 10 + i)})
+             for i in range(per_user) for u in range(users)]  # a user's notes interleaved
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _by_unit(result, keys):
+    """{unit key: that unit's train blocks as a list}."""
+    return {k: result.train[result.train_units == i].tolist() for i, k in enumerate(keys)}
+
+
+def test_removing_one_unit_changes_only_that_units_blocks(tmp_path, byte_tok, make_text):
+    path = _records(tmp_path, make_text)
+    order = [f"u{u}" for u in range(12)]
+    train_users = [u for u in order if not is_heldout(f"field:user_id={u}", 0.25)]
+    gone = train_users[1]
+    full = _blocks([path], byte_tok, unit="field:user_id", heldout_fraction=0.25)
+    without = tmp_path / "without.jsonl"
+    without.write_text("\n".join(ln for ln in path.read_text().splitlines()
+                                 if f'"{gone}"' not in ln), encoding="utf-8")
+    less = _blocks([without], byte_tok, unit="field:user_id", heldout_fraction=0.25)
+    before = _by_unit(full, train_users)  # train units are numbered in order of appearance
+    after = _by_unit(less, [u for u in train_users if u != gone])
+    assert before[gone]
+    assert {u: b for u, b in before.items() if u != gone} == after
+    assert torch.equal(full.heldout, less.heldout)
+    assert less.units == full.units - 1
+
+
+def test_blocks_never_span_two_units(tmp_path, byte_tok):
+    # each user writes only their own word, so a block's words name its users
+    path = tmp_path / "notes.jsonl"
+    words = [f"user{chr(97 + u)}" for u in range(8)]
+    lines = [json.dumps({"user_id": u, "text": " ".join([words[u]] * (40 + 7 * i))})
+             for i in range(3) for u in range(8)]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    result = _blocks([path], byte_tok, unit="field:user_id", heldout_fraction=0.3)
+    users_of_unit = {}
+    for block, owner in zip(result.train, result.train_units, strict=True):
+        text = byte_tok.decode(block.tolist())
+        present = {w for w in words if w in text}
+        assert len(present) == 1, text  # every block is text of exactly one user ...
+        users_of_unit.setdefault(int(owner), set()).update(present)
+    assert all(len(users) == 1 for users in users_of_unit.values())  # ... its unit's
+    assert len(users_of_unit) == result.units
+
+
+def test_file_and_directory_units(tmp_path, write_text, byte_tok):
+    for i in range(6):
+        write_text(f"people/p{i}/a.txt", 3000, seed=i)
+        write_text(f"people/p{i}/b.txt", 3000, seed=50 + i)
+    files = _blocks([tmp_path / "people"], byte_tok, unit="file", heldout_fraction=0.3)
+    folders = _blocks([tmp_path / "people"], byte_tok, unit="directory", heldout_fraction=0.3)
+    assert files.units + files.heldout_unit_count == 12
+    assert folders.units + folders.heldout_unit_count == 6
+
+
+def test_a_salt_moves_the_split_and_nobody_can_predict_it():
+    keys = [f"field:patient_id={i}" for i in range(400)]
+    plain = [is_heldout(k, 0.2) for k in keys]
+    salted = [is_heldout(k, 0.2, salt="site secret") for k in keys]
+    assert plain != salted
+    assert sum(salted) / len(keys) == pytest.approx(0.2, abs=0.06)
+
+
+def test_bad_unit_specs_fail_cleanly(tmp_path, write_text, byte_tok, make_text):
+    path = write_text("a.txt", 5000, seed=1)
+    with pytest.raises(DataError, match="privacy unit 'person' is not one of"):
+        _blocks([path], byte_tok, unit="person")
+    with pytest.raises(DataError, match="plain text and has no field 'user_id'"):
+        _blocks([path], byte_tok, unit="field:user_id")
+    notes = _records(tmp_path, make_text, users=3, per_user=1)
+    with pytest.raises(DataError, match="has no unit field 'patient_id'"):
+        _blocks([notes], byte_tok, unit="field:patient_id")

@@ -28,7 +28,8 @@ def site_paths(sites_config: Path) -> dict[str, str]:
 
 
 def node_config(site: str, data_path: str, ledger_dir: Path, extra: str = "") -> str:
-    return (f'site-name="{site}" data-path="{data_path}" '
+    # each test site is one generated text file: its privacy unit is a passage
+    return (f'site-name="{site}" data-path="{data_path}" privacy-unit="passage" '
             f'ledger-path="{ledger_dir / f"{site}.ledger.json"}" {extra}').strip()
 
 
@@ -36,8 +37,11 @@ def start_sites(fed: LocalFederation, paths: dict[str, str],
                 extra: dict[str, str] | None = None) -> None:
     for site, path in paths.items():
         fed.register(site)
-        fed.start_supernode(site, site, node_config(site, path, fed.root,
-                                                    (extra or {}).get(site, "")))
+        signing_key, signing_cert = fed.certs.signing[site]
+        identity = (f'ca-cert="{fed.certs.ca_cert}" secagg-key="{signing_key}" '
+                    f'secagg-cert="{signing_cert}"')
+        fed.start_supernode(site, site, node_config(
+            site, path, fed.root, f'{identity} {(extra or {}).get(site, "")}'))
     for site in paths:
         fed.wait_connected(site)
 

@@ -88,9 +88,18 @@ def test_node_config_parsed_as_flower_does() -> None:
                                "require-dp=true require-secagg=false")
     assert config == {"site-name": "clinic", "data-path": "/d", "epsilon-budget": 8.0,
                       "require-dp": True, "require-secagg": False}
-    assert check_node_config(config) == ["site name: clinic", "privacy budget: ε ≤ 8",
-                                         "require DP-SGD: yes",
-                                         "require secure aggregation: no"]
+    lines = check_node_config(config)
+    assert lines[:4] == ["site name: clinic", "privacy budget: ε ≤ 8", "require DP-SGD: yes",
+                         "require secure aggregation: no"]
+    # the policy in force, and who set each value
+    assert "policy epsilon_budget: 8.0 [site node config]" in lines
+    assert "policy unit: document [site default]" in lines
+    assert "policy eval_release: nothing [site default (require-dp: nothing un-noised)]" in lines
+
+
+def test_require_dp_without_a_ledger_path_is_refused() -> None:
+    with pytest.raises(ConfigError, match="`require-dp=true` but no `ledger-path`"):
+        check_ledger({"site-name": "clinic", "data-path": "/d", "require-dp": True})
 
 
 @pytest.mark.parametrize(("text", "match"), [
@@ -117,7 +126,8 @@ def test_unparseable_node_config() -> None:
 
 def test_data_counted_with_the_client_code(smoke, write_text) -> None:
     path = write_text("clinic/notes.txt", 40_000)
-    line = check_data(smoke, {"site-name": "clinic", "data-path": str(path.parent)})
+    line = check_data(smoke, {"site-name": "clinic", "data-path": str(path.parent),
+                              "privacy-unit": "passage"})
     assert line.startswith("data: ") and "training" in line and "held-out" in line
 
 
@@ -260,13 +270,14 @@ def test_superlink_certificate_for_another_name(certs) -> None:
 
 def test_run_site_check_stops_at_the_first_problem(smoke, sites_config, certs) -> None:
     data = str(sites_config.parent / "north.txt")
-    lines = run_site_check(smoke, f'site-name="north" data-path="{data}"',
-                           root_certificates=certs.ca_cert,
+    lines = run_site_check(smoke, f'site-name="north" data-path="{data}" '
+                           'privacy-unit="passage"', root_certificates=certs.ca_cert,
                            auth_key=certs.site_keys["clinic"][0])
-    assert [line.split(":")[0] for line in lines] == [
+    assert [line.split(":")[0] for line in lines if not line.startswith("policy ")] == [
         "site name", "data", "privacy ledger", "root certificate", "authentication key"]
+    assert "policy unit: passage [site node config]" in lines
     with pytest.raises(ConfigError, match="does not answer"):
-        run_site_check(smoke, f'site-name="north" data-path="{data}"',
+        run_site_check(smoke, f'site-name="north" data-path="{data}" privacy-unit="passage"',
                        superlink=f"127.0.0.1:{free_port()}", timeout=1)
 
 

@@ -11,7 +11,8 @@ from fedcpt.privacy.accounting import epsilon, plan_noise
 def pld_epsilon(history, delta):
     acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
     for sigma, q, steps in history:
-        event = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma))
+        event = dp_event.GaussianDpEvent(sigma) if q == 1.0 else \
+            dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma))
         acc.compose(dp_event.SelfComposedDpEvent(event, steps))
     return acc.get_epsilon(delta)
 
@@ -21,6 +22,9 @@ HISTORIES = [
     [(0.6, 0.00427, 3000)],
     # a site's ledger across rounds and phases: σ and q change between entries
     [(0.8, 0.004, 300), (0.8, 0.004, 300), (1.1, 0.006, 200), (0.5, 0.002, 50)],
+    # a unit-level smoke-dp site (11 passages, q = 4/11, 2 rounds of 4 steps) plus three
+    # noised evaluation releases (Gaussian, σ = 4, no subsampling): PRV 8.256, PLD 8.246
+    [(0.9462890625, 4 / 11, 8), (4.0, 1.0, 3)],
 ]
 
 
@@ -40,6 +44,11 @@ def test_rdp_is_looser_than_prv():
 
 def test_no_steps_cost_nothing():
     assert epsilon([], 1e-5) == 0.0
+
+
+def test_epsilon_is_never_negative():
+    # PRV's inversion returns -0.68 here unclamped; ε < 0 is never reported
+    assert epsilon([(1.0, 0.01, 10)], 0.5) == 0.0
 
 
 def test_gdp_is_refused_because_it_can_under_report():

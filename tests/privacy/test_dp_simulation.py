@@ -1,4 +1,5 @@
-"""DP end to end in a real Flower simulation: ledgers, the summary's privacy block, refusals."""
+"""Unit-level DP end to end in a real Flower simulation: ledgers, the summary's privacy
+block, refusals."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def test_dp_run_reports_cumulative_epsilon_from_the_ledgers(smoke_dp_run):
     assert privacy["accountant"] == "prv"
     for site, entry in privacy["sites"].items():
         ledger = PrivacyLedger.load(run_dir / "ledgers" / f"{site}.ledger.json")
-        assert ledger.site == site
+        assert ledger.site == site and ledger.unit == "passage"
+        assert ledger.delta == 1e-5  # the site default min(1e-5, 1/(10·N))
         assert len(ledger.entries) == cfg.federation.rounds
         assert entry["steps"] == cfg.federation.rounds * cfg.train.local_steps
         # the planned noise spends close to, and never more than, the budget
@@ -35,15 +37,14 @@ def test_dp_run_reports_cumulative_epsilon_from_the_ledgers(smoke_dp_run):
 
 
 def test_site_refuses_the_round_that_would_exceed_its_budget(tmp_path, sites_config):
-    sigma, q_steps = 0.8, 4  # smoke: 4 local steps per round
-    probe = load_config("smoke-dp", config_file=sites_config)
-    records = 20_000 // probe.data.block_size  # max_site_tokens caps every site equally
-    q = probe.train.batch_size / records
-    one_round = epsilon([(sigma, q, q_steps)], 1 / records)
-    two_rounds = epsilon([(sigma, q, 2 * q_steps)], 1 / records)
-    budget = (one_round + two_rounds) / 2
+    sigma, q_steps = 0.8, 4  # smoke: 4 local steps per round, batch 4
+    # Each site holds 11-13 training passages (its salted split decides which), so one
+    # round costs at most ε = 8.71 (9 units) and two at least ε = 9.32 (13 units) at δ=1e-5:
+    # a budget of 9 lets every site pay round 1 and refuse round 2.
+    budget = 9.0
     cfg = load_config("smoke-dp", config_file=sites_config, overrides=[
-        f"privacy.noise_multiplier={sigma}", f"privacy.target_epsilon={budget}"])
+        f"privacy.noise_multiplier={sigma}", f"privacy.target_epsilon={budget}",
+        f"site_policy.epsilon_budget={budget}"])
     run_dir = tmp_path / "run"
     with pytest.raises(FedcptError, match="round 2 was not aggregated.*refuses to train"):
         simulate(cfg, run_dir)  # round 2: every site refuses, also when it is sent again
@@ -57,3 +58,6 @@ def test_site_refuses_the_round_that_would_exceed_its_budget(tmp_path, sites_con
         ledger = PrivacyLedger.load(run_dir / "ledgers" / f"{site}.ledger.json")
         assert len(ledger.entries) == 1  # the refused round spent nothing, twice
         assert ledger.epsilon() <= budget
+        [entry] = ledger.entries
+        assert 9 <= round(4 / entry.sample_rate) <= 13  # q = B / units, as assumed above
+        assert epsilon([(sigma, entry.sample_rate, 2 * q_steps)], ledger.delta) > budget

@@ -1,12 +1,14 @@
-"""DP-SGD on the LoRA parameters: the adapter learns, the base does not, nothing leaks
-between rounds, and the ledger's sampling rate is the one Opacus uses."""
+"""Unit-level DP-SGD on the LoRA parameters: the adapter learns, the base does not, nothing
+leaks between rounds, each unit is drawn at most once per step, an empty Poisson batch
+still releases noise, and logical batches split into physical ones are noised once."""
 
 import pytest
 import torch
+from opacus.optimizers import DPOptimizer
 
 from fedcpt.config import PrivacyConfig, TrainConfig
 from fedcpt.core.adapters import adapter_state, load_adapter, to_arrays
-from fedcpt.privacy.dpsgd import train_adapter_dp
+from fedcpt.privacy.dpsgd import OneBlockPerUnit, UnitPoissonSampler, train_adapter_dp
 from fedcpt.privacy.plan import sample_rate
 
 TRAIN = TrainConfig(local_steps=6, batch_size=4)
@@ -39,12 +41,12 @@ def test_reported_examples_are_the_logical_batch_not_the_sampled_one(fresh_lm, t
     assert result.examples == TRAIN.local_steps * TRAIN.batch_size
 
 
-def test_ledger_rate_is_the_rate_opacus_samples_at(fresh_lm, text_blocks):
+def test_ledger_rate_is_the_rate_the_unit_sampler_uses(fresh_lm, text_blocks):
     q = sample_rate(len(text_blocks), TRAIN.batch_size)
-    assert q == pytest.approx(1 / 4)  # 16 blocks, batch 4
+    assert q == pytest.approx(1 / 4)  # 16 blocks, each its own unit, batch 4
     train_adapter_dp(fresh_lm, text_blocks, TRAIN, PRIVACY, lr=1e-2, noise_multiplier=0.5,
                      sample_rate=q)
-    with pytest.raises(RuntimeError, match="Opacus samples at"):
+    with pytest.raises(RuntimeError, match="unit sampler samples at"):
         train_adapter_dp(fresh_lm, text_blocks, TRAIN, PRIVACY, lr=1e-2,
                          noise_multiplier=0.5, sample_rate=0.3)
 
@@ -78,3 +80,79 @@ def test_anchor_pull_is_applied_under_dp(fresh_lm, text_blocks):
         return sum(float((state[k] - start[k]).norm()) for k in start)
 
     assert drift(pulled) < 0.5 * drift(free)
+
+
+# --- the unit sampler ---------------------------------------------------------------------
+
+def _unit_batches(owners, q, steps):
+    sampling = torch.Generator().manual_seed(0)
+    blocks = torch.arange(len(owners)).unsqueeze(1)  # block i holds token i
+    data = OneBlockPerUnit(blocks, owners, sampling)
+    for units in UnitPoissonSampler(int(owners.max()) + 1, q, steps, sampling):
+        yield [int(owners[int(data[u][0])]) for u in units]
+
+
+def test_a_unit_with_fifty_blocks_is_drawn_at_most_once_per_step():
+    owners = torch.cat([torch.zeros(50, dtype=torch.long), torch.arange(1, 21)])
+    batches = list(_unit_batches(owners, q=0.5, steps=400))
+    assert all(len(b) == len(set(b)) for b in batches)  # no unit twice in one step
+    share = sum(0 in b for b in batches) / len(batches)
+    assert share == pytest.approx(0.5, abs=0.08)  # sampled at q, like any other unit
+    sizes = [len(b) for b in batches]
+    assert sum(sizes) / len(sizes) == pytest.approx(0.5 * 21, rel=0.1)  # q · units
+
+
+def test_each_sampled_unit_gives_one_of_its_own_blocks():
+    owners = torch.tensor([0, 0, 0, 1, 1, 2])
+    seen = {0: set(), 1: set(), 2: set()}
+    data = OneBlockPerUnit(torch.arange(6).unsqueeze(1), owners, torch.Generator().manual_seed(1))
+    for _ in range(200):
+        for unit in range(3):
+            seen[unit].add(int(data[unit][0]))
+    assert seen == {0: {0, 1, 2}, 1: {3, 4}, 2: {5}}
+
+
+def test_an_empty_poisson_batch_takes_a_noise_only_step(fresh_lm, text_blocks, monkeypatch):
+    noised = []
+    real_noise = DPOptimizer.add_noise
+    monkeypatch.setattr(DPOptimizer, "add_noise",
+                        lambda self: (noised.append(1), real_noise(self))[1])
+    monkeypatch.setattr(UnitPoissonSampler, "__iter__",
+                        lambda self: iter([[] for _ in range(self.steps)]))
+    before = adapter_state(fresh_lm.model)
+    result = train_adapter_dp(fresh_lm, text_blocks, TRAIN, PRIVACY, lr=1e-2,
+                              noise_multiplier=1.0)
+    after = adapter_state(fresh_lm.model)
+    assert len(noised) == TRAIN.local_steps  # every empty step released noise
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert result.steps == TRAIN.local_steps
+
+
+def test_logical_batches_split_into_physical_ones_are_noised_once(fresh_lm, text_blocks,
+                                                                  monkeypatch):
+    noised, physical = [], []
+    real_noise = DPOptimizer.add_noise
+    monkeypatch.setattr(DPOptimizer, "add_noise",
+                        lambda self: (noised.append(1), real_noise(self))[1])
+    hook = fresh_lm.model.register_forward_pre_hook(
+        lambda _m, _a, kw: physical.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    train = TrainConfig(local_steps=3, batch_size=12)  # q = 12/16
+    try:
+        train_adapter_dp(fresh_lm, text_blocks, train,
+                         PrivacyConfig(enabled=True, max_physical_batch_size=2), lr=1e-2,
+                         noise_multiplier=0.5)
+    finally:
+        hook.remove()
+    assert len(noised) == train.local_steps
+    assert max(physical) <= 2 and len(physical) > train.local_steps
+
+
+def test_ffa_lora_trains_only_b(fresh_lm, text_blocks):
+    before = adapter_state(fresh_lm.model)
+    train_adapter_dp(fresh_lm, text_blocks, TRAIN, PrivacyConfig(enabled=True, ffa_lora=True),
+                     lr=1e-2, noise_multiplier=0.5)
+    after = adapter_state(fresh_lm.model)
+    assert all(torch.equal(before[k], after[k]) for k in before if "lora_A" in k)
+    assert any(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
+    # A trains again outside DP-SGD: the cached model is restored
+    assert all(p.requires_grad for n, p in fresh_lm.model.named_parameters() if "lora_A" in n)

@@ -94,3 +94,22 @@ def test_json_that_is_not_a_ledger_is_rejected(tmp_path):
     path.write_text("[]")
     with pytest.raises(LedgerError, match="not a valid privacy ledger"):
         new_ledger(path)
+
+
+def test_histories_of_different_units_are_never_composed(tmp_path):
+    path = tmp_path / "clinic.ledger.json"
+    ledger = PrivacyLedger.open(path, "clinic", delta=1e-5, target_epsilon=8.0,
+                                unit="field:patient_id")
+    ledger.record("run", 1, 1.0, 0.01, 10)
+    with pytest.raises(LedgerError, match="privacy unit 'field:patient_id', but the site's "
+                                          "unit is now 'document'"):
+        PrivacyLedger.open(path, "clinic", delta=1e-5, target_epsilon=8.0, unit="document")
+    assert PrivacyLedger.load(path).unit == "field:patient_id"
+
+
+def test_delta_can_only_tighten(tmp_path):
+    path = tmp_path / "clinic.ledger.json"
+    PrivacyLedger.open(path, "clinic", delta=1e-5, target_epsilon=8.0).record("r", 1, 1.0,
+                                                                               0.01, 10)
+    assert PrivacyLedger.open(path, "clinic", delta=0.2, target_epsilon=8.0).delta == 1e-5
+    assert PrivacyLedger.open(path, "clinic", delta=1e-7, target_epsilon=8.0).delta == 1e-7

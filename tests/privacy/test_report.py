@@ -25,7 +25,8 @@ def test_report_has_every_site_and_the_federation_maximum(tmp_path):
     assert len(curve) == 2 and curve[0] < curve[1]
     for name in ("privacy.json", "privacy_report.md", "privacy_epsilon.png"):
         assert (tmp_path / name).is_file()
-    assert json.loads((tmp_path / "privacy.json").read_text())["level"] == "record"
+    saved = json.loads((tmp_path / "privacy.json").read_text())
+    assert saved["level"] == "unit" and saved["units"] == ["document"]
 
 
 def test_report_written_beside_ledgers_does_not_break_the_next_report(tmp_path):
@@ -39,3 +40,27 @@ def test_a_site_audits_its_own_ledger_alone(tmp_path):
     make_ledgers(tmp_path)
     ledgers = find_ledgers(tmp_path / "clinic.ledger.json")
     assert [ledger.site for ledger in ledgers] == ["clinic"]
+
+
+def test_report_names_the_unit_every_release_and_who_set_each_value(tmp_path):
+    from fedcpt.config import SiteConfig
+    from fedcpt.privacy.policy import site_policy
+
+    node = {"site-name": "clinic", "data-path": "/d", "privacy-unit": "field:patient_id",
+            "eval-release": "noised"}
+    policy = site_policy(None, SiteConfig(name="clinic", data=("/d",)), node, deployed=True)
+    ledger = PrivacyLedger.open(tmp_path / "clinic.ledger.json", "clinic", delta=1e-6,
+                                target_epsilon=8.0, unit=policy.unit)
+    ledger.policy = policy.record()
+    ledger.record("run", 1, 1.0, 0.05, 40)
+    ledger.record("run/eval", 1, 4.0, 1.0, 3, kind="eval")
+    payload = write_privacy_report([ledger], tmp_path)
+    row = payload["sites"]["clinic"]
+    assert row["unit"] == "field:patient_id" and row["steps"] == 40
+    assert row["eval_releases"] == 3
+    assert row["noise_multiplier"] == 1.0  # the last DP-SGD round, not the evaluation
+    assert any("covered by ε (in the ledger)" in r for r in row["releases"])
+    assert any(r.startswith("train-seconds: not released") for r in row["releases"])
+    text = (tmp_path / "privacy_report.md").read_text()
+    assert "| unit | field:patient_id | site node config |" in text
+    assert "| delta | 0.0 | site default |" in text

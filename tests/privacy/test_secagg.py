@@ -1,9 +1,10 @@
 """Secure aggregation (SecAgg+) over the real site and server stages, in process.
 
-A ``SiteGrid`` delivers each message to the site functions the ClientApp calls
-(:mod:`fedcpt.privacy.secagg.site`), with each site's own Flower ``Context``, and can drop
-a site at any stage; sites "train" by returning a planted update, so the aggregate can be
-compared with the plain weighted average.
+A ``SiteGrid`` (:mod:`secagg_grid`) delivers each message to the site functions the
+ClientApp calls, with each site's own Flower ``Context`` and signing identity, and can
+drop a site at any stage; sites "train" by returning a planted update, so the aggregate
+can be compared with the plain weighted average. The attacks of a malicious server are in
+``test_secagg_attacks.py``.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import random
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.supercore.task_identity import TaskIdentity
+from secagg_grid import SiteGrid, Sites, make_identities, new_context
 
 from fedcpt.config import FederationConfig, RunConfig, SecAggConfig, SiteConfig, load_config
 from fedcpt.core import protocol as p
 from fedcpt.exceptions import ConfigError, UpdateRejected
 from fedcpt.privacy.secagg import site
-from fedcpt.privacy.secagg.encoding import encode
 from fedcpt.privacy.secagg.masking import expand
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import MASKED, SETUP, SHARE_KEYS, STATE, UNMASK
@@ -36,51 +37,6 @@ def _arrays(scale: float, seed: int) -> ArrayRecord:
     rng = np.random.default_rng(seed)
     return ArrayRecord({k: Array((rng.normal(size=s) * scale).astype(np.float32))
                         for k, s in SHAPES.items()})
-
-
-class SiteGrid:
-    """Delivers stage messages to in-process sites; ``drop[stage]`` sites never answer."""
-
-    def __init__(self, updates: dict[int, tuple[ArrayRecord, int]],
-                 drop: dict[str, set[int]] | None = None) -> None:
-        self.updates = updates
-        self.drop = drop or {}
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(),
-                                    run_config={}) for n in updates}
-        self.sent_masked: dict[int, np.ndarray] = {}
-        self.encoded: dict[int, np.ndarray] = {}
-
-    def get_node_ids(self):
-        return list(self.updates)
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for msg in messages:
-            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
-            if node in self.drop.get(kind, ()):
-                continue
-            replies.append(self._answer(node, kind, msg))
-        return replies
-
-    def _answer(self, node: int, kind: str, msg: Message) -> Message:
-        ctx, record = self.contexts[node], msg.content.config_records[STATE]
-        if kind == SETUP:
-            return Message(RecordDict({STATE: site.setup(ctx, node, record)}), reply_to=msg)
-        if kind == SHARE_KEYS:
-            return Message(RecordDict({STATE: site.share_keys(ctx, record)}), reply_to=msg)
-        if kind == UNMASK:
-            return Message(RecordDict({STATE: site.unmask(ctx, record)}), reply_to=msg)
-        assert kind == MASKED
-        site.receive_shares(ctx, record)
-        update, weight = self.updates[node]
-        params = SecAggParams.from_record(ctx.state.config_records[STATE])
-        self.encoded[node] = encode(update, msg.content[p.ARRAYS], weight, params)
-        masked = site.mask(ctx, self.encoded[node])
-        self.sent_masked[node] = masked
-        return Message(RecordDict({
-            p.MASKED: ArrayRecord({p.MASKED_VECTOR: Array(masked)}),
-            p.METRICS: MetricRecord({p.NUM_EXAMPLES: weight, p.TRAIN_SECONDS: 1.0}),
-            p.SITE: ConfigRecord({"name": f"site-{node}"})}), reply_to=msg)
 
 
 @pytest.fixture(autouse=True)
@@ -195,18 +151,19 @@ def test_a_sum_of_two_is_never_revealed(federation):
     assert arrays is None  # each survivor could subtract its own update from the sum
 
 
-def test_sites_refuse_parameters_that_would_let_the_server_unmask_one_update():
-    ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
-    weak = SecAggParams(num_shares=1, threshold=1, clipping_range=1.0,
-                        quantization_range=2**22, max_weight=8)
-    with pytest.raises(UpdateRejected, match="refusing secure aggregation parameters"):
-        site.setup(ctx, 7, weak.to_record())
+def test_sites_refuse_parameters_that_would_let_the_server_unmask_one_update(federation):
+    reference, _ = federation
     fair = SecAggParams(num_shares=5, threshold=3, clipping_range=1.0,
                         quantization_range=2**22, max_weight=8)
-    keys = site.setup(ctx, 7, fair.to_record())
-    alone = ConfigRecord({"nodes": [7], "pk1": [keys["pk1"]], "pk2": [keys["pk2"]]})
+    sites = Sites([7, 8, 9], fair, reference, ConfigRecord({"k": "v"}))
+    weak = SecAggParams(num_shares=1, threshold=1, clipping_range=1.0,
+                        quantization_range=2**22, max_weight=8)
+    request = ConfigRecord({**sites.round_record(), **weak.to_record()})
+    with pytest.raises(UpdateRejected, match="refusing secure aggregation parameters"):
+        sites.setup(7, request)
+    keys = sites.setup(7)
     with pytest.raises(UpdateRejected, match="neighbours"):
-        site.share_keys(ctx, alone)
+        sites.share_keys(7, Sites.key_list({7: keys}, [7]))
 
 
 class MisbehavingGrid(SiteGrid):
@@ -273,42 +230,33 @@ def test_masks_use_the_whole_seed_unlike_flowers_32_bit_generator():
     assert (ours[0] != ours[1]).mean() > 0.99
 
 
-def test_sites_refuse_stages_out_of_order_and_contradictory_unmasking(federation):
-    reference, updates = federation
-    ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+def test_sites_refuse_stages_out_of_order():
+    ctx = new_context(7)
+    me = make_identities([7])[7]
     with pytest.raises(UpdateRejected, match="out of order"):
-        site.unmask(ctx, ConfigRecord({"active": [7], "dead": []}))
-
-    grid = SiteGrid(updates)
-    grid.drop = {UNMASK: set(NODES)}  # stop before unmasking to inspect the sites' state
-    _round(grid, _config(), reference)
-    victim = grid.contexts[NODES[0]]
-    with pytest.raises(UpdateRejected, match="twice"):
-        site.unmask(victim, ConfigRecord({"active": list(NODES[:3]), "dead": [NODES[2]]}))
+        site.unmask(ctx, ConfigRecord({"survivors": [7], "signers": [], "signatures": [],
+                                       "active": [7], "dead": []}), me)
+    with pytest.raises(UpdateRejected, match="out of order"):
+        site.consistency(ctx, ConfigRecord({"survivors": [7]}), me)
 
 
 def test_shares_redirected_by_the_server_fail_authentication(federation):
-    reference, updates = federation
-    grid = SiteGrid(updates)
-    cfg = _config()
-    params = SecAggParams.for_round(cfg, 5)
-    for n in NODES:
-        site.setup(grid.contexts[n], n, params.to_record())
-    keys = {n: grid.contexts[n].state.config_records[STATE] for n in NODES}
-    request = ConfigRecord({"nodes": list(NODES), "pk1": [keys[n]["pk1"] for n in NODES],
-                            "pk2": [keys[n]["pk2"] for n in NODES]})
-    out = {n: site.share_keys(grid.contexts[n], request) for n in NODES}
+    reference, _ = federation
+    sites = Sites(NODES, SecAggParams.for_round(_config(), 5), reference, ConfigRecord())
+    keys = {n: sites.setup(n) for n in NODES}
+    out = {n: sites.share_keys(n, Sites.key_list(keys, NODES)) for n in NODES}
     # node 101's shares meant for 202 are delivered to 303 as if they came from 101
     sealed = out[NODES[0]]["sealed"][list(out[NODES[0]]["dst"]).index(NODES[1])]
     with pytest.raises(UpdateRejected, match="authentication"):
-        site.receive_shares(grid.contexts[NODES[2]],
-                            ConfigRecord({"src": [NODES[0]], "sealed": [sealed]}))
+        site.receive_shares(sites.contexts[NODES[2]],
+                            ConfigRecord({"src": [NODES[0]], "sealed": [sealed]}),
+                            reference, ConfigRecord())
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["secagg.reconstruction_threshold=1"], "majority"),
     (["federation.max_update_norm=0"], "max_update_norm"),
-    (["privacy.user_level=true"], "user_level"),
+    (["privacy.user_level=true", "secagg.dishonest_fraction=1"], "dishonest_fraction"),
     (["federation.sites_per_round=2"], ">= 3"),
     (["secagg.quantization_range=1500000000"], r"2\^32"),
 ])

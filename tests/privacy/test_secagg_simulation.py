@@ -7,13 +7,17 @@ import json
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from secagg_grid import Sites
 
-from fedcpt.client.app import train
+from fedcpt.client.app import secagg_masked, train
 from fedcpt.config import load_config
 from fedcpt.core import protocol as p
 from fedcpt.core.adapters import adapter_state, to_arrays
 from fedcpt.core.model import load_adapted_model
+from fedcpt.privacy.accounting import epsilon
 from fedcpt.privacy.ledger import PrivacyLedger
+from fedcpt.privacy.secagg.params import SecAggParams
+from fedcpt.privacy.secagg.server import MASKED, STATE
 from fedcpt.simulations.runner import simulate
 
 
@@ -56,3 +60,44 @@ def test_a_site_requiring_secagg_refuses_a_plain_training_message(monkeypatch, s
     assert reply.has_error()
     assert "requires secure aggregation" in reply.error.reason
     assert not reply.has_content()  # no adapter leaves the site
+
+
+def test_site_level_dp_under_secagg_is_added_by_the_sites(tmp_path, sites_config):
+    cfg = load_config("smoke", config_file=sites_config, overrides=[
+        "secagg.mode=on", "federation.max_update_norm=5", "privacy.user_level=true",
+        "privacy.user_clipping_norm=0.01", "privacy.user_noise_multiplier=0.5"])
+    run_dir = tmp_path / "run"
+    summary = simulate(cfg, run_dir)
+
+    assert summary["rounds_aggregated"] == cfg.federation.rounds
+    assert summary["failures"] == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["update_norm_per_site"] == {} for r in rows)  # the server saw only sums
+    user = summary["privacy_user_level"]
+    assert "distributed discrete Gaussian" in user["mechanism"]
+    central = epsilon([(0.5, 1.0, cfg.federation.rounds)], user["delta"], "rdp")
+    assert central * 0.99 <= user["epsilon"] <= central * 1.05  # never below the central ε
+    assert "the sites added" in (run_dir / "report.md").read_text()
+
+
+def test_a_site_refusing_to_mask_does_not_send_its_update_norm(monkeypatch, sites_config):
+    for key, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, key, value)
+    cfg = load_config("smoke", config_file=sites_config, overrides=[
+        "secagg.mode=on", "federation.max_update_norm=1e-9"])  # any trained update exceeds
+    lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
+    arrays = to_arrays(adapter_state(lm.model))
+    config = ConfigRecord({p.RUN_CONFIG: cfg.to_json(), p.RUN_ID: "r", p.SERVER_ROUND: 1})
+    nodes = [7, 8, 9]
+    sites = Sites(nodes, SecAggParams.for_round(cfg, 3), arrays, config)
+    keys = {n: sites.setup(n) for n in nodes}
+    sealed = {n: sites.share_keys(n, Sites.key_list(keys, nodes)) for n in nodes}
+    inbound = ConfigRecord({"src": [8, 9], "sealed": [
+        sealed[s]["sealed"][list(sealed[s]["dst"]).index(7)] for s in (8, 9)]})
+    context = sites.contexts[7]
+    context.node_config = {"partition-id": 0}
+    msg = Message(RecordDict({p.ARRAYS: arrays, p.CONFIG: config, STATE: inbound}),
+                  dst_node_id=7, message_type=MASKED)
+    reply = secagg_masked(msg, context)
+    assert reply.has_error() and not reply.has_content()
+    assert reply.error.reason == "the update exceeds the norm bound 1e-09; not sent"

@@ -38,3 +38,16 @@ def test_compare_writes_arms_against_the_reference(tmp_path, sites_config):
         assert (out / row["arm"] / "summary.json").is_file()
     assert arms["fedavg"]["adaptation_kept"] == pytest.approx(1.0)
     assert (out / "pareto.png").is_file() and (out / "compare.md").is_file()
+
+
+def test_removed_is_the_share_of_the_reference_damage():
+    from fedcpt.simulations.compare import retention_measures, share_removed
+
+    assert share_removed(0.2, 0.05) == pytest.approx(0.75)
+    assert share_removed(0.2, -0.1) == pytest.approx(1.5)  # past the base
+    assert share_removed(-0.1, 0.0) is None and share_removed(None, 0.1) is None
+    summary = {"retention": {"in_pool": {"forgetting": 0.1}, "out_of_pool": None,
+                             "behaviour": {"kl_to_base": 0.3, "answer_loss_increase": 0.2}}}
+    assert retention_measures(summary) == {"in_pool_forgetting": 0.1,
+                                           "out_of_pool_forgetting": None,
+                                           "kl_to_base": 0.3, "answer_loss_increase": 0.2}

@@ -1,0 +1,55 @@
+"""A simulated site's privacy policy (``[sites.policy]``, and ``[site_policy]`` for all).
+
+A deployed site never reads these tables: it sets the same values in its own
+``--node-config`` or policy file (:mod:`fedcpt.privacy.policy`). Empty / 0 means the
+site-side default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedcpt.config.rules import require
+
+EVAL_RELEASES = ("nothing", "plain", "noised")
+
+
+def _opt(default: Any, help_text: str) -> Any:
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass(frozen=True)
+class SitePolicySettings:
+    """A simulated site's privacy policy; empty / 0: the site default."""
+
+    unit: str = _opt("", "Privacy unit: `document`, `passage`, `file`, `directory` or "
+                     "`field:<name>` (default `document`).")
+    delta: float = _opt(0.0, "δ (default min(1e-5, 1/(10·N)); δ ≥ 1/N is refused).")
+    epsilon_budget: float = _opt(0.0, "Total ε budget of the site (default 8).")
+    ledger_path: str = _opt("", "Ledger file (default: `<privacy.ledger_dir>/<site>.ledger."
+                            "json`, simulation only).")
+    heldout_fraction: float = _opt(0.0, "Held-out share of units, by salted hash "
+                                   "(default 0.1).")
+    eval_release: str = _opt("", "What evaluation releases: `nothing`, `plain` (not covered "
+                             "by ε) or `noised` (default `plain`; `nothing` under "
+                             "require_dp).")
+    eval_min_units: int = _opt(0, "Held-out units a query must cover (default 8).")
+    eval_noise_multiplier: float = _opt(0.0, "σ of a noised evaluation release, relative to "
+                                        "its clipping bound (default 4).")
+    eval_loss_bound: float = _opt(0.0, "Per-unit loss clip of a noised release, in nats "
+                                  "(default 10).")
+    require_dp: bool = _opt(False, "Refuse rounds without DP-SGD.")
+
+    def __post_init__(self) -> None:
+        require(self.delta >= 0, "policy.delta", self.delta, ">= 0 (0: site default)")
+        require(self.epsilon_budget >= 0, "policy.epsilon_budget", self.epsilon_budget, ">= 0")
+        require(0 <= self.heldout_fraction < 1, "policy.heldout_fraction",
+                self.heldout_fraction, "in [0, 1) (0: site default)")
+        require(self.eval_release in ("", *EVAL_RELEASES), "policy.eval_release",
+                self.eval_release, f"one of {list(EVAL_RELEASES)}")
+        require(self.eval_min_units >= 0, "policy.eval_min_units", self.eval_min_units, ">= 0")
+        require(self.eval_noise_multiplier >= 0, "policy.eval_noise_multiplier",
+                self.eval_noise_multiplier, ">= 0")
+        require(self.eval_loss_bound >= 0, "policy.eval_loss_bound", self.eval_loss_bound,
+                ">= 0")

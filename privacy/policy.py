@@ -1,0 +1,251 @@
+"""A site's privacy policy: everything its guarantee depends on, set by the site itself.
+
+The server may *propose* stricter values in the run config (a smaller δ or ε budget, a
+smaller held-out share, a larger evaluation query), never looser ones: a proposal that
+would loosen the policy is refused with a reason that names the key
+(:func:`accept_proposal`). A deployed site sets its policy in ``--node-config`` keys or a
+TOML file named by ``policy-file``; in simulation the ``[sites.policy]`` table (then the
+scenario's ``[site_policy]``) stands in for it. Every value records who set it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedcpt.config import EVAL_RELEASES, RunConfig, SiteConfig
+from fedcpt.core.data import parse_unit
+from fedcpt.exceptions import ConfigError, DataError
+from fedcpt.privacy.ledger import LEDGER_SUFFIX, SiteRefused
+
+log = logging.getLogger(__name__)
+
+# node_config key → SitePolicy field (a deployed SuperNode sets these with --node-config)
+NODE_KEYS = {
+    "privacy-unit": "unit",
+    "delta": "delta",
+    "epsilon-budget": "epsilon_budget",
+    "ledger-path": "ledger_path",
+    "heldout-fraction": "heldout_fraction",
+    "eval-release": "eval_release",
+    "eval-min-units": "eval_min_units",
+    "eval-noise-multiplier": "eval_noise_multiplier",
+    "eval-loss-bound": "eval_loss_bound",
+    "require-dp": "require_dp",
+}
+POLICY_FILE_KEY = "policy-file"
+DEFAULT_DELTA_CAP = 1e-5
+SITE_DEFAULTS: dict[str, Any] = {
+    "unit": "document", "delta": 0.0, "epsilon_budget": 8.0, "ledger_path": "",
+    "heldout_fraction": 0.1, "eval_min_units": 8, "eval_noise_multiplier": 4.0,
+    "eval_loss_bound": 10.0, "require_dp": False,
+}
+
+
+def default_delta(units: int) -> float:
+    """The site-side default δ: min(1e-5, 1/(10·N)) for N units, well below 1/N."""
+    return min(DEFAULT_DELTA_CAP, 1.0 / (10 * units))
+
+
+class PolicyRefused(SiteRefused):
+    """A server proposal would loosen the site's policy; the site refuses it."""
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """The policy in force at one site, with who set each value (``set_by``).
+
+    ``delta`` 0 means the site default, min(1e-5, 1/(10·N)) for N units
+    (:meth:`delta_for`); ``ledger_path`` '' means none (DP then cannot run)."""
+
+    site: str
+    unit: str
+    delta: float
+    epsilon_budget: float
+    ledger_path: str
+    heldout_fraction: float
+    eval_release: str
+    eval_min_units: int
+    eval_noise_multiplier: float
+    eval_loss_bound: float
+    require_dp: bool
+    set_by: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            parse_unit(self.unit)
+        except DataError as err:
+            raise ConfigError(f"site {self.site!r}: {err} ({self.who('unit')})") from None
+        checks = (
+            ("delta", 0 <= self.delta < 1, "in [0, 1) (0: the site default)"),
+            ("epsilon_budget", self.epsilon_budget > 0, "> 0"),
+            ("heldout_fraction", 0 < self.heldout_fraction < 1, "strictly between 0 and 1"),
+            ("eval_release", self.eval_release in EVAL_RELEASES,
+             f"one of {list(EVAL_RELEASES)} (release through secure aggregation is not "
+             "implemented yet)"),
+            ("eval_min_units", self.eval_min_units >= 1, ">= 1"),
+            ("eval_noise_multiplier", self.eval_noise_multiplier > 0, "> 0"),
+            ("eval_loss_bound", self.eval_loss_bound > 0, "> 0"),
+        )
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"site {self.site!r}: policy `{name}` must be {expected}, "
+                                  f"got {getattr(self, name)!r} ({self.who(name)})")
+
+    def who(self, name: str) -> str:
+        """Who set field ``name``: the site's node config, its policy file, a simulated
+        table, or the site default."""
+        return dict(self.set_by).get(name, "site default")
+
+    def delta_for(self, units: int) -> float:
+        """δ for ``units`` training units: the site's, else min(1e-5, 1/(10·N)). A δ at or
+        above 1/N would allow releasing one unit's data outright, and is refused."""
+        if units <= 0:
+            raise ConfigError(f"site {self.site!r} has no training units")
+        if not self.delta:
+            return default_delta(units)
+        if self.delta >= 1.0 / units:
+            raise ConfigError(f"site {self.site!r}: δ={self.delta:g} ({self.who('delta')}) is "
+                              f"at least 1/N = 1/{units}; choose δ ≪ 1/N, e.g. "
+                              f"{min(DEFAULT_DELTA_CAP, 1 / (10 * units)):.2g}")
+        return self.delta
+
+    def record(self) -> dict[str, dict]:
+        """Each value and who set it, as kept in the ledger and shown in the report."""
+        return {f.name: {"value": getattr(self, f.name), "set_by": self.who(f.name)}
+                for f in dataclasses.fields(self) if f.name not in ("site", "set_by")}
+
+    def lines(self) -> list[str]:
+        """The policy in force, one line per value with who set it (for `site check`)."""
+        shown = {"delta": self.delta or "min(1e-5, 1/(10·N))",
+                 "ledger_path": self.ledger_path or "(none)"}
+        return [f"policy {f.name}: {shown.get(f.name, getattr(self, f.name))} "
+                f"[{self.who(f.name)}]"
+                for f in dataclasses.fields(self) if f.name not in ("site", "set_by")]
+
+
+def read_policy_file(path: Path) -> dict[str, Any]:
+    """A policy file: TOML with the node-config keys (``privacy-unit = "field:user_id"``)."""
+    if not path.is_file():
+        raise ConfigError(f"policy file {path} not found (node-config `{POLICY_FILE_KEY}`)")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"policy file {path} is not valid TOML: {err}") from None
+    unknown = sorted(set(raw) - set(NODE_KEYS))
+    if unknown:
+        raise ConfigError(f"policy file {path}: unknown key(s) {unknown}; a policy sets "
+                          f"{sorted(NODE_KEYS)}")
+    return raw
+
+
+def _typed(name: str, value: Any, where: str) -> Any:
+    default = SITE_DEFAULTS.get(name, "")
+    try:
+        if isinstance(default, bool):
+            text = str(value).lower()
+            if text not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text in ("true", "1")
+        if isinstance(value, bool):
+            raise ValueError
+        return type(default)(value) if not isinstance(default, str) else str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} sets `{name}` to {value!r}, which is not a "
+                          f"{type(default).__name__}") from None
+
+
+def site_policy(cfg: RunConfig | None, site: SiteConfig, node_config: dict,
+                deployed: bool) -> SitePolicy:
+    """The policy in force at ``site``: node config, then its policy file (deployed: the
+    run config ``cfg`` is not read), or the simulated tables of ``cfg``; then defaults.
+    ``eval_release`` defaults to ``nothing`` when the site requires DP (nothing un-noised
+    leaves), else ``plain``."""
+    values: dict[str, Any] = {}
+    set_by: dict[str, str] = {}
+    if deployed:
+        layers: list[tuple[str, dict[str, Any]]] = [
+            ("site node config", {NODE_KEYS[k]: v for k, v in node_config.items()
+                                  if k in NODE_KEYS})]
+        if POLICY_FILE_KEY in node_config:
+            path = Path(str(node_config[POLICY_FILE_KEY])).expanduser()
+            layers.append((f"site policy file {path}",
+                           {NODE_KEYS[k]: v for k, v in read_policy_file(path).items()}))
+    else:
+        if cfg is None:
+            raise ValueError("a simulated site's policy needs the run config")  # a bug
+        unset = dataclasses.asdict(type(site.policy)())
+        layers = [(f"simulated site table [sites.policy] of {site.name!r}",
+                   {k: v for k, v in dataclasses.asdict(site.policy).items()
+                    if v != unset[k]}),
+                  ("simulation default [site_policy]",
+                   {k: v for k, v in dataclasses.asdict(cfg.site_policy).items()
+                    if v != unset[k]})]
+    for where, layer in layers:
+        for name, value in layer.items():
+            if name not in values:
+                values[name] = _typed(name, value, where)
+                set_by[name] = where
+    for name, default in SITE_DEFAULTS.items():
+        values.setdefault(name, default)
+    if "eval_release" not in values:
+        values["eval_release"] = "nothing" if values["require_dp"] else "plain"
+        set_by["eval_release"] = ("site default (require-dp: nothing un-noised)"
+                                  if values["require_dp"] else "site default")
+    if not values["ledger_path"] and cfg is not None and not deployed and \
+            cfg.privacy.ledger_dir:
+        values["ledger_path"] = str(Path(cfg.privacy.ledger_dir) / f"{site.name}{LEDGER_SUFFIX}")
+        set_by["ledger_path"] = "simulation: the run's privacy.ledger_dir"
+    return SitePolicy(site=site.name, set_by=tuple(sorted(set_by.items())), **values)
+
+
+@dataclass(frozen=True)
+class RunTerms:
+    """What a site accepts for one run: its policy, tightened where the server asked."""
+
+    delta: float
+    epsilon_budget: float
+
+
+def accept_proposal(policy: SitePolicy, cfg: RunConfig, units: int) -> RunTerms:
+    """Check the server's run config against the site's policy; raises PolicyRefused
+    naming the key when a proposal would loosen it, else returns the (possibly tightened)
+    terms. ``data.heldout_blocks`` is checked when evaluating (:func:`check_query`)."""
+    site_delta = policy.delta_for(units)
+    proposals = (
+        ("privacy.target_delta", cfg.privacy.target_delta, site_delta, "δ", "delta"),
+        ("privacy.target_epsilon", cfg.privacy.target_epsilon, policy.epsilon_budget,
+         "ε budget", "epsilon_budget"),
+        ("data.heldout_fraction", cfg.data.heldout_fraction, policy.heldout_fraction,
+         "held-out fraction", "heldout_fraction"),
+    )
+    for key, proposed, own, what, name in proposals:
+        if key.startswith("privacy.") and not cfg.privacy.enabled:
+            continue  # a run without DP-SGD proposes no δ or budget
+        if proposed and proposed > own:
+            raise PolicyRefused(
+                f"site {policy.site!r} refuses `{key}` = {proposed:g}: it would loosen the "
+                f"site's {what} {own:g} ({policy.who(name)}); the server may only propose "
+                "stricter values")
+    delta = min(site_delta, cfg.privacy.target_delta or site_delta)
+    return RunTerms(delta=delta, epsilon_budget=min(policy.epsilon_budget,
+                                                    cfg.privacy.target_epsilon))
+
+
+def check_query(policy: SitePolicy, cfg: RunConfig, available: int | None) -> int:
+    """Units one evaluation query covers: ``data.heldout_blocks`` (one block per unit),
+    refused below the site's minimum or (unless ``available`` is None) above what the
+    site holds."""
+    asked = cfg.data.heldout_blocks
+    if asked < policy.eval_min_units:
+        raise PolicyRefused(f"site {policy.site!r} refuses `data.heldout_blocks` = {asked}: "
+                            f"a query must cover at least {policy.eval_min_units} held-out "
+                            f"units ({policy.who('eval_min_units')})")
+    if available is not None and available < asked:
+        raise PolicyRefused(f"site {policy.site!r} refuses `data.heldout_blocks` = {asked}: "
+                            "it holds fewer held-out units than the query asks for")
+    return asked

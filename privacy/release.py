@@ -1,0 +1,122 @@
+"""What a site's evaluation may release about its held-out units, by its own policy.
+
+- ``nothing``: no loss leaves the site (the evaluation is refused with the reason).
+- ``plain``: loss, base loss and ECE on held-out blocks, *not* covered by ε (listed as such
+  in the privacy report). Still refused below the site's minimum of held-out units.
+- ``noised``: the Gaussian mechanism on per-unit statistics. A query covers exactly
+  ``k = data.heldout_blocks`` held-out units (one block each, the first ``k`` in the
+  site's salted order, refused if the site holds fewer); each unit's loss is clipped to
+  ``[0, L]`` and its ECE to ``[0, 1]``, and their sums get Gaussian noise of std σ·L and σ.
+  Removing one unit replaces at most one chosen unit by the next, so each sum moves by at
+  most its bound: each statistic is one Gaussian mechanism with noise multiplier σ,
+  recorded in the site's ledger as ``(σ, q = 1, 1 step)`` *before* it is released and
+  composed with DP-SGD by the same accountant. Laplace is not offered: Opacus's
+  accountants, which the ledger uses, analyse Gaussian noise only.
+
+Release through secure aggregation with the other sites is not implemented yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+import torch
+
+from fedcpt.config import RunConfig
+from fedcpt.core import protocol as p
+from fedcpt.core.data import TokenBlocks, first_block_per_unit, spread
+from fedcpt.core.evaluation import evaluate_blocks
+from fedcpt.core.model import AdaptedModel
+from fedcpt.privacy.ledger import PrivacyBudgetExhausted, PrivacyLedger
+from fedcpt.privacy.plan import EVAL_RUN_SUFFIX
+from fedcpt.privacy.policy import PolicyRefused, SitePolicy, accept_proposal, check_query
+
+log = logging.getLogger(__name__)
+
+EVAL_SAMPLE_RATE = 1.0  # every chosen unit is in the query: no subsampling amplification
+
+
+def evaluation_queries(rounds: int) -> int:
+    """Noised statistics a run's evaluations release: loss and ECE each round (round 0
+    included) and the base loss once; reserved in the DP plan."""
+    return 2 * (rounds + 1) + 1
+
+
+def eval_reservation(policy: SitePolicy, rounds: int) -> tuple[tuple[float, float, int], ...]:
+    """The spend a DP plan keeps free for this run's noised evaluations (none otherwise)."""
+    if policy.eval_release != "noised":
+        return ()
+    return ((policy.eval_noise_multiplier, EVAL_SAMPLE_RATE, evaluation_queries(rounds)),)
+
+
+def release_evaluation(cfg: RunConfig, lm: AdaptedModel, policy: SitePolicy,
+                       blocks: TokenBlocks, *, base_cache: dict, run_id: str,
+                       ledger: PrivacyLedger | None) -> dict[str, float]:
+    """The evaluation metrics the site's policy lets it release for the received adapter
+    (``base_cache`` keeps the base model's released loss across rounds)."""
+    if policy.eval_release == "nothing":
+        raise PolicyRefused(f"site {policy.site!r} releases no evaluation (eval_release = "
+                            f"nothing, {policy.who('eval_release')})")
+    accept_proposal(policy, cfg, blocks.units)
+    if policy.eval_release == "plain":
+        check_query(policy, cfg, available=None)  # the query's size, not its units
+        if blocks.heldout_unit_count < policy.eval_min_units:
+            raise PolicyRefused(
+                f"site {policy.site!r} holds {blocks.heldout_unit_count} held-out units, "
+                f"fewer than its minimum of {policy.eval_min_units} per query "
+                f"({policy.who('eval_min_units')})")
+        heldout = spread(blocks.heldout, cfg.data.heldout_blocks)
+        if "plain" not in base_cache:
+            with lm.model.disable_adapter():
+                base_cache["plain"] = evaluate_blocks(lm, heldout, cfg.train.eval_batch_size).loss
+        result = evaluate_blocks(lm, heldout, cfg.train.eval_batch_size)
+        return {p.NUM_EXAMPLES: result.tokens, p.DOMAIN_LOSS: result.loss,
+                p.DOMAIN_BASE_LOSS: base_cache["plain"], p.DOMAIN_ECE: result.ece}
+    if ledger is None:
+        raise PolicyRefused(f"site {policy.site!r} releases only noised evaluations, which "
+                            "its ledger must account for, and it has no ledger location")
+    k = check_query(policy, cfg, blocks.heldout_unit_count)
+    chosen = first_block_per_unit(blocks.heldout, blocks.heldout_units, k)
+    queries = 2 + ("noised" not in base_cache)
+    sigma = policy.eval_noise_multiplier
+    with ledger.locked():
+        after = ledger.epsilon_after(sigma, EVAL_SAMPLE_RATE, queries)
+        if after > ledger.target_epsilon:
+            raise PrivacyBudgetExhausted(
+                f"site {policy.site!r} refuses to evaluate: releasing {queries} noised "
+                f"statistics would raise ε from {ledger.epsilon():.3f} to {after:.3f}, above "
+                f"its budget {ledger.target_epsilon}")
+        losses, eces = _per_unit(lm, chosen)
+        base = None
+        if "noised" not in base_cache:
+            with lm.model.disable_adapter():
+                base = _per_unit(lm, chosen)[0]
+        evals = sum(1 for e in ledger.entries if e.run == run_id + EVAL_RUN_SUFFIX)
+        ledger.policy = policy.record()
+        ledger.record(run_id + EVAL_RUN_SUFFIX, evals + 1, sigma, EVAL_SAMPLE_RATE, queries,
+                      kind="eval")  # durable before anything is released
+    bound = policy.eval_loss_bound
+    noise = torch.Generator().manual_seed(secrets.randbits(63))
+    if base is not None:
+        base_cache["noised"] = _noised_mean(base, bound, sigma, noise)
+    log.info("site %s released a noised evaluation over %d units (σ=%g)", policy.site, k,
+             sigma)
+    return {p.NUM_EXAMPLES: k * (chosen.shape[1] - 1),
+            p.DOMAIN_LOSS: _noised_mean(losses, bound, sigma, noise),
+            p.DOMAIN_BASE_LOSS: base_cache["noised"],
+            p.DOMAIN_ECE: _noised_mean(eces, 1.0, sigma, noise)}
+
+
+def _per_unit(lm: AdaptedModel, chosen: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Each unit's loss and ECE (one block per unit)."""
+    results = [evaluate_blocks(lm, chosen[i:i + 1], 1) for i in range(len(chosen))]
+    return [r.loss for r in results], [r.ece for r in results]
+
+
+def _noised_mean(values: list[float], bound: float, sigma: float,
+                 generator: torch.Generator) -> float:
+    """(Σ clip(v, 0, bound) + N(0, (σ·bound)²)) / k, k the public query size."""
+    total = sum(min(max(v, 0.0), bound) for v in values)
+    noise = float(torch.normal(0.0, sigma * bound, (1,), generator=generator))
+    return (total + noise) / len(values)

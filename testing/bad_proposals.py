@@ -1,0 +1,71 @@
+"""Server proposals that would loosen a site's privacy policy, each fed to the site's real
+ClientApp handlers as a hostile server would send it. Each must be refused with a reason
+naming the key, and leave the site's ledger byte for byte as it was."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from fedcpt.config import load_config
+from fedcpt.exceptions import FedcptError
+from fedcpt.testing.site_round import site_context, task_identity, train_message
+
+RUN = "hostile-run"
+USERS = 40
+
+
+def _site_data(folder: Path) -> Path:
+    """A site's notes, 40 users of ~800 characters each, keyed by ``user_id``."""
+    path = folder / "notes.jsonl"
+    lines = [json.dumps({"user_id": f"p{u}", "text": " ".join(
+        f"Note {i} of patient {u}: slept well, walked a little, asked about lunch."
+        for i in range(11))}) for u in range(USERS)]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _hostile(overrides: list[str], handler: str = "train", ledger: bool = True,
+             **policy: str) -> Callable[[Path], object]:
+    """Send a smoke-dp message with ``overrides`` to a deployed site (unit: user_id)."""
+    def attempt(folder: Path) -> object:
+        import fedcpt.client.app as client_app
+        from fedcpt.core.model import load_adapted_model
+
+        cfg = load_config("smoke-dp", overrides=overrides)
+        ledger_path = folder / "clinic.ledger.json"
+        context = site_context(str(_site_data(folder)), ledger_path, name="clinic",
+                               unit="field:user_id", **{"heldout-fraction": "0.3", **policy})
+        if not ledger:
+            del context.node_config["ledger-path"]
+        before = ledger_path.read_bytes() if ledger_path.exists() else None
+        initial = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
+        with task_identity():
+            reply = getattr(client_app, handler)(train_message(cfg, RUN, 1, initial), context)
+        after = ledger_path.read_bytes() if ledger_path.exists() else None
+        if after != before:
+            return f"accepted: the ledger changed ({handler})"
+        if reply.has_error():
+            raise FedcptError(reply.error.reason)
+        return f"accepted ({handler} replied without an error)"
+    return attempt
+
+
+PROPOSALS = [
+    # kind "proposal": what a hostile server sends; the site must refuse it
+    ("proposal-delta-loosened", _hostile(["privacy.target_delta=0.2"]),
+     r"refuses `privacy.target_delta` = 0.2: it would loosen the site's δ"),
+    ("proposal-budget-raised", _hostile(["privacy.target_epsilon=50"]),
+     r"refuses `privacy.target_epsilon` = 50: it would loosen the site's ε budget 8"),
+    ("proposal-ledger-placed-by-server", _hostile(["privacy.ledger_dir=/tmp/elsewhere"],
+                                                  ledger=False),
+     r"has no ledger location: set `ledger-path`"),
+    ("proposal-heldout-fraction-raised", _hostile(["data.heldout_fraction=0.99"]),
+     r"refuses `data.heldout_fraction` = 0.99"),
+    ("proposal-single-heldout-block", _hostile(["data.heldout_blocks=1"], "evaluate"),
+     r"refuses `data.heldout_blocks` = 1: a query must cover at least 8"),
+    ("proposal-evaluate-when-release-is-nothing",
+     _hostile([], "evaluate", **{"require-dp": "true"}),
+     r"releases no evaluation \(eval_release = nothing"),
+]

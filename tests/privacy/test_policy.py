@@ -1,0 +1,159 @@
+"""The site's privacy policy: set at the site, tightened (never loosened) by the server,
+with who set each value; the held-out split it fixes; what its evaluation releases."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+import fedcpt.client.app as client_app
+from fedcpt.config import SiteConfig, SitePolicySettings, load_config
+from fedcpt.core.data import heldout_by_hash
+from fedcpt.core.model import load_adapted_model
+from fedcpt.exceptions import ConfigError
+from fedcpt.privacy.heldout import HeldoutSplit
+from fedcpt.privacy.ledger import PrivacyLedger
+from fedcpt.privacy.policy import PolicyRefused, accept_proposal, site_policy
+from fedcpt.privacy.report import site_row
+from fedcpt.testing.bad_proposals import _hostile, _site_data
+from fedcpt.testing.site_round import site_context, task_identity, train_message
+
+SITE = SiteConfig(name="clinic", data=("/data",))
+DEPLOYED = {"site-name": "clinic", "data-path": "/data"}
+
+
+def deployed(**keys) -> dict:
+    return {**DEPLOYED, **{k.replace("_", "-"): v for k, v in keys.items()}}
+
+
+def test_defaults_are_the_sites_and_say_so():
+    policy = site_policy(None, SITE, DEPLOYED, deployed=True)
+    assert (policy.unit, policy.epsilon_budget, policy.eval_release) == ("document", 8.0,
+                                                                          "plain")
+    assert policy.who("unit") == "site default"
+    assert policy.delta_for(100) == 1e-5  # min(1e-5, 1/(10·N))
+    assert policy.delta_for(1_000_000) == pytest.approx(1e-7)
+    assert any(line.startswith("policy unit: document [site default]")
+               for line in policy.lines())
+
+
+def test_node_config_then_policy_file_then_defaults(tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_text('privacy-unit = "field:patient_id"\ndelta = 1e-7\nepsilon-budget = 2.0\n')
+    policy = site_policy(None, SITE, deployed(policy_file=str(path),
+                                                     epsilon_budget=4.0), deployed=True)
+    assert policy.unit == "field:patient_id" and policy.delta == 1e-7
+    assert policy.epsilon_budget == 4.0 and policy.who("epsilon_budget") == "site node config"
+    assert policy.who("delta") == f"site policy file {path}"
+
+
+def test_a_deployed_site_ignores_the_servers_simulation_tables():
+    cfg = replace(load_config("smoke"),
+                  site_policy=SitePolicySettings(epsilon_budget=100.0, unit="passage"))
+    policy = site_policy(cfg, SITE, DEPLOYED, deployed=True)
+    assert policy.epsilon_budget == 8.0 and policy.unit == "document"
+
+
+def test_simulated_site_table_then_scenario_default():
+    cfg = replace(load_config("smoke"),
+                  site_policy=SitePolicySettings(unit="passage", epsilon_budget=3.0))
+    site = replace(SITE, policy=SitePolicySettings(epsilon_budget=2.0))
+    policy = site_policy(cfg, site, {"partition-id": 0}, deployed=False)
+    assert policy.unit == "passage" and policy.who("unit") == "simulation default [site_policy]"
+    assert policy.epsilon_budget == 2.0 and "[sites.policy]" in policy.who("epsilon_budget")
+
+
+def test_require_dp_releases_nothing_unnoised_by_default():
+    policy = site_policy(None, SITE, deployed(require_dp=True), deployed=True)
+    assert policy.eval_release == "nothing"
+    assert "require-dp" in policy.who("eval_release")
+
+
+@pytest.mark.parametrize(("keys", "match"), [
+    ({"privacy_unit": "person"}, r"privacy unit 'person' is not one of .*site node config"),
+    ({"eval_release": "secagg"}, r"`eval_release` must be one of .*not implemented yet"),
+    ({"heldout_fraction": 0.0}, r"`heldout_fraction` must be strictly between 0 and 1"),
+    ({"epsilon_budget": "lots"}, r"sets `epsilon_budget` to 'lots', which is not a float"),
+])
+def test_bad_site_policy_fails_naming_the_key(keys, match):
+    with pytest.raises(ConfigError, match=match):
+        site_policy(None, SITE, deployed(**keys), deployed=True)
+
+
+def test_delta_at_or_above_one_over_n_is_refused():
+    policy = site_policy(None, SITE, deployed(delta=0.01), deployed=True)
+    assert policy.delta_for(50) == 0.01
+    with pytest.raises(ConfigError, match=r"δ=0.01 \(site node config\) is at least 1/N = 1/100"):
+        policy.delta_for(100)
+
+
+def test_stricter_proposals_tighten_looser_ones_are_refused_naming_the_key():
+    policy = site_policy(None, SITE, DEPLOYED, deployed=True)
+    cfg = load_config("smoke-dp", overrides=["privacy.target_delta=1e-8",
+                                             "privacy.target_epsilon=2"])
+    terms = accept_proposal(policy, cfg, units=1000)
+    assert (terms.delta, terms.epsilon_budget) == (1e-8, 2.0)
+    for override, key in (("privacy.target_delta=0.2", "privacy.target_delta"),
+                          ("privacy.target_epsilon=9", "privacy.target_epsilon"),
+                          ("data.heldout_fraction=0.5", "data.heldout_fraction")):
+        with pytest.raises(PolicyRefused, match=f"refuses `{key}`.*site default"):
+            accept_proposal(policy, load_config("smoke-dp", overrides=[override]), 1000)
+
+
+def test_a_stricter_delta_is_accepted_and_tightens_the_ledger(tmp_path):
+    # the same hostile-server harness as the bad-input catalogue, with an honest proposal
+    answer = _hostile(["privacy.target_delta=1e-9"])(tmp_path)
+    assert answer == "accepted: the ledger changed (train)"
+    ledger = PrivacyLedger.load(tmp_path / "clinic.ledger.json")
+    assert ledger.delta == 1e-9 and ledger.unit == "field:user_id"
+
+
+# --- the held-out split ---------------------------------------------------------------
+
+def test_a_unit_once_trained_on_is_never_held_out(tmp_path):
+    keys = [f"field:user_id=u{i}" for i in range(300)]
+    split = HeldoutSplit.open(tmp_path / "s.split.json", "clinic", "field:user_id")
+    first = split.rule(0.1)(keys)
+    # the site later raises its fraction and adds units: recorded sides do not move
+    again = HeldoutSplit.open(tmp_path / "s.split.json", "clinic", "field:user_id")
+    assert again.salt == split.salt
+    more = keys + [f"field:user_id=n{i}" for i in range(300)]
+    second = again.rule(0.9)(more)
+    assert second[:300] == first
+    assert sum(second[300:]) > 200  # new units follow the new fraction
+    assert first != heldout_by_hash(0.1)(keys)  # the secret salt moved the split
+    text = (tmp_path / "s.split.json").read_text()
+    assert "u17" not in text  # only salted digests are stored
+
+
+# --- evaluation releases ----------------------------------------------------------------
+
+def _evaluate(tmp_path, **policy):
+    cfg = load_config("smoke-dp")
+    ledger_path = tmp_path / "clinic.ledger.json"
+    context = site_context(str(_site_data(tmp_path)), ledger_path, name="clinic",
+                           unit="field:user_id", **{"heldout-fraction": "0.3", **policy})
+    initial = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
+    with task_identity():
+        reply = client_app.evaluate(train_message(cfg, "run-e", 1, initial), context)
+    return reply, ledger_path
+
+
+def test_release_nothing_returns_no_loss(tmp_path):
+    reply, ledger_path = _evaluate(tmp_path, **{"eval-release": "nothing"})
+    assert reply.has_error() and "releases no evaluation" in reply.error.reason
+    assert not ledger_path.exists()
+
+
+def test_noised_release_spends_from_the_ledger_and_the_report_counts_it(tmp_path):
+    reply, ledger_path = _evaluate(tmp_path, **{"eval-release": "noised"})
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    metrics = reply.content["metrics"]
+    assert {"domain-loss", "domain-base-loss", "domain-ece"} <= set(metrics.keys())
+    ledger = PrivacyLedger.load(ledger_path)
+    [entry] = ledger.entries
+    assert (entry.kind, entry.noise_multiplier, entry.sample_rate, entry.steps) == (
+        "eval", 4.0, 1.0, 3)  # loss, ECE and the base loss: three Gaussian releases
+    row = site_row(ledger)
+    assert row["epsilon"] == pytest.approx(ledger.epsilon()) and row["epsilon"] > 0
