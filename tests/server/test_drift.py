@@ -104,8 +104,9 @@ def test_a_site_switching_corpus_is_flagged_within_one_round_and_rolled_back(
     from fedcpt.core.model import load_adapted_model
 
     control = read_rounds(RunFolder(unswitched_run))
-    assert not any(r.drift.get("flags") for r in control)  # the same run, no switch
     rows = read_rounds(RunFolder(switched_run))
+    signals = [(r.round, r.drift) for r in control + rows]
+    assert not any(r.drift.get("flags") for r in control), signals  # no switch, no flag
     assert [bool(r.drift.get("flags")) for r in rows[1:]] == [False, False, True]
     switched = rows[3]
     assert "general-loss drift" in switched.drift["flags"][0]
