@@ -375,6 +375,33 @@ def adapters_rollback(
     print(target / "report.md")
 
 
+@adapters_cli.command("forget")
+def adapters_forget(
+    run_dir: Path = typer.Argument(..., help="A run folder."),
+    site: str = typer.Argument(..., help="The site to withdraw."),
+    out: Path | None = typer.Option(None, "--out", "-o",
+                                    help="Replay folder (default: RUN-without-SITE)."),
+) -> None:
+    """Replay the federation without SITE from the last version before it contributed;
+    print the removal certificate (also written to the replay's folder)."""
+    _setup_logging(False)
+    import json
+
+    from fedcpt.server.app import new_run_dir
+    from fedcpt.server.forget import certificate_line, certify, plan_forget
+    from fedcpt.simulations.runner import simulate as run
+
+    plan = plan_forget(run_dir, site)
+    target = None
+    if plan.config is not None:
+        default = run_dir.parent / f"{run_dir.name}-without-{site}"
+        target = new_run_dir("", "", exact=out or default)
+        run(plan.config, target)
+    cert = certify(plan, target)
+    print(json.dumps(cert, indent=2))
+    print(certificate_line(cert))
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -315,6 +315,30 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """Drift alarms that act (`[monitor]`): after each accepted round the server compares
+    the global update's norm and its general loss with the last good rounds."""
+
+    window: int = _opt(3, "Last good rounds the drift baselines look back over.")
+    update_drift: float = _opt(
+        0.0, "Flag a round whose global update norm is more than this many times the "
+        "median of the window's (0: off).")
+    general_loss_drift: float = _opt(
+        0.0, "Flag a round whose general loss is more than this many nats above the "
+        "window's lowest (0: off).")
+    action: Literal["rollback", "flag"] = _opt(
+        "rollback", "On a flagged round: roll the global adapter back to the last good "
+        "version (the round's version is that one), or only flag it in the report.")
+
+    def __post_init__(self) -> None:
+        require(self.window >= 1, "monitor.window", self.window, ">= 1")
+        require(self.update_drift == 0 or self.update_drift > 1, "monitor.update_drift",
+                self.update_drift, "> 1 (a multiple of the median norm) or 0 (off)")
+        require(self.general_loss_drift >= 0, "monitor.general_loss_drift",
+                self.general_loss_drift, ">= 0 (0: off)")
+
+
+@dataclass(frozen=True)
 class PhaseConfig:
     """One phase of a continual stream (`[[phases]]`): which sites train, for how many
     rounds. Phases run in order; each restarts `train`'s LR schedule (docs/scenarios.md)."""
@@ -369,6 +393,7 @@ class RunConfig:
         default_factory=SitePolicySettings,
         metadata={"help": "Simulation only: the policy every simulated site holds where its "
                   "own `[sites.policy]` sets nothing."})
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def __post_init__(self) -> None:
         check_run(self)

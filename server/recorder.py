@@ -16,6 +16,7 @@ from fedcpt.core.durable import write_json
 from fedcpt.core.model import AdaptedModel
 from fedcpt.core.retention import GeneralReport
 from fedcpt.server.checkpoint import RunState, TrainOutcome
+from fedcpt.server.drift import Drift
 from fedcpt.server.provenance import read_run_id, version_provenance, write_manifest
 from fedcpt.server.records import (
     RoundRecord,
@@ -43,6 +44,7 @@ class RunRecorder:
         self.cfg = cfg
         self.state = state
         self.rows = list(rows or [])
+        self.drift: dict[int, Drift] = {}
 
     @property
     def run_id(self) -> str:
@@ -97,8 +99,13 @@ class RunRecorder:
             log.info("round %d · site %-12s domain loss %.4f (base %.4f)", server_round,
                      r.site, r.loss, r.base_loss)
 
+    def record_drift(self, server_round: int, drift: Drift) -> None:
+        """The drift monitor's verdict on the round (a rollback un-aggregates it)."""
+        self.drift[server_round] = drift
+
     def _round_record(self, server_round: int, report: GeneralReport) -> RoundRecord:
         outcome = self.state.train.get(server_round, TrainOutcome([], [], False))
+        drift = self.drift.get(server_round)
         train, evals = outcome.reports, self.state.evals.get(server_round, [])
         general = report.overall
         return RoundRecord(
@@ -114,7 +121,7 @@ class RunRecorder:
             domain_loss=weighted_mean([(r.loss, r.tokens) for r in evals]),
             domain_per_site={r.site: r.loss for r in evals},
             domain_ece=weighted_mean([(r.ece, r.tokens) for r in evals]),
-            aggregated=outcome.aggregated,
+            aggregated=outcome.aggregated and not (drift and drift.rolled_back_to is not None),
             sites_trained=[r.site for r in train],
             train_loss=weighted_mean([(r.train_loss, r.num_examples) for r in train
                                       if r.train_loss is not None]),
@@ -124,6 +131,8 @@ class RunRecorder:
             failures=outcome.failures,
             server_steps=self.state.steps.get(server_round, {}),
             elapsed_s=time.time() - self.state.started,
+            update_norm=drift.update_norm if drift else None,
+            drift=drift.to_dict() if drift else {},
         )
 
     def commit(self, server_round: int, general: GeneralReport, lm: AdaptedModel,

@@ -42,6 +42,10 @@ class RoundRecord:
     """Loss on the base model's own answers to the built-in prompts."""
     answer_exact_match: float | None = None
     """Share of those answers the model reproduces under greedy decoding."""
+    update_norm: float | None = None
+    """L2 norm of the round's global update (None: the round did not aggregate)."""
+    drift: dict[str, Any] = field(default_factory=dict)
+    """The drift monitor's signals, flags and rollback (:mod:`fedcpt.server.drift`)."""
 
     @property
     def rejected_by_guard(self) -> bool:

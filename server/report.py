@@ -76,6 +76,9 @@ def round_flags(rows: list[RoundRecord]) -> list[list[str]]:
         norms += list(r.update_norm_per_site.values())
         if r.rejected_by_guard:
             f.append("rejected by regression guard")
+        f += r.drift.get("flags", [])
+        if r.drift.get("rolled_back_to") is not None:
+            f.append(f"rolled back to version {r.drift['rolled_back_to']}")
         flags.append(f)
     return flags
 
@@ -126,6 +129,46 @@ def continual_lines(c: dict[str, Any]) -> list[str]:
             f"{n} {_signed(v)}" for n, v in zip(names, c["general_forgetting"], strict=True))
         + " nats.",
     ]
+    return lines
+
+
+def _plot_drift(folder: RunFolder, signals: list[RoundRecord]) -> str:
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 4.5), sharex=True)
+    rounds = [r.round for r in signals]
+    top.plot(rounds, [r.drift["update_ratio"] or float("nan") for r in signals], marker="o")
+    top.set(ylabel="update norm ÷ median", title="Drift against the last good rounds")
+    bottom.plot(rounds, [float("nan") if r.drift["general_loss_rise"] is None
+                         else r.drift["general_loss_rise"] for r in signals], marker="o")
+    bottom.set(xlabel="round", ylabel="general loss rise (nats)")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        for r in signals:
+            if r.drift["flags"]:
+                ax.axvline(r.round, color="tab:red", alpha=0.4)
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(folder.plot("drift.png"), dpi=110)
+    plt.close(fig)
+    return "drift.png"
+
+
+def drift_lines(folder: RunFolder, rows: list[RoundRecord], cfg: RunConfig) -> list[str]:
+    """The drift signals per round (plotted, flagged rounds in red) and the rollbacks."""
+    signals = [r for r in rows if r.drift]
+    if not signals:
+        return []
+    m = cfg.monitor
+    lines = ["", "## Drift", "", f"![drift]({_plot_drift(folder, signals)})", "",
+             f"Global update norm against the median of the last {m.window} good rounds "
+             f"(threshold {m.update_drift or 'off'}), general loss against their lowest "
+             f"(threshold {m.general_loss_drift or 'off'} nats); action: {m.action}.", "",
+             "| round | update norm | × median | general loss rise | flagged | rolled back to |",
+             "|---|---|---|---|---|---|"]
+    for r in signals:
+        d = r.drift
+        lines.append(f"| {r.round} | {_fmt(r.update_norm, 3)} | {_fmt(d['update_ratio'], 2)} "
+                     f"| {_signed(d['general_loss_rise'])} | {'yes' if d['flags'] else '—'} | "
+                     f"{'—' if d['rolled_back_to'] is None else d['rolled_back_to']} |")
     return lines
 
 
@@ -196,6 +239,7 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
             f"| {r.round} | {r.general_loss:.4f} | {_fmt(r.domain_loss)} | "
             f"{_fmt(r.train_loss)} | {len(r.sites_trained)} | {len(r.failures)} | "
             f"{_steps(r.server_steps)} | {', '.join(flags) or '—'} | {r.elapsed_s:.0f} |")
+    lines += drift_lines(folder, rows, cfg)
     if s.continual is not None:
         lines += continual_lines(s.continual)
     failures = [f for r in rows for f in r.failures]

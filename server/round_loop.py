@@ -18,7 +18,9 @@ ServerApp and ClientApps; every policy of a round is here, in the order it happe
 7. **server steps** (optimiser, rehearsal, delta scaling, regression guard) in order; a
    step may reject the round;
 8. **evaluate** the new global adapter at the sites (domain) and on the server (general);
-9. **commit**: the adapter version, its metrics line and the checkpoint ``--resume`` uses.
+9. **drift**: the global update's norm and the general loss against the last good rounds
+   (:mod:`~fedcpt.server.drift`); a threshold rolls back to the last good version;
+10. **commit**: the adapter version, its metrics line and the checkpoint ``--resume`` uses.
 
 The message-level helpers (sampling, requests, reading replies) close the module.
 """
@@ -38,12 +40,13 @@ from flwr.serverapp import Grid
 from fedcpt.config import Phase, RunConfig
 from fedcpt.core import progress
 from fedcpt.core import protocol as p
-from fedcpt.core.adapters import load_adapter
+from fedcpt.core.adapters import load_adapter, load_version, update_norm
 from fedcpt.core.model import AdaptedModel
 from fedcpt.core.retention import GeneralEvaluation
 from fedcpt.exceptions import RoundFailed, UpdateRejected
 from fedcpt.privacy.secagg.server import SecAggFailed, SecAggRound
 from fedcpt.privacy.user_level import add_site_noise, clipping_config
+from fedcpt.server.drift import check_drift
 from fedcpt.server.fisher import FisherForSites
 from fedcpt.server.phases import discover_sites, phase_nodes
 from fedcpt.server.recorder import RunRecorder
@@ -147,8 +150,8 @@ def run_round(fed: Federation, server_round: int, global_arrays: ArrayRecord,
                                                     attempt.aggregate, examples)
         fed.recorder.record_train(server_round, reports, failures, accepted, details)
     evaluate_sites(fed, server_round, new_arrays)
-    commit(fed, server_round, new_arrays)
-    return new_arrays
+    moved = new_arrays is not global_arrays
+    return commit(fed, server_round, new_arrays, global_arrays if moved else None)
 
 
 def configure(fed: Federation, server_round: int, global_arrays: ArrayRecord) -> RecordDict:
@@ -262,15 +265,27 @@ def evaluate_sites(fed: Federation, server_round: int, arrays: ArrayRecord) -> N
     fed.recorder.record_evaluate(server_round, collect_evaluate(server_round, replies))
 
 
-def commit(fed: Federation, server_round: int, arrays: ArrayRecord) -> None:
+def commit(fed: Federation, server_round: int, arrays: ArrayRecord,
+           previous: ArrayRecord | None = None) -> ArrayRecord:
     """Evaluate ``arrays`` on the server's general text (per kind, KL to the base, the
-    base's answers), then record the round."""
+    base's answers); for a round that moved the global adapter from ``previous``, check
+    drift (a flagged round may roll back to the last good version); then record the
+    round. Returns the round's version."""
     load_adapter(fed.lm.model, arrays)
     general = fed.general.evaluate(fed.lm)
+    if previous is not None:
+        drift = check_drift(fed.cfg.monitor, fed.recorder.rows,
+                            update_norm(arrays, previous), general.overall.loss)
+        fed.recorder.record_drift(server_round, drift)
+        if drift.rolled_back_to is not None:
+            arrays = load_version(fed.recorder.folder.version(drift.rolled_back_to), arrays)
+            load_adapter(fed.lm.model, arrays)
+            general = fed.general.evaluate(fed.lm)
     stateful = [s for s in fed.steps if isinstance(s, StatefulStep)]
     fed.recorder.commit(server_round, general, fed.lm, stateful, fed.rng)
     progress.emit("round", round=server_round, state="done",
                   general_loss=general.overall.loss)
+    return arrays
 
 
 # --- the message-level pieces: sample, build requests, read replies --------------------

@@ -440,7 +440,22 @@ def _cli_tampered_report(folder: Path) -> object:
     return _cli("privacy", "report", str(path))(folder)
 
 
+def _cli_forget(site: str) -> Callable[[Path], object]:
+    """``adapters forget`` on a run folder that has a manifest and no adapter versions."""
+    def attempt(folder: Path) -> object:
+        run = folder / "run"
+        (run / "adapters").mkdir(parents=True)
+        (run / "manifest.json").write_text(json.dumps(
+            {"run_id": "r", "config": load_config("smoke").to_dict()}))
+        return _cli("adapters", "forget", str(run), site)(folder)
+    return attempt
+
+
 CLI = [
+    BadInput("cli-forget-unknown-site", "cli", _cli_forget("comedy"),
+             r"^error: site 'comedy' is not in run .*did you mean 'comedies'"),
+    BadInput("cli-forget-run-without-versions", "cli", _cli_forget("comedies"),
+             r"^error: .* has no stored adapter versions"),
     BadInput("cli-simulate-unknown-key", "cli", _cli("simulate", "smoke", "--set", "train.lrr=1"),
              r"^error: unknown config key `train.lrr`"),
     BadInput("cli-privacy-report-tampered-ledger", "cli", _cli_tampered_report,

@@ -85,8 +85,11 @@ def server_identity(monkeypatch):
 @pytest.fixture
 def committed(monkeypatch) -> list[tuple[int, ArrayRecord]]:
     rounds: list[tuple[int, ArrayRecord]] = []
-    monkeypatch.setattr(round_loop, "commit",
-                        lambda fed, server_round, arrays: rounds.append((server_round, arrays)))
+    def commit(fed, server_round, arrays, previous=None):  # as commit: returns the version
+        rounds.append((server_round, arrays))
+        return arrays
+
+    monkeypatch.setattr(round_loop, "commit", commit)
     return rounds
 
 
