@@ -17,6 +17,7 @@ from fedcpt.config.build import build
 from fedcpt.config.fields import opt as _opt
 from fedcpt.config.privacy_sections import PrivacyConfig, SecAggConfig
 from fedcpt.config.rules import check_run, require
+from fedcpt.config.server_sections import MonitorConfig, StrategyConfig
 from fedcpt.config.site_policy import SitePolicySettings
 
 
@@ -247,95 +248,6 @@ class SimulationConfig:
         require(self.gpus_per_client >= 0, "simulation.gpus_per_client",
                 self.gpus_per_client, ">= 0")
         require(self.num_cpus >= 0, "simulation.num_cpus", self.num_cpus, ">= 0")
-
-
-@dataclass(frozen=True)
-class StrategyConfig:
-    """How the server protects general capabilities while the sites adapt."""
-
-    rehearsal: Literal["none", "mix", "finetune"] = _opt(
-        "none", "Server-side rehearsal on its general pool: mix trains the server's own "
-        "update from the global adapter and averages it in with weight ρ; finetune "
-        "fine-tunes the aggregate for ρ × the round's client examples.")
-    replay_fraction: float = _opt(
-        0.25, "ρ: rehearsal relative to the round's client work (Ibrahim et al. 2024: 5% "
-        "for weak shifts, 25% for strong ones).")
-    anchor: Literal["none", "fedprox", "l2sp", "ewc"] = _opt(
-        "none", "Client-side pull toward the global adapter (fedprox), the initial one, i.e. "
-        "the base (l2sp), or the base weighted by the server's diagonal Fisher on its "
-        "rehearsal pool (ewc).")
-    anchor_weight: float = _opt(
-        20.0, "μ: each step removes lr·μ of the distance to the anchor (decoupled, like "
-        "AdamW's weight decay, so it is free under DP).")
-    fisher_blocks: int = _opt(
-        32, "EWC: rehearsal-pool blocks the server computes the diagonal Fisher on, each "
-        "round.")
-    delta_scaling: bool = _opt(
-        False, "Scale each round's aggregated delta by the largest α whose rehearsal "
-        "validation loss rises at most `delta_tolerance`.")
-    delta_alphas: tuple[float, ...] = _opt((0.25, 0.5, 0.75, 1.0), "Candidate α.")
-    delta_tolerance: float = _opt(
-        0.01, "Allowed rise of rehearsal validation loss per round (nats).")
-    rehearsal_val_blocks: int = _opt(
-        32, "Rehearsal-pool blocks kept aside for choosing α and for the regression guard.")
-    regression_guard: float = _opt(
-        0.0, "Reject a round whose rehearsal validation loss rises more than this many nats "
-        "over the accepted version (0: off); the previous version stays global.")
-    server_optimizer: Literal["none", "fedavgm", "fedadam", "fedyogi"] = _opt(
-        "none", "Server optimiser on the aggregated delta (Reddi et al. 2021): none "
-        "(FedAvg), fedavgm, fedadam or fedyogi; see docs/strategies.md.")
-    server_lr: float = _opt(
-        0.0, "η of the server optimiser; 0: its default (1.0 for fedavgm, 0.01 for fedadam "
-        "and fedyogi).")
-    server_momentum: float = _opt(0.9, "FedAvgM's momentum β.")
-    beta_1: float = _opt(0.9, "FedAdam / FedYogi first-moment decay.")
-    beta_2: float = _opt(0.99, "FedAdam / FedYogi second-moment decay.")
-    tau: float = _opt(1e-3, "FedAdam / FedYogi adaptivity τ (added to √v).")
-
-    def __post_init__(self) -> None:
-        require(0 < self.replay_fraction <= 1, "strategy.replay_fraction",
-                self.replay_fraction, "in (0, 1]")
-        require(self.anchor_weight >= 0, "strategy.anchor_weight", self.anchor_weight, ">= 0")
-        require(self.fisher_blocks > 0, "strategy.fisher_blocks", self.fisher_blocks, "> 0")
-        require(len(self.delta_alphas) > 0 and all(0 < a <= 1 for a in self.delta_alphas),
-                "strategy.delta_alphas", self.delta_alphas, "values in (0, 1]")
-        require(self.delta_tolerance >= 0, "strategy.delta_tolerance", self.delta_tolerance,
-                ">= 0")
-        require(self.rehearsal_val_blocks > 0, "strategy.rehearsal_val_blocks",
-                self.rehearsal_val_blocks, "> 0")
-        require(self.regression_guard >= 0, "strategy.regression_guard",
-                self.regression_guard, ">= 0 (0: off)")
-        require(self.server_lr >= 0, "strategy.server_lr", self.server_lr,
-                ">= 0 (0: the optimiser's default)")
-        require(0 <= self.server_momentum < 1, "strategy.server_momentum",
-                self.server_momentum, "in [0, 1)")
-        require(0 <= self.beta_1 < 1, "strategy.beta_1", self.beta_1, "in [0, 1)")
-        require(0 <= self.beta_2 < 1, "strategy.beta_2", self.beta_2, "in [0, 1)")
-        require(self.tau > 0, "strategy.tau", self.tau, "> 0")
-
-
-@dataclass(frozen=True)
-class MonitorConfig:
-    """Drift alarms that act (`[monitor]`): after each accepted round the server compares
-    the global update's norm and its general loss with the last good rounds."""
-
-    window: int = _opt(3, "Last good rounds the drift baselines look back over.")
-    update_drift: float = _opt(
-        0.0, "Flag a round whose global update norm is more than this many times the "
-        "median of the window's (0: off).")
-    general_loss_drift: float = _opt(
-        0.0, "Flag a round whose general loss is more than this many nats above the "
-        "window's lowest (0: off).")
-    action: Literal["rollback", "flag"] = _opt(
-        "rollback", "On a flagged round: roll the global adapter back to the last good "
-        "version (the round's version is that one), or only flag it in the report.")
-
-    def __post_init__(self) -> None:
-        require(self.window >= 1, "monitor.window", self.window, ">= 1")
-        require(self.update_drift == 0 or self.update_drift > 1, "monitor.update_drift",
-                self.update_drift, "> 1 (a multiple of the median norm) or 0 (off)")
-        require(self.general_loss_drift >= 0, "monitor.general_loss_drift",
-                self.general_loss_drift, ">= 0 (0: off)")
 
 
 @dataclass(frozen=True)
