@@ -134,7 +134,9 @@ def test_logical_batches_split_into_physical_ones_are_noised_once(fresh_lm, text
     real_noise = DPOptimizer.add_noise
     monkeypatch.setattr(DPOptimizer, "add_noise",
                         lambda self: (noised.append(1), real_noise(self))[1])
-    hook = fresh_lm.model.register_forward_pre_hook(
+    # The decoder sees every physical batch (the chunked loss calls it directly).
+    decoder = fresh_lm.model.get_base_model().get_decoder()
+    hook = decoder.register_forward_pre_hook(
         lambda _m, _a, kw: physical.append(kw["input_ids"].shape[0]), with_kwargs=True)
     train = TrainConfig(local_steps=3, batch_size=12)  # q = 12/16
     try:
