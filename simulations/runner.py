@@ -25,6 +25,7 @@ from fedcpt.privacy.policy import accept_proposal
 from fedcpt.privacy.release import eval_reservation
 from fedcpt.privacy.secagg.identity import SIMULATION_IDENTITIES_ENV
 from fedcpt.server.app import general_eval_blocks, with_default_ledger_dir
+from fedcpt.server.run_folder import RunFolder
 from fedcpt.simulations.superlink import LocalSuperLink
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,11 @@ def simulate(cfg: RunConfig, run_dir: Path, resume: bool = False,
 
         with simulated_identities(cfg), LocalSuperLink(Path(home) / "flwr-home") as superlink:
             status = superlink.run(run_config, federation_config(cfg), record)
-    summary = run_dir / "summary.json"
-    if status != 0 or not summary.is_file():
-        raise FedcptError(f"the simulation ended without a result (flwr run exit {status}); "
-                          f"see {run_dir}/run.log and {run_dir}/error.txt")
-    return json.loads(summary.read_text())
+    folder = RunFolder(run_dir)
+    if status == 0 and folder.summary.is_file():
+        return json.loads(folder.summary.read_text())
+    if folder.error.is_file():  # the ServerApp's own account of why the run stopped
+        raise FedcptError(f"the run failed: {folder.error.read_text().strip()} "
+                          f"(full log: {folder.root / 'run.log'})")
+    raise FedcptError(f"the simulation ended without a result (flwr run exit {status}); "
+                      f"see {folder.root / 'run.log'}")
