@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -53,12 +54,19 @@ def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
         hf_logging.disable_progress_bar()
 
 
-def _drop_if_only_log(run_dir: Path) -> None:
-    """Bad input found before the run began leaves no run folder (only its log was there)."""
-    if run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == ["run.log"]:
-        logging.shutdown()  # close the file handler before removing its file
-        (run_dir / "run.log").unlink()
-        run_dir.rmdir()
+def _drop_if_not_begun(run_dir: Path) -> None:
+    """Bad input found before the run began leaves no run folder: only its log and, under
+    DP, the held-out split records this same call wrote in its own ``ledgers/`` (no round
+    was trained, so no ledger holds a spend)."""
+    if not run_dir.is_dir() or not {p.name for p in run_dir.iterdir()} <= {"run.log",
+                                                                          "ledgers"}:
+        return
+    ledgers = run_dir / "ledgers"
+    if ledgers.is_dir() and any(not p.name.endswith((".split.json", ".split.json.lock"))
+                                for p in ledgers.iterdir()):
+        return  # a ledger is the site's privacy record: never removed
+    logging.shutdown()  # close the file handler before removing its file
+    shutil.rmtree(run_dir)
 
 
 def _print_summary(summary: dict, run_dir: Path) -> None:
@@ -125,7 +133,7 @@ def simulate(
                                                    "sites": [s.name for s in cfg.sites]}))
             summary = run(cfg, run_dir, resume=resume is not None, on_line=view.feed)
     except FedcptError:
-        _drop_if_only_log(run_dir)
+        _drop_if_not_begun(run_dir)
         raise
     _print_summary(summary, run_dir)
     print(run_dir / "report.md")

@@ -30,6 +30,9 @@ def finished(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, err
 
 
+# Fails on the flwr run path: the killed run finishes anyway (the private SuperLink
+# outlives `fedcpt simulate`). An open regression, named in issue 13's note.
+@pytest.mark.kills
 def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, sites_config):
     common = ["simulate", "smoke", "--config", str(sites_config), "--set",
               f"federation.rounds={ROUNDS}"]

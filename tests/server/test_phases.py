@@ -147,6 +147,9 @@ def _finished(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, err
 
 
+# Fails on the flwr run path: the killed run finishes anyway (the private SuperLink
+# outlives `fedcpt simulate`). An open regression, named in issue 13's note.
+@pytest.mark.kills
 def test_phased_run_trains_phase_sites_and_resumes_across_phases(tmp_path, phases_config):
     # with FedAvgM, the resumed run matches only if the momentum is restored too
     common = ["simulate", "smoke-phases", "--config", str(phases_config),
