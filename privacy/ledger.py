@@ -192,12 +192,14 @@ class PrivacyLedger:
         return epsilon(self.history + [(noise_multiplier, sample_rate, steps)], self.delta,
                        self.accountant)
 
-    def check_budget(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Raise PrivacyBudgetExhausted if the next round would exceed the budget."""
+    def check_budget(self, noise_multiplier: float, sample_rate: float, steps: int, *,
+                     action: str = "train", spend: str = "the next round") -> float:
+        """Raise PrivacyBudgetExhausted if ``spend`` (the next round, by default) would
+        exceed the budget; the message says the site refuses to ``action``."""
         after = self.epsilon_after(noise_multiplier, sample_rate, steps)
         if after > self.target_epsilon:
             raise PrivacyBudgetExhausted(
-                f"site {self.site!r} refuses to train: the next round would raise ε from "
+                f"site {self.site!r} refuses to {action}: {spend} would raise ε from "
                 f"{self.epsilon():.3f} to {after:.3f}, above its budget {self.target_epsilon}"
                 f" (δ={self.delta:.3g})")
         return after

@@ -28,7 +28,7 @@ from fedcpt.core import protocol as p
 from fedcpt.core.data import TokenBlocks, first_block_per_unit, spread
 from fedcpt.core.evaluation import evaluate_blocks
 from fedcpt.core.model import AdaptedModel
-from fedcpt.privacy.ledger import PrivacyBudgetExhausted, PrivacyLedger
+from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.privacy.plan import EVAL_RUN_SUFFIX
 from fedcpt.privacy.policy import PolicyRefused, SitePolicy, accept_proposal, check_query
 
@@ -81,12 +81,8 @@ def release_evaluation(cfg: RunConfig, lm: AdaptedModel, policy: SitePolicy,
     queries = 2 + ("noised" not in base_cache)
     sigma = policy.eval_noise_multiplier
     with ledger.locked():
-        after = ledger.epsilon_after(sigma, EVAL_SAMPLE_RATE, queries)
-        if after > ledger.target_epsilon:
-            raise PrivacyBudgetExhausted(
-                f"site {policy.site!r} refuses to evaluate: releasing {queries} noised "
-                f"statistics would raise ε from {ledger.epsilon():.3f} to {after:.3f}, above "
-                f"its budget {ledger.target_epsilon}")
+        ledger.check_budget(sigma, EVAL_SAMPLE_RATE, queries, action="evaluate",
+                            spend=f"releasing {queries} noised statistics")
         losses, eces = _per_unit(lm, chosen)
         base = None
         if "noised" not in base_cache:
