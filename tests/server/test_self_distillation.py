@@ -113,14 +113,15 @@ def test_site_level_dp_refuses_distillation():
                                         "strategy.distillation=pool"])
 
 
-def test_server_builds_distillation_after_rehearsal(sites_config):
-    from fedcpt.core.model import load_adapted_model
-    from fedcpt.server.app import general_data, server_steps
+def test_server_builds_distillation_after_rehearsal(sites_config, fresh_lm, text_blocks):
+    from fedcpt.server.app import GeneralData, server_steps
 
     cfg = load_config("smoke", sites_config, ["strategy.rehearsal=mix",
-                                              "strategy.distillation=both"])
-    steps = server_steps(cfg, load_adapted_model(cfg.model, cfg.lora, cfg.seed),
-                         general_data(cfg))
+                                              "strategy.distillation=both",
+                                              "data.answer_tokens=2"])
+    general = GeneralData({"prose": text_blocks}, ("prose",), text_blocks, text_blocks[:2])
+    steps = server_steps(cfg, fresh_lm, general)
     assert [s.name for s in steps] == ["rehearsal", "self_distillation"]
     distill = steps[1]
-    assert distill.pool is not None and len(distill.chat.ids) == len(REHEARSAL_PROMPTS)
+    assert distill.pool is general.rehearsal
+    assert len(distill.chat.ids) == len(REHEARSAL_PROMPTS)
