@@ -37,11 +37,12 @@ def check_run(cfg: RunConfig) -> None:
     strategy = cfg.strategy
     if cfg.privacy.user_level and (strategy.rehearsal != "none" or strategy.delta_scaling
                                    or strategy.regression_guard
+                                   or strategy.distillation != "none"
                                    or strategy.server_optimizer != "none"):
         raise ConfigError("privacy.user_level cannot be combined with strategy.rehearsal, "
-                          "strategy.delta_scaling, strategy.regression_guard or "
-                          "strategy.server_optimizer: they change the aggregate before "
-                          "the site-level noise is added")
+                          "strategy.distillation, strategy.delta_scaling, "
+                          "strategy.regression_guard or strategy.server_optimizer: they "
+                          "change the aggregate before the site-level noise is added")
     if cfg.privacy.user_level and strategy.anchor == "ewc":
         raise ConfigError("privacy.user_level cannot be combined with strategy.anchor = "
                           "\"ewc\": Flower's fixedclipping_mod accepts training messages "

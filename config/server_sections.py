@@ -1,6 +1,7 @@
 """The server's sections of a run's settings: what it does with each round's aggregate
-(``[strategy]``: rehearsal, delta scaling, the regression guard, the server optimiser,
-anchors) and how it watches the run (``[monitor]``: drift signals and their action)."""
+(``[strategy]``: rehearsal, self-distillation, delta scaling, the regression guard, the
+server optimiser, anchors) and how it watches the run (``[monitor]``: drift signals and
+their action)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,17 @@ class StrategyConfig:
     fisher_blocks: int = _opt(
         32, "EWC: rehearsal-pool blocks the server computes the diagonal Fisher on, each "
         "round.")
+    distillation: Literal["none", "pool", "chat", "both"] = _opt(
+        "none", "Self-distillation toward the base model after aggregation (and rehearsal): "
+        "the server takes `distill_steps` AdamW steps minimising KL(base ‖ adapted) of the "
+        "next-token distributions on its rehearsal pool (pool), on the base model's own "
+        "answers to built-in chat-formatted prompts (chat: chat-format rehearsal), or "
+        "both. Only the server's general text is used, never site data.")
+    distill_steps: int = _opt(8, "Self-distillation: optimizer steps per round.")
+    distill_lr: float = _opt(
+        0.0, "Self-distillation: learning rate; 0: the sites' learning rate of the round.")
+    distill_chat_weight: float = _opt(
+        1.0, "Self-distillation `both`: weight of the chat-answer KL beside the pool KL.")
     delta_scaling: bool = _opt(
         False, "Scale each round's aggregated delta by the largest α whose rehearsal "
         "validation loss rises at most `delta_tolerance`.")
@@ -58,6 +70,11 @@ class StrategyConfig:
         require(0 < self.replay_fraction <= 1, "strategy.replay_fraction",
                 self.replay_fraction, "in (0, 1]")
         require(self.anchor_weight >= 0, "strategy.anchor_weight", self.anchor_weight, ">= 0")
+        require(self.distill_steps > 0, "strategy.distill_steps", self.distill_steps, "> 0")
+        require(self.distill_lr >= 0, "strategy.distill_lr", self.distill_lr,
+                ">= 0 (0: the sites' learning rate)")
+        require(self.distill_chat_weight > 0, "strategy.distill_chat_weight",
+                self.distill_chat_weight, "> 0")
         require(self.fisher_blocks > 0, "strategy.fisher_blocks", self.fisher_blocks, "> 0")
         require(len(self.delta_alphas) > 0 and all(0 < a <= 1 for a in self.delta_alphas),
                 "strategy.delta_alphas", self.delta_alphas, "values in (0, 1]")

@@ -56,6 +56,35 @@ INSTRUCTION_PROMPTS = (
     "Write a SQL query that selects all rows from a table named users.",
     "What should I do if I forget my password?",
 )
+REHEARSAL_PROMPTS = (
+    "What is the capital of Italy?",
+    "Explain in one sentence what an even number is.",
+    "Write a Python function that adds two numbers.",
+    "Give me two tips for sleeping well.",
+    "Translate 'thank you' into French.",
+    "At what temperature does water freeze, in Celsius?",
+    "Summarise what a volcano is in two sentences.",
+    "Name three colours of the rainbow.",
+    "How do I sort a list in Python?",
+    "Write a short, polite email declining a meeting invitation.",
+    "What is a spreadsheet used for?",
+    "Explain the difference between a function and a method in Python.",
+    "What is 9 plus 15?",
+    "Suggest a name for a pet goldfish.",
+    "Why do leaves change colour in autumn? Answer briefly.",
+    "Write a two-line poem about the sea.",
+    "What is gravity?",
+    "How many minutes are there in an hour?",
+    "Give one example of a mammal that lives in the ocean.",
+    "What does the HTTP status code 200 mean?",
+    "Describe a bicycle in one sentence.",
+    "What is the plural of the word 'mouse'?",
+    "Write a SQL query that counts the rows of a table named orders.",
+    "What should I pack for a day at the beach?",
+)
+"""Prompts for chat-format rehearsal (:mod:`fedcpt.server.steps.self_distillation`),
+disjoint from :data:`INSTRUCTION_PROMPTS`: the answers the base model gives to these are
+trained on, so retention is still measured on prompts no step has seen."""
 PLAIN_CHAT_FORMAT = "User: {prompt}\nAssistant:"
 
 
@@ -153,3 +182,19 @@ def answer_retention(lm: AdaptedModel, answers: list[BaseAnswer]) -> AnswerReten
     return AnswerRetention(loss=nll_sum / tokens, exact_match=sum(matches) / len(matches),
                            token_agreement=agree / tokens, tokens=tokens,
                            matches=tuple(matches))
+
+
+def answer_batch(answers: list[BaseAnswer], pad_id: int,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt + answer token ids, right-padded with ``pad_id`` (N, L), and the predictions
+    that produce each answer (N, L − 1, bool). Under causal attention right padding never
+    changes the scored positions, so no attention mask is needed."""
+    width = max(len(a.prompt_ids) + len(a.answer_ids) for a in answers)
+    ids = torch.full((len(answers), width), pad_id, dtype=torch.long)
+    positions = torch.zeros(len(answers), width - 1, dtype=torch.bool)
+    for i, a in enumerate(answers):
+        seq = a.prompt_ids + a.answer_ids
+        ids[i, :len(seq)] = torch.tensor(seq)
+        start = len(a.prompt_ids) - 1  # the prediction of the answer's first token
+        positions[i, start:start + len(a.answer_ids)] = True
+    return ids, positions

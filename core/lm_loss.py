@@ -1,11 +1,12 @@
-"""Next-token loss of a causal LM without materialising full-vocabulary logits.
+"""Next-token loss and KL to the base of a causal LM without full-vocabulary logits.
 
 ``model(input_ids=x, labels=x).loss`` builds (B, T, V) fp32 logits (200 MB for 8 × 128
 tokens and SmolLM2's 49k vocabulary), a log-softmax of the same size, and its gradient:
 about a tenth of a CPU training step. Here the frozen output head and the cross-entropy
 run together over chunks of tokens, and the gradient with respect to the final hidden
 states is formed in the same pass (the approach of Liger-Kernel's fused linear
-cross-entropy; no maintained library offers it for CPU, hence this file).
+cross-entropy; no maintained library offers it for CPU, hence this file). The same
+chunking gives the KL to the base model for self-distillation (:func:`next_token_kl_to_base`).
 
 The loss is the same mean over all (B · (T − 1)) predicted tokens that transformers
 computes, so Opacus' ``loss_reduction="mean"`` sees the same scale. Only the decoder's
@@ -84,3 +85,64 @@ def next_token_loss(model: nn.Module, input_ids: torch.Tensor,
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B·(T−1), H)
     targets = input_ids[:, 1:].reshape(-1)
     return _HeadCrossEntropy.apply(hidden, head.weight, targets, chunk)
+
+
+class _HeadKLToTeacher(torch.autograd.Function):
+    """Mean KL(softmax(teacher @ weight.T) ‖ softmax(hidden @ weight.T)), chunked over
+    tokens: the distillation loss toward a teacher that shares the frozen head.
+
+    The gradient with respect to the student's logits is softmax(student) − p_teacher (the
+    soft-target form of the cross-entropy gradient); it is formed in the forward pass, as
+    in :class:`_HeadCrossEntropy`.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, teacher: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        n = hidden.shape[0]  # hidden (N, H), teacher (N, H), weight (V, H)
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(hidden) if want_grad else None
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, n, chunk):
+            log_s = torch.log_softmax((hidden[start:start + chunk] @ weight.t()).to(acc), -1)
+            log_t = torch.log_softmax((teacher[start:start + chunk] @ weight.t()).to(acc), -1)
+            p_t = log_t.exp()  # (c, V)
+            total += (p_t * (log_t - log_s)).sum()
+            if want_grad:
+                grad[start:start + chunk] = ((log_s.exp_() - p_t).to(weight.dtype) @ weight) / n
+        ctx.save_for_backward(grad if want_grad else torch.empty(0))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None
+
+
+def next_token_kl_to_base(model: nn.Module, input_ids: torch.Tensor,
+                          positions: torch.Tensor | None = None,
+                          chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Mean per-token KL(base ‖ adapted) of the next-token distributions of a peft model on
+    ``input_ids`` (B, T), with the base = the adapter disabled (no gradient through it).
+
+    ``positions`` (B, T − 1, bool) picks which predictions count (None: all of them), e.g.
+    only the answer of a chat-formatted prompt. Equal to the mean of
+    :func:`fedcpt.core.evaluation.kl_divergence` over those positions.
+    """
+    causal_lm = model.get_base_model()
+    head = _plain_head(causal_lm)
+    if head is None:
+        with torch.no_grad(), model.disable_adapter():
+            base = torch.log_softmax(model(input_ids=input_ids).logits[:, :-1].float(), -1)
+        adapted = torch.log_softmax(model(input_ids=input_ids).logits[:, :-1].float(), -1)
+        kl = (base.exp() * (base - adapted)).sum(-1)  # (B, T−1)
+        return kl.mean() if positions is None else kl[positions].mean()
+    decoder = causal_lm.get_decoder()
+    with torch.no_grad(), model.disable_adapter():
+        teacher = decoder(input_ids=input_ids).last_hidden_state[:, :-1]  # (B, T−1, H)
+    hidden = decoder(input_ids=input_ids).last_hidden_state[:, :-1]
+    if positions is None:
+        positions = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+    hidden, teacher = hidden[positions], teacher[positions]  # (N, H)
+    return _HeadKLToTeacher.apply(hidden, head.weight, teacher, chunk)

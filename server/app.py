@@ -24,7 +24,13 @@ from flwr.serverapp import Grid, ServerApp
 from fedcpt.config import DataConfig, ModelConfig, RunConfig, StrategyConfig, load_config
 from fedcpt.core import protocol
 from fedcpt.core.adapters import load_version
-from fedcpt.core.behaviour import load_answers, save_answers
+from fedcpt.core.behaviour import (
+    REHEARSAL_PROMPTS,
+    answer_batch,
+    base_answers,
+    load_answers,
+    save_answers,
+)
 from fedcpt.core.data import spread
 from fedcpt.core.general import load_general
 from fedcpt.core.model import AdaptedModel, load_adapted_model, load_tokenizer
@@ -40,6 +46,7 @@ from fedcpt.server.steps.base import ServerStep, StatefulStep
 from fedcpt.server.steps.delta_scaling import DeltaScaling
 from fedcpt.server.steps.regression_guard import RegressionGuard
 from fedcpt.server.steps.rehearsal import Rehearsal
+from fedcpt.server.steps.self_distillation import ChatAnswers, SelfDistillation
 from fedcpt.server.steps.server_optimizer import ServerOptimizer
 from fedcpt.server.versions import resumable_config
 from fedcpt.strategies.base import Aggregator
@@ -79,6 +86,7 @@ def _general_data(data: DataConfig, model: ModelConfig, strategy: StrategyConfig
     n_val = strategy.rehearsal_val_blocks
     corpus = load_general(data, load_tokenizer(model), validation_blocks=n_val)
     needs_pool = (strategy.rehearsal != "none" or strategy.delta_scaling
+                  or strategy.distillation in ("pool", "both")
                   or strategy.regression_guard or strategy.anchor == "ewc")
     if needs_pool and len(corpus.pool) < batch_size:
         raise ConfigError(
@@ -107,11 +115,12 @@ def general_evaluation(cfg: RunConfig, lm: AdaptedModel, data: GeneralData,
 
 
 def server_steps(cfg: RunConfig, lm: AdaptedModel, general: GeneralData) -> list[ServerStep]:
-    """The server optimiser, rehearsal, delta scaling, then the regression guard, as
-    configured in ``[strategy]``.
+    """The server optimiser, rehearsal, self-distillation, delta scaling, then the
+    regression guard, as configured in ``[strategy]``.
 
     The optimiser comes first: its moments follow the federation's own updates, and the
-    steps that protect general skill judge the move it proposes."""
+    steps that protect general skill judge the move it proposes. Self-distillation follows
+    rehearsal, so it pulls back toward the base whatever rehearsal left."""
     steps: list[ServerStep] = []
     if cfg.strategy.server_optimizer != "none":
         steps.append(ServerOptimizer(cfg.strategy))
@@ -119,6 +128,8 @@ def server_steps(cfg: RunConfig, lm: AdaptedModel, general: GeneralData) -> list
         steps.append(Rehearsal(lm, general.rehearsal, cfg.train, mode=cfg.strategy.rehearsal,
                                replay_fraction=cfg.strategy.replay_fraction,
                                lr_at=cfg.lr_at, seed=cfg.seed))
+    if cfg.strategy.distillation != "none":
+        steps.append(self_distillation(cfg, lm, general))
     if cfg.strategy.delta_scaling:
         steps.append(DeltaScaling(lm, general.validation, alphas=cfg.strategy.delta_alphas,
                                   tolerance=cfg.strategy.delta_tolerance,
@@ -128,6 +139,23 @@ def server_steps(cfg: RunConfig, lm: AdaptedModel, general: GeneralData) -> list
                                      threshold=cfg.strategy.regression_guard,
                                      batch_size=cfg.train.eval_batch_size))
     return steps
+
+
+def self_distillation(cfg: RunConfig, lm: AdaptedModel, general: GeneralData,
+                      ) -> SelfDistillation:
+    """The self-distillation step on the pool, the chat answers or both. The base model
+    answers :data:`~fedcpt.core.behaviour.REHEARSAL_PROMPTS` here, once per process: its
+    greedy answers are deterministic, so a resumed run trains on the same ones."""
+    s = cfg.strategy
+    chat = None
+    if s.distillation in ("chat", "both"):
+        answers = base_answers(lm, REHEARSAL_PROMPTS, cfg.data.answer_tokens)
+        chat = ChatAnswers(*answer_batch(answers, lm.tokenizer.eos_token_id))
+    return SelfDistillation(
+        lm, pool=general.rehearsal if s.distillation in ("pool", "both") else None,
+        chat=chat, steps=s.distill_steps, batch_size=cfg.train.batch_size, lr=s.distill_lr,
+        lr_at=cfg.lr_at, chat_weight=s.distill_chat_weight,
+        max_grad_norm=cfg.train.max_grad_norm, seed=cfg.seed)
 
 
 def build_strategy(cfg: RunConfig) -> Aggregator:

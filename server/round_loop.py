@@ -15,8 +15,8 @@ ServerApp and ClientApps; every policy of a round is here, in the order it happe
    (``round_retries``), then stops the run or keeps the previous adapter (``failed_round``);
 6. **aggregate** the accepted records (SecAgg+ stage 4 first unmasks their sum) and, under
    site-level DP, add the server's noise;
-7. **server steps** (optimiser, rehearsal, delta scaling, regression guard) in order; a
-   step may reject the round;
+7. **server steps** (optimiser, rehearsal, self-distillation, delta scaling, regression
+   guard) in order; a step may reject the round;
 8. **evaluate** the new global adapter at the sites (domain) and on the server (general);
 9. **drift**: the global update's norm and the general loss against the last good rounds
    (:mod:`~fedcpt.server.drift`); a threshold rolls back to the last good version;

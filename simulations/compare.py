@@ -35,6 +35,8 @@ ARMS: dict[str, list[str]] = {
     "l2sp": ["strategy.anchor=l2sp"],
     "ewc": ["strategy.anchor=ewc"],
     "delta-scaling": ["strategy.delta_scaling=true"],
+    "self-distill": ["strategy.distillation=both"],
+    "rehearsal-distill": ["strategy.rehearsal=mix", "strategy.distillation=both"],
 }
 DP_ON = ["privacy.enabled=true", "privacy.target_epsilon=8"]
 # Retention measures of a summary's `retention` section: (group, field); each is 0 at the

@@ -96,3 +96,26 @@ def test_trainable_head_takes_transformers_path():
     ids = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(5))
     next_token_loss(model, ids).backward()
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("chunk", [5, 10_000])
+@pytest.mark.parametrize("masked", [False, True])
+def test_kl_to_base_and_gradients_equal_full_logits(chunk, masked):
+    from fedcpt.core.evaluation import kl_divergence
+    from fedcpt.core.lm_loss import next_token_kl_to_base
+
+    model = _lora_model()
+    ids = torch.randint(0, 257, (3, 21), generator=torch.Generator().manual_seed(3))
+    positions = (torch.rand(3, 20, generator=torch.Generator().manual_seed(4)) < 0.5
+                 if masked else torch.ones(3, 20, dtype=torch.bool))
+    with torch.no_grad(), model.disable_adapter():
+        base = torch.log_softmax(model(input_ids=ids).logits[:, :-1], -1)
+    ref_kl = kl_divergence(base, torch.log_softmax(model(input_ids=ids).logits[:, :-1], -1))
+    ref_kl = ref_kl[positions].mean()
+    ref = _lora_grads(model, ref_kl)
+    kl = next_token_kl_to_base(model, ids, positions if masked else None, chunk=chunk)
+    got = _lora_grads(model, kl)
+    assert ref_kl.item() > 1e-3  # the adapter moved the model: a KL worth matching
+    assert kl.item() == pytest.approx(ref_kl.item(), rel=1e-10)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-12, msg=name)

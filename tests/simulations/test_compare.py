@@ -7,7 +7,7 @@ import json
 import pytest
 
 from fedcpt.exceptions import ConfigError
-from fedcpt.simulations.compare import compare, grid
+from fedcpt.simulations.compare import ARMS, compare, grid
 
 
 def test_grid_always_includes_the_fedavg_reference():
@@ -15,6 +15,15 @@ def test_grid_always_includes_the_fedavg_reference():
     assert [(a.name, a.dp) for a in arms] == [
         ("fedavg", False), ("rehearsal-mix", False), ("fedavg", True), ("rehearsal-mix", True)]
     assert "privacy.enabled=true" in arms[-1].overrides
+
+
+@pytest.mark.parametrize("arm", sorted(ARMS))
+def test_every_arm_is_a_valid_configuration(arm):
+    from fedcpt.config import load_config
+
+    cfg = load_config("smoke", overrides=ARMS[arm])
+    if "distill" in arm:
+        assert cfg.strategy.distillation == "both"
 
 
 def test_unknown_arm_is_rejected_before_anything_runs():

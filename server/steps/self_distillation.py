@@ -1,0 +1,117 @@
+"""Self-distillation toward the base model: after aggregation the server pulls the
+adapted model's next-token distributions back toward the frozen base model's.
+
+Rehearsal trains on general text with hard labels, so it recalibrates the model toward raw
+text and leaves much of the drift from the base in place (docs/strategies.md). Here the
+teacher is the base model itself (the adapter disabled, as peft's ``disable_adapter``
+gives it) and the loss is KL(base ‖ adapted), the drift the run measures (Hinton et al.
+2015, https://arxiv.org/abs/1503.02531; as a guard against forgetting: Li & Hoiem 2017,
+"Learning without Forgetting", https://arxiv.org/abs/1606.09282). Two kinds of text:
+
+- ``pool``: blocks of the server's rehearsal pool;
+- ``chat``: the base model's own greedy answers to built-in chat-formatted prompts
+  (:data:`fedcpt.core.behaviour.REHEARSAL_PROMPTS`, disjoint from the evaluation prompts),
+  scored on the answer positions only — chat-format rehearsal;
+- ``both``: the pool KL plus ``chat_weight`` × the chat KL, every step.
+
+The step sees the aggregate and the server's own text only, never site data, so it
+composes with secure aggregation and, under DP, is post-processing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord
+
+from fedcpt.core.adapters import adapter_state, load_adapter, to_arrays
+from fedcpt.core.lm_loss import next_token_kl_to_base
+from fedcpt.core.model import AdaptedModel
+from fedcpt.server.steps.base import StepResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChatAnswers:
+    """Chat-formatted prompts with the base model's answers (N, L), and the predictions
+    that produce the answers (N, L − 1, bool): :func:`fedcpt.core.behaviour.answer_batch`."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+
+
+class SelfDistillation:
+    """A few AdamW steps on the aggregate minimising KL(base ‖ adapted) on server text."""
+
+    name = "self_distillation"
+
+    def __init__(self, lm: AdaptedModel, *, pool: torch.Tensor | None,
+                 chat: ChatAnswers | None, steps: int, batch_size: int, lr: float,
+                 lr_at: Callable[[int], float], chat_weight: float, max_grad_norm: float,
+                 seed: int) -> None:
+        if pool is None and chat is None:
+            raise ValueError("self-distillation needs pool text, chat answers or both")
+        self.lm = lm
+        self.pool = pool
+        self.chat = chat
+        self.steps = steps
+        self.batch_size = batch_size
+        self.lr = lr
+        """0: the sites' learning rate of the round (``lr_at``)."""
+        self.lr_at = lr_at
+        self.chat_weight = chat_weight
+        self.max_grad_norm = max_grad_norm
+        self.seed = seed
+
+    def _loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """The step's objective on one batch of each kind of text, and its parts."""
+        device, model = self.lm.device, self.lm.model
+        total = torch.zeros((), device=device)
+        parts: dict[str, float] = {}
+        with self.lm.autocast():
+            if self.pool is not None:
+                idx = torch.randint(len(self.pool), (self.batch_size,), generator=generator)
+                kl = next_token_kl_to_base(model, self.pool[idx].to(device))  # (B, T) blocks
+                total = total + kl
+                parts["pool_kl"] = kl.item()
+            if self.chat is not None:
+                idx = torch.randint(len(self.chat.ids), (self.batch_size,), generator=generator)
+                kl = next_token_kl_to_base(model, self.chat.ids[idx].to(device),
+                                           self.chat.positions[idx].to(device))
+                weight = 1.0 if self.pool is None else self.chat_weight
+                total = total + weight * kl
+                parts["chat_kl"] = kl.item()
+        return total, parts
+
+    def apply(self, server_round: int, global_arrays: ArrayRecord, aggregated: ArrayRecord,
+              client_examples: int) -> StepResult:
+        model = self.lm.model
+        load_adapter(model, aggregated)
+        lr = self.lr or self.lr_at(server_round)
+        params = [p for p in model.parameters() if p.requires_grad]  # the adapter only
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(self.seed * 1000 + server_round)
+        model.train()
+        first: dict[str, float] = {}
+        last: dict[str, float] = {}
+        for i in range(self.steps):
+            loss, last = self._loss(generator)
+            first = first or last
+            loss.backward()
+            if self.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            log.debug("round %d · self-distillation step %d: %s", server_round, i, last)
+        model.eval()
+        log.info("round %d · self-distillation: %d steps at lr %.2g, KL to base %s",
+                 server_round, self.steps, lr,
+                 ", ".join(f"{k} {first[k]:.4f} → {last[k]:.4f}" for k in last))
+        return StepResult(to_arrays(adapter_state(model)),
+                          {"steps": self.steps, "lr": lr,
+                           **{f"first_{k}": v for k, v in first.items()},
+                           **{f"last_{k}": v for k, v in last.items()}})

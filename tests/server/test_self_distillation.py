@@ -1,0 +1,127 @@
+"""Self-distillation toward the base model: it removes drift from the base on held-out
+text (measured against no step from the same adapted start), it trains the adapter only,
+and its settings are checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedcpt.config import TrainConfig, load_config
+from fedcpt.core.adapters import adapter_state, load_adapter, to_arrays
+from fedcpt.core.behaviour import (
+    INSTRUCTION_PROMPTS,
+    REHEARSAL_PROMPTS,
+    answer_batch,
+    answer_retention,
+    base_answers,
+)
+from fedcpt.core.data import pack
+from fedcpt.core.evaluation import evaluate_blocks
+from fedcpt.core.training import train_adapter
+from fedcpt.exceptions import ConfigError
+from fedcpt.server.steps.self_distillation import ChatAnswers, SelfDistillation
+
+
+def _blocks(tok, text: str) -> torch.Tensor:
+    return pack(tok([text], add_special_tokens=False)["input_ids"], tok.eos_token_id, 64)
+
+
+@pytest.fixture
+def drifted(fresh_lm, text_blocks):
+    """An aggregate trained away from the base on the domain blocks (B ≠ 0)."""
+    train_adapter(fresh_lm, text_blocks, TrainConfig(local_steps=15, batch_size=4), lr=5e-2,
+                  seed=0)
+    return to_arrays(adapter_state(fresh_lm.model))
+
+
+def _step(lm, **kw) -> SelfDistillation:
+    settings = dict(pool=None, chat=None, steps=12, batch_size=4, lr=5e-2,
+                    lr_at=lambda r: 5e-2, chat_weight=1.0, max_grad_norm=1.0, seed=0)
+    return SelfDistillation(lm, **{**settings, **kw})
+
+
+def test_pool_distillation_removes_most_kl_to_base_on_heldout_text(fresh_lm, byte_tok,
+                                                                   drifted, make_text):
+    pool = _blocks(byte_tok, make_text(6000, seed=21) + "\ndef f(x):\n    return x\n" * 30)
+    heldout = _blocks(byte_tok, make_text(3000, seed=22))[:12]  # never in the pool
+    load_adapter(fresh_lm.model, drifted)
+    without = evaluate_blocks(fresh_lm, heldout, 8, kl_to_base=True).kl_to_base
+    result = _step(fresh_lm, pool=pool).apply(1, drifted, drifted, client_examples=60)
+    load_adapter(fresh_lm.model, result.arrays)
+    with_step = evaluate_blocks(fresh_lm, heldout, 8, kl_to_base=True).kl_to_base
+    assert without > 0.01  # the domain training moved the model: drift to remove
+    assert with_step < 0.7 * without  # 0.024 → 0.013 here
+    assert result.details["last_pool_kl"] < result.details["first_pool_kl"]
+    assert not result.rejects_round
+
+
+def test_chat_distillation_keeps_answers_to_prompts_it_never_saw(fresh_lm, drifted):
+    held_out = base_answers(fresh_lm, INSTRUCTION_PROMPTS[:4], max_new_tokens=8)
+    trained_on = base_answers(fresh_lm, REHEARSAL_PROMPTS, max_new_tokens=8)
+    chat = ChatAnswers(*answer_batch(trained_on, fresh_lm.tokenizer.eos_token_id))
+    load_adapter(fresh_lm.model, drifted)
+    without = answer_retention(fresh_lm, held_out).loss
+    result = _step(fresh_lm, chat=chat).apply(1, drifted, drifted, client_examples=60)
+    load_adapter(fresh_lm.model, result.arrays)
+    with_step = answer_retention(fresh_lm, held_out).loss
+    with fresh_lm.model.disable_adapter():
+        base = answer_retention(fresh_lm, held_out).loss
+    assert without - base > 0.05
+    assert with_step - base < 0.5 * (without - base)
+
+
+def test_answer_batch_scores_exactly_the_answer_positions():
+    from fedcpt.core.behaviour import BaseAnswer
+
+    answers = [BaseAnswer("a", [1, 2, 3], [4, 5], "x"), BaseAnswer("b", [6], [7], "y")]
+    ids, positions = answer_batch(answers, pad_id=0)
+    assert ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]]
+    # prediction i is of token i + 1: the answer tokens are predicted at 2, 3 and at 0
+    assert positions.tolist() == [[False, False, True, True], [True, False, False, False]]
+    assert not set(REHEARSAL_PROMPTS) & set(INSTRUCTION_PROMPTS)
+
+
+def test_distillation_changes_only_adapter_weights(fresh_lm, byte_tok, drifted, make_text):
+    base_before = {n: p.detach().clone() for n, p in fresh_lm.model.named_parameters()
+                   if "lora_" not in n}
+    pool = _blocks(byte_tok, make_text(3000, seed=23))
+    result = _step(fresh_lm, pool=pool, steps=3).apply(1, drifted, drifted, client_examples=0)
+    assert result.arrays.keys() == drifted.keys()
+    moved = [k for k in drifted if not torch.equal(torch.from_numpy(result.arrays[k].numpy()),
+                                                   torch.from_numpy(drifted[k].numpy()))]
+    assert moved  # the adapter was trained
+    for name, param in fresh_lm.model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param, base_before[name]), name
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("strategy.distillation=kl", "strategy.distillation"),
+    ("strategy.distill_steps=0", "strategy.distill_steps"),
+    ("strategy.distill_lr=-1", "strategy.distill_lr"),
+    ("strategy.distill_chat_weight=0", "strategy.distill_chat_weight"),
+])
+def test_bad_distillation_settings_are_rejected(override, key):
+    with pytest.raises(ConfigError, match=f"`?{key}`?"):
+        load_config("smoke", overrides=["strategy.distillation=pool", override])
+
+
+def test_site_level_dp_refuses_distillation():
+    with pytest.raises(ConfigError, match="privacy.user_level cannot be combined"):
+        load_config("smoke", overrides=["privacy.user_level=true",
+                                        "strategy.distillation=pool"])
+
+
+def test_server_builds_distillation_after_rehearsal(sites_config, fresh_lm, text_blocks):
+    from fedcpt.server.app import GeneralData, server_steps
+
+    cfg = load_config("smoke", sites_config, ["strategy.rehearsal=mix",
+                                              "strategy.distillation=both",
+                                              "data.answer_tokens=2"])
+    general = GeneralData({"prose": text_blocks}, ("prose",), text_blocks, text_blocks[:2])
+    steps = server_steps(cfg, fresh_lm, general)
+    assert [s.name for s in steps] == ["rehearsal", "self_distillation"]
+    distill = steps[1]
+    assert distill.pool is general.rehearsal
+    assert len(distill.chat.ids) == len(REHEARSAL_PROMPTS)
