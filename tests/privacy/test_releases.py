@@ -32,7 +32,7 @@ def reply_keys(reply: Message) -> set[str]:
 def dp_site(tmp_path):
     """A deployed DP site (unit: user_id) that releases noised evaluations, and the
     smoke-dp run's initial adapter."""
-    cfg = load_config("smoke-dp")
+    cfg = load_config("smoke-dp", overrides=["privacy.noise_multiplier=1.0"])  # no planning
     ledger = tmp_path / "clinic.ledger.json"
     context = site_context(str(_site_data(tmp_path)), ledger, name="clinic",
                            unit="field:user_id", **{"heldout-fraction": "0.3",
