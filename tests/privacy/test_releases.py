@@ -13,7 +13,7 @@ from fedcpt.core import protocol as p
 from fedcpt.core.model import load_adapted_model
 from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.privacy.report import released_keys, site_row
-from fedcpt.testing.bad_proposals import _site_data
+from fedcpt.testing.bad_inputs.proposals import _site_data
 from fedcpt.testing.site_round import site_context, task_identity, train_message
 
 
