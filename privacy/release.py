@@ -13,7 +13,9 @@
   composed with DP-SGD by the same accountant. Laplace is not offered: Opacus's
   accountants, which the ledger uses, analyse Gaussian noise only.
 
-Release through secure aggregation with the other sites is not implemented yet.
+Release of the loss only through secure aggregation with the other sites is **not
+built**: no policy value asks for it, and under ``secagg.mode = "on"`` an evaluation reply
+still goes to the server per site, unmasked, as the policy above says.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ file — so a data site can audit its spend without the server.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fedcpt.core import protocol as p  # noqa: E402
 from fedcpt.privacy.accounting import epsilon  # noqa: E402
 from fedcpt.privacy.ledger import LEDGER_SUFFIX, LedgerError, PrivacyLedger  # noqa: E402
+from fedcpt.privacy.secagg.site import STATE as SECAGG_STATE  # noqa: E402
 
 STATEMENT = (
     "Unit-level differential privacy at each site: the unit is named by the site's own "
@@ -31,22 +34,59 @@ STATEMENT = (
     "several units or at several sites (unless the unit is that person), quantities listed "
     "below as not covered, and any text shared outside training.")
 
-# What a site sends the server, and whether its ε covers it (eval depends on the policy).
+
+@dataclass(frozen=True)
+class Release:
+    """One quantity a site sends the server, the reply keys that carry it, and whether the
+    site's ε covers it."""
+
+    what: str
+    keys: tuple[str, ...]
+    """Reply record names and metric keys (:mod:`fedcpt.core.protocol`); none for what no
+    key carries."""
+    coverage: str
+
+    def line(self) -> str:
+        return f"{self.what}: {self.coverage}"
+
+
+# Everything a DP site's train, SecAgg+ stage and query replies carry. A key a reply gains
+# must be listed here: tests/privacy/test_releases.py builds the real replies and checks.
 RELEASES = (
-    ("adapter update (DP-SGD)", "covered by ε"),
-    ("num-examples (steps × expected batch, data-independent)", "not data-dependent"),
-    ("train-seconds", "not released under DP (sent as 0: it depends on Poisson batch sizes)"),
-    ("training loss", "not released under DP"),
-    ("ε, δ, σ, q and DP steps", "public: together they reveal N, the number of training "
-     "units, which fedcpt treats as public"),
-    ("refusals (budget exhausted, policy refused)", "functions of the public parameters"),
+    Release("adapter update (DP-SGD)", (p.ARRAYS, p.MASKED), "covered by ε"),
+    Release("num-examples", (p.METRICS, p.NUM_EXAMPLES),
+            "training: steps × expected batch, data-independent; noised evaluation: the "
+            "query's units × block length, public; plain evaluation: its held-out token "
+            "count, NOT covered by ε (as that release)"),
+    Release("train-seconds", (p.TRAIN_SECONDS,),
+            "not released under DP (sent as 0: it depends on Poisson batch sizes)"),
+    Release("training loss", (p.TRAIN_LOSS,), "not released under DP"),
+    Release("ε, ε (RDP), δ, σ, q and DP steps", p.PRIVACY_METRICS,
+            "public: together they reveal N, the number of training units, which fedcpt "
+            "treats as public"),
+    Release("site name", (p.SITE, "name"), "public (the site's identity)"),
+    Release("SecAgg+ keys, certificate, encrypted shares and signatures", (SECAGG_STATE,),
+            "random or public: independent of the data"),
+    Release("reply timing (Flower's message timestamps, arrival time)", (),
+            "NOT covered by ε: the time a round takes at the site depends on the Poisson "
+            "batch sizes, and fedcpt does not pad it"),
+    Release("refusals (budget exhausted, policy refused)", (),
+            "functions of the public parameters"),
 )
+EVAL_KEYS = (p.METRICS, p.NUM_EXAMPLES, p.DOMAIN_LOSS, p.DOMAIN_BASE_LOSS, p.DOMAIN_ECE,
+             p.SITE, "name")
 EVAL_RELEASE = {
     "nothing": "evaluation: nothing released",
     "plain": "evaluation loss, base loss, ECE: released WITHOUT noise, NOT covered by ε",
     "noised": "evaluation loss, base loss, ECE: Gaussian mechanism on clipped per-unit "
               "values, covered by ε (in the ledger)",
 }
+
+
+def released_keys(eval_release: str) -> frozenset[str]:
+    """Every reply key the statement accounts for under a site's ``eval_release``."""
+    keys = {k for r in RELEASES for k in r.keys}
+    return frozenset(keys | (set(EVAL_KEYS) if eval_release != "nothing" else set()))
 
 
 def site_table(sites: dict[str, dict[str, Any]]) -> list[str]:
@@ -83,7 +123,7 @@ def site_row(ledger: PrivacyLedger) -> dict[str, Any]:
         "site": ledger.site,
         "unit": ledger.unit,
         "policy": ledger.policy,
-        "releases": [f"{what}: {how}" for what, how in RELEASES]
+        "releases": [r.line() for r in RELEASES]
         + [EVAL_RELEASE.get(release, f"evaluation: policy {release!r} (not recorded)")],
         "eval_releases": sum(e.steps for e in ledger.entries if e.kind == "eval"),
         "epsilon": eps,

@@ -1,12 +1,16 @@
 """User-level (site-level) DP: DP-FedAvg with client-side fixed clipping.
 
 Each site's adapter update is clipped to ``user_clipping_norm`` at the site (Flower's
-``fixedclipping_mod``, asked for by :func:`clipping_config`) and the round loop adds
-Gaussian noise of std σ·C/n to the average of the n updates it actually averaged
-(:func:`add_site_noise`, with Flower's own noise helpers; McMahan et al., 2018,
-https://arxiv.org/abs/1710.06963), before any server step, so every step is
-post-processing. A site that is silent or rejected shrinks n and so raises the noise; a
-round in which a sampled site answered with an error is not released. This protects a
+``fixedclipping_mod``, asked for by :func:`clipping_config`); the aggregator clips it to C
+again and takes the **unweighted** mean (:class:`~fedcpt.strategies.fedavg.AdapterFedAvg`:
+a site's ``num-examples`` is its own claim, and any weight above 1/n would move the mean by
+more than C/n); and the round loop adds Gaussian noise of std σ·C/n to the mean of the n
+updates it actually averaged (:func:`add_site_noise`, with Flower's own noise helpers;
+McMahan et al., 2018, https://arxiv.org/abs/1710.06963), before any server step, so every
+step is post-processing. A site that is silent or rejected shrinks n and so raises the
+noise; a round in which a sampled site answered with an error is not released. Under
+secure aggregation the sites add the noise instead (:mod:`fedcpt.privacy.secagg.ddp`),
+and the mean is unweighted there too. This protects a
 whole site's contribution, not just one unit, and is reported separately from unit-level
 ε, computed here with RDP and no sampling amplification (every released round counts as a
 full Gaussian release), which can only over-report.
@@ -38,7 +42,7 @@ def clipping_config(config: ConfigRecord, privacy: PrivacyConfig) -> ConfigRecor
 
 def add_site_noise(arrays: ArrayRecord, privacy: PrivacyConfig,
                    n_averaged: int) -> ArrayRecord:
-    """The average of ``n_averaged`` clipped updates plus Gaussian noise σ·C/n."""
+    """The unweighted mean of ``n_averaged`` clipped updates plus Gaussian noise σ·C/n."""
     ndarrays = arrays.to_numpy_ndarrays()
     std = compute_stdv(privacy.user_noise_multiplier, privacy.user_clipping_norm,
                        n_averaged)

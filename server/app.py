@@ -159,12 +159,15 @@ def self_distillation(cfg: RunConfig, lm: AdaptedModel, general: GeneralData,
 
 
 def build_strategy(cfg: RunConfig) -> Aggregator:
-    """Secure FedAvg when ``secagg`` is on, else FedAvg with the update-norm bound."""
+    """Secure FedAvg when ``secagg`` is on, else FedAvg with the update-norm bound; either
+    weighs every site equally under site-level DP."""
     max_examples = cfg.train.local_steps * cfg.train.batch_size
     if cfg.secagg.enabled:
         return SecAggFedAvg(cfg=cfg, max_examples=max_examples)
     return AdapterFedAvg(max_update_norm=cfg.federation.max_update_norm,
-                         max_examples=max_examples)
+                         max_examples=max_examples,
+                         site_clip=cfg.privacy.user_clipping_norm if cfg.privacy.user_level
+                         else 0.0)
 
 
 def with_default_ledger_dir(cfg: RunConfig, run_dir: Path) -> RunConfig:

@@ -1,19 +1,27 @@
 """FedAvg over LoRA adapters, rejecting malformed updates.
 
 The averaging is Flower's own (``aggregate_arrayrecords``, McMahan et al., 2017,
-https://arxiv.org/abs/1602.05629) weighted by each reply's ``num-examples``; every site
+https://arxiv.org/abs/1602.05629), weighted by each reply's ``num-examples``; every site
 trains the same number of steps × batch, so in practice the sites weigh equally. Before
 an update can enter the average it is checked: record layout, keys, shapes, dtypes,
 finite values, required metrics, the example bound and the update-norm bound.
+
+Under site-level DP (``privacy.user_level``) the mean is **unweighted**: ``num-examples``
+is a site's own claim, and a weight other than 1/n would let one site move the mean by
+more than C/n, the sensitivity the round loop's noise σ·C/n is sized for (a site claiming
+1000× the others would weigh ~1; sites claiming little would single out another's
+update). Each update is also clipped to C here (Flower's ``compute_clip_model_update``; a
+no-op for a site whose clipping mod already did), so the bound holds for any reply.
 """
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from fedcpt.core import protocol as p
-from fedcpt.core.adapters import check_update, check_update_bound, count_bytes
+from fedcpt.core.adapters import check_update, check_update_bound, count_bytes, update_norm
 from fedcpt.exceptions import UpdateRejected
 from fedcpt.strategies.base import (
     Aggregator,
@@ -23,9 +31,11 @@ from fedcpt.strategies.base import (
     train_metrics,
 )
 
+SITE_WEIGHT = "site-weight"  # under site-level DP each aggregated site counts once
+
 
 class AdapterFedAvg(Aggregator):
-    """Example-weighted mean of plaintext adapter updates.
+    """Example-weighted mean of plaintext adapter updates (unweighted under site-level DP).
 
     Parameters
     ----------
@@ -33,11 +43,16 @@ class AdapterFedAvg(Aggregator):
         Reject an update farther than this (L2) from the global adapter (0: no bound).
     max_examples : int
         See :class:`~fedcpt.strategies.base.Aggregator`.
+    site_clip : float
+        Site-level DP's clipping norm C: clip every update to C and weigh every site 1/n
+        (0: no site-level DP, the example-weighted mean).
     """
 
-    def __init__(self, *, max_update_norm: float = 0.0, max_examples: int = 0) -> None:
+    def __init__(self, *, max_update_norm: float = 0.0, max_examples: int = 0,
+                 site_clip: float = 0.0) -> None:
         super().__init__(max_examples=max_examples)
         self.max_update_norm = max_update_norm
+        self.site_clip = site_clip
 
     def validate(self, msg: Message, reference: ArrayRecord,
                  ) -> tuple[ArrayRecord, SiteTrainReport]:
@@ -50,4 +65,19 @@ class AdapterFedAvg(Aggregator):
         return arrays, site_report(site_name(msg), metrics, count_bytes(arrays), norm)
 
     def aggregate(self, records: list[RecordDict], reference: ArrayRecord) -> ArrayRecord:
-        return aggregate_arrayrecords(records, p.NUM_EXAMPLES)
+        if not self.site_clip:
+            return aggregate_arrayrecords(records, p.NUM_EXAMPLES)
+        return aggregate_arrayrecords([self._clipped(r, reference) for r in records],
+                                      SITE_WEIGHT)
+
+    def _clipped(self, record: RecordDict, reference: ArrayRecord) -> RecordDict:
+        """The record's update clipped to C from ``reference``, with weight 1."""
+        keys = list(reference.keys())
+        update = [record[p.ARRAYS][k].numpy() for k in keys]
+        # only when it exceeds C: Flower's helper divides by the norm, zero for no change
+        if update_norm(record[p.ARRAYS], reference) > self.site_clip:
+            compute_clip_model_update(update, [reference[k].numpy() for k in keys],
+                                      self.site_clip)
+        return RecordDict({p.ARRAYS: ArrayRecord({k: Array(v) for k, v in zip(keys, update,
+                                                                             strict=True)}),
+                           p.METRICS: MetricRecord({SITE_WEIGHT: 1})})

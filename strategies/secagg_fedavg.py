@@ -6,7 +6,9 @@ keys and shares) before it; the training message carries each site's inbound sha
 (stage 3) and its reply the masked, quantised update; :meth:`SecAggFedAvg.unmask`
 (stages 4–5) has the surviving sites sign the survivor set, then asks them for the shares
 that unmask the sum;
-:meth:`SecAggFedAvg.aggregate` turns that sum into the weighted mean. Checks the server
+:meth:`SecAggFedAvg.aggregate` turns that sum into the mean: weighted by ``num-examples``,
+or, under site-level DP (distributed DP, :mod:`fedcpt.privacy.secagg.ddp`), unweighted over
+the n sites unmasked, so no site's claim moves it by more than C/n. Checks the server
 can no longer make on a single update (finite values, the norm bound) are made by the
 site before masking.
 """
@@ -38,7 +40,7 @@ SAMPLED = "sampled"  # ... and how many the round sampled (distributed DP is siz
 
 
 class SecAggFedAvg(Aggregator):
-    """Example-weighted mean of SecAgg+-masked updates.
+    """Example-weighted mean of SecAgg+-masked updates (unweighted under site-level DP).
 
     Parameters
     ----------
@@ -100,7 +102,8 @@ class SecAggFedAvg(Aggregator):
             p.CONFIG: secagg.params.to_record()})
 
     def aggregate(self, records: list[RecordDict], reference: ArrayRecord) -> ArrayRecord:
-        """The weighted mean from the one unmasked sum :meth:`unmask` returns."""
+        """The mean from the one unmasked sum :meth:`unmask` returns: example-weighted, or
+        unweighted under site-level DP (distributed DP)."""
         (summed,) = records
         metrics = summed[p.METRICS]
         params = SecAggParams.from_record(summed[p.CONFIG])
@@ -108,7 +111,7 @@ class SecAggFedAvg(Aggregator):
                                        vector_length(reference) - 1)
         mean, weight = decode(summed[p.MASKED][p.MASKED_VECTOR].numpy(),
                               int(metrics[CONTRIBUTORS]), reference, params, ddp)
-        if weight != metrics[p.NUM_EXAMPLES]:
+        if ddp is None and weight != metrics[p.NUM_EXAMPLES]:
             raise UpdateRejected(f"the summed weight {weight} differs from the "
                                  f"{metrics[p.NUM_EXAMPLES]} examples the sites reported")
         return mean

@@ -2,10 +2,12 @@
 
 Kairouz, Liu & Steinke, ICML 2021, "The Distributed Discrete Gaussian Mechanism for
 Federated Learning with Secure Aggregation" (https://arxiv.org/abs/2102.06387). Each site
-clips its weighted update to L2 norm ``C``, scales it onto the integer grid (step ``γ``),
+clips its update to L2 norm ``C``, scales it onto the integer grid (step ``γ``),
 rounds it with conditional randomized rounding (the rounded norm is *enforced* to stay
 below ``Δ₂``), and adds discrete Gaussian noise before masking. The server sees only the
-sum, whose noise is the sum of the honest survivors' noise.
+sum, whose noise is the sum of the honest survivors' noise, and divides it by the number n
+of sites it covers: the mean is unweighted (:mod:`.encoding`), so each site moves it by at
+most C/n and its noise is at least z·C/n for the n actually aggregated.
 
 Calibration is conservative: the noise must meet the guarantee with only ``honest``
 summands, the fewest honest sites that can be in an unmasked sum (the sites refuse to
@@ -44,7 +46,7 @@ class DistributedDP:
     """The distributed discrete Gaussian of one round, as every party recomputes it."""
 
     clip: float
-    """C: L2 bound on each site's weighted update (``privacy.user_clipping_norm``)."""
+    """C: L2 bound on each site's update (``privacy.user_clipping_norm``)."""
     noise_multiplier: float
     """z: the honest survivors' noise in the sum has std ≥ z·C (``user_noise_multiplier``)."""
     sites: int
@@ -117,12 +119,12 @@ class DistributedDP:
             return 0.0
         return float(compute_epsilon(DEFAULT_RDP_ORDERS, rounds * self.rdp(), delta)[0])
 
-    def noised(self, weighted_delta: np.ndarray) -> np.ndarray:
-        """Clip, scale, round (conditionally) and noise one site's weighted update: the
-        int64 grid vector that goes into the sum."""
+    def noised(self, delta: np.ndarray) -> np.ndarray:
+        """Clip, scale, round (conditionally) and noise one site's update: the int64 grid
+        vector that goes into the sum."""
         rng = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(32), "little")))
-        norm = float(np.linalg.norm(weighted_delta))
-        clipped = weighted_delta * min(1.0, self.clip / norm) if norm > 0 else weighted_delta
+        norm = float(np.linalg.norm(delta))
+        clipped = delta * min(1.0, self.clip / norm) if norm > 0 else delta
         scaled = clipped / self.granularity
         floor = np.floor(scaled)
         for _ in range(_ROUNDING_TRIES):

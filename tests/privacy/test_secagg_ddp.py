@@ -20,6 +20,7 @@ from fedcpt.config import (
     RunConfig,
     SecAggConfig,
     SiteConfig,
+    TrainConfig,
     load_config,
 )
 from fedcpt.exceptions import ConfigError
@@ -46,11 +47,10 @@ def _config(dishonest: float = 0.0) -> RunConfig:
         secagg=SecAggConfig(mode="on", dishonest_fraction=dishonest))
 
 
-def _zero_round(cfg: RunConfig, dropped: set[int]) -> tuple[np.ndarray, int]:
-    """One round in which every site's update is exactly the global adapter: the unmasked
-    mean is the noise alone. Returns that noise (flattened) and the total weight."""
-    reference = ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
-    updates = {n: (reference, 24) for n in NODES}
+def _round(cfg: RunConfig, updates: dict[int, tuple[ArrayRecord, int]],
+           dropped: set[int] = frozenset()) -> ArrayRecord:
+    """One secure round over the five sites' ``(update, claimed num-examples)``, the sites
+    in ``dropped`` silent after stage 2: the unmasked mean."""
     grid = SiteGrid(updates, drop={MASKED: dropped}, cfg=cfg)
     max_weight = cfg.train.local_steps * cfg.train.batch_size
     cfg = dataclasses.replace(cfg, federation=dataclasses.replace(
@@ -58,10 +58,20 @@ def _zero_round(cfg: RunConfig, dropped: set[int]) -> tuple[np.ndarray, int]:
     fed = Federation(grid=grid, cfg=cfg, recorder=None, lm=None, general=None,
                      aggregator=SecAggFedAvg(cfg=cfg, max_examples=max_weight),
                      config=ConfigRecord(), rng=random.Random(0))
-    arrays = train_attempt(fed, 1, reference, request(reference, ConfigRecord(), 1),
-                           None).aggregate
-    noise = np.concatenate([arrays[k].numpy().ravel().astype(np.float64) for k in SHAPES])
-    return noise, 24 * (5 - len(dropped))
+    reference = _zeros()
+    return train_attempt(fed, 1, reference, request(reference, ConfigRecord(), 1),
+                         None).aggregate
+
+
+def _zeros() -> ArrayRecord:
+    return ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in SHAPES.items()})
+
+
+def _zero_round(cfg: RunConfig, dropped: set[int]) -> np.ndarray:
+    """One round in which every site's update is exactly the global adapter: the unmasked
+    mean is the noise alone. Returns that noise, flattened."""
+    arrays = _round(cfg, {n: (_zeros(), 24) for n in NODES}, dropped)
+    return np.concatenate([arrays[k].numpy().ravel().astype(np.float64) for k in SHAPES])
 
 
 def _plan(cfg: RunConfig) -> DistributedDP:
@@ -74,20 +84,42 @@ def _plan(cfg: RunConfig) -> DistributedDP:
 def test_noise_in_the_unmasked_sum_matches_the_plan(dropped):
     cfg = _config()
     plan = _plan(cfg)
-    noise, weight = _zero_round(cfg, dropped)
-    max_weight = cfg.train.local_steps * cfg.train.batch_size
-    # the mean is Σ noise · γ · max_weight / Σ weight; each survivor added σ_site (steps)
+    noise = _zero_round(cfg, dropped)
+    # the mean is Σ noise · γ / survivors; each survivor added σ_site (grid steps)
     survivors = 5 - len(dropped)
-    expected = math.sqrt(survivors) * plan.site_sigma * plan.granularity * max_weight / weight
+    expected = math.sqrt(survivors) * plan.site_sigma * plan.granularity / survivors
     measured = noise.std()
     assert measured == pytest.approx(expected, rel=0.08)
     assert abs(noise.mean()) < 4 * expected / math.sqrt(noise.size)
     # the sum of the survivors' noise alone has std ≥ z·C: here 3 survivors = the plan's
     # honest count, so it is exactly z·C
-    sum_std = measured * weight / max_weight
+    sum_std = measured * survivors
     assert sum_std >= 0.92 * Z * CLIP
     if survivors == plan.honest:
         assert sum_std == pytest.approx(Z * CLIP, rel=0.08)
+
+
+@pytest.mark.parametrize(("planted_at", "dropped"), [
+    (NODES[0], set()), (NODES[1], set()), (NODES[0], {NODES[2], NODES[4]})])
+def test_a_num_examples_claim_cannot_move_the_secure_mean_by_more_than_c_over_n(planted_at,
+                                                                               dropped):
+    """NODES[0] claims 1000× the others' num-examples (a curious site inflating its share,
+    or four deflating theirs to single out NODES[0]). Only NODES[planted] sends a non-zero
+    update, of norm 2·C (the site clips it to C); with nearly no noise the mean then shows
+    that site's influence: C/n for the n sites unmasked, whatever anyone claimed."""
+    cfg = dataclasses.replace(
+        _config(), train=TrainConfig(local_steps=100, batch_size=10),
+        privacy=PrivacyConfig(user_level=True, user_clipping_norm=CLIP,
+                              user_noise_multiplier=1e-3))
+    size = sum(math.prod(s) for s in SHAPES.values())
+    planted = ArrayRecord({k: Array(np.full(s, 2 * CLIP / math.sqrt(size), np.float32))
+                           for k, s in SHAPES.items()})
+    updates = {n: (planted if n == planted_at else _zeros(), 1000 if n == NODES[0] else 1)
+               for n in NODES}
+    mean = _round(cfg, updates, dropped)
+    flat = np.concatenate([mean[k].numpy().ravel().astype(np.float64) for k in SHAPES])
+    along = float(flat.sum()) / math.sqrt(size)  # projection on the planted direction
+    assert along == pytest.approx(CLIP / (5 - len(dropped)), rel=0.01)
 
 
 def test_dishonest_sites_are_not_counted_on_for_noise():

@@ -267,3 +267,56 @@ def test_site_claiming_more_examples_than_it_can_train_is_rejected(instructions,
     arrays, _, failures = _aggregate(capped, replies, reference)
     _assert_arrays_equal(arrays, _weighted_mean([(honest, 80)]))
     assert any(f.startswith("greedy: update rejected: num-examples") for f in failures)
+
+
+# --- site-level DP: every aggregated site weighs 1/n, whatever num-examples it claims ----
+def _site_level_strategy(clip: float):
+    """The aggregator the server builds for a run with site-level DP (1000 examples a site
+    may claim at most, so a 1000× claim passes the example bound)."""
+    from fedcpt.config import PrivacyConfig, RunConfig, SecAggConfig, SiteConfig, TrainConfig
+    from fedcpt.server.app import build_strategy
+
+    cfg = RunConfig(sites=tuple(SiteConfig(name=s, data=("unused",)) for s in "abc"),
+                    train=TrainConfig(local_steps=100, batch_size=10),
+                    privacy=PrivacyConfig(user_level=True, user_clipping_norm=clip),
+                    secagg=SecAggConfig(mode="off"))
+    return build_strategy(cfg)
+
+
+def _planted(norm: float) -> ArrayRecord:
+    """An update whose delta from the zero reference has L2 norm ``norm``, in one direction."""
+    size = sum(int(np.prod(s)) for s in SHAPES.values())
+    return ArrayRecord({k: Array(np.full(s, norm / np.sqrt(size), np.float32))
+                        for k, s in SHAPES.items()})
+
+
+def _norm(arrays: ArrayRecord) -> float:
+    return float(np.sqrt(sum((arrays[k].numpy().astype(np.float64) ** 2).sum()
+                             for k in SHAPES)))
+
+
+@pytest.mark.parametrize("planted_at", ["heavy", "light"])
+def test_site_level_dp_bounds_each_sites_influence_by_c_over_n(instructions, reference,
+                                                               planted_at):
+    """One site reports 1000× the others' num-examples: a curious site inflating its claim,
+    or two curious sites deflating theirs to single out an honest site's update. Under
+    site-level DP the noise is σ·C/n, so each site's clipped update must move the mean by
+    C/n exactly, never by its claimed share (1000/1002 of C for the heavy one)."""
+    clip = 0.5
+    strategy = _site_level_strategy(clip)
+    claims = {"heavy": 1000, "light": 1, "other": 1}
+    replies = [_reply(msg, site, _planted(clip) if site == planted_at else reference, n)
+               for msg, (site, n) in zip(instructions, claims.items(), strict=True)]
+    arrays, reports, failures = _aggregate(strategy, replies, reference)
+    assert _without_timeouts(failures) == [] and len(reports) == 3
+    assert _norm(arrays) == pytest.approx(clip / 3, rel=1e-5)
+
+
+def test_site_level_dp_clips_an_update_the_site_left_unclipped(instructions, reference):
+    """A site that skips the clipping mod and sends 10·C moves the mean by C/n at most."""
+    clip = 0.5
+    replies = [_reply(instructions[0], "unclipped", _planted(10 * clip), 1000),
+               _reply(instructions[1], "b", reference, 1000),
+               _reply(instructions[2], "c", reference, 1000)]
+    arrays, _, _ = _aggregate(_site_level_strategy(clip), replies, reference)
+    assert _norm(arrays) == pytest.approx(clip / 3, rel=1e-5)
