@@ -65,7 +65,9 @@ def simulate(scenario: str, sites: Path, out: Path, secagg: str, settings: list[
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        log = out / "run.log"  # the run folder is temporary: keep the end of its log
+        tail = log.read_text(errors="replace")[-6000:] if log.is_file() else ""
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}\n{tail}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     gaps = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows[1:], rows[2:], strict=False)]
     return {"round_s": gaps, "median_round_s": median(gaps),
