@@ -15,6 +15,7 @@ hostile proposal, committed in the round context as an honest-looking round woul
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -22,9 +23,10 @@ from secagg_grid import Sites
 
 import fedcpt.client.app as client_app
 from fedcpt.client import secagg_stages
-from fedcpt.config import SiteConfig, load_config
+from fedcpt.config import SiteConfig, SitePolicySettings, load_config
 from fedcpt.core import protocol as p
 from fedcpt.core.model import load_adapted_model
+from fedcpt.deploy.site_check import check_node_config
 from fedcpt.exceptions import ConfigError, UpdateRejected
 from fedcpt.privacy.policy import site_policy
 from fedcpt.privacy.secagg import site as secagg_site
@@ -113,13 +115,30 @@ def test_a_site_with_a_floor_refuses_plain_rounds(tmp_path, write_text, override
 
 
 def test_the_floor_is_the_sites_own_and_says_who_set_it():
-    site = SiteConfig(name="clinic", data=("/data",))
     node = {"site-name": "clinic", "data-path": "/data", **FLOOR}
-    policy = site_policy(None, site, node, deployed=True)
-    assert (policy.min_user_noise_multiplier, policy.min_dishonest_fraction) == (1.0, 0.2)
-    assert "policy min_user_noise_multiplier: 1.0 [site node config]" in policy.lines()
-    unset = site_policy(None, site, {"site-name": "clinic", "data-path": "/data"}, True)
-    assert "policy min_dishonest_fraction: 0.0 [site default]" in unset.lines()
+    lines = check_node_config(node)  # what `fedcpt site check` prints
+    assert "policy min_user_noise_multiplier: 1.0 [site node config]" in lines
+    assert "policy min_dishonest_fraction: 0.2 [site node config]" in lines
+    unset = check_node_config({"site-name": "clinic", "data-path": "/data"})
+    assert "policy min_user_noise_multiplier: 0.0 [site default]" in unset
     with pytest.raises(ConfigError, match=r"`min_dishonest_fraction` must be in \[0, 1\), "
                                           r"got 1.5 \(site node config\)"):
-        site_policy(None, site, {**node, "min-dishonest-fraction": "1.5"}, deployed=True)
+        check_node_config({**node, "min-dishonest-fraction": "1.5"})
+    # a deployed site never takes the floor from the server's simulation tables
+    cfg = replace(load_config("smoke"),
+                  site_policy=SitePolicySettings(min_user_noise_multiplier=0.01))
+    site = SiteConfig(name="clinic", data=("/data",))
+    assert site_policy(cfg, site, node, deployed=True).min_user_noise_multiplier == 1.0
+
+
+def test_a_simulated_site_takes_its_floor_from_the_site_policy_tables():
+    cfg = replace(load_config("smoke"),
+                  site_policy=SitePolicySettings(min_user_noise_multiplier=2.0))
+    site = replace(cfg.sites[0], policy=SitePolicySettings(min_dishonest_fraction=0.3))
+    policy = site_policy(cfg, site, {"partition-id": 0}, deployed=False)
+    assert policy.min_user_noise_multiplier == 2.0
+    assert policy.who("min_user_noise_multiplier") == "simulation default [site_policy]"
+    assert policy.min_dishonest_fraction == 0.3
+    assert "[sites.policy]" in policy.who("min_dishonest_fraction")
+    with pytest.raises(ConfigError, match="policy.min_dishonest_fraction"):
+        SitePolicySettings(min_dishonest_fraction=1.0)
