@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import median, write
+from _common import cpu_class, load_average, median, write
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
@@ -62,16 +62,19 @@ def simulate(scenario: str, sites: Path, out: Path, secagg: str, settings: list[
            "--out", str(out), "--set", f"secagg.mode={secagg}"]
     for setting in settings:
         cmd += ["--set", setting]
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), load_average()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        log = out / "run.log"  # the run folder is temporary: keep the end of its log
+        tail = log.read_text(errors="replace")[-6000:] if log.is_file() else ""
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}\n{tail}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     gaps = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows[1:], rows[2:], strict=False)]
     return {"round_s": gaps, "median_round_s": median(gaps),
             "bytes_up_per_client_round": rows[-1]["bytes_up_per_client"],
             "failures": sum(len(r["failures"]) for r in rows),
-            "wall_s": time.perf_counter() - start}
+            "wall_s": time.perf_counter() - start,
+            "load_average_before_after": [load_before, load_average()]}
 
 
 def _identities(nodes: list[int]) -> dict[int, SiteIdentity]:
@@ -191,6 +194,7 @@ def main() -> None:
         "benchmark": "secagg_overhead", "scenario": args.scenario, "model": cfg.model.name,
         "adapter_parameters": sum(v.numpy().size for v in reference.values()),
         "local_steps": args.local_steps, "batch_size": cfg.train.batch_size,
+        "rounds_per_run": args.rounds, "cpu": cpu_class(),
         "rounds": rounds, "protocol": costs,
         "ratio": {n: r["ratio"] for n, r in rounds.items()},
     })

@@ -22,7 +22,7 @@ from fedcpt.client.site import open_ledger, policy_for, require_secagg, resolve_
 from fedcpt.client.train_step import train_update
 from fedcpt.core import protocol as p
 from fedcpt.privacy.ledger import SiteRefused
-from fedcpt.privacy.policy import accept_proposal
+from fedcpt.privacy.policy import accept_proposal, check_site_level_dp
 from fedcpt.privacy.release import release_evaluation
 from fedcpt.privacy.user_level import clip_when_asked
 
@@ -40,7 +40,11 @@ def train(msg: Message, context: Context) -> Message:
     is required and this message is a plain one.
     """
     try:
-        require_secagg(run_config(msg), dict(context.node_config), secure=False)
+        cfg, node_config = run_config(msg), dict(context.node_config)
+        require_secagg(cfg, node_config, secure=False)
+        # a site with a floor on site-level noise adds that noise itself, under SecAgg only
+        check_site_level_dp(policy_for(cfg, resolve_site(cfg, node_config), node_config),
+                            cfg, None)
         arrays, metrics, site = train_update(msg, context)
     except SiteRefused as err:
         return refusal(msg, err, p.BUDGET_EXHAUSTED)

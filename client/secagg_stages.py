@@ -14,11 +14,13 @@ from collections.abc import Callable
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedcpt.client.request import refusal, run_config
+from fedcpt.client.site import policy_for, resolve_site
 from fedcpt.client.train_step import train_update
 from fedcpt.core import protocol as p
 from fedcpt.core.adapters import check_update, update_norm
 from fedcpt.exceptions import FedcptError, UpdateRejected
 from fedcpt.privacy.ledger import SiteRefused
+from fedcpt.privacy.policy import check_site_level_dp
 from fedcpt.privacy.secagg import site as secagg_site
 from fedcpt.privacy.secagg.ddp import DistributedDP
 from fedcpt.privacy.secagg.encoding import encode, vector_length
@@ -52,14 +54,22 @@ def share_keys(msg: Message, context: Context) -> Message:
 
 
 def masked(msg: Message, context: Context) -> Message:
-    """Stage 3: check that the adapter and config are those the round committed to,
-    train, check the update against ``federation.max_update_norm``, then send it
-    quantised (noised, under site-level DP) and masked."""
+    """Stage 3: check that the adapter and config are those the round committed to and
+    that the site-level noise meets this site's floors (its policy), train, check the
+    update against ``federation.max_update_norm``, then send it quantised (noised, under
+    site-level DP) and masked."""
     try:
         secagg_site.receive_shares(context, msg.content.config_records[STATE],
                                    msg.content[p.ARRAYS], msg.content[p.CONFIG])
-        arrays, metrics, site = train_update(msg, context)
         cfg, reference = run_config(msg), msg.content[p.ARRAYS]
+        state = context.state.config_records[STATE]
+        params = SecAggParams.from_record(state)
+        ddp = DistributedDP.for_config(cfg, params.threshold, len(state["participants"]),
+                                       vector_length(reference) - 1)
+        node_config = dict(context.node_config)  # the site's floors, before anything trains
+        check_site_level_dp(policy_for(cfg, resolve_site(cfg, node_config), node_config),
+                            cfg, ddp)
+        arrays, metrics, site = train_update(msg, context)
         check_update(arrays, reference)
         norm = update_norm(arrays, reference)
         if cfg.federation.max_update_norm and norm > cfg.federation.max_update_norm:
@@ -68,10 +78,6 @@ def masked(msg: Message, context: Context) -> Message:
             # the norm itself stays here: it is a release about the site's data
             raise UpdateRejected(f"the update exceeds the norm bound "
                                  f"{cfg.federation.max_update_norm}; not sent")
-        state = context.state.config_records[STATE]
-        params = SecAggParams.from_record(state)
-        ddp = DistributedDP.for_config(cfg, params.threshold, len(state["participants"]),
-                                       vector_length(reference) - 1)
         vector = encode(arrays, reference, int(metrics[p.NUM_EXAMPLES]), params, ddp)
         masked_vector = secagg_site.mask(context, vector)
     except SiteRefused as err:

@@ -40,6 +40,14 @@ class SitePolicySettings:
     eval_loss_bound: float = _opt(0.0, "Per-unit loss clip of a noised release, in nats "
                                   "(default 10).")
     require_dp: bool = _opt(False, "Refuse rounds without DP-SGD.")
+    min_user_noise_multiplier: float = _opt(
+        0.0, "Floor on the site-level noise z the site adds under secure aggregation: "
+        "rounds with a smaller `privacy.user_noise_multiplier`, without site-level DP, or "
+        "without secure aggregation are refused (default 0: not required).")
+    min_dishonest_fraction: float = _opt(
+        0.0, "Floor on `secagg.dishonest_fraction`, the share of sampled sites assumed to "
+        "collude with the server when the site calibrates its site-level noise "
+        "(default 0).")
 
     def __post_init__(self) -> None:
         require(self.delta >= 0, "policy.delta", self.delta, ">= 0 (0: site default)")
@@ -53,3 +61,7 @@ class SitePolicySettings:
                 self.eval_noise_multiplier, ">= 0")
         require(self.eval_loss_bound >= 0, "policy.eval_loss_bound", self.eval_loss_bound,
                 ">= 0")
+        require(self.min_user_noise_multiplier >= 0, "policy.min_user_noise_multiplier",
+                self.min_user_noise_multiplier, ">= 0 (0: site-level DP not required)")
+        require(0 <= self.min_dishonest_fraction < 1, "policy.min_dishonest_fraction",
+                self.min_dishonest_fraction, "in [0, 1)")

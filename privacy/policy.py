@@ -21,6 +21,7 @@ from fedcpt.config import EVAL_RELEASES, RunConfig, SiteConfig
 from fedcpt.core.data import parse_unit
 from fedcpt.exceptions import ConfigError, DataError
 from fedcpt.privacy.ledger import LEDGER_SUFFIX, SiteRefused
+from fedcpt.privacy.secagg.ddp import DistributedDP
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,16 @@ NODE_KEYS = {
     "eval-noise-multiplier": "eval_noise_multiplier",
     "eval-loss-bound": "eval_loss_bound",
     "require-dp": "require_dp",
+    "min-user-noise-multiplier": "min_user_noise_multiplier",
+    "min-dishonest-fraction": "min_dishonest_fraction",
 }
 POLICY_FILE_KEY = "policy-file"
 DEFAULT_DELTA_CAP = 1e-5
 SITE_DEFAULTS: dict[str, Any] = {
     "unit": "document", "delta": 0.0, "epsilon_budget": 8.0, "ledger_path": "",
     "heldout_fraction": 0.1, "eval_min_units": 8, "eval_noise_multiplier": 4.0,
-    "eval_loss_bound": 10.0, "require_dp": False,
+    "eval_loss_bound": 10.0, "require_dp": False, "min_user_noise_multiplier": 0.0,
+    "min_dishonest_fraction": 0.0,
 }
 
 
@@ -73,6 +77,12 @@ class SitePolicy:
     eval_noise_multiplier: float
     eval_loss_bound: float
     require_dp: bool
+    min_user_noise_multiplier: float
+    """Floor on the site-level noise multiplier z this site adds under SecAgg (0: the site
+    does not require site-level DP)."""
+    min_dishonest_fraction: float
+    """Floor on the fraction of sampled sites assumed to collude with the server when the
+    site calibrates its site-level noise."""
     set_by: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
@@ -90,6 +100,9 @@ class SitePolicy:
             ("eval_min_units", self.eval_min_units >= 1, ">= 1"),
             ("eval_noise_multiplier", self.eval_noise_multiplier > 0, "> 0"),
             ("eval_loss_bound", self.eval_loss_bound > 0, "> 0"),
+            ("min_user_noise_multiplier", self.min_user_noise_multiplier >= 0,
+             ">= 0 (0: site-level DP not required)"),
+            ("min_dishonest_fraction", 0 <= self.min_dishonest_fraction < 1, "in [0, 1)"),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -249,3 +262,33 @@ def check_query(policy: SitePolicy, cfg: RunConfig, available: int | None) -> in
         raise PolicyRefused(f"site {policy.site!r} refuses `data.heldout_blocks` = {asked}: "
                             "it holds fewer held-out units than the query asks for")
     return asked
+
+
+def check_site_level_dp(policy: SitePolicy, cfg: RunConfig, ddp: DistributedDP | None) -> None:
+    """Before a site trains for a round, check the site-level noise it would add against its
+    floors; raises PolicyRefused naming the key. ``ddp`` is the mechanism the site would
+    run (:meth:`DistributedDP.for_config`; None: no site-level noise at this site, as in a
+    plain round, where any site-level noise would be the server's to add)."""
+    floor, assumed = policy.min_user_noise_multiplier, policy.min_dishonest_fraction
+    if floor and ddp is None:
+        key, value = (("privacy.user_level", cfg.privacy.user_level)
+                      if not cfg.privacy.user_level else ("secagg.mode", cfg.secagg.mode))
+        raise PolicyRefused(
+            f"site {policy.site!r} refuses `{key}` = {value}: it adds its own site-level "
+            f"noise of at least z = {floor:g} under secure aggregation "
+            f"(min_user_noise_multiplier, {policy.who('min_user_noise_multiplier')}) and "
+            "does not leave that noise to the server")
+    if ddp is None:
+        return
+    if ddp.noise_multiplier < floor:
+        raise PolicyRefused(
+            f"site {policy.site!r} refuses `privacy.user_noise_multiplier` = "
+            f"{ddp.noise_multiplier:g}: below the site's floor {floor:g} "
+            f"(min_user_noise_multiplier, {policy.who('min_user_noise_multiplier')}); the "
+            "server may only propose stricter values")
+    if cfg.secagg.dishonest_fraction < assumed:
+        raise PolicyRefused(
+            f"site {policy.site!r} refuses `secagg.dishonest_fraction` = "
+            f"{cfg.secagg.dishonest_fraction:g}: the site assumes at least {assumed:g} of "
+            f"the sites collude (min_dishonest_fraction, "
+            f"{policy.who('min_dishonest_fraction')}); fewer would lower its noise")

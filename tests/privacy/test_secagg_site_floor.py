@@ -1,0 +1,144 @@
+"""A malicious server against a site's floor on distributed DP.
+
+Under secure aggregation the sites add the site-level noise themselves
+(:mod:`fedcpt.privacy.secagg.ddp`), calibrated from the run config the server sends: the
+noise multiplier z, whether site-level DP is on at all, and the fraction of sites assumed
+to collude. A hostile server that lowers any of these lowers the noise in the sum it
+unmasks. A site that sets ``min-user-noise-multiplier`` / ``min-dishonest-fraction`` in
+its own node config refuses such a round at stage 3, before it trains, and sends nothing.
+
+Each test plays the server: stages 1 and 2 run honestly through the real site functions,
+then the real stage-3 handler (:func:`fedcpt.client.secagg_stages.masked`) gets the
+hostile proposal, committed in the round context as an honest-looking round would be.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from secagg_grid import Sites
+
+import fedcpt.client.app as client_app
+from fedcpt.client import secagg_stages
+from fedcpt.config import SiteConfig, SitePolicySettings, load_config
+from fedcpt.core import protocol as p
+from fedcpt.core.model import load_adapted_model
+from fedcpt.deploy.site_check import check_node_config
+from fedcpt.exceptions import ConfigError, UpdateRejected
+from fedcpt.privacy.policy import site_policy
+from fedcpt.privacy.secagg import site as secagg_site
+from fedcpt.privacy.secagg.params import SecAggParams
+from fedcpt.privacy.secagg.server import MASKED, STATE
+from fedcpt.testing.site_round import site_context, task_identity, train_message
+
+A, B, C, D, E = NODES = (11, 22, 33, 44, 55)
+FLOOR = {"min-user-noise-multiplier": "1.0", "min-dishonest-fraction": "0.2"}
+HONEST = ["privacy.user_level=true", "privacy.user_noise_multiplier=1.0",
+          "secagg.mode=on", "secagg.dishonest_fraction=0.2"]
+
+
+def _stage_three(tmp_path, write_text, overrides: list[str]) -> tuple[Message, Context]:
+    """Stages 1–2 run honestly for five sites under the server's config (``HONEST`` with
+    ``overrides``); returns site A's reply to the real stage-3 handler, and A's context.
+    A is a deployed site whose node config sets ``FLOOR``."""
+    cfg = load_config("smoke", overrides=[*HONEST, *overrides])
+    adapter = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
+    with task_identity():
+        request = train_message(cfg, "run-1", 1, adapter)
+    config = request.content[p.CONFIG]
+    sites = Sites(NODES, SecAggParams.for_round(cfg, len(NODES)), adapter, config)
+    victim = site_context(str(write_text("victim.txt", 40_000, seed=5)),
+                          tmp_path / "victim.ledger.json", name="victim", **FLOOR)
+    sites.contexts[A] = victim
+    keys = {n: sites.setup(n) for n in NODES}
+    sealed = {n: sites.share_keys(n, Sites.key_list(keys, NODES)) for n in NODES}
+    src = sorted(s for s in sealed if A in list(sealed[s]["dst"]))
+    boxes = [sealed[s]["sealed"][list(sealed[s]["dst"]).index(A)] for s in src]
+    shares = ConfigRecord({"src": src, "sealed": boxes})
+    with task_identity():
+        msg = Message(RecordDict({p.ARRAYS: adapter, p.CONFIG: config,
+                                  STATE: shares}), dst_node_id=A, message_type=MASKED)
+        return secagg_stages.masked(msg, victim), victim
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["privacy.user_noise_multiplier=0.1"],
+     r"refuses `privacy.user_noise_multiplier` = 0.1: below the site's floor 1 "
+     r"\(min_user_noise_multiplier, site node config\)"),
+    (["privacy.user_level=false"],
+     r"refuses `privacy.user_level` = False: it adds its own site-level noise of at least "
+     r"z = 1"),
+    (["secagg.mode=off"], r"refuses `secagg.mode` = off"),
+    (["secagg.dishonest_fraction=0"],
+     r"refuses `secagg.dishonest_fraction` = 0: the site assumes at least 0.2 of the sites "
+     r"collude \(min_dishonest_fraction, site node config\)"),
+])
+def test_a_server_proposing_less_noise_than_the_sites_floor_gets_nothing(
+        tmp_path, write_text, overrides, match):
+    reply, victim = _stage_three(tmp_path, write_text, overrides)
+    assert reply.has_error() and not reply.has_content()
+    assert re.search(match, reply.error.reason), reply.error.reason
+    # nothing was masked or sent, and the site will sign no survivor set for this round
+    state = victim.state.config_records[STATE]
+    assert state["stage"] == "receive_shares"
+    with pytest.raises(UpdateRejected, match="out of order"):
+        secagg_site.consistency(victim, ConfigRecord({"survivors": list(NODES)}), None)
+
+
+def test_a_proposal_at_the_sites_floor_trains_and_sends_its_masked_update(tmp_path,
+                                                                          write_text):
+    reply, victim = _stage_three(tmp_path, write_text, [])
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert p.MASKED_VECTOR in reply.content[p.MASKED]
+    assert victim.state.config_records[STATE]["stage"] == "mask"
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["privacy.user_level=true", "secagg.mode=off"],
+     r"refuses `secagg.mode` = off: .*does not leave that noise to the server"),
+    ([], r"refuses `privacy.user_level` = False"),
+])
+def test_a_site_with_a_floor_refuses_plain_rounds(tmp_path, write_text, overrides, match):
+    """Without SecAgg the server would add the site-level noise (or none): a site with a
+    floor does not train."""
+    cfg = load_config("smoke", overrides=overrides)
+    context = site_context(str(write_text("victim.txt", 40_000, seed=5)),
+                           tmp_path / "victim.ledger.json", name="victim", **FLOOR)
+    adapter = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
+    with task_identity():
+        reply = client_app.train(train_message(cfg, "run-1", 1, adapter), context)
+    assert reply.has_error() and not reply.has_content()
+    assert re.search(match, reply.error.reason), reply.error.reason
+
+
+def test_the_floor_is_the_sites_own_and_says_who_set_it():
+    node = {"site-name": "clinic", "data-path": "/data", **FLOOR}
+    lines = check_node_config(node)  # what `fedcpt site check` prints
+    assert "policy min_user_noise_multiplier: 1.0 [site node config]" in lines
+    assert "policy min_dishonest_fraction: 0.2 [site node config]" in lines
+    unset = check_node_config({"site-name": "clinic", "data-path": "/data"})
+    assert "policy min_user_noise_multiplier: 0.0 [site default]" in unset
+    with pytest.raises(ConfigError, match=r"`min_dishonest_fraction` must be in \[0, 1\), "
+                                          r"got 1.5 \(site node config\)"):
+        check_node_config({**node, "min-dishonest-fraction": "1.5"})
+    # a deployed site never takes the floor from the server's simulation tables
+    cfg = replace(load_config("smoke"),
+                  site_policy=SitePolicySettings(min_user_noise_multiplier=0.01))
+    site = SiteConfig(name="clinic", data=("/data",))
+    assert site_policy(cfg, site, node, deployed=True).min_user_noise_multiplier == 1.0
+
+
+def test_a_simulated_site_takes_its_floor_from_the_site_policy_tables():
+    cfg = replace(load_config("smoke"),
+                  site_policy=SitePolicySettings(min_user_noise_multiplier=2.0))
+    site = replace(cfg.sites[0], policy=SitePolicySettings(min_dishonest_fraction=0.3))
+    policy = site_policy(cfg, site, {"partition-id": 0}, deployed=False)
+    assert policy.min_user_noise_multiplier == 2.0
+    assert policy.who("min_user_noise_multiplier") == "simulation default [site_policy]"
+    assert policy.min_dishonest_fraction == 0.3
+    assert "[sites.policy]" in policy.who("min_dishonest_fraction")
+    with pytest.raises(ConfigError, match="policy.min_dishonest_fraction"):
+        SitePolicySettings(min_dishonest_fraction=1.0)
