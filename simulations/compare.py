@@ -78,7 +78,8 @@ def grid(arms: list[str], dp_settings: list[bool],
     if "fedavg" not in arms:
         arms = ["fedavg", *arms]  # the reference every arm is measured against
     budgets = {False: [None], True: list(epsilons)}
-    return [Arm(a, dp, ARMS[a] + (dp_on(eps) if dp else []), eps)
+    # "off" must mean off even for a scenario that turns DP on (shakespeare-dp)
+    return [Arm(a, dp, ARMS[a] + (dp_on(eps) if dp else ["privacy.enabled=false"]), eps)
             for dp in dp_settings for eps in budgets[dp] for a in arms]
 
 
