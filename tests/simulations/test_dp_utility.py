@@ -59,9 +59,10 @@ def test_shakespeare_dp_is_shakespeare_with_dp_settings_only():
 def test_benchmark_runs_both_smoke_scenarios_end_to_end(tmp_path):
     out = tmp_path / "dp_utility.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT.parent))
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dp_utility.py"), "--out",
-                    str(out), "--reference", "smoke", "--dp", "smoke-dp"],
-                   check=True, env=env, capture_output=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dp_utility.py"),
+                           "--out", str(out), "--reference", "smoke", "--dp", "smoke-dp"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     ref, dp = report["reference"], report["dp"]
     assert report["as_shipped"] and report["overrides"] == []
