@@ -89,6 +89,8 @@ def compare(
                                        "fedprox", "l2sp", "delta-scaling"]),
                              help="Comma-separated arms (fedavg is always included)."),
     dp: str = typer.Option("off,on", help="DP settings to run: off, on, or off,on."),
+    epsilons: str = typer.Option("8", help="ε per site of the DP arms, comma-separated; "
+                                 "several (e.g. 1,2,4,8) also plot frontier.png."),
     config: Path | None = typer.Option(None, "--config", "-c", help="TOML merged over the "
                                           "scenario for every arm."),
     overrides: list[str] = typer.Option([], "--set", "-s", help="KEY=VALUE for every arm."),
@@ -102,10 +104,16 @@ def compare(
     chosen = [d.strip() for d in dp.split(",") if d.strip()]
     if not chosen or any(d not in settings for d in chosen):
         raise ConfigError(f"--dp must be off, on or off,on; got {dp!r}")
+    try:
+        budgets = tuple(float(e) for e in epsilons.split(",") if e.strip())
+    except ValueError:
+        raise ConfigError(f"--epsilons must be numbers such as 1,2,4,8; got {epsilons!r}") \
+            from None
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"output folder {out} already exists and is not empty")
     run_compare(scenario, out, [a.strip() for a in arms.split(",") if a.strip()],
-                [settings[d] for d in chosen], overrides, config_file=config)
+                [settings[d] for d in chosen], overrides, config_file=config,
+                epsilons=budgets)
     print(out / "compare.md")
 
 

@@ -1,9 +1,13 @@
-"""The continual-strategies grid: plain FedAvg and each protection, with DP off and on.
+"""The continual-strategies grid: plain FedAvg and each protection, with DP off and on,
+the DP arms at one or more budgets ε (the privacy–utility frontier).
 
 Every arm is an ordinary simulation of the same scenario with a few overrides, so its run
 folder is a normal run. The comparison reports, for each arm, forgetting and adaptation
 beside the plain-FedAvg reference with the same DP setting, the share of FedAvg's
 forgetting it removes and of its adaptation it keeps, and a forgetting-vs-adaptation plot.
+With several budgets, ``frontier.png`` plots adaptation and forgetting against ε at fixed
+compute (every DP arm runs the same steps; only the planned noise differs), with the
+non-DP runs as lines.
 Forgetting removed is reported apart for the general kinds in the rehearsal pool, those
 outside it, and behaviour (KL to the base model, loss on the base model's own answers).
 """
@@ -20,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 from fedcpt.config import load_config  # noqa: E402
 from fedcpt.exceptions import ConfigError  # noqa: E402
@@ -38,7 +43,8 @@ ARMS: dict[str, list[str]] = {
     "self-distill": ["strategy.distillation=both"],
     "rehearsal-distill": ["strategy.rehearsal=mix", "strategy.distillation=both"],
 }
-DP_ON = ["privacy.enabled=true", "privacy.target_epsilon=8"]
+DP_EPSILON = 8.0  # the budget of a DP arm unless ``epsilons`` says otherwise
+FRONTIER_EPSILONS = (1.0, 2.0, 4.0, 8.0)
 # Retention measures of a summary's `retention` section: (group, field); each is 0 at the
 # base model and higher is worse, so "removed" is the share of FedAvg's value taken away.
 RETENTION = {
@@ -54,19 +60,35 @@ class Arm:
     name: str
     dp: bool
     overrides: list[str]
+    epsilon: float | None = None
+    """The DP arm's budget per site (None without DP)."""
 
 
-def grid(arms: list[str], dp_settings: list[bool]) -> list[Arm]:
+def dp_on(epsilon: float) -> list[str]:
+    return ["privacy.enabled=true", f"privacy.target_epsilon={epsilon:g}"]
+
+
+def grid(arms: list[str], dp_settings: list[bool],
+         epsilons: tuple[float, ...] = (DP_EPSILON,)) -> list[Arm]:
+    """Every arm without DP and, with DP, at every budget in ``epsilons``."""
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ConfigError(f"unknown arms {unknown}; choose from {list(ARMS)}")
+    bad = [e for e in epsilons if not e > 0]
+    if not epsilons or bad:
+        raise ConfigError(f"epsilons must be one or more budgets > 0; got {list(epsilons)}")
     if "fedavg" not in arms:
         arms = ["fedavg", *arms]  # the reference every arm is measured against
-    return [Arm(a, dp, ARMS[a] + (DP_ON if dp else [])) for dp in dp_settings for a in arms]
+    budgets = {False: [None], True: list(epsilons)}
+    # "off" must mean off even for a scenario that turns DP on (shakespeare-dp)
+    return [Arm(a, dp, ARMS[a] + (dp_on(eps) if dp else ["privacy.enabled=false"]), eps)
+            for dp in dp_settings for eps in budgets[dp] for a in arms]
 
 
-def _folder(arm: Arm) -> str:
-    return f"{arm.name}{'-dp' if arm.dp else ''}"
+def _folder(arm: Arm, single_budget: bool) -> str:
+    if not arm.dp:
+        return arm.name
+    return f"{arm.name}-dp" if single_budget else f"{arm.name}-dp-eps{arm.epsilon:g}"
 
 
 def share(part: float | None, whole: float | None) -> float | None:
@@ -89,36 +111,45 @@ def retention_measures(summary: dict[str, Any]) -> dict[str, float | None]:
 
 
 def compare(scenario: str, out: Path, arms: list[str], dp_settings: list[bool],
-            extra: list[str], config_file: Path | None = None) -> dict[str, Any]:
-    """Run every arm, write compare.json, compare.md and pareto.png into ``out``."""
-    plan = grid(arms, dp_settings)
+            extra: list[str], config_file: Path | None = None,
+            epsilons: tuple[float, ...] = (DP_EPSILON,)) -> dict[str, Any]:
+    """Run every arm, write compare.json, compare.md and pareto.png into ``out`` (and
+    frontier.png when the DP arms run at more than one budget)."""
+    plan = grid(arms, dp_settings, epsilons)
+    single = len(epsilons) == 1
     # each arm spends its own budget: never share ledgers between arms
     configs = [load_config(scenario, config_file, arm.overrides + extra + [
-        f"privacy.ledger_dir={(out / _folder(arm) / 'ledgers').resolve()}"]) for arm in plan]
+        f"privacy.ledger_dir={(out / _folder(arm, single) / 'ledgers').resolve()}"])
+        for arm in plan]
     out.mkdir(parents=True, exist_ok=True)  # every arm's config was valid: start
     rows = []
     for arm, cfg in zip(plan, configs, strict=True):
-        run_dir = out / _folder(arm)
-        log.info("compare · arm %s (DP %s)", arm.name, "on" if arm.dp else "off")
+        run_dir = out / _folder(arm, single)
+        log.info("compare · arm %s (DP %s)", arm.name,
+                 f"on, ε = {arm.epsilon:g}" if arm.dp else "off")
         s = simulate(cfg, run_dir)
         rows.append({
             "arm": arm.name, "strategy": arm.overrides[: len(ARMS[arm.name])],
-            "dp": arm.dp,
+            "dp": arm.dp, "target_epsilon": arm.epsilon,
             "epsilon": s["privacy"]["max_epsilon"] if arm.dp else None,
             "forgetting": s["forgetting"], "adaptation": s["adaptation"],
             "retention": retention_measures(s),
             "run_dir": str(run_dir),
         })
     for row in rows:
-        ref = next(r for r in rows if r["arm"] == "fedavg" and r["dp"] == row["dp"])
+        ref = next(r for r in rows if r["arm"] == "fedavg" and r["dp"] == row["dp"]
+                   and r["target_epsilon"] == row["target_epsilon"])
         row["reference"] = {"forgetting": ref["forgetting"], "adaptation": ref["adaptation"]}
         row["forgetting_removed"] = share_removed(ref["forgetting"], row["forgetting"])
         row["adaptation_kept"] = share(row["adaptation"], ref["adaptation"])
         row["retention_removed"] = {k: share_removed(ref["retention"][k], v)
                                     for k, v in row["retention"].items()}
-    payload = {"scenario": scenario, "overrides": extra, "arms": rows}
+    payload = {"scenario": scenario, "overrides": extra, "epsilons": list(epsilons),
+               "arms": rows}
     (out / "compare.json").write_text(json.dumps(payload, indent=2) + "\n")
     _plot(rows, out / "pareto.png")
+    if True in dp_settings and not single:
+        plot_frontier(rows, out / "frontier.png")
     _table(rows, out / "compare.md")
     return payload
 
@@ -128,13 +159,45 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     for dp, marker in ((False, "o"), (True, "s")):
         for r in (r for r in rows if r["dp"] == dp and r["adaptation"] is not None):
             ax.scatter(r["adaptation"], r["forgetting"], marker=marker)
-            ax.annotate(f"{r['arm']}{' (DP)' if dp else ''}", (r["adaptation"], r["forgetting"]),
+            label = f"{r['arm']} (DP ε={r['target_epsilon']:g})" if dp else r["arm"]
+            ax.annotate(label, (r["adaptation"], r["forgetting"]),
                         fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set(xlabel="adaptation (nats, higher is better)",
            ylabel="forgetting (nats, lower is better)",
            title="Forgetting vs adaptation (best: bottom right)")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
+    """Adaptation and forgetting against the DP budget ε, one line per arm; each arm's
+    non-DP run (if it ran) is a dashed line of the same colour."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 6.5), sharex=True)
+    names = list(dict.fromkeys(r["arm"] for r in rows if r["dp"]))
+    for i, name in enumerate(names):
+        colour = f"C{i}"
+        dp_rows = sorted((r for r in rows if r["arm"] == name and r["dp"]),
+                         key=lambda r: r["target_epsilon"])
+        plain = next((r for r in rows if r["arm"] == name and not r["dp"]), None)
+        for ax, key in ((top, "adaptation"), (bottom, "forgetting")):
+            points = [(r["target_epsilon"], r[key]) for r in dp_rows if r[key] is not None]
+            ax.plot([e for e, _ in points], [v for _, v in points], marker="s", color=colour,
+                    label=f"{name} (DP)")
+            if plain is not None and plain[key] is not None:
+                ax.axhline(plain[key], color=colour, linestyle="--", linewidth=1,
+                           label=f"{name} (no DP)")
+    top.set(ylabel="adaptation (nats, higher is better)",
+            title="Privacy–utility frontier at fixed compute")
+    bottom.set(xlabel="ε per site (δ at the site's default)", xscale="log",
+               ylabel="forgetting (nats, lower is better)")
+    bottom.set_xticks(sorted({r["target_epsilon"] for r in rows if r["dp"]}))
+    bottom.xaxis.set_major_formatter(ScalarFormatter())
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    top.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -40,6 +40,11 @@ def test_scenarios_listed():
     assert {"smoke", "shakespeare"} <= set(scenario_names())
 
 
+@pytest.mark.parametrize("name", scenario_names())
+def test_every_builtin_scenario_loads_under_its_own_name(name):
+    assert load_config(name).name == name  # extends chains resolve, every key validates
+
+
 def test_smoke_scenario_loads():
     cfg = load_config("smoke")
     assert isinstance(cfg, RunConfig)

@@ -60,3 +60,42 @@ def test_removed_is_the_share_of_the_reference_damage():
     assert retention_measures(summary) == {"in_pool_forgetting": 0.1,
                                            "out_of_pool_forgetting": None,
                                            "kl_to_base": 0.3, "answer_loss_increase": 0.2}
+
+
+def test_dp_arms_run_at_every_budget_of_the_frontier():
+    arms = grid(["fedavg"], [False, True], (1.0, 2.0, 4.0, 8.0))
+    assert [(a.dp, a.epsilon) for a in arms] == [
+        (False, None), (True, 1.0), (True, 2.0), (True, 4.0), (True, 8.0)]
+    assert "privacy.target_epsilon=2" in arms[2].overrides
+    assert arms[0].overrides == ["privacy.enabled=false"]  # off even where a scenario is on
+    with pytest.raises(ConfigError, match="epsilons must be one or more budgets > 0"):
+        grid(["fedavg"], [True], (0.0, 8.0))
+
+
+def test_frontier_plot_draws_each_budget(tmp_path):
+    import matplotlib.image
+
+    from fedcpt.simulations.compare import plot_frontier
+
+    rows = [{"arm": "fedavg", "dp": False, "target_epsilon": None, "adaptation": 0.6,
+             "forgetting": 0.13}]
+    rows += [{"arm": "fedavg", "dp": True, "target_epsilon": e, "adaptation": 0.1 * e,
+              "forgetting": 0.01 * e} for e in (8.0, 1.0, 4.0, 2.0)]
+    path = tmp_path / "frontier.png"
+    plot_frontier(rows, path)
+    height, width, _ = matplotlib.image.imread(path).shape
+    assert (width, height) == (715, 715)  # 6.5 in × 110 dpi, both panels
+
+
+@pytest.mark.slow
+def test_compare_dp_frontier_on_smoke(tmp_path, sites_config):
+    out = tmp_path / "frontier"
+    payload = compare("smoke", out, ["fedavg"], [False, True], [], config_file=sites_config,
+                      epsilons=(2.0, 8.0))
+    dp_rows = {r["target_epsilon"]: r for r in payload["arms"] if r["dp"]}
+    assert set(dp_rows) == {2.0, 8.0}
+    for target, row in dp_rows.items():
+        assert 0 < row["epsilon"] <= target  # the budget spent, never above it
+        assert row["adaptation_kept"] == pytest.approx(1.0)  # its own reference
+        assert (out / f"fedavg-dp-eps{target:g}" / "summary.json").is_file()
+    assert (out / "frontier.png").is_file() and (out / "pareto.png").is_file()
