@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from fedcpt.config import load_config
+from fedcpt.config import ReportConfig
 from fedcpt.core.continuations import Continuation, continuations
 from fedcpt.exceptions import ConfigError
 from fedcpt.server.records import read_rounds
@@ -91,12 +91,11 @@ def test_model_output_stays_literal_text_in_both_reports(tmp_path):
     assert "line one ⏎ line two" in row
 
 
-@pytest.mark.parametrize(("override", "match"), [
-    ("report.continuation_tokens=0", r"`report.continuation_tokens` must be in 1..256"),
-    ('report.domain_prompts=[""]', r"`report.domain_prompts` must be non-empty strings"),
-    ("report.general_prompts=" + json.dumps(["a"] * 9),
-     r"`report.general_prompts` must be at most 8 prompts"),
+@pytest.mark.parametrize(("settings", "match"), [
+    ({"continuation_tokens": 0}, r"`report.continuation_tokens` must be in 1..256, got 0"),
+    ({"domain_prompts": ("",)}, r"`report.domain_prompts` must be non-empty strings"),
+    ({"general_prompts": ("a",) * 9}, r"`report.general_prompts` must be at most 8 prompts"),
 ])
-def test_bad_report_settings_fail_cleanly(override, match):
+def test_bad_report_settings_fail_cleanly(settings, match):
     with pytest.raises(ConfigError, match=match):
-        load_config("smoke", overrides=[override])
+        ReportConfig(**settings)
