@@ -22,6 +22,8 @@ BROWSERS = ("chromium-headless-shell", "chromium", "google-chrome", "firefox")
 
 def screenshot(page: Path, out: Path, width: int, height: int) -> list[str]:
     """Render ``page`` to ``out`` with the first browser found; the command it ran."""
+    if not page.is_file():
+        sys.exit(f"{page} does not exist (is it a finished run folder?)")
     browser = next((b for b in BROWSERS if shutil.which(b)), None)
     if browser is None:
         sys.exit(f"no headless browser on PATH (tried {', '.join(BROWSERS)}); skipped")

@@ -60,11 +60,14 @@ def plot_sites(folder: RunFolder, per_site: dict[str, dict[str, float]]) -> str:
     ax.bar_label(base, fmt="%.3f", fontsize=7, padding=2)
     ax.bar_label(final, fmt="%.3f", fontsize=7, padding=2)
     ax.set_xticks(list(x), sites)
+    # Zoomed to the losses (changes are small next to the loss): the axis does not start at 0.
+    values = [v for s in sites for v in (per_site[s]["base"], per_site[s]["final"])]
+    span = (max(values) - min(values)) or 0.01
+    ax.set_ylim(min(values) - 0.6 * span, max(values) + 0.35 * span)
     ax.set(ylabel="held-out domain loss (nats/token)",
-           title="Per site: base vs final (lower is better)")
-    ax.margins(y=0.15)
+           title="Per site: base vs final (lower is better; axis zoomed)")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     return _save(fig, folder, "site_loss.png")
 
 
@@ -72,10 +75,13 @@ def plot_epsilon(folder: RunFolder, rows: list[RoundRecord], target: float) -> s
     """Each site's cumulative ε as it reported it with each round's update, and the budget."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     top = max([target, *(e for r in rows for e in r.epsilon_per_site.values())])
-    for site in sorted({s for r in rows for s in r.epsilon_per_site}):
+    sites = sorted({s for r in rows for s in r.epsilon_per_site})
+    for i, site in enumerate(sites):
         points = [(r.round, r.epsilon_per_site[site]) for r in rows
                   if site in r.epsilon_per_site]
-        ax.plot(*zip(*points, strict=True), marker="o", label=site)
+        # shrinking markers: sites with the same spend stay visible on top of each other
+        ax.plot(*zip(*points, strict=True), marker="o", markersize=9 - 6 * i / len(sites),
+                label=site)
     ax.axhline(target, color="tab:red", linestyle="--", linewidth=1,
                label=f"budget ε = {target:g}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
