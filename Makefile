@@ -32,11 +32,11 @@ lint: install
 # The fast tier: everything but the tests marked slow (real Flower processes, minutes)
 # and kills (SIGKILLed sites and servers; `pytest -m kills`).
 test: install lint
-	$(VENV)/bin/python -m pytest -q -m "not slow and not kills"
+	$(VENV)/bin/python -m pytest -q -m "not slow and not kills" --durations=25
 
 # The slow tier (CI runs it as a second, time-bounded step: .ci/run).
 test-slow: install
-	$(VENV)/bin/python -m pytest -q -m "slow and not kills"
+	$(VENV)/bin/python -m pytest -q -m "slow and not kills" --durations=15
 
 clean:
 	rm -rf $(VENV) runs

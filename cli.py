@@ -1,4 +1,5 @@
-"""``fedcpt`` command line: simulate federations, list scenarios, fetch offline assets."""
+"""``fedcpt`` command line: simulate and compare federations, scenarios, offline assets,
+certificates and site checks, privacy reports and audits, adapter versions."""
 
 from __future__ import annotations
 
@@ -10,48 +11,12 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 
+from fedcpt.cli_output import console, log, print_summary, setup_logging
 from fedcpt.exceptions import FedcptError
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Privacy-preserving federated continual pretraining with LoRA on Flower.")
-console = Console(stderr=True)
-log = logging.getLogger("fedcpt")
-
-
-CHATTER = ("flwr", "ray", "transformers", "urllib3", "filelock", "huggingface_hub")
-"""Loggers whose lines go to run.log only (``--verbose`` shows them); their warnings and
-Python's FutureWarnings are chatter too, fedcpt's own warnings never are."""
-
-
-def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
-    """fedcpt's INFO (only WARNING with a ``log_file``: the live view shows progress) to
-    the screen, with ``--verbose`` everything; with ``log_file``, all of it to that file."""
-    handler = RichHandler(console=console, show_path=False, markup=False)
-    handler.setLevel(logging.DEBUG if verbose else
-                     logging.WARNING if log_file is not None else logging.INFO)
-    if not verbose:
-        handler.addFilter(lambda record: record.name.split(".")[0] == "fedcpt")
-    handlers: list[logging.Handler] = [handler]
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        to_file = logging.FileHandler(log_file, encoding="utf-8")
-        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: "
-                                               "%(message)s"))
-        handlers.append(to_file)
-    logging.basicConfig(level=logging.INFO, handlers=handlers, format="%(message)s",
-                        force=True)
-    logging.captureWarnings(True)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for name in CHATTER:
-        chatter = logging.getLogger(name)
-        chatter.handlers.clear()  # Flower's own console handler would print it a second time
-        chatter.propagate = True
-    if not verbose:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
 
 
 def _drop_if_not_begun(run_dir: Path) -> None:
@@ -67,30 +32,6 @@ def _drop_if_not_begun(run_dir: Path) -> None:
         return  # a ledger is the site's privacy record: never removed
     logging.shutdown()  # close the file handler before removing its file
     shutil.rmtree(run_dir)
-
-
-def _print_summary(summary: dict, run_dir: Path) -> None:
-    from rich.table import Table
-
-    def nats(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:+.4f} nats"
-
-    table = Table(title="Run finished", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    general = summary.get("general_loss") or {}
-    if general:
-        table.add_row("general loss", f"{general.get('base', float('nan')):.4f} → "
-                                      f"{general.get('final', float('nan')):.4f}")
-    table.add_row("forgetting", nats(summary.get("forgetting")))
-    table.add_row("adaptation", nats(summary.get("adaptation")))
-    epsilon = (summary.get("privacy") or {}).get("max_epsilon")
-    if epsilon is not None:
-        table.add_row("ε spent (max over sites)", f"{epsilon:.3f}")
-    table.add_row("wall time", f"{summary.get('wall_time_s', 0):.0f} s")
-    table.add_row("report", str(run_dir / "report.md"))
-    table.add_row("full log", str(run_dir / "run.log"))
-    console.print(table)
 
 
 @cli.command()
@@ -123,7 +64,7 @@ def simulate(
     else:
         cfg = load_config(scenario=scenario, config_file=config, overrides=overrides)
         run_dir = new_run_dir("runs", cfg.name, exact=out)
-    _setup_logging(verbose, run_dir / "run.log")
+    setup_logging(verbose, run_dir / "run.log")
     log.info("config: %s", cfg.to_json())
     console.print(f"[bold]{cfg.name}[/]: {len(cfg.sites)} sites, {cfg.federation.rounds} "
                   f"rounds, model {cfg.model.name}; run folder {run_dir}", highlight=False)
@@ -135,7 +76,7 @@ def simulate(
     except FedcptError:
         _drop_if_not_begun(run_dir)
         raise
-    _print_summary(summary, run_dir)
+    print_summary(summary, run_dir)
     print(run_dir / "report.md")
 
 
@@ -153,7 +94,7 @@ def compare(
     overrides: list[str] = typer.Option([], "--set", "-s", help="KEY=VALUE for every arm."),
 ) -> None:
     """Run the continual-strategies grid and write a table and a Pareto plot."""
-    _setup_logging(False)
+    setup_logging(False)
     from fedcpt.exceptions import ConfigError
     from fedcpt.simulations.compare import compare as run_compare
 
@@ -181,7 +122,7 @@ def scenarios() -> None:
 @cli.command()
 def fetch() -> None:
     """Download the default model and Shakespeare text into the cache (for offline use)."""
-    _setup_logging(False)
+    setup_logging(False)
     from fedcpt.core import assets
 
     print(assets.smollm2_model_dir())
@@ -240,7 +181,7 @@ def site_check(
 ) -> None:
     """Check a site's data, ledger, budget, certificates, key and SuperLink before starting
     its SuperNode."""
-    _setup_logging(False)
+    setup_logging(False)
     from fedcpt.config import load_config
     from fedcpt.deploy.site_check import run_site_check
 
@@ -302,7 +243,7 @@ def privacy_audit(
     import dataclasses
     import json
 
-    _setup_logging(False)
+    setup_logging(False)
     from fedcpt.config import load_config
     from fedcpt.exceptions import ConfigError
     from fedcpt.privacy.audit import run_audit
@@ -358,7 +299,7 @@ def adapters_export(run_dir: Path = typer.Argument(...),
                     out: Path = typer.Option(..., "--out", "-o", help="Model folder to write.")
                     ) -> None:
     """Merge a version into the base model and save it for serving (from_pretrained)."""
-    _setup_logging(False)
+    setup_logging(False)
     from fedcpt.server.versions import export_version
 
     print(export_version(run_dir, server_round, out))
@@ -372,7 +313,7 @@ def adapters_rollback(
     out: Path | None = typer.Option(None, "--out", "-o"),
 ) -> None:
     """Continue the run's federation from an earlier version (a new run folder)."""
-    _setup_logging(False)
+    setup_logging(False)
     from fedcpt.server.app import new_run_dir
     from fedcpt.server.versions import continue_from
     from fedcpt.simulations.runner import simulate as run
@@ -392,7 +333,7 @@ def adapters_forget(
 ) -> None:
     """Replay the federation without SITE from the last version before it contributed;
     print the removal certificate (also written to the replay's folder)."""
-    _setup_logging(False)
+    setup_logging(False)
     import json
 
     from fedcpt.server.app import new_run_dir

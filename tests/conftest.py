@@ -13,11 +13,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import random  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from fedcpt.testing.site_round import task_identity  # noqa: E402
 
 SUBJECTS = [
     "The old gardener", "A curious child", "The village baker", "My neighbour", "The captain",
@@ -60,6 +62,14 @@ def english_text(n_chars: int, seed: int = 0) -> str:
         paragraphs.append(para)
         total += len(para) + 2
     return "\n\n".join(paragraphs)
+
+
+@pytest.fixture
+def flower_task() -> Iterator[None]:
+    """Act as a running Flower task (task 1, run 1, node 0: the SuperLink's), as Messages
+    can only be built inside one; through Flower's public TaskIdentity setters."""
+    with task_identity():
+        yield
 
 
 @pytest.fixture(scope="session")

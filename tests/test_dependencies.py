@@ -55,3 +55,13 @@ def test_every_imported_package_is_declared():
             if not names & declared:
                 undeclared.setdefault(module, str(path.relative_to(ROOT)))
     assert undeclared == {}
+
+
+def test_every_package_folder_is_shipped():
+    # a folder missing from the list is absent from a built wheel, and its imports fail there
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    shipped = set(pyproject["tool"]["setuptools"]["packages"])
+    folders = {".".join(("fedcpt", *p.parent.relative_to(ROOT).parts))
+               for p in ROOT.rglob("__init__.py")
+               if not {"tests", ".venv", "runs"} & set(p.relative_to(ROOT).parts)}
+    assert sorted(folders - shipped) == []

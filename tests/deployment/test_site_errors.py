@@ -6,7 +6,6 @@ import logging
 
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedcpt.client.errors import report_site_errors
 from fedcpt.core import protocol as p
@@ -16,11 +15,7 @@ DEPLOYED = {"site-name": "east", "data-path": "/data/east"}
 SIMULATED = {"partition-id": 2, "num-partitions": 3}
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch) -> None:
-    """Messages are built inside a Flower task; outside one, Flower needs its identity."""
-    for key, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, key, value)
+pytestmark = pytest.mark.usefixtures("flower_task")  # Messages are built here
 
 
 def message() -> Message:

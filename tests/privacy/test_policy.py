@@ -16,7 +16,7 @@ from fedcpt.privacy.heldout import HeldoutSplit
 from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.privacy.policy import PolicyRefused, accept_proposal, site_policy
 from fedcpt.privacy.report import site_row
-from fedcpt.testing.bad_proposals import _hostile, _site_data
+from fedcpt.testing.bad_inputs.proposals import _hostile, _site_data
 from fedcpt.testing.site_round import site_context, task_identity, train_message
 
 SITE = SiteConfig(name="clinic", data=("/data",))

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
-from flwr.supercore.task_identity import TaskIdentity
 from secagg_grid import SiteGrid, Sites, make_identities, new_context
 
 from fedcpt.config import FederationConfig, RunConfig, SecAggConfig, SiteConfig, load_config
@@ -39,11 +38,7 @@ def _arrays(scale: float, seed: int) -> ArrayRecord:
                         for k, s in SHAPES.items()})
 
 
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+pytestmark = pytest.mark.usefixtures("flower_task")  # Messages are built here
 
 
 def _config(n_sites: int = 5, **secagg) -> RunConfig:

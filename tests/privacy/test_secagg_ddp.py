@@ -12,7 +12,6 @@ import pytest
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
 from flwr.app import Array, ArrayRecord, ConfigRecord
-from flwr.supercore.task_identity import TaskIdentity
 from secagg_grid import SiteGrid
 
 from fedcpt.config import (
@@ -36,10 +35,7 @@ SHAPES = {"a.lora_A.weight": (8, 64), "a.lora_B.weight": (64, 8), "b.lora_A.weig
 CLIP, Z = 0.5, 1.3
 
 
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    for key, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, key, value)
+pytestmark = pytest.mark.usefixtures("flower_task")  # Messages are built here
 
 
 def _config(dishonest: float = 0.0) -> RunConfig:

@@ -6,7 +6,6 @@ import json
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from secagg_grid import Sites
 
 from fedcpt.client.app import secagg_masked, train
@@ -45,9 +44,8 @@ def test_secagg_with_dp_runs_and_spends_exactly_what_dp_alone_spends(
         dp_summary["privacy"]["max_epsilon"], rel=1e-12)
 
 
-def test_a_site_requiring_secagg_refuses_a_plain_training_message(monkeypatch, sites_config):
-    for key, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, key, value)
+@pytest.mark.usefixtures("flower_task")
+def test_a_site_requiring_secagg_refuses_a_plain_training_message(sites_config):
     cfg = load_config("smoke", config_file=sites_config)
     lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
     msg = Message(RecordDict({
@@ -80,9 +78,8 @@ def test_site_level_dp_under_secagg_is_added_by_the_sites(tmp_path, sites_config
     assert "the sites added" in (run_dir / "report.md").read_text()
 
 
-def test_a_site_refusing_to_mask_does_not_send_its_update_norm(monkeypatch, sites_config):
-    for key, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, key, value)
+@pytest.mark.usefixtures("flower_task")
+def test_a_site_refusing_to_mask_does_not_send_its_update_norm(sites_config):
     cfg = load_config("smoke", config_file=sites_config, overrides=[
         "secagg.mode=on", "federation.max_update_norm=1e-9"])  # any trained update exceeds
     lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)

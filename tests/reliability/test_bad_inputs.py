@@ -7,17 +7,10 @@ from collections import Counter
 
 import pytest
 
-from fedcpt.testing.bad_inputs import (
-    CATALOGUE,
-    PROSE,
-    BadInput,
-    _arrays,
-    _blocks,
-    _ledger,
-    _update,
-    _with,
-    try_input,
-)
+from fedcpt.testing.bad_inputs import CATALOGUE, BadInput, try_input
+from fedcpt.testing.bad_inputs.data import PROSE, _blocks
+from fedcpt.testing.bad_inputs.ledgers import _ledger
+from fedcpt.testing.bad_inputs.updates import _arrays, _update, _with
 
 
 @pytest.mark.parametrize("case", [

@@ -59,20 +59,27 @@ def test_monitor_thresholds_are_checked():
 
 
 def _federation(root, make_text, third_round_site: str):
-    """North, south and east train on English prose for two rounds; in round 3 the third
-    site is ``third_round_site`` (east-switched: east's data switched to a corpus of one
-    repeated letter). General-loss drift rollback on; LoRA on every projection at LR 0.05
-    so that one round of the tiny model moves the general loss measurably."""
+    """North, south and east train on English prose for two rounds; round 3 is trained by
+    ``third_round_site`` alone (east-switched: east's data switched to a corpus of one
+    repeated letter; averaged with two unswitched sites it moves the general loss by only
+    ~0.01 at this LR). General-loss drift rollback on; LoRA on every projection at LR 0.01
+    (0.05 overshoots by round 2 and raises the general loss with no switch)."""
     lines = []
     for i, name in enumerate(("north", "south", "east")):
         path = root / f"{name}.txt"
         path.write_text(make_text(40_000, seed=100 + i), encoding="utf-8")
         lines += ["[[sites]]", f'name = "{name}"', f'data = ["{path.as_posix()}"]', ""]
+    # The server's general text is prose of the same kind as the sites' (another seed), so
+    # ordinary rounds lower the general loss and only the switch raises it: the shipped
+    # general kinds (code, C, legal, ...) rise under any narrow training at this LR.
+    general = root / "general.txt"
+    general.write_text(make_text(40_000, seed=999), encoding="utf-8")
     switched = root / "east-switched.txt"
     switched.write_text("\n\n".join(f"{i} " + "z" * 400 for i in range(100)),
                         encoding="utf-8")
     lines += ["[[sites]]", 'name = "east-switched"', f'data = ["{switched.as_posix()}"]', "",
-              "[train]", "lr = 0.05", "",
+              "[data]", f'general = ["{general.as_posix()}"]', "",
+              "[train]", "lr = 0.01", "",
               "[lora]", 'target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", '
               '"gate_proj", "up_proj", "down_proj"]', "",
               "[federation]", "rounds = 3", "max_update_norm = 0.0", "",
@@ -80,7 +87,7 @@ def _federation(root, make_text, third_round_site: str):
               "[[phases]]", 'name = "before"', "rounds = 2",
               'sites = ["north", "south", "east"]', "",
               "[[phases]]", 'name = "after"', "rounds = 1",
-              f'sites = ["north", "south", "{third_round_site}"]', ""]
+              f'sites = ["{third_round_site}"]', ""]
     config = root / "sites.toml"
     config.write_text("\n".join(lines), encoding="utf-8")
     simulate(load_config("smoke", config_file=config), root / "run")
@@ -98,9 +105,6 @@ def unswitched_run(tmp_path_factory, make_text):
 
 
 @pytest.mark.slow  # two real simulations
-@pytest.mark.skip(reason="on main since ce5f985 (new general text) round 2 of this setup "
-                  "raises general loss +0.51 with or without the switch: the setup no "
-                  "longer separates drift from training; passed before that merge")
 def test_a_site_switching_corpus_is_flagged_within_one_round_and_rolled_back(
         switched_run, unswitched_run):
     from fedcpt.core.adapters import load_version

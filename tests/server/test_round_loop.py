@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedcpt.config import FederationConfig, PhaseConfig, PrivacyConfig, RunConfig, SiteConfig
 from fedcpt.exceptions import RoundFailed
@@ -74,12 +73,7 @@ class Recorder:
         self.evaluate[server_round] = reports
 
 
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    """Messages are created inside a running ServerApp; act as one (SuperLink node 0)."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+pytestmark = pytest.mark.usefixtures("flower_task")  # Messages are built here
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedcpt.server.round_loop import collect_evaluate, collect_train
 from fedcpt.server.summary import weighted_mean
@@ -63,12 +62,7 @@ def _eval_reply(incoming: Message, site: str, tokens: int, loss: float,
     return Message(content=content, reply_to=incoming)
 
 
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    """Messages are created inside a running ServerApp; act as one (SuperLink node 0)."""
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+pytestmark = pytest.mark.usefixtures("flower_task")  # Messages are built here
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fedcpt.config import load_config
 from fedcpt.exceptions import FedcptError
+from fedcpt.testing.bad_inputs.judge import BadInput
 from fedcpt.testing.site_round import site_context, task_identity, train_message
 
 RUN = "hostile-run"
@@ -52,20 +53,21 @@ def _hostile(overrides: list[str], handler: str = "train", ledger: bool = True,
     return attempt
 
 
-PROPOSALS = [
-    # kind "proposal": what a hostile server sends; the site must refuse it
-    ("proposal-delta-loosened", _hostile(["privacy.target_delta=0.2"]),
-     r"refuses `privacy.target_delta` = 0.2: it would loosen the site's δ"),
-    ("proposal-budget-raised", _hostile(["privacy.target_epsilon=50"]),
-     r"refuses `privacy.target_epsilon` = 50: it would loosen the site's ε budget 8"),
-    ("proposal-ledger-placed-by-server", _hostile(["privacy.ledger_dir=/tmp/elsewhere"],
-                                                  ledger=False),
-     r"has no ledger location: set `ledger-path`"),
-    ("proposal-heldout-fraction-raised", _hostile(["data.heldout_fraction=0.99"]),
-     r"refuses `data.heldout_fraction` = 0.99"),
-    ("proposal-single-heldout-block", _hostile(["data.heldout_blocks=1"], "evaluate"),
-     r"refuses `data.heldout_blocks` = 1: a query must cover at least 8"),
-    ("proposal-evaluate-when-release-is-nothing",
-     _hostile([], "evaluate", **{"require-dp": "true"}),
-     r"releases no evaluation \(eval_release = nothing"),
+PROPOSAL = [  # what a hostile server sends; the site must refuse it
+    BadInput("proposal-delta-loosened", "proposal", _hostile(["privacy.target_delta=0.2"]),
+             r"refuses `privacy.target_delta` = 0.2: it would loosen the site's δ"),
+    BadInput("proposal-budget-raised", "proposal", _hostile(["privacy.target_epsilon=50"]),
+             r"refuses `privacy.target_epsilon` = 50: it would loosen the site's ε budget 8"),
+    BadInput("proposal-ledger-placed-by-server", "proposal",
+             _hostile(["privacy.ledger_dir=/tmp/elsewhere"], ledger=False),
+             r"has no ledger location: set `ledger-path`"),
+    BadInput("proposal-heldout-fraction-raised", "proposal",
+             _hostile(["data.heldout_fraction=0.99"]),
+             r"refuses `data.heldout_fraction` = 0.99"),
+    BadInput("proposal-single-heldout-block", "proposal",
+             _hostile(["data.heldout_blocks=1"], "evaluate"),
+             r"refuses `data.heldout_blocks` = 1: a query must cover at least 8"),
+    BadInput("proposal-evaluate-when-release-is-nothing", "proposal",
+             _hostile([], "evaluate", **{"require-dp": "true"}),
+             r"releases no evaluation \(eval_release = nothing"),
 ]
