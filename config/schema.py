@@ -17,7 +17,7 @@ from fedcpt.config.build import build
 from fedcpt.config.fields import opt as _opt
 from fedcpt.config.privacy_sections import PrivacyConfig, SecAggConfig
 from fedcpt.config.rules import check_run, require
-from fedcpt.config.server_sections import MonitorConfig, StrategyConfig
+from fedcpt.config.server_sections import MonitorConfig, ReportConfig, StrategyConfig
 from fedcpt.config.site_policy import SitePolicySettings
 
 
@@ -306,6 +306,7 @@ class RunConfig:
         metadata={"help": "Simulation only: the policy every simulated site holds where its "
                   "own `[sites.policy]` sets nothing."})
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def __post_init__(self) -> None:
         check_run(self)

@@ -1,7 +1,7 @@
 """The server's sections of a run's settings: what it does with each round's aggregate
 (``[strategy]``: rehearsal, self-distillation, delta scaling, the regression guard, the
-server optimiser, anchors) and how it watches the run (``[monitor]``: drift signals and
-their action)."""
+server optimiser, anchors), how it watches the run (``[monitor]``: drift signals and their
+action) and what its report shows (``[report]``: continuations of fixed prompts)."""
 
 from __future__ import annotations
 
@@ -115,3 +115,37 @@ class MonitorConfig:
                 self.update_drift, "> 1 (a multiple of the median norm) or 0 (off)")
         require(self.general_loss_drift >= 0, "monitor.general_loss_drift",
                 self.general_loss_drift, ">= 0 (0: off)")
+
+
+MAX_REPORT_PROMPTS = 8  # per kind: each costs two short greedy generations at the end
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What the report shows in words (`[report]`): the server's greedy continuations of
+    fixed prompts by the base model and by the final global adapter, side by side. The
+    prompts are the scenario's own text, never a site's data."""
+
+    general_prompts: tuple[str, ...] = _opt(
+        (), "Openings of general text (what the model should keep), continued by the base "
+        "model and the final adapter (empty: none).")
+    domain_prompts: tuple[str, ...] = _opt(
+        (), "Openings in the sites' domain (what the model should learn), written for the "
+        "scenario, not taken from any site's data (empty: none).")
+    continuation_tokens: int = _opt(24, "New tokens per continuation (greedy).")
+
+    def __post_init__(self) -> None:
+        for key in ("general_prompts", "domain_prompts"):
+            prompts = getattr(self, key)
+            require(len(prompts) <= MAX_REPORT_PROMPTS, f"report.{key}", prompts,
+                    f"at most {MAX_REPORT_PROMPTS} prompts")
+            require(all(isinstance(p, str) and p.strip() for p in prompts), f"report.{key}",
+                    prompts, "non-empty strings")
+        require(0 < self.continuation_tokens <= 256, "report.continuation_tokens",
+                self.continuation_tokens, "in 1..256")
+
+    @property
+    def prompts(self) -> list[tuple[str, str]]:
+        """``(kind, prompt)`` pairs: the general prompts, then the domain ones."""
+        return ([("general", p) for p in self.general_prompts]
+                + [("domain", p) for p in self.domain_prompts])

@@ -35,11 +35,17 @@ class ProgressEvent:
     fields: dict[str, Value]
 
 
+DECIMALS = 4
+"""Floats are shown to this many decimals: a loss to 0.1 mnat, ε to 0.0001."""
+
+
 def emit(kind: str, **fields: Value) -> None:
-    """Log one progress event (values JSON-encoded, so a site name may hold spaces)."""
+    """Log one progress event (values JSON-encoded, so a site name may hold spaces). A
+    field that is None (no ε without DP, no loss under DP) is left out, not shown null."""
     if kind not in EVENTS:
         raise ValueError(f"unknown progress event {kind!r}")  # a bug, never user input
-    text = " ".join(f"{k}={json.dumps(v)}" for k, v in fields.items())
+    text = " ".join(f"{k}={json.dumps(round(v, DECIMALS) if isinstance(v, float) else v)}"
+                    for k, v in fields.items() if v is not None)
     log.info("progress %s %s", kind, text)
 
 

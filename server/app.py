@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedcpt.config import DataConfig, ModelConfig, RunConfig, StrategyConfig, load_config
 from fedcpt.core import protocol
-from fedcpt.core.adapters import load_version
+from fedcpt.core.adapters import load_adapter, load_version
 from fedcpt.core.behaviour import (
     REHEARSAL_PROMPTS,
     answer_batch,
@@ -31,6 +31,7 @@ from fedcpt.core.behaviour import (
     load_answers,
     save_answers,
 )
+from fedcpt.core.continuations import Continuation, continuations, save_continuations
 from fedcpt.core.data import spread
 from fedcpt.core.general import load_general
 from fedcpt.core.model import AdaptedModel, load_adapted_model, load_tokenizer
@@ -158,6 +159,20 @@ def self_distillation(cfg: RunConfig, lm: AdaptedModel, general: GeneralData,
         max_grad_norm=cfg.train.max_grad_norm, seed=cfg.seed)
 
 
+def final_continuations(cfg: RunConfig, lm: AdaptedModel,
+                        recorder: RunRecorder) -> list[Continuation]:
+    """``[report]``'s prompts continued by the base model and by the final global adapter
+    (the last round's saved version), kept in ``continuations.json``."""
+    if not cfg.report.prompts or not recorder.rows:
+        return []
+    folder = recorder.folder
+    load_adapter(lm.model, load_version(folder.version(recorder.rows[-1].round),
+                                        lm.initial_adapter))
+    items = continuations(lm, cfg.report.prompts, cfg.report.continuation_tokens)
+    save_continuations(folder.continuations, items)
+    return items
+
+
 def build_strategy(cfg: RunConfig) -> Aggregator:
     """Secure FedAvg when ``secagg`` is on, else FedAvg with the update-norm bound; either
     weighs every site equally under site-level DP."""
@@ -217,7 +232,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path,
             fisher=(FisherForSites(lm, spread(data.rehearsal, cfg.strategy.fisher_blocks))
                     if cfg.strategy.anchor == "ewc" else None))
         run_rounds(fed, arrays, done)
-        return recorder.finish()
+        return recorder.finish(final_continuations(cfg, lm, recorder))
     except BaseException as err:
         folder.mark_failed(err)
         raise

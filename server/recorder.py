@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fedcpt.config import RunConfig
+from fedcpt.core.continuations import Continuation
 from fedcpt.core.durable import write_json
 from fedcpt.core.model import AdaptedModel
 from fedcpt.core.retention import GeneralReport
@@ -133,6 +134,8 @@ class RunRecorder:
             elapsed_s=time.time() - self.state.started,
             update_norm=drift.update_norm if drift else None,
             drift=drift.to_dict() if drift else {},
+            epsilon_per_site={r.site: r.privacy["epsilon"] for r in train
+                              if "epsilon" in r.privacy},
         )
 
     def commit(self, server_round: int, general: GeneralReport, lm: AdaptedModel,
@@ -157,10 +160,12 @@ class RunRecorder:
                  "%.0fs elapsed", server_round, general.overall.loss,
                  "n/a" if kl is None else f"{kl:.4f}", domain, record.elapsed_s)
 
-    def finish(self) -> Summary:
-        """Write report.md, then summary.json (last: it marks the run finished)."""
+    def finish(self, continuations: list[Continuation] | None = None) -> Summary:
+        """Write report.md and report.html (with the final adapter's ``continuations``),
+        then summary.json (last: it marks the run finished)."""
         summary = build_summary(self.cfg, self.state, self.rows)
-        write_report(self.folder, summary, self.rows, self.state.domain_base, self.cfg)
+        write_report(self.folder, summary, self.rows, self.state.domain_base, self.cfg,
+                     continuations or [])
         write_summary(self.folder, summary)
         log.info("run finished: forgetting %+.4f nats, adaptation %+.4f nats; report: %s",
                  summary.forgetting, summary.adaptation or float("nan"), self.folder.report)

@@ -46,6 +46,9 @@ class RoundRecord:
     """L2 norm of the round's global update (None: the round did not aggregate)."""
     drift: dict[str, Any] = field(default_factory=dict)
     """The drift monitor's signals, flags and rollback (:mod:`fedcpt.server.drift`)."""
+    epsilon_per_site: dict[str, float] = field(default_factory=dict)
+    """Under record-level DP: each trained site's cumulative ε, as it reported it with
+    its update this round."""
 
     @property
     def rejected_by_guard(self) -> bool:

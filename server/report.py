@@ -1,60 +1,64 @@
-"""``report.md`` with PNG plots: what the model learned (domain) and kept (general)."""
+"""The run report: ``report.md`` with PNG plots beside it, and the same content as one
+self-contained page, ``report.html``: what the model learned (domain), what it kept
+(general), what changed in words, and what it cost (ε, bytes)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from fedcpt.config import RunConfig  # noqa: E402
-from fedcpt.privacy.report import STATEMENT, site_table  # noqa: E402
-from fedcpt.server.records import RoundRecord, Summary  # noqa: E402
-from fedcpt.server.retention_report import plot_kinds, retention_lines  # noqa: E402
-from fedcpt.server.run_folder import RunFolder  # noqa: E402
-
-
-def _plot_general(folder: RunFolder, rows: list[RoundRecord]) -> str:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r.round for r in rows], [r.general_loss for r in rows], marker="o")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="round", ylabel="held-out loss (nats/token)",
-           title="General loss (what the model kept; lower is better)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(folder.plot("general_loss.png"), dpi=110)
-    plt.close(fig)
-    return "general_loss.png"
+from fedcpt.config import RunConfig
+from fedcpt.core.continuations import Continuation
+from fedcpt.privacy.report import STATEMENT, site_table
+from fedcpt.server.records import RoundRecord, Summary
+from fedcpt.server.report_html import markdown_to_html
+from fedcpt.server.report_plots import (
+    plot_domain,
+    plot_drift,
+    plot_epsilon,
+    plot_general,
+    plot_sites,
+)
+from fedcpt.server.retention_report import plot_kinds, retention_lines
+from fedcpt.server.run_folder import RunFolder
 
 
-def _plot_domain(folder: RunFolder, rows: list[RoundRecord], base: dict[str, float]) -> str:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for site in sorted(base):
-        points = [(0, base[site])] + [(r.round, r.domain_per_site[site])
-                                      for r in rows if site in r.domain_per_site]
-        ax.plot(*zip(*points, strict=True), marker="o", label=site)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="round", ylabel="held-out loss (nats/token)",
-           title="Domain loss per site (what the model learned)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder.plot("domain_loss.png"), dpi=110)
-    plt.close(fig)
-    return "domain_loss.png"
-
-
-def privacy_lines(privacy: dict[str, Any]) -> list[str]:
-    return [
+def privacy_lines(privacy: dict[str, Any], epsilon_png: str | None = None) -> list[str]:
+    lines = [
         "", "## Privacy", "", STATEMENT, "",
         f"Federation unit-level ε = **{privacy['max_epsilon']:.3f}** at δ ≤ "
         f"{privacy['max_delta']:.3g} ({privacy['accountant'].upper()}; budget "
         f"{privacy['target_epsilon']} per site).", "",
         *site_table(privacy["sites"]),
     ]
+    if epsilon_png:
+        lines += ["", "Cumulative ε of each site after each round, as the site reported it "
+                  "with its update (its ledger's total, every earlier run included):", "",
+                  f"![ε per round]({epsilon_png})"]
+    return lines
+
+
+# Characters that Markdown (or a table cell) would read as syntax in generated text.
+_MARKDOWN_SYNTAX = set("\\`*_[]<>|#~&!")
+
+
+def _cell(text: str) -> str:
+    """Model output as literal text in one table cell (CommonMark backslash escapes)."""
+    escaped = "".join(f"\\{ch}" if ch in _MARKDOWN_SYNTAX else ch for ch in text)
+    return " ⏎ ".join(escaped.splitlines()).strip() or "(nothing: end of text)"
+
+
+def continuation_lines(items: list[Continuation], tokens: int) -> list[str]:
+    """What changed, in words: each fixed prompt, its base and its final continuation."""
+    if not items:
+        return []
+    lines = ["", "## What changed, in words", "",
+             f"Greedy continuations (at most {tokens} new tokens; ⏎ marks a line break) of "
+             "the scenario's fixed prompts (`[report]`; written for the scenario, never a "
+             "site's data), by the base model and by the final global adapter.", "",
+             "| kind | prompt | base model | final adapter |", "|---|---|---|---|"]
+    lines += [f"| {c.kind} | {_cell(c.prompt)} | {_cell(c.base)} | {_cell(c.adapted)} |"
+              for c in items]
+    return lines
 
 
 SPIKE_NATS = 0.05  # a one-round rise of general loss worth a look
@@ -132,33 +136,13 @@ def continual_lines(c: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _plot_drift(folder: RunFolder, signals: list[RoundRecord]) -> str:
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 4.5), sharex=True)
-    rounds = [r.round for r in signals]
-    top.plot(rounds, [r.drift["update_ratio"] or float("nan") for r in signals], marker="o")
-    top.set(ylabel="update norm ÷ median", title="Drift against the last good rounds")
-    bottom.plot(rounds, [float("nan") if r.drift["general_loss_rise"] is None
-                         else r.drift["general_loss_rise"] for r in signals], marker="o")
-    bottom.set(xlabel="round", ylabel="general loss rise (nats)")
-    for ax in (top, bottom):
-        ax.grid(alpha=0.3)
-        for r in signals:
-            if r.drift["flags"]:
-                ax.axvline(r.round, color="tab:red", alpha=0.4)
-    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    fig.savefig(folder.plot("drift.png"), dpi=110)
-    plt.close(fig)
-    return "drift.png"
-
-
 def drift_lines(folder: RunFolder, rows: list[RoundRecord], cfg: RunConfig) -> list[str]:
     """The drift signals per round (plotted, flagged rounds in red) and the rollbacks."""
     signals = [r for r in rows if r.drift]
     if not signals:
         return []
     m = cfg.monitor
-    lines = ["", "## Drift", "", f"![drift]({_plot_drift(folder, signals)})", "",
+    lines = ["", "## Drift", "", f"![drift]({plot_drift(folder, signals)})", "",
              f"Global update norm against the median of the last {m.window} good rounds "
              f"(threshold {m.update_drift or 'off'}), general loss against their lowest "
              f"(threshold {m.general_loss_drift or 'off'} nats); action: {m.action}.", "",
@@ -183,10 +167,11 @@ def _retention(folder: RunFolder, s: Summary, rows: list[RoundRecord]) -> list[s
 
 
 def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
-                 domain_base: dict[str, float], cfg: RunConfig) -> None:
-    """Render the run's report as Markdown beside its plots."""
-    general_png = _plot_general(folder, rows)
-    domain_png = _plot_domain(folder, rows, domain_base)
+                 domain_base: dict[str, float], cfg: RunConfig,
+                 continuations: list[Continuation] | None = None) -> None:
+    """Render the run's report as Markdown beside its plots, and as one HTML page."""
+    general_png = plot_general(folder, rows)
+    domain_png = plot_domain(folder, rows, domain_base)
     s = summary
     lines = [
         f"# fedcpt run `{s.name}`",
@@ -217,6 +202,7 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
         f"![general loss]({general_png})",
         f"![domain loss]({domain_png})",
         *_retention(folder, s, rows),
+        *continuation_lines(continuations or [], cfg.report.continuation_tokens),
         "",
         "## Per site",
         "",
@@ -226,6 +212,8 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
     for site, v in sorted(s.domain_loss["per_site"].items()):
         lines.append(f"| {site} | {v['base']:.4f} | {v['final']:.4f} | "
                      f"{v['final'] - v['base']:+.4f} |")
+    if s.domain_loss["per_site"]:
+        lines += ["", f"![per-site domain loss]({plot_sites(folder, s.domain_loss['per_site'])})"]
     lines += [
         "",
         "## Rounds",
@@ -246,7 +234,9 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
     if failures:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in failures]
     if s.privacy is not None:
-        lines += privacy_lines(s.privacy)
+        reported = any(r.epsilon_per_site for r in rows)
+        lines += privacy_lines(s.privacy, plot_epsilon(folder, rows, s.privacy["target_epsilon"])
+                               if reported else None)
     if s.secagg.get("enabled"):
         a = s.secagg
         lines += ["", "## Secure aggregation", "",
@@ -278,4 +268,7 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
         f"({s.full_model_bytes:,} bytes). Wall time {s.wall_time_s:.0f} s.",
         "",
     ]
-    folder.report.write_text("\n".join(lines), encoding="utf-8")
+    text = "\n".join(lines)
+    folder.report.write_text(text, encoding="utf-8")
+    folder.report_html.write_text(markdown_to_html(text, folder, f"fedcpt run {s.name}"),
+                                  encoding="utf-8")

@@ -43,6 +43,16 @@ class RunFolder:
         return self.root / "report.md"
 
     @property
+    def report_html(self) -> Path:
+        """The same report as one self-contained page (plots inline)."""
+        return self.root / "report.html"
+
+    @property
+    def continuations(self) -> Path:
+        """The base model's and the final adapter's continuations of ``[report]``'s prompts."""
+        return self.root / "continuations.json"
+
+    @property
     def error(self) -> Path:
         return self.root / "error.txt"
 

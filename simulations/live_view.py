@@ -139,7 +139,8 @@ class LiveView:
             text = line[line.index("progress "):]
             # Not a terminal: the event as a plain line (once: Flower streams lines twice).
             if self._live is None and text != self._last_printed:
-                self.console.print(text, markup=False, highlight=False)
+                # soft_wrap: one event, one line, however narrow the console
+                self.console.print(text, markup=False, highlight=False, soft_wrap=True)
                 self._last_printed = text
             return
         if self.verbose:

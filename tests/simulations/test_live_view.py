@@ -71,6 +71,21 @@ def test_plain_output_shows_progress_and_fedcpt_warnings_only():
     assert "ConfigRecord" not in printed and "FutureWarning" not in printed
 
 
+def test_plain_lines_show_epsilon_only_under_dp_and_never_wrap(caplog):
+    without_dp = _emitted(caplog, "site", round=1, site="north", state="done", loss=3.2107,
+                          epsilon=None)
+    with_dp = _emitted(caplog, "site", round=1, site="a site with a long name", state="done",
+                       loss=None, epsilon=0.41234567)
+    assert "epsilon" not in without_dp and "null" not in without_dp
+    assert "loss" not in with_dp
+    assert with_dp.endswith("epsilon=0.4123")
+    out = io.StringIO()
+    view = LiveView(Console(file=out, force_terminal=False, width=40))
+    with view:
+        view.feed("INFO :      " + with_dp)
+    assert out.getvalue() == with_dp[with_dp.index("progress "):] + "\n"  # one line
+
+
 def test_verbose_brings_chatter_back():
     out = io.StringIO()
     view = LiveView(Console(file=out, force_terminal=False, width=200), verbose=True)
