@@ -26,9 +26,9 @@ import contextlib
 import ctypes
 import logging
 import os
-import selectors
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -66,9 +66,12 @@ def kill_descendants(timeout: float = 15.0) -> int:
     return len(killed)
 
 
-def _stdin_closed(selector: selectors.BaseSelector, timeout: float) -> bool:
-    """Whether stdin reached end of file within ``timeout`` (data written to it is ignored)."""
-    return any(not os.read(key.fd, 4096) for key, _ in selector.select(timeout))
+def _wait_for_eof(closed: threading.Event) -> None:
+    """Set ``closed`` once stdin reaches end of file (data written to it is ignored)."""
+    with contextlib.suppress(OSError):  # an unreadable stdin counts as closed
+        while os.read(sys.stdin.fileno(), 4096):
+            pass
+    closed.set()
 
 
 def main(argv: list[str]) -> int:
@@ -77,13 +80,15 @@ def main(argv: list[str]) -> int:
         log.error("usage: python -m fedcpt.simulations.reaper CMD [ARG...]")
         return 2
     become_subreaper()
+    closed = threading.Event()
+    threading.Thread(target=_wait_for_eof, args=(closed,), daemon=True).start()
     child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-    with selectors.DefaultSelector() as selector:
-        selector.register(sys.stdin.fileno(), selectors.EVENT_READ)
-        while child.poll() is None and not _stdin_closed(selector, timeout=0.5):
+    try:
+        while child.poll() is None and not closed.wait(timeout=0.5):
             pass
-    why = "fedcpt closed the pipe or exited" if child.poll() is None else "the SuperLink exited"
-    log.info("%s: stopped %d processes of the run", why, kill_descendants())
+    finally:  # on an error here too: never leave the tree running
+        why = "the SuperLink exited" if child.returncode is not None else "stdin closed"
+        log.info("%s: stopped %d processes of the run", why, kill_descendants())
     return child.returncode if child.returncode is not None else 0
 
 
