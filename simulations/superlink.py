@@ -6,6 +6,10 @@ is private to fedcpt (its own ``FLWR_HOME``, a free port on 127.0.0.1, an in-mem
 database) and starts with ``--disable-runtime-dependency-installation``: otherwise every
 run would ``uv sync`` the app's dependencies, torch included, into a fresh environment
 from the network. Apps run in the environment fedcpt is installed in, offline.
+
+The SuperLink runs under :mod:`fedcpt.simulations.reaper`, which stops it and everything it
+started (SuperExec, ``flwr-simulation``, Ray) as soon as this process closes its pipe or
+dies, however it dies: a killed ``fedcpt simulate`` leaves an interrupted run to resume.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -67,11 +70,15 @@ class LocalSuperLink:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n', encoding="utf-8")
         with open(self.log_path, "wb") as out:
+            # stdin is the reaper's lifeline: it reads EOF once this process closes it or
+            # dies. Its own session keeps a terminal's Ctrl-C from killing it before it reaps.
             self.process = subprocess.Popen(
-                [str(BIN / "flower-superlink"), "--simulation", "--insecure",
+                [sys.executable, "-m", "fedcpt.simulations.reaper",
+                 str(BIN / "flower-superlink"), "--simulation", "--insecure",
                  "--host", "127.0.0.1", "--port", str(self.port),
                  "--disable-runtime-dependency-installation", "--database", ":flwr-in-memory:"],
-                env=self.env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                env=self.env(), stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout
         while not self._healthy():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -90,12 +97,14 @@ class LocalSuperLink:
             return False
 
     def __exit__(self, *exc) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)  # its SuperExec exits with it
+        if self.process is not None:
+            self.process.stdin.close()  # type: ignore[union-attr]  # the reaper's signal
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                log.error("the SuperLink's reaper did not exit; killing it (pid %d)",
+                          self.process.pid)
+                self.process.kill()
                 self.process.wait()
         self.process = None
 

@@ -26,13 +26,15 @@ def fedcpt(*args: str, **kwargs) -> subprocess.Popen:
 
 
 def finished(proc: subprocess.Popen) -> None:
-    _, err = proc.communicate(timeout=300)
+    try:  # generous: the test machine's 2 cores are shared
+        _, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # its SuperLink and simulation stop with it (simulations/reaper.py)
+        raise
     assert proc.returncode == 0, err
 
 
-# Fails on the flwr run path: the killed run finishes anyway (the private SuperLink
-# outlives `fedcpt simulate`). An open regression, named in issue 13's note.
-@pytest.mark.kills
+@pytest.mark.slow  # three real simulations: whole, killed, resumed (minutes on 2 cores)
 def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, sites_config):
     common = ["simulate", "smoke", "--config", str(sites_config), "--set",
               f"federation.rounds={ROUNDS}"]
@@ -41,7 +43,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, sites_con
     killed = tmp_path / "killed"
     proc = fedcpt(*common, "--out", str(killed), start_new_session=True)
     metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 240
+    deadline = time.time() + 900
     while time.time() < deadline and not (
             metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.1)

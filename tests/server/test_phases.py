@@ -143,13 +143,15 @@ def _fedcpt(*args: str, **kwargs) -> subprocess.Popen:
 
 
 def _finished(proc: subprocess.Popen) -> None:
-    _, err = proc.communicate(timeout=300)
+    try:  # generous: the test machine's 2 cores are shared
+        _, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # its SuperLink and simulation stop with it (simulations/reaper.py)
+        raise
     assert proc.returncode == 0, err
 
 
-# Fails on the flwr run path: the killed run finishes anyway (the private SuperLink
-# outlives `fedcpt simulate`). An open regression, named in issue 13's note.
-@pytest.mark.kills
+@pytest.mark.slow  # three real simulations: whole, killed, resumed (minutes on 2 cores)
 def test_phased_run_trains_phase_sites_and_resumes_across_phases(tmp_path, phases_config):
     # with FedAvgM, the resumed run matches only if the momentum is restored too
     common = ["simulate", "smoke-phases", "--config", str(phases_config),
@@ -173,7 +175,7 @@ def test_phased_run_trains_phase_sites_and_resumes_across_phases(tmp_path, phase
     killed = tmp_path / "killed"
     proc = _fedcpt(*common, "--out", str(killed), start_new_session=True)
     metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 240
+    deadline = time.time() + 900
     while time.time() < deadline and not (
             metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         time.sleep(0.1)
