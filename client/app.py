@@ -43,13 +43,13 @@ def train(msg: Message, context: Context) -> Message:
         cfg, node_config = run_config(msg), dict(context.node_config)
         require_secagg(cfg, node_config, secure=False)
         # a site with a floor on site-level noise adds that noise itself, under SecAgg only
-        check_site_level_dp(policy_for(cfg, resolve_site(cfg, node_config), node_config),
-                            cfg, None)
+        policy = policy_for(cfg, resolve_site(cfg, node_config), node_config)
+        check_site_level_dp(policy, cfg, None)
         arrays, metrics, site = train_update(msg, context)
     except SiteRefused as err:
         return refusal(msg, err, p.BUDGET_EXHAUSTED)
     content = RecordDict({p.ARRAYS: arrays, p.METRICS: MetricRecord(metrics),
-                          p.SITE: ConfigRecord({"name": site.name})})
+                          p.SITE: ConfigRecord({"name": site.name, "unit": policy.unit})})
     return Message(content=content, reply_to=msg)
 
 

@@ -67,8 +67,8 @@ def masked(msg: Message, context: Context) -> Message:
         ddp = DistributedDP.for_config(cfg, params.threshold, len(state["participants"]),
                                        vector_length(reference) - 1)
         node_config = dict(context.node_config)  # the site's floors, before anything trains
-        check_site_level_dp(policy_for(cfg, resolve_site(cfg, node_config), node_config),
-                            cfg, ddp)
+        policy = policy_for(cfg, resolve_site(cfg, node_config), node_config)
+        check_site_level_dp(policy, cfg, ddp)
         arrays, metrics, site = train_update(msg, context)
         check_update(arrays, reference)
         norm = update_norm(arrays, reference)
@@ -86,7 +86,7 @@ def masked(msg: Message, context: Context) -> Message:
         return refusal(msg, err)
     content = RecordDict({p.MASKED: ArrayRecord({p.MASKED_VECTOR: Array(masked_vector)}),
                           p.METRICS: MetricRecord(metrics),
-                          p.SITE: ConfigRecord({"name": site.name})})
+                          p.SITE: ConfigRecord({"name": site.name, "unit": policy.unit})})
     return Message(content=content, reply_to=msg)
 
 

@@ -65,6 +65,8 @@ RELEASES = (
             "public: together they reveal N, the number of training units, which fedcpt "
             "treats as public"),
     Release("site name", (p.SITE, "name"), "public (the site's identity)"),
+    Release("kind of privacy unit", ("unit",),
+            "public (the site's policy: what one unit is, e.g. a document)"),
     Release("SecAgg+ keys, certificate, encrypted shares and signatures", (SECAGG_STATE,),
             "random or public: independent of the data"),
     Release("reply timing (Flower's message timestamps, arrival time)", (),
@@ -96,7 +98,7 @@ def site_table(sites: dict[str, dict[str, Any]]) -> list[str]:
     for site, r in sites.items():
         sigma = "n/a" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.4f}"
         q = "n/a" if r["sample_rate"] is None else f"{r['sample_rate']:.5f}"
-        lines.append(f"| {site} | {r.get('unit', 'block')} | {r['epsilon']:.3f} | "
+        lines.append(f"| {site} | {r['unit']} | {r['epsilon']:.3f} | "
                      f"{r['epsilon_rdp']:.3f} | {r['delta']:.3g} | {r['steps']} | {sigma} | "
                      f"{q} |")
     return lines

@@ -38,7 +38,8 @@ class RunState:
     """Each site's base-model domain loss, as it first reported it."""
     train: dict[int, TrainOutcome] = field(default_factory=dict)
     evals: dict[int, list[SiteEvalReport]] = field(default_factory=dict)
-    privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    privacy: dict[str, dict[str, float | str]] = field(default_factory=dict)
+    """Each site's last reported accounting, and the kind of unit it is per."""
     """Each site's latest cumulative record-level DP accounting."""
     steps: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
 

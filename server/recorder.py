@@ -86,7 +86,7 @@ class RunRecorder:
             self.state.steps[server_round] = steps
         for r in reports:
             if r.privacy:
-                self.state.privacy[r.site] = r.privacy
+                self.state.privacy[r.site] = {**r.privacy, "unit": r.unit or "not reported"}
             loss = "n/a (DP)" if r.train_loss is None else f"{r.train_loss:.4f}"
             norm = "masked" if r.update_norm is None else f"{r.update_norm:.3f}"
             log.info("round %d · site %-12s train loss %s · %d examples · %.1fs · "

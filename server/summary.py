@@ -32,10 +32,13 @@ def secagg_summary(cfg: RunConfig) -> dict[str, Any]:
             "modulus": MODULUS}
 
 
-def privacy_summary(cfg: RunConfig, latest: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Per-site record-level (ε, δ) as the sites last reported them, and the federation's."""
+def privacy_summary(cfg: RunConfig,
+                    latest: dict[str, dict[str, float | str]]) -> dict[str, Any]:
+    """Per-site unit-level (ε, δ) as the sites last reported them (with the kind of unit
+    each is per), and the federation's."""
     sites = {
         site: {
+            "unit": p.get("unit", "not reported"),
             "epsilon": p["epsilon"],
             "epsilon_rdp": p["epsilon-rdp"],
             "delta": p["delta"],
@@ -51,7 +54,7 @@ def privacy_summary(cfg: RunConfig, latest: dict[str, dict[str, float]]) -> dict
         "max_delta": max((v["delta"] for v in sites.values()), default=0.0),
         "accountant": cfg.privacy.accountant,
         "target_epsilon": cfg.privacy.target_epsilon,
-        "level": "record",
+        "level": "unit",
         "ledger_dir": cfg.privacy.ledger_dir,
     }
 

@@ -36,6 +36,8 @@ class SiteTrainReport:
     never sees a single update)."""
     privacy: dict[str, float] = field(default_factory=dict)
     """The site's cumulative DP accounting after this round (empty without DP)."""
+    unit: str | None = None
+    """The kind of privacy unit the site's ε is per (its policy), as it said."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,12 @@ def site_name(msg: Message) -> str:
     record = msg.content.config_records.get(p.SITE) if msg.has_content() else None
     return str(record["name"]) if record and "name" in record else (
         f"node-{msg.metadata.src_node_id}")
+
+
+def site_unit(msg: Message) -> str | None:
+    """The kind of privacy unit a training reply says the site's ε is per."""
+    record = msg.content.config_records.get(p.SITE) if msg.has_content() else None
+    return str(record["unit"]) if record and "unit" in record else None
 
 
 def reply_metrics(msg: Message, required: tuple[str, ...]) -> dict[str, float]:
@@ -80,16 +88,17 @@ def train_metrics(msg: Message, max_examples: int) -> dict[str, float]:
     return metrics
 
 
-def site_report(site: str, metrics: dict[str, float], bytes_up: int,
+def site_report(msg: Message, metrics: dict[str, float], bytes_up: int,
                 norm: float | None) -> SiteTrainReport:
     return SiteTrainReport(
-        site=site,
+        site=site_name(msg),
         num_examples=int(metrics[p.NUM_EXAMPLES]),
         train_loss=metrics.get(p.TRAIN_LOSS),
         seconds=metrics[p.TRAIN_SECONDS],
         bytes_up=bytes_up,
         update_norm=norm,
         privacy={k: metrics[k] for k in p.PRIVACY_METRICS if k in metrics},
+        unit=site_unit(msg),
     )
 
 

@@ -26,7 +26,6 @@ from fedcpt.exceptions import UpdateRejected
 from fedcpt.strategies.base import (
     Aggregator,
     SiteTrainReport,
-    site_name,
     site_report,
     train_metrics,
 )
@@ -62,7 +61,7 @@ class AdapterFedAvg(Aggregator):
         check_update(arrays, reference)
         metrics = train_metrics(msg, self.max_examples)
         norm = check_update_bound(arrays, reference, self.max_update_norm)
-        return arrays, site_report(site_name(msg), metrics, count_bytes(arrays), norm)
+        return arrays, site_report(msg, metrics, count_bytes(arrays), norm)
 
     def aggregate(self, records: list[RecordDict], reference: ArrayRecord) -> ArrayRecord:
         if not self.site_clip:

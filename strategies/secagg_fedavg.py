@@ -30,7 +30,6 @@ from fedcpt.privacy.secagg.server import MASKED, STATE, SecAggRound
 from fedcpt.strategies.base import (
     Aggregator,
     SiteTrainReport,
-    site_name,
     site_report,
     train_metrics,
 )
@@ -86,7 +85,7 @@ class SecAggFedAvg(Aggregator):
             raise UpdateRejected(f"masked vector is {vector.dtype}{list(vector.shape)}, "
                                  f"expected uint32[{vector_length(reference)}]")
         metrics = train_metrics(msg, self.max_examples)
-        return masked, site_report(site_name(msg), metrics, vector.nbytes, None)
+        return masked, site_report(msg, metrics, vector.nbytes, None)
 
     @staticmethod
     def unmask(secagg: SecAggRound, accepted: dict[int, RecordDict]) -> RecordDict:

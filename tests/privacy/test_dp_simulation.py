@@ -25,6 +25,7 @@ def test_dp_run_reports_cumulative_epsilon_from_the_ledgers(smoke_dp_run):
     for site, entry in privacy["sites"].items():
         ledger = PrivacyLedger.load(run_dir / "ledgers" / f"{site}.ledger.json")
         assert ledger.site == site and ledger.unit == "passage"
+        assert entry["unit"] == "passage"  # the summary and report name the site's unit
         assert ledger.delta == 1e-5  # the site default min(1e-5, 1/(10·N))
         assert len(ledger.entries) == cfg.federation.rounds
         assert entry["steps"] == cfg.federation.rounds * cfg.train.local_steps
@@ -33,7 +34,8 @@ def test_dp_run_reports_cumulative_epsilon_from_the_ledgers(smoke_dp_run):
         assert entry["epsilon"] == pytest.approx(epsilon(ledger.history, ledger.delta))
         assert entry["epsilon_rdp"] >= entry["epsilon"]
     assert privacy["max_epsilon"] == max(e["epsilon"] for e in privacy["sites"].values())
-    assert "## Privacy" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "## Privacy" in report and f"| {SITES[0]} | passage |" in report
 
 
 def test_site_refuses_the_round_that_would_exceed_its_budget(tmp_path, sites_config):

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _arm(adaptation: float | None, wall: float, epsilon: float | None = None) -> UtilityArm:
     privacy = None if epsilon is None else {"max_epsilon": epsilon, "max_delta": 1e-5,
-                                            "accountant": "prv", "level": "record",
+                                            "accountant": "prv", "level": "unit",
                                             "sites": {}}
     return UtilityArm(scenario="s", overrides=[], settings={}, adaptation=adaptation,
                       forgetting=0.1, forgetting_standard_error=0.01, domain_loss={},
