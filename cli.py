@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from fedcpt.cli_output import console, log, print_summary, setup_logging
-from fedcpt.exceptions import FedcptError
+from fedcpt.exceptions import FedcptError, SimulationFailed
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Privacy-preserving federated continual pretraining with LoRA on Flower.")
@@ -73,6 +73,8 @@ def simulate(
             view.state.apply(ProgressEvent("run", {"rounds": cfg.federation.rounds,
                                                    "sites": [s.name for s in cfg.sites]}))
             summary = run(cfg, run_dir, resume=resume is not None, on_line=view.feed)
+    except SimulationFailed:
+        raise  # the runtime's own messages are in run.log: keep it
     except FedcptError:
         _drop_if_not_begun(run_dir)
         raise

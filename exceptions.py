@@ -21,5 +21,10 @@ class UpdateRejected(FedcptError):
     """A client's adapter update failed validation and must not be aggregated."""
 
 
+class SimulationFailed(FedcptError):
+    """Flower's simulation runtime (SuperLink, Ray) stopped without a result or an account
+    of why; the run folder keeps its ``run.log``, which holds the runtime's own messages."""
+
+
 class RoundFailed(FedcptError):
     """A round stayed below ``federation.min_sites`` valid updates after its retries."""

@@ -19,7 +19,7 @@ from fedcpt.config import RunConfig
 from fedcpt.core.adapters import load_version
 from fedcpt.core.model import load_adapted_model
 from fedcpt.deploy.certs import provision_simulated_identities
-from fedcpt.exceptions import ConfigError, FedcptError
+from fedcpt.exceptions import ConfigError, FedcptError, SimulationFailed
 from fedcpt.privacy.plan import SitePlan, plan_run
 from fedcpt.privacy.policy import accept_proposal
 from fedcpt.privacy.release import eval_reservation
@@ -140,5 +140,5 @@ def simulate(cfg: RunConfig, run_dir: Path, resume: bool = False,
     if folder.error.is_file():  # the ServerApp's own account of why the run stopped
         raise FedcptError(f"the run failed: {folder.error.read_text().strip()} "
                           f"(full log: {folder.root / 'run.log'})")
-    raise FedcptError(f"the simulation ended without a result (flwr run exit {status}); "
-                      f"see {folder.root / 'run.log'}")
+    raise SimulationFailed(f"the simulation ended without a result (flwr run exit "
+                           f"{status}); see {folder.root / 'run.log'}")

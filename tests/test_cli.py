@@ -5,6 +5,7 @@ Every case here fails before Ray starts, in the time it takes to import the pack
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -149,3 +150,31 @@ def test_tampered_ledger_stops_the_run_and_is_left_as_it_was(tmp_path, write_tex
     assert "checksum mismatch" in line
     assert path.read_text() == tampered
     assert_no_run(out)
+
+
+def test_a_runtime_failure_keeps_the_run_log_it_points_to(tmp_path, monkeypatch):
+    """Flower's runtime stopping without a result (e.g. Ray's node timing out at start-up)
+    is not bad input: the folder keeps the run.log that the error names."""
+    from typer.testing import CliRunner
+
+    from fedcpt import cli
+    from fedcpt.cli_output import CHATTER
+    from fedcpt.exceptions import SimulationFailed
+    from fedcpt.simulations import runner
+
+    def failing_run(cfg, run_dir, **_):
+        (run_dir / "run.log").open("a").write("The current node timed out during startup\n")
+        raise SimulationFailed(f"the simulation ended without a result (flwr run exit 0); "
+                               f"see {run_dir / 'run.log'}")
+
+    monkeypatch.setattr(runner, "simulate", failing_run)
+    out = tmp_path / "run"
+    loggers = [logging.getLogger(n) for n in ("", *CHATTER)]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    try:  # in-process, the CLI configures logging for the whole test session: restore it
+        result = CliRunner().invoke(cli.cli, ["simulate", "smoke", "--out", str(out)])
+    finally:
+        for lg, handlers, level, propagate in saved:
+            lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
+    assert result.exit_code != 0 and isinstance(result.exception, SimulationFailed)
+    assert "timed out during startup" in (out / "run.log").read_text()
