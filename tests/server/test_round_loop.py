@@ -65,6 +65,10 @@ class Recorder:
     def __init__(self) -> None:
         self.train: dict[int, tuple] = {}
         self.evaluate: dict[int, list] = {}
+        self.sent: dict[int, str] = {}
+
+    def record_sent(self, server_round, global_sha256):
+        self.sent[server_round] = global_sha256
 
     def record_train(self, server_round, reports, failures, aggregated, steps=None):
         self.train[server_round] = (reports, failures, aggregated, steps)
