@@ -315,6 +315,25 @@ def adapters_show(run_dir: Path = typer.Argument(...),
         raise typer.Exit(1)
 
 
+@adapters_cli.command("contains")
+def adapters_contains(
+    run_dir: Path = typer.Argument(..., help="A run folder."),
+    record: Path = typer.Option(..., "--record", help="The site's own attestation record "
+                                "(<site>.attestations.jsonl beside its ledger)."),
+    ca: Path | None = typer.Option(None, "--ca", help="Federation CA certificate (default: "
+                                   "a simulation's simulated-ca.pem)."),
+) -> None:
+    """The versions whose verified attestation matches the site's own record: those that
+    contain its data."""
+    from fedcpt.server.attestations import versions_with_site_data
+
+    found = versions_with_site_data(run_dir, record, ca)
+    for server_round, site in found:
+        print(f"round-{server_round:03d}: {site}")
+    if not found:
+        print(f"no version of {run_dir} carries an attestation in {record}")
+
+
 @adapters_cli.command("export")
 def adapters_export(run_dir: Path = typer.Argument(...),
                     server_round: int = typer.Argument(..., metavar="ROUND"),

@@ -96,3 +96,33 @@ def verify_run_version(run_dir: Path, server_round: int,
         raise ConfigError(f"{run_dir} has no simulated-ca.pem: give the federation CA "
                           "certificate with --ca to verify the sites' attestations")
     return verify_version(version, load_cas(ca), read_run_id(RunFolder(run_dir)))
+
+
+def versions_with_site_data(run_dir: Path, record: Path, ca: Path | None = None,
+                            ) -> list[tuple[int, str]]:
+    """(round, site) of every version of ``run_dir`` whose verified attestation matches a
+    line of a site's own record (``<site>.attestations.jsonl``, :mod:`fedcpt.client.attest`)
+    in run id, round and units root: the versions that contain that site's data."""
+    try:
+        mine = {(str(x["run_id"]), int(x["round"]), str(x["units_root"]))
+                for x in map(json.loads, Path(record).read_text().splitlines()) if x}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{record} is not a site's attestation record: {err}") from None
+    found: list[tuple[int, str]] = []
+    for path in sorted(RunFolder(run_dir).adapters.glob("round-*/version.json")):
+        version = json.loads(path.read_text())
+        claimed = {site for site, raw in (version.get("attestations") or {}).items()
+                   if raw != UNATTESTED and _matches(raw, mine)}
+        if claimed:
+            verdicts = verify_run_version(run_dir, int(version["round"]), ca)
+            found += [(int(version["round"]), v.site) for v in verdicts
+                      if v.site in claimed and v.status == VERIFIED]
+    return found
+
+
+def _matches(raw: Any, mine: set[tuple[str, int, str]]) -> bool:
+    try:
+        body = Attestation.from_dict(raw).fields()
+    except UpdateRejected:
+        return False
+    return (body.get("run_id"), body.get("round"), body.get("units_root")) in mine

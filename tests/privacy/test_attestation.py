@@ -176,6 +176,25 @@ def test_adapters_show_prints_each_sites_verdict_and_fails_on_a_forgery(federati
     assert shown.exit_code == 1 and "clinic: FAILED" in shown.output
 
 
+def test_a_site_lists_the_versions_that_contain_its_data(federation, tmp_path):
+    certs, reply, initial, tmp, *_ = federation
+    received = site_attestation(reply)
+    run = tmp_path / "run"
+    (run / "manifest.json").parent.mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"run_id": RUN}))
+    for server_round, attestation in ((1, received), (2, UNATTESTED)):
+        folder = run / "adapters" / f"round-{server_round:03d}"
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"")
+        (folder / "version.json").write_text(json.dumps(_version(
+            attestation, server_round, arrays_digest(initial))))
+    record = record_path(tmp / "clinic.ledger.json")
+    shown = CliRunner().invoke(cli, ["adapters", "contains", str(run), "--record", str(record),
+                                     "--ca", str(certs.ca_cert)])
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.splitlines() == ["round-001: clinic"]
+
+
 def test_verify_attestation_rejects_a_statement_that_is_not_hex():
     with pytest.raises(UpdateRejected, match="not hex"):
         verify_attestation(Attestation("{}", "zz", "zz"), b"", site="s", run_id=RUN,
