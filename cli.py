@@ -296,11 +296,42 @@ def adapters_list(run_dir: Path = typer.Argument(..., help="A run folder.")) -> 
 
 @adapters_cli.command("show")
 def adapters_show(run_dir: Path = typer.Argument(...),
-                  server_round: int = typer.Argument(..., metavar="ROUND")) -> None:
-    """One version's provenance as JSON."""
+                  server_round: int = typer.Argument(..., metavar="ROUND"),
+                  ca: Path | None = typer.Option(
+                      None, "--ca", help="Federation CA certificate to verify the sites' "
+                      "attestations against (default: a simulation's simulated-ca.pem)."),
+                  ) -> None:
+    """One version's provenance as JSON, then each site's attestation: verified, FAILED or
+    unattested (exit 1 if any FAILED)."""
+    from fedcpt.server.attestations import FAILED, verify_run_version
     from fedcpt.server.versions import version_dir
 
     print((version_dir(run_dir, server_round) / "version.json").read_text().strip())
+    verdicts = verify_run_version(run_dir, server_round, ca)
+    print("attestations:")
+    for verdict in verdicts:
+        print(f"  {verdict.line()}")
+    if any(v.status == FAILED for v in verdicts):
+        raise typer.Exit(1)
+
+
+@adapters_cli.command("contains")
+def adapters_contains(
+    run_dir: Path = typer.Argument(..., help="A run folder."),
+    record: Path = typer.Option(..., "--record", help="The site's own attestation record "
+                                "(<site>.attestations.jsonl beside its ledger)."),
+    ca: Path | None = typer.Option(None, "--ca", help="Federation CA certificate (default: "
+                                   "a simulation's simulated-ca.pem)."),
+) -> None:
+    """The versions whose verified attestation matches the site's own record: those that
+    contain its data."""
+    from fedcpt.server.attestations import versions_with_site_data
+
+    found = versions_with_site_data(run_dir, record, ca)
+    for server_round, site in found:
+        print(f"round-{server_round:03d}: {site}")
+    if not found:
+        print(f"no version of {run_dir} carries an attestation in {record}")
 
 
 @adapters_cli.command("export")

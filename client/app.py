@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcpt.client import secagg_stages
+from fedcpt.client.attest import attestation_record
 from fedcpt.client.errors import report_site_errors
 from fedcpt.client.request import load_request, refusal, run_config
 from fedcpt.client.site import open_ledger, policy_for, require_secagg, resolve_site, site_blocks
@@ -50,6 +51,9 @@ def train(msg: Message, context: Context) -> Message:
         return refusal(msg, err, p.BUDGET_EXHAUSTED)
     content = RecordDict({p.ARRAYS: arrays, p.METRICS: MetricRecord(metrics),
                           p.SITE: ConfigRecord({"name": site.name, "unit": policy.unit})})
+    attestation = attestation_record(msg, node_config, site)
+    if attestation is not None:
+        content[p.ATTESTATION] = attestation
     return Message(content=content, reply_to=msg)
 
 

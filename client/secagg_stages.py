@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedcpt.client.attest import attestation_record
 from fedcpt.client.request import refusal, run_config
 from fedcpt.client.site import policy_for, resolve_site
 from fedcpt.client.train_step import train_update
@@ -80,6 +81,7 @@ def masked(msg: Message, context: Context) -> Message:
                                  f"{cfg.federation.max_update_norm}; not sent")
         vector = encode(arrays, reference, int(metrics[p.NUM_EXAMPLES]), params, ddp)
         masked_vector = secagg_site.mask(context, vector)
+        attestation = attestation_record(msg, node_config, site)
     except SiteRefused as err:
         return refusal(msg, err, p.BUDGET_EXHAUSTED)
     except FedcptError as err:
@@ -87,6 +89,8 @@ def masked(msg: Message, context: Context) -> Message:
     content = RecordDict({p.MASKED: ArrayRecord({p.MASKED_VECTOR: Array(masked_vector)}),
                           p.METRICS: MetricRecord(metrics),
                           p.SITE: ConfigRecord({"name": site.name, "unit": policy.unit})})
+    if attestation is not None:
+        content[p.ATTESTATION] = attestation
     return Message(content=content, reply_to=msg)
 
 

@@ -6,6 +6,9 @@ METRICS = "metrics"        # MetricRecord: numbers a reply reports
 CONFIG = "config"          # ConfigRecord: what the server asks for
 SITE = "site"              # ConfigRecord {"name": …}: which site replied (training
                            # replies add "unit": the kind of privacy unit its ε is per)
+ATTESTATION = "attestation"  # ConfigRecord {"statement", "signature", "certificate"}: a
+                           # training reply's signed statement of what the site trained on
+                           # (privacy.attestation); absent when the site has no identity
 FISHER = "fisher"          # ArrayRecord: EWC's diagonal Fisher, sent with training (EWC only)
 MASKED = "masked"          # ArrayRecord: a masked update under secure aggregation …
 MASKED_VECTOR = "vector"   # … its one uint32 array (privacy.secagg.encoding's layout)

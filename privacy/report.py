@@ -67,6 +67,14 @@ RELEASES = (
     Release("site name", (p.SITE, "name"), "public (the site's identity)"),
     Release("kind of privacy unit", ("unit",),
             "public (the site's policy: what one unit is, e.g. a document)"),
+    Release("training attestation (signed Merkle root of the training units' hashes, "
+            "policy digest, run id, round, received adapter digest, site certificate)",
+            (p.ATTESTATION, "statement", "signature", "certificate"),
+            "NOT covered by ε: a commitment to the exact training unit set. With a ledger "
+            "the unit hashes are keyed with a secret site salt, so the root reveals nothing "
+            "to anyone without it (the site may reveal the salt to prove what it attested); "
+            "without a ledger it is unsalted, and anyone holding a candidate unit set can "
+            "test whether it is exactly the site's. It also reveals N (public anyway)"),
     Release("SecAgg+ keys, certificate, encrypted shares and signatures", (SECAGG_STATE,),
             "random or public: independent of the data"),
     Release("reply timing (Flower's message timestamps, arrival time)", (),

@@ -18,6 +18,7 @@ from fedcpt.exceptions import DataError
 from fedcpt.server.records import RoundRecord
 from fedcpt.server.run_folder import RunFolder
 
+UNATTESTED = "unattested"
 PACKAGES = ("fedcpt", "torch", "transformers", "peft", "flwr", "opacus", "ray")
 
 
@@ -70,9 +71,13 @@ def read_run_id(folder: RunFolder) -> str:
     return str(json.loads(folder.manifest.read_text())["run_id"])
 
 
-def version_provenance(folder: RunFolder, cfg: RunConfig, run_id: str,
-                       record: RoundRecord) -> dict[str, Any]:
-    """``version.json`` of the round's adapter: parent, sites, their data, config hash."""
+def version_provenance(folder: RunFolder, cfg: RunConfig, run_id: str, record: RoundRecord,
+                       global_sha256: str = "",
+                       attestations: dict[str, dict[str, str] | None] | None = None,
+                       ) -> dict[str, Any]:
+    """``version.json`` of the round's adapter: parent, sites, their data, config hash, the
+    digest of the global adapter the round trained from, and each site's attestation as it
+    sent it ("unattested" when it sent none)."""
     manifest = json.loads(folder.manifest.read_text())
     initial = cfg.federation.initial_adapter or "fresh adapter"
     sites = record.sites_trained if record.aggregated else []
@@ -86,4 +91,6 @@ def version_provenance(folder: RunFolder, cfg: RunConfig, run_id: str,
         "metrics": {"general_loss": record.general_loss, "domain_loss": record.domain_loss,
                     "domain_per_site": record.domain_per_site},
         "server_steps": record.server_steps,
+        "global_sha256": global_sha256,
+        "attestations": {s: (attestations or {}).get(s) or UNATTESTED for s in sites},
     }

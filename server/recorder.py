@@ -46,6 +46,7 @@ class RunRecorder:
         self.state = state
         self.rows = list(rows or [])
         self.drift: dict[int, Drift] = {}
+        self.sent: dict[int, str] = {}  # SHA-256 of the global adapter sent each round
 
     @property
     def run_id(self) -> str:
@@ -75,6 +76,11 @@ class RunRecorder:
         log.info("resuming %s after round %d of %d (phase %d)", folder.root, last,
                  cfg.federation.rounds, phase + 1)
         return cls(folder, cfg, state, rows), last
+
+    def record_sent(self, server_round: int, global_sha256: str) -> None:
+        """The digest of the global adapter the round's training request carried (what the
+        sites' attestations are bound to)."""
+        self.sent[server_round] = global_sha256
 
     def record_train(self, server_round: int, reports: list[SiteTrainReport],
                      failures: list[str], aggregated: bool,
@@ -147,8 +153,10 @@ class RunRecorder:
         record = self._round_record(server_round, general)
         version = self.folder.version(server_round)
         lm.model.save_pretrained(str(version))
-        write_json(self.folder.provenance(server_round),
-                   version_provenance(self.folder, self.cfg, self.run_id, record))
+        reports = self.state.train.get(server_round, TrainOutcome([], [], False)).reports
+        write_json(self.folder.provenance(server_round), version_provenance(
+            self.folder, self.cfg, self.run_id, record, self.sent.get(server_round, ""),
+            {r.site: r.attestation for r in reports}))
         for step in stateful:
             step.save_state(version)
         self.rows.append(record)

@@ -40,7 +40,7 @@ from flwr.serverapp import Grid
 from fedcpt.config import Phase, RunConfig
 from fedcpt.core import progress
 from fedcpt.core import protocol as p
-from fedcpt.core.adapters import load_adapter, load_version, update_norm
+from fedcpt.core.adapters import arrays_digest, load_adapter, load_version, update_norm
 from fedcpt.core.model import AdaptedModel
 from fedcpt.core.retention import GeneralEvaluation
 from fedcpt.exceptions import RoundFailed, UpdateRejected
@@ -124,6 +124,7 @@ def run_round(fed: Federation, server_round: int, global_arrays: ArrayRecord,
     """One round from ``global_arrays``; returns the next global adapter."""
     fed_cfg = fed.cfg.federation
     content = configure(fed, server_round, global_arrays)
+    fed.recorder.record_sent(server_round, arrays_digest(global_arrays))
     failures: list[str] = []
     for attempt_no in range(fed_cfg.round_retries + 1):
         if attempt_no:

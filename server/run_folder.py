@@ -70,6 +70,12 @@ class RunFolder:
         """Simulated sites' privacy ledgers, when the config names no other folder."""
         return self.root / "ledgers"
 
+    @property
+    def simulated_ca(self) -> Path:
+        """The simulation's throwaway CA certificates (PEM bundle, one per start or resume):
+        what simulated sites' attestations are verified against."""
+        return self.root / "simulated-ca.pem"
+
     def version(self, server_round: int) -> Path:
         """The adapter version saved after ``server_round`` (peft format + version.json)."""
         return self.adapters / f"round-{server_round:03d}"

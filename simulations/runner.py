@@ -81,15 +81,19 @@ def federation_config(cfg: RunConfig) -> dict:
 
 
 @contextlib.contextmanager
-def simulated_identities(cfg: RunConfig) -> Iterator[None]:
+def simulated_identities(cfg: RunConfig, run_dir: Path | None = None) -> Iterator[None]:
     """Under secure aggregation, a throwaway CA and one signing identity per site for the
     simulation's duration (in a temporary folder the local Ray workers find through the
-    environment they inherit)."""
+    environment they inherit). The CA certificate (public) is appended to the run folder's
+    ``simulated-ca.pem``, so the sites' attestations can be verified after the run."""
     if not cfg.secagg.enabled:
         yield
         return
     with tempfile.TemporaryDirectory(prefix="fedcpt-secagg-") as folder:
         provision_simulated_identities(Path(folder), [s.name for s in cfg.sites])
+        if run_dir is not None:
+            with RunFolder(run_dir).simulated_ca.open("ab") as bundle:
+                bundle.write((Path(folder) / "ca.crt").read_bytes())
         previous = os.environ.get(SIMULATION_IDENTITIES_ENV)
         os.environ[SIMULATION_IDENTITIES_ENV] = folder
         try:
@@ -132,7 +136,8 @@ def simulate(cfg: RunConfig, run_dir: Path, resume: bool = False,
             if on_line is not None:
                 on_line(line)
 
-        with simulated_identities(cfg), LocalSuperLink(Path(home) / "flwr-home") as superlink:
+        with simulated_identities(cfg, run_dir), \
+                LocalSuperLink(Path(home) / "flwr-home") as superlink:
             status = superlink.run(run_config, federation_config(cfg), record)
     folder = RunFolder(run_dir)
     if status == 0 and folder.summary.is_file():

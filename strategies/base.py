@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedcpt.core import protocol as p
 from fedcpt.exceptions import UpdateRejected
+from fedcpt.privacy.attestation import Attestation
 
 TRAIN_METRICS = (p.NUM_EXAMPLES, p.TRAIN_SECONDS)
 EVAL_METRICS = (p.NUM_EXAMPLES, p.DOMAIN_LOSS, p.DOMAIN_BASE_LOSS, p.DOMAIN_ECE)
@@ -38,6 +39,9 @@ class SiteTrainReport:
     """The site's cumulative DP accounting after this round (empty without DP)."""
     unit: str | None = None
     """The kind of privacy unit the site's ε is per (its policy), as it said."""
+    attestation: dict[str, str] | None = None
+    """The site's signed statement of what it trained on (:mod:`fedcpt.privacy.attestation`),
+    as received; None when the site has no signing identity (unattested)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,14 @@ def site_unit(msg: Message) -> str | None:
     """The kind of privacy unit a training reply says the site's ε is per."""
     record = msg.content.config_records.get(p.SITE) if msg.has_content() else None
     return str(record["unit"]) if record and "unit" in record else None
+
+
+def site_attestation(msg: Message) -> dict[str, str] | None:
+    """A training reply's attestation as received (checked for shape only: the server
+    records it, whoever holds the CA certificate verifies it); UpdateRejected if
+    malformed."""
+    record = msg.content.config_records.get(p.ATTESTATION) if msg.has_content() else None
+    return None if record is None else Attestation.from_dict(dict(record)).to_dict()
 
 
 def reply_metrics(msg: Message, required: tuple[str, ...]) -> dict[str, float]:
@@ -99,6 +111,7 @@ def site_report(msg: Message, metrics: dict[str, float], bytes_up: int,
         update_norm=norm,
         privacy={k: metrics[k] for k in p.PRIVACY_METRICS if k in metrics},
         unit=site_unit(msg),
+        attestation=site_attestation(msg),
     )
 
 

@@ -152,8 +152,14 @@ def verify_signed(identity: SiteIdentity, cert_der: bytes, message: bytes,
                   signature: bytes) -> str:
     """The site name of ``cert_der`` if it is a SecAgg certificate of this site's CA and
     ``signature`` is its signature over ``message``; UpdateRejected otherwise."""
-    ca_der = identity.ca.public_bytes(serialization.Encoding.DER)
-    name, public = _verified_subject(ca_der, bytes(cert_der))
+    return verify_with_ca(identity.ca.public_bytes(serialization.Encoding.DER), cert_der,
+                          message, signature)
+
+
+def verify_with_ca(ca_der: bytes, cert_der: bytes, message: bytes, signature: bytes) -> str:
+    """:func:`verify_signed` against a CA certificate (DER) held outside any site identity,
+    e.g. by an auditor checking attestations; UpdateRejected if anything fails."""
+    name, public = _verified_subject(bytes(ca_der), bytes(cert_der))
     try:
         Ed25519PublicKey.from_public_bytes(public).verify(bytes(signature), message)
     except (InvalidSignature, TypeError, ValueError):

@@ -11,6 +11,7 @@ import fedcpt.client.app as client_app
 from fedcpt.config import load_config
 from fedcpt.core import protocol as p
 from fedcpt.core.model import load_adapted_model
+from fedcpt.deploy.certs import write_federation_certs
 from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.privacy.report import released_keys, site_row
 from fedcpt.testing.bad_inputs.proposals import _site_data
@@ -34,9 +35,13 @@ def dp_site(tmp_path):
     smoke-dp run's initial adapter."""
     cfg = load_config("smoke-dp", overrides=["privacy.noise_multiplier=1.0"])  # no planning
     ledger = tmp_path / "clinic.ledger.json"
+    key, cert = write_federation_certs(tmp_path / "fed", ["127.0.0.1"], ["clinic"],
+                                       days=2).signing["clinic"]
+    identity = {"ca-cert": str(tmp_path / "fed" / "ca.crt"), "secagg-key": str(key),
+                "secagg-cert": str(cert)}  # so that its replies carry an attestation
     context = site_context(str(_site_data(tmp_path)), ledger, name="clinic",
                            unit="field:user_id", **{"heldout-fraction": "0.3",
-                                                    "eval-release": "noised"})
+                                                    "eval-release": "noised", **identity})
     initial = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
     return cfg, context, ledger, initial
 
@@ -52,6 +57,7 @@ def test_every_key_of_a_dp_sites_replies_is_in_the_reports_release_list(dp_site)
     listed = released_keys(site_row(ledger)["policy"]["eval_release"]["value"])
     for reply in (trained, evaluated, query):
         assert reply_keys(reply) <= listed, sorted(reply_keys(reply) - listed)
+    assert p.ATTESTATION in trained.content
     metrics = trained.content[p.METRICS]
     assert metrics[p.TRAIN_SECONDS] == 0.0  # it would time the Poisson batches
     assert p.TRAIN_LOSS not in metrics  # computed on the protected units

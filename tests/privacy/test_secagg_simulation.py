@@ -17,6 +17,8 @@ from fedcpt.privacy.accounting import epsilon
 from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import MASKED, STATE
+from fedcpt.server.attestations import verify_run_version
+from fedcpt.server.versions import list_versions
 from fedcpt.simulations.runner import simulate
 
 
@@ -42,6 +44,12 @@ def test_secagg_with_dp_runs_and_spends_exactly_what_dp_alone_spends(
         assert secure.epsilon() == pytest.approx(plain.epsilon(), rel=1e-12)
     assert summary["privacy"]["max_epsilon"] == pytest.approx(
         dp_summary["privacy"]["max_epsilon"], rel=1e-12)
+    # every site attested every version it trained, verifiably against the simulated CA
+    trained = [v for v in list_versions(run_dir) if v["sites"]]
+    assert len(trained) == cfg.federation.rounds
+    for version in trained:
+        verdicts = verify_run_version(run_dir, version["round"])
+        assert [v.status for v in verdicts] == ["verified"] * len(version["sites"]), verdicts
 
 
 @pytest.mark.usefixtures("flower_task")

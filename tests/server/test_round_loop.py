@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedcpt.config import FederationConfig, PhaseConfig, PrivacyConfig, RunConfig, SiteConfig
+from fedcpt.core.adapters import arrays_digest
 from fedcpt.exceptions import RoundFailed
 from fedcpt.server import round_loop
 from fedcpt.server.round_loop import Federation, run_round, run_rounds
@@ -65,6 +66,10 @@ class Recorder:
     def __init__(self) -> None:
         self.train: dict[int, tuple] = {}
         self.evaluate: dict[int, list] = {}
+        self.sent: dict[int, str] = {}
+
+    def record_sent(self, server_round, global_sha256):
+        self.sent[server_round] = global_sha256
 
     def record_train(self, server_round, reports, failures, aggregated, steps=None):
         self.train[server_round] = (reports, failures, aggregated, steps)
@@ -108,6 +113,8 @@ def test_a_round_averages_the_updates_then_evaluates_every_site_then_commits(com
     assert aggregated and failures == [] and len(reports) == 3
     assert sorted(grid.evaluated) == list(NODES) and len(fed.recorder.evaluate[1]) == 3
     assert committed == [(1, new)]
+    # what the sites' attestations are bound to: the adapter the request carried
+    assert fed.recorder.sent[1] == arrays_digest(request["arrays"])
 
 
 def test_sites_per_round_samples_that_many_sites(committed):

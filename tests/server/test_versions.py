@@ -31,6 +31,9 @@ def test_every_round_is_a_version_with_its_parent(run):
     assert sorted(versions[1]["sites"]) == ["east", "north", "south"]
     assert set(versions[1]["data_files"]) == {"east", "north", "south"}
     assert versions[1]["server_steps"]["regression_guard"]["rejected"] is False
+    # simulated sites have signing identities only under secure aggregation: no fake ones
+    assert versions[1]["attestations"] == dict.fromkeys(versions[1]["sites"], "unattested")
+    assert len(versions[1]["global_sha256"]) == 64
 
 
 def test_rollback_to_a_missing_version_is_a_clear_error(run):
