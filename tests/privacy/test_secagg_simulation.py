@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -25,7 +26,14 @@ from fedcpt.simulations.runner import simulate
 def test_secagg_with_dp_runs_and_spends_exactly_what_dp_alone_spends(
         tmp_path, sites_config, smoke_dp_run):
     dp_cfg, dp_dir, dp_summary = smoke_dp_run
-    cfg = load_config("smoke-secagg", config_file=sites_config)
+    # Each site's held-out split is salted with a secret drawn beside its ledger: the secure
+    # run's sites keep the DP run's splits, so both train on the same units (same N and q).
+    ledgers = tmp_path / "ledgers"
+    ledgers.mkdir()
+    for split in (dp_dir / "ledgers").glob("*.split.json"):
+        shutil.copy(split, ledgers / split.name)
+    cfg = load_config("smoke-secagg", config_file=sites_config,
+                      overrides=[f"privacy.ledger_dir={ledgers}"])
     run_dir = tmp_path / "run"
     summary = simulate(cfg, run_dir)
 
@@ -38,7 +46,7 @@ def test_secagg_with_dp_runs_and_spends_exactly_what_dp_alone_spends(
     assert all(r["update_norm_per_site"] == {} for r in rows)  # the server saw no update
     assert "## Secure aggregation" in (run_dir / "report.md").read_text()
     for site in summary["privacy"]["sites"]:
-        secure = PrivacyLedger.load(run_dir / "ledgers" / f"{site}.ledger.json")
+        secure = PrivacyLedger.load(ledgers / f"{site}.ledger.json")
         plain = PrivacyLedger.load(dp_dir / "ledgers" / f"{site}.ledger.json")
         assert secure.history == plain.history  # the same (σ, q, steps) every round
         assert secure.epsilon() == pytest.approx(plain.epsilon(), rel=1e-12)
