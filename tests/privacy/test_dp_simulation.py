@@ -16,6 +16,7 @@ from fedcpt.simulations.runner import simulate
 SITES = ("north", "south", "east")
 
 
+@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
 def test_dp_run_reports_cumulative_epsilon_from_the_ledgers(smoke_dp_run):
     cfg, run_dir, summary = smoke_dp_run
 
@@ -38,6 +39,7 @@ def test_dp_run_reports_cumulative_epsilon_from_the_ledgers(smoke_dp_run):
     assert "## Privacy" in report and f"| {SITES[0]} | passage |" in report
 
 
+@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
 def test_site_refuses_the_round_that_would_exceed_its_budget(tmp_path, sites_config):
     sigma, q_steps = 0.8, 4  # smoke: 4 local steps per round, batch 4
     # Each site holds 11-13 training passages (its salted split decides which), so one

@@ -23,6 +23,7 @@ from fedcpt.server.versions import list_versions
 from fedcpt.simulations.runner import simulate
 
 
+@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
 def test_secagg_with_dp_runs_and_spends_exactly_what_dp_alone_spends(
         tmp_path, sites_config, smoke_dp_run):
     dp_cfg, dp_dir, dp_summary = smoke_dp_run
@@ -76,6 +77,7 @@ def test_a_site_requiring_secagg_refuses_a_plain_training_message(sites_config):
     assert not reply.has_content()  # no adapter leaves the site
 
 
+@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
 def test_site_level_dp_under_secagg_is_added_by_the_sites(tmp_path, sites_config):
     cfg = load_config("smoke", config_file=sites_config, overrides=[
         "secagg.mode=on", "federation.max_update_norm=5", "privacy.user_level=true",

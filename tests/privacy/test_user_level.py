@@ -11,6 +11,7 @@ from fedcpt.privacy.accounting import epsilon
 from fedcpt.simulations.runner import simulate
 
 
+@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
 def test_updates_are_clipped_at_the_site_and_epsilon_reported_separately(tmp_path,
                                                                           sites_config):
     clip = 0.01  # far below the unclipped update norm of a smoke round

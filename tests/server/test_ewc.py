@@ -89,6 +89,7 @@ def test_ewc_without_a_rehearsal_pool_is_a_config_error(write_text):
         general_data(load_config("smoke", overrides=[*overrides, "strategy.anchor=ewc"]))
 
 
+@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
 def test_smoke_run_with_ewc_finishes(tmp_path, sites_config):
     from fedcpt.simulations.runner import simulate
 

@@ -21,6 +21,7 @@ from fedcpt.server.run_folder import RunFolder
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
 def test_report_html_is_one_page_with_every_plot_inline(smoke_dp_run):
     _, run_dir, _ = smoke_dp_run
     folder = RunFolder(run_dir)
@@ -38,6 +39,7 @@ def test_report_html_is_one_page_with_every_plot_inline(smoke_dp_run):
     assert "<h2>What changed, in words</h2>" in page and "<table>" in page
 
 
+@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
 def test_continuations_are_the_config_prompts_only(smoke_dp_run):
     cfg, run_dir, _ = smoke_dp_run
     assert cfg.report.prompts  # the smoke scenario sets a general and a domain prompt
@@ -51,6 +53,7 @@ def test_continuations_are_the_config_prompts_only(smoke_dp_run):
         assert prompt in page
 
 
+@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
 def test_epsilon_per_round_is_what_the_sites_reported(smoke_dp_run):
     cfg, run_dir, summary = smoke_dp_run
     rows = read_rounds(RunFolder(run_dir))

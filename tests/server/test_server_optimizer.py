@@ -172,6 +172,7 @@ def test_server_optimiser_with_user_level_dp_is_rejected():
                                         "privacy.user_level=true"])
 
 
+@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
 @pytest.mark.parametrize("kind", ["fedavgm", "fedadam", "fedyogi"])
 def test_smoke_run_with_each_optimiser_finishes(tmp_path, sites_config, kind):
     from fedcpt.simulations.runner import simulate

@@ -23,6 +23,7 @@ def run(tmp_path_factory, sites_config):
     return root
 
 
+@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
 def test_every_round_is_a_version_with_its_parent(run):
     versions = list_versions(run / "run")
     assert [v["round"] for v in versions] == [0, 1, 2]
@@ -41,6 +42,7 @@ def test_rollback_to_a_missing_version_is_a_clear_error(run):
         version_dir(run / "run", 7)
 
 
+@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
 def test_rollback_continues_from_the_chosen_version(run):
     cfg = continue_from(run / "run", 1, rounds=1)
     assert cfg.federation.initial_adapter.endswith("round-001")

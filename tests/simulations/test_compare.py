@@ -31,6 +31,7 @@ def test_unknown_arm_is_rejected_before_anything_runs():
         grid(["ewc-typo"], [False])
 
 
+@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
 def test_compare_writes_arms_against_the_reference(tmp_path, sites_config):
     config = sites_config
     out = tmp_path / "cmp"
