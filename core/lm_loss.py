@@ -28,7 +28,17 @@ _PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3"})
 logit scaling. Others fall back to transformers' loss."""
 
 
-class _HeadCrossEntropy(torch.autograd.Function):
+class _GradInForward(torch.autograd.Function):
+    """A scalar loss whose forward already computed d loss / d hidden (saved on ``ctx``):
+    the backward only scales it (the frozen head and the other inputs get no gradient)."""
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None
+
+
+class _HeadCrossEntropy(_GradInForward):
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, chunked over tokens.
 
     ``weight`` is frozen, so the only gradient is with respect to ``hidden``; it is computed
@@ -54,11 +64,6 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 grad[start:start + chunk] = (probs.to(weight.dtype) @ weight) / n
         ctx.save_for_backward(grad if want_grad else torch.empty(0))
         return total / n
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
 
 
 def _plain_head(causal_lm: nn.Module) -> nn.Linear | None:
@@ -87,7 +92,7 @@ def next_token_loss(model: nn.Module, input_ids: torch.Tensor,
     return _HeadCrossEntropy.apply(hidden, head.weight, targets, chunk)
 
 
-class _HeadKLToTeacher(torch.autograd.Function):
+class _HeadKLToTeacher(_GradInForward):
     """Mean KL(softmax(teacher @ weight.T) ‖ softmax(hidden @ weight.T)), chunked over
     tokens: the distillation loss toward a teacher that shares the frozen head.
 
@@ -113,11 +118,6 @@ class _HeadKLToTeacher(torch.autograd.Function):
                 grad[start:start + chunk] = ((log_s.exp_() - p_t).to(weight.dtype) @ weight) / n
         ctx.save_for_backward(grad if want_grad else torch.empty(0))
         return total / n
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output.to(grad.dtype), None, None, None
 
 
 def next_token_kl_to_base(model: nn.Module, input_ids: torch.Tensor,
