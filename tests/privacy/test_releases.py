@@ -40,7 +40,7 @@ def dp_site(tmp_path):
     identity = {"ca-cert": str(tmp_path / "fed" / "ca.crt"), "secagg-key": str(key),
                 "secagg-cert": str(cert)}  # so that its replies carry an attestation
     context = site_context(str(_site_data(tmp_path)), ledger, name="clinic",
-                           unit="field:user_id", **{"heldout-fraction": "0.3",
+                           unit="field:user_id", **{"heldout-fraction": "0.5",
                                                     "eval-release": "noised", **identity})
     initial = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
     return cfg, context, ledger, initial
