@@ -11,6 +11,7 @@ in :mod:`~fedcpt.client.train_step`, the SecAgg+ stages in
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -22,6 +23,7 @@ from fedcpt.client.request import load_request, refusal, run_config
 from fedcpt.client.site import open_ledger, policy_for, require_secagg, resolve_site, site_blocks
 from fedcpt.client.train_step import train_update
 from fedcpt.core import protocol as p
+from fedcpt.privacy.data_drift import DataDriftRecord, drift_path
 from fedcpt.privacy.ledger import SiteRefused
 from fedcpt.privacy.policy import accept_proposal, check_site_level_dp
 from fedcpt.privacy.release import release_evaluation
@@ -108,20 +110,25 @@ _base_losses: dict[tuple, dict] = {}
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Held-out domain loss of the received adapter on this site's data (and of the base),
-    released only as the site's policy allows (:mod:`fedcpt.privacy.release`)."""
+    released only as the site's policy allows (:mod:`fedcpt.privacy.release`), with the
+    site's data drift when it keeps a record beside its ledger."""
     cfg, lm, _ = load_request(msg)
     node_config = dict(context.node_config)
     site = resolve_site(cfg, node_config)
     policy = policy_for(cfg, site, node_config)
     blocks = site_blocks(site, cfg.model, cfg.data, policy)
     try:
-        ledger = None
+        ledger, drift = None, None
         if policy.eval_release == "noised" and policy.ledger_path:
             ledger = open_ledger(cfg, policy, accept_proposal(policy, cfg, blocks.units))
+        if policy.eval_release != "nothing" and policy.ledger_path:
+            # read (and checked) before a noised release spends anything
+            drift = DataDriftRecord.open(drift_path(Path(policy.ledger_path).expanduser()),
+                                         site.name)
         metrics = release_evaluation(
             cfg, lm, policy, blocks, run_id=str(msg.content[p.CONFIG].get(p.RUN_ID, "")),
             base_cache=_base_losses.setdefault((site, cfg.model, cfg.data, policy), {}),
-            ledger=ledger)
+            ledger=ledger, drift=drift)
     except SiteRefused as err:
         return refusal(msg, err, p.BUDGET_EXHAUSTED)
     content = RecordDict({p.METRICS: MetricRecord(metrics),

@@ -96,7 +96,8 @@ class StrategyConfig:
 @dataclass(frozen=True)
 class MonitorConfig:
     """Drift alarms that act (`[monitor]`): after each accepted round the server compares
-    the global update's norm and its general loss with the last good rounds."""
+    the global update's norm and its general loss with the last good rounds; each site's
+    released data drift is compared with a threshold (a flag, never a rollback)."""
 
     window: int = _opt(3, "Last good rounds the drift baselines look back over.")
     update_drift: float = _opt(
@@ -108,9 +109,15 @@ class MonitorConfig:
     action: Literal["rollback", "flag"] = _opt(
         "rollback", "On a flagged round: roll the global adapter back to the last good "
         "version (the round's version is that one), or only flag it in the report.")
+    data_drift_threshold: float = _opt(
+        0.0, "Flag a site whose released data drift (the base model's held-out loss on its "
+        "data now minus the mean of its previous runs) is more than this many nats either "
+        "way (0: off). A flag only, never a rollback: a change of data is not a bad update.")
 
     def __post_init__(self) -> None:
         require(self.window >= 1, "monitor.window", self.window, ">= 1")
+        require(self.data_drift_threshold >= 0, "monitor.data_drift_threshold",
+                self.data_drift_threshold, ">= 0 (0: off)")
         require(self.update_drift == 0 or self.update_drift > 1, "monitor.update_drift",
                 self.update_drift, "> 1 (a multiple of the median norm) or 0 (off)")
         require(self.general_loss_drift >= 0, "monitor.general_loss_drift",

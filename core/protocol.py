@@ -38,6 +38,7 @@ PRIVACY_METRICS = ("epsilon", "epsilon-rdp", "delta", "noise-multiplier", "sampl
 DOMAIN_LOSS = "domain-loss"
 DOMAIN_BASE_LOSS = "domain-base-loss"
 DOMAIN_ECE = "domain-ece"
+DATA_DRIFT = "data-drift"  # the base loss minus the site's previous runs' mean (optional)
 
 # Error codes of a reply from a site that refused to train
 BUDGET_EXHAUSTED = 100     # its privacy budget, or a DP / secure aggregation requirement

@@ -13,6 +13,12 @@
   composed with DP-SGD by the same accountant. Laplace is not offered: Opacus's
   accountants, which the ledger uses, analyse Gaussian noise only.
 
+With a data-drift record (:mod:`fedcpt.privacy.data_drift`), each release also carries
+``data-drift``: the released base loss minus the mean of the site's previous runs' released
+base losses (absent on a site's first run). It is computed from released values only, so
+it is released exactly as the base loss is (plain → plain; noised → post-processing of the
+noised base loss, no extra ε; nothing → nothing).
+
 Release of the loss only through secure aggregation with the other sites is **not
 built**: no policy value asks for it, and under ``secagg.mode = "on"`` an evaluation reply
 still goes to the server per site, unmasked, as the policy above says.
@@ -30,6 +36,7 @@ from fedcpt.core import protocol as p
 from fedcpt.core.data import TokenBlocks, first_block_per_unit, spread
 from fedcpt.core.evaluation import evaluate_blocks
 from fedcpt.core.model import AdaptedModel
+from fedcpt.privacy.data_drift import DataDriftRecord, RunEntry, blocks_digest, model_digest
 from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.privacy.plan import EVAL_RUN_SUFFIX
 from fedcpt.privacy.policy import PolicyRefused, SitePolicy, accept_proposal, check_query
@@ -54,9 +61,11 @@ def eval_reservation(policy: SitePolicy, rounds: int) -> tuple[tuple[float, floa
 
 def release_evaluation(cfg: RunConfig, lm: AdaptedModel, policy: SitePolicy,
                        blocks: TokenBlocks, *, base_cache: dict, run_id: str,
-                       ledger: PrivacyLedger | None) -> dict[str, float]:
+                       ledger: PrivacyLedger | None,
+                       drift: DataDriftRecord | None = None) -> dict[str, float]:
     """The evaluation metrics the site's policy lets it release for the received adapter
-    (``base_cache`` keeps the base model's released loss across rounds)."""
+    (``base_cache`` keeps the base model's released loss across rounds), with the data
+    drift when the site keeps a ``drift`` record."""
     if policy.eval_release == "nothing":
         raise PolicyRefused(f"site {policy.site!r} releases no evaluation (eval_release = "
                             f"nothing, {policy.who('eval_release')})")
@@ -73,8 +82,10 @@ def release_evaluation(cfg: RunConfig, lm: AdaptedModel, policy: SitePolicy,
             with lm.model.disable_adapter():
                 base_cache["plain"] = evaluate_blocks(lm, heldout, cfg.train.eval_batch_size).loss
         result = evaluate_blocks(lm, heldout, cfg.train.eval_batch_size)
-        return {p.NUM_EXAMPLES: result.tokens, p.DOMAIN_LOSS: result.loss,
-                p.DOMAIN_BASE_LOSS: base_cache["plain"], p.DOMAIN_ECE: result.ece}
+        released = {p.NUM_EXAMPLES: result.tokens, p.DOMAIN_LOSS: result.loss,
+                    p.DOMAIN_BASE_LOSS: base_cache["plain"], p.DOMAIN_ECE: result.ece}
+        return released | _data_drift(drift, base_cache, run_id, lm, heldout, released,
+                                      measure=f"plain {len(heldout)}x{heldout.shape[1]}")
     if ledger is None:
         raise PolicyRefused(f"site {policy.site!r} releases only noised evaluations, which "
                             "its ledger must account for, and it has no ledger location")
@@ -100,10 +111,30 @@ def release_evaluation(cfg: RunConfig, lm: AdaptedModel, policy: SitePolicy,
         base_cache["noised"] = _noised_mean(base, bound, sigma, noise)
     log.info("site %s released a noised evaluation over %d units (σ=%g)", policy.site, k,
              sigma)
-    return {p.NUM_EXAMPLES: k * (chosen.shape[1] - 1),
-            p.DOMAIN_LOSS: _noised_mean(losses, bound, sigma, noise),
-            p.DOMAIN_BASE_LOSS: base_cache["noised"],
-            p.DOMAIN_ECE: _noised_mean(eces, 1.0, sigma, noise)}
+    released = {p.NUM_EXAMPLES: k * (chosen.shape[1] - 1),
+                p.DOMAIN_LOSS: _noised_mean(losses, bound, sigma, noise),
+                p.DOMAIN_BASE_LOSS: base_cache["noised"],
+                p.DOMAIN_ECE: _noised_mean(eces, 1.0, sigma, noise)}
+    # Post-processing: the drift is the noised base loss just released (and accounted)
+    # minus earlier runs' noised releases (accounted then); no new query of the data.
+    return released | _data_drift(drift, base_cache, run_id, lm, chosen, released,
+                                  measure=f"noised {k}x{chosen.shape[1]} L={bound:g}")
+
+
+def _data_drift(record: DataDriftRecord | None, base_cache: dict, run_id: str,
+                lm: AdaptedModel, blocks: torch.Tensor, released: dict[str, float],
+                measure: str) -> dict[str, float]:
+    """``{data-drift: …}`` for this run (empty: no record, or no previous run to compare
+    with): on the run's first release in this process, the released base loss is recorded
+    and compared; later rounds repeat the same value."""
+    if record is None:
+        return {}
+    key = ("data-drift", run_id)
+    if key not in base_cache:
+        base_cache[key] = record.record_run(RunEntry(
+            run=run_id, model=model_digest(lm), measure=measure, data=blocks_digest(blocks),
+            base_loss=released[p.DOMAIN_BASE_LOSS], tokens=int(released[p.NUM_EXAMPLES])))
+    return {} if base_cache[key] is None else {p.DATA_DRIFT: base_cache[key]}
 
 
 def _per_unit(lm: AdaptedModel, chosen: torch.Tensor) -> tuple[list[float], list[float]]:

@@ -30,7 +30,9 @@ STATEMENT = (
     "cumulative over every step and noised evaluation release in the site's ledger (all "
     "rounds, restarts and phases), at the site's δ. Sites hold disjoint data, so the "
     "federation's ε is the maximum over sites; aggregation and anything the server does "
-    "with the adapters are post-processing. Not covered: one person whose text sits in "
+    "with the adapters are post-processing, as is a site's data drift (its released base "
+    "loss minus its earlier runs' released base losses: covered by ε exactly when those "
+    "were noised). Not covered: one person whose text sits in "
     "several units or at several sites (unless the unit is that person), quantities listed "
     "below as not covered, and any text shared outside training.")
 
@@ -84,12 +86,16 @@ RELEASES = (
             "functions of the public parameters"),
 )
 EVAL_KEYS = (p.METRICS, p.NUM_EXAMPLES, p.DOMAIN_LOSS, p.DOMAIN_BASE_LOSS, p.DOMAIN_ECE,
-             p.SITE, "name")
+             p.DATA_DRIFT, p.SITE, "name")
 EVAL_RELEASE = {
-    "nothing": "evaluation: nothing released",
-    "plain": "evaluation loss, base loss, ECE: released WITHOUT noise, NOT covered by ε",
+    "nothing": "evaluation: nothing released (no data drift either)",
+    "plain": "evaluation loss, base loss, ECE: released WITHOUT noise, NOT covered by ε; "
+             "data drift (the base loss minus the mean of the site's earlier runs' released "
+             "base losses): released WITHOUT noise, NOT covered by ε",
     "noised": "evaluation loss, base loss, ECE: Gaussian mechanism on clipped per-unit "
-              "values, covered by ε (in the ledger)",
+              "values, covered by ε (in the ledger); data drift: computed from the noised "
+              "base losses this run and earlier runs released, post-processing, covered by "
+              "ε at no extra cost",
 }
 
 

@@ -5,7 +5,12 @@ Both signals are the server's own: the global update (the aggregate after the se
 steps, which the server holds even under SecAgg, and which is DP post-processing under
 site-level DP) and the general loss on the server's held-out blocks. The window is read
 from the run's :class:`~fedcpt.server.records.RoundRecord` rows, so a resumed run keeps
-its baselines. Per-site data drift is computed at the sites and is not here.
+its baselines.
+
+Per-site data drift is computed and released by the sites
+(:mod:`fedcpt.privacy.data_drift`); :func:`check_data_drift` only compares what they sent
+with ``monitor.data_drift_threshold`` and flags, never rolls back: a site whose data
+changed has not sent a bad update, and its updates are still judged by the signals above.
 """
 
 from __future__ import annotations
@@ -69,3 +74,19 @@ def check_drift(cfg: MonitorConfig, rows: list[RoundRecord], update_norm: float,
         log.warning("drift: %s%s", flag, "" if target is None else
                     f"; rolling back to version {target}")
     return Drift(update_norm, ratio, rise, flags, target)
+
+
+def check_data_drift(cfg: MonitorConfig, rows: list[RoundRecord],
+                     per_site: dict[str, float]) -> list[str]:
+    """Flags for the sites whose released data drift is beyond the threshold either way,
+    each once a run: a site flagged in an earlier round of ``rows`` is not flagged again."""
+    if not cfg.data_drift_threshold:
+        return []
+    seen = {site for r in rows for site in r.data_drift_per_site}
+    flags = [f"data drift: site {site}'s data moved by {value:+.3f} nats against its "
+             f"previous runs (threshold {cfg.data_drift_threshold:g})"
+             for site, value in sorted(per_site.items())
+             if site not in seen and abs(value) > cfg.data_drift_threshold]
+    for flag in flags:
+        log.warning("%s", flag)
+    return flags

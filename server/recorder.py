@@ -17,7 +17,7 @@ from fedcpt.core.durable import write_json
 from fedcpt.core.model import AdaptedModel
 from fedcpt.core.retention import GeneralReport
 from fedcpt.server.checkpoint import RunState, TrainOutcome
-from fedcpt.server.drift import Drift
+from fedcpt.server.drift import Drift, check_data_drift
 from fedcpt.server.provenance import read_run_id, version_provenance, write_manifest
 from fedcpt.server.records import (
     RoundRecord,
@@ -46,6 +46,7 @@ class RunRecorder:
         self.state = state
         self.rows = list(rows or [])
         self.drift: dict[int, Drift] = {}
+        self.data_flags: dict[int, list[str]] = {}
         self.sent: dict[int, str] = {}  # SHA-256 of the global adapter sent each round
 
     @property
@@ -100,11 +101,17 @@ class RunRecorder:
                      r.seconds, norm)
 
     def record_evaluate(self, server_round: int, reports: list[SiteEvalReport]) -> None:
+        """The sites' evaluations, and a flag for each site whose data drift passes the
+        monitor's threshold."""
         self.state.evals[server_round] = list(reports)
         for r in reports:
             self.state.domain_base.setdefault(r.site, r.base_loss)
-            log.info("round %d · site %-12s domain loss %.4f (base %.4f)", server_round,
-                     r.site, r.loss, r.base_loss)
+            drift = "" if r.data_drift is None else f", data drift {r.data_drift:+.4f}"
+            log.info("round %d · site %-12s domain loss %.4f (base %.4f%s)", server_round,
+                     r.site, r.loss, r.base_loss, drift)
+        self.data_flags[server_round] = check_data_drift(
+            self.cfg.monitor, self.rows,
+            {r.site: r.data_drift for r in reports if r.data_drift is not None})
 
     def record_drift(self, server_round: int, drift: Drift) -> None:
         """The drift monitor's verdict on the round (a rollback un-aggregates it)."""
@@ -128,6 +135,9 @@ class RunRecorder:
             domain_loss=weighted_mean([(r.loss, r.tokens) for r in evals]),
             domain_per_site={r.site: r.loss for r in evals},
             domain_ece=weighted_mean([(r.ece, r.tokens) for r in evals]),
+            data_drift_per_site={r.site: r.data_drift for r in evals
+                                 if r.data_drift is not None},
+            data_drift_flags=self.data_flags.get(server_round, []),
             aggregated=outcome.aggregated and not (drift and drift.rolled_back_to is not None),
             sites_trained=[r.site for r in train],
             train_loss=weighted_mean([(r.train_loss, r.num_examples) for r in train

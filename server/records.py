@@ -46,6 +46,11 @@ class RoundRecord:
     """L2 norm of the round's global update (None: the round did not aggregate)."""
     drift: dict[str, Any] = field(default_factory=dict)
     """The drift monitor's signals, flags and rollback (:mod:`fedcpt.server.drift`)."""
+    data_drift_per_site: dict[str, float] = field(default_factory=dict)
+    """Each evaluated site's released data drift: the base model's held-out loss on its
+    data this run minus the mean over its previous runs (nats; absent on a first run)."""
+    data_drift_flags: list[str] = field(default_factory=list)
+    """Sites whose data drift passed ``monitor.data_drift_threshold`` (first round seen)."""
     epsilon_per_site: dict[str, float] = field(default_factory=dict)
     """Under record-level DP: each trained site's cumulative ε, as it reported it with
     its update this round."""

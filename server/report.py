@@ -12,6 +12,7 @@ from fedcpt.privacy.report import STATEMENT, site_table
 from fedcpt.server.records import RoundRecord, Summary
 from fedcpt.server.report_html import markdown_to_html
 from fedcpt.server.report_plots import (
+    plot_data_drift,
     plot_domain,
     plot_drift,
     plot_epsilon,
@@ -81,6 +82,7 @@ def round_flags(rows: list[RoundRecord]) -> list[list[str]]:
         if r.rejected_by_guard:
             f.append("rejected by regression guard")
         f += r.drift.get("flags", [])
+        f += r.data_drift_flags
         if r.drift.get("rolled_back_to") is not None:
             f.append(f"rolled back to version {r.drift['rolled_back_to']}")
         flags.append(f)
@@ -156,6 +158,29 @@ def drift_lines(folder: RunFolder, rows: list[RoundRecord], cfg: RunConfig) -> l
     return lines
 
 
+def data_drift_lines(folder: RunFolder, rows: list[RoundRecord], cfg: RunConfig) -> list[str]:
+    """Each site's released data drift (its latest value; plotted, flagged sites in red)
+    and the flags."""
+    latest = {site: v for r in rows for site, v in r.data_drift_per_site.items()}
+    if not latest:
+        return []
+    threshold = cfg.monitor.data_drift_threshold
+    flags = [f for r in rows for f in r.data_drift_flags]
+    lines = ["", "### Data drift per site", "",
+             f"![data drift]({plot_data_drift(folder, latest, threshold)})", "",
+             "The base model's held-out loss on each site's data this run minus the mean of "
+             "the site's previous runs (same base model and measure), computed and released "
+             "by the site under its evaluation policy: a change of the site's data, not of "
+             f"the adapter. Threshold {threshold or 'off'} nats either way; a flag only, "
+             "never a rollback.", "",
+             "| site | data drift (nats) | flagged |", "|---|---|---|"]
+    lines += [f"| {site} | {v:+.4f} | {'yes' if threshold and abs(v) > threshold else '—'} |"
+              for site, v in sorted(latest.items())]
+    if flags:
+        lines += ["", *[f"- {f.removeprefix('data drift: ')}" for f in flags]]
+    return lines
+
+
 def _retention(folder: RunFolder, s: Summary, rows: list[RoundRecord]) -> list[str]:
     """The retention section and its plot (general loss by kind, KL to the base)."""
     if not s.retention or not rows or not rows[0].general_per_kind:
@@ -228,6 +253,10 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
             f"{_fmt(r.train_loss)} | {len(r.sites_trained)} | {len(r.failures)} | "
             f"{_steps(r.server_steps)} | {', '.join(flags) or '—'} | {r.elapsed_s:.0f} |")
     lines += drift_lines(folder, rows, cfg)
+    data_drift = data_drift_lines(folder, rows, cfg)
+    if data_drift and not any(r.drift for r in rows):
+        lines += ["", "## Drift"]
+    lines += data_drift
     if s.continual is not None:
         lines += continual_lines(s.continual)
     failures = [f for r in rows for f in r.failures]

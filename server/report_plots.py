@@ -107,3 +107,21 @@ def plot_drift(folder: RunFolder, signals: list[RoundRecord]) -> str:
                 ax.axvline(r.round, color="tab:red", alpha=0.4)
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _save(fig, folder, "drift.png")
+
+
+def plot_data_drift(folder: RunFolder, per_site: dict[str, float], threshold: float) -> str:
+    """One bar per site: its released data drift, the threshold either way, and the sites
+    beyond it in red."""
+    sites = sorted(per_site)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(sites) + 1.5), 3.2))
+    colours = ["tab:red" if threshold and abs(per_site[s]) > threshold else "tab:blue"
+               for s in sites]
+    bars = ax.bar(sites, [per_site[s] for s in sites], color=colours)
+    ax.bar_label(bars, fmt="%+.3f", fontsize=7, padding=2)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    for level in (threshold, -threshold) if threshold else ():
+        ax.axhline(level, color="tab:red", linestyle="--", linewidth=1)
+    ax.set(ylabel="nats vs previous runs",
+           title="Data drift per site (base loss now − previous runs' mean)")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, folder, "data_drift.png")

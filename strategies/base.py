@@ -53,6 +53,8 @@ class SiteEvalReport:
     loss: float
     base_loss: float
     ece: float
+    data_drift: float | None = None
+    """The site's base loss now minus the mean of its previous runs' (None: not sent)."""
 
 
 def site_name(msg: Message) -> str:
@@ -120,9 +122,12 @@ def eval_report(msg: Message) -> SiteEvalReport:
     if msg.has_error():
         raise UpdateRejected(msg.error.reason)
     m = reply_metrics(msg, EVAL_METRICS)
+    drift = m.get(p.DATA_DRIFT)
+    if drift is not None and not math.isfinite(drift):
+        raise UpdateRejected(f"reply metric {p.DATA_DRIFT!r} is not finite: {drift}")
     return SiteEvalReport(site=site_name(msg), tokens=int(m[p.NUM_EXAMPLES]),
                           loss=m[p.DOMAIN_LOSS], base_loss=m[p.DOMAIN_BASE_LOSS],
-                          ece=m[p.DOMAIN_ECE])
+                          ece=m[p.DOMAIN_ECE], data_drift=drift)
 
 
 def contribution(payload_key: str, payload: ArrayRecord, num_examples: int) -> RecordDict:
