@@ -121,7 +121,8 @@ def plot_data_drift(folder: RunFolder, per_site: dict[str, float], threshold: fl
     ax.axhline(0, color="grey", linewidth=0.8)
     for level in (threshold, -threshold) if threshold else ():
         ax.axhline(level, color="tab:red", linestyle="--", linewidth=1)
-    ax.set(ylabel="nats vs previous runs",
-           title="Data drift per site (base loss now − previous runs' mean)")
+    top = max([threshold, *map(abs, per_site.values())]) * 1.25 or 0.01
+    ax.set(ylabel="base loss − previous runs' (nats)", ylim=(-top, top),
+           title="Data drift per site")
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, folder, "data_drift.png")
