@@ -16,7 +16,7 @@ from fedcpt.core import protocol as p
 from fedcpt.core.evaluation import EvalResult
 from fedcpt.core.retention import GeneralReport
 from fedcpt.exceptions import ConfigError, UpdateRejected
-from fedcpt.server.drift import check_data_drift
+from fedcpt.server.drift import check_data_drift, good_rounds
 from fedcpt.server.recorder import RunRecorder
 from fedcpt.server.records import read_rounds
 from fedcpt.server.round_loop import Federation, evaluate_sites
@@ -77,6 +77,7 @@ def test_sites_beyond_the_threshold_are_flagged_once_in_the_rows_and_the_report(
                                         "nats against its previous runs (threshold 0.5)"]
     assert rows[2].data_drift_flags == []  # once a run
     assert rows[1].aggregated and rows[2].aggregated  # a flag, not a rollback
+    assert [r.round for r in good_rounds(rows)] == [0, 1, 2]  # still good baselines
     raw = json.loads(folder.metrics.read_text().splitlines()[1])
     assert raw["data_drift_per_site"]["comedies"] == 0.8
     report = folder.report.read_text()
