@@ -111,7 +111,9 @@ def test_noised_drift_is_post_processing_and_spends_nothing_extra(tmp_path):
     data = str(_site_data(tmp_path))
     policy = {"unit": "field:user_id", **NOISED}
     first = _metrics(_evaluate(cfg, data, ledger, "run-1", **policy))
-    second = _metrics(_evaluate(cfg, data, ledger, "run-2", **policy))
+    reply = _evaluate(cfg, data, ledger, "run-2", **policy)
+    assert p.DATA_DRIFT in reply_keys(reply) and reply_keys(reply) <= released_keys("noised")
+    second = _metrics(reply)
     again = _metrics(_evaluate(cfg, data, ledger, "run-2", server_round=2,
                                new_process=False, **policy))
     # the difference of the two noised base losses released, nothing re-measured
