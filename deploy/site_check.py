@@ -38,6 +38,7 @@ from fedcpt.client.site import (
 )
 from fedcpt.config import RunConfig, SiteConfig
 from fedcpt.exceptions import ConfigError
+from fedcpt.privacy.data_drift import DataDriftRecord, drift_path
 from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.privacy.policy import NODE_KEYS, POLICY_FILE_KEY, SitePolicy, site_policy
 from fedcpt.privacy.secagg.identity import (
@@ -137,8 +138,19 @@ def check_data(cfg: RunConfig, node_config: dict) -> str:
 
 
 def check_ledger(node_config: dict) -> str:
-    """An existing ledger must be this site's and intact; a new one must be creatable."""
+    """An existing ledger must be this site's and intact; a new one must be creatable; an
+    existing data-drift record beside it must be this site's and intact."""
     policy = node_policy(node_config)
+    line = _check_ledger(policy)
+    if policy.ledger_path:
+        path = drift_path(Path(policy.ledger_path).expanduser())
+        if path.exists():
+            runs = DataDriftRecord.open(path, policy.site).runs
+            line += f"; data-drift record: {path} ({len(runs)} run{'s' * (len(runs) != 1)})"
+    return line
+
+
+def _check_ledger(policy: SitePolicy) -> str:
     if not policy.ledger_path:
         if policy.require_dp:
             raise ConfigError(f"node-config sets `{REQUIRE_DP_KEY}=true` but no "

@@ -31,6 +31,7 @@ from fedcpt.deploy.site_check import (
     run_site_check,
 )
 from fedcpt.exceptions import ConfigError, DataError
+from fedcpt.privacy.data_drift import DataDriftError, DataDriftRecord, RunEntry
 from fedcpt.privacy.ledger import LedgerError, PrivacyLedger
 
 
@@ -158,6 +159,16 @@ def test_ledger_checks(tmp_path: Path) -> None:
     ledger.path.write_text(ledger.path.read_text().replace("lab", "lbb"))
     with pytest.raises(LedgerError, match="checksum mismatch|not a valid"):
         check_ledger({"site-name": "lab", "ledger-path": str(ledger.path)})
+
+
+def test_a_sites_data_drift_record_is_checked(tmp_path: Path) -> None:
+    config = {"site-name": "clinic", "ledger-path": str(tmp_path / "clinic.ledger.json")}
+    record = DataDriftRecord(tmp_path / "clinic.data-drift.json", "clinic")
+    record.record_run(RunEntry("run-1", "model", "plain 8x64", "data", 5.5, 504))
+    assert "data-drift record: " in check_ledger(config) and "(1 run)" in check_ledger(config)
+    record.path.write_text(record.path.read_text()[:40])
+    with pytest.raises(DataDriftError, match="clinic.data-drift.json is not a valid"):
+        check_ledger(config)
 
 
 # --- certificates and keys ------------------------------------------------------------
