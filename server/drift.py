@@ -79,7 +79,8 @@ def check_drift(cfg: MonitorConfig, rows: list[RoundRecord], update_norm: float,
 def check_data_drift(cfg: MonitorConfig, rows: list[RoundRecord],
                      per_site: dict[str, float]) -> list[str]:
     """Flags for the sites whose released data drift is beyond the threshold either way,
-    each once a run: a site flagged in an earlier round of ``rows`` is not flagged again."""
+    each once a run: only in the first round its value arrives (a site with a value in an
+    earlier round of ``rows`` is not flagged again; the value is the run's, every round)."""
     if not cfg.data_drift_threshold:
         return []
     seen = {site for r in rows for site in r.data_drift_per_site}

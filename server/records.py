@@ -50,7 +50,8 @@ class RoundRecord:
     """Each evaluated site's released data drift: the base model's held-out loss on its
     data this run minus the mean over its previous runs (nats; absent on a first run)."""
     data_drift_flags: list[str] = field(default_factory=list)
-    """Sites whose data drift passed ``monitor.data_drift_threshold`` (first round seen)."""
+    """A flag per site whose data drift is beyond ``monitor.data_drift_threshold`` (in
+    the first round its value arrived); a flag never rolls back."""
     epsilon_per_site: dict[str, float] = field(default_factory=dict)
     """Under record-level DP: each trained site's cumulative ε, as it reported it with
     its update this round."""
