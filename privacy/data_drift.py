@@ -29,6 +29,7 @@ from fedcpt.exceptions import FedcptError
 log = logging.getLogger(__name__)
 
 DRIFT_SUFFIX = ".data-drift.json"
+VERSION = 1
 MAX_RUNS = 100
 """Runs a record keeps (the most recent): a server cannot grow a site's file without bound
 by sending run ids."""
@@ -100,13 +101,16 @@ class DataDriftRecord:
             runs = [RunEntry(str(r["run"]), str(r["model"]), str(r["measure"]),
                              str(r["data"]), float(r["base_loss"]), int(r["tokens"]))
                     for r in body["runs"]]
-            owner = str(body["site"])
+            owner, version = str(body["site"]), body["version"]
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise DataDriftError(f"{path} is not a valid data-drift record: {err!r}. "
                                  "Move it aside to start a new one") from None
         if not ok:
             raise DataDriftError(f"{path}: checksum mismatch: the data-drift record was "
                                  "modified. Move it aside to start a new one")
+        if version != VERSION:
+            raise DataDriftError(f"{path}: unsupported data-drift record version {version!r} "
+                                 f"(this fedcpt reads version {VERSION})")
         if owner != site:
             raise DataDriftError(f"{path} is the data-drift record of site {owner!r}, "
                                  f"not {site!r}")
@@ -138,5 +142,5 @@ class DataDriftRecord:
         return drift
 
     def _payload(self) -> bytes:
-        body = {"version": 1, "site": self.site, "runs": [asdict(r) for r in self.runs]}
+        body = {"version": VERSION, "site": self.site, "runs": [asdict(r) for r in self.runs]}
         return json.dumps(dict(body, checksum=_checksum(body)), indent=1).encode("utf-8")

@@ -1,6 +1,7 @@
 """Bad ledgers and stored updates: a site's privacy ledger tampered with, truncated, of
 another site or out of budget, and a paid round whose stored update is missing or
-corrupt. Each must be refused before the site trains or resends."""
+corrupt; the data-drift record beside the ledger tampered with, truncated or another
+site's. Each must be refused before the site trains, resends or releases."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedcpt.client.update_cache import UpdateCache, reusable_update
+from fedcpt.privacy.data_drift import DataDriftRecord, RunEntry
+from fedcpt.privacy.data_drift import _checksum as _drift_checksum
 from fedcpt.privacy.ledger import PrivacyLedger, _checksum
 from fedcpt.testing.bad_inputs.judge import BadInput
 
@@ -87,6 +90,26 @@ def _paid_with_corrupt_update(folder: Path) -> object:
     return reusable_update(ledger, cache, "run", 1, "request")
 
 
+def _drift_record(change: Callable[[str], str], site: str = "clinic",
+                  ) -> Callable[[Path], object]:
+    """clinic's data-drift record with one run, its text changed by ``change``, opened by
+    ``site``."""
+    def attempt(folder: Path) -> object:
+        path = folder / "clinic.data-drift.json"
+        DataDriftRecord(path, "clinic").record_run(
+            RunEntry("run", "model", "plain 8x64", "data", 5.5, 504))
+        path.write_text(change(path.read_text()))
+        return DataDriftRecord.open(path, site)
+    return attempt
+
+
+def _drift_version(text: str) -> str:
+    payload = json.loads(text)
+    payload["version"] = 99
+    payload["checksum"] = _drift_checksum({k: v for k, v in payload.items() if k != "checksum"})
+    return json.dumps(payload)
+
+
 def _entries(payload: dict) -> list:
     return payload["entries"]
 
@@ -115,4 +138,16 @@ LEDGER = [
              r"already paid for round 1 .* no stored update"),
     BadInput("ledger-paid-round-with-corrupt-stored-update", "ledger",
              _paid_with_corrupt_update, r"cannot resend it .*unreadable"),
+    BadInput("data-drift-record-tampered", "ledger",
+             _drift_record(lambda t: t.replace('"base_loss": 5.5', '"base_loss": 0.5')),
+             r"checksum mismatch: the data-drift record was modified"),
+    BadInput("data-drift-record-truncated", "ledger", _drift_record(lambda t: t[:-40]),
+             r"not a valid data-drift record"),
+    BadInput("data-drift-record-not-an-object", "ledger", _drift_record(lambda t: "[]"),
+             r"not a valid data-drift record"),
+    BadInput("data-drift-record-unknown-version", "ledger", _drift_record(_drift_version),
+             r"unsupported data-drift record version 99"),
+    BadInput("data-drift-record-of-another-site", "ledger",
+             _drift_record(lambda t: t, site="newsroom"),
+             r"data-drift record of site 'clinic', not 'newsroom'"),
 ]
