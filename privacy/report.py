@@ -31,7 +31,7 @@ STATEMENT = (
     "rounds, restarts and phases), at the site's δ. Sites hold disjoint data, so the "
     "federation's ε is the maximum over sites; aggregation and anything the server does "
     "with the adapters are post-processing, as is a site's data drift (its released base "
-    "loss minus its earlier runs' released base losses: covered by ε exactly when those "
+    "loss minus the mean of its earlier runs': covered by ε exactly when those "
     "were noised). Not covered: one person whose text sits in "
     "several units or at several sites (unless the unit is that person), quantities listed "
     "below as not covered, and any text shared outside training.")
