@@ -83,20 +83,34 @@ RELEASES = (
     Release("refusals (budget exhausted, policy refused)", (),
             "functions of the public parameters"),
 )
+# A plain evaluate reply's keys; the masked evaluation reply's (under secure aggregation,
+# whatever the release; the only evaluation a `secagg` site sends) carry the vector of
+# fedcpt.privacy.secagg.eval_sum.
 EVAL_KEYS = (p.METRICS, p.NUM_EXAMPLES, p.DOMAIN_LOSS, p.DOMAIN_BASE_LOSS, p.DOMAIN_ECE,
              p.SITE, "name")
+SECURE_EVAL_KEYS = (p.MASKED, p.SITE, "name")
+SECURE_EVAL = ("under secure aggregation, the held-out token count, loss × tokens, base "
+               "loss × tokens, ECE × tokens (fixed point, clipped to the policy's range) and "
+               "how many were clipped: masked, released only as a sum with the other sites'")
 EVAL_RELEASE = {
     "nothing": "evaluation: nothing released",
-    "plain": "evaluation loss, base loss, ECE: released WITHOUT noise, NOT covered by ε",
+    "plain": "evaluation loss, base loss, ECE: released WITHOUT noise, NOT covered by ε "
+             f"(or, {SECURE_EVAL})",
     "noised": "evaluation loss, base loss, ECE: Gaussian mechanism on clipped per-unit "
-              "values, covered by ε (in the ledger)",
+              f"values, covered by ε (in the ledger) (or, {SECURE_EVAL}, still noised)",
+    "secagg": f"evaluation: only {SECURE_EVAL}; never per site, but NOT covered by ε (the "
+              "sum, a federation-wide mean, is released without noise)",
 }
 
 
 def released_keys(eval_release: str) -> frozenset[str]:
     """Every reply key the statement accounts for under a site's ``eval_release``."""
     keys = {k for r in RELEASES for k in r.keys}
-    return frozenset(keys | (set(EVAL_KEYS) if eval_release != "nothing" else set()))
+    if eval_release in ("plain", "noised"):
+        keys |= set(EVAL_KEYS)
+    if eval_release != "nothing":
+        keys |= set(SECURE_EVAL_KEYS)
+    return frozenset(keys)
 
 
 def site_table(sites: dict[str, dict[str, Any]]) -> list[str]:

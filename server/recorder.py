@@ -100,8 +100,14 @@ class RunRecorder:
                      r.seconds, norm)
 
     def record_evaluate(self, server_round: int, reports: list[SiteEvalReport]) -> None:
+        """The round's site evaluations: per site, or one secure sum over several."""
         self.state.evals[server_round] = list(reports)
         for r in reports:
+            if r.summed_sites:
+                log.info("round %d · %s (secure aggregation): domain loss %.4f (base "
+                         "%.4f) over %d tokens, %d values clipped", server_round, r.site,
+                         r.loss, r.base_loss, r.tokens, r.clipped)
+                continue
             self.state.domain_base.setdefault(r.site, r.base_loss)
             log.info("round %d · site %-12s domain loss %.4f (base %.4f)", server_round,
                      r.site, r.loss, r.base_loss)
@@ -126,7 +132,7 @@ class RunRecorder:
             general_perplexity=general.perplexity,
             general_ece=general.ece,
             domain_loss=weighted_mean([(r.loss, r.tokens) for r in evals]),
-            domain_per_site={r.site: r.loss for r in evals},
+            domain_per_site={r.site: r.loss for r in evals if not r.summed_sites},
             domain_ece=weighted_mean([(r.ece, r.tokens) for r in evals]),
             aggregated=outcome.aggregated and not (drift and drift.rolled_back_to is not None),
             sites_trained=[r.site for r in train],
@@ -142,6 +148,10 @@ class RunRecorder:
             drift=drift.to_dict() if drift else {},
             epsilon_per_site={r.site: r.privacy["epsilon"] for r in train
                               if "epsilon" in r.privacy},
+            domain_secure=next(({"sites": r.summed_sites, "tokens": r.tokens, "loss": r.loss,
+                                 "base_loss": r.base_loss, "ece": r.ece,
+                                 "clipped": r.clipped}
+                                for r in evals if r.summed_sites), None),
         )
 
     def commit(self, server_round: int, general: GeneralReport, lm: AdaptedModel,
