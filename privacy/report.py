@@ -75,7 +75,9 @@ RELEASES = (
             "to anyone without it (the site may reveal the salt to prove what it attested); "
             "without a ledger it is unsalted, and anyone holding a candidate unit set can "
             "test whether it is exactly the site's. It also reveals N (public anyway)"),
-    Release("SecAgg+ keys, certificate, encrypted shares and signatures", (SECAGG_STATE,),
+    Release("SecAgg+ keys, certificate, encrypted shares and signatures",
+            (SECAGG_STATE, "pk1", "pk2", "signature", "cert", "dst", "sealed", "nodes",
+             "shares"),
             "random or public: independent of the data"),
     Release("reply timing (Flower's message timestamps, arrival time)", (),
             "NOT covered by ε: the time a round takes at the site depends on the Poisson "
