@@ -13,7 +13,7 @@ from fedcpt.client.request import load_request, refusal
 from fedcpt.client.site import open_ledger, policy_for, resolve_site, site_blocks
 from fedcpt.config import SiteConfig
 from fedcpt.core import protocol as p
-from fedcpt.exceptions import FedcptError
+from fedcpt.exceptions import UpdateRejected
 from fedcpt.privacy.ledger import SiteRefused
 from fedcpt.privacy.policy import SitePolicy, accept_proposal
 from fedcpt.privacy.release import release_evaluation
@@ -70,8 +70,8 @@ def masked(msg: Message, context: Context) -> Message:
         masked_vector = secagg_site.mask(context, vector, EVALUATE)
     except SiteRefused as err:
         return refusal(msg, err, p.BUDGET_EXHAUSTED)
-    except FedcptError as err:
-        return refusal(msg, err)
+    except UpdateRejected as err:  # a secure aggregation check (a data or config problem
+        return refusal(msg, err)   # is the mod's to report, as for a plain evaluation)
     if clipped:
         log.warning("site %s clipped %d of its evaluation statistics to their range "
                     "(loss ≤ %g, ECE ≤ 1) before summing", site.name, clipped,
