@@ -4,29 +4,27 @@ Every message carries the run configuration (``config["run-config"]``, JSON) so 
 same app serves simulations and deployments; a deployed site names its data with
 ``--node-config 'site-name=… data-path=…'``. Only adapter tensors and scalar metrics
 are sent back — never base weights or text. This module holds the handlers; training is
-in :mod:`~fedcpt.client.train_step`, the SecAgg+ stages in
-:mod:`~fedcpt.client.secagg_stages`.
+in :mod:`~fedcpt.client.train_step`, evaluation in :mod:`~fedcpt.client.eval_step`, the
+SecAgg+ stages in :mod:`~fedcpt.client.secagg_stages` (training and evaluation sessions).
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcpt.client import secagg_stages
+from fedcpt.client import eval_step, secagg_stages
 from fedcpt.client.attest import attestation_record
 from fedcpt.client.errors import report_site_errors
-from fedcpt.client.request import load_request, refusal, run_config
-from fedcpt.client.site import open_ledger, policy_for, require_secagg, resolve_site, site_blocks
+from fedcpt.client.request import refusal, run_config
+from fedcpt.client.site import policy_for, require_secagg, resolve_site
 from fedcpt.client.train_step import train_update
 from fedcpt.core import protocol as p
-from fedcpt.privacy.data_drift import DataDriftRecord, drift_path
 from fedcpt.privacy.ledger import SiteRefused
-from fedcpt.privacy.policy import accept_proposal, check_site_level_dp
-from fedcpt.privacy.release import release_evaluation
+from fedcpt.privacy.policy import check_site_level_dp
+from fedcpt.privacy.secagg.context import EVALUATE
 from fedcpt.privacy.user_level import clip_when_asked
 
 log = logging.getLogger(__name__)
@@ -102,35 +100,41 @@ def query(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
-# Base-model loss per (site, model, data, policy): the base never changes, so compute it
-# (and, under a noised release, pay for it) once per process.
-_base_losses: dict[tuple, dict] = {}
-
-
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Held-out domain loss of the received adapter on this site's data (and of the base),
-    released only as the site's policy allows (:mod:`fedcpt.privacy.release`), with the
-    site's data drift when it keeps a record beside its ledger."""
-    cfg, lm, _ = load_request(msg)
-    node_config = dict(context.node_config)
-    site = resolve_site(cfg, node_config)
-    policy = policy_for(cfg, site, node_config)
-    blocks = site_blocks(site, cfg.model, cfg.data, policy)
-    try:
-        ledger, drift = None, None
-        if policy.eval_release == "noised" and policy.ledger_path:
-            ledger = open_ledger(cfg, policy, accept_proposal(policy, cfg, blocks.units))
-        if policy.eval_release != "nothing" and policy.ledger_path:
-            # read (and checked) before a noised release spends anything
-            drift = DataDriftRecord.open(drift_path(Path(policy.ledger_path).expanduser()),
-                                         site.name)
-        metrics = release_evaluation(
-            cfg, lm, policy, blocks, run_id=str(msg.content[p.CONFIG].get(p.RUN_ID, "")),
-            base_cache=_base_losses.setdefault((site, cfg.model, cfg.data, policy), {}),
-            ledger=ledger, drift=drift)
-    except SiteRefused as err:
-        return refusal(msg, err, p.BUDGET_EXHAUSTED)
-    content = RecordDict({p.METRICS: MetricRecord(metrics),
-                          p.SITE: ConfigRecord({"name": site.name})})
-    return Message(content=content, reply_to=msg)
+    released only as the site's policy allows (:mod:`fedcpt.privacy.release`); a site whose
+    policy is ``eval-release=secagg`` refuses this plain message."""
+    return eval_step.plain(msg, context)
+
+
+# --- Evaluation under SecAgg+: the same five stages, in the round's evaluation session ---
+@app.evaluate(p.SECAGG_SETUP)
+def secagg_eval_setup(msg: Message, context: Context) -> Message:
+    """Stage 1 of the evaluation session (its round context bound to ``evaluate``)."""
+    return secagg_stages.setup(msg, context, EVALUATE)
+
+
+@app.evaluate(p.SECAGG_SHARE_KEYS)
+def secagg_eval_share_keys(msg: Message, context: Context) -> Message:
+    """Stage 2 of the evaluation session."""
+    return secagg_stages.share_keys(msg, context, EVALUATE)
+
+
+@app.evaluate(p.SECAGG_MASKED)
+def secagg_eval_masked(msg: Message, context: Context) -> Message:
+    """Stage 3: evaluate as in :func:`evaluate`, then send the statistics fixed-point
+    encoded and masked: the server learns only their sum over the sites."""
+    return eval_step.masked(msg, context)
+
+
+@app.evaluate(p.SECAGG_CONSISTENCY)
+def secagg_eval_consistency(msg: Message, context: Context) -> Message:
+    """Stage 4 of the evaluation session: sign its survivor set."""
+    return secagg_stages.consistency(msg, context, EVALUATE)
+
+
+@app.evaluate(p.SECAGG_UNMASK)
+def secagg_eval_unmask(msg: Message, context: Context) -> Message:
+    """Stage 5 of the evaluation session: the shares that unmask the sum."""
+    return secagg_stages.unmask(msg, context, EVALUATE)

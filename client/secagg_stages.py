@@ -23,6 +23,7 @@ from fedcpt.exceptions import FedcptError, UpdateRejected
 from fedcpt.privacy.ledger import SiteRefused
 from fedcpt.privacy.policy import check_site_level_dp
 from fedcpt.privacy.secagg import site as secagg_site
+from fedcpt.privacy.secagg.context import TRAIN
 from fedcpt.privacy.secagg.ddp import DistributedDP
 from fedcpt.privacy.secagg.encoding import encode, vector_length
 from fedcpt.privacy.secagg.identity import SiteIdentity, identity_for
@@ -42,16 +43,18 @@ def _secagg_stage(msg: Message, context: Context,
     return Message(RecordDict({STATE: record}), reply_to=msg)
 
 
-def setup(msg: Message, context: Context) -> Message:
-    """Stage 1: fresh key pairs for the round, signed; only the public halves leave."""
+def setup(msg: Message, context: Context, purpose: str = TRAIN) -> Message:
+    """Stage 1 of the round's ``purpose`` session: fresh key pairs, signed; only the
+    public halves leave."""
     return _secagg_stage(msg, context, lambda r, me: secagg_site.setup(
-        context, msg.metadata.dst_node_id, r, me))
+        context, msg.metadata.dst_node_id, r, me, purpose))
 
 
-def share_keys(msg: Message, context: Context) -> Message:
+def share_keys(msg: Message, context: Context, purpose: str = TRAIN) -> Message:
     """Stage 2: check every neighbour's signed keys; shares of this site's secrets,
     encrypted for each neighbour."""
-    return _secagg_stage(msg, context, lambda r, me: secagg_site.share_keys(context, r, me))
+    return _secagg_stage(msg, context,
+                         lambda r, me: secagg_site.share_keys(context, r, me, purpose))
 
 
 def masked(msg: Message, context: Context) -> Message:
@@ -94,12 +97,14 @@ def masked(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def consistency(msg: Message, context: Context) -> Message:
-    """Stage 4: sign the survivor set (once per round)."""
-    return _secagg_stage(msg, context, lambda r, me: secagg_site.consistency(context, r, me))
+def consistency(msg: Message, context: Context, purpose: str = TRAIN) -> Message:
+    """Stage 4: sign the survivor set (once per session)."""
+    return _secagg_stage(msg, context,
+                         lambda r, me: secagg_site.consistency(context, r, me, purpose))
 
 
-def unmask(msg: Message, context: Context) -> Message:
+def unmask(msg: Message, context: Context, purpose: str = TRAIN) -> Message:
     """Stage 5: the shares that unmask the sum, only with enough signatures over the
-    survivor set; then the round's secrets are deleted."""
-    return _secagg_stage(msg, context, lambda r, me: secagg_site.unmask(context, r, me))
+    survivor set; then the session's secrets are deleted."""
+    return _secagg_stage(msg, context,
+                         lambda r, me: secagg_site.unmask(context, r, me, purpose))

@@ -18,7 +18,7 @@ from fedcpt.config.loading import (
     read_toml,
     scenario_names,
 )
-from fedcpt.config.rules import MIN_SECAGG_SITES
+from fedcpt.config.rules import MAX_SECURE_EVAL_SITES, MIN_SECAGG_SITES
 from fedcpt.config.schema import (
     DataConfig,
     FederationConfig,
@@ -41,6 +41,7 @@ from fedcpt.config.site_policy import EVAL_RELEASES, SitePolicySettings
 
 __all__ = [
     "EVAL_RELEASES",
+    "MAX_SECURE_EVAL_SITES",
     "MIN_SECAGG_SITES",
     "SCENARIO_DIR",
     "DataConfig",

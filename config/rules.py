@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 # Fewest sites in one sum revealed by secure aggregation: with two, each site could
 # subtract its own update from the sum and learn the other's.
 MIN_SECAGG_SITES = 3
+# Most sites in one secure evaluation sum: 255 × (2^24 − 1) < 2^32, so the sum of their
+# 24-bit limbs (fedcpt.privacy.secagg.eval_sum) never wraps the uint32 modulus.
+MAX_SECURE_EVAL_SITES = 255
 
 
 def require(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -81,6 +84,11 @@ def _check_secagg(cfg: RunConfig) -> None:
             "fewer, the server could rebuild both secrets of one site")
     require(n * sec.quantization_range < 2**32, "secagg.quantization_range",
             sec.quantization_range, f"below 2^32 / {n} sites (sums are taken mod 2^32)")
+    n_eval = cfg.federation.eval_sites_per_round or len(cfg.sites)
+    require(MIN_SECAGG_SITES <= n_eval <= MAX_SECURE_EVAL_SITES,
+            "federation.eval_sites_per_round", n_eval,
+            f"{MIN_SECAGG_SITES} to {MAX_SECURE_EVAL_SITES} under secure aggregation (the "
+            "sites' evaluations are released only as their sum)")
     if cfg.privacy.user_level:  # the sites add the noise (distributed DP)
         fewest = max(threshold, MIN_SECAGG_SITES)
         honest = fewest - math.floor(sec.dishonest_fraction * n)

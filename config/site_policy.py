@@ -12,7 +12,7 @@ from typing import Any
 
 from fedcpt.config.rules import require
 
-EVAL_RELEASES = ("nothing", "plain", "noised")
+EVAL_RELEASES = ("nothing", "plain", "noised", "secagg")
 
 
 def _opt(default: Any, help_text: str) -> Any:
@@ -32,8 +32,9 @@ class SitePolicySettings:
     heldout_fraction: float = _opt(0.0, "Held-out share of units, by salted hash "
                                    "(default 0.1).")
     eval_release: str = _opt("", "What evaluation releases: `nothing`, `plain` (not covered "
-                             "by ε) or `noised` (default `plain`; `nothing` under "
-                             "require_dp).")
+                             "by ε), `noised`, or `secagg` (only as a sum with the other "
+                             "sites' under secure aggregation; not covered by ε) (default "
+                             "`plain`; `nothing` under require_dp).")
     eval_min_units: int = _opt(0, "Held-out units a query must cover (default 8).")
     eval_noise_multiplier: float = _opt(0.0, "σ of a noised evaluation release, relative to "
                                         "its clipping bound (default 4).")

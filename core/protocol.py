@@ -13,11 +13,12 @@ FISHER = "fisher"          # ArrayRecord: EWC's diagonal Fisher, sent with train
 MASKED = "masked"          # ArrayRecord: a masked update under secure aggregation …
 MASKED_VECTOR = "vector"   # … its one uint32 array (privacy.secagg.encoding's layout)
 
-# Message types of the SecAgg+ stages: ClientApp train actions, sent as "train.<action>";
-# stage 3 (masked) is the round's training message itself
+# Message types of the SecAgg+ stages: ClientApp train actions, sent as "train.<action>"
+# (stage 3, masked, is the round's training message itself), and evaluate actions of the
+# round's evaluation session, "evaluate.<action>" (stage 3: the masked evaluation)
 SECAGG_SETUP = "secagg_setup"            # 1: public keys
 SECAGG_SHARE_KEYS = "secagg_share_keys"  # 2: encrypted shares of each site's secrets
-SECAGG_MASKED = "secagg_masked"          # 3: train, then reply with the masked update
+SECAGG_MASKED = "secagg_masked"          # 3: train (evaluate), reply masked
 SECAGG_CONSISTENCY = "secagg_consistency"  # 4: each survivor signs the survivor set
 SECAGG_UNMASK = "secagg_unmask"          # 5: the shares that unmask the sum
 

@@ -95,8 +95,8 @@ class SitePolicy:
             ("epsilon_budget", self.epsilon_budget > 0, "> 0"),
             ("heldout_fraction", 0 < self.heldout_fraction < 1, "strictly between 0 and 1"),
             ("eval_release", self.eval_release in EVAL_RELEASES,
-             f"one of {list(EVAL_RELEASES)} (release through secure aggregation is not "
-             "implemented yet)"),
+             f"one of {list(EVAL_RELEASES)} (`secagg`: the loss only as a sum with the "
+             "other sites' under secure aggregation)"),
             ("eval_min_units", self.eval_min_units >= 1, ">= 1"),
             ("eval_noise_multiplier", self.eval_noise_multiplier > 0, "> 0"),
             ("eval_loss_bound", self.eval_loss_bound > 0, "> 0"),

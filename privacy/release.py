@@ -13,15 +13,22 @@
   composed with DP-SGD by the same accountant. Laplace is not offered: Opacus's
   accountants, which the ledger uses, analyse Gaussian noise only.
 
-With a data-drift record (:mod:`fedcpt.privacy.data_drift`), each release also carries
-``data-drift``: the released base loss minus the mean of the site's previous runs' released
-base losses (absent on a site's first run). It is computed from released values only, so
-it is released exactly as the base loss is (plain → plain; noised → post-processing of the
-noised base loss, no extra ε; nothing → nothing).
+With a data-drift record (:mod:`fedcpt.privacy.data_drift`), a plain or noised release also
+carries ``data-drift``: the released base loss minus the mean of the site's previous runs'
+released base losses (absent on a site's first run). It is computed from released values
+only, so it is released exactly as the base loss is (plain → plain; noised →
+post-processing of the noised base loss, no extra ε; nothing → nothing). A masked
+evaluation (below) carries none: it would be one site's value.
 
-Release of the loss only through secure aggregation with the other sites is **not
-built**: no policy value asks for it, and under ``secagg.mode = "on"`` an evaluation reply
-still goes to the server per site, unmasked, as the policy above says.
+- ``secagg``: the statistics of ``plain`` (the same query and minimum), released only
+  as a sum with the other sites' under SecAgg+ (:mod:`fedcpt.privacy.secagg.eval_sum`,
+  :mod:`fedcpt.client.eval_step`): a plain evaluate message is refused. *Not* covered by
+  ε; the sum hides each site's values from the server, not the federation's mean.
+
+Under ``secagg.mode = "on"`` every site evaluates through the masked stage, whatever its
+release (``plain`` and ``noised`` sites allow strictly more; a ``noised`` site masks its
+noised values, still accounted in its ledger; ``nothing`` refuses and drops out of the
+sum). Without secure aggregation a ``secagg`` site refuses to evaluate.
 """
 
 from __future__ import annotations
@@ -61,16 +68,22 @@ def eval_reservation(policy: SitePolicy, rounds: int) -> tuple[tuple[float, floa
 
 def release_evaluation(cfg: RunConfig, lm: AdaptedModel, policy: SitePolicy,
                        blocks: TokenBlocks, *, base_cache: dict, run_id: str,
-                       ledger: PrivacyLedger | None,
-                       drift: DataDriftRecord | None = None) -> dict[str, float]:
+                       ledger: PrivacyLedger | None, drift: DataDriftRecord | None = None,
+                       secure: bool = False) -> dict[str, float]:
     """The evaluation metrics the site's policy lets it release for the received adapter
     (``base_cache`` keeps the base model's released loss across rounds), with the data
-    drift when the site keeps a ``drift`` record."""
+    drift when the site keeps a ``drift`` record; ``secure``: they will leave the site only
+    masked, in a SecAgg+ sum."""
     if policy.eval_release == "nothing":
         raise PolicyRefused(f"site {policy.site!r} releases no evaluation (eval_release = "
                             f"nothing, {policy.who('eval_release')})")
+    if policy.eval_release == "secagg" and not secure:
+        raise PolicyRefused(f"site {policy.site!r} releases its evaluation only as a sum "
+                            f"under secure aggregation (eval_release = secagg, "
+                            f"{policy.who('eval_release')}); it refuses this plain evaluate "
+                            "message")
     accept_proposal(policy, cfg, blocks.units)
-    if policy.eval_release == "plain":
+    if policy.eval_release in ("plain", "secagg"):
         check_query(policy, cfg, available=None)  # the query's size, not its units
         if blocks.heldout_unit_count < policy.eval_min_units:
             raise PolicyRefused(

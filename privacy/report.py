@@ -77,7 +77,9 @@ RELEASES = (
             "to anyone without it (the site may reveal the salt to prove what it attested); "
             "without a ledger it is unsalted, and anyone holding a candidate unit set can "
             "test whether it is exactly the site's. It also reveals N (public anyway)"),
-    Release("SecAgg+ keys, certificate, encrypted shares and signatures", (SECAGG_STATE,),
+    Release("SecAgg+ keys, certificate, encrypted shares and signatures",
+            (SECAGG_STATE, "pk1", "pk2", "signature", "cert", "dst", "sealed", "nodes",
+             "shares"),
             "random or public: independent of the data"),
     Release("reply timing (Flower's message timestamps, arrival time)", (),
             "NOT covered by ε: the time a round takes at the site depends on the Poisson "
@@ -85,24 +87,39 @@ RELEASES = (
     Release("refusals (budget exhausted, policy refused)", (),
             "functions of the public parameters"),
 )
+# A plain evaluate reply's keys; the masked evaluation reply's (under secure aggregation,
+# whatever the release; the only evaluation a `secagg` site sends) carry the vector of
+# fedcpt.privacy.secagg.eval_sum.
 EVAL_KEYS = (p.METRICS, p.NUM_EXAMPLES, p.DOMAIN_LOSS, p.DOMAIN_BASE_LOSS, p.DOMAIN_ECE,
              p.DATA_DRIFT, p.SITE, "name")
+SECURE_EVAL_KEYS = (p.MASKED, p.SITE, "name")
+SECURE_EVAL = ("under secure aggregation, the held-out token count, loss × tokens, base "
+               "loss × tokens, ECE × tokens (fixed point, clipped to the policy's range) and "
+               "how many were clipped: masked, released only as a sum with the other sites'")
+DRIFT_PLAIN = ("data drift (the base loss minus the mean of the site's earlier runs' released "
+               "base losses; not sent under secure aggregation): released WITHOUT noise, NOT "
+               "covered by ε")
 EVAL_RELEASE = {
     "nothing": "evaluation: nothing released (no data drift either)",
-    "plain": "evaluation loss, base loss, ECE: released WITHOUT noise, NOT covered by ε; "
-             "data drift (the base loss minus the mean of the site's earlier runs' released "
-             "base losses): released WITHOUT noise, NOT covered by ε",
+    "plain": "evaluation loss, base loss, ECE: released WITHOUT noise, NOT covered by ε "
+             f"(or, {SECURE_EVAL}); {DRIFT_PLAIN}",
     "noised": "evaluation loss, base loss, ECE: Gaussian mechanism on clipped per-unit "
-              "values, covered by ε (in the ledger); data drift: computed from the noised "
-              "base losses this run and earlier runs released, post-processing, covered by "
-              "ε at no extra cost",
+              f"values, covered by ε (in the ledger) (or, {SECURE_EVAL}, still noised); data "
+              "drift: computed from the noised base losses this run and earlier runs "
+              "released, post-processing, covered by ε at no extra cost",
+    "secagg": f"evaluation: only {SECURE_EVAL}; never per site, but NOT covered by ε (the "
+              "sum, a federation-wide mean, is released without noise); no data drift",
 }
 
 
 def released_keys(eval_release: str) -> frozenset[str]:
     """Every reply key the statement accounts for under a site's ``eval_release``."""
     keys = {k for r in RELEASES for k in r.keys}
-    return frozenset(keys | (set(EVAL_KEYS) if eval_release != "nothing" else set()))
+    if eval_release in ("plain", "noised"):
+        keys |= set(EVAL_KEYS)
+    if eval_release != "nothing":
+        keys |= set(SECURE_EVAL_KEYS)
+    return frozenset(keys)
 
 
 def site_table(sites: dict[str, dict[str, Any]]) -> list[str]:

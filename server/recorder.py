@@ -101,10 +101,15 @@ class RunRecorder:
                      r.seconds, norm)
 
     def record_evaluate(self, server_round: int, reports: list[SiteEvalReport]) -> None:
-        """The sites' evaluations, and a flag for each site whose data drift passes the
-        monitor's threshold."""
+        """The round's site evaluations (per site, or one secure sum over several), and a
+        flag for each site whose data drift passes the monitor's threshold."""
         self.state.evals[server_round] = list(reports)
         for r in reports:
+            if r.summed_sites:
+                log.info("round %d · %s (secure aggregation): domain loss %.4f (base "
+                         "%.4f) over %d tokens, %d values clipped", server_round, r.site,
+                         r.loss, r.base_loss, r.tokens, r.clipped)
+                continue
             self.state.domain_base.setdefault(r.site, r.base_loss)
             drift = "" if r.data_drift is None else f", data drift {r.data_drift:+.4f}"
             log.info("round %d · site %-12s domain loss %.4f (base %.4f%s)", server_round,
@@ -133,7 +138,7 @@ class RunRecorder:
             general_perplexity=general.perplexity,
             general_ece=general.ece,
             domain_loss=weighted_mean([(r.loss, r.tokens) for r in evals]),
-            domain_per_site={r.site: r.loss for r in evals},
+            domain_per_site={r.site: r.loss for r in evals if not r.summed_sites},
             domain_ece=weighted_mean([(r.ece, r.tokens) for r in evals]),
             data_drift_per_site={r.site: r.data_drift for r in evals
                                  if r.data_drift is not None},
@@ -152,6 +157,10 @@ class RunRecorder:
             drift=drift.to_dict() if drift else {},
             epsilon_per_site={r.site: r.privacy["epsilon"] for r in train
                               if "epsilon" in r.privacy},
+            domain_secure=next(({"sites": r.summed_sites, "tokens": r.tokens, "loss": r.loss,
+                                 "base_loss": r.base_loss, "ece": r.ece,
+                                 "clipped": r.clipped}
+                                for r in evals if r.summed_sites), None),
         )
 
     def commit(self, server_round: int, general: GeneralReport, lm: AdaptedModel,

@@ -55,6 +55,10 @@ class RoundRecord:
     epsilon_per_site: dict[str, float] = field(default_factory=dict)
     """Under record-level DP: each trained site's cumulative ε, as it reported it with
     its update this round."""
+    domain_secure: dict[str, Any] | None = None
+    """Under secure aggregation, the round's one site evaluation: the sites' sum as
+    token-weighted means (``sites``, ``tokens``, ``loss``, ``base_loss``, ``ece``,
+    ``clipped``); no per-site value exists (``domain_per_site`` is empty)."""
 
     @property
     def rejected_by_guard(self) -> bool:
@@ -73,7 +77,9 @@ class Summary:
     general_loss: dict[str, float]
     """``base`` and ``final`` held-out general loss (nats/token)."""
     domain_loss: dict[str, Any]
-    """``base``, ``final`` (token-weighted over sites) and ``per_site`` {base, final}."""
+    """``base``, ``final`` (token-weighted over sites) and ``per_site`` {base, final};
+    under secure aggregation also ``secure_sum`` {sites, tokens, base, final} (the sites
+    in it have no ``per_site`` entry)."""
     forgetting: float
     forgetting_standard_error: float
     adaptation: float | None

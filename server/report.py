@@ -191,6 +191,15 @@ def _retention(folder: RunFolder, s: Summary, rows: list[RoundRecord]) -> list[s
             "![general loss by kind and KL to the base](general_kinds.png)"]
 
 
+def _domain_tokens(s: Summary) -> str:
+    """How many held-out tokens the domain loss is measured on (per site, or summed)."""
+    if "secure_sum" in s.domain_loss:
+        sec = s.domain_loss["secure_sum"]
+        return (f"{sec['tokens']} held-out tokens summed over {sec['sites']} sites under "
+                "secure aggregation")
+    return f"{s.eval_tokens['domain_per_site']} held-out tokens per site"
+
+
 def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
                  domain_base: dict[str, float], cfg: RunConfig,
                  continuations: list[Continuation] | None = None) -> None:
@@ -222,7 +231,7 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
         "tokens of the server's general text "
         f"({', '.join(k.name for k in cfg.data.general_kinds())}) that no training ever "
         "sees; "
-        f"domain loss on {s.eval_tokens['domain_per_site']} held-out tokens per site.",
+        f"domain loss on {_domain_tokens(s)}.",
         "",
         f"![general loss]({general_png})",
         f"![domain loss]({domain_png})",
@@ -239,6 +248,13 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
                      f"{v['final'] - v['base']:+.4f} |")
     if s.domain_loss["per_site"]:
         lines += ["", f"![per-site domain loss]({plot_sites(folder, s.domain_loss['per_site'])})"]
+    if "secure_sum" in s.domain_loss:
+        sec = s.domain_loss["secure_sum"]
+        lines += ["", f"Under secure aggregation the server learned only the sum of "
+                  f"{sec['sites']} sites' evaluations, never one site's: as a token-weighted "
+                  f"mean over {sec['tokens']} tokens, base {sec['base']:.4f}, final "
+                  f"{sec['final']:.4f} ({sec['final'] - sec['base']:+.4f}). Those sites have "
+                  "no row above."]
     lines += [
         "",
         "## Rounds",
@@ -276,7 +292,8 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
                   "neighbours dropping. Each site checked its own update before masking and "
                   f"quantised it over ±{a['clipping_range']:g} to "
                   f"{a['quantization_range']:,} levels; per-site update norms are therefore "
-                  "not shown."]
+                  "not shown. The sites' evaluations went through a SecAgg+ session of "
+                  "their own: the server saw only their sum."]
     if s.privacy_user_level is not None:
         u = s.privacy_user_level
         who = (f"the sites added {u['mechanism']} noise (z = {u['noise_multiplier']}) "

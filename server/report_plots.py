@@ -39,6 +39,12 @@ def plot_domain(folder: RunFolder, rows: list[RoundRecord], base: dict[str, floa
         points = [(0, base[site])] + [(r.round, r.domain_per_site[site])
                                       for r in rows if site in r.domain_per_site]
         ax.plot(*zip(*points, strict=True), marker="o", label=site)
+    secure = [r for r in rows if r.domain_secure]
+    if secure:  # the sites' sum under secure aggregation: one line, no per-site values
+        points = [(0, secure[0].domain_secure["base_loss"])] + [
+            (r.round, r.domain_secure["loss"]) for r in secure]
+        ax.plot(*zip(*points, strict=True), marker="s", linestyle="--",
+                label=f"secure sum of {secure[-1].domain_secure['sites']} sites")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="round", ylabel="held-out loss (nats/token)",
            title="Domain loss per site (what the model learned)")

@@ -17,7 +17,9 @@ ServerApp and ClientApps; every policy of a round is here, in the order it happe
    site-level DP, add the server's noise;
 7. **server steps** (optimiser, rehearsal, self-distillation, delta scaling, regression
    guard) in order; a step may reject the round;
-8. **evaluate** the new global adapter at the sites (domain) and on the server (general);
+8. **evaluate** the new global adapter at the sites (domain; under secure aggregation
+   through a SecAgg+ session of its own, :mod:`~fedcpt.server.secure_eval`) and on the
+   server (general);
 9. **drift**: the global update's norm and the general loss against the last good rounds
    (:mod:`~fedcpt.server.drift`); a threshold rolls back to the last good version;
 10. **commit**: the adapter version, its metrics line and the checkpoint ``--resume`` uses.
@@ -50,6 +52,7 @@ from fedcpt.server.drift import check_drift
 from fedcpt.server.fisher import FisherForSites
 from fedcpt.server.phases import discover_sites, phase_nodes
 from fedcpt.server.recorder import RunRecorder
+from fedcpt.server.secure_eval import evaluate_securely
 from fedcpt.server.steps.base import ServerStep, StatefulStep
 from fedcpt.strategies.base import (
     Aggregator,
@@ -256,14 +259,25 @@ def _emit_sites(server_round: int, collected: Collected) -> None:
 
 
 def evaluate_sites(fed: Federation, server_round: int, arrays: ArrayRecord) -> None:
-    """Every (or ``eval_sites_per_round``) site's held-out domain loss of ``arrays``."""
+    """Record every (or ``eval_sites_per_round``) site's held-out domain loss of ``arrays``."""
+    fed.recorder.record_evaluate(server_round, site_evaluations(fed, server_round, arrays))
+
+
+def site_evaluations(fed: Federation, server_round: int,
+                     arrays: ArrayRecord) -> list[SiteEvalReport]:
+    """The evaluating sites' reports: one per site, or under SecAgg+ one aggregate of
+    their sum (:func:`~fedcpt.server.secure_eval.evaluate_securely`)."""
     progress.emit("round", round=server_round, state="evaluating")
     n_eval = fed.cfg.federation.eval_sites_per_round or len(fed.cfg.sites)
     nodes = sample_nodes(fed.grid, n_eval, fed.rng)
     content = request(arrays, fed.config, server_round)
+    timeout = fed.cfg.federation.round_timeout_s
+    if isinstance(fed.aggregator, SecAggFedAvg):
+        return evaluate_securely(fed.aggregator, fed.grid, nodes, server_round, content,
+                                 timeout)
     replies = fed.grid.send_and_receive(messages_to(nodes, content, MessageType.EVALUATE),
-                                        timeout=fed.cfg.federation.round_timeout_s)
-    fed.recorder.record_evaluate(server_round, collect_evaluate(server_round, replies))
+                                        timeout=timeout)
+    return collect_evaluate(server_round, replies)
 
 
 def commit(fed: Federation, server_round: int, arrays: ArrayRecord,

@@ -92,9 +92,17 @@ def build_summary(cfg: RunConfig, state: RunState, rows: list[RoundRecord]) -> S
         raise FedcptError(f"no round was aggregated (first failure: {first})")
     with_evals = [r for r, reports in state.evals.items() if reports]
     final_evals = state.evals[max(with_evals)] if with_evals else []
-    per_site = {r.site: {"base": r.base_loss, "final": r.loss} for r in final_evals}
+    per_site = {r.site: {"base": r.base_loss, "final": r.loss} for r in final_evals
+                if not r.summed_sites}
     domain_base = weighted_mean([(r.base_loss, r.tokens) for r in final_evals])
     domain_final = weighted_mean([(r.loss, r.tokens) for r in final_evals])
+    singles = [r for r in final_evals if not r.summed_sites]
+    domain_loss: dict[str, Any] = {"base": domain_base, "final": domain_final,
+                                   "per_site": per_site}
+    for r in final_evals:
+        if r.summed_sites:  # no per-site value exists: the sum is shown as such
+            domain_loss["secure_sum"] = {"sites": r.summed_sites, "tokens": r.tokens,
+                                         "base": r.base_loss, "final": r.loss}
     base_report, final_report = state.general[0], state.general[last]
     base, final = base_report.overall, final_report.overall
     kinds = cfg.data.general_kinds()
@@ -108,14 +116,14 @@ def build_summary(cfg: RunConfig, state: RunState, rows: list[RoundRecord]) -> S
         rounds=last,
         rounds_aggregated=aggregated,
         general_loss={"base": base.loss, "final": final.loss},
-        domain_loss={"base": domain_base, "final": domain_final, "per_site": per_site},
+        domain_loss=domain_loss,
         forgetting=final.loss - base.loss,
         forgetting_standard_error=paired_standard_error(base.block_losses,
                                                         final.block_losses),
         adaptation=(domain_base - domain_final) if final_evals else None,
         general_ece={"base": base.ece, "final": final.ece},
         eval_tokens={"general": final.tokens,
-                     "domain_per_site": final_evals[0].tokens if final_evals else 0},
+                     "domain_per_site": singles[0].tokens if singles else 0},
         bytes_up_per_client_round=bytes_up,
         full_model_bytes=state.full_model_bytes,
         upload_fraction=bytes_up / state.full_model_bytes if state.full_model_bytes else None,

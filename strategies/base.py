@@ -46,7 +46,9 @@ class SiteTrainReport:
 
 @dataclass(frozen=True)
 class SiteEvalReport:
-    """One site's held-out domain evaluation of the global adapter."""
+    """One site's held-out domain evaluation of the global adapter — or, under secure
+    aggregation, the sum of several sites' (``summed_sites`` > 0): then ``tokens`` is
+    their total and the values are token-weighted means over them."""
 
     site: str
     tokens: int
@@ -55,6 +57,10 @@ class SiteEvalReport:
     ece: float
     data_drift: float | None = None
     """The site's base loss now minus the mean of its previous runs' (None: not sent)."""
+    summed_sites: int = 0
+    """Sites in a secure sum (0: one site's own evaluation, released in the clear)."""
+    clipped: int = 0
+    """Statistics the summed sites clipped to their fixed-point range."""
 
 
 def site_name(msg: Message) -> str:

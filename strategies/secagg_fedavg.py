@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from fedcpt.config import RunConfig
 from fedcpt.core import protocol as p
 from fedcpt.exceptions import UpdateRejected
-from fedcpt.privacy.secagg.context import RoundContext, adapter_digest, config_digest
+from fedcpt.privacy.secagg.context import TRAIN, RoundContext, adapter_digest, config_digest
 from fedcpt.privacy.secagg.ddp import DistributedDP
 from fedcpt.privacy.secagg.encoding import decode, vector_length
 from fedcpt.privacy.secagg.params import SecAggParams
@@ -56,17 +56,18 @@ class SecAggFedAvg(Aggregator):
         self.cfg = cfg
 
     def open_round(self, grid: Grid, nodes: list[int], server_round: int, timeout: float,
-                   content: RecordDict) -> SecAggRound:
-        """The SecAgg+ state of a round over the sampled ``nodes``, bound to the adapter
-        and config of the training ``content`` every site receives (the round context);
-        its ``share_keys()`` runs stages 1–2 (and raises SecAggFailed below the
-        threshold)."""
+                   content: RecordDict, purpose: str = TRAIN) -> SecAggRound:
+        """The SecAgg+ state of a round's ``purpose`` session (training, or the round's
+        evaluation) over the sampled ``nodes``, bound to the adapter and config of the
+        ``content`` every site receives (the round context); its ``share_keys()`` runs
+        stages 1–2 (and raises SecAggFailed below the threshold)."""
         context = RoundContext(
             run_id=str(content[p.CONFIG].get(p.RUN_ID, "")), server_round=server_round,
             adapter=adapter_digest(content[p.ARRAYS]), config=config_digest(content[p.CONFIG]),
-            participants=tuple(sorted(nodes)))
-        return SecAggRound(grid, context, SecAggParams.for_round(self.cfg, len(nodes)),
-                           timeout)
+            participants=tuple(sorted(nodes)), purpose=purpose)
+        params = (SecAggParams.for_round if purpose == TRAIN
+                  else SecAggParams.for_evaluation)(self.cfg, len(nodes))
+        return SecAggRound(grid, context, params, timeout)
 
     @staticmethod
     def training_message(content: RecordDict, node: int, shares: ConfigRecord) -> Message:

@@ -1,13 +1,15 @@
 """The round context every SecAgg key, share and signature is bound to.
 
-A round's context is a hash of (run id, round, the global adapter, the training config,
-the participants, the SecAgg parameters). It goes into the HKDF info of every derived
-key, the associated data of every encrypted share, and every signature. A server that
-shows two sites different models or configs (Pasquini et al., CCS 2022, "Eluding Secure
-Aggregation in Federated Learning via Model Inconsistency") gives them different
-contexts: their signatures do not verify for one another and their masks do not cancel.
-A site checks at training time that the adapter and config it received are those its
-context committed to.
+A round's context is a hash of (run id, round, purpose, the global adapter, the config,
+the participants, the SecAgg parameters). The purpose is the session's job: ``train``
+(the masked updates) or ``evaluate`` (the masked evaluation sums), so nothing of one
+session — keys, signatures, shares — verifies or decrypts in the other. It goes into
+the HKDF info of every derived key, the associated data of every encrypted share, and
+every signature. A server that shows two sites different models or configs (Pasquini et
+al., CCS 2022, "Eluding Secure Aggregation in Federated Learning via Model
+Inconsistency") gives them different contexts: their signatures do not verify for one
+another and their masks do not cancel. A site checks, before it trains or evaluates,
+that the adapter and config it received are those its context committed to.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 from fedcpt.exceptions import UpdateRejected
 from fedcpt.privacy.secagg.params import SecAggParams
 
+TRAIN, EVALUATE = "train", "evaluate"  # a session's purpose (and its message category)
+PURPOSES = (TRAIN, EVALUATE)
 _KEYS_LABEL, _SURVIVORS_LABEL = b"fedcpt/secagg/keys\0", b"fedcpt/secagg/survivors\0"
 
 
@@ -58,9 +62,12 @@ class RoundContext:
     """:func:`config_digest` of the training config the sites will receive."""
     participants: tuple[int, ...]
     """The node ids the server sampled for the round (sorted)."""
+    purpose: str = TRAIN
+    """What the session sums: the round's training updates or its evaluations."""
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({"run-id": self.run_id, "server-round": self.server_round,
+                             "purpose": self.purpose,
                              "adapter-digest": self.adapter, "config-digest": self.config,
                              "participants": list(self.participants)})
 
@@ -68,11 +75,17 @@ class RoundContext:
     def from_record(cls, record: ConfigRecord) -> RoundContext:
         try:
             participants = tuple(sorted(int(n) for n in record["participants"]))
-            return cls(run_id=str(record["run-id"]), server_round=int(record["server-round"]),
-                       adapter=str(record["adapter-digest"]),
-                       config=str(record["config-digest"]), participants=participants)
+            context = cls(run_id=str(record["run-id"]),
+                          server_round=int(record["server-round"]),
+                          adapter=str(record["adapter-digest"]),
+                          config=str(record["config-digest"]), participants=participants,
+                          purpose=str(record["purpose"]))
         except (KeyError, TypeError, ValueError) as err:
             raise UpdateRejected(f"malformed secure aggregation round context: {err}") from None
+        if context.purpose not in PURPOSES:
+            raise UpdateRejected(f"secure aggregation round context for purpose "
+                                 f"{context.purpose!r}, not one of {list(PURPOSES)}")
+        return context
 
     def digest(self, params: SecAggParams) -> bytes:
         """The 32-byte context hash (the parameters included)."""

@@ -10,6 +10,7 @@ from flwr.app import ConfigRecord
 # (the lowest layer that checks it) and imported from here by the protocol code.
 from fedcpt.config import MIN_SECAGG_SITES, RunConfig
 from fedcpt.exceptions import ConfigError
+from fedcpt.privacy.secagg.eval_sum import LIMB_BITS
 
 # Sums are taken in uint32 arithmetic, which wraps modulo 2^32 at no cost.
 MODULUS = 2**32
@@ -36,14 +37,25 @@ class SecAggParams:
         """The parameters for a round that sampled ``sampled`` sites (config already
         validated by :class:`~fedcpt.config.RunConfig`)."""
         sec = cfg.secagg
-        shares = min(sec.num_shares or sampled, sampled)
-        if shares < sampled and shares % 2 == 0:
-            shares -= 1  # fewer sites answered than configured: keep neighbourhoods symmetric
-        threshold = min(sec.reconstruction_threshold or shares // 2 + 1, shares)
+        shares, threshold = _neighbourhood(cfg, sampled)
         params = cls(num_shares=shares, threshold=threshold,
                      clipping_range=sec.clipping_range or cfg.federation.max_update_norm,
                      quantization_range=sec.quantization_range,
                      max_weight=cfg.train.local_steps * cfg.train.batch_size)
+        params.check(sampled)
+        return params
+
+    @classmethod
+    def for_evaluation(cls, cfg: RunConfig, sampled: int) -> SecAggParams:
+        """The parameters of a round's evaluation session over ``sampled`` sites: the
+        neighbourhoods and threshold of a training round of that size; each coordinate
+        is one 24-bit limb of :mod:`.eval_sum` and each site counts once, so
+        :meth:`check` refuses a session whose limb sums could wrap 2^32. (A threshold
+        set for the training rounds is raised to a majority if the session is larger.)"""
+        shares, threshold = _neighbourhood(cfg, sampled)
+        threshold = max(threshold, shares // 2 + 1)
+        params = cls(num_shares=shares, threshold=threshold, clipping_range=1.0,
+                     quantization_range=2**LIMB_BITS - 1, max_weight=1)
         params.check(sampled)
         return params
 
@@ -81,6 +93,15 @@ class SecAggParams:
                        max_weight=int(record["max_weight"]))
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"malformed secure aggregation parameters: {err}") from None
+
+
+def _neighbourhood(cfg: RunConfig, sampled: int) -> tuple[int, int]:
+    """num_shares and threshold for a session over ``sampled`` sites."""
+    sec = cfg.secagg
+    shares = min(sec.num_shares or sampled, sampled)
+    if shares < sampled and shares % 2 == 0:
+        shares -= 1  # fewer sites answered than configured: keep neighbourhoods symmetric
+    return shares, min(sec.reconstruction_threshold or shares // 2 + 1, shares)
 
 
 def neighbours(nodes: list[int], node: int, num_shares: int) -> list[int]:

@@ -23,18 +23,26 @@ from flwr.serverapp import Grid
 
 from fedcpt.core import protocol as p
 from fedcpt.exceptions import FedcptError
-from fedcpt.privacy.secagg.context import RoundContext
+from fedcpt.privacy.secagg.context import TRAIN, RoundContext
 from fedcpt.privacy.secagg.masking import agree, expand, public_key
 from fedcpt.privacy.secagg.params import MIN_SECAGG_SITES, SecAggParams, neighbours
 from fedcpt.privacy.secagg.site import MASK, STATE
 
 log = logging.getLogger(__name__)
 
-# Message types of the stages (core.protocol); stage 3 is the training message itself.
-SETUP, SHARE_KEYS, MASKED, CONSISTENCY, UNMASK = (
-    f"{MessageType.TRAIN}.{action}"
-    for action in (p.SECAGG_SETUP, p.SECAGG_SHARE_KEYS, p.SECAGG_MASKED, p.SECAGG_CONSISTENCY,
-                   p.SECAGG_UNMASK))
+_ACTIONS = (p.SECAGG_SETUP, p.SECAGG_SHARE_KEYS, p.SECAGG_MASKED, p.SECAGG_CONSISTENCY,
+            p.SECAGG_UNMASK)
+
+
+def stage_types(purpose: str) -> tuple[str, ...]:
+    """The message types of a session's five stages (core.protocol's actions in the
+    purpose's category: ``train.secagg_setup`` … or ``evaluate.secagg_setup`` …)."""
+    category = MessageType.TRAIN if purpose == TRAIN else MessageType.EVALUATE
+    return tuple(f"{category}.{action}" for action in _ACTIONS)
+
+
+# The training session's; stage 3 is the training message itself.
+SETUP, SHARE_KEYS, MASKED, CONSISTENCY, UNMASK = stage_types(TRAIN)
 
 
 class SecAggFailed(FedcptError):
@@ -42,8 +50,8 @@ class SecAggFailed(FedcptError):
 
 
 class SecAggRound:
-    """Stages 1, 2, 4 and 5 of one round over ``context.participants``, sent through
-    ``grid``."""
+    """Stages 1, 2, 4 and 5 of one round's session (``context.purpose``) over
+    ``context.participants``, sent through ``grid``."""
 
     def __init__(self, grid: Grid, context: RoundContext, params: SecAggParams,
                  timeout: float) -> None:
@@ -51,6 +59,8 @@ class SecAggRound:
         self.context, self.round = context, context.server_round
         self.ctx = context.digest(params)
         self.nodes = list(context.participants)
+        self.setup_type, self.share_type, _, self.consistency_type, self.unmask_type = (
+            stage_types(context.purpose))
         self.public: dict[int, tuple[bytes, bytes]] = {}
         self.signed: dict[int, tuple[bytes, bytes]] = {}  # node -> (signature, certificate)
         self.peers: dict[int, list[int]] = {}
@@ -91,13 +101,13 @@ class SecAggRound:
     def share_keys(self) -> dict[int, ConfigRecord]:
         """Stages 1–2; returns, per site still present, the shares addressed to it."""
         record = ConfigRecord({**self.params.to_record(), **self.context.to_record()})
-        for node, reply in self._exchange(SETUP, {n: record for n in self.nodes}).items():
+        for node, reply in self._exchange(self.setup_type, {n: record for n in self.nodes}).items():
             keys = [reply.get(k) for k in ("pk1", "pk2", "signature", "cert")]
             if all(isinstance(k, bytes) for k in keys) and len(keys[0]) == len(keys[1]) == 32:
                 self.public[node] = (keys[0], keys[1])
                 self.signed[node] = (keys[2], keys[3])
             else:
-                self._fail(node, SETUP, "malformed public keys")
+                self._fail(node, self.setup_type, "malformed public keys")
         self._require(set(self.public), "setup")
         present = sorted(self.public)
         self.peers = {n: neighbours(present, n, self.params.num_shares) for n in present}
@@ -108,11 +118,11 @@ class SecAggRound:
                                      "cert": [self.signed[p][1] for p in self.peers[n]]})
                     for n in present}
         outgoing = {}
-        for node, reply in self._exchange(SHARE_KEYS, requests).items():
+        for node, reply in self._exchange(self.share_type, requests).items():
             dsts, sealed = list(reply.get("dst", [])), list(reply.get("sealed", []))
             if sorted(dsts) != [p for p in self.peers[node] if p != node] or (
                     len(sealed) != len(dsts)) or not all(isinstance(c, bytes) for c in sealed):
-                self._fail(node, SHARE_KEYS, "shares not addressed to its neighbours")
+                self._fail(node, self.share_type, "shares not addressed to its neighbours")
                 continue
             outgoing[node] = dict(zip(dsts, sealed, strict=True))
         self.shared = set(outgoing)
@@ -135,12 +145,12 @@ class SecAggRound:
                                "update to the other site")
         survivors = sorted(active)
         signatures = {}
-        for node, reply in self._exchange(CONSISTENCY, {n: ConfigRecord(
+        for node, reply in self._exchange(self.consistency_type, {n: ConfigRecord(
                 {"survivors": survivors}) for n in survivors}).items():
             if isinstance(reply.get("signature"), bytes):
                 signatures[node] = reply["signature"]
             else:
-                self._fail(node, CONSISTENCY, "no signature over the survivor set")
+                self._fail(node, self.consistency_type, "no signature over the survivor set")
         self._require(set(signatures), "consistency check")
         signers = sorted(signatures)
         requests = {n: ConfigRecord({"survivors": survivors, "signers": signers,
@@ -150,12 +160,12 @@ class SecAggRound:
                     for n in signers}
         seed_shares: dict[int, list[bytes]] = {n: [] for n in active}
         key_shares: dict[int, list[bytes]] = {n: [] for n in dead}
-        for node, reply in self._exchange(UNMASK, requests).items():
+        for node, reply in self._exchange(self.unmask_type, requests).items():
             nodes, shares = list(reply.get("nodes", [])), list(reply.get("shares", []))
             asked = requests[node]
             if nodes != list(asked["active"]) + list(asked["dead"]) or (
                     len(shares) != len(nodes)) or not all(isinstance(x, bytes) for x in shares):
-                self._fail(node, UNMASK, "shares do not match the request")
+                self._fail(node, self.unmask_type, "shares do not match the request")
                 continue
             for owner, share in zip(nodes, shares, strict=True):
                 (seed_shares if owner in active else key_shares)[owner].append(share)

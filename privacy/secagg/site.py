@@ -16,7 +16,10 @@ Stages (Bonawitz et al. 2017, §4 malicious setting, on SecAgg+'s neighbour grap
 
 The site's secrets live in its Flower ``Context.state`` between messages and are deleted
 once it has answered stage 5. Every stage checks that it follows the previous one, so a
-server cannot replay or reorder them.
+server cannot replay or reorder them. A round has up to two sessions, one per purpose
+(``train``: the masked update; ``evaluate``: the masked evaluation sum): each stage is
+called with the purpose of the message that reached it, keeps its secrets under its own
+key (:func:`state_key`), and stage 1 refuses a round context bound to another purpose.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from flwr.common.secure_aggregation.crypto.shamir import create_shares
 
 from fedcpt.exceptions import ConfigError, UpdateRejected
 from fedcpt.privacy.secagg.context import (
+    TRAIN,
     RoundContext,
     adapter_digest,
     config_digest,
@@ -39,12 +43,18 @@ from fedcpt.privacy.secagg.identity import SiteIdentity, verify_signed
 from fedcpt.privacy.secagg.masking import agree, expand, new_key_pair, seal, unseal
 from fedcpt.privacy.secagg.params import MIN_SECAGG_SITES, SecAggParams
 
-STATE = "secagg"  # the ConfigRecord in Context.state holding this round's secrets
+STATE = "secagg"  # the stage messages' record; in Context.state, the training secrets
 SHARES, MASK = b"shares", b"mask"  # key-derivation purposes (the context is appended)
 
 
-def _state(context: Context, stage: str) -> ConfigRecord:
-    state = context.state.config_records.get(STATE)
+def state_key(purpose: str) -> str:
+    """The Context.state record holding a session's secrets: one per purpose, so a
+    round's evaluation never overwrites or reads its training session's."""
+    return STATE if purpose == TRAIN else f"{STATE}-{purpose}"
+
+
+def _state(context: Context, stage: str, purpose: str) -> ConfigRecord:
+    state = context.state.config_records.get(state_key(purpose))
     if state is None or state["stage"] != stage:
         got = "none" if state is None else state["stage"]
         raise UpdateRejected(f"secure aggregation message out of order: expected the stage "
@@ -70,15 +80,19 @@ def _ints(request: ConfigRecord, key: str) -> list[int]:
 
 
 def setup(context: Context, node: int, request: ConfigRecord,
-          identity: SiteIdentity) -> ConfigRecord:
-    """Stage 1: fresh key pairs for this round; publish the public halves, signed over
-    the round context, with this site's certificate."""
+          identity: SiteIdentity, purpose: str = TRAIN) -> ConfigRecord:
+    """Stage 1: fresh key pairs for this round's ``purpose`` session; publish the public
+    halves, signed over the round context, with this site's certificate."""
     params = SecAggParams.from_record(request)
     try:  # the site's own check: a server must not weaken what protects this update
         params.check(params.num_shares)
     except ConfigError as err:
         raise UpdateRejected(f"refusing secure aggregation parameters: {err}") from None
     round_context = RoundContext.from_record(request)
+    if round_context.purpose != purpose:
+        raise UpdateRejected(f"the round context is bound to the {round_context.purpose} "
+                             f"session, but this is the round's {purpose} session; "
+                             "nothing is shared")
     if node not in round_context.participants or (
             len(round_context.participants) < MIN_SECAGG_SITES):
         raise UpdateRejected("the round context does not list this site among at least "
@@ -87,7 +101,7 @@ def setup(context: Context, node: int, request: ConfigRecord,
     sk1, pk1 = new_key_pair()  # pairwise masks
     sk2, pk2 = new_key_pair()  # encrypting shares for neighbours
     signature = identity.sign(keys_message(ctx, node, pk1, pk2))
-    context.state.config_records[STATE] = ConfigRecord({
+    context.state.config_records[state_key(purpose)] = ConfigRecord({
         "stage": "setup", "node": node, **params.to_record(), "ctx": ctx,
         "adapter-digest": round_context.adapter, "config-digest": round_context.config,
         "participants": list(round_context.participants),
@@ -123,11 +137,11 @@ def _verified_neighbours(state: ConfigRecord, request: ConfigRecord,
     return peers, pk1s, pk2s, certs
 
 
-def share_keys(context: Context, request: ConfigRecord,
-               identity: SiteIdentity) -> ConfigRecord:
+def share_keys(context: Context, request: ConfigRecord, identity: SiteIdentity,
+               purpose: str = TRAIN) -> ConfigRecord:
     """Stage 2: split a fresh mask seed and the mask key into shares, one per verified
     neighbour, each encrypted for that neighbour alone."""
-    state = _state(context, "setup")
+    state = _state(context, "setup", purpose)
     params, me, ctx = SecAggParams.from_record(state), int(state["node"]), bytes(state["ctx"])
     peers, pk1s, pk2s, certs = _verified_neighbours(state, request, identity)
     if not (MIN_SECAGG_SITES <= len(peers) <= params.num_shares
@@ -156,15 +170,15 @@ def share_keys(context: Context, request: ConfigRecord,
 
 
 def receive_shares(context: Context, request: ConfigRecord, adapter: ArrayRecord,
-                   config: ConfigRecord) -> None:
+                   config: ConfigRecord, purpose: str = TRAIN) -> None:
     """Stage 3, first half, before training: the adapter and config must be those the
     round context committed to; keep the shares neighbours sent (they are the neighbours
     still present); fail if fewer than the threshold arrived."""
-    state = _state(context, "share_keys")
+    state = _state(context, "share_keys", purpose)
     if adapter_digest(adapter) != state["adapter-digest"] or (
             config_digest(config) != state["config-digest"]):
-        raise UpdateRejected("the global adapter or training config differs from what the "
-                             "round context committed to")
+        raise UpdateRejected(f"the global adapter or {purpose} config differs from what "
+                             "the round context committed to")
     me, peers, ctx = int(state["node"]), [int(n) for n in state["peers"]], bytes(state["ctx"])
     nodes, seeds, keys = (list(state["held-nodes"]), list(state["held-seed"]),
                           list(state["held-key"]))
@@ -187,10 +201,10 @@ def receive_shares(context: Context, request: ConfigRecord, adapter: ArrayRecord
                   "held-key": keys})
 
 
-def mask(context: Context, vector: np.ndarray) -> np.ndarray:
+def mask(context: Context, vector: np.ndarray, purpose: str = TRAIN) -> np.ndarray:
     """Stage 3, second half: add the private mask and the pairwise masks (+ toward
     higher node ids, − toward lower ones, so they cancel in the sum)."""
-    state = _state(context, "receive_shares")
+    state = _state(context, "receive_shares", purpose)
     me, peers, ctx = int(state["node"]), [int(n) for n in state["peers"]], bytes(state["ctx"])
     masked = vector.astype(np.uint32) + expand(bytes(state["seed"]), vector.size)
     for peer in (int(n) for n in state["held-nodes"]):
@@ -203,11 +217,11 @@ def mask(context: Context, vector: np.ndarray) -> np.ndarray:
     return masked
 
 
-def consistency(context: Context, request: ConfigRecord,
-                identity: SiteIdentity) -> ConfigRecord:
+def consistency(context: Context, request: ConfigRecord, identity: SiteIdentity,
+                purpose: str = TRAIN) -> ConfigRecord:
     """Stage 4: sign the survivor set the server announces — once per round, and only a
     set that names this site and enough neighbours whose shares it holds."""
-    state = _state(context, "mask")
+    state = _state(context, "mask", purpose)
     me, threshold = int(state["node"]), int(state["threshold"])
     survivors = sorted(set(_ints(request, "survivors")))
     peers, held = {int(n) for n in state["peers"]}, {int(n) for n in state["held-nodes"]}
@@ -223,11 +237,12 @@ def consistency(context: Context, request: ConfigRecord,
         bytes(state["ctx"]), survivors, bytes(state["pk1"]), bytes(state["pk2"])))})
 
 
-def unmask(context: Context, request: ConfigRecord, identity: SiteIdentity) -> ConfigRecord:
+def unmask(context: Context, request: ConfigRecord, identity: SiteIdentity,
+           purpose: str = TRAIN) -> ConfigRecord:
     """Stage 5: with ``threshold`` valid neighbour signatures over the survivor set this
     site signed, reveal seed shares of the surviving neighbours and mask-key shares of the
     neighbours that dropped after sharing keys — exactly those. Then forget the round."""
-    state = _state(context, "consistency")
+    state = _state(context, "consistency", purpose)
     me, threshold, ctx = int(state["node"]), int(state["threshold"]), bytes(state["ctx"])
     survivors = [int(n) for n in state["survivors"]]
     peers = [int(n) for n in state["peers"]]
@@ -260,5 +275,5 @@ def unmask(context: Context, request: ConfigRecord, identity: SiteIdentity) -> C
                              "survivor set")
     shares = ([state["held-seed"][held.index(n)] for n in active]
               + [state["held-key"][held.index(n)] for n in dead])
-    del context.state.config_records[STATE]
+    del context.state.config_records[state_key(purpose)]
     return ConfigRecord({"nodes": active + dead, "shares": shares})

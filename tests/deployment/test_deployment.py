@@ -126,7 +126,9 @@ def test_three_sites_with_tls_and_node_auth(federation, sites_config: Path) -> N
     assert summary["rounds"] == 2 and summary["rounds_aggregated"] == 2
     assert summary["failures"] == 0
     assert summary["secagg"]["enabled"] is True
-    assert set(summary["domain_loss"]["per_site"]) == set(SITES)
+    # under SecAgg the sites evaluate masked too: the server learned only their sum
+    assert summary["domain_loss"]["per_site"] == {}
+    assert summary["domain_loss"]["secure_sum"]["sites"] == len(SITES)
     for row in rows[1:]:  # the refused SuperNodes ("intruder") never took part
         assert row["aggregated"] and sorted(row["sites_trained"]) == sorted(SITES)
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -151,9 +153,10 @@ def test_site_with_missing_data_fails_alone(federation, sites_config: Path) -> N
     (failure,) = rows[1]["failures"]
     assert f"site east: data path not found: {paths['east']}" in failure
     assert summary["secagg"]["enabled"] is True  # the three others' sum was still unmasked
-    assert set(summary["domain_loss"]["per_site"]) == {"north", "south", "west"}
+    assert summary["domain_loss"]["secure_sum"]["sites"] == 3  # east dropped out of it
     # The site's own log says what to fix, in one line each time, with no traceback.
     east_log = fed.log("supernode-east").read_text()
     assert f"data path not found: {paths['east']}" in east_log
-    assert "site east cannot take part in this evaluate round: data path not found" in east_log
+    assert ("site east cannot take part in this evaluate.secagg_masked round: data path not "
+            "found") in east_log
     assert "Traceback" not in east_log

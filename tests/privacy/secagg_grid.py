@@ -4,13 +4,16 @@ a grid that delivers each stage message to the real site functions the ClientApp
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 from cryptography.hazmat.primitives import serialization
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedcpt.client.app import app
 from fedcpt.config import RunConfig
 from fedcpt.core import protocol as p
-from fedcpt.deploy.certs import make_ca, make_site_signing_cert
+from fedcpt.deploy.certs import make_ca, make_site_signing_cert, write_federation_certs
 from fedcpt.privacy.secagg import site
 from fedcpt.privacy.secagg.context import RoundContext, adapter_digest, config_digest
 from fedcpt.privacy.secagg.ddp import DistributedDP
@@ -18,6 +21,8 @@ from fedcpt.privacy.secagg.encoding import encode, vector_length
 from fedcpt.privacy.secagg.identity import SiteIdentity
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import CONSISTENCY, MASKED, SETUP, SHARE_KEYS, STATE, UNMASK
+from fedcpt.server.round_loop import Federation
+from fedcpt.strategies.secagg_fedavg import SecAggFedAvg
 
 
 def make_identities(nodes, ca=None) -> dict[int, SiteIdentity]:
@@ -158,3 +163,47 @@ class Sites:
     def secrets_kept(self, node: int) -> bool:
         """Whether the site still holds its round secrets (it has not answered stage 5)."""
         return site.STATE in self.contexts[node].state.config_records
+
+
+class AppGrid:
+    """The server's Grid over in-process ClientApps: every message goes through the real
+    app (:data:`fedcpt.client.app.app`: its mods and the handler its type names) with the
+    node's own Context, as a SuperNode would hand it over; ``replies`` keeps what came
+    back, i.e. everything the server learned."""
+
+    def __init__(self, node_configs: dict[int, dict]) -> None:
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config=c, state=RecordDict(),
+                                    run_config={}) for n, c in node_configs.items()}
+        self.replies: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        out = [app(msg, self.contexts[msg.metadata.dst_node_id]) for msg in messages]
+        self.replies += out
+        return out
+
+    def send(self, node: int, message_type: str, content: RecordDict) -> Message:
+        """One message as the (possibly malicious) server builds it; the site's reply."""
+        [reply] = self.send_and_receive([Message(content, dst_node_id=node,
+                                                 message_type=message_type)])
+        return reply
+
+
+def simulated_sites(folder, names) -> dict[int, dict]:
+    """Node id → node config of simulated sites ``partition-id`` 0…, each with its own
+    SecAgg signing identity under one CA (as ``fedcpt certs`` writes them)."""
+    files = write_federation_certs(folder, ["127.0.0.1"], list(names), days=2)
+    return {100 + i: {"partition-id": i, "ca-cert": str(files.ca_cert),
+                      "secagg-key": str(files.signing[name][0]),
+                      "secagg-cert": str(files.signing[name][1])}
+            for i, name in enumerate(names)}
+
+
+def secagg_federation(grid, cfg: RunConfig) -> Federation:
+    """The round loop's Federation for ``site_evaluations`` / ``train_attempt`` over
+    ``grid`` under SecAgg (no recorder, model or general text: the loop's other steps)."""
+    return Federation(grid=grid, cfg=cfg, aggregator=SecAggFedAvg(cfg=cfg), recorder=None,
+                      lm=None, general=None, rng=random.Random(0),
+                      config=ConfigRecord({p.RUN_CONFIG: cfg.to_json(), p.RUN_ID: "run-e"}))

@@ -9,6 +9,7 @@ import re
 import pytest
 
 import fedcpt.client.app as client_app
+from fedcpt.client import eval_step
 from fedcpt.client.errors import report_site_errors
 from fedcpt.config import load_config
 from fedcpt.core import protocol as p
@@ -44,7 +45,7 @@ def _evaluate(cfg, data: str, ledger, run: str, server_round: int = 1, new_proce
     """The site's reply to run ``run``'s evaluation request (``new_process``: as a site
     process started for the run, with nothing cached from an earlier one)."""
     if new_process:
-        client_app._base_losses.clear()
+        eval_step._base_losses.clear()
     context = site_context(data, ledger, name="clinic", **policy)
     initial = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
     with task_identity():  # through the ClientApp's error mod, as a SuperNode runs it

@@ -72,7 +72,7 @@ def test_require_dp_releases_nothing_unnoised_by_default():
 
 @pytest.mark.parametrize(("keys", "match"), [
     ({"privacy_unit": "person"}, r"privacy unit 'person' is not one of .*site node config"),
-    ({"eval_release": "secagg"}, r"`eval_release` must be one of .*not implemented yet"),
+    ({"eval_release": "summed"}, r"`eval_release` must be one of .*'secagg'.*secure aggregation"),
     ({"heldout_fraction": 0.0}, r"`heldout_fraction` must be strictly between 0 and 1"),
     ({"epsilon_budget": "lots"}, r"sets `epsilon_budget` to 'lots', which is not a float"),
 ])

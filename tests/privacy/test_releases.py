@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
+from secagg_grid import AppGrid, secagg_federation, simulated_sites
 
 import fedcpt.client.app as client_app
 from fedcpt.config import load_config
@@ -14,6 +15,7 @@ from fedcpt.core.model import load_adapted_model
 from fedcpt.deploy.certs import write_federation_certs
 from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.privacy.report import released_keys, site_row
+from fedcpt.server.round_loop import site_evaluations
 from fedcpt.testing.bad_inputs.proposals import _site_data
 from fedcpt.testing.site_round import site_context, task_identity, train_message
 
@@ -63,6 +65,23 @@ def test_every_key_of_a_dp_sites_replies_is_in_the_reports_release_list(dp_site)
     assert p.TRAIN_LOSS not in metrics  # computed on the protected units
     assert metrics[p.NUM_EXAMPLES] == cfg.train.local_steps * cfg.train.batch_size
     assert set(p.PRIVACY_METRICS) <= set(metrics.keys())
+
+
+def test_every_key_of_the_masked_evaluation_replies_is_in_the_release_list(tmp_path):
+    """Under secure aggregation with ``eval-release=secagg`` the sites' replies (keys,
+    shares, signatures and the masked evaluation) carry only listed keys, and the list has
+    no per-site loss for such a site."""
+    cfg = load_config("smoke", overrides=["secagg.mode=on", "site_policy.eval_release=secagg"])
+    grid = AppGrid(simulated_sites(tmp_path, [s.name for s in cfg.sites]))
+    initial = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
+    with task_identity():
+        [secure] = site_evaluations(secagg_federation(grid, cfg), 1, initial)
+    assert secure.summed_sites == 3
+    assert sum(p.MASKED in r.content for r in grid.replies) == 3  # the masked evaluations
+    listed = released_keys("secagg")
+    for reply in grid.replies:
+        assert reply_keys(reply) <= listed, sorted(reply_keys(reply) - listed)
+    assert not {p.DOMAIN_LOSS, p.DOMAIN_BASE_LOSS, p.DOMAIN_ECE} & listed
 
 
 def test_a_key_without_a_statement_is_not_listed():

@@ -64,3 +64,21 @@ def test_report_names_the_unit_every_release_and_who_set_each_value(tmp_path):
     text = (tmp_path / "privacy_report.md").read_text()
     assert "| unit | field:patient_id | site node config |" in text
     assert "| delta | 0.0 | site default |" in text
+
+
+def test_a_secagg_release_is_reported_as_a_sum_with_the_other_sites_outside_epsilon(tmp_path):
+    from fedcpt.config import SiteConfig
+    from fedcpt.privacy.policy import site_policy
+
+    node = {"site-name": "clinic", "data-path": "/d", "eval-release": "secagg"}
+    policy = site_policy(None, SiteConfig(name="clinic", data=("/d",)), node, deployed=True)
+    ledger = PrivacyLedger.open(tmp_path / "clinic.ledger.json", "clinic", delta=1e-6,
+                                target_epsilon=8.0, unit=policy.unit)
+    ledger.policy = policy.record()
+    ledger.record("run", 1, 1.0, 0.05, 40)
+    [line] = [r for r in write_privacy_report([ledger], tmp_path)["sites"]["clinic"]["releases"]
+              if r.startswith("evaluation")]
+    assert "released only as a sum with the other sites'" in line
+    assert "never per site" in line and "NOT covered by ε" in line
+    assert "| eval_release | secagg | site node config |" in (
+        tmp_path / "privacy_report.md").read_text()

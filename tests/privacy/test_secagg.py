@@ -254,6 +254,7 @@ def test_shares_redirected_by_the_server_fail_authentication(federation):
     (["privacy.user_level=true", "secagg.dishonest_fraction=1"], "dishonest_fraction"),
     (["federation.sites_per_round=2"], ">= 3"),
     (["secagg.quantization_range=1500000000"], r"2\^32"),
+    (["federation.eval_sites_per_round=2"], r"eval_sites_per_round.*3 to 255"),
 ])
 def test_bad_secagg_settings_are_rejected_before_any_round(sites_config, overrides, message):
     base = ["secagg.mode=on", "federation.max_update_norm=5"]
