@@ -33,6 +33,9 @@ def _cfg(path, *overrides):
     return replace(cfg, sites=(SiteConfig(name="clinic", data=(str(path),)),))
 
 
+# Canary audits train and score a model per canary: 135-160 s each on a 2-core AVX2 CPU
+# (fp32), so they run in the slow tier.
+@pytest.mark.slow
 def test_without_dp_the_audit_detects_leakage(write_text):
     cfg = _cfg(write_text("clinic.txt", 60_000, seed=7))
     result = run_audit(cfg, canaries=100, data_blocks=100, steps=200)
@@ -41,6 +44,7 @@ def test_without_dp_the_audit_detects_leakage(write_text):
     assert result.tpr_at_fpr["0.05"] > 0.2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_with_dp_the_bound_never_exceeds_the_accountant(write_text, seed):
     cfg = _cfg(write_text("clinic.txt", 60_000, seed=7), "privacy.enabled=true",
