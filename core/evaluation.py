@@ -75,7 +75,7 @@ class _Tally:
     def result(self, with_kl: bool) -> EvalResult:
         tokens = int(self.bin_count.sum().item())
         loss = sum(self.block_losses) / len(self.block_losses)
-        kl = (self.kl_sum / self.kl_tokens if self.kl_tokens else 0.0) if with_kl else None
+        kl = self.kl_sum / self.kl_tokens if with_kl else None
         return EvalResult(loss=loss, perplexity=math.exp(loss),
                           ece=ece_from_bins(self.bin_count, self.bin_conf, self.bin_correct),
                           tokens=tokens, block_losses=self.block_losses, kl_to_base=kl)
