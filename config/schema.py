@@ -241,14 +241,18 @@ class FederationConfig:
 class SimulationConfig:
     """Flower Simulation Engine (Ray) resources."""
 
-    cpus_per_client: float = _opt(1.0, "Ray CPUs per client: concurrency = CPUs / this.")
+    cpus_per_client: float = _opt(1.0, "Ray CPUs per client, a whole number (Flower's "
+                                  "simulation config carries whole CPUs): concurrency = "
+                                  "CPUs / this; each client runs that many torch threads.")
     gpus_per_client: float = _opt(0.0, "Ray GPUs per client.")
-    num_cpus: int = _opt(0, "CPUs Ray may use (0: all).")
+    num_cpus: int = _opt(0, "CPUs Ray may use (0: all); more than the machine has runs "
+                         "more clients at once, sharing its cores.")
     ray_address: str = _opt("", "Attach to an existing Ray cluster (e.g. `auto`).")
 
     def __post_init__(self) -> None:
-        require(self.cpus_per_client > 0, "simulation.cpus_per_client",
-                self.cpus_per_client, "> 0")
+        require(self.cpus_per_client >= 1 and float(self.cpus_per_client).is_integer(),
+                "simulation.cpus_per_client", self.cpus_per_client,
+                "a whole number >= 1 (Flower's simulation config carries whole CPUs)")
         require(self.gpus_per_client >= 0, "simulation.gpus_per_client",
                 self.gpus_per_client, ">= 0")
         require(self.num_cpus >= 0, "simulation.num_cpus", self.num_cpus, ">= 0")

@@ -19,8 +19,14 @@ def test_federation_config_has_one_supernode_per_site_and_whole_cpus():
     assert federation_config(cfg) == {"num-supernodes": 3, "client-resources-num-cpus": 1,
                                       "client-resources-num-gpus": 0,
                                       "init-args-num-cpus": 2}
-    half = load_config("smoke", overrides=["simulation.cpus_per_client=0.5"])
-    assert federation_config(half)["client-resources-num-cpus"] == 0.5
+
+
+@pytest.mark.parametrize("cpus", ["0.5", "1.5", "0"])
+def test_a_fractional_cpu_per_client_is_refused_with_the_key_named(cpus):
+    # Flower's SimulationConfig carries client CPUs as an integer; `flwr run` would fail
+    # with only "'float' object cannot be interpreted as an integer"
+    with pytest.raises(ConfigError, match=r"simulation\.cpus_per_client.*whole number"):
+        load_config("smoke", overrides=[f"simulation.cpus_per_client={cpus}"])
 
 
 def test_ray_address_is_refused_with_the_key_named():
