@@ -11,11 +11,14 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedcpt.config import RunConfig, build
 from fedcpt.exceptions import ConfigError
 from fedcpt.server.run_folder import RunFolder
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -83,18 +86,38 @@ def continue_from(run_dir: Path, server_round: int, rounds: int | None = None) -
                                name=f"{cfg.name}-from-round-{server_round}")
 
 
-def export_version(run_dir: Path, server_round: int, out: Path) -> Path:
-    """Merge a version into the base model and save a standalone model for serving."""
+def version_digest(run_dir: Path, server_round: int) -> str:
+    """SHA-256 of one version's adapter tensors (:func:`fedcpt.core.adapters.arrays_digest`
+    of the saved fp32 tensors, as a round that trains from it digests what it sends)."""
+    from fedcpt.core.adapters import arrays_digest, read_version
+
+    return arrays_digest(read_version(version_dir(run_dir, server_round)))
+
+
+def merged_version(run_dir: Path, server_round: int,
+                   ) -> tuple[RunConfig, PreTrainedModel, PreTrainedTokenizerBase]:
+    """The run's config and its base model with version ``server_round`` merged in (CPU)."""
     from peft import PeftModel
 
     from fedcpt.core.model import load_base_model
 
+    path = version_dir(run_dir, server_round)
     cfg = run_config(run_dir)
     base, tokenizer = load_base_model(cfg.model)
-    merged = PeftModel.from_pretrained(base, str(version_dir(run_dir, server_round)))
-    merged = merged.merge_and_unload()
+    return cfg, PeftModel.from_pretrained(base, str(path)).merge_and_unload(), tokenizer
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> Path:
+    """A standalone model folder for serving (``from_pretrained``)."""
     out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return out
+
+
+def export_version(run_dir: Path, server_round: int, out: Path) -> Path:
+    """Merge a version into the base model and save a standalone model for serving."""
+    _, merged, tokenizer = merged_version(run_dir, server_round)
+    save_model(merged, tokenizer, out)
     log.info("exported round %d of %s to %s", server_round, run_dir, out)
     return out
