@@ -227,6 +227,11 @@ def _train_private(cfg: RunConfig, lm: AdaptedModel, blocks: TokenBlocks, policy
         if target > ledger.target_epsilon:
             raise SiteTrackError(f"--dp-epsilon {target:g} is above site {policy.site!r}'s "
                                  f"budget ε = {ledger.target_epsilon:g} ({ledger.path})")
+        if ledger.epsilon() >= target:
+            raise SiteTrackError(f"--dp-epsilon {target:g} is not above the ε = "
+                                 f"{ledger.epsilon():.3f} site {policy.site!r} has already "
+                                 f"spent ({ledger.path}): the total after this training "
+                                 "must be larger")
         # σ is always planned for the target here, never a run's fixed noise multiplier
         privacy = dataclasses.replace(cfg.privacy, noise_multiplier=0.0)
         plan = plan_site(privacy, site=policy.site, records=blocks.units,

@@ -87,8 +87,8 @@ def continue_from(run_dir: Path, server_round: int, rounds: int | None = None) -
 
 
 def version_digest(run_dir: Path, server_round: int) -> str:
-    """SHA-256 of one version's adapter tensors (:func:`fedcpt.core.adapters.arrays_digest`
-    of the saved fp32 tensors, as a round that trains from it digests what it sends)."""
+    """SHA-256 of one version's saved adapter tensors (fp32,
+    :func:`fedcpt.core.adapters.arrays_digest`)."""
     from fedcpt.core.adapters import arrays_digest, read_version
 
     return arrays_digest(read_version(version_dir(run_dir, server_round)))

@@ -180,12 +180,14 @@ def test_dp_training_charges_the_sites_ledger_and_says_so(run, tmp_path, write_t
     assert privacy["trained_with_dp"] is True and "DP-SGD" in privacy["statement"]
     ledger = PrivacyLedger.load(ledger_path)
     assert [(e.run, e.steps) for e in ledger.entries] == [(privacy["ledger_run"], 8)]
+    assert privacy["ledger_run"].startswith("site-track/clinic/")
     assert 3.5 < ledger.epsilon() <= 4.0 + 1e-6
     assert privacy["epsilon_total"] == pytest.approx(ledger.epsilon())
     assert track.record["data"]["salted"] is True  # a ledger: the leaves are salted
     # a second track cannot stay within a total already spent: refused, nothing written
     before = ledger_path.read_bytes()
-    with pytest.raises(ConfigError, match="already spent"):
+    with pytest.raises(SiteTrackError, match=r"--dp-epsilon 2 is not above the ε = 3\.\d+ "
+                                             r"site 'clinic' has already spent"):
         specialise(run, 1, node_config=node,
                    settings=TrackSettings(steps=8, dp_epsilon=2.0))
     assert ledger_path.read_bytes() == before
@@ -197,6 +199,12 @@ def test_dp_training_charges_the_sites_ledger_and_says_so(run, tmp_path, write_t
     (7, {"site": "north"}, ConfigError, r"no adapter version for round 7 .*\[1, 2\]"),
     (1, {"site": "nort"}, SiteTrackError, r"site 'nort' is not a site .*did you mean 'north'"),
     (1, {}, SiteTrackError, "either with --site .* or with --node-config"),
+    (1, {"site": "north", "node_config": {"site-name": "north", "data-path": "x.txt"}},
+     SiteTrackError, "either with --site .* or with --node-config"),
+    (1, {"site": "north", "settings": TrackSettings(batch_size=0)}, SiteTrackError,
+     r"--batch-size must be >= 1, got 0"),
+    (1, {"site": "north", "settings": TrackSettings(dp_epsilon=0.0)}, SiteTrackError,
+     r"--dp-epsilon must be > 0, got 0.0"),
     (1, {"site": "north", "settings": TrackSettings(steps=0)}, SiteTrackError,
      r"--steps must be >= 1, got 0"),
     (1, {"site": "north", "settings": TrackSettings(lr=-1.0)}, SiteTrackError,
@@ -230,10 +238,17 @@ def test_cli_prints_both_losses_and_the_privacy_statement(run, tmp_path):
     assert f"specialised adapter v001 at {out / 'south' / 'v001'}" in proc.stdout
     assert "held-out domain loss" in proc.stdout and "specialised" in proc.stdout
     assert "privacy: trained WITHOUT differential privacy" in proc.stdout
+    served = subprocess.run([sys.executable, "-m", "fedcpt.cli", "adapters", "export",
+                             str(run), "1", "--out", str(tmp_path / "served"),
+                             "--site-adapter", str(out / "south" / "v001")],
+                            capture_output=True, text=True)
+    assert served.returncode == 0, served.stderr
+    assert served.stdout.strip() == str(tmp_path / "served")
+    assert "site adapter privacy: trained WITHOUT differential privacy" in served.stderr
     bad = subprocess.run([sys.executable, "-m", "fedcpt.cli", "adapters", "export", str(run),
-                          "2", "--out", str(tmp_path / "served"), "--site-adapter",
+                          "2", "--out", str(tmp_path / "refused"), "--site-adapter",
                           str(out / "south" / "v001")], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error: site adapter")
     assert len(bad.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "served").exists()
+    assert not (tmp_path / "refused").exists()
