@@ -46,9 +46,9 @@ from fedcpt.core.training import train_adapter
 from fedcpt.exceptions import ConfigError
 from fedcpt.privacy.attestation import merkle_root, policy_digest, unit_hashes
 from fedcpt.privacy.policy import RunTerms, SitePolicy
-from fedcpt.server.provenance import read_run_id
 from fedcpt.server.run_folder import RunFolder
 from fedcpt.server.versions import (
+    MergedVersion,
     merged_version,
     run_config,
     save_model,
@@ -123,10 +123,8 @@ def specialise(run_dir: Path, server_round: int, *, site: str | None = None,
     """Train, evaluate and publish one site's specialised adapter on version
     ``server_round`` of ``run_dir``. Every input is checked before anything is written."""
     settings.check()
-    general = {"run_id": read_run_id(RunFolder(run_dir)), "round": server_round,
-               "sha256": version_digest(run_dir, server_round),
-               "path": str(version_dir(run_dir, server_round))}
     cfg = run_config(run_dir)
+    general_dir = version_dir(run_dir, server_round)
     node = _node_config(cfg, site, node_config)
     site_cfg = resolve_site(cfg, node)
     policy = policy_for(cfg, site_cfg, node)
@@ -140,7 +138,10 @@ def specialise(run_dir: Path, server_round: int, *, site: str | None = None,
                                 batch_size=settings.batch_size or cfg.train.batch_size)
     lr = settings.lr or cfg.train.lr
     seed = cfg.seed if settings.seed is None else settings.seed
-    lm = _specialisable(run_dir, server_round, cfg, seed)
+    merged = merged_version(run_dir, server_round)
+    general = {"run_id": _run_id(run_dir), "round": server_round, "sha256": merged.sha256,
+               "path": str(general_dir)}
+    lm = _specialisable(merged, seed)
     before = evaluate_blocks(lm, blocks.heldout, cfg.train.eval_batch_size).loss
     if settings.dp_epsilon is None:
         train_adapter(lm, blocks.train, train, lr=lr,
@@ -192,16 +193,19 @@ def _track_root(out: Path | None, policy: SitePolicy) -> Path:
     return Path(policy.ledger_path).expanduser().parent / TRACK_FOLDER
 
 
-def _specialisable(run_dir: Path, server_round: int, cfg: RunConfig, seed: int,
-                   ) -> AdaptedModel:
-    """The base model with the general version merged in, and a fresh LoRA on top (B = 0:
+def _run_id(run_dir: Path) -> str:
+    return str(json.loads(RunFolder(run_dir).manifest.read_text()).get("run_id", ""))
+
+
+def _specialisable(merged: MergedVersion, seed: int) -> AdaptedModel:
+    """The general version merged into the base model, with a fresh LoRA on top (B = 0:
     before training it computes exactly the general track)."""
-    _, merged, tokenizer = merged_version(run_dir, server_round)
-    device = resolve_device(cfg.model)
-    merged.to(device)
-    model = attach_lora(merged, cfg.lora, seed)
+    cfg = merged.cfg.model
+    device = resolve_device(cfg)
+    merged.model.to(device)
+    model = attach_lora(merged.model, merged.cfg.lora, seed)
     model.to(device)
-    return AdaptedModel(model, tokenizer, device, resolve_autocast(cfg.model, device))
+    return AdaptedModel(model, merged.tokenizer, device, resolve_autocast(cfg, device))
 
 
 def _fingerprint(blocks: TokenBlocks, policy: SitePolicy) -> dict[str, Any]:
@@ -280,12 +284,15 @@ def read_record(path: Path) -> dict[str, Any]:
     return record
 
 
-def check_site_adapter(run_dir: Path, server_round: int, path: Path) -> dict[str, Any]:
+def check_site_adapter(run_dir: Path, server_round: int, path: Path,
+                       general_sha256: str | None = None) -> dict[str, Any]:
     """The record of the site adapter at ``path`` if it was trained on exactly version
-    ``server_round`` of ``run_dir`` (same SHA-256) and its weights are the ones recorded;
-    SiteTrackError naming both digests otherwise."""
+    ``server_round`` of ``run_dir`` (same SHA-256; ``general_sha256``: the digest of the
+    version as already loaded) and its weights are the ones recorded; SiteTrackError
+    naming both digests otherwise."""
     record = read_record(path)
-    general, actual = record["general"], version_digest(run_dir, server_round)
+    general = record["general"]
+    actual = general_sha256 or version_digest(run_dir, server_round)
     if actual != general["sha256"]:
         raise SiteTrackError(
             f"site adapter {path} was trained on general version round-{general['round']:03d}"
@@ -307,10 +314,11 @@ def export_specialised(run_dir: Path, server_round: int, site_adapter: Path, out
     for serving; and the site adapter's record (its privacy statement goes with it)."""
     from peft import PeftModel
 
-    record = check_site_adapter(run_dir, server_round, site_adapter)
-    _, merged, tokenizer = merged_version(run_dir, server_round)
-    model = PeftModel.from_pretrained(merged, str(site_adapter)).merge_and_unload()
-    save_model(model, tokenizer, out)
+    read_record(site_adapter)  # not a site adapter: say so before loading any model
+    merged = merged_version(run_dir, server_round)
+    record = check_site_adapter(run_dir, server_round, site_adapter, merged.sha256)
+    model = PeftModel.from_pretrained(merged.model, str(site_adapter)).merge_and_unload()
+    save_model(model, merged.tokenizer, out)
     log.info("exported round %d of %s with site adapter %s to %s", server_round, run_dir,
              site_adapter, out)
     return out, record

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,17 +95,30 @@ def version_digest(run_dir: Path, server_round: int) -> str:
     return arrays_digest(read_version(version_dir(run_dir, server_round)))
 
 
-def merged_version(run_dir: Path, server_round: int,
-                   ) -> tuple[RunConfig, PreTrainedModel, PreTrainedTokenizerBase]:
-    """The run's config and its base model with version ``server_round`` merged in (CPU)."""
+@dataclass(frozen=True)
+class MergedVersion:
+    """A run's base model with one version merged in (CPU), and that version's digest."""
+
+    cfg: RunConfig
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    sha256: str
+    """:func:`version_digest` of exactly the tensors merged in (read once)."""
+
+
+def merged_version(run_dir: Path, server_round: int) -> MergedVersion:
+    """The run's base model with version ``server_round`` merged in."""
     from peft import PeftModel
 
+    from fedcpt.core.adapters import adapter_state, arrays_digest, to_arrays
     from fedcpt.core.model import load_base_model
 
     path = version_dir(run_dir, server_round)
     cfg = run_config(run_dir)
     base, tokenizer = load_base_model(cfg.model)
-    return cfg, PeftModel.from_pretrained(base, str(path)).merge_and_unload(), tokenizer
+    adapted = PeftModel.from_pretrained(base, str(path))
+    digest = arrays_digest(to_arrays(adapter_state(adapted)))
+    return MergedVersion(cfg, adapted.merge_and_unload(), tokenizer, digest)
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> Path:
@@ -117,7 +131,7 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: 
 
 def export_version(run_dir: Path, server_round: int, out: Path) -> Path:
     """Merge a version into the base model and save a standalone model for serving."""
-    _, merged, tokenizer = merged_version(run_dir, server_round)
-    save_model(merged, tokenizer, out)
+    merged = merged_version(run_dir, server_round)
+    save_model(merged.model, merged.tokenizer, out)
     log.info("exported round %d of %s to %s", server_round, run_dir, out)
     return out

@@ -75,7 +75,7 @@ def test_specialising_lowers_the_sites_heldout_loss(run, north):
     cfg = build(RunConfig, cfg, prefix="")
     site = resolve_site(cfg, {"partition-id": 0})
     blocks = site_blocks(site, cfg.model, cfg.data, policy_for(cfg, site, {"partition-id": 0}))
-    _, merged, _ = merged_version(run, 1)
+    merged = merged_version(run, 1).model
     with torch.no_grad():
         logits = merged(blocks.heldout).logits[:, :-1]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), blocks.heldout[:, 1:],
@@ -120,7 +120,7 @@ def test_export_of_both_tracks_equals_the_manual_merge(run, north, tmp_path):
     general = PeftModel.from_pretrained(base, str(run / "adapters" / "round-001"))
     manual = PeftModel.from_pretrained(general.merge_and_unload(), str(north.path))
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
-    _, general_only, _ = merged_version(run, 1)
+    general_only = merged_version(run, 1).model
     with torch.no_grad():
         logits = served(ids).logits
         torch.testing.assert_close(logits, manual(ids).logits, rtol=1e-4, atol=1e-4)
