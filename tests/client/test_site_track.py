@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from fedcpt.client.attest import site_salt
 from fedcpt.client.site import policy_for, resolve_site, site_blocks
 from fedcpt.client.site_track import (
     RECORD,
@@ -32,7 +33,7 @@ from fedcpt.exceptions import ConfigError, DataError
 from fedcpt.privacy.attestation import merkle_root, unit_hashes
 from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.server.run_folder import RunFolder
-from fedcpt.server.versions import merged_version, version_digest
+from fedcpt.server.versions import merged_version, run_config, version_digest
 
 FAST = TrackSettings(steps=30, lr=0.01)
 
@@ -69,10 +70,7 @@ def test_specialising_lowers_the_sites_heldout_loss(run, north):
     loss = north.record["heldout_loss"]
     assert loss["specialised"] < loss["general"] - 0.05
     # the "general" number is the general track itself, measured on the site's held-out set
-    cfg = json.loads((run / "manifest.json").read_text())["config"]
-    from fedcpt.config import RunConfig, build
-
-    cfg = build(RunConfig, cfg, prefix="")
+    cfg = run_config(run)
     site = resolve_site(cfg, {"partition-id": 0})
     blocks = site_blocks(site, cfg.model, cfg.data, policy_for(cfg, site, {"partition-id": 0}))
     merged = merged_version(run, 1).model
@@ -183,7 +181,14 @@ def test_dp_training_charges_the_sites_ledger_and_says_so(run, tmp_path, write_t
     assert privacy["ledger_run"].startswith("site-track/clinic/")
     assert 3.5 < ledger.epsilon() <= 4.0 + 1e-6
     assert privacy["epsilon_total"] == pytest.approx(ledger.epsilon())
-    assert track.record["data"]["salted"] is True  # a ledger: the leaves are salted
+    # a ledger: the leaves are salted exactly as the site's attestations salt them
+    cfg = run_config(run)
+    site = resolve_site(cfg, node)
+    policy = policy_for(cfg, site, node)
+    blocks = site_blocks(site, cfg.model, cfg.data, policy)
+    assert track.record["data"]["salted"] is True
+    assert track.record["data"]["units_root"] == merkle_root(unit_hashes(blocks,
+                                                                          site_salt(policy)))
     # a second track cannot stay within a total already spent: refused, nothing written
     before = ledger_path.read_bytes()
     with pytest.raises(SiteTrackError, match=r"--dp-epsilon 2 is not above the ε = 3\.\d+ "
