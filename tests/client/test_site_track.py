@@ -199,8 +199,12 @@ def test_dp_training_charges_the_sites_ledger_and_says_so(run, tmp_path, write_t
     assert track.record["data"]["salted"] is True
     assert track.record["data"]["units_root"] == merkle_root(unit_hashes(blocks,
                                                                           site_salt(policy)))
-    # a second track cannot stay within a total already spent: refused, nothing written
+    # a second track cannot go above the budget or stay within a total already spent:
+    # refused, nothing written
     before = ledger_path.read_bytes()
+    with pytest.raises(SiteTrackError, match=r"--dp-epsilon 100 is above site 'clinic''s "
+                                             r"budget ε = 8"):
+        specialise(run, 1, node_config=node, settings=TrackSettings(dp_epsilon=100.0))
     with pytest.raises(SiteTrackError, match=r"--dp-epsilon 2 is not above the ε = 3\.\d+ "
                                              r"site 'clinic' has already spent"):
         specialise(run, 1, node_config=node,
