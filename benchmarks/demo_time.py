@@ -7,7 +7,9 @@ SuperLink, Ray, model loads, the round-0 evaluation); per round, ``train`` runs 
 training to evaluating and ``evaluate`` (sites' domain loss, then the server's general
 loss) from evaluating to done.
 
-    python benchmarks/demo_time.py --out results/demo_time.json [--fp32]
+    python benchmarks/demo_time.py --out results/demo_time.json [--fp32] [--keep RUN_DIR]
+
+``--keep`` leaves the run folder there (e.g. for ``benchmarks/forget.py --run``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--scenario", default="shakespeare")
     parser.add_argument("--fp32", action="store_true",
                         help="force fp32 (stand in for an AVX2 CPU on an AMX machine)")
+    parser.add_argument("--keep", type=Path, help="write the run folder here and keep it")
     args = parser.parse_args()
     overrides = ["model.precision=fp32"] if args.fp32 else []
     cfg = load_config(args.scenario, overrides=overrides)
@@ -60,7 +63,7 @@ def main() -> None:
             marks.append((time.perf_counter() - start, *key))
 
     with tempfile.TemporaryDirectory(prefix="fedcpt-demo-") as tmp:
-        summary = simulate(cfg, Path(tmp) / "run", on_line=on_line)
+        summary = simulate(cfg, args.keep or Path(tmp) / "run", on_line=on_line)
     total = time.perf_counter() - start
     write(args.out, {
         "benchmark": "demo_time",

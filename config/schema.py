@@ -127,6 +127,9 @@ class DataConfig:
         metadata={"help": "Kinds of general text held by the server (`[[data.general_eval]]` "
                   "tables)."})
     general_eval_blocks: int = _opt(128, "General blocks evaluated every round, per kind.")
+    kl_eval_blocks: int = _opt(
+        16, "Of those, the first blocks per kind on which KL to the base model is measured "
+        "(a second, adapter-off forward pass; a per-token mean, so fewer blocks resolve it).")
     answer_prompts: int = _opt(16, "Built-in instruction prompts whose base-model answers "
                                "are checked every round (0: off; at most 24).")
     answer_tokens: int = _opt(32, "Longest base-model answer, in tokens.")
@@ -140,6 +143,7 @@ class DataConfig:
         require(self.heldout_blocks > 0, "data.heldout_blocks", self.heldout_blocks, "> 0")
         require(self.general_eval_blocks > 0, "data.general_eval_blocks",
                 self.general_eval_blocks, "> 0")
+        require(self.kl_eval_blocks > 0, "data.kl_eval_blocks", self.kl_eval_blocks, "> 0")
         kinds = [k.name for k in self.general_kinds()]
         require(len(kinds) > 0, "data.general_eval", kinds, "at least one kind")
         require(len(set(kinds)) == len(kinds), "data.general_eval.name", kinds, "unique names")

@@ -134,26 +134,43 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
 @torch.no_grad()
 def base_answers(lm: AdaptedModel, prompts: tuple[str, ...] | list[str],
                  max_new_tokens: int) -> list[BaseAnswer]:
-    """The base model's greedy answers (adapter disabled), each cut after its first EOS."""
+    """The base model's greedy answers (adapter disabled), decoded in one left-padded batch,
+    each cut after its first EOS. Batched decoding rounds differently from one teacher-
+    forced pass; an answer is cut before the first token the base model's own teacher-
+    forced argmax disagrees with, so the base reproduces every answer exactly."""
     model, tok = lm.model, lm.tokenizer
     was_training = model.training
     model.eval()
     eos = tok.eos_token_id
-    answers = []
-    for prompt in prompts:
-        ids = chat_prompt_ids(tok, prompt)
-        inputs = torch.tensor([ids], device=lm.device)
-        with model.disable_adapter(), lm.autocast():
-            out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
-                                 max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=eos)
-        answer = out[0, len(ids):].tolist()
-        if eos in answer:
-            answer = answer[:answer.index(eos) + 1]
-        answers.append(BaseAnswer(prompt, ids, answer, tok.decode(answer,
-                                                                 skip_special_tokens=True)))
+    prompt_ids = [chat_prompt_ids(tok, prompt) for prompt in prompts]
+    width = max(len(ids) for ids in prompt_ids)
+    inputs = torch.full((len(prompt_ids), width), eos, dtype=torch.long)
+    mask = torch.zeros_like(inputs)
+    for i, ids in enumerate(prompt_ids):
+        inputs[i, width - len(ids):] = torch.tensor(ids)
+        mask[i, width - len(ids):] = 1
+    with model.disable_adapter(), lm.autocast():
+        out = model.generate(input_ids=inputs.to(lm.device), attention_mask=mask.to(lm.device),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos, pad_token_id=eos)
+        answers = []
+        for prompt, ids, row in zip(prompts, prompt_ids, out[:, width:].tolist(), strict=True):
+            answer = row[:row.index(eos) + 1] if eos in row else row
+            answer = answer[:_agreeing_prefix(lm, ids, answer)]
+            answers.append(BaseAnswer(prompt, ids, answer,
+                                      tok.decode(answer, skip_special_tokens=True)))
     model.train(was_training)
     return answers
+
+
+def _agreeing_prefix(lm: AdaptedModel, prompt_ids: list[int], answer: list[int]) -> int:
+    """How many leading answer tokens the model's teacher-forced argmax reproduces."""
+    if not answer:
+        return 0
+    ids = torch.tensor([prompt_ids + answer], device=lm.device)
+    logits = lm.model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1]
+    same = (logits.argmax(dim=-1).cpu() == torch.tensor(answer)).tolist()
+    return same.index(False) if False in same else len(answer)
 
 
 @torch.no_grad()

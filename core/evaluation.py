@@ -7,6 +7,9 @@ from the base model, per kind of general text.
   log p_adapted(v)), averaged over tokens, with the base = the adapter disabled (peft's
   ``disable_adapter``). Unlike the loss it cannot fall below zero by recalibrating the
   model toward raw text: it measures how far the next-token distribution moved at all.
+  It costs a second, adapter-off forward pass, so it is measured on the first
+  ``kl_blocks`` blocks of each kind, and not at all while every LoRA ``B`` is zero (the
+  adapted model is then the base, and KL is exactly 0).
 """
 
 from __future__ import annotations
@@ -46,10 +49,12 @@ class _Tally:
     bin_correct: torch.Tensor = field(default_factory=lambda: torch.zeros(ECE_BINS,
                                                                           dtype=torch.float64))
     kl_sum: float = 0.0
+    kl_tokens: int = 0
 
     def add(self, logprobs: torch.Tensor, targets: torch.Tensor,
             kl: torch.Tensor | None) -> None:
-        """Blocks' log-probabilities (B, T-1, V), targets (B, T-1), per-token KL (B, T-1)."""
+        """Blocks' log-probabilities (B, T-1, V), targets (B, T-1), and per-token KL of the
+        first blocks of the batch (b ≤ B, T-1)."""
         nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
         self.block_losses.extend(nll.mean(dim=1).double().cpu().tolist())
         conf, pred = logprobs.max(dim=-1)
@@ -60,19 +65,20 @@ class _Tally:
         self.bin_correct += correct_sums
         if kl is not None:
             self.kl_sum += kl.double().sum().item()
+            self.kl_tokens += kl.numel()
 
     def merged(self, other: _Tally) -> _Tally:
         return _Tally(self.block_losses + other.block_losses, self.bin_count + other.bin_count,
                       self.bin_conf + other.bin_conf, self.bin_correct + other.bin_correct,
-                      self.kl_sum + other.kl_sum)
+                      self.kl_sum + other.kl_sum, self.kl_tokens + other.kl_tokens)
 
     def result(self, with_kl: bool) -> EvalResult:
         tokens = int(self.bin_count.sum().item())
         loss = sum(self.block_losses) / len(self.block_losses)
+        kl = self.kl_sum / self.kl_tokens if with_kl else None
         return EvalResult(loss=loss, perplexity=math.exp(loss),
                           ece=ece_from_bins(self.bin_count, self.bin_conf, self.bin_correct),
-                          tokens=tokens, block_losses=self.block_losses,
-                          kl_to_base=self.kl_sum / tokens if with_kl else None)
+                          tokens=tokens, block_losses=self.block_losses, kl_to_base=kl)
 
 
 def calibration_bins(confidence: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS,
@@ -110,23 +116,37 @@ def _logprobs(lm: AdaptedModel, batch: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)  # (B, T-1, V)
 
 
+def adapter_is_identity(model: torch.nn.Module) -> bool:
+    """True while every LoRA ``B`` matrix is zero (peft's initialisation): the adapted model
+    then computes exactly what the base does."""
+    return all(not p.any() for n, p in model.named_parameters() if "lora_B" in n)
+
+
 @torch.no_grad()
 def evaluate_kinds(lm: AdaptedModel, kinds: dict[str, torch.Tensor], batch_size: int, *,
-                   kl_to_base: bool = False) -> tuple[dict[str, EvalResult], EvalResult]:
-    """Loss, perplexity, ECE (and with ``kl_to_base`` the KL from the base model) for each
-    named set of blocks, and over all of them together (block-weighted)."""
+                   kl_to_base: bool = False, kl_blocks: int | None = None,
+                   ) -> tuple[dict[str, EvalResult], EvalResult]:
+    """Loss, perplexity, ECE for each named set of blocks, and over all of them together
+    (block-weighted). With ``kl_to_base``, also the per-token KL from the base model, on
+    the first ``kl_blocks`` blocks of each set (all of them when None)."""
     model = lm.model
     was_training = model.training
     model.eval()
+    identity = kl_to_base and adapter_is_identity(model)
     tallies = {name: _Tally() for name in kinds}
     for name, blocks in kinds.items():
+        kl_end = len(blocks) if kl_blocks is None else min(kl_blocks, len(blocks))
         for start in range(0, len(blocks), batch_size):
             batch = blocks[start:start + batch_size].to(lm.device)
             logprobs = _logprobs(lm, batch)
             kl = None
-            if kl_to_base:
-                with model.disable_adapter():
-                    kl = kl_divergence(_logprobs(lm, batch), logprobs)
+            with_kl = batch[:max(0, kl_end - start)]
+            if kl_to_base and len(with_kl):
+                if identity:
+                    kl = torch.zeros(with_kl.shape[0], with_kl.shape[1] - 1)
+                else:
+                    with model.disable_adapter():
+                        kl = kl_divergence(_logprobs(lm, with_kl), logprobs[:len(with_kl)])
             tallies[name].add(logprobs, batch[:, 1:], kl)
     model.train(was_training)
     overall = _Tally()

@@ -60,11 +60,12 @@ class GeneralEvaluation:
     rehearsal pool, and the base model's answers to the built-in prompts."""
 
     def __init__(self, kinds: dict[str, torch.Tensor], in_pool: tuple[str, ...],
-                 answers: list[BaseAnswer], batch_size: int) -> None:
+                 answers: list[BaseAnswer], batch_size: int, kl_blocks: int) -> None:
         self.kinds = kinds
         self.in_pool = in_pool
         self.answers = answers
         self.batch_size = batch_size
+        self.kl_blocks = kl_blocks
 
     @classmethod
     def prepare(cls, lm: AdaptedModel, kinds: dict[str, torch.Tensor],
@@ -81,7 +82,7 @@ class GeneralEvaluation:
         if answers:
             log.info("base answers: %d prompts, %d answer tokens", len(answers),
                      sum(len(a.answer_ids) for a in answers))
-        return cls(kinds, in_pool, answers, batch_size)
+        return cls(kinds, in_pool, answers, batch_size, data.kl_eval_blocks)
 
     @property
     def out_of_pool(self) -> tuple[str, ...]:
@@ -89,7 +90,8 @@ class GeneralEvaluation:
 
     def evaluate(self, lm: AdaptedModel) -> GeneralReport:
         """Every kind's loss, ECE and KL to the base, and retention of the base answers."""
-        per_kind, overall = evaluate_kinds(lm, self.kinds, self.batch_size, kl_to_base=True)
+        per_kind, overall = evaluate_kinds(lm, self.kinds, self.batch_size, kl_to_base=True,
+                                           kl_blocks=self.kl_blocks)
         answers = answer_retention(lm, self.answers) if self.answers else None
         return GeneralReport(per_kind, overall, answers)
 

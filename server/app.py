@@ -108,7 +108,7 @@ def general_evaluation(cfg: RunConfig, lm: AdaptedModel, data: GeneralData,
     once; the answers are kept in the run folder, so a resumed run scores the same ones."""
     if resume and folder.base_answers.is_file():
         return GeneralEvaluation(data.kinds, data.in_pool, load_answers(folder.base_answers),
-                                 cfg.train.eval_batch_size)
+                                 cfg.train.eval_batch_size, cfg.data.kl_eval_blocks)
     evaluation = GeneralEvaluation.prepare(lm, data.kinds, data.in_pool, cfg.data,
                                            cfg.train.eval_batch_size)
     save_answers(folder.base_answers, evaluation.answers)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from fedcpt.config import load_config
 from fedcpt.core.data import read_texts, split_documents
+from fedcpt.privacy.heldout import SPLIT_SUFFIX
 from fedcpt.privacy.ledger import LEDGER_SUFFIX, PrivacyLedger
 from fedcpt.testing.site_process import POINTS
 
@@ -240,7 +242,17 @@ def server_kills(workdir: Path, rounds: int = 4) -> KillReport:
               f"federation.rounds={rounds}"]
     report = KillReport()
     whole, killed = workdir / "whole", workdir / "killed"
-    _finish(_fedcpt(*common, "--out", str(whole)))
+    # Each site's held-out split has a fresh secret salt per ledger folder, so two runs would
+    # hold out different units and spend at different q. The killed run's sites start
+    # from the uninterrupted run's split records (same salt, same units): any difference in
+    # spend is then the kills' doing.
+    ledgers = {run: workdir / f"{run.name}-ledgers" for run in (whole, killed)}
+    _finish(_fedcpt(*common, "--set", f"privacy.ledger_dir={ledgers[whole]}",
+                    "--out", str(whole)))
+    ledgers[killed].mkdir()
+    for split in ledgers[whole].glob(f"*{SPLIT_SUFFIX}"):
+        shutil.copy2(split, ledgers[killed] / split.name)
+    common += ["--set", f"privacy.ledger_dir={ledgers[killed]}"]
     plan = [("after the sites paid, before the round finished", paid_window(1)),
             ("between rounds, after the checkpoint", round_boundary(2)),
             ("after the sites paid, before the round finished", paid_window(3))]
@@ -256,11 +268,12 @@ def server_kills(workdir: Path, rounds: int = 4) -> KillReport:
             proc = _fedcpt("simulate", "--resume", str(killed))
     if outcome != "finished":
         _finish(proc)
-    _check_server_run(whole, killed, rounds, report)
+    _check_server_run(killed, ledgers[whole], ledgers[killed], rounds, report)
     return report
 
 
-def _check_server_run(whole: Path, killed: Path, rounds: int, report: KillReport) -> None:
+def _check_server_run(killed: Path, whole_ledgers: Path, killed_ledgers: Path, rounds: int,
+                      report: KillReport) -> None:
     rows = _rows(killed)
     seen = [r["round"] for r in rows]
     report.lost_rounds += len(set(range(rounds + 1)) - set(seen))
@@ -270,8 +283,8 @@ def _check_server_run(whole: Path, killed: Path, rounds: int, report: KillReport
     if failures or not (killed / "summary.json").exists():
         report.problems.append(f"resumed run: failures {failures}")
     for site in SITES:
-        compare_ledgers(PrivacyLedger.load(whole / "ledgers" / f"{site}{LEDGER_SUFFIX}"),
-                        PrivacyLedger.load(killed / "ledgers" / f"{site}{LEDGER_SUFFIX}"),
+        compare_ledgers(PrivacyLedger.load(whole_ledgers / f"{site}{LEDGER_SUFFIX}"),
+                        PrivacyLedger.load(killed_ledgers / f"{site}{LEDGER_SUFFIX}"),
                         rounds, report)
     for kill in report.kills:
         kill["survived"] = kill["killed"] and not report.problems

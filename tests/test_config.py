@@ -104,6 +104,7 @@ def test_unknown_key_in_config_file(toml_file):
     ("train.local_steps=2.5", r"`train\.local_steps` must be a.* got '2\.5'"),
     ("train.lr=fast", r"`train\.lr` must be a float, got 'fast'"),
     ("data.heldout_fraction=1.5", r"`data\.heldout_fraction` must be strictly between 0 and 1"),
+    ("data.kl_eval_blocks=0", r"`data\.kl_eval_blocks` must be > 0, got 0"),
     ("data.block_size=4", r"`data\.block_size` must be at least 8, got 4"),
     ("lora.dropout=1", r"`lora\.dropout` must be in \[0, 1\), got 1\.0"),
     ("train.min_lr_ratio=2", r"`train\.min_lr_ratio` must be in \[0, 1\]"),

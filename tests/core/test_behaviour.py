@@ -46,6 +46,14 @@ def test_the_base_reproduces_its_own_answers(fresh_lm):
     assert kept.loss > 0
 
 
+def test_an_answer_does_not_depend_on_the_prompts_decoded_beside_it(fresh_lm):
+    prompts = INSTRUCTION_PROMPTS[:4]  # of different lengths: the batch is left-padded
+    assert len({len(chat_prompt_ids(fresh_lm.tokenizer, p)) for p in prompts}) > 1
+    together = base_answers(fresh_lm, prompts, TOKENS)
+    alone = [base_answers(fresh_lm, [p], TOKENS)[0] for p in prompts]
+    assert [a.answer_ids for a in together] == [a.answer_ids for a in alone]
+
+
 def test_answers_are_generated_with_the_adapter_disabled(fresh_lm):
     before = base_answers(fresh_lm, PROMPTS, TOKENS)
     _perturb(fresh_lm, 1.0)

