@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from fedcpt.cli_adapters import adapters_cli
 from fedcpt.cli_output import console, log, print_summary, setup_logging
 from fedcpt.exceptions import FedcptError, SimulationFailed
 
@@ -271,125 +272,7 @@ def privacy_audit(
     print(json.dumps(payload, indent=2))
 
 
-adapters_cli = typer.Typer(no_args_is_help=True, help="Adapter versions of a run.")
 cli.add_typer(adapters_cli, name="adapters")
-
-
-@adapters_cli.command("list")
-def adapters_list(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
-    """Every version: round, parent, sites, general and domain loss."""
-    from rich.table import Table
-
-    from fedcpt.server.versions import list_versions
-
-    table = Table(title=f"Adapter versions in {run_dir}")
-    for col in ("round", "parent", "sites", "general loss", "domain loss", "server steps"):
-        table.add_column(col)
-    for v in list_versions(run_dir):
-        domain = v["metrics"]["domain_loss"]
-        table.add_row(str(v["round"]), v["parent"], ", ".join(v["sites"]) or "—",
-                      f"{v['metrics']['general_loss']:.4f}",
-                      "n/a" if domain is None else f"{domain:.4f}",
-                      ", ".join(v["server_steps"]) or "—")
-    Console().print(table)
-
-
-@adapters_cli.command("show")
-def adapters_show(run_dir: Path = typer.Argument(...),
-                  server_round: int = typer.Argument(..., metavar="ROUND"),
-                  ca: Path | None = typer.Option(
-                      None, "--ca", help="Federation CA certificate to verify the sites' "
-                      "attestations against (default: a simulation's simulated-ca.pem)."),
-                  ) -> None:
-    """One version's provenance as JSON, then each site's attestation: verified, FAILED or
-    unattested (exit 1 if any FAILED)."""
-    from fedcpt.server.attestations import FAILED, verify_run_version
-    from fedcpt.server.versions import version_dir
-
-    print((version_dir(run_dir, server_round) / "version.json").read_text().strip())
-    verdicts = verify_run_version(run_dir, server_round, ca)
-    print("attestations:")
-    for verdict in verdicts:
-        print(f"  {verdict.line()}")
-    if any(v.status == FAILED for v in verdicts):
-        raise typer.Exit(1)
-
-
-@adapters_cli.command("contains")
-def adapters_contains(
-    run_dir: Path = typer.Argument(..., help="A run folder."),
-    record: Path = typer.Option(..., "--record", help="The site's own attestation record "
-                                "(<site>.attestations.jsonl beside its ledger)."),
-    ca: Path | None = typer.Option(None, "--ca", help="Federation CA certificate (default: "
-                                   "a simulation's simulated-ca.pem)."),
-) -> None:
-    """The versions whose verified attestation matches the site's own record: those that
-    contain its data."""
-    from fedcpt.server.attestations import versions_with_site_data
-
-    found = versions_with_site_data(run_dir, record, ca)
-    for server_round, site in found:
-        print(f"round-{server_round:03d}: {site}")
-    if not found:
-        print(f"no version of {run_dir} carries an attestation in {record}")
-
-
-@adapters_cli.command("export")
-def adapters_export(run_dir: Path = typer.Argument(...),
-                    server_round: int = typer.Argument(..., metavar="ROUND"),
-                    out: Path = typer.Option(..., "--out", "-o", help="Model folder to write.")
-                    ) -> None:
-    """Merge a version into the base model and save it for serving (from_pretrained)."""
-    setup_logging(False)
-    from fedcpt.server.versions import export_version
-
-    print(export_version(run_dir, server_round, out))
-
-
-@adapters_cli.command("rollback")
-def adapters_rollback(
-    run_dir: Path = typer.Argument(...),
-    server_round: int = typer.Argument(..., metavar="ROUND"),
-    rounds: int | None = typer.Option(None, help="Rounds to run (default: the run's)."),
-    out: Path | None = typer.Option(None, "--out", "-o"),
-) -> None:
-    """Continue the run's federation from an earlier version (a new run folder)."""
-    setup_logging(False)
-    from fedcpt.server.app import new_run_dir
-    from fedcpt.server.versions import continue_from
-    from fedcpt.simulations.runner import simulate as run
-
-    cfg = continue_from(run_dir, server_round, rounds)
-    target = new_run_dir("runs", cfg.name, exact=out)
-    run(cfg, target)
-    print(target / "report.md")
-
-
-@adapters_cli.command("forget")
-def adapters_forget(
-    run_dir: Path = typer.Argument(..., help="A run folder."),
-    site: str = typer.Argument(..., help="The site to withdraw."),
-    out: Path | None = typer.Option(None, "--out", "-o",
-                                    help="Replay folder (default: RUN-without-SITE)."),
-) -> None:
-    """Replay the federation without SITE from the last version before it contributed;
-    print the removal certificate (also written to the replay's folder)."""
-    setup_logging(False)
-    import json
-
-    from fedcpt.server.app import new_run_dir
-    from fedcpt.server.forget import certificate_line, certify, plan_forget
-    from fedcpt.simulations.runner import simulate as run
-
-    plan = plan_forget(run_dir, site)
-    target = None
-    if plan.config is not None:
-        default = run_dir.parent / f"{run_dir.name}-without-{site}"
-        target = new_run_dir("", "", exact=out or default)
-        run(plan.config, target)
-    cert = certify(plan, target)
-    print(json.dumps(cert, indent=2))
-    print(certificate_line(cert))
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from fedcpt.core import protocol as p
 from fedcpt.core.adapters import arrays_digest
 from fedcpt.privacy.attestation import Attestation, attest, attestation_salt
 from fedcpt.privacy.heldout import HeldoutSplit, split_path
+from fedcpt.privacy.policy import SitePolicy
 from fedcpt.privacy.secagg.identity import (
     CA_CERT_KEY,
     SIGNING_CERT_KEY,
@@ -50,10 +51,7 @@ def attestation_record(msg: Message, node_config: dict, site: SiteConfig,
     cfg = run_config(msg)
     policy = policy_for(cfg, site, node_config)
     blocks = site_blocks(site, cfg.model, cfg.data, policy)
-    salt = ""
-    if policy.ledger_path:
-        split = HeldoutSplit.open(split_path(Path(policy.ledger_path)), site.name, policy.unit)
-        salt = attestation_salt(split.salt)
+    salt = site_salt(policy)
     config = msg.content[p.CONFIG]
     run_id, server_round = str(config[p.RUN_ID]), int(config[p.SERVER_ROUND])
     attestation = attest(identity_for(node_config), blocks, site=site.name, run_id=run_id,
@@ -63,6 +61,14 @@ def attestation_record(msg: Message, node_config: dict, site: SiteConfig,
     if policy.ledger_path:
         _remember(Path(policy.ledger_path), attestation)
     return ConfigRecord(attestation.to_dict())
+
+
+def site_salt(policy: SitePolicy) -> str:
+    """The site's attestation salt ('' without a ledger location: unsalted leaves)."""
+    if not policy.ledger_path:
+        return ""
+    split = HeldoutSplit.open(split_path(Path(policy.ledger_path)), policy.site, policy.unit)
+    return attestation_salt(split.salt)
 
 
 def record_path(ledger: Path) -> Path:

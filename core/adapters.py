@@ -93,8 +93,9 @@ def weighted_sum(parts: list[tuple[ArrayRecord, float]]) -> ArrayRecord:
         for k in keys})
 
 
-def load_version(path: str | Path, reference: ArrayRecord) -> ArrayRecord:
-    """A saved adapter version (peft format) as an ArrayRecord matching ``reference``."""
+def read_version(path: str | Path) -> ArrayRecord:
+    """A saved adapter (peft format) as fp32 arrays, unchecked; ConfigError if absent or
+    unreadable."""
     from safetensors.numpy import load_file
 
     weights = Path(path) / "adapter_model.safetensors"
@@ -104,7 +105,12 @@ def load_version(path: str | Path, reference: ArrayRecord) -> ArrayRecord:
         tensors = load_file(weights)
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise ConfigError(f"adapter version {path} cannot be read: {err}") from None
-    arrays = ArrayRecord({k: Array(v.astype(np.float32)) for k, v in tensors.items()})
+    return ArrayRecord({k: Array(v.astype(np.float32)) for k, v in tensors.items()})
+
+
+def load_version(path: str | Path, reference: ArrayRecord) -> ArrayRecord:
+    """A saved adapter version (peft format) as an ArrayRecord matching ``reference``."""
+    arrays = read_version(path)
     try:
         check_update(arrays, reference)
     except UpdateRejected as err:

@@ -10,12 +10,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedcpt.config import RunConfig, build
 from fedcpt.exceptions import ConfigError
 from fedcpt.server.run_folder import RunFolder
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -83,18 +87,51 @@ def continue_from(run_dir: Path, server_round: int, rounds: int | None = None) -
                                name=f"{cfg.name}-from-round-{server_round}")
 
 
-def export_version(run_dir: Path, server_round: int, out: Path) -> Path:
-    """Merge a version into the base model and save a standalone model for serving."""
+def version_digest(run_dir: Path, server_round: int) -> str:
+    """SHA-256 of one version's saved adapter tensors (fp32,
+    :func:`fedcpt.core.adapters.arrays_digest`)."""
+    from fedcpt.core.adapters import arrays_digest, read_version
+
+    return arrays_digest(read_version(version_dir(run_dir, server_round)))
+
+
+@dataclass(frozen=True)
+class MergedVersion:
+    """A run's base model with one version merged in (CPU), and that version's digest."""
+
+    cfg: RunConfig
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    sha256: str
+    """:func:`version_digest` of exactly the tensors merged in (read once)."""
+
+
+def merged_version(run_dir: Path, server_round: int) -> MergedVersion:
+    """The run's base model with version ``server_round`` merged in."""
     from peft import PeftModel
 
+    from fedcpt.core.adapters import adapter_state, arrays_digest, to_arrays
     from fedcpt.core.model import load_base_model
 
+    path = version_dir(run_dir, server_round)
     cfg = run_config(run_dir)
     base, tokenizer = load_base_model(cfg.model)
-    merged = PeftModel.from_pretrained(base, str(version_dir(run_dir, server_round)))
-    merged = merged.merge_and_unload()
+    adapted = PeftModel.from_pretrained(base, str(path))
+    digest = arrays_digest(to_arrays(adapter_state(adapted)))
+    return MergedVersion(cfg, adapted.merge_and_unload(), tokenizer, digest)
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path) -> Path:
+    """A standalone model folder for serving (``from_pretrained``)."""
     out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    return out
+
+
+def export_version(run_dir: Path, server_round: int, out: Path) -> Path:
+    """Merge a version into the base model and save a standalone model for serving."""
+    merged = merged_version(run_dir, server_round)
+    save_model(merged.model, merged.tokenizer, out)
     log.info("exported round %d of %s to %s", server_round, run_dir, out)
     return out
