@@ -243,7 +243,7 @@ class SimulationConfig:
 
     cpus_per_client: float = _opt(1.0, "Ray CPUs per client, a whole number (Flower's "
                                   "simulation config carries whole CPUs): concurrency = "
-                                  "CPUs / this; each client runs that many torch threads.")
+                                  "CPUs / this.")
     gpus_per_client: float = _opt(0.0, "Ray GPUs per client.")
     num_cpus: int = _opt(0, "CPUs Ray may use (0: all); more than the machine has runs "
                          "more clients at once, sharing its cores.")

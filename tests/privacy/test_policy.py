@@ -109,13 +109,13 @@ def test_a_stricter_delta_is_accepted_and_tightens_the_ledger(tmp_path):
     assert ledger.delta == 1e-9 and ledger.unit == "field:user_id"
 
 
-
 def test_a_server_named_ledger_folder_does_not_move_a_sites_own_ledger(tmp_path):
     elsewhere = tmp_path / "server-chosen"
     answer = _hostile([f"privacy.ledger_dir={elsewhere}"])(tmp_path)
     assert answer == "accepted: the ledger changed (train)"  # spent in the site's own ledger
     assert PrivacyLedger.load(tmp_path / "clinic.ledger.json").epsilon() > 0
     assert not elsewhere.exists()  # and nothing where the server pointed
+
 
 # --- the held-out split ---------------------------------------------------------------
 
