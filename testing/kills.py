@@ -178,31 +178,33 @@ def _rows(run: Path) -> list[dict]:
     return rows
 
 
-def _paid_rounds(run: Path) -> set[int]:
-    """Rounds every site's ledger has recorded so far."""
-    files = list((run / "ledgers").glob(f"*{LEDGER_SUFFIX}"))
+def _paid_rounds(ledgers: Path) -> set[int]:
+    """Rounds every site's ledger in the folder ``ledgers`` has recorded so far."""
+    files = list(ledgers.glob(f"*{LEDGER_SUFFIX}"))
     if len(files) < len(SITES):
         return set()
     per_site = [{e.round for e in PrivacyLedger.load(f).entries} for f in files]
     return set.intersection(*per_site)
 
 
-def paid_window(server_round: int) -> Callable[[Path], bool | None]:
-    """Kill when every site has paid for ``server_round`` but the server has not finished
-    it: the window in which a resumed server asks for paid rounds again. None: missed."""
+def paid_window(server_round: int, ledgers: Path) -> Callable[[Path], bool | None]:
+    """Kill when every site (its ledger in ``ledgers``) has paid for ``server_round`` but
+    the server has not finished it: the window in which a resumed server asks for paid
+    rounds again. None: missed."""
     def ready(run: Path) -> bool | None:
         done = len(_rows(run)) - 1
         if done >= server_round:
             return None
-        return server_round in _paid_rounds(run)
+        return server_round in _paid_rounds(ledgers)
     return ready
 
 
-def round_boundary(server_round: int) -> Callable[[Path], bool | None]:
-    """Kill right after ``server_round`` is checkpointed, before the next round is paid."""
+def round_boundary(server_round: int, ledgers: Path) -> Callable[[Path], bool | None]:
+    """Kill right after ``server_round`` is checkpointed, before the next round is paid
+    (the sites' ledgers in ``ledgers``)."""
     def ready(run: Path) -> bool | None:
         done = len(_rows(run)) - 1
-        if server_round + 1 in _paid_rounds(run):
+        if server_round + 1 in _paid_rounds(ledgers):
             return None
         return done >= server_round and (run / "checkpoint.json").exists() and json.loads(
             (run / "checkpoint.json").read_text())["last_round"] >= server_round
@@ -253,9 +255,9 @@ def server_kills(workdir: Path, rounds: int = 4) -> KillReport:
     for split in ledgers[whole].glob(f"*{SPLIT_SUFFIX}"):
         shutil.copy2(split, ledgers[killed] / split.name)
     common += ["--set", f"privacy.ledger_dir={ledgers[killed]}"]
-    plan = [("after the sites paid, before the round finished", paid_window(1)),
-            ("between rounds, after the checkpoint", round_boundary(2)),
-            ("after the sites paid, before the round finished", paid_window(3))]
+    plan = [("after the sites paid, before the round finished", paid_window(1, ledgers[killed])),
+            ("between rounds, after the checkpoint", round_boundary(2, ledgers[killed])),
+            ("after the sites paid, before the round finished", paid_window(3, ledgers[killed]))]
     proc = _fedcpt(*common, "--out", str(killed))
     outcome = ""
     for what, ready in plan:
