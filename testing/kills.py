@@ -248,16 +248,16 @@ def server_kills(workdir: Path, rounds: int = 4) -> KillReport:
     # hold out different units and spend at different q. The killed run's sites start
     # from the uninterrupted run's split records (same salt, same units): any difference in
     # spend is then the kills' doing.
-    ledgers = {run: workdir / f"{run.name}-ledgers" for run in (whole, killed)}
-    _finish(_fedcpt(*common, "--set", f"privacy.ledger_dir={ledgers[whole]}",
+    whole_ledgers, killed_ledgers = workdir / "whole-ledgers", workdir / "killed-ledgers"
+    _finish(_fedcpt(*common, "--set", f"privacy.ledger_dir={whole_ledgers}",
                     "--out", str(whole)))
-    ledgers[killed].mkdir()
-    for split in ledgers[whole].glob(f"*{SPLIT_SUFFIX}"):
-        shutil.copy2(split, ledgers[killed] / split.name)
-    common += ["--set", f"privacy.ledger_dir={ledgers[killed]}"]
-    plan = [("after the sites paid, before the round finished", paid_window(1, ledgers[killed])),
-            ("between rounds, after the checkpoint", round_boundary(2, ledgers[killed])),
-            ("after the sites paid, before the round finished", paid_window(3, ledgers[killed]))]
+    killed_ledgers.mkdir()
+    for split in whole_ledgers.glob(f"*{SPLIT_SUFFIX}"):
+        shutil.copy2(split, killed_ledgers / split.name)
+    common += ["--set", f"privacy.ledger_dir={killed_ledgers}"]
+    plan = [("after the sites paid, before the round finished", paid_window(1, killed_ledgers)),
+            ("between rounds, after the checkpoint", round_boundary(2, killed_ledgers)),
+            ("after the sites paid, before the round finished", paid_window(3, killed_ledgers))]
     proc = _fedcpt(*common, "--out", str(killed))
     outcome = ""
     for what, ready in plan:
@@ -270,7 +270,7 @@ def server_kills(workdir: Path, rounds: int = 4) -> KillReport:
             proc = _fedcpt("simulate", "--resume", str(killed))
     if outcome != "finished":
         _finish(proc)
-    _check_server_run(killed, ledgers[whole], ledgers[killed], rounds, report)
+    _check_server_run(killed, whole_ledgers, killed_ledgers, rounds, report)
     return report
 
 
