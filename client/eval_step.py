@@ -17,7 +17,7 @@ from fedcpt.core import protocol as p
 from fedcpt.exceptions import UpdateRejected
 from fedcpt.privacy.data_drift import DataDriftRecord, drift_path
 from fedcpt.privacy.ledger import SiteRefused
-from fedcpt.privacy.policy import SitePolicy, accept_proposal
+from fedcpt.privacy.policy import SitePolicy, accept_proposal, check_reconstruction_threshold
 from fedcpt.privacy.release import release_evaluation
 from fedcpt.privacy.secagg import site as secagg_site
 from fedcpt.privacy.secagg.context import EVALUATE
@@ -73,6 +73,7 @@ def masked(msg: Message, context: Context) -> Message:
         secagg_site.receive_shares(context, msg.content.config_records[STATE],
                                    msg.content[p.ARRAYS], msg.content[p.CONFIG], EVALUATE)
         metrics, site, policy = site_evaluation(msg, context, secure=True)
+        check_reconstruction_threshold(policy, *secagg_site.reconstruction(context, EVALUATE))
         vector, clipped = encode_evaluation(metrics, policy.eval_loss_bound)
         masked_vector = secagg_site.mask(context, vector, EVALUATE)
     except SiteRefused as err:

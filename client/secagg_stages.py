@@ -21,7 +21,7 @@ from fedcpt.core import protocol as p
 from fedcpt.core.adapters import check_update, update_norm
 from fedcpt.exceptions import FedcptError, UpdateRejected
 from fedcpt.privacy.ledger import SiteRefused
-from fedcpt.privacy.policy import check_site_level_dp
+from fedcpt.privacy.policy import check_reconstruction_threshold, check_site_level_dp
 from fedcpt.privacy.secagg import site as secagg_site
 from fedcpt.privacy.secagg.context import TRAIN
 from fedcpt.privacy.secagg.ddp import DistributedDP
@@ -59,9 +59,9 @@ def share_keys(msg: Message, context: Context, purpose: str = TRAIN) -> Message:
 
 def masked(msg: Message, context: Context) -> Message:
     """Stage 3: check that the adapter and config are those the round committed to and
-    that the site-level noise meets this site's floors (its policy), train, check the
-    update against ``federation.max_update_norm``, then send it quantised (noised, under
-    site-level DP) and masked."""
+    that the threshold and the site-level noise meet this site's floors (its policy),
+    train, check the update against ``federation.max_update_norm``, then send it quantised
+    (noised, under site-level DP) and masked."""
     try:
         secagg_site.receive_shares(context, msg.content.config_records[STATE],
                                    msg.content[p.ARRAYS], msg.content[p.CONFIG])
@@ -72,6 +72,7 @@ def masked(msg: Message, context: Context) -> Message:
                                        vector_length(reference) - 1)
         node_config = dict(context.node_config)  # the site's floors, before anything trains
         policy = policy_for(cfg, resolve_site(cfg, node_config), node_config)
+        check_reconstruction_threshold(policy, *secagg_site.reconstruction(context))
         check_site_level_dp(policy, cfg, ddp)
         arrays, metrics, site = train_update(msg, context)
         check_update(arrays, reference)

@@ -39,6 +39,7 @@ NODE_KEYS = {
     "require-dp": "require_dp",
     "min-user-noise-multiplier": "min_user_noise_multiplier",
     "min-dishonest-fraction": "min_dishonest_fraction",
+    "secagg-colluders": "secagg_colluders",
 }
 POLICY_FILE_KEY = "policy-file"
 DEFAULT_DELTA_CAP = 1e-5
@@ -46,7 +47,7 @@ SITE_DEFAULTS: dict[str, Any] = {
     "unit": "document", "delta": 0.0, "epsilon_budget": 8.0, "ledger_path": "",
     "heldout_fraction": 0.1, "eval_min_units": 8, "eval_noise_multiplier": 4.0,
     "eval_loss_bound": 10.0, "require_dp": False, "min_user_noise_multiplier": 0.0,
-    "min_dishonest_fraction": 0.0,
+    "min_dishonest_fraction": 0.0, "secagg_colluders": 0,
 }
 
 
@@ -83,6 +84,10 @@ class SitePolicy:
     min_dishonest_fraction: float
     """Floor on the fraction of sampled sites assumed to collude with the server when the
     site calibrates its site-level noise."""
+    secagg_colluders: int
+    """Other sites this site assumes may collude with the server: it masks nothing under a
+    reconstruction threshold t that k colluders could beat among its n neighbours
+    (it needs 2t > n + k)."""
     set_by: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
@@ -103,6 +108,7 @@ class SitePolicy:
             ("min_user_noise_multiplier", self.min_user_noise_multiplier >= 0,
              ">= 0 (0: site-level DP not required)"),
             ("min_dishonest_fraction", 0 <= self.min_dishonest_fraction < 1, "in [0, 1)"),
+            ("secagg_colluders", self.secagg_colluders >= 0, ">= 0"),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -292,3 +298,22 @@ def check_site_level_dp(policy: SitePolicy, cfg: RunConfig, ddp: DistributedDP |
             f"{cfg.secagg.dishonest_fraction:g}: the site assumes at least {assumed:g} of "
             f"the sites collude (min_dishonest_fraction, "
             f"{policy.who('min_dishonest_fraction')}); fewer would lower its noise")
+
+
+def check_reconstruction_threshold(policy: SitePolicy, threshold: int, neighbours: int) -> None:
+    """Before a site masks anything under secure aggregation: with ``neighbours`` sites
+    (itself included) holding shares at ``threshold``, a malicious server and k colluding
+    sites can show the honest sites two survivor sets and rebuild both secrets of one
+    site unless 2·t > n + k (docs/secagg.md, threat model). Raises PolicyRefused naming
+    the smallest threshold this site's ``secagg_colluders`` accepts."""
+    colluders = policy.secagg_colluders
+    if 2 * threshold > neighbours + colluders:
+        return
+    needed = (neighbours + colluders) // 2 + 1
+    advice = (f"it needs at least {needed}" if needed <= neighbours else
+              f"no threshold over {neighbours} neighbours is enough")
+    raise PolicyRefused(
+        f"site {policy.site!r} refuses `secagg.reconstruction_threshold` = {threshold} over "
+        f"{neighbours} neighbours: the server with {colluders} colluding site(s) "
+        f"(secagg_colluders, {policy.who('secagg_colluders')}) could unmask this site's "
+        f"update; {advice}")

@@ -169,6 +169,13 @@ def share_keys(context: Context, request: ConfigRecord, identity: SiteIdentity,
     return ConfigRecord({"dst": dsts, "sealed": sealed})
 
 
+def reconstruction(context: Context, purpose: str = TRAIN) -> tuple[int, int]:
+    """The session's reconstruction threshold and neighbour count (this site included),
+    once stage 2 has verified the neighbours."""
+    state = _state(context, "receive_shares", purpose)
+    return int(state["threshold"]), len(state["peers"])
+
+
 def receive_shares(context: Context, request: ConfigRecord, adapter: ArrayRecord,
                    config: ConfigRecord, purpose: str = TRAIN) -> None:
     """Stage 3, first half, before training: the adapter and config must be those the

@@ -40,18 +40,22 @@ HONEST = ["privacy.user_level=true", "privacy.user_noise_multiplier=1.0",
           "secagg.mode=on", "secagg.dishonest_fraction=0.2"]
 
 
-def _stage_three(tmp_path, write_text, overrides: list[str]) -> tuple[Message, Context]:
+def _stage_three(tmp_path, write_text, overrides: list[str], floor: dict[str, str] = FLOOR,
+                 threshold: int = 0) -> tuple[Message, Context]:
     """Stages 1–2 run honestly for five sites under the server's config (``HONEST`` with
-    ``overrides``); returns site A's reply to the real stage-3 handler, and A's context.
-    A is a deployed site whose node config sets ``FLOOR``."""
+    ``overrides``) and its ``threshold`` (0: the default majority); returns site A's reply
+    to the real stage-3 handler, and A's context. A is a deployed site whose node config
+    sets ``floor``."""
     cfg = load_config("smoke", overrides=[*HONEST, *overrides])
     adapter = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
     with task_identity():
         request = train_message(cfg, "run-1", 1, adapter)
     config = request.content[p.CONFIG]
-    sites = Sites(NODES, SecAggParams.for_round(cfg, len(NODES)), adapter, config)
+    params = SecAggParams.for_round(cfg, len(NODES))
+    sites = Sites(NODES, replace(params, threshold=threshold or params.threshold), adapter,
+                  config)
     victim = site_context(str(write_text("victim.txt", 40_000, seed=5)),
-                          tmp_path / "victim.ledger.json", name="victim", **FLOOR)
+                          tmp_path / "victim.ledger.json", name="victim", **floor)
     sites.contexts[A] = victim
     keys = {n: sites.setup(n) for n in NODES}
     sealed = {n: sites.share_keys(n, Sites.key_list(keys, NODES)) for n in NODES}
@@ -88,6 +92,26 @@ def test_a_server_proposing_less_noise_than_the_sites_floor_gets_nothing(
         secagg_site.consistency(victim, ConfigRecord({"survivors": list(NODES)}), None)
 
 
+def test_a_site_assuming_colluders_refuses_a_threshold_they_could_beat(tmp_path, write_text):
+    """With 5 neighbours the server's default threshold is 3, which one colluding site
+    beats (tests/privacy/test_secagg_collusion.py unmasks a victim at exactly that
+    setting). A site that assumes one colluder masks nothing under it; at threshold 4,
+    which one colluder cannot beat, it trains and sends its masked update."""
+    floor = {**FLOOR, "secagg-colluders": "1"}
+    reply, victim = _stage_three(tmp_path, write_text, [], floor)
+    assert reply.has_error() and not reply.has_content()
+    assert re.search(r"refuses `secagg.reconstruction_threshold` = 3 over 5 neighbours: "
+                     r"the server with 1 colluding site\(s\) \(secagg_colluders, site node "
+                     r"config\) could unmask this site's update; it needs at least 4",
+                     reply.error.reason), reply.error.reason
+    assert victim.state.config_records[STATE]["stage"] == "receive_shares"
+    with pytest.raises(UpdateRejected, match="out of order"):  # and it signs no survivors
+        secagg_site.consistency(victim, ConfigRecord({"survivors": list(NODES)}), None)
+    reply, victim = _stage_three(tmp_path, write_text, [], floor, threshold=4)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert victim.state.config_records[STATE]["stage"] == "mask"
+
+
 def test_a_proposal_at_the_sites_floor_trains_and_sends_its_masked_update(tmp_path,
                                                                           write_text):
     reply, victim = _stage_three(tmp_path, write_text, [])
@@ -121,6 +145,9 @@ def test_the_floor_is_the_sites_own_and_says_who_set_it():
     assert "policy min_dishonest_fraction: 0.2 [site node config]" in lines
     unset = check_node_config({"site-name": "clinic", "data-path": "/data"})
     assert "policy min_user_noise_multiplier: 0.0 [site default]" in unset
+    assert "policy secagg_colluders: 0 [site default]" in unset
+    with pytest.raises(ConfigError, match=r"`secagg_colluders` must be >= 0, got -1"):
+        check_node_config({**node, "secagg-colluders": "-1"})
     with pytest.raises(ConfigError, match=r"`min_dishonest_fraction` must be in \[0, 1\), "
                                           r"got 1.5 \(site node config\)"):
         check_node_config({**node, "min-dishonest-fraction": "1.5"})
@@ -142,3 +169,5 @@ def test_a_simulated_site_takes_its_floor_from_the_site_policy_tables():
     assert "[sites.policy]" in policy.who("min_dishonest_fraction")
     with pytest.raises(ConfigError, match="policy.min_dishonest_fraction"):
         SitePolicySettings(min_dishonest_fraction=1.0)
+    with pytest.raises(ConfigError, match="policy.secagg_colluders"):
+        SitePolicySettings(secagg_colluders=-1)
