@@ -110,6 +110,34 @@ def retention_measures(summary: dict[str, Any]) -> dict[str, float | None]:
             for name, (group, key) in RETENTION.items()}
 
 
+def arm_row(arm: Arm, summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """One arm's measures from its run's summary (``bwt``: a stream's backward transfer,
+    None for a scenario without phases)."""
+    return {
+        "arm": arm.name, "strategy": arm.overrides[: len(ARMS[arm.name])],
+        "dp": arm.dp, "target_epsilon": arm.epsilon,
+        "epsilon": summary["privacy"]["max_epsilon"] if arm.dp else None,
+        "forgetting": summary["forgetting"], "adaptation": summary["adaptation"],
+        "retention": retention_measures(summary),
+        "bwt": (summary.get("continual") or {}).get("bwt"),
+        "run_dir": str(run_dir),
+    }
+
+
+def against_reference(rows: list[dict[str, Any]]) -> None:
+    """Add to each row its plain-FedAvg reference (same DP setting and budget) and the
+    shares of the reference's damage it removes and of its adaptation it keeps."""
+    for row in rows:
+        ref = next(r for r in rows if r["arm"] == "fedavg" and r["dp"] == row["dp"]
+                   and r["target_epsilon"] == row["target_epsilon"])
+        row["reference"] = {"forgetting": ref["forgetting"], "adaptation": ref["adaptation"]}
+        row["forgetting_removed"] = share_removed(ref["forgetting"], row["forgetting"])
+        row["adaptation_kept"] = share(row["adaptation"], ref["adaptation"])
+        row["retention_removed"] = {k: share_removed(ref["retention"][k], v)
+                                    for k, v in row["retention"].items()}
+        row["bwt_removed"] = share_removed(ref["bwt"], row["bwt"])
+
+
 def compare(scenario: str, out: Path, arms: list[str], dp_settings: list[bool],
             extra: list[str], config_file: Path | None = None,
             epsilons: tuple[float, ...] = (DP_EPSILON,)) -> dict[str, Any]:
@@ -127,23 +155,8 @@ def compare(scenario: str, out: Path, arms: list[str], dp_settings: list[bool],
         run_dir = out / _folder(arm, single)
         log.info("compare · arm %s (DP %s)", arm.name,
                  f"on, ε = {arm.epsilon:g}" if arm.dp else "off")
-        s = simulate(cfg, run_dir)
-        rows.append({
-            "arm": arm.name, "strategy": arm.overrides[: len(ARMS[arm.name])],
-            "dp": arm.dp, "target_epsilon": arm.epsilon,
-            "epsilon": s["privacy"]["max_epsilon"] if arm.dp else None,
-            "forgetting": s["forgetting"], "adaptation": s["adaptation"],
-            "retention": retention_measures(s),
-            "run_dir": str(run_dir),
-        })
-    for row in rows:
-        ref = next(r for r in rows if r["arm"] == "fedavg" and r["dp"] == row["dp"]
-                   and r["target_epsilon"] == row["target_epsilon"])
-        row["reference"] = {"forgetting": ref["forgetting"], "adaptation": ref["adaptation"]}
-        row["forgetting_removed"] = share_removed(ref["forgetting"], row["forgetting"])
-        row["adaptation_kept"] = share(row["adaptation"], ref["adaptation"])
-        row["retention_removed"] = {k: share_removed(ref["retention"][k], v)
-                                    for k, v in row["retention"].items()}
+        rows.append(arm_row(arm, simulate(cfg, run_dir), run_dir))
+    against_reference(rows)
     payload = {"scenario": scenario, "overrides": extra, "epsilons": list(epsilons),
                "arms": rows}
     (out / "compare.json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -227,5 +240,11 @@ def _table(rows: list[dict[str, Any]], path: Path) -> None:
         cells = [f"{_signed(r['retention'][k])} ({_pct(r['retention_removed'][k])})"
                  for k in RETENTION]
         lines.append(f"| {r['arm']} | {'on' if r['dp'] else 'off'} | {' | '.join(cells)} |")
+    if any(r["bwt"] is not None for r in rows):
+        lines += ["", "Backward transfer over the stream's phases (positive: earlier phases "
+                  "forgotten; share of plain FedAvg's removed):", "",
+                  "| arm | DP | BWT | BWT removed |", "|---|---|---|---|"]
+        lines += [f"| {r['arm']} | {'on' if r['dp'] else 'off'} | {_signed(r['bwt'])} | "
+                  f"{_pct(r['bwt_removed'])} |" for r in rows]
     lines += ["", "![pareto](pareto.png)", ""]
     path.write_text("\n".join(lines))

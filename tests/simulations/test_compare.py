@@ -63,6 +63,33 @@ def test_removed_is_the_share_of_the_reference_damage():
                                            "kl_to_base": 0.3, "answer_loss_increase": 0.2}
 
 
+def _summary(forgetting: float, adaptation: float, bwt: float | None) -> dict:
+    kinds = {"in_pool": {"forgetting": forgetting}, "out_of_pool": {"forgetting": forgetting},
+             "behaviour": {"kl_to_base": 0.1, "answer_loss_increase": 0.1}}
+    return {"forgetting": forgetting, "adaptation": adaptation, "retention": kinds,
+            "continual": None if bwt is None else {"bwt": bwt}}
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_streams_backward_transfer_is_compared_against_fedavgs(tmp_path, stream):
+    from fedcpt.simulations.compare import _table, against_reference, arm_row
+
+    fedavg, mix = grid(["rehearsal-mix"], [False])
+    rows = [arm_row(fedavg, _summary(0.1, 0.5, 0.2 if stream else None), tmp_path / "a"),
+            arm_row(mix, _summary(0.0, 0.45, 0.05 if stream else None), tmp_path / "b")]
+    against_reference(rows)
+    assert rows[1]["adaptation_kept"] == pytest.approx(0.9)
+    assert rows[1]["forgetting_removed"] == pytest.approx(1.0)
+    _table(rows, tmp_path / "compare.md")
+    table = (tmp_path / "compare.md").read_text()
+    if stream:
+        assert rows[1]["bwt_removed"] == pytest.approx(0.75)
+        assert "| rehearsal-mix | off | +0.0500 | 75% |" in table
+    else:
+        assert rows[1]["bwt"] is None and rows[1]["bwt_removed"] is None
+        assert "BWT" not in table
+
+
 def test_dp_arms_run_at_every_budget_of_the_frontier():
     arms = grid(["fedavg"], [False, True], (1.0, 2.0, 4.0, 8.0))
     assert [(a.dp, a.epsilon) for a in arms] == [
