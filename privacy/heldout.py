@@ -39,6 +39,20 @@ def split_path(ledger_path: Path) -> Path:
     return ledger_path.with_name(name + SPLIT_SUFFIX)
 
 
+def share_splits(source: Path, target: Path) -> list[Path]:
+    """Copy every split record of the ledger folder ``source`` into ``target`` (created),
+    for experiments that compare runs of the same simulated sites: with one salt their
+    sites hold out the same units, as a real site does across runs, so the runs' held-out
+    losses are measured on the same blocks. Returns the copies."""
+    target.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for record in sorted(source.glob(f"*{SPLIT_SUFFIX}")):
+        copy = target / record.name
+        copy.write_bytes(record.read_bytes())
+        copies.append(copy)
+    return copies
+
+
 def _checksum(body: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
 

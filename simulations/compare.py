@@ -28,6 +28,7 @@ from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 from fedcpt.config import load_config  # noqa: E402
 from fedcpt.exceptions import ConfigError  # noqa: E402
+from fedcpt.privacy.heldout import share_splits  # noqa: E402
 from fedcpt.simulations.runner import simulate  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -145,14 +146,18 @@ def compare(scenario: str, out: Path, arms: list[str], dp_settings: list[bool],
     frontier.png when the DP arms run at more than one budget)."""
     plan = grid(arms, dp_settings, epsilons)
     single = len(epsilons) == 1
-    # each arm spends its own budget: never share ledgers between arms
+    # each arm spends its own budget: never share ledgers between arms; but every arm's
+    # sites hold out the same units as the first arm's (one salt), so that all arms are
+    # measured on the same held-out blocks and train on the same units
+    ledgers = [(out / _folder(arm, single) / "ledgers").resolve() for arm in plan]
     configs = [load_config(scenario, config_file, arm.overrides + extra + [
-        f"privacy.ledger_dir={(out / _folder(arm, single) / 'ledgers').resolve()}"])
-        for arm in plan]
+        f"privacy.ledger_dir={folder}"]) for arm, folder in zip(plan, ledgers, strict=True)]
     out.mkdir(parents=True, exist_ok=True)  # every arm's config was valid: start
     rows = []
-    for arm, cfg in zip(plan, configs, strict=True):
+    for i, (arm, cfg) in enumerate(zip(plan, configs, strict=True)):
         run_dir = out / _folder(arm, single)
+        if i:
+            share_splits(ledgers[0], ledgers[i])
         log.info("compare · arm %s (DP %s)", arm.name,
                  f"on, ε = {arm.epsilon:g}" if arm.dp else "off")
         rows.append(arm_row(arm, simulate(cfg, run_dir), run_dir))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from fedcpt.config import load_config
 from fedcpt.core.data import read_texts, split_documents
-from fedcpt.privacy.heldout import SPLIT_SUFFIX
+from fedcpt.privacy.heldout import share_splits
 from fedcpt.privacy.ledger import LEDGER_SUFFIX, PrivacyLedger
 from fedcpt.testing.site_process import POINTS
 
@@ -251,9 +250,7 @@ def server_kills(workdir: Path, rounds: int = 4) -> KillReport:
     whole_ledgers, killed_ledgers = workdir / "whole-ledgers", workdir / "killed-ledgers"
     _finish(_fedcpt(*common, "--set", f"privacy.ledger_dir={whole_ledgers}",
                     "--out", str(whole)))
-    killed_ledgers.mkdir()
-    for split in whole_ledgers.glob(f"*{SPLIT_SUFFIX}"):
-        shutil.copy2(split, killed_ledgers / split.name)
+    share_splits(whole_ledgers, killed_ledgers)
     common += ["--set", f"privacy.ledger_dir={killed_ledgers}"]
     plan = [("after the sites paid, before the round finished", paid_window(1, killed_ledgers)),
             ("between rounds, after the checkpoint", round_boundary(2, killed_ledgers)),

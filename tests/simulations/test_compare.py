@@ -48,6 +48,12 @@ def test_compare_writes_arms_against_the_reference(tmp_path, sites_config):
         assert (out / row["arm"] / "summary.json").is_file()
     assert arms["fedavg"]["adaptation_kept"] == pytest.approx(1.0)
     assert (out / "pareto.png").is_file() and (out / "compare.md").is_file()
+    # every arm's sites held out the same units (one salt), so both were measured on the
+    # same blocks: the base model's loss on them is the same number
+    bases = [{site: v["base"] for site, v in json.loads(
+        (out / arm / "summary.json").read_text())["domain_loss"]["per_site"].items()}
+        for arm in arms]
+    assert bases[0] == bases[1] and len(bases[0]) == 3
 
 
 def test_removed_is_the_share_of_the_reference_damage():
