@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcpt.config import RunConfig, load_config
+from fedcpt.privacy.heldout import share_splits
 from fedcpt.simulations.compare import share
 from fedcpt.simulations.runner import simulate
 
@@ -108,8 +109,14 @@ def compare_utility(reference: UtilityArm, dp: UtilityArm) -> dict[str, Any]:
 
 def dp_utility(out: Path, reference: str, dp: str, overrides: list[str],
                config_file: Path | None = None) -> dict[str, Any]:
-    """Run ``reference`` then ``dp`` (each with ``overrides``) under ``out``; the report."""
-    ref_arm = run_arm(reference, out / reference, overrides, config_file)
-    # its own ledgers in its own run folder: the DP run spends a fresh budget
-    dp_arm = run_arm(dp, out / dp, overrides, config_file)
+    """Run ``reference`` then ``dp`` (each with ``overrides``) under ``out``; the report.
+    Each keeps its ledgers in its own run folder (the DP run spends a fresh budget), and
+    the DP run's sites start from the reference's split records, so both hold out the
+    same units and are measured on the same blocks."""
+    ledgers = {name: (out / name / "ledgers").resolve() for name in (reference, dp)}
+    ref_arm = run_arm(reference, out / reference,
+                      [*overrides, f"privacy.ledger_dir={ledgers[reference]}"], config_file)
+    share_splits(ledgers[reference], ledgers[dp])
+    dp_arm = run_arm(dp, out / dp, [*overrides, f"privacy.ledger_dir={ledgers[dp]}"],
+                     config_file)
     return compare_utility(ref_arm, dp_arm)

@@ -73,3 +73,7 @@ def test_benchmark_runs_both_smoke_scenarios_end_to_end(tmp_path):
     assert report["wall_time_ratio"] == pytest.approx(dp["wall_s"] / ref["wall_s"])
     assert report["forgetting"] == {"reference": ref["forgetting"], "dp": dp["forgetting"]}
     assert report["cpu_class"]["isa"] and "machine" in report
+    # the DP run's sites held out the reference's units: both measured the same blocks
+    bases = [{site: v["base"] for site, v in arm["domain_loss"]["per_site"].items()}
+             for arm in (ref, dp)]
+    assert bases[0] == bases[1] and bases[0]
