@@ -43,12 +43,18 @@ def share_splits(source: Path, target: Path) -> list[Path]:
     """Copy every split record of the ledger folder ``source`` into ``target`` (created),
     for experiments that compare runs of the same simulated sites: with one salt their
     sites hold out the same units, as a real site does across runs, so the runs' held-out
-    losses are measured on the same blocks. Returns the copies."""
+    losses are measured on the same blocks. A different record already in ``target`` is
+    never replaced (its ledger may have trained on units the copy would hold out): raises
+    SplitError. Returns the copies."""
     target.mkdir(parents=True, exist_ok=True)
     copies = []
     for record in sorted(source.glob(f"*{SPLIT_SUFFIX}")):
-        copy = target / record.name
-        copy.write_bytes(record.read_bytes())
+        copy, body = target / record.name, record.read_bytes()
+        if copy.exists() and copy.read_bytes() != body:
+            raise SplitError(f"{copy} already holds another held-out split; its sites may "
+                             f"have trained on units that {record} holds out. Use a fresh "
+                             "output folder")
+        copy.write_bytes(body)
         copies.append(copy)
     return copies
 

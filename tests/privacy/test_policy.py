@@ -12,7 +12,7 @@ from fedcpt.config import SiteConfig, SitePolicySettings, load_config
 from fedcpt.core.data import heldout_by_hash
 from fedcpt.core.model import load_adapted_model
 from fedcpt.exceptions import ConfigError
-from fedcpt.privacy.heldout import HeldoutSplit
+from fedcpt.privacy.heldout import HeldoutSplit, SplitError, share_splits
 from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.privacy.policy import PolicyRefused, accept_proposal, site_policy
 from fedcpt.privacy.report import site_row
@@ -133,6 +133,24 @@ def test_a_unit_once_trained_on_is_never_held_out(tmp_path):
     assert first != heldout_by_hash(0.1)(keys)  # the secret salt moved the split
     text = (tmp_path / "s.split.json").read_text()
     assert "u17" not in text  # only salted digests are stored
+
+
+def test_a_shared_split_holds_out_the_same_units_and_never_replaces_another(tmp_path):
+    keys = [f"field:user_id=u{i}" for i in range(300)]
+    first, second, third = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    first.mkdir()
+    held = HeldoutSplit.open(first / "clinic.split.json", "clinic", "field:user_id").rule(
+        0.1)(keys)
+    assert [c.name for c in share_splits(first, second)] == ["clinic.split.json"]
+    shared = HeldoutSplit.open(second / "clinic.split.json", "clinic", "field:user_id")
+    assert shared.rule(0.1)(keys) == held  # the same salt: the same units held out
+    assert share_splits(first, second)  # copying the same record again is harmless
+    third.mkdir()  # a folder whose ledger already has its own split
+    HeldoutSplit.open(third / "clinic.split.json", "clinic", "field:user_id").rule(0.1)(keys)
+    before = (third / "clinic.split.json").read_bytes()
+    with pytest.raises(SplitError, match="already holds another held-out split"):
+        share_splits(first, third)
+    assert (third / "clinic.split.json").read_bytes() == before
 
 
 # --- evaluation releases ----------------------------------------------------------------
