@@ -10,7 +10,7 @@ from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedcpt.client.request import load_request, refusal
+from fedcpt.client.request import load_request, refusal, run_config
 from fedcpt.client.site import open_ledger, policy_for, resolve_site, site_blocks
 from fedcpt.config import SiteConfig
 from fedcpt.core import protocol as p
@@ -72,8 +72,12 @@ def masked(msg: Message, context: Context) -> Message:
     try:
         secagg_site.receive_shares(context, msg.content.config_records[STATE],
                                    msg.content[p.ARRAYS], msg.content[p.CONFIG], EVALUATE)
+        cfg, node_config = run_config(msg), dict(context.node_config)
+        # before anything is evaluated (a noised release is paid for when it is computed)
+        check_reconstruction_threshold(policy_for(cfg, resolve_site(cfg, node_config),
+                                                  node_config),
+                                       *secagg_site.reconstruction(context, EVALUATE))
         metrics, site, policy = site_evaluation(msg, context, secure=True)
-        check_reconstruction_threshold(policy, *secagg_site.reconstruction(context, EVALUATE))
         vector, clipped = encode_evaluation(metrics, policy.eval_loss_bound)
         masked_vector = secagg_site.mask(context, vector, EVALUATE)
     except SiteRefused as err:

@@ -135,17 +135,22 @@ def test_mixed_federations_evaluate_masked_and_a_site_releasing_nothing_drops_ou
 
 
 def test_sites_assuming_a_colluder_evaluate_only_under_a_threshold_it_cannot_beat(
-        nodes, adapter):
+        nodes, adapter, tmp_path):
     """Three sites: the default threshold 2 is beaten by one colluding site (2·2 ≤ 3 + 1),
-    so sites assuming one colluder mask nothing; at threshold 3 they evaluate."""
-    grid = AppGrid(nodes)
-    cfg = _cfg(eval_release="secagg", secagg_colluders=1)
-    assert site_evaluations(secagg_federation(grid, cfg), 1, adapter) == []
-    refusals = [r.error.reason for r in grid.replies if r.has_error()]
-    assert len(refusals) == 3 and all(
-        "refuses `secagg.reconstruction_threshold` = 2 over 3 neighbours" in r
-        for r in refusals)
-    assert all(p.MASKED not in r.content for r in grid.replies if r.has_content())
+    so sites assuming one colluder mask nothing (and a noised site pays for nothing); at
+    threshold 3 they evaluate."""
+    for release in ("secagg", "noised"):
+        grid = AppGrid(nodes)
+        cfg = load_config("smoke", overrides=[
+            "secagg.mode=on", f"privacy.ledger_dir={tmp_path / release}",
+            f"site_policy.eval_release={release}", "site_policy.secagg_colluders=1"])
+        assert site_evaluations(secagg_federation(grid, cfg), 1, adapter) == []
+        refusals = [r.error.reason for r in grid.replies if r.has_error()]
+        assert len(refusals) == 3 and all(
+            "refuses `secagg.reconstruction_threshold` = 2 over 3 neighbours" in r
+            for r in refusals)
+        assert all(p.MASKED not in r.content for r in grid.replies if r.has_content())
+        assert not list((tmp_path / release).glob("*.ledger.json"))  # nothing was spent
     grid = AppGrid(nodes)
     cfg = load_config("smoke", overrides=["secagg.mode=on", "secagg.reconstruction_threshold=3",
                                           "site_policy.eval_release=secagg",
