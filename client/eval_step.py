@@ -10,7 +10,7 @@ from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedcpt.client.request import load_request, refusal, run_config
+from fedcpt.client.request import load_request, refusal
 from fedcpt.client.site import open_ledger, policy_for, resolve_site, site_blocks
 from fedcpt.config import SiteConfig
 from fedcpt.core import protocol as p
@@ -34,11 +34,14 @@ _base_losses: dict[tuple, dict] = {}
 def site_evaluation(msg: Message, context: Context, secure: bool,
                     ) -> tuple[dict[str, float], SiteConfig, SitePolicy]:
     """The metrics this site's policy lets it release for the message's adapter (raises
-    SiteRefused when it releases none, or none this way), the site and its policy."""
+    SiteRefused when it releases none, or none this way; ``secure``: also when the masked
+    session's threshold fails the site's floor), the site and its policy."""
     cfg, lm, _ = load_request(msg)
     node_config = dict(context.node_config)
     site = resolve_site(cfg, node_config)
     policy = policy_for(cfg, site, node_config)
+    if secure:  # before anything is evaluated: a noised release is paid when computed
+        check_reconstruction_threshold(policy, *secagg_site.reconstruction(context, EVALUATE))
     blocks = site_blocks(site, cfg.model, cfg.data, policy)
     ledger, drift = None, None
     if policy.eval_release == "noised" and policy.ledger_path:
@@ -72,11 +75,6 @@ def masked(msg: Message, context: Context) -> Message:
     try:
         secagg_site.receive_shares(context, msg.content.config_records[STATE],
                                    msg.content[p.ARRAYS], msg.content[p.CONFIG], EVALUATE)
-        cfg, node_config = run_config(msg), dict(context.node_config)
-        # before anything is evaluated (a noised release is paid for when it is computed)
-        check_reconstruction_threshold(policy_for(cfg, resolve_site(cfg, node_config),
-                                                  node_config),
-                                       *secagg_site.reconstruction(context, EVALUATE))
         metrics, site, policy = site_evaluation(msg, context, secure=True)
         vector, clipped = encode_evaluation(metrics, policy.eval_loss_bound)
         masked_vector = secagg_site.mask(context, vector, EVALUATE)
