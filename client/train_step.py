@@ -114,17 +114,28 @@ def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: T
 
 def _anchor(cfg: RunConfig, lm: AdaptedModel, msg: Message) -> Anchor | None:
     """FedProx pulls toward the received global adapter, L2-SP toward the initial one, EWC
-    toward the initial one weighted by the Fisher the server sent."""
-    if cfg.strategy.anchor == "none" or cfg.strategy.anchor_weight == 0:
+    toward the initial one weighted by the Fisher the server sent, the phase anchor toward
+    the adapter the server says the phase began from. The pull does not read the site's
+    data, so a server's choice of target cannot draw on it (and costs no ε)."""
+    anchor = cfg.strategy.anchor
+    if anchor == "none" or cfg.strategy.anchor_weight == 0:
         return None
-    target = msg.content[p.ARRAYS] if cfg.strategy.anchor == "fedprox" else lm.initial_adapter
-    weights = None
-    if cfg.strategy.anchor == "ewc":
-        fisher = msg.content.array_records.get(p.FISHER)
-        if fisher is None:
-            raise UpdateRejected("strategy.anchor is 'ewc' but the training message carries "
-                                 "no 'fisher' record")
-        check_update(fisher, lm.initial_adapter)
-        weights = from_arrays(fisher)
+    if anchor == "fedprox":
+        target = msg.content[p.ARRAYS]
+    elif anchor == "phase":
+        target = _sent_record(msg, p.ANCHOR, anchor, lm)
+    else:
+        target = lm.initial_adapter
+    weights = from_arrays(_sent_record(msg, p.FISHER, anchor, lm)) if anchor == "ewc" else None
     return Anchor(lm.model, from_arrays(target), cfg.strategy.anchor_weight, weights)
+
+
+def _sent_record(msg: Message, key: str, anchor: str, lm: AdaptedModel) -> ArrayRecord:
+    """The anchor's record the training message must carry, shaped as the adapter."""
+    record = msg.content.array_records.get(key)
+    if record is None:
+        raise UpdateRejected(f"strategy.anchor is '{anchor}' but the training message "
+                             f"carries no '{key}' record")
+    check_update(record, lm.initial_adapter)
+    return record
 

@@ -39,9 +39,6 @@ class PrivacyConfig:
         "", "Where simulated sites keep their ledgers (a deployed site sets `ledger-path` in "
         "`--node-config`). Empty: `<run folder>/ledgers`; set a fixed folder to accumulate "
         "spend across runs.")
-    max_physical_batch_size: int = _opt(
-        0, "Split each Poisson logical batch into physical batches of at most this many "
-        "blocks (Opacus BatchMemoryManager; 0: no split). Accounting is unchanged.")
     ffa_lora: bool = _opt(
         False, "Train only LoRA B under DP-SGD, A frozen at its shared initialisation "
         "(FFA-LoRA, Sun et al. 2024).")
@@ -58,8 +55,6 @@ class PrivacyConfig:
         require(self.user_clipping_norm > 0, "privacy.user_clipping_norm",
                 self.user_clipping_norm, "> 0")
         require(0 < self.user_delta < 1, "privacy.user_delta", self.user_delta, "in (0, 1)")
-        require(self.max_physical_batch_size >= 0, "privacy.max_physical_batch_size",
-                self.max_physical_batch_size, ">= 0 (0: no split)")
 
 
 @dataclass(frozen=True)

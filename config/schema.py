@@ -173,6 +173,11 @@ class TrainConfig:
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = _opt(1.0, "Global grad-norm clip without DP (0: off).")
     eval_batch_size: int = _opt(16, "Blocks per evaluation forward pass.")
+    max_physical_batch_size: int = _opt(
+        0, "Run each step's batch as physical batches of at most this many blocks, the "
+        "memory of one (0: the whole batch at once). The gradient is the same: plain "
+        "training accumulates it, DP-SGD clips every physical batch and noises the logical "
+        "one once (Opacus BatchMemoryManager; accounting unchanged).")
 
     def __post_init__(self) -> None:
         require(self.local_steps > 0, "train.local_steps", self.local_steps, "> 0")
@@ -184,6 +189,8 @@ class TrainConfig:
         require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
         require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, ">= 0")
         require(self.eval_batch_size > 0, "train.eval_batch_size", self.eval_batch_size, "> 0")
+        require(self.max_physical_batch_size >= 0, "train.max_physical_batch_size",
+                self.max_physical_batch_size, ">= 0 (0: the whole batch at once)")
 
     def lr_at(self, server_round: int, num_rounds: int) -> float:
         """Learning rate for a (1-based) round: linear warm-up, then constant or cosine."""

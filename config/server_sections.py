@@ -23,10 +23,11 @@ class StrategyConfig:
     replay_fraction: float = _opt(
         0.25, "ρ: rehearsal relative to the round's client work (Ibrahim et al. 2024: 5% "
         "for weak shifts, 25% for strong ones).")
-    anchor: Literal["none", "fedprox", "l2sp", "ewc"] = _opt(
+    anchor: Literal["none", "fedprox", "l2sp", "ewc", "phase"] = _opt(
         "none", "Client-side pull toward the global adapter (fedprox), the initial one, i.e. "
-        "the base (l2sp), or the base weighted by the server's diagonal Fisher on its "
-        "rehearsal pool (ewc).")
+        "the base (l2sp), the base weighted by the server's diagonal Fisher on its "
+        "rehearsal pool (ewc), or the global adapter the current phase began from, i.e. "
+        "the previous phases' solution (phase: l2sp in the first phase).")
     anchor_weight: float = _opt(
         20.0, "μ: each step removes lr·μ of the distance to the anchor (decoupled, like "
         "AdamW's weight decay, so it is free under DP).")

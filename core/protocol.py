@@ -10,6 +10,7 @@ ATTESTATION = "attestation"  # ConfigRecord {"statement", "signature", "certific
                            # training reply's signed statement of what the site trained on
                            # (privacy.attestation); absent when the site has no identity
 FISHER = "fisher"          # ArrayRecord: EWC's diagonal Fisher, sent with training (EWC only)
+ANCHOR = "anchor"          # ArrayRecord: the adapter the phase began from (anchor = "phase" only)
 MASKED = "masked"          # ArrayRecord: a masked update under secure aggregation …
 MASKED_VECTOR = "vector"   # … its one uint32 array (privacy.secagg.encoding's layout)
 

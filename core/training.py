@@ -76,7 +76,9 @@ def train_adapter(
 
     Only LoRA parameters require gradients. Batches are drawn uniformly with replacement
     from a generator seeded per (site, round), so a run is reproducible. The optimizer is
-    fresh each round (as in FedAvg with local Adam): its state never leaves the site.
+    fresh each round (as in FedAvg with local Adam): its state never leaves the site. A
+    batch runs as physical batches of at most ``train.max_physical_batch_size`` blocks
+    whose gradients add up to the whole batch's (every block has the same token count).
     """
     model = lm.model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -88,16 +90,14 @@ def train_adapter(
     for _ in range(train.local_steps):
         idx = torch.randint(len(blocks), (train.batch_size,), generator=generator)
         batch = blocks[idx].to(lm.device)  # (B, T)
-        with lm.autocast():
-            loss = next_token_loss(model, batch)
-        loss.backward()
+        loss = _accumulate_gradient(lm, batch, train.max_physical_batch_size)
         if train.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if anchor is not None:
             anchor.pull(lr)
-        losses.append(loss.item())
+        losses.append(loss)
     model.eval()
     examples = train.local_steps * train.batch_size
     return TrainResult(
@@ -107,3 +107,16 @@ def train_adapter(
         mean_loss=sum(losses) / len(losses),
         seconds=time.perf_counter() - start,
     )
+
+
+def _accumulate_gradient(lm: AdaptedModel, batch: torch.Tensor, physical: int) -> float:
+    """Backpropagate the mean next-token loss of ``batch`` in physical batches of at most
+    ``physical`` blocks (0: all at once); returns that mean loss."""
+    chunks = batch.split(physical) if physical else (batch,)
+    total = 0.0
+    for chunk in chunks:
+        with lm.autocast():
+            loss = next_token_loss(lm.model, chunk) * (len(chunk) / len(batch))
+        loss.backward()
+        total += loss.item()
+    return total

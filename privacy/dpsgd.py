@@ -10,7 +10,7 @@ and clipping once would use more of its text per step, at the cost of a backward
 all of them; one block per unit keeps the physical batch equal to the number of sampled
 units.) A step whose Poisson sample is empty still releases noise: it is a noise-only step.
 
-Logical batches can be far larger than memory: ``privacy.max_physical_batch_size`` splits
+Logical batches can be far larger than memory: ``train.max_physical_batch_size`` splits
 each logical batch with Opacus's ``BatchMemoryManager``, which clips every physical batch
 and adds noise once per logical batch. ``privacy.ffa_lora`` trains only LoRA B (FFA-LoRA,
 Sun et al. 2024, https://arxiv.org/abs/2403.12313): fewer noised coordinates per step.
@@ -150,8 +150,8 @@ def train_adapter_dp(
         # Opacus derives the expected batch from a dataset of items; ours is q · units.
         dp_optimizer.expected_batch_size = q * n_units
         try:
-            losses, examples, seconds = _run(lm, dp_model, dp_optimizer, loader, privacy,
-                                             lr, anchor)
+            losses, examples, seconds = _run(lm, dp_model, dp_optimizer, loader,
+                                             train.max_physical_batch_size, lr, anchor)
         finally:
             dp_model.cleanup()  # remove Opacus hooks: the cached model is reused next round
     model.eval()
@@ -169,13 +169,12 @@ def _stack(items: list[torch.Tensor], block_size: int) -> torch.Tensor:
 
 
 def _run(lm: AdaptedModel, dp_model: torch.nn.Module, dp_optimizer, loader: DataLoader,
-         privacy: PrivacyConfig, lr: float, anchor: Anchor | None,
+         physical: int, lr: float, anchor: Anchor | None,
          ) -> tuple[list[float], int, float]:
     """The steps; every physical batch is clipped, each logical batch noised once."""
     losses: list[float] = []
     examples = 0
     start = time.perf_counter()
-    physical = privacy.max_physical_batch_size
     manager = (BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical,
                                   optimizer=dp_optimizer) if physical
                else contextlib.nullcontext(loader))

@@ -6,8 +6,9 @@ ServerApp and ClientApps; every policy of a round is here, in the order it happe
 
 1. **sample** ``sites_per_round`` nodes (a phase samples among its own sites);
 2. **configure** the request: the global adapter and config, plus the clipping norm
-   under site-level DP and the round's Fisher under EWC; under secure aggregation, SecAgg+
-   stages 1–2 (keys, shares) run first and each request carries its site's shares;
+   under site-level DP, the round's Fisher under EWC and the phase's starting adapter
+   under the phase anchor; under secure aggregation, SecAgg+ stages 1–2 (keys, shares)
+   run first and each request carries its site's shares;
 3. **send** it and wait up to ``round_timeout_s``;
 4. **collect and validate** the replies with the strategy
    (:meth:`~fedcpt.strategies.base.Aggregator.validate`); a bad reply is a named failure;
@@ -85,6 +86,8 @@ class Federation:
     """Samples the sites; saved in every checkpoint."""
     steps: list[ServerStep] = field(default_factory=list)
     fisher: FisherForSites | None = None
+    phase_start: ArrayRecord | None = None
+    """The global adapter the current phase began from (``strategy.anchor = "phase"``)."""
     _sites: dict[int, str] | None = None
 
     def training_pool(self, phase: Phase) -> list[int] | None:
@@ -118,8 +121,21 @@ def run_rounds(fed: Federation, arrays: ArrayRecord, done: int | None = None) ->
         if server_round in (done + 1, phase.first_round):
             log.info("phase %d (%s): rounds %d-%d, sites %s", phase.index + 1, phase.name,
                      server_round, phase.last_round, ", ".join(phase.sites))
+        if fed.cfg.strategy.anchor == "phase":
+            fed.phase_start = phase_start(fed, phase, server_round, arrays)
         arrays = run_round(fed, server_round, arrays, fed.training_pool(phase))
     return arrays
+
+
+def phase_start(fed: Federation, phase: Phase, server_round: int,
+                arrays: ArrayRecord) -> ArrayRecord:
+    """The adapter ``phase`` began from: ``arrays`` at its first round; later, the one kept
+    (or, in a run resumed inside the phase, the version committed before its first round)."""
+    if server_round == phase.first_round:
+        return arrays
+    if fed.phase_start is None:
+        return load_version(fed.recorder.folder.version(phase.first_round - 1), arrays)
+    return fed.phase_start
 
 
 def run_round(fed: Federation, server_round: int, global_arrays: ArrayRecord,
@@ -164,6 +180,8 @@ def configure(fed: Federation, server_round: int, global_arrays: ArrayRecord) ->
     if fed.cfg.privacy.user_level:
         config = clipping_config(config, fed.cfg.privacy)
     extra = {p.FISHER: fed.fisher(server_round, global_arrays)} if fed.fisher else {}
+    if fed.cfg.strategy.anchor == "phase":  # set by run_rounds before every round
+        extra[p.ANCHOR] = fed.phase_start
     return request(global_arrays, config, server_round, extra)
 
 

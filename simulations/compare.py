@@ -40,6 +40,7 @@ ARMS: dict[str, list[str]] = {
     "fedprox": ["strategy.anchor=fedprox"],
     "l2sp": ["strategy.anchor=l2sp"],
     "ewc": ["strategy.anchor=ewc"],
+    "phase-anchor": ["strategy.anchor=phase"],
     "delta-scaling": ["strategy.delta_scaling=true"],
     "self-distill": ["strategy.distillation=both"],
     "rehearsal-distill": ["strategy.rehearsal=mix", "strategy.distillation=both"],

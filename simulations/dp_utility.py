@@ -46,7 +46,7 @@ class UtilityArm:
 
 def settings(cfg: RunConfig) -> dict[str, Any]:
     """The settings that decide a run's utility under DP (and its cost)."""
-    p = cfg.privacy
+    p, t = cfg.privacy, cfg.train
     return {
         "model": cfg.model.name, "precision": cfg.model.precision,
         "rounds": cfg.federation.rounds, "sites": [s.name for s in cfg.sites],
@@ -56,7 +56,7 @@ def settings(cfg: RunConfig) -> dict[str, Any]:
         "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha,
                  "target_modules": list(cfg.lora.target_modules)},
         "privacy": ({"target_epsilon": p.target_epsilon, "max_grad_norm": p.max_grad_norm,
-                     "max_physical_batch_size": p.max_physical_batch_size,
+                     "max_physical_batch_size": t.max_physical_batch_size,
                      "ffa_lora": p.ffa_lora, "accountant": p.accountant,
                      "unit": cfg.site_policy.unit} if p.enabled else None),
     }

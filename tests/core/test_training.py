@@ -65,6 +65,24 @@ def test_same_seed_gives_identical_adapter(byte_tok, text_blocks):
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)  # another seed, other batches
 
 
+def test_physical_batches_give_the_whole_batchs_step_in_its_memory(byte_tok, text_blocks):
+    whole, split = _new_lm(byte_tok), _new_lm(byte_tok)
+    seen: list[int] = []
+    decoder = split.model.get_base_model().get_decoder()
+    decoder.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    r_whole = train_adapter(whole, text_blocks, TrainConfig(local_steps=3, batch_size=6),
+                            lr=1e-2, seed=42)
+    r_split = train_adapter(split, text_blocks,
+                            TrainConfig(local_steps=3, batch_size=6, max_physical_batch_size=4),
+                            lr=1e-2, seed=42)
+    assert seen == [4, 2] * 3  # never more than 4 blocks through the model at once
+    sw, ss = adapter_state(whole.model), adapter_state(split.model)
+    assert all(torch.allclose(sw[k], ss[k], atol=1e-5) for k in sw)  # fp32 round-off
+    assert math.isclose(r_whole.mean_loss, r_split.mean_loss, rel_tol=1e-5)
+    assert r_split.examples == r_whole.examples == 18
+
+
 def test_zero_lr_changes_nothing(fresh_lm, text_blocks):
     before = adapter_state(fresh_lm.model)
     train_adapter(fresh_lm, text_blocks, TrainConfig(local_steps=2, batch_size=2), lr=0.0,

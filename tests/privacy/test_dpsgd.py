@@ -138,10 +138,9 @@ def test_logical_batches_split_into_physical_ones_are_noised_once(fresh_lm, text
     decoder = fresh_lm.model.get_base_model().get_decoder()
     hook = decoder.register_forward_pre_hook(
         lambda _m, _a, kw: physical.append(kw["input_ids"].shape[0]), with_kwargs=True)
-    train = TrainConfig(local_steps=3, batch_size=12)  # q = 12/16
+    train = TrainConfig(local_steps=3, batch_size=12, max_physical_batch_size=2)  # q = 12/16
     try:
-        train_adapter_dp(fresh_lm, text_blocks, train,
-                         PrivacyConfig(enabled=True, max_physical_batch_size=2), lr=1e-2,
+        train_adapter_dp(fresh_lm, text_blocks, train, PrivacyConfig(enabled=True), lr=1e-2,
                          noise_multiplier=0.5)
     finally:
         hook.remove()

@@ -1,17 +1,26 @@
 """The round loop's policy over a fake Grid: sampling, retries, failed rounds, server steps,
-site-level DP noise, phases and the EWC Fisher (commit, which evaluates and writes the
+site-level DP noise, phases, the EWC Fisher and the phase anchor (commit, which evaluates and writes the
 run folder, is replaced by a list of the rounds committed)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedcpt.config import FederationConfig, PhaseConfig, PrivacyConfig, RunConfig, SiteConfig
+from fedcpt.config import (
+    FederationConfig,
+    PhaseConfig,
+    PrivacyConfig,
+    RunConfig,
+    SiteConfig,
+    StrategyConfig,
+)
 from fedcpt.core.adapters import arrays_digest
 from fedcpt.exceptions import RoundFailed
 from fedcpt.server import round_loop
@@ -274,6 +283,40 @@ def test_ewc_sends_the_rounds_fisher_with_every_training_request_retries_too(com
     fed.fisher = lambda server_round, arrays: calls.append(server_round) or fisher
     run_round(fed, 1, _arrays(0.0))
     assert len(grid.sent) == 2 and calls == [1]  # computed once per round
+
+
+def _phases_with_anchor(grid, rounds=(1, 2)):
+    phases = [PhaseConfig(name="early", rounds=rounds[0], sites=tuple(NODES.values())),
+              PhaseConfig(name="late", rounds=rounds[1], sites=tuple(NODES.values()))]
+    fed = _federation(grid, phases=phases, rounds=sum(rounds))
+    fed.cfg = dataclasses.replace(fed.cfg, strategy=StrategyConfig(anchor="phase"))
+    return fed
+
+
+def test_the_phase_anchor_is_the_adapter_each_phase_began_from(committed):
+    # each site's update moves the adapter by +1, so round r's global adapter is r
+    grid = SiteGrid(lambda m, _: _update(m, m.content["arrays"]["layer.lora_A.weight"]
+                                         .numpy()[0, 0] + 1.0))
+    run_rounds(_phases_with_anchor(grid), _arrays(0.0))
+    anchors = [float(sent[0].content["anchor"]["layer.lora_A.weight"].numpy()[0, 0])
+               for sent in grid.sent]
+    assert anchors == [0.0, 1.0, 1.0]  # phase 1: the initial adapter; phase 2: round 1's
+    assert all(len({arrays_digest(m.content["anchor"]) for m in sent}) == 1
+               for sent in grid.sent)  # every site of a round gets the same anchor
+
+
+def test_a_run_resumed_inside_a_phase_anchors_to_the_version_before_the_phase(
+        committed, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(round_loop, "load_version",
+                        lambda path, reference: loaded.append(path) or _arrays(1.0))
+    grid = SiteGrid(lambda m, _: _update(m, 5.0))
+    fed = _phases_with_anchor(grid, rounds=(1, 3))
+    fed.recorder.folder = SimpleNamespace(version=lambda r: f"versions/{r}")
+    run_rounds(fed, _arrays(2.0), done=2)  # killed after round 2, inside phase "late"
+    assert loaded == ["versions/1"]  # the version phase "late" began from, read once
+    assert [float(sent[0].content["anchor"]["layer.lora_A.weight"].numpy()[0, 0])
+            for sent in grid.sent] == [1.0, 1.0]
 
 
 def test_a_resumed_run_goes_on_after_its_last_committed_round(committed):

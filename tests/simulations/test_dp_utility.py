@@ -46,7 +46,7 @@ def test_goals_fail_below_the_milestone():
 def test_shakespeare_dp_is_shakespeare_with_dp_settings_only():
     ref, dp = load_config("shakespeare"), load_config("shakespeare-dp")
     assert dp.privacy.enabled and dp.privacy.target_epsilon == 8.0
-    assert dp.privacy.ffa_lora and dp.privacy.max_physical_batch_size > 0
+    assert dp.privacy.ffa_lora and dp.train.max_physical_batch_size > 0
     assert dp.train.batch_size > ref.train.batch_size  # a logical batch, split physically
     # everything the two runs are measured on is the reference's own
     for section in ("model", "lora", "data", "sites", "site_policy", "seed", "strategy"):

@@ -1,0 +1,49 @@
+"""The phase anchor at a site: local training is pulled toward the adapter the server says
+the phase began from, and a request without one is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+import fedcpt.client.app as client_app
+from fedcpt.config import load_config
+from fedcpt.core import protocol as p
+from fedcpt.core.model import load_adapted_model
+from fedcpt.exceptions import UpdateRejected
+from fedcpt.testing.site_round import site_context, task_identity, train_message
+
+CFG = load_config("smoke", overrides=["strategy.anchor=phase", "strategy.anchor_weight=40"])
+
+
+def _distance(x: ArrayRecord, y: ArrayRecord) -> float:
+    return float(sum(np.sum((x[k].numpy() - y[k].numpy()) ** 2) for k in x.keys()))
+
+
+def _train(context, start: ArrayRecord | None):
+    initial = load_adapted_model(CFG.model, CFG.lora, CFG.seed).initial_adapter
+    with task_identity():  # Messages are built inside a Flower task
+        msg = train_message(CFG, "run-a", 1, initial)
+        if start is not None:
+            msg.content[p.ANCHOR] = start
+        return client_app.train(msg, context)
+
+
+def test_training_is_pulled_toward_the_adapter_the_phase_began_from(tmp_path, write_text):
+    context = site_context(str(write_text("clinic.txt")), tmp_path / "clinic.ledger.json",
+                           name="clinic")
+    initial = load_adapted_model(CFG.model, CFG.lora, CFG.seed).initial_adapter
+    # an earlier phase's solution: B moved away from 0 (a real ΔW = BA)
+    start = ArrayRecord({k: Array(a.numpy() + (0.05 if "lora_B" in k else 0.0))
+                         for k, a in initial.items()})
+    toward_start = _train(context, start).content["arrays"]
+    toward_initial = _train(context, initial).content["arrays"]  # the same seed and data
+    assert _distance(toward_start, start) < 0.5 * _distance(toward_initial, start)
+
+
+def test_a_request_without_the_phase_start_is_refused(tmp_path, write_text):
+    context = site_context(str(write_text("clinic.txt")), tmp_path / "clinic.ledger.json",
+                           name="clinic")
+    with pytest.raises(UpdateRejected, match="carries no 'anchor' record"):
+        _train(context, None)  # Flower's runtime replies with the error
