@@ -1,6 +1,6 @@
 """The round loop's policy over a fake Grid: sampling, retries, failed rounds, server steps,
-site-level DP noise, phases, the EWC Fisher and the phase anchor (commit, which evaluates and writes the
-run folder, is replaced by a list of the rounds committed)."""
+site-level DP noise, phases, the EWC Fisher and the phase anchor (commit, which evaluates
+and writes the run folder, is replaced by a list of the rounds committed)."""
 
 from __future__ import annotations
 
