@@ -46,10 +46,11 @@ def check_run(cfg: RunConfig) -> None:
                           "strategy.distillation, strategy.delta_scaling, "
                           "strategy.regression_guard or strategy.server_optimizer: they "
                           "change the aggregate before the site-level noise is added")
-    if cfg.privacy.user_level and strategy.anchor == "ewc":
+    if cfg.privacy.user_level and strategy.anchor in ("ewc", "phase"):
         raise ConfigError("privacy.user_level cannot be combined with strategy.anchor = "
-                          "\"ewc\": Flower's fixedclipping_mod accepts training messages "
-                          "with one ArrayRecord only, and EWC sends the Fisher as a second")
+                          f"\"{strategy.anchor}\": Flower's fixedclipping_mod accepts "
+                          "training messages with one ArrayRecord only, and this anchor "
+                          "sends a second (EWC's Fisher, the phase's starting adapter)")
     if strategy.anchor != "none":
         pull = cfg.train.lr * strategy.anchor_weight
         require(pull < 1, "strategy.anchor_weight", strategy.anchor_weight,

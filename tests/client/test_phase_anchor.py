@@ -11,7 +11,7 @@ import fedcpt.client.app as client_app
 from fedcpt.config import load_config
 from fedcpt.core import protocol as p
 from fedcpt.core.model import load_adapted_model
-from fedcpt.exceptions import UpdateRejected
+from fedcpt.exceptions import ConfigError, UpdateRejected
 from fedcpt.testing.site_round import site_context, task_identity, train_message
 
 CFG = load_config("smoke", overrides=["strategy.anchor=phase", "strategy.anchor_weight=40"])
@@ -42,8 +42,23 @@ def test_training_is_pulled_toward_the_adapter_the_phase_began_from(tmp_path, wr
     assert _distance(toward_start, start) < 0.5 * _distance(toward_initial, start)
 
 
+def test_the_phase_anchor_and_site_level_dp_are_a_config_error():
+    with pytest.raises(ConfigError, match='anchor = "phase"'):
+        load_config("smoke", overrides=["strategy.anchor=phase", "privacy.user_level=true"])
+
+
 def test_a_request_without_the_phase_start_is_refused(tmp_path, write_text):
     context = site_context(str(write_text("clinic.txt")), tmp_path / "clinic.ledger.json",
                            name="clinic")
     with pytest.raises(UpdateRejected, match="carries no 'anchor' record"):
         _train(context, None)  # Flower's runtime replies with the error
+
+
+@pytest.mark.slow  # a real three-phase simulation: minutes on 2 cores (the slow tier)
+def test_a_stream_with_the_phase_anchor_runs_every_phase(tmp_path):
+    from fedcpt.simulations.runner import simulate
+
+    summary = simulate(load_config("smoke-stream", overrides=["strategy.anchor=phase"]),
+                       tmp_path / "run")
+    assert summary["rounds_aggregated"] == 3 and summary["failures"] == 0
+    assert summary["continual"]["bwt"] is not None
