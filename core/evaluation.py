@@ -7,9 +7,11 @@ from the base model, per kind of general text.
   log p_adapted(v)), averaged over tokens, with the base = the adapter disabled (peft's
   ``disable_adapter``). Unlike the loss it cannot fall below zero by recalibrating the
   model toward raw text: it measures how far the next-token distribution moved at all.
-  It costs a second, adapter-off forward pass, so it is measured on the first
-  ``kl_blocks`` blocks of each kind, and not at all while every LoRA ``B`` is zero (the
-  adapted model is then the base, and KL is exactly 0).
+  It needs the base's log-probabilities, an adapter-off forward pass, so it is measured on
+  the first ``kl_blocks`` blocks of each kind. While every LoRA ``B`` is zero the adapted
+  model is the base (KL exactly 0) and its own log-probabilities serve. A
+  :class:`BaseLogprobs` keeps them across rounds: the base is frozen and the blocks fixed,
+  so the pass is made once per run, not every round.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 from fedcpt.core.model import AdaptedModel
 
 ECE_BINS = 15
+BASE_LOGPROBS_BYTES = 2 * 1024**3
+"""What a :class:`BaseLogprobs` may hold (SmolLM2's default evaluation needs ~750 MB)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,25 @@ class _Tally:
                           tokens=tokens, block_losses=self.block_losses, kl_to_base=kl)
 
 
+class BaseLogprobs:
+    """The base model's log-probabilities of fixed evaluation batches, by (kind, first
+    block), up to ``max_bytes``; a batch beyond that is recomputed when it is needed."""
+
+    def __init__(self, max_bytes: int = BASE_LOGPROBS_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._store: dict[tuple[str, int], torch.Tensor] = {}
+
+    def get(self, key: tuple[str, int]) -> torch.Tensor | None:
+        return self._store.get(key)
+
+    def keep(self, key: tuple[str, int], logprobs: torch.Tensor) -> None:
+        size = logprobs.numel() * logprobs.element_size()
+        if self.bytes + size <= self.max_bytes:
+            self._store[key] = logprobs.clone()  # not a view that pins the whole batch
+            self.bytes += size
+
+
 def calibration_bins(confidence: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per equal-width confidence bin: count, sum of confidences, number correct."""
@@ -125,10 +148,12 @@ def adapter_is_identity(model: torch.nn.Module) -> bool:
 @torch.no_grad()
 def evaluate_kinds(lm: AdaptedModel, kinds: dict[str, torch.Tensor], batch_size: int, *,
                    kl_to_base: bool = False, kl_blocks: int | None = None,
+                   base: BaseLogprobs | None = None,
                    ) -> tuple[dict[str, EvalResult], EvalResult]:
     """Loss, perplexity, ECE for each named set of blocks, and over all of them together
     (block-weighted). With ``kl_to_base``, also the per-token KL from the base model, on
-    the first ``kl_blocks`` blocks of each set (all of them when None)."""
+    the first ``kl_blocks`` blocks of each set (all of them when None), reading and
+    filling ``base`` when given (the same ``kinds`` and ``batch_size`` every call)."""
     model = lm.model
     was_training = model.training
     model.eval()
@@ -142,11 +167,17 @@ def evaluate_kinds(lm: AdaptedModel, kinds: dict[str, torch.Tensor], batch_size:
             kl = None
             with_kl = batch[:max(0, kl_end - start)]
             if kl_to_base and len(with_kl):
-                if identity:
-                    kl = torch.zeros(with_kl.shape[0], with_kl.shape[1] - 1)
-                else:
-                    with model.disable_adapter():
-                        kl = kl_divergence(_logprobs(lm, with_kl), logprobs[:len(with_kl)])
+                adapted = logprobs[:len(with_kl)]
+                base_lp = None if base is None else base.get((name, start))
+                if base_lp is None:
+                    if identity:
+                        base_lp = adapted
+                    else:
+                        with model.disable_adapter():
+                            base_lp = _logprobs(lm, with_kl)
+                    if base is not None:
+                        base.keep((name, start), base_lp)
+                kl = kl_divergence(base_lp, adapted)
             tallies[name].add(logprobs, batch[:, 1:], kl)
     model.train(was_training)
     overall = _Tally()

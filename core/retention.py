@@ -27,7 +27,12 @@ from fedcpt.core.behaviour import (
     answer_retention,
     base_answers,
 )
-from fedcpt.core.evaluation import EvalResult, evaluate_kinds, paired_standard_error
+from fedcpt.core.evaluation import (
+    BaseLogprobs,
+    EvalResult,
+    evaluate_kinds,
+    paired_standard_error,
+)
 from fedcpt.core.model import AdaptedModel
 from fedcpt.exceptions import ConfigError
 
@@ -66,6 +71,7 @@ class GeneralEvaluation:
         self.answers = answers
         self.batch_size = batch_size
         self.kl_blocks = kl_blocks
+        self.base_logprobs = BaseLogprobs()
 
     @classmethod
     def prepare(cls, lm: AdaptedModel, kinds: dict[str, torch.Tensor],
@@ -91,7 +97,7 @@ class GeneralEvaluation:
     def evaluate(self, lm: AdaptedModel) -> GeneralReport:
         """Every kind's loss, ECE and KL to the base, and retention of the base answers."""
         per_kind, overall = evaluate_kinds(lm, self.kinds, self.batch_size, kl_to_base=True,
-                                           kl_blocks=self.kl_blocks)
+                                           kl_blocks=self.kl_blocks, base=self.base_logprobs)
         answers = answer_retention(lm, self.answers) if self.answers else None
         return GeneralReport(per_kind, overall, answers)
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fedcpt.core.evaluation import (
+    BaseLogprobs,
     adapter_is_identity,
     evaluate_blocks,
     evaluate_kinds,
@@ -226,6 +227,43 @@ def test_evaluate_kinds_reports_each_kind_and_the_blocks_together(fresh_lm, text
     assert overall.ece == pytest.approx(together.ece, abs=1e-6)
     assert overall.kl_to_base == pytest.approx(together.kl_to_base, rel=1e-5)
     assert overall.tokens == 5 * (text_blocks.shape[1] - 1)
+
+
+def _adapter_off_passes(lm, monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = lm.model.disable_adapter
+    monkeypatch.setattr(lm.model, "disable_adapter", lambda: calls.append(1) or real())
+    return calls
+
+
+def test_kept_base_logprobs_give_the_same_kl_without_an_adapter_off_pass(
+        fresh_lm, text_blocks, monkeypatch):
+    kinds = {"a": text_blocks[:3], "b": text_blocks[3:7]}
+    off_passes = _adapter_off_passes(fresh_lm, monkeypatch)
+    base = BaseLogprobs()
+    evaluate_kinds(fresh_lm, kinds, batch_size=2, kl_to_base=True, kl_blocks=3, base=base)
+    assert off_passes == []  # round 0: the fresh adapter's own log-probs are the base's
+    for seed in (0, 1):  # two later rounds, each a different adapter
+        _perturb(fresh_lm, seed=seed)
+        kept, _ = evaluate_kinds(fresh_lm, kinds, batch_size=2, kl_to_base=True, kl_blocks=3,
+                                 base=base)
+        fresh, _ = evaluate_kinds(fresh_lm, kinds, batch_size=2, kl_to_base=True,
+                                  kl_blocks=3)
+        for k in kinds:
+            assert kept[k].kl_to_base == pytest.approx(fresh[k].kl_to_base, rel=1e-5)
+            assert kept[k].kl_to_base > 1e-3
+    assert len(off_passes) == 2 * 4  # only the runs without kept log-probs (4 KL batches)
+
+
+def test_base_logprobs_beyond_the_budget_are_recomputed(fresh_lm, text_blocks, monkeypatch):
+    kinds = {"a": text_blocks[:4]}
+    _perturb(fresh_lm)
+    off_passes = _adapter_off_passes(fresh_lm, monkeypatch)
+    base = BaseLogprobs(max_bytes=1)
+    first, _ = evaluate_kinds(fresh_lm, kinds, batch_size=2, kl_to_base=True, base=base)
+    again, _ = evaluate_kinds(fresh_lm, kinds, batch_size=2, kl_to_base=True, base=base)
+    assert base.bytes == 0 and len(off_passes) == 4  # nothing kept: every pass again
+    assert again["a"].kl_to_base == pytest.approx(first["a"].kl_to_base, rel=1e-6)
 
 
 def test_kl_on_the_first_blocks_of_each_kind_is_the_kl_of_those_blocks(fresh_lm, text_blocks):
