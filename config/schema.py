@@ -228,6 +228,11 @@ class FederationConfig:
     failed_round: Literal["stop", "skip"] = _opt(
         "stop", "After the retries: stop the run with a clear error (resumable with "
         "`--resume`), or skip the round, keeping the global adapter.")
+    overlap_general_eval: bool = _opt(
+        True, "The server evaluates a round's adapter on its general text while the sites "
+        "evaluate it and train the next round; the round's metrics line follows that "
+        "evaluation. Never with a drift monitor that may roll back (the next round would "
+        "train from an adapter it may replace): then the next round waits for it.")
 
     def __post_init__(self) -> None:
         require(self.rounds > 0, "federation.rounds", self.rounds, "> 0")

@@ -25,6 +25,20 @@ class TrainOutcome:
     """Whether the round changed the global adapter."""
 
 
+@dataclass(frozen=True)
+class PendingGeneral:
+    """A round whose version is saved and whose general evaluation is not yet recorded:
+    what its metrics line needs besides that evaluation."""
+
+    round: int
+    update_norm: float | None
+    """The round's global update norm, for the drift check (None: the round kept the
+    global adapter)."""
+    data_flags: list[str]
+    sent: str
+    """SHA-256 of the global adapter the round's training request carried."""
+
+
 @dataclass
 class RunState:
     """Per-round results the summary and the report are built from."""
@@ -42,23 +56,29 @@ class RunState:
     """Each site's last reported accounting, and the kind of unit it is per."""
     """Each site's latest cumulative record-level DP accounting."""
     steps: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    pending: PendingGeneral | None = None
+    """The last round, when its version is saved but its general evaluation is not yet
+    recorded (a resumed run evaluates it first)."""
 
     def save(self, folder: RunFolder, last_round: int, phase: int,
-             rng: random.Random) -> None:
-        """Write ``checkpoint.json`` after ``last_round`` finished."""
+             random_state: list) -> None:
+        """Write ``checkpoint.json`` after ``last_round`` finished; ``random_state``: the
+        sampling RNG's state then (:func:`encode_random`)."""
         write_json(folder.checkpoint, {
             "last_round": last_round,
             "phase": phase,
             "elapsed_s": time.time() - self.started,
             "full_model_bytes": self.full_model_bytes,
             # the summary needs only the base and the latest evaluation
-            "general": {r: self.general[r].to_dict() for r in {0, last_round}},
+            "general": {r: self.general[r].to_dict() for r in {0, last_round}
+                        if r in self.general},
+            "pending": None if self.pending is None else asdict(self.pending),
             "domain_base": self.domain_base,
             "train": {r: asdict(t) for r, t in self.train.items()},
             "eval": {r: [asdict(x) for x in reports] for r, reports in self.evals.items()},
             "privacy": self.privacy,
             "steps": self.steps,
-            "random_state": _encode_random(rng.getstate()),
+            "random_state": random_state,
         })
 
     @classmethod
@@ -79,13 +99,15 @@ class RunState:
             evals={int(r): [SiteEvalReport(**x) for x in v] for r, v in raw["eval"].items()},
             privacy=raw["privacy"],
             steps={int(r): v for r, v in raw["steps"].items()},
+            pending=PendingGeneral(**raw["pending"]) if raw.get("pending") else None,
         )
         rng.setstate(_decode_random(raw["random_state"]))
         return state, int(raw["last_round"]), int(raw.get("phase", 0))
 
 
-def _encode_random(state: tuple) -> list:
-    version, internal, gauss = state
+def encode_random(rng: random.Random) -> list:
+    """``rng``'s state as JSON can hold it."""
+    version, internal, gauss = rng.getstate()
     return [version, list(internal), gauss]
 
 

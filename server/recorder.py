@@ -1,6 +1,7 @@
-"""Records a run round by round into its folder: site results, then a commit per round
-(adapter version, its provenance, server-step state, the metrics line, the checkpoint),
-then the summary and report. A run that fails leaves ``error.txt`` instead."""
+"""Records a run round by round into its folder: site results, then a commit per round in
+two steps (the adapter version, server-step state and checkpoint; then, once the server's
+general evaluation is in, the metrics line and provenance), then the summary and report.
+A run that fails leaves ``error.txt`` instead."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from fedcpt.core.continuations import Continuation
 from fedcpt.core.durable import write_json
 from fedcpt.core.model import AdaptedModel
 from fedcpt.core.retention import GeneralReport
-from fedcpt.server.checkpoint import RunState, TrainOutcome
+from fedcpt.server.checkpoint import PendingGeneral, RunState, TrainOutcome, encode_random
 from fedcpt.server.drift import Drift, check_data_drift
 from fedcpt.server.provenance import read_run_id, version_provenance, write_manifest
 from fedcpt.server.records import (
@@ -48,6 +49,7 @@ class RunRecorder:
         self.drift: dict[int, Drift] = {}
         self.data_flags: dict[int, list[str]] = {}
         self.sent: dict[int, str] = {}  # SHA-256 of the global adapter sent each round
+        self._random_state: list = []  # the sampling RNG's, when the last version was saved
 
     @property
     def run_id(self) -> str:
@@ -69,14 +71,20 @@ class RunRecorder:
         """The recorder of an interrupted run, and the last round it finished.
 
         Restores the sampling ``rng`` and drops metrics lines past the checkpoint (a round
-        that died half-way is run again)."""
+        that died half-way is run again; so is the last round's line when its general
+        evaluation is pending: the resumed run evaluates it again)."""
         state, last, phase = RunState.load(folder, read_run_id(folder), rng)
-        rows = read_rounds(folder, last)
+        rows = read_rounds(folder, last if state.pending is None else last - 1)
         write_rounds(folder, rows)
         folder.error.unlink(missing_ok=True)
         log.info("resuming %s after round %d of %d (phase %d)", folder.root, last,
                  cfg.federation.rounds, phase + 1)
-        return cls(folder, cfg, state, rows), last
+        recorder = cls(folder, cfg, state, rows)
+        recorder._random_state = encode_random(rng)
+        if state.pending is not None:
+            recorder.sent[last] = state.pending.sent
+            recorder.data_flags[last] = list(state.pending.data_flags)
+        return recorder, last
 
     def record_sent(self, server_round: int, global_sha256: str) -> None:
         """The digest of the global adapter the round's training request carried (what the
@@ -163,29 +171,48 @@ class RunRecorder:
                                 for r in evals if r.summed_sites), None),
         )
 
-    def commit(self, server_round: int, general: GeneralReport, lm: AdaptedModel,
-               stateful: Sequence[StatefulStep], rng: random.Random) -> None:
-        """Finish a round: save the global adapter in ``lm`` as the round's version (with
-        its provenance and the server steps' state), append its metrics line, then write
-        the checkpoint — last, so a resumed run finds everything it names."""
-        self.state.general[server_round] = general
-        record = self._round_record(server_round, general)
+    def save_version(self, server_round: int, lm: AdaptedModel,
+                     stateful: Sequence[StatefulStep], rng: random.Random,
+                     update_norm: float | None) -> None:
+        """A round's durable half: the global adapter in ``lm`` as the round's version, the
+        server steps' state, then the checkpoint (with ``rng`` as it is now), which marks the
+        round's general evaluation pending. The next round may be sent from here on."""
         version = self.folder.version(server_round)
         lm.model.save_pretrained(str(version))
+        for step in stateful:
+            step.save_state(version)
+        self.state.pending = PendingGeneral(server_round, update_norm,
+                                            self.data_flags.get(server_round, []),
+                                            self.sent.get(server_round, ""))
+        self._random_state = encode_random(rng)
+        self._save_checkpoint(server_round)
+
+    def record_general(self, general: GeneralReport) -> RoundRecord:
+        """The pending round's general evaluation: its metrics line and the version's
+        provenance, then the checkpoint without the pending mark."""
+        if self.state.pending is None:
+            raise RuntimeError("record_general: no saved version awaits its evaluation")
+        server_round = self.state.pending.round
+        self.state.general[server_round] = general
+        record = self._round_record(server_round, general)
         reports = self.state.train.get(server_round, TrainOutcome([], [], False)).reports
         write_json(self.folder.provenance(server_round), version_provenance(
             self.folder, self.cfg, self.run_id, record, self.sent.get(server_round, ""),
             {r.site: r.attestation for r in reports}))
-        for step in stateful:
-            step.save_state(version)
         self.rows.append(record)
         append_round(self.folder, record)
-        self.state.save(self.folder, server_round, self.cfg.phase_of(server_round).index, rng)
+        self.state.pending = None
+        self._save_checkpoint(server_round)
         domain = "n/a" if record.domain_loss is None else f"{record.domain_loss:.4f}"
         kl = general.overall.kl_to_base
         log.info("round %d · global: general loss %.4f · KL to base %s · domain loss %s · "
                  "%.0fs elapsed", server_round, general.overall.loss,
                  "n/a" if kl is None else f"{kl:.4f}", domain, record.elapsed_s)
+        return record
+
+    def _save_checkpoint(self, server_round: int) -> None:
+        self.state.save(self.folder, server_round, self.cfg.phase_of(server_round).index,
+                        self._random_state)
 
     def finish(self, continuations: list[Continuation] | None = None) -> Summary:
         """Write report.md and report.html (with the final adapter's ``continuations``),

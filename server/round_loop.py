@@ -19,11 +19,12 @@ ServerApp and ClientApps; every policy of a round is here, in the order it happe
 7. **server steps** (optimiser, rehearsal, self-distillation, delta scaling, regression
    guard) in order; a step may reject the round;
 8. **evaluate** the new global adapter at the sites (domain; under secure aggregation
-   through a SecAgg+ session of its own, :mod:`~fedcpt.server.secure_eval`) and on the
-   server (general);
-9. **drift**: the global update's norm and the general loss against the last good rounds
-   (:mod:`~fedcpt.server.drift`); a threshold rolls back to the last good version;
-10. **commit**: the adapter version, its metrics line and the checkpoint ``--resume`` uses.
+   through a SecAgg+ session of its own, :mod:`~fedcpt.server.secure_eval`) while the
+   server evaluates it on its general text, in a thread;
+9. **commit** (:mod:`~fedcpt.server.commit`): the adapter version and the checkpoint
+   ``--resume`` uses; then, once the general evaluation is in (by default during the
+   next round's training), the **drift** check (:mod:`~fedcpt.server.drift`; a
+   threshold that rolls back makes the next round wait for it) and the metrics line.
 
 The message-level helpers (sampling, requests, reading replies) close the module.
 """
@@ -43,18 +44,18 @@ from flwr.serverapp import Grid
 from fedcpt.config import Phase, RunConfig
 from fedcpt.core import progress
 from fedcpt.core import protocol as p
-from fedcpt.core.adapters import arrays_digest, load_adapter, load_version, update_norm
+from fedcpt.core.adapters import arrays_digest, load_version
 from fedcpt.core.model import AdaptedModel
 from fedcpt.core.retention import GeneralEvaluation
 from fedcpt.exceptions import RoundFailed, UpdateRejected
 from fedcpt.privacy.secagg.server import SecAggFailed, SecAggRound
 from fedcpt.privacy.user_level import add_site_noise, clipping_config
-from fedcpt.server.drift import check_drift
+from fedcpt.server.commit import GeneralRun, commit, overlaps, settle, start_general
 from fedcpt.server.fisher import FisherForSites
 from fedcpt.server.phases import discover_sites, phase_nodes
 from fedcpt.server.recorder import RunRecorder
 from fedcpt.server.secure_eval import evaluate_securely
-from fedcpt.server.steps.base import ServerStep, StatefulStep
+from fedcpt.server.steps.base import ServerStep
 from fedcpt.strategies.base import (
     Aggregator,
     SiteEvalReport,
@@ -88,6 +89,8 @@ class Federation:
     fisher: FisherForSites | None = None
     phase_start: ArrayRecord | None = None
     """The global adapter the current phase began from (``strategy.anchor = "phase"``)."""
+    general_run: GeneralRun | None = None
+    """The general evaluation of the last saved version, while it runs (see :func:`settle`)."""
     _sites: dict[int, str] | None = None
 
     def training_pool(self, phase: Phase) -> list[int] | None:
@@ -114,8 +117,12 @@ def run_rounds(fed: Federation, arrays: ArrayRecord, done: int | None = None) ->
     version committed after round ``done`` (None: a new run, whose starting adapter is
     evaluated and committed as round 0 first)."""
     if done is None:
-        commit(fed, 0, arrays)
+        commit(fed, 0, arrays, start_general(fed, arrays))
         done = 0
+    elif fed.recorder.state.pending is not None:  # saved, its evaluation lost with the run
+        fed.general_run = start_general(fed, arrays)
+        if not overlaps(fed.cfg):
+            settle(fed)
     for server_round in range(done + 1, fed.cfg.federation.rounds + 1):
         phase = fed.cfg.phase_of(server_round)
         if server_round in (done + 1, phase.first_round):
@@ -124,6 +131,7 @@ def run_rounds(fed: Federation, arrays: ArrayRecord, done: int | None = None) ->
         if fed.cfg.strategy.anchor == "phase":
             fed.phase_start = phase_start(fed, phase, server_round, arrays)
         arrays = run_round(fed, server_round, arrays, fed.training_pool(phase))
+    settle(fed)
     return arrays
 
 
@@ -154,6 +162,7 @@ def run_round(fed: Federation, server_round: int, global_arrays: ArrayRecord,
                      for f in attempt.failures]
         if attempt.aggregate is not None:
             break
+    settle(fed)  # the last round's general evaluation, before the server model is used
     reports = attempt.collected.reports
     if attempt.aggregate is None:
         fed.recorder.record_train(server_round, reports, failures, aggregated=False)
@@ -169,9 +178,10 @@ def run_round(fed: Federation, server_round: int, global_arrays: ArrayRecord,
         new_arrays, accepted, details = apply_steps(fed.steps, server_round, global_arrays,
                                                     attempt.aggregate, examples)
         fed.recorder.record_train(server_round, reports, failures, accepted, details)
+    general = start_general(fed, new_arrays)  # runs while the sites evaluate
     evaluate_sites(fed, server_round, new_arrays)
     moved = new_arrays is not global_arrays
-    return commit(fed, server_round, new_arrays, global_arrays if moved else None)
+    return commit(fed, server_round, new_arrays, general, global_arrays if moved else None)
 
 
 def configure(fed: Federation, server_round: int, global_arrays: ArrayRecord) -> RecordDict:
@@ -179,7 +189,10 @@ def configure(fed: Federation, server_round: int, global_arrays: ArrayRecord) ->
     config = fed.config
     if fed.cfg.privacy.user_level:
         config = clipping_config(config, fed.cfg.privacy)
-    extra = {p.FISHER: fed.fisher(server_round, global_arrays)} if fed.fisher else {}
+    extra = {}
+    if fed.fisher:  # computed on the server's model: once its evaluation is done
+        settle(fed)
+        extra[p.FISHER] = fed.fisher(server_round, global_arrays)
     if fed.cfg.strategy.anchor == "phase":  # set by run_rounds before every round
         extra[p.ANCHOR] = fed.phase_start
     return request(global_arrays, config, server_round, extra)
@@ -296,29 +309,6 @@ def site_evaluations(fed: Federation, server_round: int,
     replies = fed.grid.send_and_receive(messages_to(nodes, content, MessageType.EVALUATE),
                                         timeout=timeout)
     return collect_evaluate(server_round, replies)
-
-
-def commit(fed: Federation, server_round: int, arrays: ArrayRecord,
-           previous: ArrayRecord | None = None) -> ArrayRecord:
-    """Evaluate ``arrays`` on the server's general text (per kind, KL to the base, the
-    base's answers); for a round that moved the global adapter from ``previous``, check
-    drift (a flagged round may roll back to the last good version); then record the
-    round. Returns the round's version."""
-    load_adapter(fed.lm.model, arrays)
-    general = fed.general.evaluate(fed.lm)
-    if previous is not None:
-        drift = check_drift(fed.cfg.monitor, fed.recorder.rows,
-                            update_norm(arrays, previous), general.overall.loss)
-        fed.recorder.record_drift(server_round, drift)
-        if drift.rolled_back_to is not None:
-            arrays = load_version(fed.recorder.folder.version(drift.rolled_back_to), arrays)
-            load_adapter(fed.lm.model, arrays)
-            general = fed.general.evaluate(fed.lm)
-    stateful = [s for s in fed.steps if isinstance(s, StatefulStep)]
-    fed.recorder.commit(server_round, general, fed.lm, stateful, fed.rng)
-    progress.emit("round", round=server_round, state="done",
-                  general_loss=general.overall.loss)
-    return arrays
 
 
 # --- the message-level pieces: sample, build requests, read replies --------------------

@@ -52,7 +52,10 @@ class RunState:
             return
         server_round = int(f.get("round") or 0)
         if event.kind == "round":
-            self.round = max(self.round, server_round)
+            if server_round < self.round:  # the last round's general evaluation, recorded
+                self._round_done(server_round, f)  # while the sites train this one
+                return
+            self.round = server_round
             self.phase = str(f.get("state", self.phase))
             if self.phase == "training" and self.first_round_started is None:
                 self.first_round_started = time.monotonic()
@@ -64,9 +67,7 @@ class RunState:
                 for row in self.sites.values():
                     if row.state == "evaluating":
                         row.state = "done"
-                self.rounds_done = max(self.rounds_done, server_round)
-                if f.get("general_loss") is not None:
-                    self.general_loss = float(f["general_loss"])
+                self._round_done(server_round, f)
         elif event.kind == "site":
             row = self.sites.setdefault(str(f.get("site")), SiteRow())
             row.state = str(f.get("state", row.state))
@@ -74,6 +75,11 @@ class RunState:
                 row.loss = float(f["loss"])
             if f.get("epsilon") is not None:
                 row.epsilon = float(f["epsilon"])
+
+    def _round_done(self, server_round: int, f: dict) -> None:
+        self.rounds_done = max(self.rounds_done, server_round)
+        if f.get("general_loss") is not None:
+            self.general_loss = float(f["general_loss"])
 
     def eta_s(self) -> float | None:
         """Seconds left at the mean pace of the finished rounds (None before one ends)."""

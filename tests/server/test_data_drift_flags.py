@@ -64,11 +64,13 @@ def test_sites_beyond_the_threshold_are_flagged_once_in_the_rows_and_the_report(
     fed = Federation(EvalGrid({"comedies": 0.8, "histories": -0.1}), cfg, None, recorder,
                      fresh_lm, None, ConfigRecord({}), random.Random(0))
     rng = random.Random(0)
-    recorder.commit(0, _general(5.0), fresh_lm, [], rng)
+    recorder.save_version(0, fresh_lm, [], rng, None)
+    recorder.record_general(_general(5.0))
     for server_round in (1, 2):
         recorder.record_train(server_round, [], [], aggregated=True)
         evaluate_sites(fed, server_round, fresh_lm.initial_adapter)
-        recorder.commit(server_round, _general(4.9), fresh_lm, [], rng)
+        recorder.save_version(server_round, fresh_lm, [], rng, None)
+        recorder.record_general(_general(4.9))
     recorder.finish()
     rows = read_rounds(folder)
     assert rows[1].data_drift_per_site == rows[2].data_drift_per_site == {

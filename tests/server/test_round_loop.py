@@ -1,6 +1,7 @@
 """The round loop's policy over a fake Grid: sampling, retries, failed rounds, server steps,
 site-level DP noise, phases, the EWC Fisher and the phase anchor (commit, which evaluates
-and writes the run folder, is replaced by a list of the rounds committed)."""
+and writes the run folder, is replaced by a list of the rounds committed; its overlap with
+the next round is tested in test_commit.py)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ class Recorder:
         self.train: dict[int, tuple] = {}
         self.evaluate: dict[int, list] = {}
         self.sent: dict[int, str] = {}
+        self.state = SimpleNamespace(pending=None)  # no version awaits its evaluation
 
     def record_sent(self, server_round, global_sha256):
         self.sent[server_round] = global_sha256
@@ -93,11 +95,12 @@ pytestmark = pytest.mark.usefixtures("flower_task")  # Messages are built here
 @pytest.fixture
 def committed(monkeypatch) -> list[tuple[int, ArrayRecord]]:
     rounds: list[tuple[int, ArrayRecord]] = []
-    def commit(fed, server_round, arrays, previous=None):  # as commit: returns the version
+    def commit(fed, server_round, arrays, general, previous=None):  # returns the version
         rounds.append((server_round, arrays))
         return arrays
 
     monkeypatch.setattr(round_loop, "commit", commit)
+    monkeypatch.setattr(round_loop, "start_general", lambda fed, arrays: None)
     return rounds
 
 

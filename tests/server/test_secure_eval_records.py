@@ -37,7 +37,8 @@ def test_a_secure_sum_is_recorded_as_one_aggregate_evaluation(tmp_path, fresh_lm
                 site=s.name, num_examples=16, train_loss=None, seconds=1.0, bytes_up=400,
                 update_norm=None) for s in cfg.sites], [], aggregated=True)
         recorder.record_evaluate(server_round, [aggregate_report(result)])
-        recorder.commit(server_round, _general(2.0), fresh_lm, [], random.Random(0))
+        recorder.save_version(server_round, fresh_lm, [], random.Random(0), None)
+        recorder.record_general(_general(2.0))
     summary = recorder.finish()
 
     rows = read_rounds(folder)

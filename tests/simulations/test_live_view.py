@@ -56,6 +56,17 @@ def test_state_follows_a_round_with_a_failed_site():
     assert "2.5000" in text and "0.250" in text and "failed" in text
 
 
+def test_a_rounds_evaluation_recorded_during_the_next_round_leaves_that_round_on_screen():
+    state = RunState()
+    state.apply(progress.ProgressEvent("run", {"rounds": 3, "sites": ["a"]}))
+    state.apply(progress.ProgressEvent("round", {"round": 2, "state": "training"}))
+    state.apply(progress.ProgressEvent("round", {"round": 1, "state": "done",
+                                                 "general_loss": 3.5}))
+    assert state.round == 2 and state.phase == "training"
+    assert state.sites["a"].state == "training"
+    assert state.rounds_done == 1 and state.general_loss == 3.5
+
+
 def test_plain_output_shows_progress_and_fedcpt_warnings_only():
     out = io.StringIO()
     view = LiveView(Console(file=out, force_terminal=False, width=200), verbose=False)
