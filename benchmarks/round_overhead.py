@@ -40,25 +40,24 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import AutoModelForCausalLM
 
 from fedcpt.client.site import site_blocks
 from fedcpt.config import load_config
-from fedcpt.core import assets
+from fedcpt.core.model import load_base_model
 
 CFG = load_config("{scenario}", overrides={overrides!r})
 
 
 @functools.lru_cache(maxsize=1)
 def model():
-    base = AutoModelForCausalLM.from_pretrained(assets.smollm2_model_dir(), dtype=torch.float32)
+    base = load_base_model(CFG.model)[0]  # the scenario's weights, fp32
     lora = LoraConfig(r=CFG.lora.r, lora_alpha=CFG.lora.alpha, lora_dropout=0.0,
                       target_modules=list(CFG.lora.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(base, lora)
 
 
 def arrays(m):
-    return ArrayRecord({{k: v.detach().numpy() for k, v in get_peft_model_state_dict(m).items()}})
+    return ArrayRecord({{k: v.detach() for k, v in get_peft_model_state_dict(m).items()}})
 
 
 client = ClientApp()
@@ -67,8 +66,7 @@ client = ClientApp()
 @client.train()
 def train(msg: Message, context: Context) -> Message:
     m = model()
-    set_peft_model_state_dict(m, {{k: torch.from_numpy(v.numpy()) for k, v in
-                                   msg.content["arrays"].items()}})
+    set_peft_model_state_dict(m, msg.content["arrays"].to_torch_state_dict())
     site = CFG.sites[int(context.node_config["partition-id"])]
     blocks = site_blocks(site, CFG.model, CFG.data).train
     params = [p for p in m.parameters() if p.requires_grad]
