@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from fedcpt.config import ModelConfig
+from fedcpt.core.model import cpu_supports_bf16, resolve_autocast
+
 
 def setup(threads: int) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -47,38 +50,52 @@ def write(out: Path, payload: dict) -> None:
 
 
 # FP32 FLOPs per cycle per core of the widest vector unit torch dispatches to: two FMA
-# pipes × lanes × 2 (multiply + add). AVX2: 2 × 8 × 2; AVX-512 (two 512-bit FMA pipes, as on
-# Xeon Scalable; Zen 4 runs 512-bit ops on 256-bit pipes, so it counts as AVX2 here).
+# pipes × lanes × 2 (multiply + add). AVX2: 2 × 8 × 2; AVX-512 with 512-bit FMA pipes (Xeon
+# Scalable, AMD Zen 5): 2 × 16 × 2. Zen 4 (AMD family 25) runs 512-bit ops on 256-bit pipes,
+# so it counts as AVX2.
 _FP32_FLOPS_PER_CYCLE = {"AVX2": 32, "AVX512": 64, "DEFAULT": 16}
+# bf16: AVX512-BF16's dot product does two bf16 multiply-adds per fp32 lane (2× fp32);
+# AMX-BF16 tiles do 1,024 bf16 FLOPs per cycle per core (Intel's Sapphire Rapids figure).
+_AMX_BF16_FLOPS_PER_CYCLE = 1024
+_ZEN5_FAMILY = 26
 
 
 def cpu_class() -> dict:
-    """What the step runs on: vendor/model string, vector ISA, bf16 matrix units, clock."""
+    """What the step runs on: vendor/model string, vector ISA, native bf16, clock."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     isa = torch.backends.cpu.get_cpu_capability()
     amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    bf16 = cpu_supports_bf16()  # what fedcpt's model.precision = "auto" runs in
     vendor = fields.get("vendor_id", platform.processor())
+    vector = "AVX-512" if isa == "AVX512" else "AVX2"
     return {
         "model": fields.get("model name", platform.machine()),
         "vendor": vendor,
+        "family": int(fields.get("cpu family", "0") or 0),
         "isa": isa,
         "amx_bf16": amx,
+        "native_bf16": bf16,
         "mhz": float(fields.get("cpu MHz", "nan")),
-        "class": "AMX bf16" if amx else f"{'AVX-512' if isa == 'AVX512' else 'AVX2'} fp32",
+        "class": "AMX bf16" if amx else f"{vector} {'bf16' if bf16 else 'fp32'}",
     }
 
 
-def peak_fp32_flops(threads: int, cpu: dict) -> tuple[float, str]:
-    """Peak fp32 FLOP/s for ``threads`` cores, and how it was derived."""
+def peak_flops(threads: int, cpu: dict, bf16: bool) -> tuple[float, str]:
+    """Peak FLOP/s for ``threads`` cores in the step's precision, and how it was derived."""
     isa = cpu["isa"]
-    if isa == "AVX512" and cpu["vendor"] == "AuthenticAMD":
+    if isa == "AVX512" and cpu["vendor"] == "AuthenticAMD" and cpu["family"] < _ZEN5_FAMILY:
         isa = "AVX2"  # Zen 4: 512-bit instructions, 256-bit FMA datapath
     per_cycle = _FP32_FLOPS_PER_CYCLE.get(isa, _FP32_FLOPS_PER_CYCLE["DEFAULT"])
+    unit = f"fp32 FLOP/cycle ({isa}: 2 FMA pipes × lanes × 2)"
+    if bf16 and cpu["amx_bf16"]:
+        per_cycle, unit = _AMX_BF16_FLOPS_PER_CYCLE, "bf16 FLOP/cycle (AMX tiles)"
+    elif bf16:
+        per_cycle, unit = 2 * per_cycle, f"bf16 FLOP/cycle ({isa} BF16 dot product: 2× fp32)"
     peak = threads * per_cycle * cpu["mhz"] * 1e6
-    return peak, (f"{threads} core(s) × {per_cycle} fp32 FLOP/cycle ({isa}: 2 FMA pipes × "
-                  f"lanes × 2) × {cpu['mhz']:.0f} MHz (/proc/cpuinfo; turbo not counted)")
+    return peak, (f"{threads} core(s) × {per_cycle} {unit} × {cpu['mhz']:.0f} MHz "
+                  "(/proc/cpuinfo; turbo not counted)")
 
 
 def measured_sgemm_flops(threads: int, n: int = 1536, repeats: int = 5) -> float:
@@ -92,6 +109,11 @@ def measured_sgemm_flops(threads: int, n: int = 1536, repeats: int = 5) -> float
     for _ in range(repeats):
         a @ b
     return 2 * n**3 * repeats / (clock() - start)
+
+
+def precision(model: ModelConfig) -> str:
+    """The precision fedcpt's steps run in on this CPU for ``model``."""
+    return "bf16 autocast" if resolve_autocast(model, torch.device("cpu")) else "fp32"
 
 
 def load_average() -> float:

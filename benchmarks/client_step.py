@@ -4,7 +4,8 @@ Same model (SmolLM2-135M-Instruct), LoRA config, batch (8 × 128 tokens of Shake
 optimizer and precision; the two loops alternate so machine drift hits both alike.
 Reports seconds per step of each and their ratio (goal: fedcpt / plain ≤ 1.0), the
 FLOP utilisation (FLOPs a step executes, counted by torch's FlopCounterMode, per second,
-over the peak fp32 FLOP/s of the detected CPU class; goal ≥ 0.5), where a step's time goes
+over the peak FLOP/s of the detected CPU class in the step's precision, fp32 or bf16;
+goal ≥ 0.5), where a step's time goes
 (torch.profiler, ``--profile``), and the upload per client per round vs the full model.
 
 On a shared machine wall time is inflated by other processes; with one thread the
@@ -28,7 +29,7 @@ from _common import (
     load_average,
     measured_sgemm_flops,
     median,
-    peak_fp32_flops,
+    peak_flops,
     setup,
     write,
 )
@@ -140,7 +141,7 @@ def main() -> None:
     # With one thread, CPU time is compute time; wall time also counts waiting for a core.
     best = {n: min(wall[n], cpu[n]) if args.threads == 1 else wall[n] for n in wall}
     machine = cpu_class()
-    peak, derivation = peak_fp32_flops(args.threads, machine)
+    peak, derivation = peak_flops(args.threads, machine, bf16=dtype is not None)
     achieved = flops_per_step / best["fedcpt"]
     sgemm = measured_sgemm_flops(args.threads)
     upload = count_bytes(to_arrays(adapter_state(lm.model)))

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_class, load_average, write
+from _common import cpu_class, load_average, precision, write
 
 from fedcpt.config import load_config
 from fedcpt.core.progress import parse
@@ -82,7 +82,7 @@ def main() -> None:
         "benchmark": "demo_time",
         "scenario": args.scenario,
         "cpu_class": cpu_class(),
-        "precision": cfg.model.precision,
+        "precision": precision(cfg.model),
         "wall_s": total,
         "phases_s": phases(marks, total),
         "adaptation_nats": summary.get("adaptation"),

@@ -4,7 +4,8 @@ All run through the same private simulation SuperLink and ``flwr run`` path
 (:mod:`fedcpt.simulations.superlink`), with the same model, sites, local steps, batch and
 Ray resources. The plain app (written to a temporary folder) is what a Flower user would
 write: Flower's FedAvg, a ClientApp that loads SmolLM2 + peft once per process and runs
-AdamW steps on its site's blocks, and no evaluation. fedcpt runs with evaluation on (its
+AdamW steps on its site's blocks in fedcpt's precision (bf16 autocast where the CPU has
+native bf16, else fp32), and no evaluation. fedcpt runs with evaluation on (its
 general evaluation overlapping the next round, as shipped, then waited for), then with
 DP-SGD + SecAgg+.
 
@@ -26,7 +27,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from _common import cpu_class, load_average, write
+from _common import cpu_class, load_average, precision, write
 
 from fedcpt.config import load_config
 from fedcpt.simulations.runner import federation_config, simulate
@@ -43,9 +44,10 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 
 from fedcpt.client.site import site_blocks
 from fedcpt.config import load_config
-from fedcpt.core.model import load_base_model
+from fedcpt.core.model import load_base_model, resolve_autocast
 
 CFG = load_config("{scenario}", overrides={overrides!r})
+AUTOCAST = resolve_autocast(CFG.model, torch.device("cpu"))  # fedcpt's precision
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,7 +77,9 @@ def train(msg: Message, context: Context) -> Message:
     m.train()
     for _ in range(CFG.train.local_steps):
         batch = blocks[torch.randint(len(blocks), (CFG.train.batch_size,), generator=g)]
-        m(input_ids=batch, labels=batch).loss.backward()
+        with torch.autocast("cpu", dtype=AUTOCAST, enabled=AUTOCAST is not None):
+            loss = m(input_ids=batch, labels=batch).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -184,6 +188,7 @@ def main() -> None:
         "scenario": args.scenario,
         "rounds": ROUNDS,
         "cpu_class": cpu_class(),
+        "precision": precision(load_config(args.scenario).model),
         "round_s": round_s,
         "wall_s": wall,
         "ratio_eval": round_s["fedcpt_eval"] / plain,
