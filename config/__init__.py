@@ -38,6 +38,7 @@ from fedcpt.config.schema import (
     TrainConfig,
 )
 from fedcpt.config.site_policy import EVAL_RELEASES, SitePolicySettings
+from fedcpt.config.tracking_section import TrackingConfig
 
 __all__ = [
     "EVAL_RELEASES",
@@ -60,6 +61,7 @@ __all__ = [
     "SiteConfig",
     "SitePolicySettings",
     "StrategyConfig",
+    "TrackingConfig",
     "TrainConfig",
     "build",
     "load_config",

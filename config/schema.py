@@ -19,6 +19,7 @@ from fedcpt.config.privacy_sections import PrivacyConfig, SecAggConfig
 from fedcpt.config.rules import check_run, require
 from fedcpt.config.server_sections import MonitorConfig, ReportConfig, StrategyConfig
 from fedcpt.config.site_policy import SitePolicySettings
+from fedcpt.config.tracking_section import TrackingConfig
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,21 @@ class ModelConfig:
         "auto", "auto: bf16 autocast on CUDA or on CPUs with native bf16 (AVX512-BF16/AMX), "
         "else fp32.")
     device: Literal["auto", "cpu", "cuda"] = _opt("auto", "auto: CUDA when present.")
+    base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = _opt(
+        "auto", "Storage precision of the frozen base weights (the LoRA weights and the "
+        "optimiser state stay fp32). auto: bf16 on CUDA (fp16 where the GPU has no bf16), "
+        "fp32 on CPU.")
+    quantization: Literal["none", "4bit"] = _opt(
+        "none", "4bit: the base's linear layers load as 4-bit NF4 with double quantisation "
+        "and compute in bf16 (fp16 on a GPU without bf16, fp32 on a CPU without native "
+        "bf16); its other layers in fp32, as peft's QLoRA preparation does (QLoRA; needs "
+        "bitsandbytes: `pip install 'fedcpt[quantization]'`). The adapters, what travels "
+        "and what is aggregated are unchanged. `model.base_dtype` must stay auto.")
+
+    def __post_init__(self) -> None:
+        require(self.quantization == "none" or self.base_dtype == "auto", "model.base_dtype",
+                self.base_dtype, "auto with `model.quantization = 4bit` (its precisions "
+                "are the quantisation's)")
 
 
 @dataclass(frozen=True)
@@ -327,6 +343,7 @@ class RunConfig:
                   "own `[sites.policy]` sets nothing."})
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         check_run(self)

@@ -1,5 +1,10 @@
 """Load a causal LM, wrap it with LoRA, and pick device and precision.
 
+The frozen base is stored in ``model.base_dtype`` (bf16 on a GPU by default, fp32 on a CPU)
+or, with ``model.quantization = "4bit"``, in 4-bit NF4 (QLoRA, through bitsandbytes and
+peft's k-bit preparation). The LoRA weights, and so the optimiser state and everything
+that travels, are fp32 whatever the base.
+
 The wrapped model is cached per process (:func:`load_adapted_model`): Flower's Ray
 workers are reused across rounds, so the base model is loaded once per worker, and each
 message only swaps adapter tensors.
@@ -9,16 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -29,7 +37,7 @@ from transformers import (
 from fedcpt.config import LoraSettings, ModelConfig
 from fedcpt.core import assets
 from fedcpt.core.adapters import adapter_state, to_arrays
-from fedcpt.exceptions import ModelError
+from fedcpt.exceptions import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +102,33 @@ def resolve_autocast(cfg: ModelConfig, device: torch.device) -> torch.dtype | No
     return torch.bfloat16 if supported else None
 
 
+def resolve_base_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """The frozen base's storage dtype: as configured, or bf16 on CUDA (fp16 on a GPU
+    without bf16) and fp32 on a CPU."""
+    named = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if cfg.base_dtype in named:
+        return named[cfg.base_dtype]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def quantization_config(cfg: ModelConfig, device: torch.device) -> BitsAndBytesConfig | None:
+    """QLoRA's 4-bit NF4 with double quantisation, computing in the autocast precision
+    (fp16 on a GPU without bf16, else fp32); None without ``model.quantization``."""
+    if cfg.quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.quantization = '4bit' needs bitsandbytes, which is not "
+                          "installed: pip install 'fedcpt[quantization]'")
+    compute = resolve_autocast(cfg, device)
+    if compute is None:
+        compute = (torch.float16 if device.type == "cuda" and cfg.precision != "fp32"
+                   else torch.float32)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+
+
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A 257-token byte-level tokenizer (256 bytes + EOS) built in code: no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -149,14 +184,28 @@ def _pretrained_source(cfg: ModelConfig) -> tuple[str, dict]:
     return cfg.name, kwargs
 
 
-def load_base_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load base weights and tokenizer; raises ModelError naming the model on failure."""
+def load_base_model(cfg: ModelConfig, device: torch.device | None = None,
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load base weights and tokenizer; raises ModelError naming the model on failure.
+
+    The base is on the CPU in its storage dtype, or, quantised, already on ``device``
+    (default: the configured one), prepared for k-bit training as peft documents."""
+    device = device or resolve_device(cfg)
     tokenizer = load_tokenizer(cfg)
+    quantization = quantization_config(cfg, device)
     if cfg.name == TINY_MODEL:
-        return tiny_llama(len(tokenizer)), tokenizer
+        model = tiny_llama(len(tokenizer))
+        if quantization is None:
+            return model.to(resolve_base_dtype(cfg, device)), tokenizer
+        with tempfile.TemporaryDirectory() as tmp:  # bitsandbytes quantises while loading
+            model.save_pretrained(tmp)
+            return _quantized(cfg, tmp, {}, quantization, device), tokenizer
     source, kwargs = _pretrained_source(cfg)
+    if quantization is not None:
+        return _quantized(cfg, source, kwargs, quantization, device), tokenizer
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=resolve_base_dtype(cfg, device), **kwargs)
     except (OSError, ValueError) as err:
         raise ModelError(
             f"unknown or unloadable model {cfg.name!r} (built-ins: {', '.join(BUILTIN_MODELS)};"
@@ -164,8 +213,23 @@ def load_base_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokeni
     return model, tokenizer
 
 
+def _quantized(cfg: ModelConfig, source: str, kwargs: dict,
+               quantization: BitsAndBytesConfig, device: torch.device) -> PreTrainedModel:
+    """The base in 4-bit NF4 on ``device``, its other layers fp32 and frozen (peft's
+    ``prepare_model_for_kbit_training``, without gradient checkpointing: Opacus' per-sample
+    hooks need each layer's activations)."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, quantization_config=quantization, device_map={"": str(device)}, **kwargs)
+    except (ImportError, OSError, RuntimeError, ValueError) as err:
+        raise ModelError(f"cannot load model {cfg.name!r} in 4-bit on {device.type} "
+                         f"(bitsandbytes): {err}") from None
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def attach_lora(model: PreTrainedModel, lora: LoraSettings, seed: int) -> PeftModel:
-    """Freeze the base and add LoRA adapters (A random from ``seed``, B zero)."""
+    """Freeze the base and add LoRA adapters (A random from ``seed``, B zero), in fp32
+    whatever the base's dtype."""
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in lora.target_modules if m not in names]
     if missing:
@@ -177,23 +241,27 @@ def attach_lora(model: PreTrainedModel, lora: LoraSettings, seed: int) -> PeftMo
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return get_peft_model(model, peft_config)
+        return get_peft_model(model, peft_config, autocast_adapter_dtype=True)
 
 
 @functools.lru_cache(maxsize=2)
 def load_adapted_model(model_cfg: ModelConfig, lora: LoraSettings, seed: int) -> AdaptedModel:
     """Base model + LoRA, on its device, once per process for a given configuration."""
     device = resolve_device(model_cfg)
-    base, tokenizer = load_base_model(model_cfg)
+    base, tokenizer = load_base_model(model_cfg, device)
     # Move before wrapping: LoRA weights created after a move can silently stay on the old
-    # device and never update under Opacus (opacus#820).
-    base.to(device)
+    # device and never update under Opacus (opacus#820). A quantised base is loaded there.
+    if model_cfg.quantization == "none":
+        base.to(device)
     peft_model = attach_lora(base, lora, seed)
     peft_model.to(device)
     dtype = resolve_autocast(model_cfg, device)
-    log.info("Loaded %s on %s (%s, %d torch threads), %d trainable of %d parameters",
-             model_cfg.name, device, "bf16 autocast" if dtype else "fp32",
-             torch.get_num_threads(), *_param_counts(peft_model))
+    base_kind = ("4-bit NF4" if model_cfg.quantization == "4bit"
+                 else str(resolve_base_dtype(model_cfg, device)).removeprefix("torch."))
+    log.info("Loaded %s on %s (base %s, %s, %d torch threads), %d trainable of %d "
+             "parameters", model_cfg.name, device, base_kind,
+             "bf16 autocast" if dtype else "no autocast", torch.get_num_threads(),
+             *_param_counts(peft_model))
     return AdaptedModel(peft_model, tokenizer, device, dtype)
 
 

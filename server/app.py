@@ -49,6 +49,7 @@ from fedcpt.server.steps.regression_guard import RegressionGuard
 from fedcpt.server.steps.rehearsal import Rehearsal
 from fedcpt.server.steps.self_distillation import ChatAnswers, SelfDistillation
 from fedcpt.server.steps.server_optimizer import ServerOptimizer
+from fedcpt.server.tracking import tracking_observers
 from fedcpt.server.versions import resumable_config
 from fedcpt.strategies.base import Aggregator
 from fedcpt.strategies.fedavg import AdapterFedAvg
@@ -209,18 +210,20 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path,
     cfg = with_default_ledger_dir(cfg, run_dir)
     folder = RunFolder(run_dir)
     rng = random.Random(cfg.seed)
+    recorder: RunRecorder | None = None
     try:
         lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
         data = general_data(cfg)
         steps = server_steps(cfg, lm, data)
+        observers = tracking_observers(cfg, folder)  # none (nothing imported) when off
         if resume:
-            recorder, done = RunRecorder.resume(folder, cfg, rng)
+            recorder, done = RunRecorder.resume(folder, cfg, rng, observers)
             arrays = load_version(folder.version(done), lm.initial_adapter)
             for step in steps:
                 if isinstance(step, StatefulStep):
                     step.load_state(folder.version(done))
         else:
-            recorder, done = RunRecorder.start(folder, cfg, lm), None
+            recorder, done = RunRecorder.start(folder, cfg, lm, observers), None
             # Not the cached model's current adapter: it may carry an earlier run's training.
             arrays = (load_version(cfg.federation.initial_adapter, lm.initial_adapter)
                       if cfg.federation.initial_adapter else lm.initial_adapter)
@@ -235,6 +238,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path,
         return recorder.finish(final_continuations(cfg, lm, recorder))
     except BaseException as err:
         folder.mark_failed(err)
+        if recorder is not None:
+            recorder.fail(err)
         raise
 
 

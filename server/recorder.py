@@ -32,6 +32,7 @@ from fedcpt.server.report import write_report
 from fedcpt.server.run_folder import RunFolder
 from fedcpt.server.steps.base import StatefulStep
 from fedcpt.server.summary import build_summary, weighted_mean
+from fedcpt.server.tracking import RunObserver, final_version, notify_all
 from fedcpt.strategies.base import SiteEvalReport, SiteTrainReport
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,10 @@ class RunRecorder:
     """Collects per-site and global results round by round and writes the run folder."""
 
     def __init__(self, folder: RunFolder, cfg: RunConfig, state: RunState,
-                 rows: list[RoundRecord] | None = None) -> None:
+                 rows: list[RoundRecord] | None = None,
+                 observers: Sequence[RunObserver] = ()) -> None:
         self.folder = folder
+        self.observers = list(observers)  # experiment trackers (fedcpt.server.tracking)
         self.cfg = cfg
         self.state = state
         self.rows = list(rows or [])
@@ -56,18 +59,23 @@ class RunRecorder:
         return self.state.run_id
 
     @classmethod
-    def start(cls, folder: RunFolder, cfg: RunConfig, lm: AdaptedModel) -> RunRecorder:
+    def start(cls, folder: RunFolder, cfg: RunConfig, lm: AdaptedModel,
+              observers: Sequence[RunObserver] = ()) -> RunRecorder:
         """A new run: a fresh id (ledgers tell runs apart by it, whatever the folder is
-        called), the folder and its manifest."""
+        called), the folder and its manifest; then the ``observers`` are told it started
+        (a tracker that cannot start fails the run before its first round)."""
         state = RunState(run_id=uuid.uuid4().hex, full_model_bytes=lm.base_param_bytes)
         folder.adapters.mkdir(parents=True, exist_ok=True)
         write_manifest(folder, cfg, state.run_id, state.started)
         folder.metrics.write_text("", encoding="utf-8")
-        return cls(folder, cfg, state)
+        recorder = cls(folder, cfg, state, observers=observers)
+        for observer in recorder.observers:
+            observer.run_started(state.run_id)
+        return recorder
 
     @classmethod
-    def resume(cls, folder: RunFolder, cfg: RunConfig,
-               rng: random.Random) -> tuple[RunRecorder, int]:
+    def resume(cls, folder: RunFolder, cfg: RunConfig, rng: random.Random,
+               observers: Sequence[RunObserver] = ()) -> tuple[RunRecorder, int]:
         """The recorder of an interrupted run, and the last round it finished.
 
         Restores the sampling ``rng`` and drops metrics lines past the checkpoint (a round
@@ -79,7 +87,9 @@ class RunRecorder:
         folder.error.unlink(missing_ok=True)
         log.info("resuming %s after round %d of %d (phase %d)", folder.root, last,
                  cfg.federation.rounds, phase + 1)
-        recorder = cls(folder, cfg, state, rows)
+        recorder = cls(folder, cfg, state, rows, observers)
+        for observer in recorder.observers:
+            observer.run_started(state.run_id)
         recorder._random_state = encode_random(rng)
         if state.pending is not None:
             recorder.sent[last] = state.pending.sent
@@ -201,6 +211,7 @@ class RunRecorder:
             {r.site: r.attestation for r in reports}))
         self.rows.append(record)
         append_round(self.folder, record)
+        notify_all(self.observers, "round_recorded", record)
         self.state.pending = None
         self._save_checkpoint(server_round)
         domain = "n/a" if record.domain_loss is None else f"{record.domain_loss:.4f}"
@@ -214,6 +225,10 @@ class RunRecorder:
         self.state.save(self.folder, server_round, self.cfg.phase_of(server_round).index,
                         self._random_state)
 
+    def fail(self, error: BaseException) -> None:
+        """Tell the observers the run failed (the folder's ``error.txt`` is the record)."""
+        notify_all(self.observers, "run_failed", error)
+
     def finish(self, continuations: list[Continuation] | None = None) -> Summary:
         """Write report.md and report.html (with the final adapter's ``continuations``),
         then summary.json (last: it marks the run finished)."""
@@ -221,6 +236,8 @@ class RunRecorder:
         write_report(self.folder, summary, self.rows, self.state.domain_base, self.cfg,
                      continuations or [])
         write_summary(self.folder, summary)
+        notify_all(self.observers, "run_finished", summary,
+                   final_version(self.folder, self.rows))
         log.info("run finished: forgetting %+.4f nats, adaptation %+.4f nats; report: %s",
                  summary.forgetting, summary.adaptation or float("nan"), self.folder.report)
         return summary
