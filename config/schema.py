@@ -40,8 +40,8 @@ class ModelConfig:
         "fp32 on CPU.")
     quantization: Literal["none", "4bit"] = _opt(
         "none", "4bit: the base's linear layers load as 4-bit NF4 with double quantisation "
-        "and compute in bf16 (fp16 on a GPU without bf16, fp32 on a CPU without native "
-        "bf16); its other layers in fp32, as peft's QLoRA preparation does (QLoRA; needs "
+        "and compute in the autocast precision (bf16 where native; fp16 on a GPU without "
+        "bf16; else fp32); its other layers in fp32, as peft's QLoRA preparation does (needs "
         "bitsandbytes: `pip install 'fedcpt[quantization]'`). The adapters, what travels "
         "and what is aggregated are unchanged. `model.base_dtype` must stay auto.")
 
@@ -272,7 +272,10 @@ class SimulationConfig:
     cpus_per_client: float = _opt(1.0, "Ray CPUs per client, a whole number (Flower's "
                                   "simulation config carries whole CPUs): concurrency = "
                                   "CPUs / this.")
-    gpus_per_client: float = _opt(0.0, "Ray GPUs per client.")
+    gpus_per_client: float = _opt(
+        0.0, "Ray GPUs per client: 0.5 runs two sites on one GPU at once (Ray schedules by "
+        "it and isolates no memory: each site loads its own base; docs/gpu.md); 0: the "
+        "sites see no GPU.")
     num_cpus: int = _opt(0, "CPUs Ray may use (0: all); more than the machine has runs "
                          "more clients at once, sharing its cores.")
     ray_address: str = _opt("", "Attach to an existing Ray cluster (e.g. `auto`).")
