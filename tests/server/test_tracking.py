@@ -38,6 +38,10 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _sites_with_epsilon(rows: list[dict]) -> set[str]:
+    return {site for r in rows for site in r["epsilon_per_site"]}
+
+
 def test_mlflow_run_reads_back_with_mlflow(tracked_run):
     from mlflow.tracking import MlflowClient
 
@@ -61,7 +65,7 @@ def test_mlflow_run_reads_back_with_mlflow(tracked_run):
         assert sorted((m.step, m.value) for m in history) == \
             [(r["round"], pytest.approx(r["epsilon_per_site"][site])) for r in rows
              if site in r["epsilon_per_site"]]
-        assert history
+    assert _sites_with_epsilon(rows)  # (a site that failed a round reports none for it)
     assert run.data.metrics["summary/forgetting"] == pytest.approx(summary["forgetting"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.md", "report.html", "summary.json", "metrics.jsonl",
@@ -73,16 +77,16 @@ def test_mlflow_run_reads_back_with_mlflow(tracked_run):
 def test_tensorboard_events_read_back_with_tensorboard(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg, run_dir, _ = tracked_run
+    _, run_dir, _ = tracked_run
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     rows = _rows(run_dir)
     scalars = events.Tags()["scalars"]
     assert {"general_loss", "domain_loss", "summary/forgetting"} <= set(scalars)
-    assert {f"epsilon/{s.name}" for s in cfg.sites} <= set(scalars)
+    assert {f"epsilon/{site}" for site in _sites_with_epsilon(rows)} <= set(scalars)
     assert [(e.step, e.value) for e in events.Scalars("general_loss")] == \
         [(r["round"], pytest.approx(r["general_loss"])) for r in rows]
-    assert "report" in events.Tags()["tensors"]  # the report as text
+    assert "report/text_summary" in events.Tags()["tensors"]  # the report as text
 
 
 def test_tracking_off_imports_no_tracker(tmp_path):
