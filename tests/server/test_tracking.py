@@ -143,3 +143,25 @@ def test_round_metrics_names_and_absent_values():
     assert "drift/general_loss_rise" not in metrics
     assert metrics["aggregated"] == 1.0
     assert metric_name("ünï site") == "_n_ site"
+
+
+def test_mlflow_marks_a_failed_run_and_a_resume_continues_it(tmp_path):
+    """The observer alone on a real SQLite store: a failure is recorded as FAILED with its
+    error, and the same fedcpt run id started again (a resume) continues that MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    from fedcpt.server.tracking_mlflow import MlflowObserver, local_store
+
+    cfg = load_config("smoke", overrides=["tracking.backends=mlflow"])
+    folder = RunFolder(tmp_path)
+    first = MlflowObserver(cfg, folder)
+    first.run_started("run-1")
+    first.run_failed(RuntimeError("site lost"))
+    client = MlflowClient(tracking_uri=local_store(folder)[0])
+    failed = client.get_run(first.mlflow_run)
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["fedcpt.error"] == "RuntimeError: site lost"
+    again = MlflowObserver(cfg, folder)
+    again.run_started("run-1")
+    assert again.mlflow_run == first.mlflow_run
+    assert client.get_run(first.mlflow_run).info.status == "RUNNING"
