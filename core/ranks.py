@@ -99,12 +99,13 @@ def pad(trained: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
     out = {}
     for key, ref in reference.items():
         base, got = ref.numpy(), trained[key].numpy()
-        expected = shape_at_rank(key, base.shape, rank)
-        if rank > base.shape[rank_axis(key)] or got.shape != expected or (
-                got.dtype != base.dtype):
-            raise UpdateRejected(f"{key}: expected {base.dtype}{list(expected)} (rank {rank} of "
-                                 f"{base.shape[rank_axis(key)]}), got "
-                                 f"{got.dtype}{list(got.shape)}")
+        full = base.shape[rank_axis(key)]
+        expected = shape_at_rank(key, base.shape, min(rank, full))
+        if got.shape != expected or got.dtype != base.dtype:
+            at = (f" (rank {rank} exceeds the global adapter's {full})" if rank > full
+                  else f" (rank {rank} of {full})" if rank < full else "")
+            raise UpdateRejected(f"{key}: expected {base.dtype}{list(expected)}, got "
+                                 f"{got.dtype}{list(got.shape)}{at}")
         padded = base.copy()
         if rank_axis(key) == 0:
             padded[:rank] = got
