@@ -7,12 +7,12 @@ adapter has the run's rank R (``lora.r``); a site of rank r ≤ R trains the fir
 components, ``A[:r, :]`` and ``B[:, :r]`` of every module, and its *update* is zero on the
 other coordinates. The server averages the zero-padded updates over the max-rank layout, so
 component k is averaged over every site (a site that does not train it counts as a zero
-update), and each site next receives the max-rank result, of which it again trains the
-first r components.
+update; HetLoRA's sparsity weighting and rank self-pruning are not used), and each site
+next receives the max-rank result, of which it again trains the first r components.
 
 LoRA's scale is alpha / r. A site at rank r uses alpha·r/R (:func:`lora_at_rank`), so every
 site's scale is alpha / R: its truncated adapter is exactly the first r components of the
-global one, and a step moves ΔW = scale·B·A by the same amount at every rank.
+global one, and ΔW = scale·B·A has the same scale at every rank.
 
 A peft key holds ``lora_A`` (shape ``(r, in)``) or ``lora_B`` (shape ``(out, r)``); fedcpt
 adapts linear layers only (:class:`~fedcpt.config.LoraSettings`), so there is no other kind.

@@ -50,7 +50,8 @@ def test_pad_fills_untrained_components_from_the_reference():
 @pytest.mark.parametrize("shapes, match", [
     ({"m.q_proj.lora_A.weight": (3, 6), "m.q_proj.lora_B.weight": (5, 2)},
      r"different ranks \[2, 3\]"),
-    ({"m.q_proj.lora_A.weight": (9, 6), "m.q_proj.lora_B.weight": (5, 9)}, r"rank 9 exceeds the global adapter's 8"),
+    ({"m.q_proj.lora_A.weight": (9, 6), "m.q_proj.lora_B.weight": (5, 9)},
+     r"rank 9 exceeds the global adapter's 8"),
     ({"m.q_proj.lora_A.weight": (3, 7), "m.q_proj.lora_B.weight": (5, 3)}, r"float32\[3, 6\]"),
     ({"m.q_proj.lora_A.weight": (3, 6)}, r"missing \['m.q_proj.lora_B.weight'\]"),
 ])
