@@ -11,12 +11,14 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedcpt.client.app import app, train
+from fedcpt.client.site import lora_rank, policy_for, resolve_site
 from fedcpt.client.upload import RESIDUAL, compact_upload
 from fedcpt.config import load_config
 from fedcpt.core import protocol as p
 from fedcpt.core.adapters import count_bytes
 from fedcpt.core.model import load_adapted_model
 from fedcpt.core.ranks import max_rank, truncate
+from fedcpt.exceptions import ConfigError
 from fedcpt.server.round_loop import Federation, request, train_attempt
 from fedcpt.strategies.fedavg import AdapterFedAvg
 from fedcpt.testing.site_round import task_identity
@@ -49,6 +51,19 @@ def _train_message(cfg, server_round: int = 1) -> Message:
 def _context(partition: int) -> Context:
     return Context(run_id=1, node_id=1, node_config={"partition-id": partition},
                    state=RecordDict(), run_config={})
+
+
+def test_a_deployed_site_caps_its_rank_in_its_node_config():
+    cfg = load_config("smoke", overrides=["lora.r=8", "lora.alpha=16"])
+    node = {"site-name": "clinic", "data-path": "/d/a.txt", "max-lora-rank": "2"}
+    policy = policy_for(cfg, resolve_site(cfg, node), node)
+    assert (policy.max_lora_rank, policy.who("max_lora_rank")) == (2, "site node config")
+    assert lora_rank(cfg, policy) == 2
+    uncapped = {k: v for k, v in node.items() if k != "max-lora-rank"}
+    assert lora_rank(cfg, policy_for(cfg, resolve_site(cfg, uncapped), uncapped)) == 8
+    for bad, match in (("-1", r"policy `max_lora_rank` must be >= 0"), ("two", r"not a int")):
+        with pytest.raises(ConfigError, match=match):
+            policy_for(cfg, resolve_site(cfg, node), {**node, "max-lora-rank": bad})
 
 
 @pytest.mark.usefixtures("flower_task")

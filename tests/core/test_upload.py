@@ -15,10 +15,11 @@ from flwr.app import (
     RecordDict,
 )
 
+from fedcpt.config import load_config
 from fedcpt.core.adapters import count_bytes
 from fedcpt.core.ranks import pad, truncate
 from fedcpt.core.upload import SCALE_SUFFIX, decode_upload, encode_upload
-from fedcpt.exceptions import UpdateRejected
+from fedcpt.exceptions import ConfigError, UpdateRejected
 from fedcpt.strategies.fedavg import AdapterFedAvg
 
 A, B = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
@@ -170,3 +171,15 @@ def test_a_huge_int8_scale_is_caught_by_the_norm_bound():
     with pytest.raises(UpdateRejected, match=r"(exceeds the bound 5|NaN or Inf)"):
         AdapterFedAvg(upload_dtype="int8", max_update_norm=5.0).validate(_reply(wire),
                                                                          _arrays(0))
+
+
+def test_compact_uploads_are_a_config_error_under_secagg():
+    refused = r"`federation.upload_dtype` must be \"fp32\" under secure aggregation"
+    with pytest.raises(ConfigError, match=refused):
+        load_config("smoke", overrides=["secagg.mode=on", "federation.upload_dtype=int8"])
+    auto = load_config("smoke", overrides=["federation.upload_dtype=bf16"])  # secagg: auto
+    assert auto.with_secagg_resolved(deployment=False).federation.upload_dtype == "bf16"
+    with pytest.raises(ConfigError, match=refused):  # a deployment turns SecAgg on
+        auto.with_secagg_resolved(deployment=True)
+    with pytest.raises(ConfigError, match=r"must be one of \['fp32', 'bf16', 'fp16', 'int8'\]"):
+        load_config("smoke", overrides=["federation.upload_dtype=int4"])
