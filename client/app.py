@@ -21,6 +21,7 @@ from fedcpt.client.errors import report_site_errors
 from fedcpt.client.request import refusal, run_config
 from fedcpt.client.site import policy_for, require_secagg, resolve_site
 from fedcpt.client.train_step import train_update
+from fedcpt.client.upload import compact_upload
 from fedcpt.core import protocol as p
 from fedcpt.privacy.ledger import SiteRefused
 from fedcpt.privacy.policy import check_site_level_dp
@@ -29,7 +30,9 @@ from fedcpt.privacy.user_level import clip_when_asked
 
 log = logging.getLogger(__name__)
 
-app = ClientApp(mods=[report_site_errors, clip_when_asked])
+# compact_upload sits outside clip_when_asked: Flower's clipping mod works on the adapter
+# in the global layout, the upload encoding (rank, dtype) comes after it
+app = ClientApp(mods=[report_site_errors, compact_upload, clip_when_asked])
 
 
 @app.train()

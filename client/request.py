@@ -12,6 +12,7 @@ from fedcpt.config import RunConfig
 from fedcpt.core import protocol as p
 from fedcpt.core.adapters import load_adapter
 from fedcpt.core.model import AdaptedModel, load_adapted_model
+from fedcpt.core.ranks import lora_at_rank, truncate
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,13 @@ def run_config(msg: Message) -> RunConfig:
     return _config(str(msg.content[p.CONFIG][p.RUN_CONFIG]))
 
 
-def load_request(msg: Message) -> tuple[RunConfig, AdaptedModel, int]:
-    """The run config, the model with the message's adapter loaded, and the round."""
+def load_request(msg: Message, rank: int) -> tuple[RunConfig, AdaptedModel, int]:
+    """The run config, the site's model at ``rank`` (its LoRA rank,
+    :func:`~fedcpt.client.site.lora_rank`) with the message's adapter truncated to that
+    rank loaded, and the round."""
     cfg = run_config(msg)
-    lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
-    load_adapter(lm.model, msg.content[p.ARRAYS])
+    lm = load_adapted_model(cfg.model, lora_at_rank(cfg.lora, rank), cfg.seed)
+    load_adapter(lm.model, truncate(msg.content[p.ARRAYS], rank))
     return cfg, lm, int(msg.content[p.CONFIG][p.SERVER_ROUND])
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from fedcpt.config import DataConfig, ModelConfig, RunConfig, SiteConfig
 from fedcpt.core.data import TokenBlocks, heldout_by_hash, load_blocks
 from fedcpt.core.model import load_tokenizer
+from fedcpt.core.ranks import site_rank
 from fedcpt.exceptions import ConfigError
 from fedcpt.privacy.heldout import HeldoutSplit, split_path
 from fedcpt.privacy.ledger import PrivacyLedger, SiteRefused
@@ -72,6 +73,16 @@ def site_blocks(site: SiteConfig, model: ModelConfig, data: DataConfig,
              "(unit: %s)", site.name, len(blocks.train), blocks.units, len(blocks.heldout),
              blocks.heldout_unit_count, unit)
     return blocks
+
+
+def lora_rank(cfg: RunConfig, policy: SitePolicy) -> int:
+    """The LoRA rank the site trains and evaluates at: ``lora.r``, or its policy's
+    ``max_lora_rank`` if lower (it then works on the global adapter truncated to it)."""
+    rank = site_rank(cfg.lora.r, policy.max_lora_rank)
+    if rank < cfg.lora.r:
+        log.info("site %s: rank %d of the global adapter's %d (max_lora_rank, %s)",
+                 policy.site, rank, cfg.lora.r, policy.who("max_lora_rank"))
+    return rank
 
 
 def open_ledger(cfg: RunConfig, policy: SitePolicy, terms: RunTerms) -> PrivacyLedger:

@@ -8,8 +8,15 @@ import zlib
 
 from flwr.app import ArrayRecord, Context, Message
 
-from fedcpt.client.request import load_request
-from fedcpt.client.site import open_ledger, policy_for, require_dp, resolve_site, site_blocks
+from fedcpt.client.request import load_request, run_config
+from fedcpt.client.site import (
+    lora_rank,
+    open_ledger,
+    policy_for,
+    require_dp,
+    resolve_site,
+    site_blocks,
+)
 from fedcpt.client.update_cache import (
     StoredUpdate,
     UpdateCache,
@@ -26,9 +33,11 @@ from fedcpt.core.adapters import (
 )
 from fedcpt.core.data import TokenBlocks
 from fedcpt.core.model import AdaptedModel
+from fedcpt.core.ranks import pad, truncate
 from fedcpt.core.training import Anchor, TrainResult, train_adapter
 from fedcpt.exceptions import UpdateRejected
 from fedcpt.privacy.dpsgd import train_adapter_dp
+from fedcpt.privacy.ledger import SiteRefused
 from fedcpt.privacy.plan import plan_run
 from fedcpt.privacy.policy import SitePolicy, accept_proposal
 from fedcpt.privacy.release import eval_reservation
@@ -38,14 +47,17 @@ log = logging.getLogger(__name__)
 
 def train_update(msg: Message, context: Context,
                  ) -> tuple[ArrayRecord, dict[str, float], SiteConfig]:
-    """The site's trained adapter and metrics (under DP, after the spend is recorded)."""
-    cfg, lm, server_round = load_request(msg)
-    node_config = dict(context.node_config)
+    """The site's trained adapter in the global adapter's max-rank layout (a site of a lower
+    rank leaves the other components as received) and its metrics (under DP, after the
+    spend is recorded)."""
+    cfg, node_config = run_config(msg), dict(context.node_config)
     site = resolve_site(cfg, node_config)
     policy = policy_for(cfg, site, node_config)
+    rank = lora_rank(cfg, policy)
+    cfg, lm, server_round = load_request(msg, rank)
     blocks = site_blocks(site, cfg.model, cfg.data, policy)
     lr = cfg.lr_at(server_round)
-    anchor = _anchor(cfg, lm, msg)
+    anchor = _anchor(cfg, lm, msg, rank)
     require_dp(cfg, policy)
     if cfg.privacy.enabled:
         run_id = str(msg.content[p.CONFIG][p.RUN_ID])
@@ -58,7 +70,7 @@ def train_update(msg: Message, context: Context,
     _log_result(site, server_round, result)
     metrics = {p.TRAIN_LOSS: result.mean_loss, p.NUM_EXAMPLES: result.examples,
                p.TRAIN_SECONDS: result.seconds}
-    return to_arrays(adapter_state(lm.model)), metrics, site
+    return pad(to_arrays(adapter_state(lm.model)), msg.content[p.ARRAYS]), metrics, site
 
 
 def _log_result(site: SiteConfig, server_round: int, result: TrainResult) -> None:
@@ -97,7 +109,7 @@ def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: T
             _log_result(site, server_round, result)
             update = StoredUpdate(
                 run=run_id, round=server_round, request=digest,
-                arrays=to_arrays(adapter_state(lm.model)),
+                arrays=pad(to_arrays(adapter_state(lm.model)), request),
                 metrics={p.NUM_EXAMPLES: result.examples, p.TRAIN_SECONDS: 0.0},
                 noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
                 steps=result.steps)
@@ -112,30 +124,41 @@ def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: T
     return update.arrays, metrics
 
 
-def _anchor(cfg: RunConfig, lm: AdaptedModel, msg: Message) -> Anchor | None:
+def _anchor(cfg: RunConfig, lm: AdaptedModel, msg: Message, rank: int) -> Anchor | None:
     """FedProx pulls toward the received global adapter, L2-SP toward the initial one, EWC
     toward the initial one weighted by the Fisher the server sent, the phase anchor toward
-    the adapter the server says the phase began from. The pull does not read the site's
-    data, so a server's choice of target cannot draw on it (and costs no ε)."""
+    the adapter the server says the phase began from (each truncated to the site's
+    ``rank``). The pull does not read the site's data, so a server's choice of target
+    cannot draw on it (and costs no ε)."""
     anchor = cfg.strategy.anchor
     if anchor == "none" or cfg.strategy.anchor_weight == 0:
         return None
+    if anchor in ("l2sp", "ewc") and rank < cfg.lora.r:
+        # The initial adapter's first components at rank r are not a rank-r model's own
+        # initial adapter (peft draws A at each shape from one random stream).
+        raise SiteRefused(f"strategy.anchor = \"{anchor}\" pulls toward the initial adapter, "
+                          f"which this site, at rank {rank} of {cfg.lora.r} (max_lora_rank), "
+                          "does not hold; use \"fedprox\" or \"phase\"")
     if anchor == "fedprox":
-        target = msg.content[p.ARRAYS]
+        target = truncate(msg.content[p.ARRAYS], rank)
     elif anchor == "phase":
-        target = _sent_record(msg, p.ANCHOR, anchor, lm)
+        target = _sent_record(msg, p.ANCHOR, anchor, lm, rank)
     else:
         target = lm.initial_adapter
-    weights = from_arrays(_sent_record(msg, p.FISHER, anchor, lm)) if anchor == "ewc" else None
+    weights = (from_arrays(_sent_record(msg, p.FISHER, anchor, lm, rank)) if anchor == "ewc"
+               else None)
     return Anchor(lm.model, from_arrays(target), cfg.strategy.anchor_weight, weights)
 
 
-def _sent_record(msg: Message, key: str, anchor: str, lm: AdaptedModel) -> ArrayRecord:
-    """The anchor's record the training message must carry, shaped as the adapter."""
+def _sent_record(msg: Message, key: str, anchor: str, lm: AdaptedModel,
+                 rank: int) -> ArrayRecord:
+    """The anchor's record the training message must carry, shaped as the adapter
+    (truncated to the site's ``rank``)."""
     record = msg.content.array_records.get(key)
     if record is None:
         raise UpdateRejected(f"strategy.anchor is '{anchor}' but the training message "
                              f"carries no '{key}' record")
+    record = truncate(record, rank)
     check_update(record, lm.initial_adapter)
     return record
 

@@ -66,6 +66,10 @@ def check_run(cfg: RunConfig) -> None:
 
 def _check_secagg(cfg: RunConfig) -> None:
     sec, n = cfg.secagg, cfg.sites_per_round
+    require(cfg.federation.upload_dtype == "fp32", "federation.upload_dtype",
+            cfg.federation.upload_dtype, "\"fp32\" under secure aggregation (the sites "
+            "already send their updates quantised to secagg.quantization_range levels for "
+            "masking; that is the compression)")
     require(n >= MIN_SECAGG_SITES, "federation.sites_per_round", n,
             f">= {MIN_SECAGG_SITES} under secure aggregation (with two, the sum reveals each "
             "update to the other site)")

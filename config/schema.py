@@ -249,6 +249,12 @@ class FederationConfig:
         "evaluate it and train the next round; the round's metrics line follows that "
         "evaluation. Never with a drift monitor that may roll back (the next round would "
         "train from an adapter it may replace): then the next round waits for it.")
+    upload_dtype: Literal["fp32", "bf16", "fp16", "int8"] = _opt(
+        "fp32", "How a site's update travels without secure aggregation: `fp32` adapter "
+        "values, or the update (adapter − global) in `bf16` / `fp16` (half the bytes) or "
+        "`int8` with a per-tensor scale (a quarter), with error feedback at the site "
+        "(docs/strategies.md). Under secure aggregation the masking's own quantisation is "
+        "the compression: only `fp32` is accepted.")
 
     def __post_init__(self) -> None:
         require(self.rounds > 0, "federation.rounds", self.rounds, "> 0")

@@ -49,6 +49,10 @@ class SitePolicySettings:
         0.0, "Floor on `secagg.dishonest_fraction`, the share of sampled sites assumed to "
         "collude with the server when the site calibrates its site-level noise "
         "(default 0).")
+    max_lora_rank: int = _opt(
+        0, "Highest LoRA rank the site trains: with a lower cap than `lora.r` it trains "
+        "the first components of the global adapter at its own rank (HetLoRA zero-padding, "
+        "docs/strategies.md) (default 0: `lora.r`).")
     secagg_colluders: int = _opt(
         0, "Other sites assumed to collude with the server: rounds whose secure-aggregation "
         "threshold t over the site's n neighbours does not satisfy 2t > n + k are refused "
@@ -72,3 +76,5 @@ class SitePolicySettings:
                 self.min_dishonest_fraction, "in [0, 1)")
         require(self.secagg_colluders >= 0, "policy.secagg_colluders", self.secagg_colluders,
                 ">= 0")
+        require(self.max_lora_rank >= 0, "policy.max_lora_rank", self.max_lora_rank,
+                ">= 0 (0: the run's lora.r)")

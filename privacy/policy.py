@@ -40,6 +40,7 @@ NODE_KEYS = {
     "min-user-noise-multiplier": "min_user_noise_multiplier",
     "min-dishonest-fraction": "min_dishonest_fraction",
     "secagg-colluders": "secagg_colluders",
+    "max-lora-rank": "max_lora_rank",
 }
 POLICY_FILE_KEY = "policy-file"
 DEFAULT_DELTA_CAP = 1e-5
@@ -47,7 +48,7 @@ SITE_DEFAULTS: dict[str, Any] = {
     "unit": "document", "delta": 0.0, "epsilon_budget": 8.0, "ledger_path": "",
     "heldout_fraction": 0.1, "eval_min_units": 8, "eval_noise_multiplier": 4.0,
     "eval_loss_bound": 10.0, "require_dp": False, "min_user_noise_multiplier": 0.0,
-    "min_dishonest_fraction": 0.0, "secagg_colluders": 0,
+    "min_dishonest_fraction": 0.0, "secagg_colluders": 0, "max_lora_rank": 0,
 }
 
 
@@ -88,6 +89,9 @@ class SitePolicy:
     """Other sites this site assumes may collude with the server: it masks nothing under a
     reconstruction threshold t that k colluders could beat among its n neighbours
     (it needs 2t > n + k)."""
+    max_lora_rank: int = 0
+    """Highest LoRA rank the site trains (0: the run's ``lora.r``); below ``lora.r`` it
+    trains the global adapter truncated to this rank (:mod:`fedcpt.core.ranks`)."""
     set_by: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
@@ -109,6 +113,7 @@ class SitePolicy:
              ">= 0 (0: site-level DP not required)"),
             ("min_dishonest_fraction", 0 <= self.min_dishonest_fraction < 1, "in [0, 1)"),
             ("secagg_colluders", self.secagg_colluders >= 0, ">= 0"),
+            ("max_lora_rank", self.max_lora_rank >= 0, ">= 0 (0: the run's lora.r)"),
         )
         for name, ok, expected in checks:
             if not ok:

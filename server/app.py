@@ -183,7 +183,7 @@ def build_strategy(cfg: RunConfig) -> Aggregator:
     return AdapterFedAvg(max_update_norm=cfg.federation.max_update_norm,
                          max_examples=max_examples,
                          site_clip=cfg.privacy.user_clipping_norm if cfg.privacy.user_level
-                         else 0.0)
+                         else 0.0, upload_dtype=cfg.federation.upload_dtype)
 
 
 def with_default_ledger_dir(cfg: RunConfig, run_dir: Path) -> RunConfig:

@@ -309,8 +309,9 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
         "",
         "## Communication",
         "",
-        f"Each site uploads {s.bytes_up_per_client_round:,} bytes of adapter tensors per "
-        f"round, {100 * (s.upload_fraction or 0):.3f}% of the full model "
+        f"A site uploads {s.bytes_up_per_client_round:,} bytes of adapter tensors per "
+        f"round (the mean over sites; {_upload_form(cfg)}), "
+        f"{100 * (s.upload_fraction or 0):.3f}% of the full model "
         f"({s.full_model_bytes:,} bytes). Wall time {s.wall_time_s:.0f} s.",
         "",
     ]
@@ -318,3 +319,11 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
     folder.report.write_text(text, encoding="utf-8")
     folder.report_html.write_text(markdown_to_html(text, folder, f"fedcpt run {s.name}"),
                                   encoding="utf-8")
+
+
+def _upload_form(cfg: RunConfig) -> str:
+    """How an update travels: masked under SecAgg, else ``federation.upload_dtype`` at the
+    site's own LoRA rank."""
+    if cfg.secagg.enabled:
+        return f"masked uint32 at the global rank {cfg.lora.r}"
+    return f"{cfg.federation.upload_dtype}, each at its own rank ≤ {cfg.lora.r}"
