@@ -145,7 +145,3 @@ def write_rounds(folder: RunFolder, records: list[RoundRecord]) -> None:
 def write_summary(folder: RunFolder, summary: Summary) -> None:
     write_json(folder.summary, summary.to_dict())
 
-
-def read_summary(folder: RunFolder) -> Summary:
-    raw = json.loads(folder.summary.read_text(encoding="utf-8"))
-    return Summary(**raw)
