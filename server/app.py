@@ -77,7 +77,9 @@ class GeneralData:
 def general_data(cfg: RunConfig) -> GeneralData:
     """The server's general kinds (:func:`fedcpt.core.general.load_general`).
 
-    Cached per process: the simulation's preflight and the ServerApp share one process."""
+    Cached per process. The simulation's preflight (in the CLI's process) loads it once to
+    fail early on a pool too small; the ServerApp, in its own ``flwr-simulation`` process,
+    loads it again."""
     return _general_data(cfg.data, cfg.model, cfg.strategy, cfg.train.batch_size)
 
 

@@ -35,7 +35,9 @@ def preflight(cfg: RunConfig, run_id: str = "") -> list[SitePlan]:
     """Load the model (fetching it if needed) and every data source once; with DP on, open
     each site's ledger and plan its noise (raising for impossible budgets or bad ledgers).
 
-    The server runs in this process, so the model loaded here is the one it uses."""
+    It runs in the CLI's process, before the SuperLink starts: loading here fetches the
+    model into the local cache and fails early. The ServerApp and the ClientApps run in
+    their own processes and load the model again."""
     lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
     if cfg.federation.initial_adapter:
         load_version(cfg.federation.initial_adapter, lm.initial_adapter)
