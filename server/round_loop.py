@@ -373,6 +373,14 @@ def collect_train(server_round: int, replies: Iterable[Message], sampled: set[in
     for node in sorted(sampled - replied):
         out.failures.append(f"node-{node}: no reply within the round timeout")
         log.warning("round %d: node %d did not reply in time", server_round, node)
+    # Replies arrive in the order the sites finish, and a float sum depends on its order:
+    # the updates are aggregated (and reported) in site-name order instead, so the same
+    # seed gives the same adapter, bit for bit (node ids only break ties: Flower draws them
+    # at random in a simulation).
+    ranked = sorted(zip(out.accepted.items(), out.reports, strict=True),
+                    key=lambda pair: (pair[1].site, pair[0][0]))
+    out.accepted = dict(item for item, _ in ranked)
+    out.reports = [report for _, report in ranked]
     return out
 
 
@@ -385,5 +393,5 @@ def collect_evaluate(server_round: int, replies: Iterable[Message]) -> list[Site
         except UpdateRejected as err:
             log.warning("round %d: evaluation failed at site %s: %s", server_round,
                         site_name(msg), err)
-    return reports
+    return sorted(reports, key=lambda report: report.site)  # as collect_train's order
 
