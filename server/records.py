@@ -19,9 +19,10 @@ class RoundRecord:
 
     round: int
     phase: str
-    general_loss: float
-    general_perplexity: float
-    general_ece: float
+    general_loss: float | None
+    """The server's held-out general loss (None: the round was not evaluated)."""
+    general_perplexity: float | None
+    general_ece: float | None
     domain_loss: float | None
     domain_per_site: dict[str, float]
     domain_ece: float | None
@@ -59,6 +60,9 @@ class RoundRecord:
     """Under secure aggregation, the round's one site evaluation: the sites' sum as
     token-weighted means (``sites``, ``tokens``, ``loss``, ``base_loss``, ``ece``,
     ``clipped``); no per-site value exists (``domain_per_site`` is empty)."""
+    evaluated: bool = True
+    """Whether the round's adapter was evaluated (``federation.eval_every``): if not, its
+    general and domain fields are empty or None."""
 
     @property
     def rejected_by_guard(self) -> bool:

@@ -20,7 +20,8 @@ ServerApp and ClientApps; every policy of a round is here, in the order it happe
    guard) in order; a step may reject the round;
 8. **evaluate** the new global adapter at the sites (domain; under secure aggregation
    through a SecAgg+ session of its own, :mod:`~fedcpt.server.secure_eval`) while the
-   server evaluates it on its general text, in a thread;
+   server evaluates it on its general text, in a thread (every ``federation.eval_every``
+   rounds, and always each phase's last round and the run's last);
 9. **commit** (:mod:`~fedcpt.server.commit`): the adapter version and the checkpoint
    ``--resume`` uses; then, once the general evaluation is in (by default during the
    next round's training), the **drift** check (:mod:`~fedcpt.server.drift`; a
@@ -178,8 +179,10 @@ def run_round(fed: Federation, server_round: int, global_arrays: ArrayRecord,
         new_arrays, accepted, details = apply_steps(fed.steps, server_round, global_arrays,
                                                     attempt.aggregate, examples)
         fed.recorder.record_train(server_round, reports, failures, accepted, details)
-    general = start_general(fed, new_arrays)  # runs while the sites evaluate
-    evaluate_sites(fed, server_round, new_arrays)
+    general = None
+    if fed.cfg.evaluates(server_round):  # federation.eval_every
+        general = start_general(fed, new_arrays)  # runs while the sites evaluate
+        evaluate_sites(fed, server_round, new_arrays)
     moved = new_arrays is not global_arrays
     return commit(fed, server_round, new_arrays, general, global_arrays if moved else None)
 
