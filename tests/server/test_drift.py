@@ -148,6 +148,8 @@ def test_the_report_plots_the_signals_and_lists_the_rollback(tmp_path):
                         load_config("smoke", overrides=["monitor.update_drift=3"]))
     assert (tmp_path / "drift.png").is_file()
     assert "| 4 | 9.000 | 9.00 | +1.4000 | yes | 3 |" in lines
+    legend = next(line for line in lines if line.startswith("Global update norm"))
+    assert "(threshold 3×)" in legend and "(threshold off)" in legend  # not "off nats"
 
 
 def test_general_loss_drift_compares_with_the_last_evaluated_rounds():
