@@ -123,11 +123,17 @@ def compare(
 @cli.command()
 def scenarios() -> None:
     """List the built-in scenarios."""
-    from fedcpt.config import SCENARIO_DIR, scenario_names
+    import shutil
+    import textwrap
 
+    from fedcpt.config import scenario_names
+    from fedcpt.config.loading import scenario_summary
+
+    width = max(60, shutil.get_terminal_size().columns)
     for name in scenario_names():
-        first = (SCENARIO_DIR / f"{name}.toml").read_text().splitlines()[0].lstrip("# ")
-        print(f"{name:14s} {first}")
+        print(textwrap.fill(scenario_summary(name), width=width,
+                            initial_indent=f"{name:19s} ", subsequent_indent=" " * 20,
+                            break_on_hyphens=False))
 
 
 @cli.command()

@@ -380,3 +380,12 @@ def test_eval_every_evaluates_every_kth_round_the_last_and_each_phase_end():
 def test_eval_every_below_one_is_refused():
     with pytest.raises(ConfigError, match="federation.eval_every"):
         FederationConfig(eval_every=0)
+
+
+@pytest.mark.parametrize("name", scenario_names())
+def test_each_scenario_summary_is_one_whole_sentence(name):
+    from fedcpt.config.loading import scenario_summary
+
+    summary = scenario_summary(name)
+    assert summary.endswith((".", "!", "?")), summary
+    assert "#" not in summary and len(summary) > 20
