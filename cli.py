@@ -52,8 +52,8 @@ def simulate(
     """Run a federated continual-pretraining simulation and write its report."""
     from fedcpt.config import load_config
     from fedcpt.core.progress import ProgressEvent
+    from fedcpt.runfolder.versions import resumable_config
     from fedcpt.server.app import new_run_dir
-    from fedcpt.server.versions import resumable_config
     from fedcpt.simulations.live_view import LiveView
     from fedcpt.simulations.runner import simulate as run
 

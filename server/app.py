@@ -38,18 +38,18 @@ from fedcpt.core.model import AdaptedModel, load_adapted_model, load_tokenizer
 from fedcpt.core.progress import stream_plain_lines
 from fedcpt.core.retention import GeneralEvaluation
 from fedcpt.exceptions import ConfigError
+from fedcpt.runfolder.paths import RunFolder
+from fedcpt.runfolder.versions import resumable_config
 from fedcpt.server.fisher import FisherForSites
 from fedcpt.server.recorder import RunRecorder
 from fedcpt.server.records import Summary
 from fedcpt.server.round_loop import Federation, run_rounds
-from fedcpt.server.run_folder import RunFolder
 from fedcpt.server.steps.base import ServerStep, StatefulStep
 from fedcpt.server.steps.delta_scaling import DeltaScaling
 from fedcpt.server.steps.regression_guard import RegressionGuard
 from fedcpt.server.steps.rehearsal import Rehearsal
 from fedcpt.server.steps.self_distillation import ChatAnswers, SelfDistillation
 from fedcpt.server.steps.server_optimizer import ServerOptimizer
-from fedcpt.server.versions import resumable_config
 from fedcpt.strategies.base import Aggregator
 from fedcpt.strategies.fedavg import AdapterFedAvg
 from fedcpt.strategies.secagg_fedavg import SecAggFedAvg

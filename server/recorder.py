@@ -17,6 +17,7 @@ from fedcpt.core.continuations import Continuation
 from fedcpt.core.durable import write_json
 from fedcpt.core.model import AdaptedModel
 from fedcpt.core.retention import GeneralReport
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.checkpoint import PendingGeneral, RunState, TrainOutcome, encode_random
 from fedcpt.server.drift import Drift, check_data_drift
 from fedcpt.server.provenance import read_run_id, version_provenance, write_manifest
@@ -29,7 +30,6 @@ from fedcpt.server.records import (
     write_summary,
 )
 from fedcpt.server.report import write_report
-from fedcpt.server.run_folder import RunFolder
 from fedcpt.server.steps.base import StatefulStep
 from fedcpt.server.summary import build_summary, weighted_mean
 from fedcpt.strategies.base import SiteEvalReport, SiteTrainReport

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from fedcpt.core.durable import write_durably, write_json
-from fedcpt.server.run_folder import RunFolder
+from fedcpt.runfolder.paths import RunFolder
 
 
 @dataclass(frozen=True)

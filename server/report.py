@@ -9,6 +9,7 @@ from typing import Any
 from fedcpt.config import RunConfig
 from fedcpt.core.continuations import Continuation
 from fedcpt.privacy.report import STATEMENT, site_table
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.records import RoundRecord, Summary
 from fedcpt.server.report_html import markdown_to_html
 from fedcpt.server.report_plots import (
@@ -20,7 +21,6 @@ from fedcpt.server.report_plots import (
     plot_sites,
 )
 from fedcpt.server.retention_report import plot_kinds, retention_lines
-from fedcpt.server.run_folder import RunFolder
 
 
 def privacy_lines(privacy: dict[str, Any], epsilon_png: str | None = None) -> list[str]:

@@ -24,8 +24,8 @@ from fedcpt.privacy.plan import SitePlan, plan_run
 from fedcpt.privacy.policy import accept_proposal
 from fedcpt.privacy.release import eval_reservation
 from fedcpt.privacy.secagg.identity import SIMULATION_IDENTITIES_ENV
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.app import general_eval_blocks, with_default_ledger_dir
-from fedcpt.server.run_folder import RunFolder
 from fedcpt.simulations.superlink import LocalSuperLink
 
 log = logging.getLogger(__name__)

@@ -19,11 +19,11 @@ from fedcpt.core import protocol as p
 from fedcpt.core.adapters import load_version
 from fedcpt.core.evaluation import EvalResult
 from fedcpt.core.retention import GeneralReport
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.commit import overlaps
 from fedcpt.server.recorder import RunRecorder
 from fedcpt.server.records import read_rounds
 from fedcpt.server.round_loop import Federation, run_rounds
-from fedcpt.server.run_folder import RunFolder
 from fedcpt.strategies.fedavg import AdapterFedAvg
 
 pytestmark = pytest.mark.usefixtures("flower_task")  # Messages are built here

@@ -10,9 +10,9 @@ import pytest
 
 from fedcpt.config import MonitorConfig, load_config
 from fedcpt.exceptions import ConfigError
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.drift import check_drift
 from fedcpt.server.records import RoundRecord, read_rounds
-from fedcpt.server.run_folder import RunFolder
 from fedcpt.simulations.runner import simulate
 
 
