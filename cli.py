@@ -52,8 +52,8 @@ def simulate(
     """Run a federated continual-pretraining simulation and write its report."""
     from fedcpt.config import load_config
     from fedcpt.core.progress import ProgressEvent
+    from fedcpt.runfolder.versions import resumable_config
     from fedcpt.server.app import new_run_dir
-    from fedcpt.server.versions import resumable_config
     from fedcpt.simulations.live_view import LiveView
     from fedcpt.simulations.runner import simulate as run
 
@@ -123,11 +123,17 @@ def compare(
 @cli.command()
 def scenarios() -> None:
     """List the built-in scenarios."""
-    from fedcpt.config import SCENARIO_DIR, scenario_names
+    import shutil
+    import textwrap
 
+    from fedcpt.config import scenario_names
+    from fedcpt.config.loading import scenario_summary
+
+    width = max(60, shutil.get_terminal_size().columns)
     for name in scenario_names():
-        first = (SCENARIO_DIR / f"{name}.toml").read_text().splitlines()[0].lstrip("# ")
-        print(f"{name:14s} {first}")
+        print(textwrap.fill(scenario_summary(name), width=width,
+                            initial_indent=f"{name:19s} ", subsequent_indent=" " * 20,
+                            break_on_hyphens=False))
 
 
 @cli.command()

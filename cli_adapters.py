@@ -19,7 +19,7 @@ def adapters_list(run_dir: Path = typer.Argument(..., help="A run folder.")) -> 
     """Every version: round, parent, sites, general and domain loss."""
     from rich.table import Table
 
-    from fedcpt.server.versions import list_versions
+    from fedcpt.runfolder.versions import list_versions
 
     table = Table(title=f"Adapter versions in {run_dir}")
     for col in ("round", "parent", "sites", "general loss", "domain loss", "server steps"):
@@ -42,8 +42,8 @@ def adapters_show(run_dir: Path = typer.Argument(...),
                   ) -> None:
     """One version's provenance as JSON, then each site's attestation: verified, FAILED or
     unattested (exit 1 if any FAILED)."""
+    from fedcpt.runfolder.versions import version_dir
     from fedcpt.server.attestations import FAILED, verify_run_version
-    from fedcpt.server.versions import version_dir
 
     print((version_dir(run_dir, server_round) / "version.json").read_text().strip())
     verdicts = verify_run_version(run_dir, server_round, ca)
@@ -85,7 +85,7 @@ def adapters_export(run_dir: Path = typer.Argument(...),
     model and save it for serving (from_pretrained)."""
     setup_logging(False)
     if site_adapter is None:
-        from fedcpt.server.versions import export_version
+        from fedcpt.runfolder.versions import export_version
 
         print(export_version(run_dir, server_round, out))
         return
@@ -144,8 +144,8 @@ def adapters_rollback(
 ) -> None:
     """Continue the run's federation from an earlier version (a new run folder)."""
     setup_logging(False)
+    from fedcpt.runfolder.versions import continue_from
     from fedcpt.server.app import new_run_dir
-    from fedcpt.server.versions import continue_from
     from fedcpt.simulations.runner import simulate as run
 
     cfg = continue_from(run_dir, server_round, rounds)

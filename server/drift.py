@@ -53,15 +53,17 @@ def good_rounds(rows: list[RoundRecord]) -> list[RoundRecord]:
 
 
 def check_drift(cfg: MonitorConfig, rows: list[RoundRecord], update_norm: float,
-                general_loss: float) -> Drift:
+                general_loss: float | None) -> Drift:
     """The drift of a round whose global update has norm ``update_norm`` and whose new
-    adapter has ``general_loss``, against the last ``cfg.window`` good rounds of ``rows``
-    (the rounds before it)."""
+    adapter has ``general_loss`` (None: not evaluated, ``federation.eval_every``), against
+    the last ``cfg.window`` good rounds of ``rows`` (the rounds before it; the general
+    loss against the last ``cfg.window`` good rounds that were evaluated)."""
     good = good_rounds(rows)
     window = good[-cfg.window:]
     norms = [r.update_norm for r in window if r.round and r.update_norm is not None]
     ratio = update_norm / statistics.median(norms) if norms and min(norms) > 0 else None
-    rise = general_loss - min(r.general_loss for r in window) if window else None
+    losses = [r.general_loss for r in good if r.general_loss is not None][-cfg.window:]
+    rise = general_loss - min(losses) if general_loss is not None and losses else None
     flags = []
     if cfg.update_drift and ratio is not None and ratio > cfg.update_drift:
         flags.append(f"update drift: norm {update_norm:.3f} is {ratio:.1f}× the window's "

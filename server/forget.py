@@ -29,8 +29,8 @@ from typing import Any
 from fedcpt.config import PhaseConfig, RunConfig
 from fedcpt.core.durable import write_json
 from fedcpt.exceptions import ConfigError
-from fedcpt.server.run_folder import RunFolder
-from fedcpt.server.versions import list_versions, run_config, version_dir
+from fedcpt.runfolder.paths import RunFolder
+from fedcpt.runfolder.versions import list_versions, run_config, version_dir
 
 log = logging.getLogger(__name__)
 

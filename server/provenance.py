@@ -15,8 +15,8 @@ from fedcpt.core.builtin_sources import fingerprint, is_builtin
 from fedcpt.core.data import expand_source
 from fedcpt.core.durable import write_json
 from fedcpt.exceptions import DataError
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.records import RoundRecord
-from fedcpt.server.run_folder import RunFolder
 
 UNATTESTED = "unattested"
 PACKAGES = ("fedcpt", "torch", "transformers", "peft", "flwr", "opacus", "ray")

@@ -17,6 +17,7 @@ from fedcpt.core.continuations import Continuation
 from fedcpt.core.durable import write_json
 from fedcpt.core.model import AdaptedModel
 from fedcpt.core.retention import GeneralReport
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.checkpoint import PendingGeneral, RunState, TrainOutcome, encode_random
 from fedcpt.server.drift import Drift, check_data_drift
 from fedcpt.server.provenance import read_run_id, version_provenance, write_manifest
@@ -29,7 +30,6 @@ from fedcpt.server.records import (
     write_summary,
 )
 from fedcpt.server.report import write_report
-from fedcpt.server.run_folder import RunFolder
 from fedcpt.server.steps.base import StatefulStep
 from fedcpt.server.summary import build_summary, weighted_mean
 from fedcpt.server.tracking import RunObserver, final_version, notify_all
@@ -140,21 +140,23 @@ class RunRecorder:
         """The drift monitor's verdict on the round (a rollback un-aggregates it)."""
         self.drift[server_round] = drift
 
-    def _round_record(self, server_round: int, report: GeneralReport) -> RoundRecord:
+    def _round_record(self, server_round: int, report: GeneralReport | None) -> RoundRecord:
         outcome = self.state.train.get(server_round, TrainOutcome([], [], False))
         drift = self.drift.get(server_round)
         train, evals = outcome.reports, self.state.evals.get(server_round, [])
-        general = report.overall
+        general = report.overall if report else None
+        answers = report.answers if report else None
         return RoundRecord(
             round=server_round,
             phase=self.cfg.phase_of(server_round).name,
-            general_loss=general.loss,
-            general_per_kind={k: r.loss for k, r in report.kinds.items()},
-            general_kl_to_base=general.kl_to_base,
-            answer_loss=report.answers.loss if report.answers else None,
-            answer_exact_match=report.answers.exact_match if report.answers else None,
-            general_perplexity=general.perplexity,
-            general_ece=general.ece,
+            evaluated=report is not None,
+            general_loss=general.loss if general else None,
+            general_per_kind={k: r.loss for k, r in report.kinds.items()} if report else {},
+            general_kl_to_base=general.kl_to_base if general else None,
+            answer_loss=answers.loss if answers else None,
+            answer_exact_match=answers.exact_match if answers else None,
+            general_perplexity=general.perplexity if general else None,
+            general_ece=general.ece if general else None,
             domain_loss=weighted_mean([(r.loss, r.tokens) for r in evals]),
             domain_per_site={r.site: r.loss for r in evals if not r.summed_sites},
             domain_ece=weighted_mean([(r.ece, r.tokens) for r in evals]),
@@ -197,13 +199,15 @@ class RunRecorder:
         self._random_state = encode_random(rng)
         self._save_checkpoint(server_round)
 
-    def record_general(self, general: GeneralReport) -> RoundRecord:
-        """The pending round's general evaluation: its metrics line and the version's
-        provenance, then the checkpoint without the pending mark."""
+    def record_general(self, general: GeneralReport | None) -> RoundRecord:
+        """The pending round's general evaluation (None: a round ``federation.eval_every``
+        leaves unevaluated): its metrics line and the version's provenance, then the
+        checkpoint without the pending mark."""
         if self.state.pending is None:
             raise RuntimeError("record_general: no saved version awaits its evaluation")
         server_round = self.state.pending.round
-        self.state.general[server_round] = general
+        if general is not None:
+            self.state.general[server_round] = general
         record = self._round_record(server_round, general)
         reports = self.state.train.get(server_round, TrainOutcome([], [], False)).reports
         write_json(self.folder.provenance(server_round), version_provenance(
@@ -214,6 +218,11 @@ class RunRecorder:
         notify_all(self.observers, "round_recorded", record)
         self.state.pending = None
         self._save_checkpoint(server_round)
+        if general is None:
+            log.info("round %d · not evaluated (federation.eval_every = %d) · %.0fs "
+                     "elapsed", server_round, self.cfg.federation.eval_every,
+                     record.elapsed_s)
+            return record
         domain = "n/a" if record.domain_loss is None else f"{record.domain_loss:.4f}"
         kl = general.overall.kl_to_base
         log.info("round %d · global: general loss %.4f · KL to base %s · domain loss %s · "

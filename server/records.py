@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from fedcpt.core.durable import write_durably, write_json
-from fedcpt.server.run_folder import RunFolder
+from fedcpt.runfolder.paths import RunFolder
 
 
 @dataclass(frozen=True)
@@ -19,9 +19,10 @@ class RoundRecord:
 
     round: int
     phase: str
-    general_loss: float
-    general_perplexity: float
-    general_ece: float
+    general_loss: float | None
+    """The server's held-out general loss (None: the round was not evaluated)."""
+    general_perplexity: float | None
+    general_ece: float | None
     domain_loss: float | None
     domain_per_site: dict[str, float]
     domain_ece: float | None
@@ -59,6 +60,9 @@ class RoundRecord:
     """Under secure aggregation, the round's one site evaluation: the sites' sum as
     token-weighted means (``sites``, ``tokens``, ``loss``, ``base_loss``, ``ece``,
     ``clipped``); no per-site value exists (``domain_per_site`` is empty)."""
+    evaluated: bool = True
+    """Whether the round's adapter was evaluated (``federation.eval_every``): if not, its
+    general and domain fields are empty or None."""
 
     @property
     def rejected_by_guard(self) -> bool:
@@ -145,7 +149,3 @@ def write_rounds(folder: RunFolder, records: list[RoundRecord]) -> None:
 def write_summary(folder: RunFolder, summary: Summary) -> None:
     write_json(folder.summary, summary.to_dict())
 
-
-def read_summary(folder: RunFolder) -> Summary:
-    raw = json.loads(folder.summary.read_text(encoding="utf-8"))
-    return Summary(**raw)

@@ -9,6 +9,7 @@ from typing import Any
 from fedcpt.config import RunConfig
 from fedcpt.core.continuations import Continuation
 from fedcpt.privacy.report import STATEMENT, site_table
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.records import RoundRecord, Summary
 from fedcpt.server.report_html import markdown_to_html
 from fedcpt.server.report_plots import (
@@ -20,7 +21,6 @@ from fedcpt.server.report_plots import (
     plot_sites,
 )
 from fedcpt.server.retention_report import plot_kinds, retention_lines
-from fedcpt.server.run_folder import RunFolder
 
 
 def privacy_lines(privacy: dict[str, Any], epsilon_png: str | None = None) -> list[str]:
@@ -70,10 +70,13 @@ def round_flags(rows: list[RoundRecord]) -> list[list[str]]:
     """Per round: general-loss spikes, outsized site updates, rejected rounds."""
     flags: list[list[str]] = []
     norms: list[float] = []
-    for i, r in enumerate(rows):
+    last_loss: float | None = None  # of the last evaluated round (federation.eval_every)
+    for r in rows:
         f = []
-        if i and r.general_loss - rows[i - 1].general_loss > SPIKE_NATS:
-            f.append(f"general loss +{r.general_loss - rows[i - 1].general_loss:.3f}")
+        if r.general_loss is not None:
+            if last_loss is not None and r.general_loss - last_loss > SPIKE_NATS:
+                f.append(f"general loss +{r.general_loss - last_loss:.3f}")
+            last_loss = r.general_loss
         if norms:
             median = sorted(norms)[len(norms) // 2]
             f += [f"{site} update norm {n:.2f}" for site, n in
@@ -100,6 +103,10 @@ def _steps(details: dict[str, dict[str, Any]]) -> str:
 
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _threshold(value: float, unit: str) -> str:
+    return f"{value:g}{unit}" if value else "off"
 
 
 def _signed(value: float | None) -> str:
@@ -146,8 +153,9 @@ def drift_lines(folder: RunFolder, rows: list[RoundRecord], cfg: RunConfig) -> l
     m = cfg.monitor
     lines = ["", "## Drift", "", f"![drift]({plot_drift(folder, signals)})", "",
              f"Global update norm against the median of the last {m.window} good rounds "
-             f"(threshold {m.update_drift or 'off'}), general loss against their lowest "
-             f"(threshold {m.general_loss_drift or 'off'} nats); action: {m.action}.", "",
+             f"(threshold {_threshold(m.update_drift, '×')}), general loss against their "
+             f"lowest (threshold {_threshold(m.general_loss_drift, ' nats')}); action: "
+             f"{m.action}.", "",
              "| round | update norm | × median | general loss rise | flagged | rolled back to |",
              "|---|---|---|---|---|---|"]
     for r in signals:
@@ -200,11 +208,23 @@ def _domain_tokens(s: Summary) -> str:
     return f"{s.eval_tokens['domain_per_site']} held-out tokens per site"
 
 
+def _evaluated_rounds(rows: list[RoundRecord], cfg: RunConfig) -> list[str]:
+    """Which rounds were evaluated, when ``federation.eval_every`` skipped some."""
+    if all(r.evaluated for r in rows):
+        return []
+    done = ", ".join(str(r.round) for r in rows if r.evaluated)
+    return [f"Evaluated rounds: {done} (`federation.eval_every = "
+            f"{cfg.federation.eval_every}`; round 0, each phase's last round and the run's "
+            "last are always evaluated). The others trained and were saved but not "
+            "evaluated (— below).", ""]
+
+
 def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
                  domain_base: dict[str, float], cfg: RunConfig,
                  continuations: list[Continuation] | None = None) -> None:
     """Render the run's report as Markdown beside its plots, and as one HTML page."""
-    general_png = plot_general(folder, rows)
+    evaluated = [r for r in rows if r.evaluated]
+    general_png = plot_general(folder, evaluated)
     domain_png = plot_domain(folder, rows, domain_base)
     s = summary
     lines = [
@@ -235,7 +255,7 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
         "",
         f"![general loss]({general_png})",
         f"![domain loss]({domain_png})",
-        *_retention(folder, s, rows),
+        *_retention(folder, s, evaluated),
         *continuation_lines(continuations or [], cfg.report.continuation_tokens),
         "",
         "## Per site",
@@ -255,17 +275,16 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
                   f"mean over {sec['tokens']} tokens, base {sec['base']:.4f}, final "
                   f"{sec['final']:.4f} ({sec['final'] - sec['base']:+.4f}). Those sites have "
                   "no row above."]
+    lines += ["", "## Rounds", "", *_evaluated_rounds(rows, cfg)]
     lines += [
-        "",
-        "## Rounds",
-        "",
         "| round | general loss | domain loss | train loss | sites | failures | server steps "
         "| flags | elapsed s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r, flags in zip(rows, round_flags(rows), strict=True):
         lines.append(
-            f"| {r.round} | {r.general_loss:.4f} | {_fmt(r.domain_loss)} | "
+            f"| {r.round} | {_fmt(r.general_loss) if r.evaluated else '—'} | "
+            f"{_fmt(r.domain_loss) if r.evaluated else '—'} | "
             f"{_fmt(r.train_loss)} | {len(r.sites_trained)} | {len(r.failures)} | "
             f"{_steps(r.server_steps)} | {', '.join(flags) or '—'} | {r.elapsed_s:.0f} |")
     lines += drift_lines(folder, rows, cfg)

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
-from fedcpt.server.run_folder import RunFolder
+from fedcpt.runfolder.paths import RunFolder
 
 STYLE = """
 body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d1d1f;

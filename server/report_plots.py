@@ -10,8 +10,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedcpt.runfolder.paths import RunFolder  # noqa: E402
 from fedcpt.server.records import RoundRecord  # noqa: E402
-from fedcpt.server.run_folder import RunFolder  # noqa: E402
 
 DPI = 110
 

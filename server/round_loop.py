@@ -20,7 +20,8 @@ ServerApp and ClientApps; every policy of a round is here, in the order it happe
    guard) in order; a step may reject the round;
 8. **evaluate** the new global adapter at the sites (domain; under secure aggregation
    through a SecAgg+ session of its own, :mod:`~fedcpt.server.secure_eval`) while the
-   server evaluates it on its general text, in a thread;
+   server evaluates it on its general text, in a thread (every ``federation.eval_every``
+   rounds, and always each phase's last round and the run's last);
 9. **commit** (:mod:`~fedcpt.server.commit`): the adapter version and the checkpoint
    ``--resume`` uses; then, once the general evaluation is in (by default during the
    next round's training), the **drift** check (:mod:`~fedcpt.server.drift`; a
@@ -178,8 +179,10 @@ def run_round(fed: Federation, server_round: int, global_arrays: ArrayRecord,
         new_arrays, accepted, details = apply_steps(fed.steps, server_round, global_arrays,
                                                     attempt.aggregate, examples)
         fed.recorder.record_train(server_round, reports, failures, accepted, details)
-    general = start_general(fed, new_arrays)  # runs while the sites evaluate
-    evaluate_sites(fed, server_round, new_arrays)
+    general = None
+    if fed.cfg.evaluates(server_round):  # federation.eval_every
+        general = start_general(fed, new_arrays)  # runs while the sites evaluate
+        evaluate_sites(fed, server_round, new_arrays)
     moved = new_arrays is not global_arrays
     return commit(fed, server_round, new_arrays, general, global_arrays if moved else None)
 
@@ -373,6 +376,14 @@ def collect_train(server_round: int, replies: Iterable[Message], sampled: set[in
     for node in sorted(sampled - replied):
         out.failures.append(f"node-{node}: no reply within the round timeout")
         log.warning("round %d: node %d did not reply in time", server_round, node)
+    # Replies arrive in the order the sites finish, and a float sum depends on its order:
+    # the updates are aggregated (and reported) in site-name order instead, so the same
+    # seed gives the same adapter, bit for bit (node ids only break ties: Flower draws them
+    # at random in a simulation).
+    ranked = sorted(zip(out.accepted.items(), out.reports, strict=True),
+                    key=lambda pair: (pair[1].site, pair[0][0]))
+    out.accepted = dict(item for item, _ in ranked)
+    out.reports = [report for _, report in ranked]
     return out
 
 
@@ -385,5 +396,5 @@ def collect_evaluate(server_round: int, replies: Iterable[Message]) -> list[Site
         except UpdateRejected as err:
             log.warning("round %d: evaluation failed at site %s: %s", server_round,
                         site_name(msg), err)
-    return reports
+    return sorted(reports, key=lambda report: report.site)  # as collect_train's order
 

@@ -20,8 +20,8 @@ from typing import Protocol
 
 from fedcpt.config import RunConfig
 from fedcpt.exceptions import ConfigError
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.records import RoundRecord, Summary
-from fedcpt.server.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from mlflow.utils.validation import (
 )
 
 from fedcpt.config import RunConfig
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.records import RoundRecord, Summary
-from fedcpt.server.run_folder import RunFolder
 from fedcpt.server.tracking import round_metrics, summary_metrics
 
 RUN_ID_TAG = "fedcpt.run_id"

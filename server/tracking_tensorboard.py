@@ -8,8 +8,8 @@ from pathlib import Path
 from torch.utils.tensorboard import SummaryWriter
 
 from fedcpt.config import RunConfig
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.records import RoundRecord, Summary
-from fedcpt.server.run_folder import RunFolder
 from fedcpt.server.tracking import round_metrics, summary_metrics
 
 

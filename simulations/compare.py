@@ -46,7 +46,6 @@ ARMS: dict[str, list[str]] = {
     "rehearsal-distill": ["strategy.rehearsal=mix", "strategy.distillation=both"],
 }
 DP_EPSILON = 8.0  # the budget of a DP arm unless ``epsilons`` says otherwise
-FRONTIER_EPSILONS = (1.0, 2.0, 4.0, 8.0)
 # Retention measures of a summary's `retention` section: (group, field); each is 0 at the
 # base model and higher is worse, so "removed" is the share of FedAvg's value taken away.
 RETENTION = {

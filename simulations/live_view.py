@@ -143,7 +143,8 @@ class LiveView:
         if event is not None:
             self.state.apply(event)
             text = line[line.index("progress "):]
-            # Not a terminal: the event as a plain line (once: Flower streams lines twice).
+            # Not a terminal: the event as a plain line, once (a root handler that a library
+            # installs, as Opacus does on import, would stream it a second time).
             if self._live is None and text != self._last_printed:
                 # soft_wrap: one event, one line, however narrow the console
                 self.console.print(text, markup=False, highlight=False, soft_wrap=True)

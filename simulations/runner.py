@@ -24,8 +24,8 @@ from fedcpt.privacy.plan import SitePlan, plan_run
 from fedcpt.privacy.policy import accept_proposal
 from fedcpt.privacy.release import eval_reservation
 from fedcpt.privacy.secagg.identity import SIMULATION_IDENTITIES_ENV
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.app import general_eval_blocks, with_default_ledger_dir
-from fedcpt.server.run_folder import RunFolder
 from fedcpt.simulations.superlink import LocalSuperLink
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,9 @@ def preflight(cfg: RunConfig, run_id: str = "") -> list[SitePlan]:
     """Load the model (fetching it if needed) and every data source once; with DP on, open
     each site's ledger and plan its noise (raising for impossible budgets or bad ledgers).
 
-    The server runs in this process, so the model loaded here is the one it uses."""
+    It runs in the CLI's process, before the SuperLink starts: loading here fetches the
+    model into the local cache and fails early. The ServerApp and the ClientApps run in
+    their own processes and load the model again."""
     lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
     if cfg.federation.initial_adapter:
         load_version(cfg.federation.initial_adapter, lm.initial_adapter)

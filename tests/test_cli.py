@@ -178,3 +178,14 @@ def test_a_runtime_failure_keeps_the_run_log_it_points_to(tmp_path, monkeypatch)
             lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
     assert result.exit_code != 0 and isinstance(result.exception, SimulationFailed)
     assert "timed out during startup" in (out / "run.log").read_text()
+
+
+def test_scenarios_lists_each_description_whole_and_wrapped():
+    proc = run_cli("scenarios", columns=80)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    text = " ".join(line.strip() for line in lines)
+    assert ("smoke Smoke: three tiny sites, a tiny random Llama and a byte tokenizer -- the "
+            "same code path as the real scenario, finishing in about a minute. ") in \
+        " ".join(text.split()) + " "

@@ -366,3 +366,26 @@ def test_committed_reference_is_current():
     assert committed == reference_markdown(), (
         "docs/configuration.md is stale: run "
         "`python -m fedcpt.config.reference > docs/configuration.md`")
+
+
+def test_eval_every_evaluates_every_kth_round_the_last_and_each_phase_end():
+    cfg = load_config("smoke", overrides=["federation.rounds=7", "federation.eval_every=3"])
+    assert [r for r in range(8) if cfg.evaluates(r)] == [0, 3, 6, 7]
+    assert all(load_config("smoke").evaluates(r) for r in range(3))  # default: every round
+    phased = load_config("smoke-phases", overrides=["federation.eval_every=100"])
+    ends = [0] + [ph.last_round for ph in phased.phase_plan()]
+    assert [r for r in range(phased.federation.rounds + 1) if phased.evaluates(r)] == ends
+
+
+def test_eval_every_below_one_is_refused():
+    with pytest.raises(ConfigError, match="federation.eval_every"):
+        FederationConfig(eval_every=0)
+
+
+@pytest.mark.parametrize("name", scenario_names())
+def test_each_scenario_summary_is_one_whole_sentence(name):
+    from fedcpt.config.loading import scenario_summary
+
+    summary = scenario_summary(name)
+    assert summary.endswith((".", "!", "?")), summary
+    assert "#" not in summary and len(summary) > 20

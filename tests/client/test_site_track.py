@@ -32,8 +32,8 @@ from fedcpt.core.training import train_adapter
 from fedcpt.exceptions import ConfigError, DataError
 from fedcpt.privacy.attestation import merkle_root, unit_hashes
 from fedcpt.privacy.ledger import PrivacyLedger
-from fedcpt.server.run_folder import RunFolder
-from fedcpt.server.versions import (
+from fedcpt.runfolder.paths import RunFolder
+from fedcpt.runfolder.versions import (
     export_version,
     merged_version,
     run_config,

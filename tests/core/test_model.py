@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from peft import PeftModel
 
 from fedcpt.config import LoraSettings, ModelConfig
+from fedcpt.core.assets import gguf_progress_on_terminals_only
 from fedcpt.core.model import (
     AdaptedModel,
     byte_tokenizer,
@@ -102,3 +105,27 @@ def test_bad_lora_target_module():
 def test_cuda_requested_without_cuda():
     with pytest.raises(ModelError, match=r"model\.device is 'cuda' but no CUDA device"):
         resolve_device(ModelConfig(name="tiny-llama", device="cuda"))
+
+
+def _gguf_bar(stream) -> str:
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...",
+                             file=stream):
+        pass
+    return stream.getvalue()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_gguf_conversion_bar_stays_out_of_logs_and_pipes():
+    """transformers' GGUF reader calls tqdm itself; during the conversion its bar is shown
+    on a terminal and nowhere else (a log file, CI's pipe, the streamed run.log)."""
+    assert "GGUF" in _gguf_bar(io.StringIO())  # transformers alone prints it into a pipe
+    with gguf_progress_on_terminals_only():
+        assert _gguf_bar(io.StringIO()) == ""
+        assert "GGUF" in _gguf_bar(_Terminal())
+    assert "GGUF" in _gguf_bar(io.StringIO())  # restored afterwards

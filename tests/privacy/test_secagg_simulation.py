@@ -18,8 +18,8 @@ from fedcpt.privacy.accounting import epsilon
 from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import MASKED, STATE
+from fedcpt.runfolder.versions import list_versions
 from fedcpt.server.attestations import verify_run_version
-from fedcpt.server.versions import list_versions
 from fedcpt.simulations.runner import simulate
 
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from fedcpt.exceptions import ConfigError
-from fedcpt.server.versions import resumable_config
+from fedcpt.runfolder.versions import resumable_config
 
 ROUNDS = 4
 

@@ -19,11 +19,11 @@ from fedcpt.core import protocol as p
 from fedcpt.core.adapters import load_version
 from fedcpt.core.evaluation import EvalResult
 from fedcpt.core.retention import GeneralReport
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.commit import overlaps
 from fedcpt.server.recorder import RunRecorder
 from fedcpt.server.records import read_rounds
 from fedcpt.server.round_loop import Federation, run_rounds
-from fedcpt.server.run_folder import RunFolder
 from fedcpt.strategies.fedavg import AdapterFedAvg
 
 pytestmark = pytest.mark.usefixtures("flower_task")  # Messages are built here
@@ -171,3 +171,56 @@ def test_a_server_killed_while_a_version_awaits_its_evaluation_resumes_and_recor
     assert rows[1].general_loss == pytest.approx(
         3.0 + _saved_fingerprint(folder, 1, fresh_lm.initial_adapter), abs=1e-6)
     assert rows[1].aggregated and rows[1].sites_trained  # its training record survived
+
+
+class CountingGrid(Grid):
+    """:class:`Grid` that also notes the rounds whose adapter the sites evaluated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.evaluated: list[int] = []
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        if messages[0].metadata.message_type == "evaluate":
+            self.evaluated.append(int(messages[0].content[p.CONFIG][p.SERVER_ROUND]))
+        return super().send_and_receive(messages, timeout)
+
+
+def test_eval_every_evaluates_every_kth_round_and_the_last_and_says_which(
+        tmp_path, fresh_lm):
+    grid, general = CountingGrid(), General()
+    fed, folder, arrays, _ = _federation(tmp_path, fresh_lm, grid, general,
+                                         ["federation.eval_every=2"])
+    run_rounds(fed, arrays)
+
+    assert grid.evaluated == [2, 3] and general.calls == 3  # rounds 0, 2 and 3 (the last)
+    rows = read_rounds(folder)
+    assert [(r.round, r.evaluated) for r in rows] == [(0, True), (1, False), (2, True),
+                                                      (3, True)]
+    skipped = rows[1]
+    assert skipped.general_loss is None and skipped.domain_loss is None
+    assert skipped.general_per_kind == {} and skipped.domain_per_site == {}
+    assert skipped.aggregated and skipped.sites_trained  # it trained, and was saved
+    saved = [_saved_fingerprint(folder, r, fresh_lm.initial_adapter) for r in (0, 1)]
+    assert saved[1] - saved[0] == pytest.approx(0.01, abs=1e-6)  # round 1's own version
+    for row in (rows[2], rows[3]):  # the evaluated ones still measure their own version
+        assert row.general_loss == pytest.approx(
+            3.0 + _saved_fingerprint(folder, row.round, fresh_lm.initial_adapter), abs=1e-6)
+    assert json.loads(folder.checkpoint.read_text())["pending"] is None
+
+    fed.recorder.finish()
+    report = folder.report.read_text()
+    assert "Evaluated rounds: 0, 2, 3 (`federation.eval_every = 2`" in report
+    assert "| 1 | — | — |" in report  # round 1's row: trained, not evaluated
+
+
+def test_a_round_left_unevaluated_is_still_checked_for_update_drift(tmp_path, fresh_lm):
+    fed, folder, arrays, _ = _federation(tmp_path, fresh_lm, Grid(), General(),
+                                         ["federation.eval_every=2",
+                                          "monitor.update_drift=3", "monitor.action=flag"])
+    run_rounds(fed, arrays)
+    rows = read_rounds(folder)
+    assert not rows[1].evaluated and rows[1].update_norm is not None
+    assert rows[1].drift["general_loss_rise"] is None  # nothing to compare
+    assert rows[2].drift["general_loss_rise"] is not None  # against round 0, evaluated

@@ -16,11 +16,11 @@ from fedcpt.core import protocol as p
 from fedcpt.core.evaluation import EvalResult
 from fedcpt.core.retention import GeneralReport
 from fedcpt.exceptions import ConfigError, UpdateRejected
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.drift import check_data_drift, good_rounds
 from fedcpt.server.recorder import RunRecorder
 from fedcpt.server.records import read_rounds
 from fedcpt.server.round_loop import Federation, evaluate_sites
-from fedcpt.server.run_folder import RunFolder
 from fedcpt.strategies.base import eval_report
 from tests.server.test_drift import _row
 

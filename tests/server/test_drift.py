@@ -10,9 +10,9 @@ import pytest
 
 from fedcpt.config import MonitorConfig, load_config
 from fedcpt.exceptions import ConfigError
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.drift import check_drift
 from fedcpt.server.records import RoundRecord, read_rounds
-from fedcpt.server.run_folder import RunFolder
 from fedcpt.simulations.runner import simulate
 
 
@@ -148,3 +148,15 @@ def test_the_report_plots_the_signals_and_lists_the_rollback(tmp_path):
                         load_config("smoke", overrides=["monitor.update_drift=3"]))
     assert (tmp_path / "drift.png").is_file()
     assert "| 4 | 9.000 | 9.00 | +1.4000 | yes | 3 |" in lines
+    legend = next(line for line in lines if line.startswith("Global update norm"))
+    assert "(threshold 3×)" in legend and "(threshold off)" in legend  # not "off nats"
+
+
+def test_general_loss_drift_compares_with_the_last_evaluated_rounds():
+    """Under federation.eval_every, unevaluated rounds (no general loss) are skipped."""
+    unevaluated = dataclasses.replace(_row(4, 0.0, 1.1), general_loss=None, evaluated=False)
+    cfg = MonitorConfig(window=2, general_loss_drift=0.3, action="flag")
+    drift = check_drift(cfg, HISTORY + [unevaluated], update_norm=1.0, general_loss=5.0)
+    assert drift.general_loss_rise == pytest.approx(0.4)  # over round 3's 4.6
+    assert check_drift(cfg, HISTORY, update_norm=1.0, general_loss=None).general_loss_rise \
+        is None

@@ -13,8 +13,8 @@ import pytest
 from fedcpt.config import load_config
 from fedcpt.core.adapters import load_version
 from fedcpt.exceptions import ConfigError
+from fedcpt.runfolder.versions import list_versions, version_dir
 from fedcpt.server.forget import CERTIFICATE, certificate_line, certify, plan_forget
-from fedcpt.server.versions import list_versions, version_dir
 from fedcpt.simulations.runner import simulate
 
 

@@ -129,6 +129,44 @@ def test_a_round_averages_the_updates_then_evaluates_every_site_then_commits(com
     assert fed.recorder.sent[1] == arrays_digest(request["arrays"])
 
 
+def _noisy_update(msg: Message, examples: int) -> Message:
+    """An update whose float32 average depends on the order it is summed in."""
+    node = msg.metadata.dst_node_id
+    rng = np.random.default_rng(node)
+    arrays = ArrayRecord({k: Array((rng.standard_normal(s) * 10.0 ** (node - 11))
+                                   .astype(np.float32)) for k, s in SHAPES.items()})
+    return Message(RecordDict({
+        "arrays": arrays,
+        "metrics": MetricRecord({"num-examples": examples, "train-seconds": 0.5}),
+        "site": ConfigRecord({"name": NODES[node]})}), reply_to=msg)
+
+
+class ArrivalGrid(SiteGrid):
+    """Replies in an order of ``arrival`` (the sites finishing in another order)."""
+
+    def __init__(self, arrival) -> None:
+        super().__init__(lambda m, _: _noisy_update(m, examples=m.metadata.dst_node_id))
+        self.arrival = arrival
+
+    def send_and_receive(self, messages, timeout=None):
+        return self.arrival(super().send_and_receive(messages, timeout))
+
+
+def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(committed):
+    """A seed fixes the adapter bit for bit: the sites finish in any order."""
+    runs = []
+    for arrival in (list, lambda replies: list(reversed(replies))):
+        fed = _federation(ArrivalGrid(arrival))
+        runs.append((run_round(fed, 1, _arrays(0.0)), fed.recorder))
+    (first, first_recorder), (second, second_recorder) = runs
+    for key in SHAPES:
+        assert first[key].numpy().tobytes() == second[key].numpy().tobytes()
+    reports = [[r.site for r in rec.train[1][0]] for rec in (first_recorder, second_recorder)]
+    assert reports == [["east", "north", "south"]] * 2  # and reported in one order
+    evaluated = [[r.site for r in rec.evaluate[1]] for rec in (first_recorder, second_recorder)]
+    assert evaluated == [["east", "north", "south"]] * 2
+
+
 def test_sites_per_round_samples_that_many_sites(committed):
     grid = SiteGrid(lambda m, _: _update(m, 1.0))
     fed = _federation(grid, sites_per_round=2, eval_sites_per_round=1)

@@ -13,10 +13,10 @@ import torch
 from fedcpt.config import ReportConfig
 from fedcpt.core.continuations import Continuation, continuations
 from fedcpt.exceptions import ConfigError
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.records import read_rounds
 from fedcpt.server.report import continuation_lines
 from fedcpt.server.report_html import markdown_to_html
-from fedcpt.server.run_folder import RunFolder
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -12,9 +12,9 @@ from fedcpt.core.behaviour import AnswerRetention
 from fedcpt.core.evaluation import EvalResult
 from fedcpt.core.retention import GeneralReport
 from fedcpt.privacy.secagg.eval_sum import EvalSum
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.recorder import RunRecorder
 from fedcpt.server.records import read_rounds
-from fedcpt.server.run_folder import RunFolder
 from fedcpt.server.secure_eval import aggregate_report
 from fedcpt.strategies.base import SiteTrainReport
 

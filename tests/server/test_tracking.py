@@ -15,8 +15,8 @@ import pytest
 
 from fedcpt.config import load_config
 from fedcpt.exceptions import ConfigError
+from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.records import RoundRecord
-from fedcpt.server.run_folder import RunFolder
 from fedcpt.server.tracking import metric_name, round_metrics, tracking_observers
 
 pytest.importorskip("mlflow")
@@ -97,7 +97,7 @@ def test_tracking_off_imports_no_tracker(tmp_path):
         from fedcpt.config import load_config
         from fedcpt.server.app import run_federation  # the server app and its recorder
         from fedcpt.client.app import app  # the site app
-        from fedcpt.server.run_folder import RunFolder
+        from fedcpt.runfolder.paths import RunFolder
         from fedcpt.server.tracking import tracking_observers
         cfg = load_config("smoke")
         assert tracking_observers(cfg, RunFolder({str(tmp_path)!r})) == []

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from fedcpt.config import load_config
 from fedcpt.core.adapters import load_version
 from fedcpt.exceptions import ConfigError
-from fedcpt.server.versions import continue_from, export_version, list_versions, version_dir
+from fedcpt.runfolder.versions import continue_from, export_version, list_versions, version_dir
 from fedcpt.simulations.runner import simulate
 
 

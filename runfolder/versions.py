@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedcpt.config import RunConfig, build
 from fedcpt.exceptions import ConfigError
-from fedcpt.server.run_folder import RunFolder
+from fedcpt.runfolder.paths import RunFolder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
