@@ -77,7 +77,7 @@ def test_half_precision_base_trains_an_fp32_adapter(base_dtype):
 
 
 def test_four_bit_base_trains_plain_and_dp():
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb  # the test extra installs it
     lm = load_adapted_model(ModelConfig(name="tiny-llama", quantization="4bit"), LORA, seed=0)
     quantised = [m for m in lm.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantised) == 2 * 7  # every linear layer of both decoder layers
@@ -94,7 +94,6 @@ def test_four_bit_without_bitsandbytes_is_one_clear_error(monkeypatch):
 
 
 def test_four_bit_config():
-    pytest.importorskip("bitsandbytes")
     q = quantization_config(ModelConfig(quantization="4bit", precision="fp32"), CPU)
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
     assert q.bnb_4bit_compute_dtype == torch.float32  # fp32 asked: no bf16 compute
@@ -109,7 +108,6 @@ def test_four_bit_config():
 def test_smoke_simulation_on_a_four_bit_base(tmp_path, sites_config):
     """The smoke federation on a 4-bit base: every round aggregates, the domain loss
     falls, and each site uploads the same fp32 adapter bytes as on an fp32 base."""
-    pytest.importorskip("bitsandbytes")
     from fedcpt.simulations.runner import simulate
 
     cfg = load_config("smoke", config_file=sites_config,

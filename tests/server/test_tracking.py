@@ -19,9 +19,6 @@ from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.records import RoundRecord
 from fedcpt.server.tracking import metric_name, round_metrics, tracking_observers
 
-pytest.importorskip("mlflow")
-pytest.importorskip("tensorboard")
-
 
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory, sites_config):
@@ -42,6 +39,7 @@ def _sites_with_epsilon(rows: list[dict]) -> set[str]:
     return {site for r in rows for site in r["epsilon_per_site"]}
 
 
+@pytest.mark.slow  # the tracked_run fixture is a real simulation
 def test_mlflow_run_reads_back_with_mlflow(tracked_run):
     from mlflow.tracking import MlflowClient
 
@@ -74,6 +72,7 @@ def test_mlflow_run_reads_back_with_mlflow(tracked_run):
     assert "adapter/adapter_model.safetensors" in adapter
 
 
+@pytest.mark.slow  # the tracked_run fixture is a real simulation
 def test_tensorboard_events_read_back_with_tensorboard(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
