@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 import zlib
 
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Message
 
-from fedcpt.client.request import load_request
-from fedcpt.client.site import open_ledger, policy_for, require_dp, resolve_site, site_blocks
+from fedcpt.client.request import SiteRequest
+from fedcpt.client.site import open_ledger, require_dp
 from fedcpt.client.update_cache import (
     StoredUpdate,
     UpdateCache,
@@ -36,29 +36,24 @@ from fedcpt.privacy.release import eval_reservation
 log = logging.getLogger(__name__)
 
 
-def train_update(msg: Message, context: Context,
-                 ) -> tuple[ArrayRecord, dict[str, float], SiteConfig]:
+def train_update(request: SiteRequest) -> tuple[ArrayRecord, dict[str, float]]:
     """The site's trained adapter and metrics (under DP, after the spend is recorded)."""
-    cfg, lm, server_round = load_request(msg)
-    node_config = dict(context.node_config)
-    site = resolve_site(cfg, node_config)
-    policy = policy_for(cfg, site, node_config)
-    blocks = site_blocks(site, cfg.model, cfg.data, policy)
+    cfg, msg, site, policy = request.cfg, request.msg, request.site, request.policy
+    require_dp(cfg, policy)
+    lm, server_round = request.model(), request.server_round
+    blocks = request.blocks()
     lr = cfg.lr_at(server_round)
     anchor = _anchor(cfg, lm, msg)
-    require_dp(cfg, policy)
-    if cfg.privacy.enabled:
-        run_id = str(msg.content[p.CONFIG][p.RUN_ID])
-        arrays, metrics = _train_private(cfg, lm, site, blocks, policy, lr, run_id,
-                                         server_round, anchor, msg.content[p.ARRAYS])
-        return arrays, metrics, site
+    if request.dp_sgd:
+        return _train_private(cfg, lm, site, blocks, policy, lr, str(msg.content[p.CONFIG][
+            p.RUN_ID]), server_round, anchor, msg.content[p.ARRAYS])
     # Seed per (run, site, round): reproducible, different across sites and rounds.
     seed = zlib.crc32(f"{cfg.seed}/{site.name}/{server_round}".encode())
     result = train_adapter(lm, blocks.train, cfg.train, lr=lr, seed=seed, anchor=anchor)
     _log_result(site, server_round, result)
     metrics = {p.TRAIN_LOSS: result.mean_loss, p.NUM_EXAMPLES: result.examples,
                p.TRAIN_SECONDS: result.seconds}
-    return to_arrays(adapter_state(lm.model)), metrics, site
+    return to_arrays(adapter_state(lm.model)), metrics
 
 
 def _log_result(site: SiteConfig, server_round: int, result: TrainResult) -> None:
