@@ -87,7 +87,8 @@ def masked(msg: Message, context: Context) -> Message:
             raise UpdateRejected(f"the site-level clipping norm {ddp.clip:g} exceeds the "
                                  f"update norm bound {bound:g}; nothing is trained")
         participation.claim(context, policy.ledger_path, participation.training_questions(
-            request.run_id, request.server_round, str(state["adapter-digest"])))
+            request.run_id, request.server_round, str(state["adapter-digest"]),
+            fresh_noise=request.dp_sgd))
         arrays, metrics = train_update(request)
         check_update(arrays, reference)
         if ddp is None and bound:

@@ -1,7 +1,7 @@
 """One release per question: which secure sums this site has already joined.
 
-A site sends at most one masked training update per (run, round) and per received
-adapter, and joins at most one un-noised secure-evaluation sum per adapter version. Two
+A site sends at most one masked training update per (run, round) — and without DP-SGD per
+received adapter — and joins at most one un-noised secure-evaluation sum per adapter version. Two
 sums that differ by one site give that site's value by subtraction (attacks 5a and 5b of
 issue 25: a training round re-sent without one site; four evaluations of one adapter over
 different groups of three sites); a site that joins each question once leaves the server
@@ -41,10 +41,13 @@ def record_path(ledger: Path) -> Path:
     return ledger.with_name(name + RECORD_SUFFIX)
 
 
-def training_questions(run_id: str, server_round: int, adapter_digest: str) -> list[str]:
-    """What one masked training update answers: the (run, round), and the adapter it
-    was trained from (a resent round under another run id trains the same update)."""
-    return [f"train/run/{run_id}/round/{server_round}", f"train/adapter/{adapter_digest}"]
+def training_questions(run_id: str, server_round: int, adapter_digest: str,
+                       fresh_noise: bool) -> list[str]:
+    """What one masked training update answers: the (run, round), and — unless DP-SGD
+    trains it with fresh, accounted noise — the adapter it was trained from (without DP a
+    round re-sent under another run id trains the very same update)."""
+    questions = [f"train/run/{run_id}/round/{server_round}"]
+    return questions if fresh_noise else [*questions, f"train/adapter/{adapter_digest}"]
 
 
 def evaluation_questions(adapter_digest: str) -> list[str]:
