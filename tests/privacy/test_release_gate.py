@@ -160,10 +160,11 @@ def _stage_mode(cfg: RunConfig, release: str):
 
 
 MODES = {
-    "plain": ([], "plain"),
-    "DP": (["privacy.enabled=true", "privacy.noise_multiplier=1.0"], "noised"),
+    "plain": (["secagg.mode=off"], "plain"),
+    "DP": (["secagg.mode=off", "privacy.enabled=true", "privacy.noise_multiplier=1.0"],
+           "noised"),
     "SecAgg": (["secagg.mode=on"], "secagg"),
-    "site-level DP": (["privacy.user_level=true"], "plain"),
+    "site-level DP": (["secagg.mode=off", "privacy.user_level=true"], "plain"),
     "distributed DP": (["secagg.mode=on", "privacy.user_level=true",
                         "privacy.user_noise_multiplier=1.0"], "secagg"),
     "DP + SecAgg": (["secagg.mode=on", "privacy.enabled=true",
