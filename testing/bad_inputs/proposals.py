@@ -87,7 +87,7 @@ PROPOSAL = [  # what a hostile server sends; the site must refuse it
              _hostile(["data.heldout_fraction=0.99"]),
              r"refuses `data.heldout_fraction` = 0.99"),
     BadInput("proposal-single-heldout-block", "proposal",
-             _hostile(["data.heldout_blocks=1"], "evaluate"),
+             _hostile(["data.heldout_blocks=1"], "evaluate", **{"eval-release": "plain"}),
              r"refuses `data.heldout_blocks` = 1: a query must cover at least 8"),
     BadInput("proposal-dp-switched-off", "proposal",  # issue 25, attack 3
              _hostile(["privacy.enabled=false"], **{"epsilon-budget": "4"}),
