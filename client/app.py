@@ -3,7 +3,8 @@
 Every message carries the run configuration (``config["run-config"]``, JSON) so the
 same app serves simulations and deployments; a deployed site names its data with
 ``--node-config 'site-name=… data-path=…'``. Only adapter tensors and scalar metrics
-are sent back — never base weights or text. This module holds the handlers; training is
+are sent back — never base weights or text — and every reply leaves through the release
+gate (:mod:`~fedcpt.client.gate`). This module holds the handlers; training is
 in :mod:`~fedcpt.client.train_step`, evaluation in :mod:`~fedcpt.client.eval_step`, the
 SecAgg+ stages in :mod:`~fedcpt.client.secagg_stages` (training and evaluation sessions).
 """
@@ -15,14 +16,15 @@ import logging
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcpt.client import eval_step, secagg_stages
+from fedcpt.client import eval_step, gate, secagg_stages
 from fedcpt.client.attest import attestation_record
 from fedcpt.client.errors import report_site_errors
-from fedcpt.client.request import refusal, run_config
-from fedcpt.client.site import policy_for, require_secagg, resolve_site
+from fedcpt.client.request import request_for
+from fedcpt.client.site import require_secagg
 from fedcpt.client.train_step import train_update
 from fedcpt.client.upload import compact_upload
 from fedcpt.core import protocol as p
+from fedcpt.privacy.gate import QUERY, TRAIN
 from fedcpt.privacy.ledger import SiteRefused
 from fedcpt.privacy.policy import check_site_level_dp
 from fedcpt.privacy.secagg.context import EVALUATE
@@ -39,25 +41,25 @@ app = ClientApp(mods=[report_site_errors, compact_upload, clip_when_asked])
 def train(msg: Message, context: Context) -> Message:
     """Train the received adapter for ``train.local_steps`` steps and return it.
 
-    A site may refuse (an error reply naming the reason): when the round would exceed its
-    privacy budget, when it requires DP and the run has none, or when secure aggregation
-    is required and this message is a plain one.
+    A site may refuse (a generic error reply; the reason in its own log): when the round
+    would exceed its privacy budget, when it requires DP and the run has none, or when
+    secure aggregation is required and this message is a plain one.
     """
+    request = request_for(msg, context)
     try:
-        cfg, node_config = run_config(msg), dict(context.node_config)
-        require_secagg(cfg, node_config, secure=False)
+        require_secagg(request.cfg, request.node_config, secure=False)
         # a site with a floor on site-level noise adds that noise itself, under SecAgg only
-        policy = policy_for(cfg, resolve_site(cfg, node_config), node_config)
-        check_site_level_dp(policy, cfg, None)
-        arrays, metrics, site = train_update(msg, context)
+        check_site_level_dp(request.policy, request.cfg, None)
+        arrays, metrics = train_update(request)
     except SiteRefused as err:
-        return refusal(msg, err, p.BUDGET_EXHAUSTED)
+        return gate.refuse(msg, request.node_config, err, p.BUDGET_EXHAUSTED)
     content = RecordDict({p.ARRAYS: arrays, p.METRICS: MetricRecord(metrics),
-                          p.SITE: ConfigRecord({"name": site.name, "unit": policy.unit})})
-    attestation = attestation_record(msg, node_config, site)
+                          p.SITE: ConfigRecord({"name": request.site.name,
+                                                "unit": request.policy.unit})})
+    attestation = attestation_record(request)
     if attestation is not None:
         content[p.ATTESTATION] = attestation
-    return Message(content=content, reply_to=msg)
+    return gate.send(request, TRAIN, content)
 
 
 # --- Secure aggregation (SecAgg+): the five stages of a round --------------------------
@@ -97,10 +99,9 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Say which site this node is (the server trains only a phase's sites)."""
-    cfg = run_config(msg)
-    site = resolve_site(cfg, dict(context.node_config))
-    return Message(content=RecordDict({p.SITE: ConfigRecord({"name": site.name})}),
-                   reply_to=msg)
+    request = request_for(msg, context)
+    return gate.send(request, QUERY, RecordDict({p.SITE: ConfigRecord(
+        {"name": request.site.name})}))
 
 
 @app.evaluate()

@@ -9,11 +9,9 @@ import logging
 import os
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord
 
-from fedcpt.client.request import run_config
-from fedcpt.client.site import policy_for, site_blocks
-from fedcpt.config import SiteConfig
+from fedcpt.client.request import SiteRequest
 from fedcpt.core import protocol as p
 from fedcpt.core.adapters import arrays_digest
 from fedcpt.privacy.attestation import Attestation, attest, attestation_salt
@@ -40,22 +38,18 @@ def has_identity(node_config: dict) -> bool:
                 and bool(os.environ.get(SIMULATION_IDENTITIES_ENV))))
 
 
-def attestation_record(msg: Message, node_config: dict, site: SiteConfig,
-                       ) -> ConfigRecord | None:
+def attestation_record(request: SiteRequest) -> ConfigRecord | None:
     """The signed statement for this training reply, or None (logged) without an identity:
     the reply is then unattested, never given a made-up attestation. The blocks are the
     ones training used (:func:`site_blocks` is cached per process)."""
+    site, node_config, policy = request.site, request.node_config, request.policy
     if not has_identity(node_config):
         log.info("site %s has no signing identity: its update is sent unattested", site.name)
         return None
-    cfg = run_config(msg)
-    policy = policy_for(cfg, site, node_config)
-    blocks = site_blocks(site, cfg.model, cfg.data, policy)
     salt = site_salt(policy)
-    config = msg.content[p.CONFIG]
-    run_id, server_round = str(config[p.RUN_ID]), int(config[p.SERVER_ROUND])
-    attestation = attest(identity_for(node_config), blocks, site=site.name, run_id=run_id,
-                         server_round=server_round,
+    msg = request.msg
+    attestation = attest(identity_for(node_config), request.blocks(), site=site.name,
+                         run_id=request.run_id, server_round=request.server_round,
                          global_sha256=arrays_digest(msg.content[p.ARRAYS]),
                          policy_record=policy.record(), salt=salt)
     if policy.ledger_path:

@@ -4,7 +4,8 @@ keys, shares and signatures only, signed with this site's identity
 (:mod:`fedcpt.privacy.secagg.identity`); stage 3 trains as a plain round does, checks the
 update here (the server will only see the sum), then sends it quantised and masked — with
 site-level DP on, clipped and noised here first (:mod:`fedcpt.privacy.secagg.ddp`). A
-check that fails is an error reply naming it."""
+check that fails is a generic error reply (:func:`fedcpt.client.gate.refuse`; the reason
+is in the site's log)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ from collections.abc import Callable
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedcpt.client import gate
 from fedcpt.client.attest import attestation_record
-from fedcpt.client.request import refusal, run_config
-from fedcpt.client.site import policy_for, resolve_site
+from fedcpt.client.request import SiteRequest, request_for
 from fedcpt.client.train_step import train_update
 from fedcpt.core import protocol as p
 from fedcpt.core.adapters import check_update, update_norm
 from fedcpt.exceptions import FedcptError, UpdateRejected
+from fedcpt.privacy.gate import MASKED_TRAIN, SECAGG_STAGE, Mode
 from fedcpt.privacy.ledger import SiteRefused
 from fedcpt.privacy.policy import check_reconstruction_threshold, check_site_level_dp
+from fedcpt.privacy.secagg import participation
 from fedcpt.privacy.secagg import site as secagg_site
 from fedcpt.privacy.secagg.context import TRAIN
 from fedcpt.privacy.secagg.ddp import DistributedDP
@@ -35,12 +38,12 @@ log = logging.getLogger(__name__)
 
 def _secagg_stage(msg: Message, context: Context,
                   stage: Callable[[ConfigRecord, SiteIdentity], ConfigRecord]) -> Message:
+    node_config = dict(context.node_config)
     try:
-        record = stage(msg.content.config_records[STATE],
-                       identity_for(dict(context.node_config)))
+        record = stage(msg.content.config_records[STATE], identity_for(node_config))
     except FedcptError as err:
-        return refusal(msg, err)
-    return Message(RecordDict({STATE: record}), reply_to=msg)
+        return gate.refuse(msg, node_config, err, p.UPDATE_REFUSED)
+    return gate.release(msg, node_config, Mode(SECAGG_STAGE), RecordDict({STATE: record}))
 
 
 def setup(msg: Message, context: Context, purpose: str = TRAIN) -> Message:
@@ -58,44 +61,68 @@ def share_keys(msg: Message, context: Context, purpose: str = TRAIN) -> Message:
 
 
 def masked(msg: Message, context: Context) -> Message:
-    """Stage 3: check that the adapter and config are those the round committed to and
-    that the threshold and the site-level noise meet this site's floors (its policy),
-    train, check the update against ``federation.max_update_norm``, then send it quantised
-    (noised, under site-level DP) and masked."""
+    """Stage 3: check that the adapter and config are those the round committed to, that
+    the threshold and the site-level noise meet this site's floors (its policy) and that
+    this site has not yet sent an update for this run, round or adapter
+    (:mod:`~fedcpt.privacy.secagg.participation`); train, check the update against
+    ``federation.max_update_norm``, then send it quantised (noised, under site-level DP)
+    and masked. Under DP nothing about the training but the masked update leaves."""
+    node_config = dict(context.node_config)
     try:
         secagg_site.receive_shares(context, msg.content.config_records[STATE],
                                    msg.content[p.ARRAYS], msg.content[p.CONFIG])
-        cfg, reference = run_config(msg), msg.content[p.ARRAYS]
+        request = request_for(msg, context)
+        cfg, reference = request.cfg, msg.content[p.ARRAYS]
         state = context.state.config_records[STATE]
         params = SecAggParams.from_record(state)
         ddp = DistributedDP.for_config(cfg, params.threshold, len(state["participants"]),
                                        vector_length(reference) - 1)
-        node_config = dict(context.node_config)  # the site's floors, before anything trains
-        policy = policy_for(cfg, resolve_site(cfg, node_config), node_config)
+        policy = request.policy  # the site's floors, before anything trains
         check_reconstruction_threshold(policy, *secagg_site.reconstruction(context))
         check_site_level_dp(policy, cfg, ddp)
-        arrays, metrics, site = train_update(msg, context)
+        bound = cfg.federation.max_update_norm
+        if ddp is not None and bound and ddp.clip > bound:
+            # decided on public values: the update is clipped to C before it is noised,
+            # so a bound below C is all a refusal after training could reveal
+            raise UpdateRejected(f"the site-level clipping norm {ddp.clip:g} exceeds the "
+                                 f"update norm bound {bound:g}; nothing is trained")
+        participation.claim(context, policy.ledger_path, participation.training_questions(
+            request.run_id, request.server_round, str(state["adapter-digest"]),
+            fresh_noise=request.dp_sgd))
+        arrays, metrics = train_update(request)
         check_update(arrays, reference)
-        norm = update_norm(arrays, reference)
-        if cfg.federation.max_update_norm and norm > cfg.federation.max_update_norm:
-            log.warning("site %s: update norm %.3f exceeds the bound %s; not sent", site.name,
-                        norm, cfg.federation.max_update_norm)
-            # the norm itself stays here: it is a release about the site's data
-            raise UpdateRejected(f"the update exceeds the norm bound "
-                                 f"{cfg.federation.max_update_norm}; not sent")
+        if ddp is None and bound:
+            _check_norm(request, arrays, reference, bound)
         vector = encode(arrays, reference, int(metrics[p.NUM_EXAMPLES]), params, ddp)
         masked_vector = secagg_site.mask(context, vector)
-        attestation = attestation_record(msg, node_config, site)
+        attestation = attestation_record(request)
     except SiteRefused as err:
-        return refusal(msg, err, p.BUDGET_EXHAUSTED)
+        return gate.refuse(msg, node_config, err, p.BUDGET_EXHAUSTED)
     except FedcptError as err:
-        return refusal(msg, err)
+        return gate.refuse(msg, node_config, err, p.UPDATE_REFUSED)
+    if ddp is not None:  # site-level noise: the loss and time would leave un-noised
+        metrics = {k: v for k, v in metrics.items() if k != p.TRAIN_LOSS} | {
+            p.TRAIN_SECONDS: 0.0}
     content = RecordDict({p.MASKED: ArrayRecord({p.MASKED_VECTOR: Array(masked_vector)}),
                           p.METRICS: MetricRecord(metrics),
-                          p.SITE: ConfigRecord({"name": site.name, "unit": policy.unit})})
+                          p.SITE: ConfigRecord({"name": request.site.name,
+                                                "unit": policy.unit})})
     if attestation is not None:
         content[p.ATTESTATION] = attestation
-    return Message(content=content, reply_to=msg)
+    return gate.send(request, MASKED_TRAIN, content, site_dp=ddp is not None)
+
+
+def _check_norm(request: SiteRequest, arrays: ArrayRecord, reference: ArrayRecord,
+                bound: float) -> None:
+    """Refuse an update above the norm bound. Without site-level noise: under DP-SGD the
+    update is already paid for (the refusal is post-processing); without DP the site's
+    update is released in the clear to the sum anyway, and the participation record
+    answers each (run, round) once, so retries with other bounds learn nothing more."""
+    norm = update_norm(arrays, reference)
+    if norm > bound:
+        # the norm itself stays here: it is a release about the site's data
+        raise UpdateRejected(f"site {request.site.name}: update norm {norm:.3f} exceeds the "
+                             f"bound {bound:g}; not sent")
 
 
 def consistency(msg: Message, context: Context, purpose: str = TRAIN) -> Message:

@@ -99,7 +99,9 @@ def open_ledger(cfg: RunConfig, policy: SitePolicy, terms: RunTerms) -> PrivacyL
 
 
 def require_dp(cfg: RunConfig, policy: SitePolicy) -> None:
-    """A site with ``require-dp=true`` refuses any round that does not use DP-SGD."""
+    """A site with ``require-dp=true`` — by default, a deployed site that sets a budget or
+    a ledger (:func:`~fedcpt.privacy.policy.site_policy`) — refuses any round that does not
+    use DP-SGD: the server cannot switch it off."""
     if policy.require_dp and not cfg.privacy.enabled:
         raise SiteRefused("this site requires DP-SGD (require-dp) but the run "
                           "has privacy.enabled = false")

@@ -6,17 +6,10 @@ from __future__ import annotations
 import logging
 import zlib
 
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Message
 
-from fedcpt.client.request import load_request, run_config
-from fedcpt.client.site import (
-    lora_rank,
-    open_ledger,
-    policy_for,
-    require_dp,
-    resolve_site,
-    site_blocks,
-)
+from fedcpt.client.request import SiteRequest
+from fedcpt.client.site import open_ledger, require_dp
 from fedcpt.client.update_cache import (
     StoredUpdate,
     UpdateCache,
@@ -45,32 +38,26 @@ from fedcpt.privacy.release import eval_reservation
 log = logging.getLogger(__name__)
 
 
-def train_update(msg: Message, context: Context,
-                 ) -> tuple[ArrayRecord, dict[str, float], SiteConfig]:
+def train_update(request: SiteRequest) -> tuple[ArrayRecord, dict[str, float]]:
     """The site's trained adapter in the global adapter's max-rank layout (a site of a lower
     rank leaves the other components as received) and its metrics (under DP, after the
     spend is recorded)."""
-    cfg, node_config = run_config(msg), dict(context.node_config)
-    site = resolve_site(cfg, node_config)
-    policy = policy_for(cfg, site, node_config)
-    rank = lora_rank(cfg, policy)
-    cfg, lm, server_round = load_request(msg, rank)
-    blocks = site_blocks(site, cfg.model, cfg.data, policy)
-    lr = cfg.lr_at(server_round)
-    anchor = _anchor(cfg, lm, msg, rank)
+    cfg, msg, site, policy = request.cfg, request.msg, request.site, request.policy
     require_dp(cfg, policy)
-    if cfg.privacy.enabled:
-        run_id = str(msg.content[p.CONFIG][p.RUN_ID])
-        arrays, metrics = _train_private(cfg, lm, site, blocks, policy, lr, run_id,
-                                         server_round, anchor, msg.content[p.ARRAYS])
-        return arrays, metrics, site
+    lm, server_round = request.model(), request.server_round
+    blocks = request.blocks()
+    lr = cfg.lr_at(server_round)
+    anchor = _anchor(cfg, lm, msg, request.rank)
+    if request.dp_sgd:
+        return _train_private(cfg, lm, site, blocks, policy, lr, str(msg.content[p.CONFIG][
+            p.RUN_ID]), server_round, anchor, msg.content[p.ARRAYS])
     # Seed per (run, site, round): reproducible, different across sites and rounds.
     seed = zlib.crc32(f"{cfg.seed}/{site.name}/{server_round}".encode())
     result = train_adapter(lm, blocks.train, cfg.train, lr=lr, seed=seed, anchor=anchor)
     _log_result(site, server_round, result)
     metrics = {p.TRAIN_LOSS: result.mean_loss, p.NUM_EXAMPLES: result.examples,
                p.TRAIN_SECONDS: result.seconds}
-    return pad(to_arrays(adapter_state(lm.model)), msg.content[p.ARRAYS]), metrics, site
+    return pad(to_arrays(adapter_state(lm.model)), msg.content[p.ARRAYS]), metrics
 
 
 def _log_result(site: SiteConfig, server_round: int, result: TrainResult) -> None:

@@ -20,8 +20,8 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedcpt.client.request import run_config
-from fedcpt.client.site import lora_rank, policy_for, resolve_site
+from fedcpt.client import gate
+from fedcpt.client.request import request_for
 from fedcpt.core import protocol as p
 from fedcpt.core.upload import encode_upload
 
@@ -38,11 +38,9 @@ def compact_upload(msg: Message, context: Context, call_next: ClientAppCallable)
     if msg.metadata.message_type != MessageType.TRAIN or reply.has_error() or (
             p.ARRAYS not in reply.content.array_records):
         return reply
-    cfg, node_config = run_config(msg), dict(context.node_config)
-    rank = lora_rank(cfg, policy_for(cfg, resolve_site(cfg, node_config), node_config))
-    dtype = cfg.federation.upload_dtype
-    run, server_round = str(msg.content[p.CONFIG][p.RUN_ID]), int(
-        msg.content[p.CONFIG][p.SERVER_ROUND])
+    request = request_for(msg, context)  # the handler's, resolved once
+    rank, dtype = request.rank, request.cfg.federation.upload_dtype
+    run, server_round = request.run_id, request.server_round
     residual = _residual(context.state, run, server_round, rank, dtype)
     wire, left = encode_upload(reply.content[p.ARRAYS], msg.content[p.ARRAYS], rank, dtype,
                                residual)
@@ -51,8 +49,7 @@ def compact_upload(msg: Message, context: Context, call_next: ClientAppCallable)
         context.state[RESIDUAL] = left
         context.state[RESIDUAL_OF] = ConfigRecord({"run": run, "round": server_round,
                                                    "rank": rank, "dtype": dtype})
-    content = RecordDict({**dict(reply.content.items()), p.ARRAYS: wire})
-    return Message(content=content, reply_to=msg)
+    return gate.reencoded(msg, reply, wire)
 
 
 def _residual(state: RecordDict, run: str, server_round: int, rank: int,

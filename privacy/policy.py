@@ -43,6 +43,8 @@ NODE_KEYS = {
     "max-lora-rank": "max_lora_rank",
 }
 POLICY_FILE_KEY = "policy-file"
+DP_BY_DEFAULT = ("site default: DP on, as the site sets an ε budget or a ledger location "
+                 "(`require-dp = false` turns it off)")
 DEFAULT_DELTA_CAP = 1e-5
 SITE_DEFAULTS: dict[str, Any] = {
     "unit": "document", "delta": 0.0, "epsilon_budget": 8.0, "ledger_path": "",
@@ -214,6 +216,12 @@ def site_policy(cfg: RunConfig | None, site: SiteConfig, node_config: dict,
             if name not in values:
                 values[name] = _typed(name, value, where)
                 set_by[name] = where
+    if deployed and "require_dp" not in values and (
+            "epsilon_budget" in values or "ledger_path" in values):
+        # a site that keeps a budget or a ledger has chosen DP: the server cannot switch
+        # it off (turning it off is the site's own `require-dp = false`)
+        values["require_dp"] = True
+        set_by["require_dp"] = DP_BY_DEFAULT
     for name, default in SITE_DEFAULTS.items():
         values.setdefault(name, default)
     if "eval_release" not in values:

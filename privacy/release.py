@@ -5,7 +5,8 @@
   in the privacy report). Still refused below the site's minimum of held-out units.
 - ``noised``: the Gaussian mechanism on per-unit statistics. A query covers exactly
   ``k = data.heldout_blocks`` held-out units (one block each, the first ``k`` in the
-  site's salted order, refused if the site holds fewer); each unit's loss is clipped to
+  site's salted order; a site holding fewer answers anyway, the missing units counting 0,
+  so that whether it answers never depends on its data); each unit's loss is clipped to
   ``[0, L]`` and its ECE to ``[0, 1]``, and their sums get Gaussian noise of std σ·L and σ.
   Removing one unit replaces at most one chosen unit by the next, so each sum moves by at
   most its bound: each statistic is one Gaussian mechanism with noise multiplier σ,
@@ -102,18 +103,20 @@ def release_evaluation(cfg: RunConfig, lm: AdaptedModel, policy: SitePolicy,
     if ledger is None:
         raise PolicyRefused(f"site {policy.site!r} releases only noised evaluations, which "
                             "its ledger must account for, and it has no ledger location")
-    k = check_query(policy, cfg, blocks.heldout_unit_count)
+    # k is public (the query's size): a site holding fewer held-out units answers anyway,
+    # the missing ones counting 0, so whether it answers never depends on its data
+    k = check_query(policy, cfg, None)
     chosen = first_block_per_unit(blocks.heldout, blocks.heldout_units, k)
     queries = 2 + ("noised" not in base_cache)
     sigma = policy.eval_noise_multiplier
     with ledger.locked():
         ledger.check_budget(sigma, EVAL_SAMPLE_RATE, queries, action="evaluate",
                             spend=f"releasing {queries} noised statistics")
-        losses, eces = _per_unit(lm, chosen)
+        losses, eces = _padded(_per_unit(lm, chosen), k)
         base = None
         if "noised" not in base_cache:
             with lm.model.disable_adapter():
-                base = _per_unit(lm, chosen)[0]
+                base = _padded(_per_unit(lm, chosen), k)[0]
         evals = sum(1 for e in ledger.entries if e.run == run_id + EVAL_RUN_SUFFIX)
         ledger.policy = policy.record()
         ledger.record(run_id + EVAL_RUN_SUFFIX, evals + 1, sigma, EVAL_SAMPLE_RATE, queries,
@@ -148,6 +151,16 @@ def _data_drift(record: DataDriftRecord | None, base_cache: dict, run_id: str,
             run=run_id, model=model_digest(lm), measure=measure, data=blocks_digest(blocks),
             base_loss=released[p.DOMAIN_BASE_LOSS], tokens=int(released[p.NUM_EXAMPLES])))
     return {} if base_cache[key] is None else {p.DATA_DRIFT: base_cache[key]}
+
+
+def _padded(stats: tuple[list[float], list[float]], k: int,
+            ) -> tuple[list[float], list[float]]:
+    """Each statistic over exactly ``k`` units: units the site does not hold count 0 (the
+    sum still moves by at most its bound when one unit is removed)."""
+    if len(stats[0]) < k:
+        log.warning("the noised query asks for %d held-out units; this site holds %d, the "
+                    "others count 0", k, len(stats[0]))
+    return tuple(values + [0.0] * (k - len(values)) for values in stats)  # type: ignore[return-value]
 
 
 def _per_unit(lm: AdaptedModel, chosen: torch.Tensor) -> tuple[list[float], list[float]]:

@@ -7,7 +7,6 @@ file — so a data site can audit its spend without the server.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fedcpt.core import protocol as p  # noqa: E402
 from fedcpt.privacy.accounting import epsilon  # noqa: E402
+from fedcpt.privacy.gate import (  # noqa: E402
+    Mode,
+    release_rows,
+    released_paths,
+    site_modes,
+)
 from fedcpt.privacy.ledger import LEDGER_SUFFIX, LedgerError, PrivacyLedger  # noqa: E402
-from fedcpt.privacy.secagg.site import STATE as SECAGG_STATE  # noqa: E402
 
 STATEMENT = (
     "Unit-level differential privacy at each site: the unit is named by the site's own "
@@ -37,89 +40,43 @@ STATEMENT = (
     "below as not covered, and any text shared outside training.")
 
 
-@dataclass(frozen=True)
-class Release:
-    """One quantity a site sends the server, the reply keys that carry it, and whether the
-    site's ε covers it."""
-
-    what: str
-    keys: tuple[str, ...]
-    """Reply record names and metric keys (:mod:`fedcpt.core.protocol`); none for what no
-    key carries."""
-    coverage: str
-
-    def line(self) -> str:
-        return f"{self.what}: {self.coverage}"
-
-
-# Everything a DP site's train, SecAgg+ stage and query replies carry. A key a reply gains
-# must be listed here: tests/privacy/test_releases.py builds the real replies and checks.
-RELEASES = (
-    Release("adapter update (DP-SGD)", (p.ARRAYS, p.MASKED), "covered by ε"),
-    Release("num-examples", (p.METRICS, p.NUM_EXAMPLES),
-            "training: steps × expected batch, data-independent; noised evaluation: the "
-            "query's units × block length, public; plain evaluation: its held-out token "
-            "count, NOT covered by ε (as that release)"),
-    Release("train-seconds", (p.TRAIN_SECONDS,),
-            "not released under DP (sent as 0: it depends on Poisson batch sizes)"),
-    Release("training loss", (p.TRAIN_LOSS,), "not released under DP"),
-    Release("ε, ε (RDP), δ, σ, q and DP steps", p.PRIVACY_METRICS,
-            "public: together they reveal N, the number of training units, which fedcpt "
-            "treats as public"),
-    Release("site name", (p.SITE, "name"), "public (the site's identity)"),
-    Release("kind of privacy unit", ("unit",),
-            "public (the site's policy: what one unit is, e.g. a document)"),
-    Release("training attestation (signed Merkle root of the training units' hashes, "
-            "policy digest, run id, round, received adapter digest, site certificate)",
-            (p.ATTESTATION, "statement", "signature", "certificate"),
-            "NOT covered by ε: a commitment to the exact training unit set. With a ledger "
-            "the unit hashes are keyed with a secret site salt, so the root reveals nothing "
-            "to anyone without it (the site may reveal the salt to prove what it attested); "
-            "without a ledger it is unsalted, and anyone holding a candidate unit set can "
-            "test whether it is exactly the site's. It also reveals N (public anyway)"),
-    Release("SecAgg+ keys, certificate, encrypted shares and signatures",
-            (SECAGG_STATE, "pk1", "pk2", "signature", "cert", "dst", "sealed", "nodes",
-             "shares"),
-            "random or public: independent of the data"),
-    Release("reply timing (Flower's message timestamps, arrival time)", (),
-            "NOT covered by ε: the time a round takes at the site depends on the Poisson "
-            "batch sizes, and fedcpt does not pad it"),
-    Release("refusals (budget exhausted, policy refused)", (),
-            "functions of the public parameters"),
+# What no reply key carries: listed beside the gate's table, which holds every key.
+UNKEYED = (
+    "reply timing (Flower's message timestamps, arrival time): NOT covered by ε — the time "
+    "a round takes at the site depends on the Poisson batch sizes, and fedcpt does not "
+    "pad it",
+    "refusals: one generic sentence per error code (the reason stays in the site's log); "
+    "whether a site refuses depends on public parameters (the run config, its policy, "
+    "which sums it already joined) or is decided after the spend — except where listed "
+    "in docs/privacy.md",
 )
-# A plain evaluate reply's keys; the masked evaluation reply's (under secure aggregation,
-# whatever the release; the only evaluation a `secagg` site sends) carry the vector of
-# fedcpt.privacy.secagg.eval_sum.
-EVAL_KEYS = (p.METRICS, p.NUM_EXAMPLES, p.DOMAIN_LOSS, p.DOMAIN_BASE_LOSS, p.DOMAIN_ECE,
-             p.DATA_DRIFT, p.SITE, "name")
-SECURE_EVAL_KEYS = (p.MASKED, p.SITE, "name")
-SECURE_EVAL = ("under secure aggregation, the held-out token count, loss × tokens, base "
-               "loss × tokens, ECE × tokens (fixed point, clipped to the policy's range) and "
-               "how many were clipped: masked, released only as a sum with the other sites'")
-DRIFT_PLAIN = ("data drift (the base loss minus the mean of the site's earlier runs' released "
-               "base losses; not sent under secure aggregation): released WITHOUT noise, NOT "
-               "covered by ε")
-EVAL_RELEASE = {
-    "nothing": "evaluation: nothing released (no data drift either)",
-    "plain": "evaluation loss, base loss, ECE: released WITHOUT noise, NOT covered by ε "
-             f"(or, {SECURE_EVAL}); {DRIFT_PLAIN}",
-    "noised": "evaluation loss, base loss, ECE: Gaussian mechanism on clipped per-unit "
-              f"values, covered by ε (in the ledger) (or, {SECURE_EVAL}, still noised); data "
-              "drift: computed from the noised base losses this run and earlier runs "
-              "released, post-processing, covered by ε at no extra cost",
-    "secagg": f"evaluation: only {SECURE_EVAL}; never per site, but NOT covered by ε (the "
-              "sum, a federation-wide mean, is released without noise); no data drift",
-}
+
+
+def site_modes_of(ledger: PrivacyLedger) -> tuple[Mode, ...]:
+    """The replies a DP site with this ledger can send (DP-SGD; with or without
+    site-level noise under SecAgg+), under its recorded evaluation policy."""
+    release = ledger.policy.get("eval_release", {}).get("value", "nothing")
+    return (*site_modes(True, False, release), *site_modes(True, True, release))
+
+
+def release_list(modes: tuple[Mode, ...]) -> list[str]:
+    """The release list, produced from the release gate's own table
+    (:mod:`fedcpt.privacy.gate`): every key a reply in ``modes`` sends, with its class."""
+    seen, lines = set(), []
+    for mode in modes:
+        for row in release_rows(mode):
+            line = row.line()
+            if (row.path, row.cls, row.why) not in seen:
+                seen.add((row.path, row.cls, row.why))
+                lines.append(line)
+    return lines + list(UNKEYED)
 
 
 def released_keys(eval_release: str) -> frozenset[str]:
-    """Every reply key the statement accounts for under a site's ``eval_release``."""
-    keys = {k for r in RELEASES for k in r.keys}
-    if eval_release in ("plain", "noised"):
-        keys |= set(EVAL_KEYS)
-    if eval_release != "nothing":
-        keys |= set(SECURE_EVAL_KEYS)
-    return frozenset(keys)
+    """Every reply key (record names and the keys inside them) the gate sends for a DP
+    site whose policy is ``eval_release``."""
+    modes = (*site_modes(True, False, eval_release), *site_modes(True, True, eval_release))
+    return frozenset(part for path in released_paths(modes) for part in path.split("."))
 
 
 def site_table(sites: dict[str, dict[str, Any]]) -> list[str]:
@@ -151,13 +108,11 @@ def site_row(ledger: PrivacyLedger) -> dict[str, Any]:
     trained = [e for e in ledger.entries if e.kind == "train"]
     last = trained[-1] if trained else None
     eps = ledger.epsilon()
-    release = ledger.policy.get("eval_release", {}).get("value", "unknown")
     return {
         "site": ledger.site,
         "unit": ledger.unit,
         "policy": ledger.policy,
-        "releases": [r.line() for r in RELEASES]
-        + [EVAL_RELEASE.get(release, f"evaluation: policy {release!r} (not recorded)")],
+        "releases": release_list(site_modes_of(ledger)),
         "eval_releases": sum(e.steps for e in ledger.entries if e.kind == "eval"),
         "epsilon": eps,
         "epsilon_rdp": ledger.epsilon("rdp"),

@@ -12,7 +12,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_hub import
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import logging  # noqa: E402
 import random  # noqa: E402
+import re  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -70,6 +72,19 @@ def flower_task() -> Iterator[None]:
     can only be built inside one; through Flower's public TaskIdentity setters."""
     with task_identity():
         yield
+
+
+@pytest.fixture
+def site_refusal(caplog) -> Callable[..., None]:
+    """Check a site's refusal as the server and the site see it: the reply is one generic
+    error sentence (no content), and the site's own log names the check that fired."""
+    caplog.set_level(logging.WARNING, logger="fedcpt.client")
+
+    def check(reply, pattern: str) -> None:
+        assert reply.has_error() and not reply.has_content()
+        assert "the reason is in the site's own log" in reply.error.reason, reply.error.reason
+        assert any(re.search(pattern, m) for m in caplog.messages), caplog.messages
+    return check
 
 
 @pytest.fixture(scope="session")

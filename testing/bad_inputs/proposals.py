@@ -1,11 +1,14 @@
 """Server proposals that would loosen a site's privacy policy, each fed to the site's real
-ClientApp handlers as a hostile server would send it. Each must be refused with a reason
-naming the key, and leave the site's ledger byte for byte as it was."""
+ClientApp handlers as a hostile server would send it. Each must be refused — a generic
+reply to the server, the site's own log naming the key — and leave the site's ledger byte
+for byte as it was."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fedcpt.config import load_config
@@ -27,6 +30,23 @@ def _site_data(folder: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def site_log() -> Iterator[list[str]]:
+    """The warnings and errors the site's ClientApp logs meanwhile (its refusal reasons)."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler, logger = Keep(logging.WARNING), logging.getLogger("fedcpt.client")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+
+
 def _hostile(overrides: list[str], handler: str = "train", ledger: bool = True,
              **policy: str) -> Callable[[Path], object]:
     """Send a smoke-dp message with ``overrides`` to a deployed site (unit: user_id)."""
@@ -42,13 +62,15 @@ def _hostile(overrides: list[str], handler: str = "train", ledger: bool = True,
             del context.node_config["ledger-path"]
         before = ledger_path.read_bytes() if ledger_path.exists() else None
         initial = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
-        with task_identity():
+        with task_identity(), site_log() as logged:
             reply = getattr(client_app, handler)(train_message(cfg, RUN, 1, initial), context)
         after = ledger_path.read_bytes() if ledger_path.exists() else None
         if after != before:
             return f"accepted: the ledger changed ({handler})"
         if reply.has_error():
-            raise FedcptError(reply.error.reason)
+            if "the reason is in the site's own log" not in reply.error.reason:
+                return f"refused, but the reply names its reason: {reply.error.reason}"
+            raise FedcptError(" | ".join(logged))  # the site's own check, from its log
         return f"accepted ({handler} replied without an error)"
     return attempt
 
@@ -65,8 +87,11 @@ PROPOSAL = [  # what a hostile server sends; the site must refuse it
              _hostile(["data.heldout_fraction=0.99"]),
              r"refuses `data.heldout_fraction` = 0.99"),
     BadInput("proposal-single-heldout-block", "proposal",
-             _hostile(["data.heldout_blocks=1"], "evaluate"),
+             _hostile(["data.heldout_blocks=1"], "evaluate", **{"eval-release": "plain"}),
              r"refuses `data.heldout_blocks` = 1: a query must cover at least 8"),
+    BadInput("proposal-dp-switched-off", "proposal",  # issue 25, attack 3
+             _hostile(["privacy.enabled=false"], **{"epsilon-budget": "4"}),
+             r"requires DP-SGD \(require-dp\) but the run has privacy.enabled = false"),
     BadInput("proposal-evaluate-when-release-is-nothing", "proposal",
              _hostile([], "evaluate", **{"require-dp": "true"}),
              r"releases no evaluation \(eval_release = nothing"),

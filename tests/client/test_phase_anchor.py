@@ -32,7 +32,7 @@ def _train(context, start: ArrayRecord | None):
 
 def test_training_is_pulled_toward_the_adapter_the_phase_began_from(tmp_path, write_text):
     context = site_context(str(write_text("clinic.txt")), tmp_path / "clinic.ledger.json",
-                           name="clinic")
+                           name="clinic", **{"require-dp": "false"})  # a run without DP
     initial = load_adapted_model(CFG.model, CFG.lora, CFG.seed).initial_adapter
     # an earlier phase's solution: B moved away from 0 (a real ΔW = BA)
     start = ArrayRecord({k: Array(a.numpy() + (0.05 if "lora_B" in k else 0.0))
@@ -49,7 +49,7 @@ def test_the_phase_anchor_and_site_level_dp_are_a_config_error():
 
 def test_a_request_without_the_phase_start_is_refused(tmp_path, write_text):
     context = site_context(str(write_text("clinic.txt")), tmp_path / "clinic.ledger.json",
-                           name="clinic")
+                           name="clinic", **{"require-dp": "false"})  # a run without DP
     with pytest.raises(UpdateRejected, match="carries no 'anchor' record"):
         _train(context, None)  # Flower's runtime replies with the error
 

@@ -30,10 +30,11 @@ def site_paths(sites_config: Path) -> dict[str, str]:
 def node_config(site: str, data_path: str, ledger_dir: Path, extra: str = "") -> str:
     # Each test site is one generated text file of ~20 passages, its privacy unit: it holds
     # about two held-out passages, so (as the smoke scenario's [site_policy] does for its
-    # simulated sites) it lets a plain evaluation query cover as few as one.
+    # simulated sites) it lets a plain evaluation query cover as few as one. A site with a
+    # ledger has DP on by default; these run the non-DP smoke scenario, by their own choice.
     return (f'site-name="{site}" data-path="{data_path}" privacy-unit="passage" '
             f'eval-min-units=1 ledger-path="{ledger_dir / f"{site}.ledger.json"}" '
-            f'{extra}').strip()
+            f'require-dp=false {extra}').strip()
 
 
 def start_sites(fed: LocalFederation, paths: dict[str, str],

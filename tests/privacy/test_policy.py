@@ -14,7 +14,7 @@ from fedcpt.core.model import load_adapted_model
 from fedcpt.exceptions import ConfigError
 from fedcpt.privacy.heldout import HeldoutSplit, SplitError, share_splits
 from fedcpt.privacy.ledger import PrivacyLedger
-from fedcpt.privacy.policy import PolicyRefused, accept_proposal, site_policy
+from fedcpt.privacy.policy import DP_BY_DEFAULT, PolicyRefused, accept_proposal, site_policy
 from fedcpt.privacy.report import site_row
 from fedcpt.testing.bad_inputs.proposals import _hostile, _site_data
 from fedcpt.testing.site_round import site_context, task_identity, train_message
@@ -68,6 +68,24 @@ def test_require_dp_releases_nothing_unnoised_by_default():
     policy = site_policy(None, SITE, deployed(require_dp=True), deployed=True)
     assert policy.eval_release == "nothing"
     assert "require-dp" in policy.who("eval_release")
+
+
+@pytest.mark.parametrize(("keys", "dp"), [
+    ({}, False),  # no budget, no ledger: the run decides (and DP cannot run without a ledger)
+    ({"epsilon_budget": 4.0}, True),
+    ({"ledger_path": "/var/lib/fedcpt/clinic.ledger.json"}, True),
+    ({"ledger_path": "/var/lib/fedcpt/clinic.ledger.json", "require_dp": "false"}, False),
+])
+def test_a_site_with_a_budget_or_ledger_has_dp_on_by_default(keys, dp):
+    """Issue 25, attack 3: the server cannot switch DP off at a site that keeps a budget
+    or a ledger; only the site's own ``require-dp = false`` does."""
+    policy = site_policy(None, SITE, deployed(**keys), deployed=True)
+    assert policy.require_dp is dp
+    if dp:
+        assert policy.who("require_dp") == DP_BY_DEFAULT
+        assert policy.eval_release == "nothing"  # nothing un-noised by default either
+    elif "require_dp" in keys:
+        assert policy.who("require_dp") == "site node config"
 
 
 @pytest.mark.parametrize(("keys", "match"), [
@@ -168,9 +186,9 @@ def _evaluate(tmp_path, **policy):
     return reply, ledger_path
 
 
-def test_release_nothing_returns_no_loss(tmp_path):
+def test_release_nothing_returns_no_loss(tmp_path, site_refusal):
     reply, ledger_path = _evaluate(tmp_path, **{"eval-release": "nothing"})
-    assert reply.has_error() and "releases no evaluation" in reply.error.reason
+    site_refusal(reply, "releases no evaluation")
     assert not ledger_path.exists()
 
 

@@ -1,6 +1,6 @@
 """Everything a DP site's real replies carry is accounted for in the privacy report's
-statement: covered by ε, or listed as released outside it. A key a reply gains without a
-line in :data:`fedcpt.privacy.report.RELEASES` fails here."""
+release list, which is the release gate's own table (:data:`fedcpt.privacy.gate.GATE`): a
+key a reply gains without a line there is dropped by the gate, and fails here."""
 
 from __future__ import annotations
 

@@ -59,8 +59,12 @@ def test_report_names_the_unit_every_release_and_who_set_each_value(tmp_path):
     assert row["unit"] == "field:patient_id" and row["steps"] == 40
     assert row["eval_releases"] == 3
     assert row["noise_multiplier"] == 1.0  # the last DP-SGD round, not the evaluation
-    assert any("covered by ε (in the ledger)" in r for r in row["releases"])
-    assert any(r.startswith("train-seconds: not released") for r in row["releases"])
+    # the release list is the gate's table: each key, each reply, its class
+    assert any(r.startswith("held-out domain loss (`metrics.domain-loss`), evaluate") and
+               ": accounted — Gaussian mechanism, in the ledger" in r for r in row["releases"])
+    assert any(r.startswith("train-seconds (`metrics.train-seconds`), train (DP-SGD)") and
+               ": public — sent as 0 under DP" in r for r in row["releases"])
+    assert not any("`metrics.train-loss`" in r for r in row["releases"])  # not sent
     text = (tmp_path / "privacy_report.md").read_text()
     assert "| unit | field:patient_id | site node config |" in text
     assert "| delta | 0.0 | site default |" in text
@@ -76,9 +80,10 @@ def test_a_secagg_release_is_reported_as_a_sum_with_the_other_sites_outside_epsi
                                 target_epsilon=8.0, unit=policy.unit)
     ledger.policy = policy.record()
     ledger.record("run", 1, 1.0, 0.05, 40)
-    [line] = [r for r in write_privacy_report([ledger], tmp_path)["sites"]["clinic"]["releases"]
-              if r.startswith("evaluation")]
-    assert "released only as a sum with the other sites'" in line
-    assert "never per site" in line and "NOT covered by ε" in line
+    releases = write_privacy_report([ledger], tmp_path)["sites"]["clinic"]["releases"]
+    [line] = [r for r in releases if "masked-evaluate" in r]
+    assert "released only as a sum with the other sites', once per adapter version" in line
+    assert ": released without DP —" in line and "NOT covered by ε" in line
+    assert not any("`metrics.domain-loss`" in r for r in releases)  # never per site
     assert "| eval_release | secagg | site node config |" in (
         tmp_path / "privacy_report.md").read_text()

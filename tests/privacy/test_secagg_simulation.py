@@ -62,7 +62,7 @@ def test_secagg_with_dp_runs_and_spends_exactly_what_dp_alone_spends(
 
 
 @pytest.mark.usefixtures("flower_task")
-def test_a_site_requiring_secagg_refuses_a_plain_training_message(sites_config):
+def test_a_site_requiring_secagg_refuses_a_plain_training_message(sites_config, site_refusal):
     cfg = load_config("smoke", config_file=sites_config)
     lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
     msg = Message(RecordDict({
@@ -72,9 +72,7 @@ def test_a_site_requiring_secagg_refuses_a_plain_training_message(sites_config):
     context = Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
                       node_config={"partition-id": 0, "require-secagg": "true"})
     reply = train(msg, context)
-    assert reply.has_error()
-    assert "requires secure aggregation" in reply.error.reason
-    assert not reply.has_content()  # no adapter leaves the site
+    site_refusal(reply, "requires secure aggregation")  # no adapter leaves the site
 
 
 @pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
@@ -97,7 +95,7 @@ def test_site_level_dp_under_secagg_is_added_by_the_sites(tmp_path, sites_config
 
 
 @pytest.mark.usefixtures("flower_task")
-def test_a_site_refusing_to_mask_does_not_send_its_update_norm(sites_config):
+def test_a_site_refusing_to_mask_does_not_send_its_update_norm(sites_config, site_refusal):
     cfg = load_config("smoke", config_file=sites_config, overrides=[
         "secagg.mode=on", "federation.max_update_norm=1e-9"])  # any trained update exceeds
     lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
@@ -114,5 +112,6 @@ def test_a_site_refusing_to_mask_does_not_send_its_update_norm(sites_config):
     msg = Message(RecordDict({p.ARRAYS: arrays, p.CONFIG: config, STATE: inbound}),
                   dst_node_id=7, message_type=MASKED)
     reply = secagg_masked(msg, context)
-    assert reply.has_error() and not reply.has_content()
-    assert reply.error.reason == "the update exceeds the norm bound 1e-09; not sent"
+    site_refusal(reply, r"update norm [0-9.]+ exceeds the bound 1e-09; not sent")  # its log
+    assert reply.error.reason == ("site partition 0: refused: a check at the site failed; "
+                                  "nothing was sent (the reason is in the site's own log)")
