@@ -20,6 +20,7 @@ from typing import Any
 from fedcpt.config import EVAL_RELEASES, RunConfig, SiteConfig
 from fedcpt.core.data import parse_unit
 from fedcpt.exceptions import ConfigError, DataError
+from fedcpt.privacy.accounting import MIN_DELTA
 from fedcpt.privacy.ledger import LEDGER_SUFFIX, SiteRefused
 from fedcpt.privacy.secagg.ddp import DistributedDP
 
@@ -96,7 +97,9 @@ class SitePolicy:
         except DataError as err:
             raise ConfigError(f"site {self.site!r}: {err} ({self.who('unit')})") from None
         checks = (
-            ("delta", 0 <= self.delta < 1, "in [0, 1) (0: the site default)"),
+            ("delta", self.delta == 0 or MIN_DELTA <= self.delta < 1,
+             f"0 (the site default) or in [{MIN_DELTA:g}, 1): the accountant computes no "
+             "ε below it"),
             ("epsilon_budget", self.epsilon_budget > 0, "> 0"),
             ("heldout_fraction", 0 < self.heldout_fraction < 1, "strictly between 0 and 1"),
             ("eval_release", self.eval_release in EVAL_RELEASES,
@@ -227,7 +230,14 @@ class RunTerms:
     """What a site accepts for one run: its policy, tightened where the server asked."""
 
     delta: float
+    """δ for this run: the site's, or the server's stricter proposal (this run only)."""
     epsilon_budget: float
+    site_delta: float | None = None
+    """The site's own δ, which its ledger keeps (None: ``delta``)."""
+
+    @property
+    def own_delta(self) -> float:
+        return self.delta if self.site_delta is None else self.site_delta
 
 
 def accept_proposal(policy: SitePolicy, cfg: RunConfig, units: int) -> RunTerms:
@@ -250,9 +260,14 @@ def accept_proposal(policy: SitePolicy, cfg: RunConfig, units: int) -> RunTerms:
                 f"site {policy.site!r} refuses `{key}` = {proposed:g}: it would loosen the "
                 f"site's {what} {own:g} ({policy.who(name)}); the server may only propose "
                 "stricter values")
-    delta = min(site_delta, cfg.privacy.target_delta or site_delta)
-    return RunTerms(delta=delta, epsilon_budget=min(policy.epsilon_budget,
-                                                    cfg.privacy.target_epsilon))
+    proposed_delta = cfg.privacy.target_delta if cfg.privacy.enabled else 0.0
+    if proposed_delta and proposed_delta < MIN_DELTA:
+        raise PolicyRefused(
+            f"site {policy.site!r} refuses `privacy.target_delta` = {proposed_delta:g}: "
+            f"below {MIN_DELTA:g}, the smallest δ at which its accountant computes ε")
+    return RunTerms(delta=min(site_delta, proposed_delta or site_delta),
+                    epsilon_budget=min(policy.epsilon_budget, cfg.privacy.target_epsilon),
+                    site_delta=site_delta)
 
 
 def check_query(policy: SitePolicy, cfg: RunConfig, available: int | None) -> int:
