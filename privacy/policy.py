@@ -22,7 +22,7 @@ from fedcpt.core.data import parse_unit
 from fedcpt.exceptions import ConfigError, DataError
 from fedcpt.privacy.accounting import MIN_DELTA
 from fedcpt.privacy.ledger import LEDGER_SUFFIX, SiteRefused
-from fedcpt.privacy.secagg.ddp import DistributedDP
+from fedcpt.privacy.secagg.ddp import MAX_GRID_INFLATION, DistributedDP
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,11 @@ SITE_DEFAULTS: dict[str, Any] = {
     "unit": "document", "delta": 0.0, "epsilon_budget": 8.0, "ledger_path": "",
     "heldout_fraction": 0.1, "eval_min_units": 8, "eval_noise_multiplier": 4.0,
     "eval_loss_bound": 10.0, "require_dp": False, "min_user_noise_multiplier": 0.0,
-    "min_dishonest_fraction": 0.0, "secagg_colluders": 0,
+    "min_dishonest_fraction": 0.0, "secagg_colluders": 1,
 }
+DEFAULT_COLLUDERS_NOTE = (
+    "1: a federation of 3 to 7 sites (docs/deploy.md) cannot rule out that one site "
+    "shares its keys with the server, and a majority threshold falls to one such site")
 
 
 def default_delta(units: int) -> float:
@@ -88,7 +91,7 @@ class SitePolicy:
     secagg_colluders: int
     """Other sites this site assumes may collude with the server: it masks nothing under a
     reconstruction threshold t that k colluders could beat among its n neighbours
-    (it needs 2t > n + k)."""
+    (it needs 2t > n + k). Default 1 (:data:`DEFAULT_COLLUDERS_NOTE`)."""
     set_by: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
@@ -143,8 +146,12 @@ class SitePolicy:
 
     def lines(self) -> list[str]:
         """The policy in force, one line per value with who set it (for `site check`)."""
+        k = self.secagg_colluders
         shown = {"delta": self.delta or "min(1e-5, 1/(10·N))",
-                 "ledger_path": self.ledger_path or "(none)"}
+                 "ledger_path": self.ledger_path or "(none)",
+                 "secagg_colluders": f"{k} (assumes up to {k} other site(s) collude with the "
+                                     f"server: masks only under a threshold t with 2t > n + "
+                                     f"{k} over its n neighbours)"}
         return [f"policy {f.name}: {shown.get(f.name, getattr(self, f.name))} "
                 f"[{self.who(f.name)}]"
                 for f in dataclasses.fields(self) if f.name not in ("site", "set_by")]
@@ -307,6 +314,14 @@ def check_site_level_dp(policy: SitePolicy, cfg: RunConfig, ddp: DistributedDP |
             f"{ddp.noise_multiplier:g}: below the site's floor {floor:g} "
             f"(min_user_noise_multiplier, {policy.who('min_user_noise_multiplier')}); the "
             "server may only propose stricter values")
+    if floor and ddp.grid_inflation > MAX_GRID_INFLATION:
+        raise PolicyRefused(
+            f"site {policy.site!r} refuses the round's noise grid: {ddp.sites} participants "
+            f"leave {ddp.clip_steps:g} grid steps for the clipping norm, and rounding onto "
+            f"them raises the sensitivity {ddp.grid_inflation:.3g}-fold (at most "
+            f"{MAX_GRID_INFLATION:g}); its noise z = {ddp.noise_multiplier:g} would fall "
+            f"below the site's floor {floor:g} per unit of sensitivity "
+            f"(min_user_noise_multiplier, {policy.who('min_user_noise_multiplier')})")
     if cfg.secagg.dishonest_fraction < assumed:
         raise PolicyRefused(
             f"site {policy.site!r} refuses `secagg.dishonest_fraction` = "
