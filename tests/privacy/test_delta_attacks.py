@@ -58,5 +58,5 @@ def test_an_uncomputable_delta_is_refused_before_any_spend(tmp_path):
 
 
 def test_an_accountant_that_cannot_compute_says_so():
-    with pytest.raises(UncomputableEpsilon, match=r"prv accountant cannot compute ε at δ=1e-12"):
-        epsilon([(0.6, 0.2, 3000)], 1e-12)
+    with pytest.raises(UncomputableEpsilon, match=r"prv accountant cannot compute ε at δ=1e-15"):
+        epsilon([(1.0, 0.01, 100)], 1e-15)
