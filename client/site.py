@@ -87,15 +87,16 @@ def lora_rank(cfg: RunConfig, policy: SitePolicy) -> int:
 
 def open_ledger(cfg: RunConfig, policy: SitePolicy, terms: RunTerms) -> PrivacyLedger:
     """The site's own privacy ledger at the policy's ``ledger_path``, under the run's
-    accepted terms (a δ and budget no looser than the site's)."""
+    accepted terms (a δ and budget no looser than the site's; a stricter δ holds for this
+    run only, the ledger keeps the site's)."""
     if not policy.ledger_path:
         raise ConfigError(f"DP is on but site {policy.site!r} has no ledger location: set "
                           f"`{LEDGER_PATH_KEY}` in its --node-config (or policy file); a "
                           "ledger the server places could be reset by the server")
     return PrivacyLedger.open(
-        Path(policy.ledger_path).expanduser(), policy.site, delta=terms.delta,
-        target_epsilon=terms.epsilon_budget, accountant=cfg.privacy.accountant,
-        site_sets_budget=True, unit=policy.unit)
+        Path(policy.ledger_path).expanduser(), policy.site, delta=terms.own_delta,
+        run_delta=terms.delta, target_epsilon=terms.epsilon_budget,
+        accountant=cfg.privacy.accountant, site_sets_budget=True, unit=policy.unit)
 
 
 def require_dp(cfg: RunConfig, policy: SitePolicy) -> None:

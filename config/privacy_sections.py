@@ -69,7 +69,8 @@ class SecAggConfig:
         0, "Neighbours each site shares its secrets with, itself included (0: every sampled "
         "site). Below the number of sampled sites it must be odd.")
     reconstruction_threshold: int = _opt(
-        0, "Shares needed to rebuild a secret (0: a majority of num_shares). A round "
+        0, "Shares needed to rebuild a secret (0: ⌊(num_shares + 1)/2⌋ + 1, the smallest "
+        "that one colluding site cannot beat, which sites assume by default). A round "
         "survives num_shares − threshold dropouts.")
     clipping_range: float = _opt(
         0.0, "Coordinates of each weighted update are clipped to ±this before quantisation "
@@ -87,7 +88,7 @@ class SecAggConfig:
                 "secagg.num_shares", self.num_shares,
                 f"0 (all sampled sites) or >= {MIN_SECAGG_SITES}")
         require(self.reconstruction_threshold >= 0, "secagg.reconstruction_threshold",
-                self.reconstruction_threshold, ">= 0 (0: a majority)")
+                self.reconstruction_threshold, ">= 0 (0: proof against one colluder)")
         require(self.clipping_range >= 0, "secagg.clipping_range", self.clipping_range,
                 ">= 0 (0: federation.max_update_norm)")
         require(2 <= self.quantization_range < 2**31, "secagg.quantization_range",

@@ -54,9 +54,9 @@ class SitePolicySettings:
         "the first components of the global adapter at its own rank (HetLoRA zero-padding, "
         "docs/strategies.md) (default 0: `lora.r`).")
     secagg_colluders: int = _opt(
-        0, "Other sites assumed to collude with the server: rounds whose secure-aggregation "
+        -1, "Other sites assumed to collude with the server: rounds whose secure-aggregation "
         "threshold t over the site's n neighbours does not satisfy 2t > n + k are refused "
-        "before anything is masked (default 0: a majority threshold).")
+        "before anything is masked (-1: the site default, 1; 0 trusts every other site).")
 
     def __post_init__(self) -> None:
         require(self.delta >= 0, "policy.delta", self.delta, ">= 0 (0: site default)")
@@ -74,7 +74,7 @@ class SitePolicySettings:
                 self.min_user_noise_multiplier, ">= 0 (0: site-level DP not required)")
         require(0 <= self.min_dishonest_fraction < 1, "policy.min_dishonest_fraction",
                 self.min_dishonest_fraction, "in [0, 1)")
-        require(self.secagg_colluders >= 0, "policy.secagg_colluders", self.secagg_colluders,
-                ">= 0")
+        require(self.secagg_colluders >= -1, "policy.secagg_colluders",
+                self.secagg_colluders, ">= 0 (-1: the site default)")
         require(self.max_lora_rank >= 0, "policy.max_lora_rank", self.max_lora_rank,
                 ">= 0 (0: the run's lora.r)")

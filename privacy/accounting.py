@@ -19,6 +19,14 @@ from fedcpt.exceptions import ConfigError
 ACCOUNTANTS = ("prv", "rdp")
 Step = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 MAX_SIGMA = 1e3  # noise a thousand times the clipping norm: nothing is learned
+MIN_DELTA = 1e-12
+"""The smallest δ a site accepts: below about 1e-13 Opacus's PRV accountant refuses to
+compute ε for common histories (its floating-point error exceeds δ), and even 1e-12 fails
+for some long ones (:class:`UncomputableEpsilon`)."""
+
+
+class UncomputableEpsilon(ConfigError):
+    """The accountant cannot compute ε for this history at this δ."""
 
 
 def epsilon(history: Sequence[Step], delta: float, accountant: str = "prv") -> float:
@@ -30,9 +38,17 @@ def epsilon(history: Sequence[Step], delta: float, accountant: str = "prv") -> f
         return 0.0
     acc = create_accountant(mechanism=accountant)
     acc.history = entries
+    try:
+        eps = float(acc.get_epsilon(delta=delta))
+    except (ValueError, ArithmeticError) as err:  # PRV's floating-point and domain checks
+        raise UncomputableEpsilon(
+            f"the {accountant} accountant cannot compute ε at δ={delta:.3g} for this "
+            f"history: {err}") from None
+    if eps != eps:  # NaN: no bound at all, never a number to compare with a budget
+        raise UncomputableEpsilon(f"the {accountant} accountant gave no ε at δ={delta:.3g}")
     # PRV's numerical inversion can return ε < 0 at large δ (−0.68 at δ = 0.5); ε is never
     # below 0, and reporting a negative one would be meaningless.
-    return max(0.0, float(acc.get_epsilon(delta=delta)))
+    return max(0.0, eps)
 
 
 def plan_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,

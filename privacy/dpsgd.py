@@ -149,6 +149,12 @@ def train_adapter_dp(
                 grad_sample_mode=privacy.grad_sample_mode)
         # Opacus derives the expected batch from a dataset of items; ours is q · units.
         dp_optimizer.expected_batch_size = q * n_units
+        # Opacus's secure_mode noise: each coordinate is the sum of four Gaussian draws
+        # over 2 (Holohan & Braghin 2021), which the floating-point attacks on a single
+        # draw cannot invert. PrivacyEngine(secure_mode=True) would also swap our
+        # generator for torchcsprng, which has no build for this torch; the flag is
+        # DPOptimizer's own, and our generator is seeded from the OS's CSPRNG.
+        dp_optimizer.secure_mode = True
         try:
             losses, examples, seconds = _run(lm, dp_model, dp_optimizer, loader,
                                              train.max_physical_batch_size, lr, anchor)

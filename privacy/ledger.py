@@ -9,7 +9,8 @@ once: asked for a paid round again, a site resends the update it stored
 corruption and hand edits; it is not a signature (the site owns its ledger).
 The ledger records the site's privacy unit: a history kept for one unit (a document, a
 patient) is never composed with rounds run for another (version-1 ledgers predate units:
-their unit is ``block``). δ can only be tightened once the ledger exists.
+their unit is ``block``). The stored δ is the site's own: only the site's policy
+tightens it; a stricter δ the server proposes applies to its run alone (``run_delta``).
 Ledger files are named ``<site>.ledger.json``.
 """
 
@@ -76,7 +77,11 @@ class PrivacyLedger:
     site : str
         The site's name; a ledger of another site is refused.
     delta : float
-        δ of the site's guarantee, fixed when the ledger is created.
+        δ at which this process reports and checks ε: the site's own, or a stricter one
+        the server proposed for the current run.
+    site_delta : float
+        δ of the site's guarantee, as stored in the file (default: ``delta``); a run's
+        proposal never changes it.
     target_epsilon : float
         The site's total budget.
     accountant : str
@@ -87,10 +92,11 @@ class PrivacyLedger:
 
     def __init__(self, path: Path, site: str, *, delta: float, target_epsilon: float,
                  accountant: str = "prv", entries: list[LedgerEntry] | None = None,
-                 unit: str = "document") -> None:
+                 unit: str = "document", site_delta: float | None = None) -> None:
         self.path = Path(path)
         self.site = site
         self.delta = delta
+        self.site_delta = delta if site_delta is None else site_delta
         self.target_epsilon = target_epsilon
         self.accountant = accountant
         self.unit = unit
@@ -101,17 +107,22 @@ class PrivacyLedger:
     @classmethod
     def open(cls, path: Path, site: str, *, delta: float, target_epsilon: float,
              accountant: str = "prv", site_sets_budget: bool = False,
-             unit: str = "document") -> PrivacyLedger:
+             unit: str = "document", run_delta: float | None = None) -> PrivacyLedger:
         """Load the site's ledger, or start an empty one if the file does not exist yet.
 
-        The budget stored in an existing ledger can be lowered by a run's configuration but
-        only raised by the site itself (``site_sets_budget``: its own policy). A stored δ
-        is kept unless ``delta`` is smaller; a ledger of another unit is refused.
+        ``delta`` is the site's own δ (its policy): a stored δ is kept unless ``delta`` is
+        smaller. ``run_delta``, a stricter δ the server proposed, applies to this run only:
+        ε is reported and checked at it, but it is never written. The budget stored in an
+        existing ledger can be lowered by a run's configuration but only raised by the
+        site itself (``site_sets_budget``: its own policy). A ledger of another unit is
+        refused.
         """
         path = Path(path)
         if not path.exists():
-            return cls(path, site, delta=delta, target_epsilon=target_epsilon,
-                       accountant=accountant, unit=unit)
+            ledger = cls(path, site, delta=delta, target_epsilon=target_epsilon,
+                         accountant=accountant, unit=unit)
+            ledger.for_run(run_delta)
+            return ledger
         ledger = cls.load(path)
         if ledger.site != site:
             raise LedgerError(f"{path} is the ledger of site {ledger.site!r}, not {site!r}")
@@ -120,12 +131,14 @@ class PrivacyLedger:
                 f"{path} holds a history for privacy unit {ledger.unit!r}, but the site's "
                 f"unit is now {unit!r}: histories of different units are never composed; "
                 "give this unit its own ledger-path")
-        if delta < ledger.delta:
-            log.warning("ledger %s: δ tightened from %.3g to %.3g", path, ledger.delta, delta)
-            ledger.delta = delta
-        elif delta > ledger.delta:
-            log.warning("ledger %s keeps its δ=%.3g (the run asked for δ=%.3g)", path,
-                        ledger.delta, delta)
+        if delta < ledger.site_delta:
+            log.warning("ledger %s: the site tightened δ from %.3g to %.3g", path,
+                        ledger.site_delta, delta)
+            ledger.site_delta = ledger.delta = delta
+        elif delta > ledger.site_delta:
+            log.warning("ledger %s keeps its δ=%.3g (the site's policy now says δ=%.3g)",
+                        path, ledger.site_delta, delta)
+        ledger.for_run(run_delta)
         if site_sets_budget or target_epsilon < ledger.target_epsilon:
             ledger.target_epsilon = target_epsilon
         elif target_epsilon > ledger.target_epsilon:
@@ -133,6 +146,15 @@ class PrivacyLedger:
                         ledger.target_epsilon, target_epsilon)
         ledger.accountant = accountant
         return ledger
+
+    def for_run(self, run_delta: float | None) -> None:
+        """Report and check ε at ``run_delta`` for the current run where it is stricter
+        than the site's δ; the file keeps the site's."""
+        self.delta = self.site_delta
+        if run_delta is not None and run_delta < self.site_delta:
+            log.info("ledger %s: this run is held to the server's stricter δ=%.3g (the "
+                     "site's δ=%.3g stays recorded)", self.path, run_delta, self.site_delta)
+            self.delta = run_delta
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[PrivacyLedger]:
@@ -227,7 +249,7 @@ class PrivacyLedger:
         body = {
             "version": LEDGER_VERSION,
             "site": self.site,
-            "delta": self.delta,
+            "delta": self.site_delta,
             "target_epsilon": self.target_epsilon,
             "accountant": self.accountant,
             "unit": self.unit,

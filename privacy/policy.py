@@ -20,8 +20,9 @@ from typing import Any
 from fedcpt.config import EVAL_RELEASES, RunConfig, SiteConfig
 from fedcpt.core.data import parse_unit
 from fedcpt.exceptions import ConfigError, DataError
+from fedcpt.privacy.accounting import MIN_DELTA
 from fedcpt.privacy.ledger import LEDGER_SUFFIX, SiteRefused
-from fedcpt.privacy.secagg.ddp import DistributedDP
+from fedcpt.privacy.secagg.ddp import MAX_GRID_INFLATION, DistributedDP
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,11 @@ SITE_DEFAULTS: dict[str, Any] = {
     "unit": "document", "delta": 0.0, "epsilon_budget": 8.0, "ledger_path": "",
     "heldout_fraction": 0.1, "eval_min_units": 8, "eval_noise_multiplier": 4.0,
     "eval_loss_bound": 10.0, "require_dp": False, "min_user_noise_multiplier": 0.0,
-    "min_dishonest_fraction": 0.0, "secagg_colluders": 0, "max_lora_rank": 0,
+    "min_dishonest_fraction": 0.0, "secagg_colluders": 1, "max_lora_rank": 0,
 }
+DEFAULT_COLLUDERS_NOTE = (
+    "1: a federation of 3 to 7 sites (docs/deploy.md) cannot rule out that one site "
+    "shares its keys with the server, and a majority threshold falls to one such site")
 
 
 def default_delta(units: int) -> float:
@@ -90,7 +94,7 @@ class SitePolicy:
     secagg_colluders: int
     """Other sites this site assumes may collude with the server: it masks nothing under a
     reconstruction threshold t that k colluders could beat among its n neighbours
-    (it needs 2t > n + k)."""
+    (it needs 2t > n + k). Default 1 (:data:`DEFAULT_COLLUDERS_NOTE`)."""
     max_lora_rank: int = 0
     """Highest LoRA rank the site trains (0: the run's ``lora.r``); below ``lora.r`` it
     trains the global adapter truncated to this rank (:mod:`fedcpt.core.ranks`)."""
@@ -102,7 +106,9 @@ class SitePolicy:
         except DataError as err:
             raise ConfigError(f"site {self.site!r}: {err} ({self.who('unit')})") from None
         checks = (
-            ("delta", 0 <= self.delta < 1, "in [0, 1) (0: the site default)"),
+            ("delta", self.delta == 0 or MIN_DELTA <= self.delta < 1,
+             f"0 (the site default) or in [{MIN_DELTA:g}, 1): the accountant computes no "
+             "ε below it"),
             ("epsilon_budget", self.epsilon_budget > 0, "> 0"),
             ("heldout_fraction", 0 < self.heldout_fraction < 1, "strictly between 0 and 1"),
             ("eval_release", self.eval_release in EVAL_RELEASES,
@@ -147,8 +153,12 @@ class SitePolicy:
 
     def lines(self) -> list[str]:
         """The policy in force, one line per value with who set it (for `site check`)."""
+        k = self.secagg_colluders
         shown = {"delta": self.delta or "min(1e-5, 1/(10·N))",
-                 "ledger_path": self.ledger_path or "(none)"}
+                 "ledger_path": self.ledger_path or "(none)",
+                 "secagg_colluders": f"{k} (assumes up to {k} other site(s) collude with the "
+                                     f"server: masks only under a threshold t with 2t > n + "
+                                     f"{k} over its n neighbours)"}
         return [f"policy {f.name}: {shown.get(f.name, getattr(self, f.name))} "
                 f"[{self.who(f.name)}]"
                 for f in dataclasses.fields(self) if f.name not in ("site", "set_by")]
@@ -240,7 +250,14 @@ class RunTerms:
     """What a site accepts for one run: its policy, tightened where the server asked."""
 
     delta: float
+    """δ for this run: the site's, or the server's stricter proposal (this run only)."""
     epsilon_budget: float
+    site_delta: float | None = None
+    """The site's own δ, which its ledger keeps (None: ``delta``)."""
+
+    @property
+    def own_delta(self) -> float:
+        return self.delta if self.site_delta is None else self.site_delta
 
 
 def accept_proposal(policy: SitePolicy, cfg: RunConfig, units: int) -> RunTerms:
@@ -263,9 +280,14 @@ def accept_proposal(policy: SitePolicy, cfg: RunConfig, units: int) -> RunTerms:
                 f"site {policy.site!r} refuses `{key}` = {proposed:g}: it would loosen the "
                 f"site's {what} {own:g} ({policy.who(name)}); the server may only propose "
                 "stricter values")
-    delta = min(site_delta, cfg.privacy.target_delta or site_delta)
-    return RunTerms(delta=delta, epsilon_budget=min(policy.epsilon_budget,
-                                                    cfg.privacy.target_epsilon))
+    proposed_delta = cfg.privacy.target_delta if cfg.privacy.enabled else 0.0
+    if proposed_delta and proposed_delta < MIN_DELTA:
+        raise PolicyRefused(
+            f"site {policy.site!r} refuses `privacy.target_delta` = {proposed_delta:g}: "
+            f"below {MIN_DELTA:g}, the smallest δ at which its accountant computes ε")
+    return RunTerms(delta=min(site_delta, proposed_delta or site_delta),
+                    epsilon_budget=min(policy.epsilon_budget, cfg.privacy.target_epsilon),
+                    site_delta=site_delta)
 
 
 def check_query(policy: SitePolicy, cfg: RunConfig, available: int | None) -> int:
@@ -305,6 +327,14 @@ def check_site_level_dp(policy: SitePolicy, cfg: RunConfig, ddp: DistributedDP |
             f"{ddp.noise_multiplier:g}: below the site's floor {floor:g} "
             f"(min_user_noise_multiplier, {policy.who('min_user_noise_multiplier')}); the "
             "server may only propose stricter values")
+    if floor and ddp.grid_inflation > MAX_GRID_INFLATION:
+        raise PolicyRefused(
+            f"site {policy.site!r} refuses the round's noise grid: {ddp.sites} participants "
+            f"leave {ddp.clip_steps:g} grid steps for the clipping norm, and rounding onto "
+            f"them raises the sensitivity {ddp.grid_inflation:.3g}-fold (at most "
+            f"{MAX_GRID_INFLATION:g}); its noise z = {ddp.noise_multiplier:g} would fall "
+            f"below the site's floor {floor:g} per unit of sensitivity "
+            f"(min_user_noise_multiplier, {policy.who('min_user_noise_multiplier')})")
     if cfg.secagg.dishonest_fraction < assumed:
         raise PolicyRefused(
             f"site {policy.site!r} refuses `secagg.dishonest_fraction` = "

@@ -3,16 +3,19 @@
 - ``nothing``: no loss leaves the site (the evaluation is refused with the reason).
 - ``plain``: loss, base loss and ECE on held-out blocks, *not* covered by ε (listed as such
   in the privacy report). Still refused below the site's minimum of held-out units.
-- ``noised``: the Gaussian mechanism on per-unit statistics. A query covers exactly
-  ``k = data.heldout_blocks`` held-out units (one block each, the first ``k`` in the
-  site's salted order; a site holding fewer answers anyway, the missing units counting 0,
-  so that whether it answers never depends on its data); each unit's loss is clipped to
-  ``[0, L]`` and its ECE to ``[0, 1]``, and their sums get Gaussian noise of std σ·L and σ.
-  Removing one unit replaces at most one chosen unit by the next, so each sum moves by at
-  most its bound: each statistic is one Gaussian mechanism with noise multiplier σ,
-  recorded in the site's ledger as ``(σ, q = 1, 1 step)`` *before* it is released and
-  composed with DP-SGD by the same accountant. Laplace is not offered: Opacus's
-  accountants, which the ledger uses, analyse Gaussian noise only.
+- ``noised``: the discrete Gaussian mechanism on per-unit statistics. A query covers
+  exactly ``k = data.heldout_blocks`` held-out units (one block each, the first ``k`` in
+  the site's salted order; a site holding fewer answers anyway, the missing units
+  counting 0, so that whether it answers never depends on its data); each unit's loss is
+  clipped to ``[0, L]`` and its ECE to ``[0, 1]``, rounded onto a fixed integer grid, and
+  their integer sums get exact discrete Gaussian noise of std σ times the grid's span
+  (:mod:`fedcpt.privacy.discrete_noise`, OpenDP): no floating-point noise ever touches a
+  data-dependent value. Removing one unit replaces at most one chosen unit by the next,
+  so each sum moves by at most its bound: each statistic is one Gaussian-equivalent
+  mechanism, recorded in the site's ledger as ``(σ', q = 1, 1 step)`` with σ' ≤ σ from
+  OpenDP's own zCDP bound, *before* it is released, and composed with DP-SGD by the same
+  accountant. Laplace is not offered: Opacus's accountants, which the ledger uses,
+  analyse Gaussian noise only.
 
 With a data-drift record (:mod:`fedcpt.privacy.data_drift`), a plain or noised release also
 carries ``data-drift``: the released base loss minus the mean of the site's previous runs'
@@ -35,7 +38,6 @@ sum). Without secure aggregation a ``secagg`` site refuses to evaluate.
 from __future__ import annotations
 
 import logging
-import secrets
 
 import torch
 
@@ -45,6 +47,7 @@ from fedcpt.core.data import TokenBlocks, first_block_per_unit, spread
 from fedcpt.core.evaluation import evaluate_blocks
 from fedcpt.core.model import AdaptedModel
 from fedcpt.privacy.data_drift import DataDriftRecord, RunEntry, blocks_digest, model_digest
+from fedcpt.privacy.discrete_noise import accounted_noise_multiplier, noised_mean
 from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.privacy.plan import EVAL_RUN_SUFFIX
 from fedcpt.privacy.policy import PolicyRefused, SitePolicy, accept_proposal, check_query
@@ -109,8 +112,9 @@ def release_evaluation(cfg: RunConfig, lm: AdaptedModel, policy: SitePolicy,
     chosen = first_block_per_unit(blocks.heldout, blocks.heldout_units, k)
     queries = 2 + ("noised" not in base_cache)
     sigma = policy.eval_noise_multiplier
+    accounted = accounted_noise_multiplier(sigma)  # public parameters only
     with ledger.locked():
-        ledger.check_budget(sigma, EVAL_SAMPLE_RATE, queries, action="evaluate",
+        ledger.check_budget(accounted, EVAL_SAMPLE_RATE, queries, action="evaluate",
                             spend=f"releasing {queries} noised statistics")
         losses, eces = _padded(_per_unit(lm, chosen), k)
         base = None
@@ -119,18 +123,17 @@ def release_evaluation(cfg: RunConfig, lm: AdaptedModel, policy: SitePolicy,
                 base = _padded(_per_unit(lm, chosen), k)[0]
         evals = sum(1 for e in ledger.entries if e.run == run_id + EVAL_RUN_SUFFIX)
         ledger.policy = policy.record()
-        ledger.record(run_id + EVAL_RUN_SUFFIX, evals + 1, sigma, EVAL_SAMPLE_RATE, queries,
-                      kind="eval")  # durable before anything is released
+        ledger.record(run_id + EVAL_RUN_SUFFIX, evals + 1, accounted, EVAL_SAMPLE_RATE,
+                      queries, kind="eval")  # durable before anything is released
     bound = policy.eval_loss_bound
-    noise = torch.Generator().manual_seed(secrets.randbits(63))
     if base is not None:
-        base_cache["noised"] = _noised_mean(base, bound, sigma, noise)
+        base_cache["noised"] = noised_mean(base, bound, sigma)
     log.info("site %s released a noised evaluation over %d units (σ=%g)", policy.site, k,
              sigma)
     released = {p.NUM_EXAMPLES: k * (chosen.shape[1] - 1),
-                p.DOMAIN_LOSS: _noised_mean(losses, bound, sigma, noise),
+                p.DOMAIN_LOSS: noised_mean(losses, bound, sigma),
                 p.DOMAIN_BASE_LOSS: base_cache["noised"],
-                p.DOMAIN_ECE: _noised_mean(eces, 1.0, sigma, noise)}
+                p.DOMAIN_ECE: noised_mean(eces, 1.0, sigma)}
     # Post-processing: the drift is the noised base loss just released (and accounted)
     # minus earlier runs' noised releases (accounted then); no new query of the data.
     return released | _data_drift(drift, base_cache, run_id, lm, chosen, released,
@@ -168,10 +171,3 @@ def _per_unit(lm: AdaptedModel, chosen: torch.Tensor) -> tuple[list[float], list
     results = [evaluate_blocks(lm, chosen[i:i + 1], 1) for i in range(len(chosen))]
     return [r.loss for r in results], [r.ece for r in results]
 
-
-def _noised_mean(values: list[float], bound: float, sigma: float,
-                 generator: torch.Generator) -> float:
-    """(Σ clip(v, 0, bound) + N(0, (σ·bound)²)) / k, k the public query size."""
-    total = sum(min(max(v, 0.0), bound) for v in values)
-    noise = float(torch.normal(0.0, sigma * bound, (1,), generator=generator))
-    return (total + noise) / len(values)

@@ -39,6 +39,11 @@ from fedcpt.privacy.secagg.params import MIN_SECAGG_SITES, MODULUS
 _HEADROOM = 2**30
 _BETA = math.exp(-0.5)  # conditional rounding's failure probability per try (the paper's)
 _ROUNDING_TRIES = 100
+MAX_GRID_INFLATION = 1.01
+"""The most a site with a noise floor lets rounding onto the grid raise its sensitivity
+(Δ₂ / C in grid steps). The grid coarsens as the participant count grows: fake
+participant ids would otherwise shrink the noise per unit of sensitivity while z still
+met the floor."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,12 @@ class DistributedDP:
         any_rounding = (c + math.sqrt(d)) ** 2
         conditional = c**2 + d / 4 + math.sqrt(2 * math.log(1 / _BETA)) * (c + math.sqrt(d) / 2)
         return math.sqrt(min(any_rounding, conditional))
+
+    @property
+    def grid_inflation(self) -> float:
+        """Δ₂ / C in grid steps: how much rounding onto this grid raises the sensitivity
+        the noise must cover (1 for an infinitely fine grid)."""
+        return self.l2_bound / self.clip_steps
 
     def rdp(self, orders=DEFAULT_RDP_ORDERS) -> np.ndarray:
         """One round's RDP ε(α) (Proposition 14, Eq. 17, with ``honest`` summands)."""

@@ -118,10 +118,24 @@ def identity_for(node_config: dict) -> SiteIdentity:
                       "--node-config (files from `fedcpt certs`)")
 
 
-@functools.lru_cache(maxsize=1024)
 def _verified_subject(ca_der: bytes, cert_der: bytes) -> tuple[str, bytes]:
     """(site name, raw Ed25519 public key) of a certificate the CA issued for SecAgg
-    signing; UpdateRejected otherwise. Cached: a round checks each certificate often."""
+    signing and valid now; UpdateRejected otherwise. The validity period is checked at
+    every call: a certificate that expires (or is not yet valid) while a site process runs
+    is refused from that moment, whatever was verified before."""
+    name, public, not_before, not_after = _issued_subject(ca_der, cert_der)
+    now = dt.datetime.now(dt.UTC)
+    if not not_before <= now <= not_after:
+        raise UpdateRejected("a site certificate outside its validity period")
+    return name, public
+
+
+@functools.lru_cache(maxsize=1024)
+def _issued_subject(ca_der: bytes, cert_der: bytes,
+                    ) -> tuple[str, bytes, dt.datetime, dt.datetime]:
+    """(site name, raw Ed25519 public key, valid from, valid until) of a certificate the
+    CA issued for SecAgg signing; UpdateRejected otherwise. Cached: a round checks each
+    certificate often, and nothing here depends on the time."""
     try:
         ca = x509.load_der_x509_certificate(ca_der)
         cert = x509.load_der_x509_certificate(cert_der)
@@ -129,9 +143,6 @@ def _verified_subject(ca_der: bytes, cert_der: bytes) -> tuple[str, bytes]:
     except (ValueError, TypeError, InvalidSignature) as err:
         raise UpdateRejected(f"a site certificate the federation CA did not issue: "
                              f"{err or type(err).__name__}") from None
-    now = dt.datetime.now(dt.UTC)
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise UpdateRejected("a site certificate outside its validity period")
     try:
         usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -145,7 +156,8 @@ def _verified_subject(ca_der: bytes, cert_der: bytes) -> tuple[str, bytes]:
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(names) != 1:
         raise UpdateRejected("a SecAgg site certificate without one site name")
-    return str(names[0].value), public.public_bytes_raw()
+    return (str(names[0].value), public.public_bytes_raw(), cert.not_valid_before_utc,
+            cert.not_valid_after_utc)
 
 
 def verify_signed(identity: SiteIdentity, cert_der: bytes, message: bytes,

@@ -95,13 +95,21 @@ class SecAggParams:
             raise ConfigError(f"malformed secure aggregation parameters: {err}") from None
 
 
+def default_threshold(shares: int) -> int:
+    """The smallest threshold t with 2t > n + 1 over n = ``shares`` neighbours: the
+    server with one colluding site cannot show the honest sites two survivor sets and
+    rebuild both secrets of a victim (docs/secagg.md, threat model). Sites assume one
+    colluder by default (``secagg-colluders``) and refuse a lower threshold."""
+    return min((shares + 1) // 2 + 1, shares)
+
+
 def _neighbourhood(cfg: RunConfig, sampled: int) -> tuple[int, int]:
     """num_shares and threshold for a session over ``sampled`` sites."""
     sec = cfg.secagg
     shares = min(sec.num_shares or sampled, sampled)
     if shares < sampled and shares % 2 == 0:
         shares -= 1  # fewer sites answered than configured: keep neighbourhoods symmetric
-    return shares, min(sec.reconstruction_threshold or shares // 2 + 1, shares)
+    return shares, min(sec.reconstruction_threshold or default_threshold(shares), shares)
 
 
 def neighbours(nodes: list[int], node: int, num_shares: int) -> list[int]:

@@ -78,6 +78,9 @@ def _hostile(overrides: list[str], handler: str = "train", ledger: bool = True,
 PROPOSAL = [  # what a hostile server sends; the site must refuse it
     BadInput("proposal-delta-loosened", "proposal", _hostile(["privacy.target_delta=0.2"]),
              r"refuses `privacy.target_delta` = 0.2: it would loosen the site's δ"),
+    BadInput("proposal-delta-uncomputable", "proposal", _hostile(["privacy.target_delta=1e-30"]),
+             r"refuses `privacy.target_delta` = 1e-30: below 1e-12, the smallest δ at which "
+             r"its accountant computes ε"),
     BadInput("proposal-budget-raised", "proposal", _hostile(["privacy.target_epsilon=50"]),
              r"refuses `privacy.target_epsilon` = 50: it would loosen the site's ε budget 8"),
     BadInput("proposal-ledger-placed-by-server", "proposal",

@@ -157,3 +157,20 @@ def test_ffa_lora_trains_only_b(fresh_lm, text_blocks):
     assert any(not torch.equal(before[k], after[k]) for k in before if "lora_B" in k)
     # A trains again outside DP-SGD: the cached model is restored
     assert all(p.requires_grad for n, p in fresh_lm.model.named_parameters() if "lora_A" in n)
+
+
+def test_dp_sgd_noise_is_opacus_secure_mode_noise(fresh_lm, text_blocks, monkeypatch):
+    """Every noise draw of a DP-SGD step goes through Opacus's floating-point-robust
+    secure_mode path (issue 25, item 4), with the CSPRNG-seeded generator."""
+    import opacus.optimizers.optimizer as opacus_optimizer
+
+    calls = []
+    real = opacus_optimizer._generate_noise
+
+    def spy(std, reference, generator=None, secure_mode=False):
+        calls.append((secure_mode, generator is not None))
+        return real(std, reference, generator=generator, secure_mode=secure_mode)
+
+    monkeypatch.setattr(opacus_optimizer, "_generate_noise", spy)
+    train_adapter_dp(fresh_lm, text_blocks, TRAIN, PRIVACY, lr=1e-2, noise_multiplier=0.5)
+    assert calls and all(calls_ == (True, True) for calls_ in calls)

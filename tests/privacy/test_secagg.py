@@ -108,7 +108,7 @@ def test_secure_sum_equals_the_plain_weighted_average(federation, num_shares):
 
 def test_round_survives_up_to_n_minus_t_dropouts_after_key_sharing(federation):
     reference, updates = federation
-    cfg = _config()  # 5 sites, threshold 3
+    cfg = _config(reconstruction_threshold=3)  # 5 sites, a majority (no colluder assumed)
     dropped = {NODES[1], NODES[3]}
     arrays, _ = _round(SiteGrid(updates, drop={MASKED: dropped}), cfg, reference)
 
@@ -120,7 +120,7 @@ def test_round_survives_up_to_n_minus_t_dropouts_after_key_sharing(federation):
 
 def test_a_site_dropping_during_unmasking_is_tolerated(federation):
     reference, updates = federation
-    cfg = _config()
+    cfg = _config(reconstruction_threshold=3)
     arrays, _ = _round(SiteGrid(updates, drop={MASKED: {NODES[0]}, UNMASK: {NODES[2]}}),
                        cfg, reference)
     survivors = NODES[1:]
@@ -142,7 +142,8 @@ def test_too_many_dropouts_fail_the_round_cleanly(federation, drop):
 def test_a_sum_of_two_is_never_revealed(federation):
     reference, updates = federation
     three = {n: updates[n] for n in NODES[:3]}  # threshold 2 of 3
-    arrays, _ = _round(SiteGrid(three, drop={MASKED: {NODES[0]}}), _config(3), reference)
+    arrays, _ = _round(SiteGrid(three, drop={MASKED: {NODES[0]}}),
+                       _config(3, reconstruction_threshold=2), reference)
     assert arrays is None  # each survivor could subtract its own update from the sum
 
 

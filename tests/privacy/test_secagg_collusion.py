@@ -24,6 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from secagg_grid import Sites
 
+from fedcpt.config import load_config
 from fedcpt.core import protocol as p
 from fedcpt.exceptions import UpdateRejected
 from fedcpt.privacy.secagg.context import survivors_message
@@ -118,3 +119,14 @@ def test_colluding_sites_unmask_an_honest_site_only_from_the_documented_bound(
     else:  # at the bound the attack works, and yields A's vector exactly
         assert unmasked
         assert all(np.array_equal(r, np.arange(SIZE, dtype=np.uint32) * A) for r in unmasked)
+
+
+def test_the_default_threshold_holds_against_one_colluder():
+    """The server's default threshold over five neighbours is 4 (one colluder assumed):
+    every split of the attack with one colluder fails there, as it succeeds at 3."""
+    threshold = SecAggParams.for_round(load_config("smoke", overrides=["secagg.mode=on"]),
+                                       len(NODES)).threshold
+    assert threshold == 4
+    others = [n for n in NODES if n not in (A, 33)]
+    splits = [s for r in range(len(others) + 1) for s in itertools.combinations(others, r)]
+    assert all(_attack(threshold, (33,), split) is None for split in splits)

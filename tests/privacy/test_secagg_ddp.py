@@ -44,7 +44,9 @@ def _config(dishonest: float = 0.0) -> RunConfig:
         sites=tuple(SiteConfig(name=f"s{i}", data=("unused",)) for i in range(5)),
         federation=FederationConfig(max_update_norm=2.0),
         privacy=PrivacyConfig(user_level=True, user_clipping_norm=CLIP, user_noise_multiplier=Z),
-        secagg=SecAggConfig(mode="on", dishonest_fraction=dishonest))
+        # a majority threshold (3 of 5): two sites may drop; collusion is not tested here
+        secagg=SecAggConfig(mode="on", reconstruction_threshold=3,
+                            dishonest_fraction=dishonest))
 
 
 def _round(cfg: RunConfig, updates: dict[int, tuple[ArrayRecord, int]],

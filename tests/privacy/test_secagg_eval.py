@@ -134,14 +134,14 @@ def test_mixed_federations_evaluate_masked_and_a_site_releasing_nothing_drops_ou
 
 def test_sites_assuming_a_colluder_evaluate_only_under_a_threshold_it_cannot_beat(
         nodes, adapter, tmp_path, site_refusal):
-    """Three sites: the default threshold 2 is beaten by one colluding site (2·2 ≤ 3 + 1),
-    so sites assuming one colluder mask nothing (and a noised site pays for nothing); at
-    threshold 3 they evaluate."""
+    """Three sites: a majority threshold 2 is beaten by one colluding site (2·2 ≤ 3 + 1),
+    so sites assuming one colluder (the site default) mask nothing (and a noised site pays
+    for nothing); at threshold 3, the server's default, they evaluate."""
     for release in ("secagg", "noised"):
         grid = AppGrid(nodes)
         cfg = load_config("smoke", overrides=[
             "secagg.mode=on", f"privacy.ledger_dir={tmp_path / release}",
-            f"site_policy.eval_release={release}", "site_policy.secagg_colluders=1"])
+            "secagg.reconstruction_threshold=2", f"site_policy.eval_release={release}"])
         assert site_evaluations(secagg_federation(grid, cfg), 1, adapter) == []
         refusals = [r for r in grid.replies if r.has_error()]
         assert len(refusals) == 3
@@ -151,9 +151,7 @@ def test_sites_assuming_a_colluder_evaluate_only_under_a_threshold_it_cannot_bea
         assert all(p.MASKED not in r.content for r in grid.replies if r.has_content())
         assert not list((tmp_path / release).glob("*.ledger.json"))  # nothing was spent
     grid = AppGrid(nodes)
-    cfg = load_config("smoke", overrides=["secagg.mode=on", "secagg.reconstruction_threshold=3",
-                                          "site_policy.eval_release=secagg",
-                                          "site_policy.secagg_colluders=1"])
+    cfg = load_config("smoke", overrides=["secagg.mode=on", "site_policy.eval_release=secagg"])
     [secure] = site_evaluations(secagg_federation(grid, cfg), 1, adapter)
     assert secure.summed_sites == 3
 

@@ -3,19 +3,34 @@ do not chain to the site's own CA or do not match."""
 
 from __future__ import annotations
 
+import datetime as dt
 import stat
+import time
 
+import numpy as np
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from secagg_grid import Sites
 
-from fedcpt.deploy.certs import provision_simulated_identities, write_federation_certs
+from fedcpt.core import protocol as p
+from fedcpt.deploy.certs import (
+    make_site_signing_cert,
+    provision_simulated_identities,
+    write_federation_certs,
+)
 from fedcpt.deploy.site_check import check_node_config
-from fedcpt.exceptions import ConfigError
+from fedcpt.exceptions import ConfigError, UpdateRejected
 from fedcpt.privacy.secagg.identity import (
     SIMULATION_IDENTITIES_ENV,
+    SiteIdentity,
     identity_for,
     load_identity,
     verify_signed,
 )
+from fedcpt.privacy.secagg.params import SecAggParams
+
+A, B, C, D, E = NODES = (11, 22, 33, 44, 55)
 
 
 @pytest.fixture
@@ -55,3 +70,28 @@ def test_simulated_sites_find_their_provisioned_identity(tmp_path, monkeypatch):
     assert not list(tmp_path.glob("ca.key"))  # the throwaway CA's key is never written
     monkeypatch.setenv(SIMULATION_IDENTITIES_ENV, str(tmp_path))
     assert identity_for({"partition-id": 2}).name == "east"
+
+
+def test_a_neighbours_certificate_is_refused_from_the_moment_it_expires():
+    """A hostile server replays, in a later round, the signed keys of a neighbour whose
+    certificate has since expired, to a site process that verified that certificate while
+    it was valid. The site must check validity at that use, not remember the old verdict
+    (before: the whole check was cached, the date included, and it accepted)."""
+    adapter = ArrayRecord({"w.lora_A.weight": Array(np.zeros((2, 8), dtype=np.float32))})
+    params = SecAggParams(num_shares=5, threshold=3, clipping_range=1.0,
+                          quantization_range=2**22, max_weight=8)
+    sites = Sites(NODES, params, adapter, ConfigRecord({p.RUN_ID: "run-1",
+                                                        p.SERVER_ROUND: 1}))
+    ca_key, ca_cert = sites.ca
+    key, cert = make_site_signing_cert(ca_key, ca_cert, f"site-{B}", days=10 / 86400)
+    sites.identities[B] = SiteIdentity(key, cert.public_bytes(Encoding.DER), ca_cert)
+    keys = {n: sites.setup(n) for n in NODES}
+    assert "sealed" in sites.share_keys(A, Sites.key_list(keys, NODES))  # B verified, valid
+    time.sleep(max(0.0, (cert.not_valid_after_utc - dt.datetime.now(dt.UTC)).total_seconds())
+               + 1.5)
+    later = {n: sites.setup(n) for n in NODES if n != B} | {B: keys[B]}  # B's keys replayed
+    with pytest.raises(UpdateRejected, match="outside its validity period"):
+        sites.share_keys(A, Sites.key_list(later, NODES))
+    with pytest.raises(UpdateRejected, match="outside its validity period"):
+        verify_signed(sites.identities[A], sites.identities[B].cert_der, b"m",
+                      sites.identities[B].sign(b"m"))

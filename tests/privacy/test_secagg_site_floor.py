@@ -27,8 +27,10 @@ from fedcpt.core import protocol as p
 from fedcpt.core.model import load_adapted_model
 from fedcpt.deploy.site_check import check_node_config
 from fedcpt.exceptions import ConfigError, UpdateRejected
-from fedcpt.privacy.policy import site_policy
+from fedcpt.privacy.policy import PolicyRefused, check_site_level_dp, site_policy
 from fedcpt.privacy.secagg import site as secagg_site
+from fedcpt.privacy.secagg.ddp import DistributedDP
+from fedcpt.privacy.secagg.encoding import vector_length
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import MASKED, STATE
 from fedcpt.testing.site_round import site_context, task_identity, train_message
@@ -93,12 +95,12 @@ def test_a_server_proposing_less_noise_than_the_sites_floor_gets_nothing(
 
 def test_a_site_assuming_colluders_refuses_a_threshold_they_could_beat(tmp_path, write_text,
                                                                        site_refusal):
-    """With 5 neighbours the server's default threshold is 3, which one colluding site
-    beats (tests/privacy/test_secagg_collusion.py unmasks a victim at exactly that
-    setting). A site that assumes one colluder masks nothing under it; at threshold 4,
-    which one colluder cannot beat, it trains and sends its masked update."""
+    """With 5 neighbours a majority threshold is 3, which one colluding site beats
+    (tests/privacy/test_secagg_collusion.py unmasks a victim at exactly that setting). A
+    site that assumes one colluder masks nothing under it; at threshold 4, which one
+    colluder cannot beat, it trains and sends its masked update."""
     floor = {**FLOOR, "secagg-colluders": "1"}
-    reply, victim = _stage_three(tmp_path, write_text, [], floor)
+    reply, victim = _stage_three(tmp_path, write_text, [], floor, threshold=3)
     site_refusal(reply, r"refuses `secagg.reconstruction_threshold` = 3 over 5 neighbours: "
                         r"the server with 1 colluding site\(s\) \(secagg_colluders, site "
                         r"node config\) could unmask this site's update; it needs at least 4")
@@ -143,7 +145,7 @@ def test_the_floor_is_the_sites_own_and_says_who_set_it():
     assert "policy min_dishonest_fraction: 0.2 [site node config]" in lines
     unset = check_node_config({"site-name": "clinic", "data-path": "/data"})
     assert "policy min_user_noise_multiplier: 0.0 [site default]" in unset
-    assert "policy secagg_colluders: 0 [site default]" in unset
+    assert any(line.startswith("policy secagg_colluders: 1 (") for line in unset)
     with pytest.raises(ConfigError, match=r"`secagg_colluders` must be >= 0, got -1"):
         check_node_config({**node, "secagg-colluders": "-1"})
     with pytest.raises(ConfigError, match=r"`min_dishonest_fraction` must be in \[0, 1\), "
@@ -168,4 +170,48 @@ def test_a_simulated_site_takes_its_floor_from_the_site_policy_tables():
     with pytest.raises(ConfigError, match="policy.min_dishonest_fraction"):
         SitePolicySettings(min_dishonest_fraction=1.0)
     with pytest.raises(ConfigError, match="policy.secagg_colluders"):
-        SitePolicySettings(secagg_colluders=-1)
+        SitePolicySettings(secagg_colluders=-2)
+
+
+def test_fake_participants_that_coarsen_the_noise_grid_are_refused():
+    """A hostile server lists 10^8 participant ids (fakes beside the real five) with the
+    honest z = 1. The grid the site rounds onto shrinks with the participant count, so
+    rounding raises the sensitivity 2.4-fold and the round's ε nearly triples, while z
+    still meets the site's floor. The site's check of the mechanism stage 3 builds from
+    the round's participant list (:func:`fedcpt.client.secagg_stages.masked`) refuses it;
+    the honest round's grid passes."""
+    node = {"site-name": "victim", "data-path": "/data", "min-user-noise-multiplier": "1.0"}
+    policy = site_policy(None, SiteConfig(name="victim", data=("/data",)), node,
+                         deployed=True)
+    cfg = load_config("smoke", overrides=[*HONEST, "secagg.dishonest_fraction=0",
+                                          "secagg.quantization_range=2"])
+    adapter = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
+    dimension = vector_length(adapter) - 1
+    honest = DistributedDP.for_config(cfg, 3, len(NODES), dimension)
+    check_site_level_dp(policy, cfg, honest)  # the honest round passes
+    faked = DistributedDP.for_config(cfg, 3, 10**8, dimension)
+    assert faked.noise_multiplier >= policy.min_user_noise_multiplier  # z meets the floor
+    assert faked.epsilon(1, 1e-5) > 2.5 * honest.epsilon(1, 1e-5)  # what the fakes buy
+    with pytest.raises(PolicyRefused, match=r"refuses the round's noise grid: 100000000 "
+                                            r"participants leave 10 grid steps"):
+        check_site_level_dp(policy, cfg, faked)
+
+
+def test_a_default_site_assumes_one_colluder_and_the_default_threshold_meets_it(
+        tmp_path, write_text, site_refusal):
+    """With one colluding site, a server unmasks a victim at a majority threshold (3 of 5,
+    test_secagg_collusion.py). A site that set nothing refuses that threshold, saying
+    which colluder assumption refused it; the server's default threshold (4 of 5) passes."""
+    reply, victim = _stage_three(tmp_path, write_text, [], floor={}, threshold=3)
+    site_refusal(reply, r"refuses `secagg.reconstruction_threshold` = 3 over 5 neighbours: the "
+                        r"server with 1 colluding site\(s\) \(secagg_colluders, site default\)")
+    assert victim.state.config_records[STATE]["stage"] == "receive_shares"  # nothing masked
+    cfg = load_config("smoke", overrides=HONEST)
+    assert SecAggParams.for_round(cfg, len(NODES)).threshold == 4
+    # a site with a ledger requires DP by default; this run has none, so it opts out
+    reply, victim = _stage_three(tmp_path, write_text, [], floor={"require-dp": "false"})
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    lines = check_node_config({"site-name": "clinic", "data-path": "/data"})
+    assert ("policy secagg_colluders: 1 (assumes up to 1 other site(s) collude with the "
+            "server: masks only under a threshold t with 2t > n + 1 over its n neighbours) "
+            "[site default]") in lines
