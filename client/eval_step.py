@@ -10,7 +10,7 @@ from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedcpt.client.request import load_request, refusal
+from fedcpt.client.request import load_request, refusal, run_config
 from fedcpt.client.site import open_ledger, policy_for, resolve_site, site_blocks
 from fedcpt.config import SiteConfig
 from fedcpt.core import protocol as p
@@ -36,10 +36,10 @@ def site_evaluation(msg: Message, context: Context, secure: bool,
     """The metrics this site's policy lets it release for the message's adapter (raises
     SiteRefused when it releases none, or none this way; ``secure``: also when the masked
     session's threshold fails the site's floor), the site and its policy."""
-    cfg, lm, _ = load_request(msg)
-    node_config = dict(context.node_config)
+    cfg, node_config = run_config(msg), dict(context.node_config)
     site = resolve_site(cfg, node_config)
-    policy = policy_for(cfg, site, node_config)
+    policy = policy_for(cfg, site, node_config)  # refuses inputs it does not allow
+    cfg, lm, _ = load_request(msg, policy)
     if secure:  # before anything is evaluated: a noised release is paid when computed
         check_reconstruction_threshold(policy, *secagg_site.reconstruction(context, EVALUATE))
     blocks = site_blocks(site, cfg.model, cfg.data, policy)

@@ -12,6 +12,7 @@ from fedcpt.config import RunConfig
 from fedcpt.core import protocol as p
 from fedcpt.core.adapters import load_adapter
 from fedcpt.core.model import AdaptedModel, load_adapted_model
+from fedcpt.privacy.policy import SitePolicy, check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,11 @@ def run_config(msg: Message) -> RunConfig:
     return _config(str(msg.content[p.CONFIG][p.RUN_CONFIG]))
 
 
-def load_request(msg: Message) -> tuple[RunConfig, AdaptedModel, int]:
-    """The run config, the model with the message's adapter loaded, and the round."""
+def load_request(msg: Message, policy: SitePolicy) -> tuple[RunConfig, AdaptedModel, int]:
+    """The run config, the model with the message's adapter loaded, and the round; the
+    model is opened only if the site's ``policy`` allows it (PolicyRefused otherwise)."""
     cfg = run_config(msg)
+    check_inputs(policy, cfg.data, cfg.model)
     lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
     load_adapter(lm.model, msg.content[p.ARRAYS])
     return cfg, lm, int(msg.content[p.CONFIG][p.SERVER_ROUND])

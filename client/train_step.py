@@ -8,7 +8,7 @@ import zlib
 
 from flwr.app import ArrayRecord, Context, Message
 
-from fedcpt.client.request import load_request
+from fedcpt.client.request import load_request, run_config
 from fedcpt.client.site import open_ledger, policy_for, require_dp, resolve_site, site_blocks
 from fedcpt.client.update_cache import (
     StoredUpdate,
@@ -39,10 +39,10 @@ log = logging.getLogger(__name__)
 def train_update(msg: Message, context: Context,
                  ) -> tuple[ArrayRecord, dict[str, float], SiteConfig]:
     """The site's trained adapter and metrics (under DP, after the spend is recorded)."""
-    cfg, lm, server_round = load_request(msg)
-    node_config = dict(context.node_config)
+    cfg, node_config = run_config(msg), dict(context.node_config)
     site = resolve_site(cfg, node_config)
-    policy = policy_for(cfg, site, node_config)
+    policy = policy_for(cfg, site, node_config)  # refuses inputs it does not allow
+    cfg, lm, server_round = load_request(msg, policy)
     blocks = site_blocks(site, cfg.model, cfg.data, policy)
     lr = cfg.lr_at(server_round)
     anchor = _anchor(cfg, lm, msg)
