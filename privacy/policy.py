@@ -226,14 +226,16 @@ def _typed(name: str, value: Any, where: str) -> Any:
 
 
 def _typed_item(name: str, item: Any, kind: type, where: str) -> Any:
-    if isinstance(item, bool) or (kind is str and not isinstance(item, str)):
-        raise ConfigError(f"{where} sets `{name}` to a list holding {item!r}, which is not a "
-                          f"{kind.__name__}")
+    what = {int: "a whole number", str: "a string"}[kind]
+    if isinstance(item, bool) or (kind is str and not isinstance(item, str)) or (
+            kind is int and isinstance(item, float)):
+        raise ConfigError(f"{where} sets `{name}` to a list holding {item!r}, which is not "
+                          f"{what}")
     try:
         return kind(item.strip() if isinstance(item, str) else item)
     except (TypeError, ValueError):
         raise ConfigError(f"{where} sets `{name}` to a list holding {item!r}, which is not "
-                          f"a {kind.__name__}") from None
+                          f"{what}") from None
 
 
 def site_policy(cfg: RunConfig | None, site: SiteConfig, node_config: dict,

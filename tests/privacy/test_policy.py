@@ -75,10 +75,34 @@ def test_require_dp_releases_nothing_unnoised_by_default():
     ({"eval_release": "summed"}, r"`eval_release` must be one of .*'secagg'.*secure aggregation"),
     ({"heldout_fraction": 0.0}, r"`heldout_fraction` must be strictly between 0 and 1"),
     ({"epsilon_budget": "lots"}, r"sets `epsilon_budget` to 'lots', which is not a float"),
+    ({"block_sizes": "64,6"}, r"`block_sizes` must be a non-empty list of sizes, each at "
+                              r"least 8, got \(64, 6\) \(site node config\)"),
+    ({"block_sizes": "64,big"}, r"sets `block_sizes` to a list holding 'big', which is not a "
+                                r"whole number"),
+    ({"allowed_models": " , "}, r"`models` must be a non-empty list of model ids or paths"),
+    ({"text_fields": ""}, r"`text_fields` must be a non-empty list of column names"),
+    ({"train_share": 0}, r"`train_share` must be in \(0, 1\]"),
 ])
 def test_bad_site_policy_fails_naming_the_key(keys, match):
     with pytest.raises(ConfigError, match=match):
         site_policy(None, SITE, deployed(**keys), deployed=True)
+
+
+def test_what_a_site_reads_and_opens_is_its_own_unless_it_is_simulated():
+    policy = site_policy(None, SITE, deployed(text_fields="body, text", block_sizes="128",
+                                              allowed_models="/models/llama"), deployed=True)
+    assert (policy.text_fields, policy.block_sizes, policy.models) == (
+        ("body", "text"), (128,), ("/models/llama",))
+    assert policy.who("models") == "site node config"
+    default = site_policy(None, SITE, DEPLOYED, deployed=True)
+    assert default.models == ("smollm2-135m-instruct", "tiny-llama")  # no path is opened
+    assert (default.text_fields, default.train_share) == (("text",), 1.0)
+    cfg = load_config("smoke", overrides=["data.text_field=body", "model.name=/models/m"])
+    simulated = site_policy(cfg, SITE, {"partition-id": 0}, deployed=False)
+    assert (simulated.text_fields, simulated.block_sizes, simulated.models) == (
+        ("body",), (64,), ("/models/m",))
+    assert simulated.who("models") == "simulation: the run's model.name"
+    assert simulated.train_share == 0.8  # smoke's [site_policy] cap
 
 
 def test_delta_at_or_above_one_over_n_is_refused():
