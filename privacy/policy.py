@@ -329,6 +329,12 @@ def check_inputs(policy: SitePolicy, data: DataConfig, model: ModelConfig) -> Ru
             raise PolicyRefused(
                 f"site {policy.site!r} refuses `{key}` = {value!r}: not {what} its policy "
                 f"allows ({node_key}, {policy.who(name)}); it reads and opens nothing else")
+    if data.heldout_fraction > policy.heldout_fraction:
+        raise PolicyRefused(
+            f"site {policy.site!r} refuses `data.heldout_fraction` = "
+            f"{data.heldout_fraction:g}: it would loosen the site's held-out fraction "
+            f"{policy.heldout_fraction:g} ({policy.who('heldout_fraction')}); the server may "
+            "only propose stricter values")
     proposed = data.train_share
     if proposed > policy.train_share:
         raise PolicyRefused(
@@ -353,14 +359,13 @@ class RunTerms:
 def accept_proposal(policy: SitePolicy, cfg: RunConfig, units: int) -> RunTerms:
     """Check the server's run config against the site's policy; raises PolicyRefused
     naming the key when a proposal would loosen it, else returns the (possibly tightened)
-    terms. ``data.heldout_blocks`` is checked when evaluating (:func:`check_query`)."""
+    terms. ``data.heldout_fraction`` is checked before any data is read
+    (:func:`check_inputs`), ``data.heldout_blocks`` when evaluating (:func:`check_query`)."""
     site_delta = policy.delta_for(units)
     proposals = (
         ("privacy.target_delta", cfg.privacy.target_delta, site_delta, "δ", "delta"),
         ("privacy.target_epsilon", cfg.privacy.target_epsilon, policy.epsilon_budget,
          "ε budget", "epsilon_budget"),
-        ("data.heldout_fraction", cfg.data.heldout_fraction, policy.heldout_fraction,
-         "held-out fraction", "heldout_fraction"),
     )
     for key, proposed, own, what, name in proposals:
         if key.startswith("privacy.") and not cfg.privacy.enabled:

@@ -307,7 +307,8 @@ def test_run_site_check_stops_at_the_first_problem(smoke, sites_config, certs) -
                            'privacy-unit="passage"', root_certificates=certs.ca_cert,
                            auth_key=certs.site_keys["clinic"][0])
     assert [line.split(":")[0] for line in lines if not line.startswith("policy ")] == [
-        "site name", "data", "privacy ledger", "root certificate", "authentication key"]
+        "site name", "run data.text_field", "run data.block_size", "run model",
+        "run train_share", "data", "privacy ledger", "root certificate", "authentication key"]
     assert "policy unit: passage [site node config]" in lines
     with pytest.raises(ConfigError, match="does not answer"):
         run_site_check(smoke, f'site-name="north" data-path="{data}" privacy-unit="passage"',

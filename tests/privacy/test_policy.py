@@ -14,7 +14,7 @@ from fedcpt.core.model import load_adapted_model
 from fedcpt.exceptions import ConfigError
 from fedcpt.privacy.heldout import HeldoutSplit, SplitError, share_splits
 from fedcpt.privacy.ledger import PrivacyLedger
-from fedcpt.privacy.policy import PolicyRefused, accept_proposal, site_policy
+from fedcpt.privacy.policy import PolicyRefused, accept_proposal, check_inputs, site_policy
 from fedcpt.privacy.report import site_row
 from fedcpt.testing.bad_inputs.proposals import _hostile, _site_data
 from fedcpt.testing.site_round import site_context, task_identity, train_message
@@ -119,10 +119,12 @@ def test_stricter_proposals_tighten_looser_ones_are_refused_naming_the_key():
     terms = accept_proposal(policy, cfg, units=1000)
     assert (terms.delta, terms.epsilon_budget) == (1e-8, 2.0)
     for override, key in (("privacy.target_delta=0.2", "privacy.target_delta"),
-                          ("privacy.target_epsilon=9", "privacy.target_epsilon"),
-                          ("data.heldout_fraction=0.5", "data.heldout_fraction")):
+                          ("privacy.target_epsilon=9", "privacy.target_epsilon")):
         with pytest.raises(PolicyRefused, match=f"refuses `{key}`.*site default"):
             accept_proposal(policy, load_config("smoke-dp", overrides=[override]), 1000)
+    loosened = load_config("smoke-dp", overrides=["data.heldout_fraction=0.5"])
+    with pytest.raises(PolicyRefused, match="refuses `data.heldout_fraction`.*site default"):
+        check_inputs(policy, loosened.data, loosened.model)  # before any data is read
 
 
 def test_a_stricter_delta_is_accepted_and_tightens_the_ledger(tmp_path):
