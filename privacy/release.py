@@ -101,8 +101,10 @@ def release_evaluation(cfg: RunConfig, lm: AdaptedModel, policy: SitePolicy,
         result = evaluate_blocks(lm, heldout, cfg.train.eval_batch_size)
         released = {p.NUM_EXAMPLES: result.tokens, p.DOMAIN_LOSS: result.loss,
                     p.DOMAIN_BASE_LOSS: base_cache["plain"], p.DOMAIN_ECE: result.ece}
+        # "by unit": not comparable with earlier runs' evenly spaced blocks
+        measure = f"plain {len(heldout)}x{heldout.shape[1]} by unit"
         return released | _data_drift(drift, base_cache, run_id, lm, heldout, released,
-                                      measure=f"plain {len(heldout)}x{heldout.shape[1]}")
+                                      measure=measure)
     if ledger is None:
         raise PolicyRefused(f"site {policy.site!r} releases only noised evaluations, which "
                             "its ledger must account for, and it has no ledger location")
