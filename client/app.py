@@ -45,14 +45,14 @@ def train(msg: Message, context: Context) -> Message:
     would exceed its privacy budget, when it requires DP and the run has none, or when
     secure aggregation is required and this message is a plain one.
     """
-    request = request_for(msg, context)
     try:
+        request = request_for(msg, context)  # refuses inputs the site's policy does not allow
         require_secagg(request.cfg, request.node_config, secure=False)
         # a site with a floor on site-level noise adds that noise itself, under SecAgg only
         check_site_level_dp(request.policy, request.cfg, None)
         arrays, metrics = train_update(request)
     except SiteRefused as err:
-        return gate.refuse(msg, request.node_config, err, p.BUDGET_EXHAUSTED)
+        return gate.refuse(msg, dict(context.node_config), err, p.BUDGET_EXHAUSTED)
     content = RecordDict({p.ARRAYS: arrays, p.METRICS: MetricRecord(metrics),
                           p.SITE: ConfigRecord({"name": request.site.name,
                                                 "unit": request.policy.unit})})
@@ -99,7 +99,10 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Say which site this node is (the server trains only a phase's sites)."""
-    request = request_for(msg, context)
+    try:
+        request = request_for(msg, context)
+    except SiteRefused as err:
+        return gate.refuse(msg, dict(context.node_config), err, p.BUDGET_EXHAUSTED)
     return gate.send(request, QUERY, RecordDict({p.SITE: ConfigRecord(
         {"name": request.site.name})}))
 

@@ -63,11 +63,11 @@ def site_evaluation(request: SiteRequest, secure: bool) -> dict[str, float]:
 
 def plain(msg: Message, context: Context) -> Message:
     """One site's evaluation metrics in the clear (refused by a ``secagg`` site)."""
-    request = request_for(msg, context)
     try:
+        request = request_for(msg, context)  # refuses inputs the site's policy does not allow
         metrics = site_evaluation(request, secure=False)
     except SiteRefused as err:
-        return gate.refuse(msg, request.node_config, err, p.BUDGET_EXHAUSTED)
+        return gate.refuse(msg, dict(context.node_config), err, p.BUDGET_EXHAUSTED)
     return gate.send(request, EVALUATE_REPLY, RecordDict({
         p.METRICS: MetricRecord(metrics), p.SITE: ConfigRecord({"name": request.site.name})}))
 

@@ -22,7 +22,7 @@ from fedcpt.core.adapters import load_adapter
 from fedcpt.core.data import TokenBlocks
 from fedcpt.core.model import AdaptedModel, load_adapted_model
 from fedcpt.core.ranks import lora_at_rank, truncate
-from fedcpt.privacy.policy import SitePolicy
+from fedcpt.privacy.policy import SitePolicy, check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class SiteRequest:
         """The site's model at its rank with the message's adapter, truncated to that
         rank, loaded (once per message)."""
         if self._lm is None:
+            check_inputs(self.policy, self.cfg.data, self.cfg.model)  # before it is opened
             rank = self.rank
             self._lm = load_adapted_model(self.cfg.model, lora_at_rank(self.cfg.lora, rank),
                                           self.cfg.seed)

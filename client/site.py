@@ -7,13 +7,13 @@ import logging
 from pathlib import Path
 
 from fedcpt.config import DataConfig, ModelConfig, RunConfig, SiteConfig
-from fedcpt.core.data import TokenBlocks, heldout_by_hash, load_blocks
+from fedcpt.core.data import TokenBlocks, heldout_by_hash, kept_by_hash, load_blocks
 from fedcpt.core.model import load_tokenizer
 from fedcpt.core.ranks import site_rank
 from fedcpt.exceptions import ConfigError
 from fedcpt.privacy.heldout import HeldoutSplit, split_path
 from fedcpt.privacy.ledger import PrivacyLedger, SiteRefused
-from fedcpt.privacy.policy import RunTerms, SitePolicy, site_policy
+from fedcpt.privacy.policy import RunTerms, SitePolicy, check_inputs, site_policy
 
 log = logging.getLogger(__name__)
 
@@ -48,30 +48,39 @@ def is_deployed(node_config: dict) -> bool:
 
 
 def policy_for(cfg: RunConfig, site: SiteConfig, node_config: dict) -> SitePolicy:
-    """The privacy policy in force at ``site`` (its own node config when deployed)."""
-    return site_policy(cfg, site, node_config, deployed=is_deployed(node_config))
+    """The privacy policy in force at ``site`` (its own node config when deployed), after
+    checking that the run's data and model inputs are ones it allows: PolicyRefused before
+    any data is read or any model opened (:func:`~fedcpt.privacy.policy.check_inputs`)."""
+    policy = site_policy(cfg, site, node_config, deployed=is_deployed(node_config))
+    check_inputs(policy, cfg.data, cfg.model)
+    return policy
 
 
 @functools.lru_cache(maxsize=4)
 def site_blocks(site: SiteConfig, model: ModelConfig, data: DataConfig,
                 policy: SitePolicy | None = None) -> TokenBlocks:
     """Tokenised blocks of one site's own data, packed within its privacy units, with the
-    held-out split recorded beside its ledger (cached per process). Without a policy (a
-    benchmark), every document is a unit and the split is unsalted."""
-    unit, rule = "document", heldout_by_hash(data.heldout_fraction)
+    held-out split recorded beside its ledger and the cap (the share of training units in
+    force) drawn by the same secret salt (cached per process). The run's inputs are checked
+    against the policy before anything is read. Without a policy (a benchmark), every
+    document is a unit and the split and cap are unsalted."""
+    unit, salt, rule = "document", "", heldout_by_hash(data.heldout_fraction)
+    share = data.train_share or 1.0
     if policy is not None:
+        share = check_inputs(policy, data, model).train_share
         unit, rule = policy.unit, heldout_by_hash(policy.heldout_fraction)
         if policy.ledger_path:
             split = HeldoutSplit.open(split_path(Path(policy.ledger_path)), site.name, unit)
-            rule = split.rule(policy.heldout_fraction)
+            rule, salt = split.rule(policy.heldout_fraction), split.salt
         else:
-            log.info("site %s has no ledger location: its held-out split is unsalted and "
-                     "not recorded", site.name)
+            log.info("site %s has no ledger location: its held-out split and cap are "
+                     "unsalted and not recorded", site.name)
     blocks = load_blocks(site.data, load_tokenizer(model), data, what=f"site {site.name!r}",
-                         unit=unit, heldout_rule=rule)
-    log.info("site %s: %d train blocks in %d units, %d held-out blocks in %d units "
-             "(unit: %s)", site.name, len(blocks.train), blocks.units, len(blocks.heldout),
-             blocks.heldout_unit_count, unit)
+                         unit=unit, heldout_rule=rule,
+                         keep_rule=kept_by_hash(share, salt) if share < 1 else None)
+    log.info("site %s: %d train blocks in %d units (share %g), %d held-out blocks in %d "
+             "units (unit: %s)", site.name, len(blocks.train), blocks.units, share,
+             len(blocks.heldout), blocks.heldout_unit_count, unit)
     return blocks
 
 

@@ -149,8 +149,12 @@ class DataConfig:
     answer_prompts: int = _opt(16, "Built-in instruction prompts whose base-model answers "
                                "are checked every round (0: off; at most 24).")
     answer_tokens: int = _opt(32, "Longest base-model answer, in tokens.")
-    text_field: str = _opt("text", "JSONL / parquet / datasets text column.")
-    max_site_tokens: int = _opt(0, "Cap on training tokens per site (0: no cap).")
+    text_field: str = _opt("text", "JSONL / parquet / datasets text column; a site reads only "
+                           "a column its policy allows (`text_fields`).")
+    train_share: float = _opt(
+        0.0, "Proposed cap on each site's trained set: the share of its training units it "
+        "trains on, each unit kept or not by the site's secret salted hash. A site takes its "
+        "own `train_share` or a smaller proposal, and refuses a larger one (0: the site's).")
 
     def __post_init__(self) -> None:
         require(self.block_size >= 8, "data.block_size", self.block_size, "at least 8")
@@ -165,7 +169,8 @@ class DataConfig:
         require(len(set(kinds)) == len(kinds), "data.general_eval.name", kinds, "unique names")
         require(self.answer_prompts >= 0, "data.answer_prompts", self.answer_prompts, ">= 0")
         require(self.answer_tokens > 0, "data.answer_tokens", self.answer_tokens, "> 0")
-        require(self.max_site_tokens >= 0, "data.max_site_tokens", self.max_site_tokens, ">= 0")
+        require(0 <= self.train_share <= 1, "data.train_share", self.train_share,
+                "in [0, 1] (0: the site's own share)")
 
     def general_kinds(self) -> tuple[GeneralSet, ...]:
         """The general kinds in force: ``general`` as one pooled kind if set, else

@@ -58,6 +58,19 @@ class SitePolicySettings:
         "threshold t over the site's n neighbours does not satisfy 2t > n + k are refused "
         "before anything is masked (-1: the site default, 1; 0 trusts every other site).")
 
+    text_fields: tuple[str, ...] = _opt(
+        (), "Text columns the run's `data.text_field` may name (default: the scenario's "
+        "`data.text_field`; at a deployed site `text`).")
+    block_sizes: tuple[int, ...] = _opt(
+        (), "Block sizes the run's `data.block_size` may be (default: the scenario's; at a "
+        "deployed site 64, 128, 256 or 512).")
+    models: tuple[str, ...] = _opt(
+        (), "Models the site will open: `model.name`, or `name/gguf_file` (default: the "
+        "scenario's model; at a deployed site the built-in aliases only).")
+    train_share: float = _opt(
+        0.0, "Cap on the trained set: the share of training units trained on, each kept or "
+        "not by the site's salted hash; a server proposal may only lower it (default 1).")
+
     def __post_init__(self) -> None:
         require(self.delta >= 0, "policy.delta", self.delta, ">= 0 (0: site default)")
         require(self.epsilon_budget >= 0, "policy.epsilon_budget", self.epsilon_budget, ">= 0")
@@ -78,3 +91,7 @@ class SitePolicySettings:
                 self.secagg_colluders, ">= 0 (-1: the site default)")
         require(self.max_lora_rank >= 0, "policy.max_lora_rank", self.max_lora_rank,
                 ">= 0 (0: the run's lora.r)")
+        require(0 <= self.train_share <= 1, "policy.train_share", self.train_share,
+                "in [0, 1] (0: site default)")
+        require(all(b >= 8 for b in self.block_sizes), "policy.block_sizes", self.block_sizes,
+                "sizes of at least 8")

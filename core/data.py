@@ -5,7 +5,10 @@ the site's policy (:data:`UNIT_KINDS`). Blocks never span two units: each unit's
 cut into documents (paragraph groups of at most ~2,000 characters), tokenised and packed
 on their own, so removing one unit changes only that unit's blocks. Whether a unit is held
 out depends only on a salted hash of its key: the same on every run for a given salt, and a
-unit never moves between train and held-out when other units are added or removed.
+unit never moves between train and held-out when other units are added or removed. A cap on
+the trained set (the site's ``train_share``) is decided the same way, unit by unit, from a
+second salted hash (:func:`kept_by_hash`): it never cuts the data in order, so no unit's
+presence decides whether another is trained.
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ DOCUMENT_CHARS = 2000
 # file / directory: everything in one file / one folder; field:NAME: every record whose
 # JSONL or parquet field NAME has the same value (user_id, patient_id, ...).
 UNIT_KINDS = ("document", "passage", "file", "directory", "field")
-HeldoutRule = Callable[[Sequence[str]], list[bool]]
+# A rule that flags unit keys: held out (heldout_by_hash) or kept under a cap (kept_by_hash).
+UnitRule = Callable[[Sequence[str]], list[bool]]
+HeldoutRule = UnitRule
+CAP_DOMAIN = "train-share\x00"  # separates the cap's hash from the held-out split's
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,21 @@ def is_heldout(key: str, fraction: float, salt: str = "") -> bool:
     return int.from_bytes(unit_digest(key, salt)[:8], "big") / 2**64 < fraction
 
 
+def kept_by_hash(share: float, salt: str = "") -> UnitRule:
+    """The cap on a site's trained set: a unit is kept iff its salted, domain-separated hash
+    falls below ``share``. Each unit is decided on its own (unlike a token budget filled in
+    order, where removing one unit lets another in), and without the salt nobody can tell
+    or steer which units are kept."""
+    if not 0 < share <= 1:
+        raise ValueError(f"train share {share!r} must be in (0, 1]")  # a bug: policy checks it
+
+    def rule(keys: Sequence[str]) -> list[bool]:
+        return [share >= 1 or
+                int.from_bytes(unit_digest(CAP_DOMAIN + k, salt)[:8], "big") / 2**64 < share
+                for k in keys]
+    return rule
+
+
 def heldout_by_hash(fraction: float, salt: str = "") -> HeldoutRule:
     """:func:`is_heldout` for every key; a small corpus whose hashes put no unit on one
     side gives that side the unit closest to the threshold, so both are non-empty
@@ -156,21 +177,19 @@ def heldout_by_hash(fraction: float, salt: str = "") -> HeldoutRule:
             ranked = sorted(range(len(keys)), key=lambda i: unit_digest(keys[i], salt))
             pick = ranked[0] if not any(flags) else ranked[-1]
             flags[pick] = not flags[pick]
+            log.warning("the salted hash put all %d units on one side of the held-out split; "
+                        "one unit was moved so both sides have one (a first split of a "
+                        "tiny corpus: its neighbours may move another unit)", len(keys))
         return flags
     return rule
 
 
-def pack(token_lists: list[list[int]], eos_id: int, block_size: int,
-         max_tokens: int = 0) -> torch.Tensor:
+def pack(token_lists: list[list[int]], eos_id: int, block_size: int) -> torch.Tensor:
     """Concatenate documents separated by EOS and cut into full ``block_size`` blocks."""
     stream: list[int] = []
     for ids in token_lists:
         stream.extend(ids)
         stream.append(eos_id)
-        if max_tokens and len(stream) >= max_tokens:
-            break
-    if max_tokens:
-        stream = stream[:max_tokens]
     n_blocks = len(stream) // block_size
     return torch.tensor(stream[: n_blocks * block_size], dtype=torch.long).view(n_blocks,
                                                                                   block_size)
@@ -206,35 +225,45 @@ def build_blocks(
     block_size: int,
     heldout_fraction: float,
     text_field: str = "text",
-    max_train_tokens: int = 0,
     what: str = "data",
     unit: str = "document",
     heldout_rule: HeldoutRule | None = None,
+    keep_rule: UnitRule | None = None,
 ) -> TokenBlocks:
     """Read ``sources``, group them into privacy units, split the units into train and
-    held-out (by ``heldout_rule``, else an unsalted hash at ``heldout_fraction``) and pack
-    each unit on its own; raises DataError when nothing is left.
-
-    ``max_train_tokens`` keeps the first training blocks in unit order (the last unit
-    kept may be cut)."""
-    kind, field = parse_unit(unit)
+    held-out (by ``heldout_rule``, else an unsalted hash at ``heldout_fraction``), keep the
+    training units ``keep_rule`` keeps (a cap, :func:`kept_by_hash`; all without one) and
+    pack each unit on its own; raises DataError when nothing is left."""
+    _, field = parse_unit(unit)
     records: list[Record] = []
     for spec in sources:
         found = read_records(spec, text_field, field)
         if not any(r.text.strip() for r in found):
             raise DataError(f"{what}: source {spec!r} contains no text")
         records.extend(found)
-    units = group_units(records, unit)
+    return blocks_of_units(group_units(records, unit), tokenizer, block_size=block_size,
+                           heldout_rule=heldout_rule or heldout_by_hash(heldout_fraction),
+                           keep_rule=keep_rule, what=what, unit=unit)
+
+
+def blocks_of_units(units: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase, *,
+                    block_size: int, heldout_rule: HeldoutRule,
+                    keep_rule: UnitRule | None = None, what: str = "data",
+                    unit: str = "document") -> TokenBlocks:
+    """The train / held-out blocks of ``units`` (texts by unit key, from
+    :func:`group_units`): each unit's side and whether a cap keeps it are decided from its
+    key alone, and it is packed alone, so removing one unit changes only its blocks."""
+    kind, _ = parse_unit(unit)
     keys = list(units)
-    flags = (heldout_rule or heldout_by_hash(heldout_fraction))(keys)
+    flags = heldout_rule(keys)
+    train_keys = [k for k, f in zip(keys, flags, strict=True) if not f]
+    if keep_rule is not None:
+        kept = keep_rule(train_keys)
+        train_keys = [k for k, keep in zip(train_keys, kept, strict=True) if keep]
     train, train_units, n_train_docs, dup_train = pack_units(
-        [units[k] for k, f in zip(keys, flags, strict=True) if not f], tokenizer, block_size,
-        what)
+        [units[k] for k in train_keys], tokenizer, block_size, what)
     heldout, heldout_units, n_heldout_docs, dup_heldout = pack_units(
         [units[k] for k, f in zip(keys, flags, strict=True) if f], tokenizer, block_size, what)
-    if max_train_tokens:
-        keep = max_train_tokens // block_size
-        train, train_units = train[:keep], train_units[:keep]
     if len(train) == 0 or len(heldout) == 0:
         raise DataError(
             f"{what}: too little text for one training and one held-out block of "
@@ -253,16 +282,16 @@ def build_blocks(
 
 
 def load_blocks(sources: tuple[str, ...], tokenizer: PreTrainedTokenizerBase,
-                data: DataConfig, *, what: str, max_train_tokens: int | None = None,
-                unit: str = "passage", heldout_rule: HeldoutRule | None = None,
+                data: DataConfig, *, what: str, unit: str = "passage",
+                heldout_rule: HeldoutRule | None = None, keep_rule: UnitRule | None = None,
                 ) -> TokenBlocks:
-    """:func:`build_blocks` with a run's data settings (``data.max_site_tokens`` by default).
-    ``unit`` defaults to passages: the server's public general data has no person behind
-    it; a site passes its policy's unit and held-out rule."""
+    """:func:`build_blocks` with a run's data settings. ``unit`` defaults to passages: the
+    server's public general data has no person behind it; a site passes its policy's unit,
+    held-out rule and cap (and has checked ``data`` against its policy first)."""
     return build_blocks(
         sources, tokenizer, block_size=data.block_size, heldout_fraction=data.heldout_fraction,
         text_field=data.text_field, what=what, unit=unit, heldout_rule=heldout_rule,
-        max_train_tokens=data.max_site_tokens if max_train_tokens is None else max_train_tokens)
+        keep_rule=keep_rule)
 
 
 def spread(blocks: torch.Tensor, n: int) -> torch.Tensor:
@@ -271,6 +300,20 @@ def spread(blocks: torch.Tensor, n: int) -> torch.Tensor:
         return blocks
     idx = torch.linspace(0, len(blocks) - 1, n).round().long()
     return blocks[idx]
+
+
+def blocks_across_units(blocks: torch.Tensor, owners: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` blocks taken round-robin over the units (the first block of every unit, then
+    the second, …): a query of ``n`` blocks covers min(``n``, units) units, so a minimum
+    counted in units holds whatever the units' lengths."""
+    if len(owners) == 0:
+        return blocks[:0]
+    first = torch.ones(len(owners), dtype=torch.bool)
+    first[1:] = owners[1:] != owners[:-1]
+    starts = torch.nonzero(first).flatten()
+    rank = torch.arange(len(owners)) - starts[torch.cumsum(first.long(), 0) - 1]
+    order = sorted(range(len(owners)), key=lambda i: (int(rank[i]), int(owners[i])))
+    return blocks[torch.tensor(order[:n], dtype=torch.long)]
 
 
 def first_block_per_unit(blocks: torch.Tensor, owners: torch.Tensor, n: int) -> torch.Tensor:

@@ -93,7 +93,7 @@ def load_general(data: DataConfig, tokenizer: PreTrainedTokenizerBase, *,
     for kind in data.general_kinds():
         what = f"general kind {kind.name!r}"
         if kind.rehearsal_share > 0:
-            blocks = load_blocks(kind.sources, tokenizer, data, what=what, max_train_tokens=0)
+            blocks = load_blocks(kind.sources, tokenizer, data, what=what)
             evaluation[kind.name] = spread(blocks.heldout, data.general_eval_blocks)
             train[kind.name] = blocks.train
             shares[kind.name] = kind.rehearsal_share

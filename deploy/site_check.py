@@ -40,7 +40,13 @@ from fedcpt.config import RunConfig, SiteConfig
 from fedcpt.exceptions import ConfigError
 from fedcpt.privacy.data_drift import DataDriftRecord, drift_path
 from fedcpt.privacy.ledger import PrivacyLedger
-from fedcpt.privacy.policy import NODE_KEYS, POLICY_FILE_KEY, SitePolicy, site_policy
+from fedcpt.privacy.policy import (
+    NODE_KEYS,
+    POLICY_FILE_KEY,
+    SitePolicy,
+    check_inputs,
+    site_policy,
+)
 from fedcpt.privacy.secagg.identity import (
     CA_CERT_KEY,
     SIGNING_CERT_KEY,
@@ -116,6 +122,13 @@ def node_policy(node_config: dict) -> SitePolicy:
     site = SiteConfig(name=str(node_config.get(SITE_NAME_KEY, "site")),
                       data=(str(node_config.get(DATA_PATH_KEY, "-")),))
     return site_policy(None, site, node_config, deployed=True)
+
+
+def check_run_inputs(cfg: RunConfig, node_config: dict) -> list[str]:
+    """The scenario's data and model inputs against the site's policy (the refusal a
+    federation running it would get), and who set each: the server, among the values the
+    site allows, or tightened below the site's cap."""
+    return check_inputs(node_policy(node_config), cfg.data, cfg.model).lines()
 
 
 def check_data(cfg: RunConfig, node_config: dict) -> str:
@@ -291,6 +304,7 @@ def run_site_check(cfg: RunConfig, node_config_text: str, *, superlink: str | No
     is easiest to fix; raises at the first problem, else returns one line per check."""
     node_config = parse_node_config(node_config_text)
     lines = check_node_config(node_config)
+    lines.extend(check_run_inputs(cfg, node_config))
     lines.append(check_data(cfg, node_config))
     lines.append(check_ledger(node_config))
     if root_certificates is not None:

@@ -16,7 +16,7 @@ any other unit's hash. No well-kept Python library computes RFC 6962 roots over 
 without a log service around it, hence the few lines below.
 
 Each leaf is the SHA-256 of a unit's token blocks exactly as trained (after packing and any
-``data.max_site_tokens`` cut), keyed with a secret site salt when the site keeps a ledger.
+cap, the site's ``train_share``), keyed with a secret site salt when the site keeps a ledger.
 An unsalted root lets anyone holding a candidate unit set test whether it is exactly the
 site's set, so it is NOT covered by ε; salted, the root reveals nothing without the salt,
 which the site may reveal to an auditor of its choosing to prove what it attested.

@@ -140,8 +140,11 @@ def run_audit(cfg: RunConfig, *, site_index: int = 0, canaries: int = 200,
     load_adapter(lm.model, lm.initial_adapter)
     policy = site_policy(cfg, site, {}, deployed=False)
     blocks = load_blocks(site.data, lm.tokenizer, cfg.data, what=f"site {site.name!r}",
-                         max_train_tokens=data_blocks * cfg.data.block_size, unit=policy.unit)
-    data = blocks.train
+                         unit=policy.unit)
+    # The audit's own small training set: the first ``data_blocks`` blocks. It is an
+    # experiment on simulated data, not a site's trained set; its N is counted below.
+    data, data_units = blocks.train[:data_blocks], blocks.train_units[:data_blocks]
+    site_units = int(data_units.max()) + 1 if len(data_units) else 0
 
     generator = torch.Generator().manual_seed(seed)
     vocab = lm.model.get_input_embeddings().weight.shape[0]
@@ -149,9 +152,8 @@ def run_audit(cfg: RunConfig, *, site_index: int = 0, canaries: int = 200,
     inserted = torch.rand(canaries, generator=generator) < 0.5
     # Each canary is a privacy unit of its own, beside the site's units (``policy.unit``).
     train_set = torch.cat([data, canary_blocks[inserted]])
-    owners = torch.cat([blocks.train_units,
-                        blocks.units + torch.arange(int(inserted.sum()))])
-    records = blocks.units + int(inserted.sum())
+    owners = torch.cat([data_units, site_units + torch.arange(int(inserted.sum()))])
+    records = site_units + int(inserted.sum())
     batch = cfg.train.eval_batch_size
 
     with lm.model.disable_adapter():

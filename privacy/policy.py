@@ -1,11 +1,15 @@
 """A site's privacy policy: everything its guarantee depends on, set by the site itself.
 
 The server may *propose* stricter values in the run config (a smaller δ or ε budget, a
-smaller held-out share, a larger evaluation query), never looser ones: a proposal that
-would loosen the policy is refused with a reason that names the key
-(:func:`accept_proposal`). A deployed site sets its policy in ``--node-config`` keys or a
-TOML file named by ``policy-file``; in simulation the ``[sites.policy]`` table (then the
-scenario's ``[site_policy]``) stands in for it. Every value records who set it.
+smaller held-out share, a larger evaluation query, a smaller share of units trained on),
+never looser ones: a proposal that would loosen the policy is refused with a reason that
+names the key (:func:`accept_proposal`). Every run input that selects or shapes the site's
+data or model — the text column, the block size, the cap, the model it opens — may only be
+one of the values the site allows, checked before any data is read or any model opened
+(:func:`check_inputs`); a refusal does not say which paths exist at the site. A deployed
+site sets its policy in ``--node-config`` keys or a TOML file named by ``policy-file``; in
+simulation the ``[sites.policy]`` table (then the scenario's ``[site_policy]``) stands in
+for it. Every value records who set it.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcpt.config import EVAL_RELEASES, RunConfig, SiteConfig
+from fedcpt.config import EVAL_RELEASES, DataConfig, ModelConfig, RunConfig, SiteConfig
 from fedcpt.core.data import parse_unit
+from fedcpt.core.model import BUILTIN_MODELS
 from fedcpt.exceptions import ConfigError, DataError
 from fedcpt.privacy.accounting import MIN_DELTA
 from fedcpt.privacy.ledger import LEDGER_SUFFIX, SiteRefused
@@ -42,6 +47,10 @@ NODE_KEYS = {
     "min-dishonest-fraction": "min_dishonest_fraction",
     "secagg-colluders": "secagg_colluders",
     "max-lora-rank": "max_lora_rank",
+    "text-fields": "text_fields",
+    "block-sizes": "block_sizes",
+    "allowed-models": "models",
+    "train-share": "train_share",
 }
 POLICY_FILE_KEY = "policy-file"
 DP_BY_DEFAULT = ("site default: DP on, as the site sets an ε budget or a ledger location "
@@ -52,10 +61,22 @@ SITE_DEFAULTS: dict[str, Any] = {
     "heldout_fraction": 0.1, "eval_min_units": 8, "eval_noise_multiplier": 4.0,
     "eval_loss_bound": 10.0, "require_dp": False, "min_user_noise_multiplier": 0.0,
     "min_dishonest_fraction": 0.0, "secagg_colluders": 1, "max_lora_rank": 0,
+    "text_fields": ("text",), "block_sizes": (64, 128, 256, 512), "models": BUILTIN_MODELS,
+    "train_share": 1.0,
 }
 DEFAULT_COLLUDERS_NOTE = (
     "1: a federation of 3 to 7 sites (docs/deploy.md) cannot rule out that one site "
     "shares its keys with the server, and a majority threshold falls to one such site")
+# What a simulated site allows when its tables say nothing: what the scenario runs (the
+# scenario's author is the simulated site). A deployed site never reads the run config.
+SIMULATED_CHOICES = {"text_fields": "data.text_field", "block_sizes": "data.block_size",
+                     "models": "model.name"}
+
+
+def model_id(model: ModelConfig) -> str:
+    """What a site's ``allowed-models`` names: ``model.name``, or ``name/gguf_file`` for
+    one GGUF file inside a directory or hub repo."""
+    return f"{model.name}/{model.gguf_file}" if model.gguf_file else model.name
 
 
 def default_delta(units: int) -> float:
@@ -95,6 +116,15 @@ class SitePolicy:
     """Other sites this site assumes may collude with the server: it masks nothing under a
     reconstruction threshold t that k colluders could beat among its n neighbours
     (it needs 2t > n + k). Default 1 (:data:`DEFAULT_COLLUDERS_NOTE`)."""
+    text_fields: tuple[str, ...]
+    """The JSONL / parquet / datasets columns the server may choose as ``data.text_field``."""
+    block_sizes: tuple[int, ...]
+    """The ``data.block_size`` values the server may choose (each changes N)."""
+    models: tuple[str, ...]
+    """The models (:func:`model_id`) the server may ask the site to open."""
+    train_share: float
+    """The cap on the trained set: the share of training units kept, each by the site's
+    salted hash (1: all; the server may propose a smaller ``data.train_share``)."""
     max_lora_rank: int = 0
     """Highest LoRA rank the site trains (0: the run's ``lora.r``); below ``lora.r`` it
     trains the global adapter truncated to this rank (:mod:`fedcpt.core.ranks`)."""
@@ -122,6 +152,13 @@ class SitePolicy:
             ("min_dishonest_fraction", 0 <= self.min_dishonest_fraction < 1, "in [0, 1)"),
             ("secagg_colluders", self.secagg_colluders >= 0, ">= 0"),
             ("max_lora_rank", self.max_lora_rank >= 0, ">= 0 (0: the run's lora.r)"),
+            ("text_fields", bool(self.text_fields) and all(f.strip() for f in self.text_fields),
+             "a non-empty list of column names"),
+            ("block_sizes", bool(self.block_sizes) and all(b >= 8 for b in self.block_sizes),
+             "a non-empty list of sizes, each at least 8"),
+            ("models", bool(self.models) and all(m.strip() for m in self.models),
+             "a non-empty list of model ids or paths"),
+            ("train_share", 0 < self.train_share <= 1, "in (0, 1] (1: every unit)"),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -159,9 +196,13 @@ class SitePolicy:
                  "secagg_colluders": f"{k} (assumes up to {k} other site(s) collude with the "
                                      f"server: masks only under a threshold t with 2t > n + "
                                      f"{k} over its n neighbours)"}
-        return [f"policy {f.name}: {shown.get(f.name, getattr(self, f.name))} "
+        return [f"policy {f.name}: {shown.get(f.name, _show(getattr(self, f.name)))} "
                 f"[{self.who(f.name)}]"
                 for f in dataclasses.fields(self) if f.name not in ("site", "set_by")]
+
+
+def _show(value: Any) -> Any:
+    return ", ".join(map(str, value)) if isinstance(value, tuple) else value
 
 
 def read_policy_file(path: Path) -> dict[str, Any]:
@@ -181,6 +222,12 @@ def read_policy_file(path: Path) -> dict[str, Any]:
 
 def _typed(name: str, value: Any, where: str) -> Any:
     default = SITE_DEFAULTS.get(name, "")
+    if isinstance(default, tuple):  # a list: TOML / a table's tuple, or "a,b" in node config
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{where} sets `{name}` to {value!r}, which is not a list")
+        return tuple(_typed_item(name, item, type(default[0]), where) for item in items
+                     if not isinstance(item, str) or item.strip())
     try:
         if isinstance(default, bool):
             text = str(value).lower()
@@ -193,6 +240,19 @@ def _typed(name: str, value: Any, where: str) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{where} sets `{name}` to {value!r}, which is not a "
                           f"{type(default).__name__}") from None
+
+
+def _typed_item(name: str, item: Any, kind: type, where: str) -> Any:
+    what = {int: "a whole number", str: "a string"}[kind]
+    if isinstance(item, bool) or (kind is str and not isinstance(item, str)) or (
+            kind is int and isinstance(item, float)):
+        raise ConfigError(f"{where} sets `{name}` to a list holding {item!r}, which is not "
+                          f"{what}")
+    try:
+        return kind(item.strip() if isinstance(item, str) else item)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} sets `{name}` to a list holding {item!r}, which is not "
+                          f"{what}") from None
 
 
 def site_policy(cfg: RunConfig | None, site: SiteConfig, node_config: dict,
@@ -232,6 +292,12 @@ def site_policy(cfg: RunConfig | None, site: SiteConfig, node_config: dict,
         # it off (turning it off is the site's own `require-dp = false`)
         values["require_dp"] = True
         set_by["require_dp"] = DP_BY_DEFAULT
+    if not deployed and cfg is not None:
+        run_values = {"text_fields": (cfg.data.text_field,),
+                      "block_sizes": (cfg.data.block_size,), "models": (model_id(cfg.model),)}
+        for name, key in SIMULATED_CHOICES.items():
+            if name not in values:
+                values[name], set_by[name] = run_values[name], f"simulation: the run's {key}"
     for name, default in SITE_DEFAULTS.items():
         values.setdefault(name, default)
     if "eval_release" not in values:
@@ -243,6 +309,66 @@ def site_policy(cfg: RunConfig | None, site: SiteConfig, node_config: dict,
         values["ledger_path"] = str(Path(cfg.privacy.ledger_dir) / f"{site.name}{LEDGER_SUFFIX}")
         set_by["ledger_path"] = "simulation: the run's privacy.ledger_dir"
     return SitePolicy(site=site.name, set_by=tuple(sorted(set_by.items())), **values)
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """The data and model inputs of one run at one site, each among the values its policy
+    allows (:func:`check_inputs`)."""
+
+    text_field: str
+    block_size: int
+    model: str
+    train_share: float
+    train_share_by: str
+    """Who set the share in force: the site's policy, or the server (tightened)."""
+
+    def lines(self) -> list[str]:
+        """The run's choices, for `site check` against a scenario."""
+        return [f"run data.text_field: {self.text_field} [server, among the site's "
+                "text_fields]",
+                f"run data.block_size: {self.block_size} [server, among the site's "
+                "block_sizes]",
+                f"run model: {self.model} [server, among the site's models]",
+                f"run train_share: {self.train_share:g} [{self.train_share_by}]"]
+
+
+def check_inputs(policy: SitePolicy, data: DataConfig, model: ModelConfig) -> RunInputs:
+    """Before any data is read or any model opened: every run input that selects or shapes
+    the site's data or model must be one the site allows; raises PolicyRefused naming the
+    key. The reason is the same whether or not a path or column exists at the site, and
+    does not list what the site allows (its operator sees that in `fedcpt site check`)."""
+    asked = model_id(model)
+    choices = (
+        ("model.name" if not model.gguf_file else "model.gguf_file", asked,
+         asked in policy.models, "a model", "models", "allowed-models"),
+        ("data.text_field", data.text_field, data.text_field in policy.text_fields,
+         "a text column", "text_fields", "text-fields"),
+        ("data.block_size", data.block_size, data.block_size in policy.block_sizes,
+         "a block size", "block_sizes", "block-sizes"),
+    )
+    for key, value, allowed, what, name, node_key in choices:
+        if not allowed:
+            raise PolicyRefused(
+                f"site {policy.site!r} refuses `{key}` = {value!r}: not {what} its policy "
+                f"allows ({node_key}, {policy.who(name)}); it reads and opens nothing else")
+    if data.heldout_fraction > policy.heldout_fraction:
+        raise PolicyRefused(
+            f"site {policy.site!r} refuses `data.heldout_fraction` = "
+            f"{data.heldout_fraction:g}: it would loosen the site's held-out fraction "
+            f"{policy.heldout_fraction:g} ({policy.who('heldout_fraction')}); the server may "
+            "only propose stricter values")
+    proposed = data.train_share
+    if proposed > policy.train_share:
+        raise PolicyRefused(
+            f"site {policy.site!r} refuses `data.train_share` = {proposed:g}: it would "
+            f"loosen the site's cap, a share of {policy.train_share:g} of its units "
+            f"({policy.who('train_share')}); the server may only propose stricter values")
+    tightened = 0 < proposed < policy.train_share
+    return RunInputs(
+        text_field=data.text_field, block_size=data.block_size, model=asked,
+        train_share=proposed if tightened else policy.train_share,
+        train_share_by="server, tightened" if tightened else policy.who("train_share"))
 
 
 @dataclass(frozen=True)
@@ -263,14 +389,13 @@ class RunTerms:
 def accept_proposal(policy: SitePolicy, cfg: RunConfig, units: int) -> RunTerms:
     """Check the server's run config against the site's policy; raises PolicyRefused
     naming the key when a proposal would loosen it, else returns the (possibly tightened)
-    terms. ``data.heldout_blocks`` is checked when evaluating (:func:`check_query`)."""
+    terms. ``data.heldout_fraction`` is checked before any data is read
+    (:func:`check_inputs`), ``data.heldout_blocks`` when evaluating (:func:`check_query`)."""
     site_delta = policy.delta_for(units)
     proposals = (
         ("privacy.target_delta", cfg.privacy.target_delta, site_delta, "δ", "delta"),
         ("privacy.target_epsilon", cfg.privacy.target_epsilon, policy.epsilon_budget,
          "ε budget", "epsilon_budget"),
-        ("data.heldout_fraction", cfg.data.heldout_fraction, policy.heldout_fraction,
-         "held-out fraction", "heldout_fraction"),
     )
     for key, proposed, own, what, name in proposals:
         if key.startswith("privacy.") and not cfg.privacy.enabled:

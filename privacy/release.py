@@ -1,8 +1,10 @@
 """What a site's evaluation may release about its held-out units, by its own policy.
 
 - ``nothing``: no loss leaves the site (the evaluation is refused with the reason).
-- ``plain``: loss, base loss and ECE on held-out blocks, *not* covered by ε (listed as such
-  in the privacy report). Still refused below the site's minimum of held-out units.
+- ``plain``: loss, base loss and ECE on ``data.heldout_blocks`` held-out blocks taken
+  round-robin over the held-out units (so a query covers at least the site's minimum of
+  units, counted in units, not blocks), *not* covered by ε (listed as such in the privacy
+  report). Still refused below the site's minimum of held-out units.
 - ``noised``: the discrete Gaussian mechanism on per-unit statistics. A query covers
   exactly ``k = data.heldout_blocks`` held-out units (one block each, the first ``k`` in
   the site's salted order; a site holding fewer answers anyway, the missing units
@@ -43,7 +45,7 @@ import torch
 
 from fedcpt.config import RunConfig
 from fedcpt.core import protocol as p
-from fedcpt.core.data import TokenBlocks, first_block_per_unit, spread
+from fedcpt.core.data import TokenBlocks, blocks_across_units, first_block_per_unit
 from fedcpt.core.evaluation import evaluate_blocks
 from fedcpt.core.model import AdaptedModel
 from fedcpt.privacy.data_drift import DataDriftRecord, RunEntry, blocks_digest, model_digest
@@ -94,15 +96,19 @@ def release_evaluation(cfg: RunConfig, lm: AdaptedModel, policy: SitePolicy,
                 f"site {policy.site!r} holds {blocks.heldout_unit_count} held-out units, "
                 f"fewer than its minimum of {policy.eval_min_units} per query "
                 f"({policy.who('eval_min_units')})")
-        heldout = spread(blocks.heldout, cfg.data.heldout_blocks)
+        # round-robin over units: the query covers min(heldout_blocks, units) ≥ the minimum
+        heldout = blocks_across_units(blocks.heldout, blocks.heldout_units,
+                                      cfg.data.heldout_blocks)
         if "plain" not in base_cache:
             with lm.model.disable_adapter():
                 base_cache["plain"] = evaluate_blocks(lm, heldout, cfg.train.eval_batch_size).loss
         result = evaluate_blocks(lm, heldout, cfg.train.eval_batch_size)
         released = {p.NUM_EXAMPLES: result.tokens, p.DOMAIN_LOSS: result.loss,
                     p.DOMAIN_BASE_LOSS: base_cache["plain"], p.DOMAIN_ECE: result.ece}
+        # "by unit": not comparable with earlier runs' evenly spaced blocks
+        measure = f"plain {len(heldout)}x{heldout.shape[1]} by unit"
         return released | _data_drift(drift, base_cache, run_id, lm, heldout, released,
-                                      measure=f"plain {len(heldout)}x{heldout.shape[1]}")
+                                      measure=measure)
     if ledger is None:
         raise PolicyRefused(f"site {policy.site!r} releases only noised evaluations, which "
                             "its ledger must account for, and it has no ledger location")

@@ -61,7 +61,10 @@ def _hostile(overrides: list[str], handler: str = "train", ledger: bool = True,
         if not ledger:
             del context.node_config["ledger-path"]
         before = ledger_path.read_bytes() if ledger_path.exists() else None
-        initial = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
+        # the adapter the server sends, shaped by the scenario's model (the harness never
+        # opens a model the hostile config names: whether the site does is the question)
+        initial = load_adapted_model(load_config("smoke-dp").model, cfg.lora,
+                                     cfg.seed).initial_adapter
         with task_identity(), site_log() as logged:
             reply = getattr(client_app, handler)(train_message(cfg, RUN, 1, initial), context)
         after = ledger_path.read_bytes() if ledger_path.exists() else None

@@ -4,6 +4,7 @@ deployed), its policy, and its data packed within its privacy units."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -51,7 +52,9 @@ def test_site_blocks_reads_only_that_sites_data(cfg, write_text):
     policy = policy_for(cfg, site, {"partition-id": 0})
     blocks = site_blocks(site, cfg.model, cfg.data, policy)
     assert blocks.train.shape[1] == cfg.data.block_size
-    assert blocks.train.numel() <= cfg.data.max_site_tokens
+    uncapped = site_blocks(site, cfg.model, replace(cfg.data, train_share=1.0), replace(
+        policy, train_share=1.0))
+    assert 0 < blocks.units < uncapped.units  # smoke's cap: train_share = 0.8, by hash
     assert blocks.unit == "passage" and blocks.units > 1  # smoke's [site_policy]
     assert site_blocks(site, cfg.model, cfg.data, policy) is blocks  # loaded once per process
 

@@ -12,7 +12,9 @@ import torch
 from fedcpt.core.data import (
     build_blocks,
     expand_source,
+    heldout_by_hash,
     is_heldout,
+    kept_by_hash,
     pack,
     read_texts,
     split_documents,
@@ -106,12 +108,6 @@ def test_pack_too_short_gives_no_blocks():
     assert blocks.shape == (0, 8)
 
 
-def test_pack_respects_max_tokens():
-    blocks = pack([list(range(1, 50))] * 4, eos_id=0, block_size=10, max_tokens=35)
-    assert blocks.shape == (3, 10)
-    assert blocks.flatten().tolist() == list(range(1, 31))
-
-
 # --- build_blocks on every supported source type ---------------------------------------
 
 def test_build_blocks_txt_packs_each_passage_on_its_own(write_text, byte_tok):
@@ -147,14 +143,34 @@ def test_build_blocks_is_reproducible(write_text, byte_tok):
     assert torch.equal(a.train, b.train) and torch.equal(a.heldout, b.heldout)
 
 
-def test_build_blocks_caps_training_tokens(write_text, byte_tok):
-    path = write_text("site.txt", 20_000, seed=3)
-    capped = _blocks([path], byte_tok, max_train_tokens=1000)
-    full = _blocks([path], byte_tok)
-    assert capped.train.numel() <= 1000
-    assert len(capped.train) == 1000 // BLOCK
-    assert torch.equal(capped.train, full.train[: len(capped.train)])
+def test_build_blocks_cap_keeps_whole_units_by_salted_hash(write_text, byte_tok):
+    path = write_text("site.txt", 40_000, seed=3)
+    rule = heldout_by_hash(0.2, salt="s")
+    full = _blocks([path], byte_tok, heldout_rule=rule)
+    capped = _blocks([path], byte_tok, heldout_rule=rule, keep_rule=kept_by_hash(0.5, "s"))
+    assert 0 < capped.units < full.units
+    full_units = {tuple(map(tuple, b.tolist())) for b in _groups(full.train, full.train_units)}
+    for unit in _groups(capped.train, capped.train_units):  # whole units, never a cut one
+        assert tuple(map(tuple, unit.tolist())) in full_units
     assert torch.equal(capped.heldout, full.heldout)  # the cap is for training only
+    other_salt = _blocks([path], byte_tok, heldout_rule=rule, keep_rule=kept_by_hash(0.5, "t"))
+    assert not torch.equal(other_salt.train, capped.train)  # the salt decides which
+
+
+def test_kept_by_hash_is_per_unit_and_nested():
+    keys = [f"passage:{i}" for i in range(4000)]
+    half, tenth = kept_by_hash(0.5, "salt")(keys), kept_by_hash(0.1, "salt")(keys)
+    assert sum(half) / len(keys) == pytest.approx(0.5, abs=0.03)
+    assert all(h for h, t in zip(half, tenth, strict=True) if t)  # a smaller cap, a subset
+    assert kept_by_hash(0.5, "salt")(keys[::-1]) == half[::-1]  # order plays no part
+    assert all(kept_by_hash(1.0, "salt")(keys))
+    # a separate hash from the held-out split: the kept units are not the held-out ones
+    held = heldout_by_hash(0.5, "salt")(keys)
+    assert 0.4 < sum(h and k for h, k in zip(held, half, strict=True)) / sum(held) < 0.6
+
+
+def _groups(blocks: torch.Tensor, owners: torch.Tensor) -> list[torch.Tensor]:
+    return [blocks[owners == i] for i in range(int(owners.max()) + 1)] if len(owners) else []
 
 
 def test_build_blocks_markdown(write_text, byte_tok):

@@ -25,6 +25,7 @@ from fedcpt.deploy.site_check import (
     check_ledger,
     check_node_config,
     check_root_certificates,
+    check_run_inputs,
     check_superlink,
     parse_endpoint,
     parse_node_config,
@@ -33,6 +34,7 @@ from fedcpt.deploy.site_check import (
 from fedcpt.exceptions import ConfigError, DataError
 from fedcpt.privacy.data_drift import DataDriftError, DataDriftRecord, RunEntry
 from fedcpt.privacy.ledger import LedgerError, PrivacyLedger
+from fedcpt.privacy.policy import PolicyRefused
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,26 @@ def test_node_config_parsed_as_flower_does() -> None:
     assert "policy epsilon_budget: 8.0 [site node config]" in lines
     assert "policy unit: document [site default]" in lines
     assert "policy eval_release: nothing [site default (require-dp: nothing un-noised)]" in lines
+
+
+def test_site_check_prints_what_the_site_reads_and_opens_and_who_chose_it() -> None:
+    config = parse_node_config('site-name="clinic" data-path="/d" text-fields="body,text" '
+                               'allowed-models="tiny-llama,/models/x" train-share=0.5')
+    lines = check_node_config(config)
+    assert "policy text_fields: body, text [site node config]" in lines
+    assert "policy models: tiny-llama, /models/x [site node config]" in lines
+    assert "policy block_sizes: 64, 128, 256, 512 [site default]" in lines
+    assert "policy train_share: 0.5 [site node config]" in lines
+    run = check_run_inputs(load_config("smoke", overrides=["data.train_share=0.25",
+                                                           "data.text_field=body"]), config)
+    assert run == ["run data.text_field: body [server, among the site's text_fields]",
+                   "run data.block_size: 64 [server, among the site's block_sizes]",
+                   "run model: tiny-llama [server, among the site's models]",
+                   "run train_share: 0.25 [server, tightened]"]
+    assert check_run_inputs(load_config("smoke"), config)[-1] == (
+        "run train_share: 0.5 [site node config]")
+    with pytest.raises(PolicyRefused, match=r"refuses `model.name` = 'smollm2-135m-instruct'"):
+        check_run_inputs(load_config("shakespeare"), config)
 
 
 def test_require_dp_without_a_ledger_path_is_refused() -> None:
@@ -285,7 +307,8 @@ def test_run_site_check_stops_at_the_first_problem(smoke, sites_config, certs) -
                            'privacy-unit="passage"', root_certificates=certs.ca_cert,
                            auth_key=certs.site_keys["clinic"][0])
     assert [line.split(":")[0] for line in lines if not line.startswith("policy ")] == [
-        "site name", "data", "privacy ledger", "root certificate", "authentication key"]
+        "site name", "run data.text_field", "run data.block_size", "run model",
+        "run train_share", "data", "privacy ledger", "root certificate", "authentication key"]
     assert "policy unit: passage [site node config]" in lines
     with pytest.raises(ConfigError, match="does not answer"):
         run_site_check(smoke, f'site-name="north" data-path="{data}" privacy-unit="passage"',

@@ -14,7 +14,13 @@ from fedcpt.core.model import load_adapted_model
 from fedcpt.exceptions import ConfigError
 from fedcpt.privacy.heldout import HeldoutSplit, SplitError, share_splits
 from fedcpt.privacy.ledger import PrivacyLedger
-from fedcpt.privacy.policy import DP_BY_DEFAULT, PolicyRefused, accept_proposal, site_policy
+from fedcpt.privacy.policy import (
+    DP_BY_DEFAULT,
+    PolicyRefused,
+    accept_proposal,
+    check_inputs,
+    site_policy,
+)
 from fedcpt.privacy.report import site_row
 from fedcpt.testing.bad_inputs.proposals import _hostile, _site_data
 from fedcpt.testing.site_round import site_context, task_identity, train_message
@@ -93,10 +99,34 @@ def test_a_site_with_a_budget_or_ledger_has_dp_on_by_default(keys, dp):
     ({"eval_release": "summed"}, r"`eval_release` must be one of .*'secagg'.*secure aggregation"),
     ({"heldout_fraction": 0.0}, r"`heldout_fraction` must be strictly between 0 and 1"),
     ({"epsilon_budget": "lots"}, r"sets `epsilon_budget` to 'lots', which is not a float"),
+    ({"block_sizes": "64,6"}, r"`block_sizes` must be a non-empty list of sizes, each at "
+                              r"least 8, got \(64, 6\) \(site node config\)"),
+    ({"block_sizes": "64,big"}, r"sets `block_sizes` to a list holding 'big', which is not a "
+                                r"whole number"),
+    ({"allowed_models": " , "}, r"`models` must be a non-empty list of model ids or paths"),
+    ({"text_fields": ""}, r"`text_fields` must be a non-empty list of column names"),
+    ({"train_share": 0}, r"`train_share` must be in \(0, 1\]"),
 ])
 def test_bad_site_policy_fails_naming_the_key(keys, match):
     with pytest.raises(ConfigError, match=match):
         site_policy(None, SITE, deployed(**keys), deployed=True)
+
+
+def test_what_a_site_reads_and_opens_is_its_own_unless_it_is_simulated():
+    policy = site_policy(None, SITE, deployed(text_fields="body, text", block_sizes="128",
+                                              allowed_models="/models/llama"), deployed=True)
+    assert (policy.text_fields, policy.block_sizes, policy.models) == (
+        ("body", "text"), (128,), ("/models/llama",))
+    assert policy.who("models") == "site node config"
+    default = site_policy(None, SITE, DEPLOYED, deployed=True)
+    assert default.models == ("smollm2-135m-instruct", "tiny-llama")  # no path is opened
+    assert (default.text_fields, default.train_share) == (("text",), 1.0)
+    cfg = load_config("smoke", overrides=["data.text_field=body", "model.name=/models/m"])
+    simulated = site_policy(cfg, SITE, {"partition-id": 0}, deployed=False)
+    assert (simulated.text_fields, simulated.block_sizes, simulated.models) == (
+        ("body",), (64,), ("/models/m",))
+    assert simulated.who("models") == "simulation: the run's model.name"
+    assert simulated.train_share == 0.8  # smoke's [site_policy] cap
 
 
 def test_delta_at_or_above_one_over_n_is_refused():
@@ -113,10 +143,12 @@ def test_stricter_proposals_tighten_looser_ones_are_refused_naming_the_key():
     terms = accept_proposal(policy, cfg, units=1000)
     assert (terms.delta, terms.epsilon_budget) == (1e-8, 2.0)
     for override, key in (("privacy.target_delta=0.2", "privacy.target_delta"),
-                          ("privacy.target_epsilon=9", "privacy.target_epsilon"),
-                          ("data.heldout_fraction=0.5", "data.heldout_fraction")):
+                          ("privacy.target_epsilon=9", "privacy.target_epsilon")):
         with pytest.raises(PolicyRefused, match=f"refuses `{key}`.*site default"):
             accept_proposal(policy, load_config("smoke-dp", overrides=[override]), 1000)
+    loosened = load_config("smoke-dp", overrides=["data.heldout_fraction=0.5"])
+    with pytest.raises(PolicyRefused, match="refuses `data.heldout_fraction`.*site default"):
+        check_inputs(policy, loosened.data, loosened.model)  # before any data is read
 
 
 def test_a_stricter_delta_is_accepted_for_its_run_and_the_ledger_keeps_the_sites(tmp_path):
