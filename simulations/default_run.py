@@ -47,6 +47,8 @@ class RunMeasures:
 
     scenario: str
     overrides: list[str]
+    domain_base: float | None
+    """The base model's held-out domain loss: the same in two runs on one split."""
     adaptation: float | None
     kl_to_base_out_of_pool: float | None
     answer_loss_increase: float | None
@@ -70,7 +72,9 @@ def measures(scenario: str, overrides: list[str], summary: dict[str, Any], wall_
     behaviour = retention.get("behaviour") or {}
     privacy = summary.get("privacy") or {}
     return RunMeasures(
-        scenario=scenario, overrides=list(overrides), adaptation=summary.get("adaptation"),
+        scenario=scenario, overrides=list(overrides),
+        domain_base=(summary.get("domain_loss") or {}).get("base"),
+        adaptation=summary.get("adaptation"),
         kl_to_base_out_of_pool=out_of_pool.get("kl_to_base"),
         answer_loss_increase=behaviour.get("answer_loss_increase"),
         out_of_pool_forgetting=out_of_pool.get("forgetting"),

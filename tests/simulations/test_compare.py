@@ -183,9 +183,11 @@ def test_compare_runs_the_default_run_beside_plain_fedavg(tmp_path, sites_config
     assert (out / DEFAULT_RUN / "simulated-ca.pem").is_file()  # signing identities made
     manifest = json.loads((out / DEFAULT_RUN / "manifest.json").read_text())
     assert manifest["config"]["strategy"]["distillation"] == "both"
-    # the sites held out the reference's units: the base losses are the same numbers
-    bases = [{site: v["base"] for site, v in json.loads(
-        (out / arm / "summary.json").read_text())["domain_loss"]["per_site"].items()}
-        for arm in ("fedavg", DEFAULT_RUN)]
-    assert bases[0] == bases[1] and len(bases[0]) == 3
+    # the sites held out the reference's units: the base model's held-out loss is the
+    # same (under SecAgg+ the sites release it only as a quantised sum, not per site)
+    domain = [json.loads((out / arm / "summary.json").read_text())["domain_loss"]
+              for arm in ("fedavg", DEFAULT_RUN)]
+    assert len(domain[0]["per_site"]) == 3 and domain[1]["secure_sum"]["sites"]
+    assert domain[1]["base"] == pytest.approx(domain[0]["base"], abs=1e-3)
+    assert row["adaptation"] is not None
     assert "default-run" in (out / "compare.md").read_text()

@@ -20,7 +20,7 @@ from fedcpt.simulations.default_run import (
 
 def _summary(adaptation: float, kl: float, answer: float, oop: float,
              epsilon: float | None) -> dict:
-    return {"adaptation": adaptation, "forgetting": oop,
+    return {"adaptation": adaptation, "forgetting": oop, "domain_loss": {"base": 4.1},
             "retention": {"out_of_pool": {"forgetting": oop, "kl_to_base": kl},
                           "behaviour": {"answer_loss_increase": answer,
                                         "exact_match_base": 1.0, "exact_match": 0.5,
@@ -37,7 +37,7 @@ def test_measures_read_the_out_of_pool_kl_not_the_overall_one():
     m = _measures(_summary(0.5, 0.4, 0.2, 0.15, None))
     assert (m.adaptation, m.kl_to_base_out_of_pool, m.answer_loss_increase,
             m.out_of_pool_forgetting) == (0.5, 0.4, 0.2, 0.15)
-    assert m.epsilon is None and m.exact_match == 0.5
+    assert m.epsilon is None and m.exact_match == 0.5 and m.domain_base == 4.1
     assert _measures(_summary(0.3, 0.1, 0.0, 0.0, 7.9)).epsilon == 7.9
 
 
