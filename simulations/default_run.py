@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from fedcpt.config import load_config
 from fedcpt.privacy.heldout import share_splits
@@ -60,7 +62,7 @@ class RunMeasures:
     delta: float | None
     wall_s: float
     cpu_s: float
-    """CPU seconds of the run's processes (this one and every child it waited for)."""
+    """CPU seconds of the run's whole process tree (:class:`TreeCPU`)."""
     run_dir: str
 
 
@@ -115,10 +117,46 @@ def goal_report(reference: RunMeasures, default: RunMeasures, native_bf16: bool
             "goals_met": met, "all_goals_met": all(met.values())}
 
 
-def _cpu_seconds() -> float:
-    own, children = (resource.getrusage(who) for who in
-                     (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+class TreeCPU:
+    """CPU seconds of this process and every descendant (the SuperLink, the simulation,
+    Ray and its site workers), sampled every ``interval`` seconds by psutil: the
+    simulation's processes are not this process's waited-for children, so
+    ``RUSAGE_CHILDREN`` would miss them. A process that exits between two samples loses at
+    most its last interval's CPU time, so the total is a slight undercount."""
+
+    def __init__(self, interval: float = 2.0) -> None:
+        self.interval = interval
+        self.seen: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+                self.seen[(proc.pid, proc.create_time())] = times.user + times.system
+            except psutil.Error:
+                continue  # exited since it was listed: its last sample stands
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> TreeCPU:
+        self._sample()
+        self.start = sum(self.seen.values())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.seen.values()) - self.start
 
 
 MEASURES = "measures.json"
@@ -129,10 +167,11 @@ def run(scenario: str, run_dir: Path, overrides: list[str]) -> RunMeasures:
     """Simulate ``scenario`` with ``overrides`` in ``run_dir``; its measures."""
     cfg = load_config(scenario, None, overrides)
     log.info("default run · %s", scenario)
-    wall, cpu = time.perf_counter(), _cpu_seconds()
-    summary = simulate(cfg, run_dir)
-    got = measures(scenario, overrides, summary, time.perf_counter() - wall,
-                   _cpu_seconds() - cpu, run_dir)
+    wall = time.perf_counter()
+    with TreeCPU() as cpu:
+        summary = simulate(cfg, run_dir)
+    got = measures(scenario, overrides, summary, time.perf_counter() - wall, cpu.seconds,
+                   run_dir)
     (run_dir / MEASURES).write_text(json.dumps(asdict(got), indent=2) + "\n")
     return got
 

@@ -76,3 +76,19 @@ def test_a_drift_plain_fedavg_did_not_show_is_not_a_met_goal():
 def test_the_reference_must_be_another_scenario(tmp_path):
     with pytest.raises(ValueError, match="different scenarios"):
         default_run(tmp_path, "smoke", "smoke")
+
+
+def test_cpu_time_counts_the_processes_the_run_starts():
+    """A simulation's work runs in descendant processes (SuperLink, Ray workers) that are
+    not waited-for children: their CPU seconds must be counted."""
+    import subprocess
+    import sys
+
+    from fedcpt.simulations.default_run import TreeCPU
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass"
+    with TreeCPU(interval=0.1) as cpu:
+        # a grandchild, as the SuperLink's simulation process is
+        subprocess.run([sys.executable, "-c", f"import subprocess, sys; subprocess.run("
+                        f"[sys.executable, '-c', {burn!r}])"], check=True)
+    assert cpu.seconds >= 0.7  # the grandchild's second, less at most one interval
