@@ -23,7 +23,9 @@ DEMO_STAMP := $(shell date +%Y%m%d-%H%M%S)
 DEMO_OUT ?= runs/demo-$(DEMO_STAMP)
 demo: install
 	$(VENV)/bin/fedcpt simulate shakespeare --out $(DEMO_OUT)
-	$(VENV)/bin/python benchmarks/beside_reference.py $(DEMO_OUT)
+	@if [ -f benchmarks/results/default_run.json ]; then \
+		$(VENV)/bin/python benchmarks/beside_reference.py $(DEMO_OUT); \
+	else echo "No plain FedAvg reference recorded yet: run benchmarks/default_run.py"; fi
 
 # Flower's own CLI on the installed environment: no uv sync, no download (see README).
 flwr-smoke: install
