@@ -17,8 +17,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The default run (DP-SGD at every site, SecAgg+, server-side protection), then its
+# measures beside plain FedAvg's recorded by benchmarks/default_run.py.
+DEMO_STAMP := $(shell date +%Y%m%d-%H%M%S)
+DEMO_OUT ?= runs/demo-$(DEMO_STAMP)
 demo: install
-	$(VENV)/bin/fedcpt simulate shakespeare
+	$(VENV)/bin/fedcpt simulate shakespeare --out $(DEMO_OUT)
+	@if [ -f benchmarks/results/default_run.json ]; then \
+		$(VENV)/bin/python benchmarks/beside_reference.py $(DEMO_OUT); \
+	else echo "No plain FedAvg reference recorded yet: run benchmarks/default_run.py"; fi
 
 # Flower's own CLI on the installed environment: no uv sync, no download (see README).
 flwr-smoke: install

@@ -85,18 +85,22 @@ def simulate(
 
 @cli.command()
 def compare(
-    scenario: str = typer.Option("shakespeare", "--scenario", help="Scenario every arm runs."),
+    scenario: str = typer.Option("shakespeare-fedavg", "--scenario", help="Scenario every "
+                                 "arm but default-run runs."),
     out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Folder for the arms' "
                              "runs, compare.json, compare.md and pareto.png."),
     arms: str = typer.Option(",".join(["fedavg", "rehearsal-mix", "rehearsal-finetune",
                                        "fedprox", "l2sp", "delta-scaling"]),
-                             help="Comma-separated arms (fedavg is always included)."),
+                             help="Comma-separated arms (fedavg is always included); "
+                             "default-run: the default scenario as shipped."),
     dp: str = typer.Option("off,on", help="DP settings to run: off, on, or off,on."),
     epsilons: str = typer.Option("8", help="ε per site of the DP arms, comma-separated; "
                                  "several (e.g. 1,2,4,8) also plot frontier.png."),
     config: Path | None = typer.Option(None, "--config", "-c", help="TOML merged over the "
                                           "scenario for every arm."),
     overrides: list[str] = typer.Option([], "--set", "-s", help="KEY=VALUE for every arm."),
+    default_scenario: str = typer.Option("shakespeare", "--default-scenario",
+                                         help="Scenario of the default-run arm."),
 ) -> None:
     """Run the continual-strategies grid and write a table and a Pareto plot."""
     setup_logging(False)
@@ -116,7 +120,7 @@ def compare(
         raise ConfigError(f"output folder {out} already exists and is not empty")
     run_compare(scenario, out, [a.strip() for a in arms.split(",") if a.strip()],
                 [settings[d] for d in chosen], overrides, config_file=config,
-                epsilons=budgets)
+                epsilons=budgets, default_scenario=default_scenario)
     print(out / "compare.md")
 
 

@@ -1,6 +1,6 @@
 """Behaviour drift with and without the self-distillation step, from the same adapted start.
 
-SmolLM2-135M-Instruct with the `shakespeare` scenario's LoRA and data settings. The adapter
+SmolLM2-135M-Instruct with the `shakespeare-fedavg` scenario's LoRA and data settings. The adapter
 is trained on the three sites' Shakespeare (pooled: a centralised stand-in for the round's
 aggregate, since a federated grid does not fit this shared machine), then each arm applies
 one server step to that same adapter:
@@ -54,7 +54,7 @@ def measure(lm, kinds, in_pool, answers, domain, batch: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--scenario", default="shakespeare")
+    parser.add_argument("--scenario", default="shakespeare-fedavg")
     parser.add_argument("--train-steps", type=int, default=20)
     parser.add_argument("--distill-steps", type=int, default=8)
     parser.add_argument("--arms", default="pool,both", help="distillation texts to try")

@@ -90,7 +90,7 @@ def main() -> None:
     load_before = load_average()
 
     overrides = ["model.precision=fp32"] if args.fp32 else []
-    cfg = load_config("shakespeare", overrides=overrides)
+    cfg = load_config("shakespeare-fedavg", overrides=overrides)
     train = dataclasses.replace(cfg.train, local_steps=args.steps)
     lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
     blocks = site_blocks(cfg.sites[0], cfg.model, cfg.data).train

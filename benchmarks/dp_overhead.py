@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     setup(args.threads)
 
-    cfg = load_config("shakespeare")
+    cfg = load_config("shakespeare-fedavg")
     train = dataclasses.replace(cfg.train, local_steps=args.steps)
     privacy = PrivacyConfig(enabled=True, grad_sample_mode=args.grad_sample_mode)
     lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)

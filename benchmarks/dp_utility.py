@@ -26,7 +26,7 @@ from fedcpt.simulations.dp_utility import dp_utility
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--reference", default="shakespeare")
+    parser.add_argument("--reference", default="shakespeare-fedavg")
     parser.add_argument("--dp", default="shakespeare-dp")
     parser.add_argument("--rounds", type=int, default=0,
                         help="run both scenarios for this many rounds (0: as shipped)")

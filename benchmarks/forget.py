@@ -52,7 +52,7 @@ def final_version(run_dir: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--scenario", default="shakespeare")
+    parser.add_argument("--scenario", default="shakespeare-fedavg")
     parser.add_argument("--run", type=Path, help="a finished run of the scenario")
     parser.add_argument("--site", default="comedies")
     parser.add_argument("--work", type=Path, help="folder for the runs (default: temporary)")

@@ -168,7 +168,7 @@ def run_fedcpt(scenario: str, overrides: list[str], root: Path,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--scenario", default="shakespeare")
+    parser.add_argument("--scenario", default="shakespeare-fedavg")
     args = parser.parse_args()
     common = [f"federation.rounds={ROUNDS}"]
     runs = {"fedcpt_eval": common,

@@ -161,7 +161,7 @@ def protocol_costs(reference: ArrayRecord, n_sites: int, max_weight: int) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--scenario", default="shakespeare")
+    parser.add_argument("--scenario", default="shakespeare-fedavg")
     parser.add_argument("--sites", type=int, nargs="+", default=[5, 10])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=3)

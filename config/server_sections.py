@@ -45,6 +45,12 @@ class StrategyConfig:
         0.0, "Self-distillation: learning rate; 0: the sites' learning rate of the round.")
     distill_chat_weight: float = _opt(
         1.0, "Self-distillation `both`: weight of the chat-answer KL beside the pool KL.")
+    distill_batch_size: int = _opt(
+        0, "Self-distillation: sequences of each kind of text per step; 0: "
+        "`train.batch_size` (a DP logical batch can be far larger than the step needs).")
+    distill_from_round: int = _opt(
+        1, "Self-distillation: the first round it runs in; earlier rounds keep the "
+        "aggregate as it is (distillation in late rounds only).")
     delta_scaling: bool = _opt(
         False, "Scale each round's aggregated delta by the largest α whose rehearsal "
         "validation loss rises at most `delta_tolerance`.")
@@ -76,6 +82,10 @@ class StrategyConfig:
                 ">= 0 (0: the sites' learning rate)")
         require(self.distill_chat_weight > 0, "strategy.distill_chat_weight",
                 self.distill_chat_weight, "> 0")
+        require(self.distill_batch_size >= 0, "strategy.distill_batch_size",
+                self.distill_batch_size, ">= 0 (0: train.batch_size)")
+        require(self.distill_from_round >= 1, "strategy.distill_from_round",
+                self.distill_from_round, ">= 1")
         require(self.fisher_blocks > 0, "strategy.fisher_blocks", self.fisher_blocks, "> 0")
         require(len(self.delta_alphas) > 0 and all(0 < a <= 1 for a in self.delta_alphas),
                 "strategy.delta_alphas", self.delta_alphas, "values in (0, 1]")

@@ -157,9 +157,11 @@ def self_distillation(cfg: RunConfig, lm: AdaptedModel, general: GeneralData,
         chat = ChatAnswers(*answer_batch(answers, lm.tokenizer.eos_token_id))
     return SelfDistillation(
         lm, pool=general.rehearsal if s.distillation in ("pool", "both") else None,
-        chat=chat, steps=s.distill_steps, batch_size=cfg.train.batch_size, lr=s.distill_lr,
+        chat=chat, steps=s.distill_steps,
+        batch_size=s.distill_batch_size or cfg.train.batch_size, lr=s.distill_lr,
         lr_at=cfg.lr_at, chat_weight=s.distill_chat_weight,
-        max_grad_norm=cfg.train.max_grad_norm, seed=cfg.seed)
+        max_grad_norm=cfg.train.max_grad_norm, seed=cfg.seed,
+        from_round=s.distill_from_round)
 
 
 def final_continuations(cfg: RunConfig, lm: AdaptedModel,

@@ -10,13 +10,15 @@ compute (every DP arm runs the same steps; only the planned noise differs), with
 non-DP runs as lines.
 Forgetting removed is reported apart for the general kinds in the rehearsal pool, those
 outside it, and behaviour (KL to the base model, loss on the base model's own answers).
+The ``default-run`` arm runs the default scenario as shipped (DP, SecAgg+, protection)
+beside plain FedAvg without DP: the product against its reference.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,9 @@ ARMS: dict[str, list[str]] = {
     "self-distill": ["strategy.distillation=both"],
     "rehearsal-distill": ["strategy.rehearsal=mix", "strategy.distillation=both"],
 }
+DEFAULT_RUN = "default-run"
+"""The arm that runs ``default_scenario`` as shipped, whatever ``--dp`` says (its own DP
+settings), measured against plain FedAvg without DP."""
 DP_EPSILON = 8.0  # the budget of a DP arm unless ``epsilons`` says otherwise
 # Retention measures of a summary's `retention` section: (group, field); each is 0 at the
 # base model and higher is worse, so "removed" is the share of FedAvg's value taken away.
@@ -63,6 +68,8 @@ class Arm:
     overrides: list[str]
     epsilon: float | None = None
     """The DP arm's budget per site (None without DP)."""
+    scenario: str | None = None
+    """The arm's own scenario (the default run's); None: the compared one."""
 
 
 def dp_on(epsilon: float) -> list[str]:
@@ -70,11 +77,19 @@ def dp_on(epsilon: float) -> list[str]:
 
 
 def grid(arms: list[str], dp_settings: list[bool],
-         epsilons: tuple[float, ...] = (DP_EPSILON,)) -> list[Arm]:
-    """Every arm without DP and, with DP, at every budget in ``epsilons``."""
-    unknown = [a for a in arms if a not in ARMS]
+         epsilons: tuple[float, ...] = (DP_EPSILON,),
+         default_scenario: str = "shakespeare") -> list[Arm]:
+    """Every arm without DP and, with DP, at every budget in ``epsilons``; the default
+    run (if asked for) once, as shipped, last."""
+    unknown = [a for a in arms if a not in ARMS and a != DEFAULT_RUN]
     if unknown:
-        raise ConfigError(f"unknown arms {unknown}; choose from {list(ARMS)}")
+        raise ConfigError(f"unknown arms {unknown}; choose from {[*ARMS, DEFAULT_RUN]}")
+    default = [Arm(DEFAULT_RUN, True, [], scenario=default_scenario)] \
+        if DEFAULT_RUN in arms else []
+    if default and False not in dp_settings:
+        raise ConfigError(f"the {DEFAULT_RUN} arm is measured against plain FedAvg without "
+                          "DP: include off in --dp")
+    arms = [a for a in arms if a != DEFAULT_RUN]
     bad = [e for e in epsilons if not e > 0]
     if not epsilons or bad:
         raise ConfigError(f"epsilons must be one or more budgets > 0; got {list(epsilons)}")
@@ -83,11 +98,11 @@ def grid(arms: list[str], dp_settings: list[bool],
     budgets = {False: [None], True: list(epsilons)}
     # "off" must mean off even for a scenario that turns DP on (shakespeare-dp)
     return [Arm(a, dp, ARMS[a] + (dp_on(eps) if dp else ["privacy.enabled=false"]), eps)
-            for dp in dp_settings for eps in budgets[dp] for a in arms]
+            for dp in dp_settings for eps in budgets[dp] for a in arms] + default
 
 
 def _folder(arm: Arm, single_budget: bool) -> str:
-    if not arm.dp:
+    if not arm.dp or arm.scenario:
         return arm.name
     return f"{arm.name}-dp" if single_budget else f"{arm.name}-dp-eps{arm.epsilon:g}"
 
@@ -115,7 +130,7 @@ def arm_row(arm: Arm, summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """One arm's measures from its run's summary (``bwt``: a stream's backward transfer,
     None for a scenario without phases)."""
     return {
-        "arm": arm.name, "strategy": arm.overrides[: len(ARMS[arm.name])],
+        "arm": arm.name, "strategy": arm.overrides[: len(ARMS.get(arm.name, []))],
         "dp": arm.dp, "target_epsilon": arm.epsilon,
         "epsilon": summary["privacy"]["max_epsilon"] if arm.dp else None,
         "forgetting": summary["forgetting"], "adaptation": summary["adaptation"],
@@ -129,8 +144,10 @@ def against_reference(rows: list[dict[str, Any]]) -> None:
     """Add to each row its plain-FedAvg reference (same DP setting and budget) and the
     shares of the reference's damage it removes and of its adaptation it keeps."""
     for row in rows:
-        ref = next(r for r in rows if r["arm"] == "fedavg" and r["dp"] == row["dp"]
-                   and r["target_epsilon"] == row["target_epsilon"])
+        dp, budget = (False, None) if row["arm"] == DEFAULT_RUN else \
+            (row["dp"], row["target_epsilon"])
+        ref = next(r for r in rows if r["arm"] == "fedavg" and r["dp"] == dp
+                   and r["target_epsilon"] == budget)
         row["reference"] = {"forgetting": ref["forgetting"], "adaptation": ref["adaptation"]}
         row["forgetting_removed"] = share_removed(ref["forgetting"], row["forgetting"])
         row["adaptation_kept"] = share(row["adaptation"], ref["adaptation"])
@@ -141,17 +158,22 @@ def against_reference(rows: list[dict[str, Any]]) -> None:
 
 def compare(scenario: str, out: Path, arms: list[str], dp_settings: list[bool],
             extra: list[str], config_file: Path | None = None,
-            epsilons: tuple[float, ...] = (DP_EPSILON,)) -> dict[str, Any]:
+            epsilons: tuple[float, ...] = (DP_EPSILON,),
+            default_scenario: str = "shakespeare") -> dict[str, Any]:
     """Run every arm, write compare.json, compare.md and pareto.png into ``out`` (and
     frontier.png when the DP arms run at more than one budget)."""
-    plan = grid(arms, dp_settings, epsilons)
+    plan = grid(arms, dp_settings, epsilons, default_scenario)
     single = len(epsilons) == 1
     # each arm spends its own budget: never share ledgers between arms; but every arm's
     # sites hold out the same units as the first arm's (one salt), so that all arms are
     # measured on the same held-out blocks and train on the same units
     ledgers = [(out / _folder(arm, single) / "ledgers").resolve() for arm in plan]
-    configs = [load_config(scenario, config_file, arm.overrides + extra + [
+    configs = [load_config(arm.scenario or scenario, config_file, arm.overrides + extra + [
         f"privacy.ledger_dir={folder}"]) for arm, folder in zip(plan, ledgers, strict=True)]
+    # the default run's DP setting and budget are its scenario's own
+    plan = [replace(arm, dp=cfg.privacy.enabled, epsilon=cfg.privacy.target_epsilon
+                    if cfg.privacy.enabled else None) if arm.scenario else arm
+            for arm, cfg in zip(plan, configs, strict=True)]
     out.mkdir(parents=True, exist_ok=True)  # every arm's config was valid: start
     rows = []
     for i, (arm, cfg) in enumerate(zip(plan, configs, strict=True)):

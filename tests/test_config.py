@@ -37,7 +37,41 @@ def toml_file(tmp_path):
 
 
 def test_scenarios_listed():
-    assert {"smoke", "shakespeare"} <= set(scenario_names())
+    assert {"smoke", "smoke-default", "shakespeare", "shakespeare-fedavg"} <= set(
+        scenario_names())
+
+
+@pytest.mark.parametrize("name", ["shakespeare", "smoke-default"])
+def test_the_default_run_is_the_whole_product(name):
+    """`fedcpt simulate` / `make demo` (and its smoke analogue): unit-level DP-SGD at every
+    site within ε = 8, SecAgg+ (simulated signing identities), server-side protection."""
+    cfg = load_config(name)
+    assert cfg.privacy.enabled and not cfg.privacy.user_level
+    assert 0 < cfg.privacy.target_epsilon <= 8.0
+    assert cfg.site_policy.unit == "passage"
+    assert cfg.secagg.mode == "on" and cfg.with_secagg_resolved(deployment=False).secagg.enabled
+    assert cfg.strategy.rehearsal != "none" or cfg.strategy.distillation != "none"
+
+
+def test_the_default_scenario_of_the_cli_is_the_default_run():
+    import inspect
+
+    from fedcpt.cli import simulate
+
+    default = inspect.signature(simulate).parameters["scenario"].default.default
+    assert default == "shakespeare"
+
+
+def test_plain_fedavg_keeps_its_shipped_shape_under_its_own_name():
+    """The reference the default run is measured against: plain FedAvg, 3 rounds × 4 steps
+    × 8 blocks, no DP, no secure aggregation in a simulation, no protection."""
+    cfg = load_config("shakespeare-fedavg")
+    assert not cfg.privacy.enabled
+    assert not cfg.with_secagg_resolved(deployment=False).secagg.enabled
+    assert (cfg.federation.rounds, cfg.train.local_steps, cfg.train.batch_size) == (3, 4, 8)
+    assert cfg.train.lr == pytest.approx(0.005)
+    assert cfg.strategy == type(cfg.strategy)()
+    assert [s.name for s in cfg.sites] == [s.name for s in load_config("shakespeare").sites]
 
 
 @pytest.mark.parametrize("name", scenario_names())

@@ -52,7 +52,7 @@ class SelfDistillation:
     def __init__(self, lm: AdaptedModel, *, pool: torch.Tensor | None,
                  chat: ChatAnswers | None, steps: int, batch_size: int, lr: float,
                  lr_at: Callable[[int], float], chat_weight: float, max_grad_norm: float,
-                 seed: int) -> None:
+                 seed: int, from_round: int = 1) -> None:
         if pool is None and chat is None:
             raise ValueError("self-distillation needs pool text, chat answers or both")
         self.lm = lm
@@ -66,6 +66,8 @@ class SelfDistillation:
         self.chat_weight = chat_weight
         self.max_grad_norm = max_grad_norm
         self.seed = seed
+        self.from_round = from_round
+        """Rounds before this one keep the aggregate unchanged."""
 
     def _loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """The step's objective on one batch of each kind of text, and its parts."""
@@ -89,6 +91,10 @@ class SelfDistillation:
 
     def apply(self, server_round: int, global_arrays: ArrayRecord, aggregated: ArrayRecord,
               client_examples: int) -> StepResult:
+        if server_round < self.from_round:
+            log.info("round %d · self-distillation: not before round %d", server_round,
+                     self.from_round)
+            return StepResult(aggregated, {"steps": 0})
         model = self.lm.model
         load_adapter(model, aggregated)
         lr = self.lr or self.lr_at(server_round)

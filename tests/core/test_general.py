@@ -64,7 +64,7 @@ def test_general_shorthand_is_one_pooled_kind():
 
 
 def test_builtin_scenarios_use_four_kinds_two_out_of_pool():
-    for name in ("smoke", "shakespeare"):
+    for name in ("smoke", "shakespeare-fedavg", "shakespeare"):
         kinds = load_config(name).data.general_kinds()
         assert len(kinds) >= 4, name
         assert sum(1 for k in kinds if k.rehearsal_share == 0) >= 2, name

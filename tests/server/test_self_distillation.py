@@ -101,6 +101,8 @@ def test_distillation_changes_only_adapter_weights(fresh_lm, byte_tok, drifted, 
     ("strategy.distill_steps=0", "strategy.distill_steps"),
     ("strategy.distill_lr=-1", "strategy.distill_lr"),
     ("strategy.distill_chat_weight=0", "strategy.distill_chat_weight"),
+    ("strategy.distill_batch_size=-1", "strategy.distill_batch_size"),
+    ("strategy.distill_from_round=0", "strategy.distill_from_round"),
 ])
 def test_bad_distillation_settings_are_rejected(override, key):
     with pytest.raises(ConfigError, match=f"`?{key}`?"):
@@ -125,3 +127,29 @@ def test_server_builds_distillation_after_rehearsal(sites_config, fresh_lm, text
     distill = steps[1]
     assert distill.pool is general.rehearsal
     assert len(distill.chat.ids) == len(REHEARSAL_PROMPTS)
+
+
+def test_distillation_waits_for_its_first_round(fresh_lm, byte_tok, drifted, make_text):
+    """Distillation in late rounds only: before ``from_round`` the aggregate passes
+    unchanged; from it on, the step trains."""
+    pool = _blocks(byte_tok, make_text(3000, seed=24))
+    step = _step(fresh_lm, pool=pool, steps=2, from_round=3)
+    early = step.apply(2, drifted, drifted, client_examples=0)
+    assert early.arrays is drifted and early.details == {"steps": 0}
+    late = step.apply(3, drifted, drifted, client_examples=0)
+    assert late.details["steps"] == 2
+    assert any(not torch.equal(torch.from_numpy(late.arrays[k].numpy()),
+                               torch.from_numpy(drifted[k].numpy())) for k in drifted)
+
+
+def test_distillation_batch_is_its_own_or_the_sites(sites_config, fresh_lm, text_blocks):
+    from fedcpt.server.app import GeneralData, self_distillation
+
+    general = GeneralData({"prose": text_blocks}, ("prose",), text_blocks, text_blocks[:2])
+    base = ["strategy.distillation=pool", "train.batch_size=6"]
+    assert self_distillation(load_config("smoke", sites_config, base), fresh_lm,
+                             general).batch_size == 6
+    cfg = load_config("smoke", sites_config, [*base, "strategy.distill_batch_size=2",
+                                              "strategy.distill_from_round=2"])
+    step = self_distillation(cfg, fresh_lm, general)
+    assert (step.batch_size, step.from_round) == (2, 2)

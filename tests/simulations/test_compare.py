@@ -133,3 +133,61 @@ def test_compare_dp_frontier_on_smoke(tmp_path, sites_config):
         assert row["adaptation_kept"] == pytest.approx(1.0)  # its own reference
         assert (out / f"fedavg-dp-eps{target:g}" / "summary.json").is_file()
     assert (out / "frontier.png").is_file() and (out / "pareto.png").is_file()
+
+
+def test_the_default_run_arm_runs_its_own_scenario_once_beside_plain_fedavg():
+    from fedcpt.simulations.compare import DEFAULT_RUN
+
+    arms = grid([DEFAULT_RUN], [False], default_scenario="smoke-default")
+    assert [(a.name, a.dp, a.scenario) for a in arms] == [
+        ("fedavg", False, None), (DEFAULT_RUN, True, "smoke-default")]
+    assert arms[1].overrides == []  # as shipped: no arm overrides, no DP switch
+    # with DP arms too, it runs once, last
+    arms = grid([DEFAULT_RUN, "rehearsal-mix"], [False, True])
+    assert [a.name for a in arms].count(DEFAULT_RUN) == 1 and arms[-1].name == DEFAULT_RUN
+    # it is measured against plain FedAvg without DP, so that reference must run
+    with pytest.raises(ConfigError, match="include off in --dp"):
+        grid([DEFAULT_RUN], [True])
+
+
+def test_the_default_run_is_measured_against_plain_fedavg_without_dp(tmp_path):
+    from fedcpt.simulations.compare import DEFAULT_RUN, Arm, against_reference, arm_row
+
+    fedavg_off, fedavg_on = grid(["fedavg"], [False, True])
+    default = Arm(DEFAULT_RUN, True, [], 8.0, scenario="smoke-default")
+    dp_summary = {**_summary(0.0, 0.3, None), "privacy": {"max_epsilon": 7.9}}
+    rows = [arm_row(fedavg_off, _summary(0.2, 0.5, None), tmp_path / "a"),
+            arm_row(fedavg_on, {**_summary(0.1, 0.2, None),
+                                "privacy": {"max_epsilon": 8.0}}, tmp_path / "b"),
+            arm_row(default, dp_summary, tmp_path / "c")]
+    against_reference(rows)
+    assert rows[2]["reference"] == {"forgetting": 0.2, "adaptation": 0.5}  # DP off's
+    assert rows[2]["adaptation_kept"] == pytest.approx(0.6)
+    assert rows[2]["epsilon"] == 7.9 and rows[2]["strategy"] == []
+
+
+@pytest.mark.slow  # the smoke analogue of the default run: DP + SecAgg+ + protection
+def test_compare_runs_the_default_run_beside_plain_fedavg(tmp_path, sites_config):
+    from fedcpt.simulations.compare import DEFAULT_RUN
+
+    out = tmp_path / "product"
+    payload = compare("smoke", out, [DEFAULT_RUN], [False], [], config_file=sites_config,
+                      default_scenario="smoke-default")
+    arms = {r["arm"]: r for r in payload["arms"]}
+    assert set(arms) == {"fedavg", DEFAULT_RUN}
+    row = arms[DEFAULT_RUN]
+    assert row["dp"] and 0 < row["epsilon"] <= 8.0  # spent, never above the budget
+    assert row["reference"]["adaptation"] == arms["fedavg"]["adaptation"]
+    summary = json.loads((out / DEFAULT_RUN / "summary.json").read_text())
+    assert summary["secagg"]["enabled"]  # the server saw only the sites' sum
+    assert (out / DEFAULT_RUN / "simulated-ca.pem").is_file()  # signing identities made
+    manifest = json.loads((out / DEFAULT_RUN / "manifest.json").read_text())
+    assert manifest["config"]["strategy"]["distillation"] == "both"
+    # the sites held out the reference's units: the base model's held-out loss is the
+    # same (under SecAgg+ the sites release it only as a quantised sum, not per site)
+    domain = [json.loads((out / arm / "summary.json").read_text())["domain_loss"]
+              for arm in ("fedavg", DEFAULT_RUN)]
+    assert len(domain[0]["per_site"]) == 3 and domain[1]["secure_sum"]["sites"]
+    assert domain[1]["base"] == pytest.approx(domain[0]["base"], abs=1e-3)
+    assert row["adaptation"] is not None
+    assert "default-run" in (out / "compare.md").read_text()

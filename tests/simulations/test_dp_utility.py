@@ -1,5 +1,6 @@
-"""DP utility: the DP scenario is shakespeare plus DP settings, and the benchmark's report
-(adaptation kept, wall-time ratio, ε spent) is computed from two real runs."""
+"""DP utility: the DP scenario is plain FedAvg's (`shakespeare-fedavg`) plus DP settings,
+and the benchmark's report (adaptation kept, wall-time ratio, ε spent) is computed from two
+real runs."""
 
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def test_goals_fail_below_the_milestone():
     assert compare_utility(_arm(None, 1.0), _arm(0.2, 1.0, 8.0))["adaptation_kept"] is None
 
 
-def test_shakespeare_dp_is_shakespeare_with_dp_settings_only():
-    ref, dp = load_config("shakespeare"), load_config("shakespeare-dp")
+def test_shakespeare_dp_is_plain_fedavg_with_dp_settings_only():
+    ref, dp = load_config("shakespeare-fedavg"), load_config("shakespeare-dp")
     assert dp.privacy.enabled and dp.privacy.target_epsilon == 8.0
     assert dp.privacy.ffa_lora and dp.train.max_physical_batch_size > 0
     assert dp.train.batch_size > ref.train.batch_size  # a logical batch, split physically
