@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import random
 import shlex
@@ -55,6 +56,10 @@ from fedcpt.strategies.fedavg import AdapterFedAvg
 from fedcpt.strategies.secagg_fedavg import SecAggFedAvg
 
 log = logging.getLogger(__name__)
+
+JOB_MARK = "fedcpt job"
+"""Logged before each run of a ``jobs`` list (``fedcpt.simulations.runner`` routes the
+streamed lines that follow to that run's ``run.log``)."""
 
 
 @dataclass(frozen=True)
@@ -257,9 +262,11 @@ def main(grid: Grid, context: Context) -> None:
     Secure aggregation is on unless the config turns it off (``secagg.mode = off``)."""
     stream_plain_lines()
     rc = context.run_config
-    if str(rc.get("config-json", "")):  # from `fedcpt simulate`: validated, exact folder
-        cfg = RunConfig.from_json(Path(str(rc["config-json"])).read_text(encoding="utf-8"))
-        run_federation(grid, cfg, Path(str(rc["run-dir"])))
+    if str(rc.get("jobs", "")):  # from `fedcpt simulate`/`compare`: validated, exact folders
+        jobs = json.loads(Path(str(rc["jobs"])).read_text(encoding="utf-8"))
+        for i, job in enumerate(jobs, 1):  # one after another, on this one engine start
+            log.info("%s %d of %d: %s", JOB_MARK, i, len(jobs), job["run_dir"])
+            run_federation(grid, RunConfig.from_json(job["config"]), Path(job["run_dir"]))
         return
     if str(rc.get("resume", "")):
         run_dir = Path(str(rc["resume"]))
