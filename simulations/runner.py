@@ -127,7 +127,7 @@ def simulated_identities(cfgs: list[RunConfig], run_dirs: list[Path]) -> Iterato
                 os.environ[SIMULATION_IDENTITIES_ENV] = previous
 
 
-class _RunLogs:
+class RunLogs:
     """Streamed lines into the ``run.log`` of the run they belong to: the ServerApp logs
     :data:`JOB_MARK` before each run of a ``jobs`` list; earlier lines (the engine's start)
     go to the first run's log."""
@@ -137,7 +137,7 @@ class _RunLogs:
         self.current = open(run_dirs[0] / "run.log", "a", encoding="utf-8")
 
     def record(self, line: str) -> None:
-        mark = _JOB_LINE.search(line)
+        mark = JOB_LINE.search(line)
         if mark is not None and 1 < int(mark.group(1)) <= len(self.run_dirs):
             self.current.close()
             path = self.run_dirs[int(mark.group(1)) - 1] / "run.log"
@@ -151,7 +151,7 @@ class _RunLogs:
         self.current.close()
 
 
-_JOB_LINE = re.compile(rf"{JOB_MARK} (\d+) of \d+: ")
+JOB_LINE = re.compile(rf"{JOB_MARK} (\d+) of \d+: ")
 
 
 def simulate(cfg: RunConfig, run_dir: Path, resume: bool = False,
@@ -198,7 +198,7 @@ def simulate_many(jobs: list[Job], on_line: Callable[[str], None] | None = None,
                                             "run_dir": str(job.run_dir)} for job in jobs]),
                                encoding="utf-8")
             run_config = {"jobs": str(listing)}
-        logs = _RunLogs(run_dirs, on_line)
+        logs = RunLogs(run_dirs, on_line)
         try:
             with simulated_identities([job.cfg for job in jobs], run_dirs), \
                     LocalSuperLink(Path(home) / "flwr-home") as superlink:
