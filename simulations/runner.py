@@ -127,6 +127,9 @@ def simulated_identities(cfgs: list[RunConfig], run_dirs: list[Path]) -> Iterato
                 os.environ[SIMULATION_IDENTITIES_ENV] = previous
 
 
+JOB_LINE = re.compile(rf"{JOB_MARK} (\d+) of \d+: ")
+
+
 class RunLogs:
     """Streamed lines into the ``run.log`` of the run they belong to: the ServerApp logs
     :data:`JOB_MARK` before each run of a ``jobs`` list; earlier lines (the engine's start)
@@ -149,9 +152,6 @@ class RunLogs:
 
     def close(self) -> None:
         self.current.close()
-
-
-JOB_LINE = re.compile(rf"{JOB_MARK} (\d+) of \d+: ")
 
 
 def simulate(cfg: RunConfig, run_dir: Path, resume: bool = False,
