@@ -34,7 +34,7 @@ from fedcpt.core.behaviour import (
 )
 from fedcpt.core.continuations import Continuation, continuations, save_continuations
 from fedcpt.core.data import spread
-from fedcpt.core.general import load_general
+from fedcpt.core.general import GeneralCorpus, load_general
 from fedcpt.core.model import AdaptedModel, load_adapted_model, load_tokenizer
 from fedcpt.core.progress import stream_plain_lines
 from fedcpt.core.retention import GeneralEvaluation
@@ -87,10 +87,16 @@ def general_data(cfg: RunConfig) -> GeneralData:
 
 
 @functools.lru_cache(maxsize=2)
+def _general_corpus(data: DataConfig, model: ModelConfig,
+                    validation_blocks: int) -> GeneralCorpus:
+    """The general text, tokenised: shared by runs that differ in strategy (compare arms)."""
+    return load_general(data, load_tokenizer(model), validation_blocks=validation_blocks)
+
+
 def _general_data(data: DataConfig, model: ModelConfig, strategy: StrategyConfig,
                   batch_size: int) -> GeneralData:
     n_val = strategy.rehearsal_val_blocks
-    corpus = load_general(data, load_tokenizer(model), validation_blocks=n_val)
+    corpus = _general_corpus(data, model, n_val)
     needs_pool = (strategy.rehearsal != "none" or strategy.delta_scaling
                   or strategy.distillation in ("pool", "both")
                   or strategy.regression_guard or strategy.anchor == "ewc")
