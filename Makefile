@@ -41,9 +41,13 @@ lint: install
 test: install lint
 	$(VENV)/bin/python -m pytest -q -m "not slow and not kills" --durations=25
 
-# The slow tier (CI runs it as a second, time-bounded step: .ci/run).
+# The slow tier (CI runs it as a second, time-bounded step: .ci/run). Its tests mostly wait
+# on Flower and Ray processes, so they run on SLOW_WORKERS pytest-xdist workers; tests that
+# share an expensive fixture stay on one worker (tests/conftest.py, --dist loadgroup).
+SLOW_WORKERS ?= 3
 test-slow: install
-	$(VENV)/bin/python -m pytest -q -m "slow and not kills" --durations=15
+	$(VENV)/bin/python -m pytest -q -m "slow and not kills" -n $(SLOW_WORKERS) \
+		--dist loadgroup --durations=15
 
 clean:
 	rm -rf $(VENV) runs

@@ -3,9 +3,10 @@ catalogue of bad inputs (data, configuration, client updates, ledgers, certifica
 site settings, the CLI).
 
 - Server kills: ``fedcpt simulate smoke-dp`` (three sites, 4 rounds) SIGKILLed as a
-  process tree after the sites paid for round 1, after round 2's checkpoint, and after
-  the sites paid for round 3, resumed with ``--resume`` each time, against the same run
-  without kills (:func:`fedcpt.testing.kills.server_kills`).
+  process tree after the sites paid for round 1, after round 2's checkpoint (its general
+  evaluation still pending: ``evaluation_pending``), and after the sites paid for round 3,
+  resumed with ``--resume`` each time, against the same run without kills
+  (:func:`fedcpt.testing.kills.server_kills`).
 - Client kills: one DP site as its own process (the ClientApp's train handler) SIGKILLed
   at each point of a round — training, the stored-update write, the ledger write, after
   the ledger write, after the reply — and restarted (:func:`~fedcpt.testing.kills.client_kills`).

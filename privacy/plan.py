@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -64,8 +65,10 @@ def plan_run(privacy: PrivacyConfig, ledger: PrivacyLedger, *, records: int, bat
     own = (run_id, run_id + EVAL_RUN_SUFFIX)
     prior = tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries
                   if e.run not in own) + tuple(reserved)
-    return _plan_cached(privacy, ledger.site, records, batch_size, steps, prior, ledger.delta,
-                        ledger.target_epsilon)
+    # where the ledgers live does not shape the plan: runs of one process with their own
+    # ledger folders and the same spend (the arms of a compare) share it
+    return _plan_cached(dataclasses.replace(privacy, ledger_dir=""), ledger.site, records,
+                        batch_size, steps, prior, ledger.delta, ledger.target_epsilon)
 
 
 @functools.lru_cache(maxsize=256)

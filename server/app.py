@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import random
 import shlex
@@ -33,7 +34,7 @@ from fedcpt.core.behaviour import (
 )
 from fedcpt.core.continuations import Continuation, continuations, save_continuations
 from fedcpt.core.data import spread
-from fedcpt.core.general import load_general
+from fedcpt.core.general import GeneralCorpus, load_general
 from fedcpt.core.model import AdaptedModel, load_adapted_model, load_tokenizer
 from fedcpt.core.progress import stream_plain_lines
 from fedcpt.core.retention import GeneralEvaluation
@@ -56,6 +57,10 @@ from fedcpt.strategies.fedavg import AdapterFedAvg
 from fedcpt.strategies.secagg_fedavg import SecAggFedAvg
 
 log = logging.getLogger(__name__)
+
+JOB_MARK = "fedcpt job"
+"""Logged before each run of a ``jobs`` list (``fedcpt.simulations.runner`` routes the
+streamed lines that follow to that run's ``run.log``)."""
 
 
 @dataclass(frozen=True)
@@ -85,10 +90,16 @@ def general_data(cfg: RunConfig) -> GeneralData:
 
 
 @functools.lru_cache(maxsize=2)
+def _general_corpus(data: DataConfig, model: ModelConfig,
+                    validation_blocks: int) -> GeneralCorpus:
+    """The general text, tokenised: shared by runs that differ in strategy (compare arms)."""
+    return load_general(data, load_tokenizer(model), validation_blocks=validation_blocks)
+
+
 def _general_data(data: DataConfig, model: ModelConfig, strategy: StrategyConfig,
                   batch_size: int) -> GeneralData:
     n_val = strategy.rehearsal_val_blocks
-    corpus = load_general(data, load_tokenizer(model), validation_blocks=n_val)
+    corpus = _general_corpus(data, model, n_val)
     needs_pool = (strategy.rehearsal != "none" or strategy.delta_scaling
                   or strategy.distillation in ("pool", "both")
                   or strategy.regression_guard or strategy.anchor == "ewc")
@@ -266,9 +277,11 @@ def main(grid: Grid, context: Context) -> None:
     Secure aggregation is on unless the config turns it off (``secagg.mode = off``)."""
     stream_plain_lines()
     rc = context.run_config
-    if str(rc.get("config-json", "")):  # from `fedcpt simulate`: validated, exact folder
-        cfg = RunConfig.from_json(Path(str(rc["config-json"])).read_text(encoding="utf-8"))
-        run_federation(grid, cfg, Path(str(rc["run-dir"])))
+    if str(rc.get("jobs", "")):  # from `fedcpt simulate`/`compare`: validated, exact folders
+        jobs = json.loads(Path(str(rc["jobs"])).read_text(encoding="utf-8"))
+        for i, job in enumerate(jobs, 1):  # one after another, on this one engine start
+            log.info("%s %d of %d: %s", JOB_MARK, i, len(jobs), job["run_dir"])
+            run_federation(grid, RunConfig.from_json(job["config"]), Path(job["run_dir"]))
         return
     if str(rc.get("resume", "")):
         run_dir = Path(str(rc["resume"]))

@@ -31,7 +31,7 @@ from matplotlib.ticker import ScalarFormatter  # noqa: E402
 from fedcpt.config import load_config  # noqa: E402
 from fedcpt.exceptions import ConfigError  # noqa: E402
 from fedcpt.privacy.heldout import share_splits  # noqa: E402
-from fedcpt.simulations.runner import simulate  # noqa: E402
+from fedcpt.simulations.runner import prepare, simulate_many  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +175,17 @@ def compare(scenario: str, out: Path, arms: list[str], dp_settings: list[bool],
                     if cfg.privacy.enabled else None) if arm.scenario else arm
             for arm, cfg in zip(plan, configs, strict=True)]
     out.mkdir(parents=True, exist_ok=True)  # every arm's config was valid: start
-    rows = []
+    jobs = []
     for i, (arm, cfg) in enumerate(zip(plan, configs, strict=True)):
-        run_dir = out / _folder(arm, single)
-        if i:
+        if i:  # arm 0's preflight recorded the split
             share_splits(ledgers[0], ledgers[i])
         log.info("compare · arm %s (DP %s)", arm.name,
                  f"on, ε = {arm.epsilon:g}" if arm.dp else "off")
-        rows.append(arm_row(arm, simulate(cfg, run_dir), run_dir))
+        jobs.append(prepare(cfg, out / _folder(arm, single)))
+    # every arm on one engine start: each further arm costs its work only
+    summaries = simulate_many(jobs)
+    rows = [arm_row(arm, summary, job.run_dir)
+            for arm, summary, job in zip(plan, summaries, jobs, strict=True)]
     against_reference(rows)
     payload = {"scenario": scenario, "overrides": extra, "epsilons": list(epsilons),
                "arms": rows}

@@ -198,16 +198,33 @@ def paid_window(server_round: int, ledgers: Path) -> Callable[[Path], bool | Non
     return ready
 
 
+def _checkpoint(run: Path) -> dict | None:
+    """The run's ``checkpoint.json`` (None before the first, or while one is being written)."""
+    try:
+        return json.loads((run / "checkpoint.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 def round_boundary(server_round: int, ledgers: Path) -> Callable[[Path], bool | None]:
-    """Kill right after ``server_round`` is checkpointed, before the next round is paid
-    (the sites' ledgers in ``ledgers``)."""
+    """Kill right after ``server_round``'s version is checkpointed, before the next round is
+    paid (the sites' ledgers in ``ledgers``). With ``federation.overlap_general_eval`` (the
+    default) the round's general evaluation is then usually still pending: its metrics line
+    only follows it, while the next round trains, so the checkpoint is the moment to watch
+    (:func:`evaluation_pending` tells afterwards)."""
     def ready(run: Path) -> bool | None:
-        done = len(_rows(run)) - 1
         if server_round + 1 in _paid_rounds(ledgers):
             return None
-        return done >= server_round and (run / "checkpoint.json").exists() and json.loads(
-            (run / "checkpoint.json").read_text())["last_round"] >= server_round
+        checkpoint = _checkpoint(run)
+        return checkpoint is not None and checkpoint["last_round"] >= server_round
     return ready
+
+
+def evaluation_pending(run: Path) -> bool:
+    """Whether the run's checkpoint holds a round whose general evaluation had not finished
+    (read after a kill: the state the resumed server starts from)."""
+    checkpoint = _checkpoint(run)
+    return checkpoint is not None and checkpoint.get("pending") is not None
 
 
 def _run_until(proc: subprocess.Popen, run: Path, ready: Callable[[Path], bool | None],
@@ -260,6 +277,7 @@ def server_kills(workdir: Path, rounds: int = 4) -> KillReport:
     for what, ready in plan:
         outcome = _run_until(proc, killed, ready)
         report.kills.append({"what": what, "rounds_done": len(_rows(killed)) - 1,
+                             "evaluation_pending": evaluation_pending(killed),
                              "killed": outcome == "killed", "survived": False})
         if outcome == "finished":
             break

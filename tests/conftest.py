@@ -16,11 +16,13 @@ import logging  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fedcpt.config import RunConfig  # noqa: E402
 from fedcpt.testing.site_round import task_identity  # noqa: E402
 
 SUBJECTS = [
@@ -155,13 +157,96 @@ def sites_config(tmp_path_factory, make_text) -> Path:
     return config
 
 
-@pytest.fixture(scope="session")
-def smoke_dp_run(tmp_path_factory, sites_config):
-    """One DP smoke simulation shared by the tests that read its outputs:
-    ``(config, run_dir, summary)``."""
-    from fedcpt.config import load_config
-    from fedcpt.simulations.runner import simulate
+# The slow tier's read-only smoke simulations of the three sites of ``sites_config``: a test
+# names the runs it reads with ``@pytest.mark.smoke_run(name, ...)`` and gets them from the
+# ``smoke_runs`` fixture. Every run the selected tests name is simulated once per session,
+# all on one engine start (simulations/runner.py:simulate_many): each costs its work only.
+SMOKE_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "dp": ("smoke-dp", ()),
+    "plain": ("smoke", ()),
+    "fedavgm": ("smoke", ("strategy.server_optimizer=fedavgm", "strategy.server_lr=0.02")),
+    "fedadam": ("smoke", ("strategy.server_optimizer=fedadam", "strategy.server_lr=0.02")),
+    "fedyogi": ("smoke", ("strategy.server_optimizer=fedyogi", "strategy.server_lr=0.02")),
+    "ewc": ("smoke", ("strategy.anchor=ewc", "strategy.anchor_weight=50")),
+    "regression-guard": ("smoke", ("strategy.regression_guard=5.0",)),
+    "user-level": ("smoke", ("privacy.user_level=true", "privacy.user_clipping_norm=0.01",
+                             "privacy.user_noise_multiplier=0.5")),
+    "user-level-secagg": ("smoke", ("secagg.mode=on", "federation.max_update_norm=5",
+                                    "privacy.user_level=true", "privacy.user_clipping_norm=0.01",
+                                    "privacy.user_noise_multiplier=0.5")),
+}
+"""name: (scenario, overrides) of each shared smoke run."""
 
-    cfg = load_config("smoke-dp", config_file=sites_config)
-    run_dir = tmp_path_factory.mktemp("smoke-dp") / "run"
-    return cfg, run_dir, simulate(cfg, run_dir)
+_SMOKE_RUNS_NEEDED = pytest.StashKey[list[str]]()
+
+
+@dataclass(frozen=True)
+class SmokeRun:
+    """A finished shared smoke run: its config as loaded, run folder and summary."""
+
+    cfg: RunConfig
+    run_dir: Path
+    summary: dict
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "smoke_run(*names): the shared smoke runs (SMOKE_RUNS) "
+                                       "the test reads through the smoke_runs fixture")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The shared smoke runs the selected tests name, in :data:`SMOKE_RUNS` order."""
+    named = {n for item in session.items for mark in item.iter_markers("smoke_run")
+             for n in mark.args}
+    unknown = named - set(SMOKE_RUNS)
+    if unknown:
+        raise pytest.UsageError(f"smoke_run marks name unknown runs {sorted(unknown)}; "
+                                f"known: {sorted(SMOKE_RUNS)}")
+    session.config.stash[_SMOKE_RUNS_NEEDED] = [n for n in SMOKE_RUNS if n in named]
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``pytest -n N --dist loadgroup`` (the slow tier), keep on one worker the tests
+    that share an expensive fixture: all users of ``smoke_runs``, and each module whose
+    tests use a module- or class-scoped fixture; every other test is scheduled alone."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        if "smoke_runs" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("smoke-runs"))
+            continue
+        # pytest has no public API for an item's fixture definitions
+        definitions = getattr(item, "_fixtureinfo", None)
+        scopes = {d[-1].scope for d in definitions.name2fixturedefs.values()} \
+            if definitions is not None else set()
+        if scopes & {"module", "class", "package"}:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(request, tmp_path_factory, sites_config) -> dict[str, SmokeRun]:
+    """Every shared smoke run the session's selected tests name (``smoke_run`` marks)."""
+    from fedcpt.config import load_config
+    from fedcpt.simulations.runner import prepare, simulate_many
+
+    names = request.config.stash.get(_SMOKE_RUNS_NEEDED, [])
+    if not names:
+        raise pytest.UsageError("a test uses smoke_runs without a smoke_run mark naming runs")
+    root = tmp_path_factory.mktemp("smoke-runs")
+    configs = [load_config(SMOKE_RUNS[n][0], config_file=sites_config,
+                           overrides=list(SMOKE_RUNS[n][1])) for n in names]
+    jobs = [prepare(cfg, root / name) for name, cfg in zip(names, configs, strict=True)]
+    summaries = simulate_many(jobs)
+    return {name: SmokeRun(cfg, job.run_dir, summary)
+            for name, cfg, job, summary in zip(names, configs, jobs, summaries, strict=True)}
+
+
+@pytest.fixture
+def smoke_dp_run(smoke_runs):
+    """The shared DP smoke simulation (mark the test ``smoke_run("dp")``):
+    ``(config, run_dir, summary)``."""
+    if "dp" not in smoke_runs:
+        pytest.fail("a test using smoke_dp_run needs the mark smoke_run(\"dp\")")
+    run = smoke_runs["dp"]
+    return run.cfg, run.run_dir, run.summary

@@ -9,7 +9,6 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model_state_dict
 
-from fedcpt.config import load_config
 from fedcpt.core.model import byte_tokenizer, tiny_llama
 
 SITES = ("north", "south", "east")
@@ -21,17 +20,15 @@ SUMMARY_KEYS = {
 ADAPTER_NUMEL = 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4))
 
 
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory, sites_config):
-    """Run the smoke scenario once (2 rounds, 3 sites) and return (config, run_dir, summary)."""
-    from fedcpt.simulations.runner import simulate
+pytestmark = pytest.mark.smoke_run("plain")
 
-    root = tmp_path_factory.mktemp("sim")
-    config_file = sites_config
-    cfg = load_config("smoke", config_file=config_file)
-    run_dir = root / "run"
-    summary = simulate(cfg, run_dir)
-    return cfg, run_dir, summary
+
+@pytest.fixture
+def sim(smoke_runs):
+    """The smoke scenario run once (2 rounds, 3 sites; shared, see tests/conftest.py:
+    SMOKE_RUNS): (config, run_dir, summary)."""
+    run = smoke_runs["plain"]
+    return run.cfg, run.run_dir, run.summary
 
 
 def test_config_uses_local_sites(sim):

@@ -1,5 +1,7 @@
 """ε is checked against Google's dp-accounting (PLD), computed independently of Opacus."""
 
+import dataclasses
+
 import pytest
 from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
@@ -79,3 +81,20 @@ def test_budget_too_small_is_a_clear_error():
 def test_batch_larger_than_data_is_a_clear_error():
     with pytest.raises(ConfigError, match="sample rate"):
         plan_noise(target_epsilon=8, delta=1e-5, sample_rate=2.0, steps=10)
+
+
+def test_runs_that_keep_their_ledgers_apart_share_one_plan(tmp_path):
+    # the arms of a compare: same site, data and spend, each with its own ledger folder
+    from fedcpt.config import load_config
+    from fedcpt.privacy.ledger import PrivacyLedger
+    from fedcpt.privacy.plan import plan_run
+
+    privacy = load_config("smoke-dp").privacy
+    plans = []
+    for arm in ("fedavg", "fedprox"):
+        folder = tmp_path / arm
+        ledger = PrivacyLedger.open(folder / "north.ledger.json", "north", delta=1e-5,
+                                    target_epsilon=8.0)
+        plans.append(plan_run(dataclasses.replace(privacy, ledger_dir=str(folder)), ledger,
+                              records=12, batch_size=4, steps=8, run_id=arm))
+    assert plans[0] is plans[1]  # planned once (a PRV bisection), not once per arm

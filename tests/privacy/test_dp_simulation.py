@@ -17,6 +17,7 @@ SITES = ("north", "south", "east")
 
 
 @pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
+@pytest.mark.smoke_run("dp")
 def test_dp_run_reports_cumulative_epsilon_from_the_ledgers(smoke_dp_run):
     cfg, run_dir, summary = smoke_dp_run
 

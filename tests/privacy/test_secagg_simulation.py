@@ -23,7 +23,8 @@ from fedcpt.server.attestations import verify_run_version
 from fedcpt.simulations.runner import simulate
 
 
-@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
+@pytest.mark.slow  # a real simulation of its own, beside the shared DP one
+@pytest.mark.smoke_run("dp")
 def test_secagg_with_dp_runs_and_spends_exactly_what_dp_alone_spends(
         tmp_path, sites_config, smoke_dp_run):
     dp_cfg, dp_dir, dp_summary = smoke_dp_run
@@ -75,13 +76,13 @@ def test_a_site_requiring_secagg_refuses_a_plain_training_message(sites_config, 
     site_refusal(reply, "requires secure aggregation")  # no adapter leaves the site
 
 
-@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
-def test_site_level_dp_under_secagg_is_added_by_the_sites(tmp_path, sites_config):
-    cfg = load_config("smoke", config_file=sites_config, overrides=[
-        "secagg.mode=on", "federation.max_update_norm=5", "privacy.user_level=true",
-        "privacy.user_clipping_norm=0.01", "privacy.user_noise_multiplier=0.5"])
-    run_dir = tmp_path / "run"
-    summary = simulate(cfg, run_dir)
+@pytest.mark.slow  # a shared smoke run (tests/conftest.py:SMOKE_RUNS, one engine start)
+@pytest.mark.smoke_run("user-level-secagg")
+def test_site_level_dp_under_secagg_is_added_by_the_sites(smoke_runs):
+    run = smoke_runs["user-level-secagg"]
+    cfg, run_dir, summary = run.cfg, run.run_dir, run.summary
+    assert cfg.secagg.mode == "on" and cfg.privacy.user_level
+    assert cfg.privacy.user_noise_multiplier == 0.5
 
     assert summary["rounds_aggregated"] == cfg.federation.rounds
     assert summary["failures"] == 0

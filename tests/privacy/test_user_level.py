@@ -6,20 +6,17 @@ import json
 
 import pytest
 
-from fedcpt.config import load_config
 from fedcpt.privacy.accounting import epsilon
-from fedcpt.simulations.runner import simulate
 
 
-@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
-def test_updates_are_clipped_at_the_site_and_epsilon_reported_separately(tmp_path,
-                                                                          sites_config):
+@pytest.mark.slow  # a shared smoke run (tests/conftest.py:SMOKE_RUNS, one engine start)
+@pytest.mark.smoke_run("user-level")
+def test_updates_are_clipped_at_the_site_and_epsilon_reported_separately(smoke_runs):
     clip = 0.01  # far below the unclipped update norm of a smoke round
-    cfg = load_config("smoke", config_file=sites_config, overrides=[
-        "privacy.user_level=true", f"privacy.user_clipping_norm={clip}",
-        "privacy.user_noise_multiplier=0.5"])
-    run_dir = tmp_path / "run"
-    summary = simulate(cfg, run_dir)
+    run = smoke_runs["user-level"]
+    cfg, run_dir, summary = run.cfg, run.run_dir, run.summary
+    assert cfg.privacy.user_level and cfg.privacy.user_clipping_norm == clip
+    assert cfg.privacy.user_noise_multiplier == 0.5
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     norms = [n for row in rows[1:] for n in row["update_norm_per_site"].values()]

@@ -25,4 +25,7 @@ def test_dp_server_killed_and_resumed_pays_each_round_once(tmp_path):
     report = server_kills(tmp_path)
     assert not report.problems
     assert report.survived == len(report.kills) == 3
+    # the kill between rounds came after round 2's checkpoint, its general evaluation pending
+    assert report.kills[1]["what"] == "between rounds, after the checkpoint"
+    assert report.kills[1]["evaluation_pending"] and report.kills[1]["rounds_done"] == 1
     assert report.ledger_mismatches == report.lost_rounds == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from fedcpt.exceptions import ConfigError
 from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.drift import check_drift
 from fedcpt.server.records import RoundRecord, read_rounds
-from fedcpt.simulations.runner import simulate
+from fedcpt.simulations.runner import Job, prepare, simulate_many
 
 
 def _row(n: int, general: float, norm: float | None, flags=(), aggregated=True):
@@ -58,8 +59,9 @@ def test_monitor_thresholds_are_checked():
         MonitorConfig(window=0)
 
 
-def _federation(root, make_text, third_round_site: str):
-    """North, south and east train on English prose for two rounds; round 3 is trained by
+def _federation(root, make_text, third_round_site: str) -> Job:
+    """The prepared run (in ``root/run``) of a federation in which north, south and east
+    train on English prose for two rounds; round 3 is trained by
     ``third_round_site`` alone (east-switched: east's data switched to a corpus of one
     repeated letter; averaged with two unswitched sites it moves the general loss by only
     ~0.01 at this LR). General-loss drift rollback on; LoRA on every projection at LR 0.01
@@ -90,23 +92,21 @@ def _federation(root, make_text, third_round_site: str):
               f'sites = ["{third_round_site}"]', ""]
     config = root / "sites.toml"
     config.write_text("\n".join(lines), encoding="utf-8")
-    simulate(load_config("smoke", config_file=config), root / "run")
-    return root / "run"
+    return prepare(load_config("smoke", config_file=config), root / "run")
 
 
 @pytest.fixture(scope="module")
-def switched_run(tmp_path_factory, make_text):
-    return _federation(tmp_path_factory.mktemp("switched"), make_text, "east-switched")
-
-
-@pytest.fixture(scope="module")
-def unswitched_run(tmp_path_factory, make_text):
-    return _federation(tmp_path_factory.mktemp("unswitched"), make_text, "east")
+def drift_runs(tmp_path_factory, make_text) -> tuple[Path, Path]:
+    """The switched and the unswitched federation, on one engine start: their run folders."""
+    switched = _federation(tmp_path_factory.mktemp("switched"), make_text, "east-switched")
+    unswitched = _federation(tmp_path_factory.mktemp("unswitched"), make_text, "east")
+    simulate_many([switched, unswitched])
+    return switched.run_dir, unswitched.run_dir
 
 
 @pytest.mark.slow  # two real simulations
-def test_a_site_switching_corpus_is_flagged_within_one_round_and_rolled_back(
-        switched_run, unswitched_run):
+def test_a_site_switching_corpus_is_flagged_within_one_round_and_rolled_back(drift_runs):
+    switched_run, unswitched_run = drift_runs
     from fedcpt.core.adapters import load_version
     from fedcpt.core.model import load_adapted_model
 

@@ -89,11 +89,10 @@ def test_ewc_without_a_rehearsal_pool_is_a_config_error(write_text):
         general_data(load_config("smoke", overrides=[*overrides, "strategy.anchor=ewc"]))
 
 
-@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
-def test_smoke_run_with_ewc_finishes(tmp_path, sites_config):
-    from fedcpt.simulations.runner import simulate
-
-    cfg = load_config("smoke", config_file=sites_config,
-                      overrides=["strategy.anchor=ewc", "strategy.anchor_weight=50"])
-    summary = simulate(cfg, tmp_path / "run")
+@pytest.mark.slow  # a shared smoke run (tests/conftest.py:SMOKE_RUNS, one engine start)
+@pytest.mark.smoke_run("ewc")
+def test_smoke_run_with_ewc_finishes(smoke_runs):
+    run = smoke_runs["ewc"]
+    assert run.cfg.strategy.anchor == "ewc" and run.cfg.strategy.anchor_weight == 50
+    summary = run.summary
     assert summary["rounds_aggregated"] == 2 and summary["failures"] == 0

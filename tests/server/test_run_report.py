@@ -22,6 +22,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
+@pytest.mark.smoke_run("dp")
 def test_report_html_is_one_page_with_every_plot_inline(smoke_dp_run):
     _, run_dir, _ = smoke_dp_run
     folder = RunFolder(run_dir)
@@ -40,6 +41,7 @@ def test_report_html_is_one_page_with_every_plot_inline(smoke_dp_run):
 
 
 @pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
+@pytest.mark.smoke_run("dp")
 def test_continuations_are_the_config_prompts_only(smoke_dp_run):
     cfg, run_dir, _ = smoke_dp_run
     assert cfg.report.prompts  # the smoke scenario sets a general and a domain prompt
@@ -54,6 +56,7 @@ def test_continuations_are_the_config_prompts_only(smoke_dp_run):
 
 
 @pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
+@pytest.mark.smoke_run("dp")
 def test_epsilon_per_round_is_what_the_sites_reported(smoke_dp_run):
     cfg, run_dir, summary = smoke_dp_run
     rows = read_rounds(RunFolder(run_dir))

@@ -3,7 +3,6 @@ state across a save/load, and a smoke simulation with each."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -172,21 +171,18 @@ def test_server_optimiser_with_user_level_dp_is_rejected():
                                         "privacy.user_level=true"])
 
 
-@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
+@pytest.mark.slow  # shared smoke runs (tests/conftest.py:SMOKE_RUNS, one engine start)
+@pytest.mark.smoke_run("fedavgm", "fedadam", "fedyogi")
 @pytest.mark.parametrize("kind", ["fedavgm", "fedadam", "fedyogi"])
-def test_smoke_run_with_each_optimiser_finishes(tmp_path, sites_config, kind):
-    from fedcpt.simulations.runner import simulate
-
-    cfg = load_config("smoke", config_file=sites_config,
-                      overrides=[f"strategy.server_optimizer={kind}", "strategy.server_lr=0.02"])
-    cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, rounds=2))
-    summary = simulate(cfg, tmp_path / "run")
-    assert summary["rounds_aggregated"] == 2
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+def test_smoke_run_with_each_optimiser_finishes(smoke_runs, kind):
+    run = smoke_runs[kind]  # smoke: 2 rounds, server_lr 0.02
+    assert run.cfg.federation.rounds == 2 and run.cfg.strategy.server_optimizer == kind
+    assert run.summary["rounds_aggregated"] == 2
+    rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text()
             .splitlines()]
     steps = [r["server_steps"]["server_optimizer"] for r in rows[1:]]
     assert [s["optimizer"] for s in steps] == [kind, kind]
     assert all(s["step_norm"] > 0 for s in steps)
-    restored = ServerOptimizer(cfg.strategy)
-    restored.load_state(tmp_path / "run" / "adapters" / "round-002")
+    restored = ServerOptimizer(run.cfg.strategy)
+    restored.load_state(run.run_dir / "adapters" / "round-002")
     assert restored.committed and restored.pending is not None

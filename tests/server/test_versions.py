@@ -13,19 +13,19 @@ from fedcpt.exceptions import ConfigError
 from fedcpt.runfolder.versions import continue_from, export_version, list_versions, version_dir
 from fedcpt.simulations.runner import simulate
 
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, sites_config):
-    root = tmp_path_factory.mktemp("versions")
-    cfg = load_config("smoke", config_file=sites_config,
-                      overrides=["strategy.regression_guard=5.0"])
-    simulate(cfg, root / "run")
-    return root
+# the tests that read `run` get it from the shared smoke runs (tests/conftest.py:SMOKE_RUNS)
+pytestmark = pytest.mark.smoke_run("regression-guard")
 
 
-@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
+@pytest.fixture
+def run(smoke_runs):
+    """A finished smoke run with the regression guard on (a real simulation)."""
+    return smoke_runs["regression-guard"].run_dir
+
+
+@pytest.mark.slow  # a real simulation (shared)
 def test_every_round_is_a_version_with_its_parent(run):
-    versions = list_versions(run / "run")
+    versions = list_versions(run)
     assert [v["round"] for v in versions] == [0, 1, 2]
     assert versions[0]["parent"] == "fresh adapter"
     assert versions[2]["parent"] == "round-001"
@@ -39,20 +39,20 @@ def test_every_round_is_a_version_with_its_parent(run):
 
 def test_rollback_to_a_missing_version_is_a_clear_error(run):
     with pytest.raises(ConfigError, match=r"no adapter version for round 7 .*\[0, 1, 2\]"):
-        version_dir(run / "run", 7)
+        version_dir(run, 7)
 
 
-@pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
-def test_rollback_continues_from_the_chosen_version(run):
-    cfg = continue_from(run / "run", 1, rounds=1)
+@pytest.mark.slow  # a real simulation of its own, continuing the shared one
+def test_rollback_continues_from_the_chosen_version(run, tmp_path):
+    cfg = continue_from(run, 1, rounds=1)
     assert cfg.federation.initial_adapter.endswith("round-001")
-    simulate(cfg, run / "continued")
+    simulate(cfg, tmp_path / "continued")
     reference = _reference(run)  # any adapter of the right shape
-    start = load_version(run / "continued" / "adapters" / "round-000", reference)
-    original = load_version(version_dir(run / "run", 1), reference)
+    start = load_version(tmp_path / "continued" / "adapters" / "round-000", reference)
+    original = load_version(version_dir(run, 1), reference)
     for key in original.keys():
         np.testing.assert_array_equal(start[key].numpy(), original[key].numpy())
-    assert [v["parent"] for v in list_versions(run / "continued")][0].endswith("round-001")
+    assert [v["parent"] for v in list_versions(tmp_path / "continued")][0].endswith("round-001")
 
 
 def _reference(run):
@@ -67,10 +67,10 @@ def test_export_merges_the_adapter_into_a_standalone_model(run, tmp_path):
 
     from fedcpt.core.model import byte_tokenizer, tiny_llama
 
-    out = export_version(run / "run", 2, tmp_path / "served")
+    out = export_version(run, 2, tmp_path / "served")
     served = AutoModelForCausalLM.from_pretrained(out)
     reference = PeftModel.from_pretrained(tiny_llama(len(byte_tokenizer())),
-                                          str(version_dir(run / "run", 2)))
+                                          str(version_dir(run, 2)))
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(served(ids).logits, reference(ids).logits, rtol=1e-4,

@@ -4,13 +4,15 @@ SuperLink installs nothing, prints no deprecation banner, and writes the same su
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from fedcpt.config import load_config
 from fedcpt.exceptions import ConfigError
-from fedcpt.simulations.runner import federation_config, simulate
+from fedcpt.server.app import JOB_MARK
+from fedcpt.simulations.runner import Job, RunLogs, federation_config, simulate, simulate_many
 from fedcpt.simulations.superlink import LocalSuperLink, toml_pairs
 
 
@@ -64,3 +66,29 @@ def test_flwr_run_matches_fedcpt_simulate(tmp_path):
         assert "progress round" in text  # the live view's events reach the stream
     assert not any((tmp_path / "flwr-home" / "runtime-envs").glob("*"))
     assert (tmp_path / "simulate" / "run.log").read_text().count("progress round") > 0
+
+
+def test_runs_on_one_engine_need_the_same_federation(tmp_path):
+    three = load_config("smoke")
+    two = dataclasses.replace(three, sites=three.sites[:2])
+    jobs = [Job(three, tmp_path / "a"), Job(two, tmp_path / "b")]
+    with pytest.raises(ConfigError, match="same federation"):
+        simulate_many(jobs)
+    assert not (tmp_path / "a").exists()  # refused before anything started
+
+
+def test_streamed_lines_go_to_the_run_log_of_the_run_they_belong_to(tmp_path):
+    run_dirs = [tmp_path / "a", tmp_path / "b"]
+    for folder in run_dirs:
+        folder.mkdir()
+    seen: list[str] = []
+    logs = RunLogs(run_dirs, seen.append)
+    lines = ["engine starting",
+             f"INFO fedcpt.server.app: {JOB_MARK} 1 of 2: {run_dirs[0]}", "a's round",
+             f"INFO fedcpt.server.app: {JOB_MARK} 2 of 2: {run_dirs[1]}", "b's round"]
+    for line in lines:
+        logs.record(line)
+    logs.close()
+    assert seen == lines
+    assert (run_dirs[0] / "run.log").read_text().splitlines() == lines[:3]
+    assert (run_dirs[1] / "run.log").read_text().splitlines() == lines[3:]
