@@ -4,6 +4,8 @@ import logging
 
 # peft imports bitsandbytes (the `quantization` extra) in every process. On CPUs with
 # AVX512-BF16 bitsandbytes then tries to fetch an optional CPU kernel from the Hugging Face
-# hub at import and warns when it cannot, which it never can offline; its own slower
-# kernel is used. Only that logger is raised to ERROR, so real bitsandbytes errors show.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# hub at import (through the `kernels` package) and warns when it cannot, which it never
+# can offline; its own slower kernel is used. Only those two loggers are raised to ERROR,
+# so real bitsandbytes errors show (and a CLI error stays one line).
+for _noisy in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)

@@ -40,7 +40,8 @@ def test_secagg_with_dp_runs_and_spends_exactly_what_dp_alone_spends(
     summary = simulate(cfg, run_dir)
 
     assert summary["secagg"]["enabled"] is True
-    assert summary["secagg"]["num_shares"] == 3 and summary["secagg"]["threshold"] == 2
+    # one colluder tolerated by default: the threshold is ⌊(3+1)/2⌋+1 of 3 shares
+    assert summary["secagg"]["num_shares"] == 3 and summary["secagg"]["threshold"] == 3
     assert summary["rounds_aggregated"] == cfg.federation.rounds
     assert summary["failures"] == 0
     assert dp_summary["secagg"] == {"enabled": False}
