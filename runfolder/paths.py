@@ -26,7 +26,7 @@ class RunFolder:
 
     @property
     def metrics(self) -> Path:
-        """One :class:`~fedcpt.server.records.RoundRecord` per line, round 0 first."""
+        """One :class:`~fedcpt.runfolder.records.RoundRecord` per line, round 0 first."""
         return self.root / "metrics.jsonl"
 
     @property

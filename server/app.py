@@ -40,10 +40,10 @@ from fedcpt.core.progress import stream_plain_lines
 from fedcpt.core.retention import GeneralEvaluation
 from fedcpt.exceptions import ConfigError
 from fedcpt.runfolder.paths import RunFolder
+from fedcpt.runfolder.records import Summary
 from fedcpt.runfolder.versions import resumable_config
 from fedcpt.server.fisher import FisherForSites
 from fedcpt.server.recorder import RunRecorder
-from fedcpt.server.records import Summary
 from fedcpt.server.round_loop import Federation, run_rounds
 from fedcpt.server.steps.base import ServerStep, StatefulStep
 from fedcpt.server.steps.delta_scaling import DeltaScaling

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives import serialization
 from fedcpt.exceptions import ConfigError, UpdateRejected
 from fedcpt.privacy.attestation import Attestation, verify_attestation
 from fedcpt.runfolder.paths import RunFolder
+from fedcpt.runfolder.provenance import UNATTESTED, read_run_id
 from fedcpt.runfolder.versions import version_dir
-from fedcpt.server.provenance import UNATTESTED, read_run_id
 
 VERIFIED, FAILED = "verified", "FAILED"
 

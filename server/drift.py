@@ -4,7 +4,7 @@ round against the last good rounds, and the rollback a threshold triggers.
 Both signals are the server's own: the global update (the aggregate after the server
 steps, which the server holds even under SecAgg, and which is DP post-processing under
 site-level DP) and the general loss on the server's held-out blocks. The window is read
-from the run's :class:`~fedcpt.server.records.RoundRecord` rows, so a resumed run keeps
+from the run's :class:`~fedcpt.runfolder.records.RoundRecord` rows, so a resumed run keeps
 its baselines.
 
 Per-site data drift is computed and released by the sites
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedcpt.config import MonitorConfig
-from fedcpt.server.records import RoundRecord
+from fedcpt.runfolder.records import RoundRecord
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,8 @@ from fedcpt.core.durable import write_json
 from fedcpt.core.model import AdaptedModel
 from fedcpt.core.retention import GeneralReport
 from fedcpt.runfolder.paths import RunFolder
-from fedcpt.server.checkpoint import PendingGeneral, RunState, TrainOutcome, encode_random
-from fedcpt.server.drift import Drift, check_data_drift
-from fedcpt.server.provenance import read_run_id, version_provenance, write_manifest
-from fedcpt.server.records import (
+from fedcpt.runfolder.provenance import read_run_id, version_provenance, write_manifest
+from fedcpt.runfolder.records import (
     RoundRecord,
     Summary,
     append_round,
@@ -29,6 +27,8 @@ from fedcpt.server.records import (
     write_rounds,
     write_summary,
 )
+from fedcpt.server.checkpoint import PendingGeneral, RunState, TrainOutcome, encode_random
+from fedcpt.server.drift import Drift, check_data_drift
 from fedcpt.server.report import write_report
 from fedcpt.server.steps.base import StatefulStep
 from fedcpt.server.summary import build_summary, weighted_mean

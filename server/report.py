@@ -10,7 +10,7 @@ from fedcpt.config import RunConfig
 from fedcpt.core.continuations import Continuation
 from fedcpt.privacy.report import STATEMENT, site_table
 from fedcpt.runfolder.paths import RunFolder
-from fedcpt.server.records import RoundRecord, Summary
+from fedcpt.runfolder.records import RoundRecord, Summary
 from fedcpt.server.report_html import markdown_to_html
 from fedcpt.server.report_plots import (
     plot_data_drift,

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedcpt.runfolder.paths import RunFolder  # noqa: E402
-from fedcpt.server.records import RoundRecord  # noqa: E402
+from fedcpt.runfolder.records import RoundRecord  # noqa: E402
 
 DPI = 110
 

@@ -1,4 +1,4 @@
-"""The run's :class:`~fedcpt.server.records.Summary`, built from what its rounds recorded."""
+"""The run's :class:`~fedcpt.runfolder.records.Summary`, built from what its rounds recorded."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from fedcpt.exceptions import FedcptError
 from fedcpt.privacy.secagg.ddp import DistributedDP
 from fedcpt.privacy.secagg.params import MODULUS, SecAggParams
 from fedcpt.privacy.user_level import user_level_epsilon
+from fedcpt.runfolder.records import RoundRecord, Summary
 from fedcpt.server.checkpoint import RunState
 from fedcpt.server.continual import continual_metrics
-from fedcpt.server.records import RoundRecord, Summary
 
 
 def weighted_mean(pairs: list[tuple[float, int]]) -> float | None:

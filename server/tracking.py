@@ -21,7 +21,7 @@ from typing import Protocol
 from fedcpt.config import RunConfig
 from fedcpt.exceptions import ConfigError
 from fedcpt.runfolder.paths import RunFolder
-from fedcpt.server.records import RoundRecord, Summary
+from fedcpt.runfolder.records import RoundRecord, Summary
 
 log = logging.getLogger(__name__)
 

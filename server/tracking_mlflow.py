@@ -21,7 +21,7 @@ from mlflow.utils.validation import (
 
 from fedcpt.config import RunConfig
 from fedcpt.runfolder.paths import RunFolder
-from fedcpt.server.records import RoundRecord, Summary
+from fedcpt.runfolder.records import RoundRecord, Summary
 from fedcpt.server.tracking import round_metrics, summary_metrics
 
 RUN_ID_TAG = "fedcpt.run_id"

@@ -9,7 +9,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from fedcpt.config import RunConfig
 from fedcpt.runfolder.paths import RunFolder
-from fedcpt.server.records import RoundRecord, Summary
+from fedcpt.runfolder.records import RoundRecord, Summary
 from fedcpt.server.tracking import round_metrics, summary_metrics
 
 

@@ -58,7 +58,7 @@ def federation(tmp_path_factory):
 
 
 def _version(attestation, server_round=1, global_sha256="", site="clinic"):
-    """A version.json as the server writes it (server/provenance.py)."""
+    """A version.json as the server writes it (runfolder/provenance.py)."""
     return {"round": server_round, "run_id": RUN, "sites": [site],
             "global_sha256": global_sha256, "attestations": {site: attestation}}
 

@@ -20,9 +20,9 @@ from fedcpt.core.adapters import load_version
 from fedcpt.core.evaluation import EvalResult
 from fedcpt.core.retention import GeneralReport
 from fedcpt.runfolder.paths import RunFolder
+from fedcpt.runfolder.records import read_rounds
 from fedcpt.server.commit import overlaps
 from fedcpt.server.recorder import RunRecorder
-from fedcpt.server.records import read_rounds
 from fedcpt.server.round_loop import Federation, run_rounds
 from fedcpt.strategies.fedavg import AdapterFedAvg
 

@@ -17,9 +17,9 @@ from fedcpt.core.evaluation import EvalResult
 from fedcpt.core.retention import GeneralReport
 from fedcpt.exceptions import ConfigError, UpdateRejected
 from fedcpt.runfolder.paths import RunFolder
+from fedcpt.runfolder.records import read_rounds
 from fedcpt.server.drift import check_data_drift, good_rounds
 from fedcpt.server.recorder import RunRecorder
-from fedcpt.server.records import read_rounds
 from fedcpt.server.round_loop import Federation, evaluate_sites
 from fedcpt.strategies.base import eval_report
 from tests.server.test_drift import _row

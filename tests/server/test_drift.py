@@ -12,8 +12,8 @@ import pytest
 from fedcpt.config import MonitorConfig, load_config
 from fedcpt.exceptions import ConfigError
 from fedcpt.runfolder.paths import RunFolder
+from fedcpt.runfolder.records import RoundRecord, read_rounds
 from fedcpt.server.drift import check_drift
-from fedcpt.server.records import RoundRecord, read_rounds
 from fedcpt.simulations.runner import Job, prepare, simulate_many
 
 

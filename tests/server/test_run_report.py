@@ -14,7 +14,7 @@ from fedcpt.config import ReportConfig
 from fedcpt.core.continuations import Continuation, continuations
 from fedcpt.exceptions import ConfigError
 from fedcpt.runfolder.paths import RunFolder
-from fedcpt.server.records import read_rounds
+from fedcpt.runfolder.records import read_rounds
 from fedcpt.server.report import continuation_lines
 from fedcpt.server.report_html import markdown_to_html
 

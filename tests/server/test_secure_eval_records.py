@@ -13,8 +13,8 @@ from fedcpt.core.evaluation import EvalResult
 from fedcpt.core.retention import GeneralReport
 from fedcpt.privacy.secagg.eval_sum import EvalSum
 from fedcpt.runfolder.paths import RunFolder
+from fedcpt.runfolder.records import read_rounds
 from fedcpt.server.recorder import RunRecorder
-from fedcpt.server.records import read_rounds
 from fedcpt.server.secure_eval import aggregate_report
 from fedcpt.strategies.base import SiteTrainReport
 

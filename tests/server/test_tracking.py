@@ -16,7 +16,7 @@ import pytest
 from fedcpt.config import load_config
 from fedcpt.exceptions import ConfigError
 from fedcpt.runfolder.paths import RunFolder
-from fedcpt.server.records import RoundRecord
+from fedcpt.runfolder.records import RoundRecord
 from fedcpt.server.tracking import metric_name, round_metrics, tracking_observers
 
 

@@ -16,7 +16,7 @@ from fedcpt.core.data import expand_source
 from fedcpt.core.durable import write_json
 from fedcpt.exceptions import DataError
 from fedcpt.runfolder.paths import RunFolder
-from fedcpt.server.records import RoundRecord
+from fedcpt.runfolder.records import RoundRecord
 
 UNATTESTED = "unattested"
 PACKAGES = ("fedcpt", "torch", "transformers", "peft", "flwr", "opacus", "ray")
