@@ -1,5 +1,5 @@
 """Experiment tracking (``[tracking]``): which tracker the server mirrors the run folder
-into. Off by default; then no tracker is imported (:mod:`fedcpt.server.tracking`)."""
+into. Off by default; then no tracker is imported (:mod:`fedcpt.server.reports.tracking`)."""
 
 from __future__ import annotations
 

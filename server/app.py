@@ -44,6 +44,7 @@ from fedcpt.runfolder.records import Summary
 from fedcpt.runfolder.versions import resumable_config
 from fedcpt.server.fisher import FisherForSites
 from fedcpt.server.recorder import RunRecorder
+from fedcpt.server.reports.tracking import tracking_observers
 from fedcpt.server.round_loop import Federation, run_rounds
 from fedcpt.server.steps.base import ServerStep, StatefulStep
 from fedcpt.server.steps.delta_scaling import DeltaScaling
@@ -51,7 +52,6 @@ from fedcpt.server.steps.regression_guard import RegressionGuard
 from fedcpt.server.steps.rehearsal import Rehearsal
 from fedcpt.server.steps.self_distillation import ChatAnswers, SelfDistillation
 from fedcpt.server.steps.server_optimizer import ServerOptimizer
-from fedcpt.server.tracking import tracking_observers
 from fedcpt.strategies.base import Aggregator
 from fedcpt.strategies.fedavg import AdapterFedAvg
 from fedcpt.strategies.secagg_fedavg import SecAggFedAvg

@@ -29,10 +29,10 @@ from fedcpt.runfolder.records import (
 )
 from fedcpt.server.checkpoint import PendingGeneral, RunState, TrainOutcome, encode_random
 from fedcpt.server.drift import Drift, check_data_drift
-from fedcpt.server.report import write_report
+from fedcpt.server.reports.report import write_report
+from fedcpt.server.reports.summary import build_summary, weighted_mean
+from fedcpt.server.reports.tracking import RunObserver, final_version, notify_all
 from fedcpt.server.steps.base import StatefulStep
-from fedcpt.server.summary import build_summary, weighted_mean
-from fedcpt.server.tracking import RunObserver, final_version, notify_all
 from fedcpt.strategies.base import SiteEvalReport, SiteTrainReport
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class RunRecorder:
                  rows: list[RoundRecord] | None = None,
                  observers: Sequence[RunObserver] = ()) -> None:
         self.folder = folder
-        self.observers = list(observers)  # experiment trackers (fedcpt.server.tracking)
+        self.observers = list(observers)  # experiment trackers (server/reports/tracking.py)
         self.cfg = cfg
         self.state = state
         self.rows = list(rows or [])

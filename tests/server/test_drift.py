@@ -134,7 +134,7 @@ def test_a_site_switching_corpus_is_flagged_within_one_round_and_rolled_back(dri
 
 
 def test_the_report_plots_the_signals_and_lists_the_rollback(tmp_path):
-    from fedcpt.server.report import drift_lines
+    from fedcpt.server.reports.report import drift_lines
 
     rolled = dataclasses.replace(
         _row(4, 6.0, 9.0, flags=["update drift"], aggregated=False),

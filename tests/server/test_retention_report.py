@@ -6,7 +6,7 @@ from __future__ import annotations
 from fedcpt.core.behaviour import AnswerRetention
 from fedcpt.core.evaluation import EvalResult
 from fedcpt.core.retention import GeneralReport, retention_summary
-from fedcpt.server.retention_report import JUDGED_BY, plot_kinds, retention_lines
+from fedcpt.server.reports.retention_report import JUDGED_BY, plot_kinds, retention_lines
 
 
 def _result(losses: list[float], kl: float) -> EvalResult:

@@ -15,8 +15,8 @@ from fedcpt.core.continuations import Continuation, continuations
 from fedcpt.exceptions import ConfigError
 from fedcpt.runfolder.paths import RunFolder
 from fedcpt.runfolder.records import read_rounds
-from fedcpt.server.report import continuation_lines
-from fedcpt.server.report_html import markdown_to_html
+from fedcpt.server.reports.report import continuation_lines
+from fedcpt.server.reports.report_html import markdown_to_html
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

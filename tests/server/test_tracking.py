@@ -17,7 +17,7 @@ from fedcpt.config import load_config
 from fedcpt.exceptions import ConfigError
 from fedcpt.runfolder.paths import RunFolder
 from fedcpt.runfolder.records import RoundRecord
-from fedcpt.server.tracking import metric_name, round_metrics, tracking_observers
+from fedcpt.server.reports.tracking import metric_name, round_metrics, tracking_observers
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_tracking_off_imports_no_tracker(tmp_path):
         from fedcpt.server.app import run_federation  # the server app and its recorder
         from fedcpt.client.app import app  # the site app
         from fedcpt.runfolder.paths import RunFolder
-        from fedcpt.server.tracking import tracking_observers
+        from fedcpt.server.reports.tracking import tracking_observers
         cfg = load_config("smoke")
         assert tracking_observers(cfg, RunFolder({str(tmp_path)!r})) == []
         loaded = [m for m in sys.modules
@@ -149,7 +149,7 @@ def test_mlflow_marks_a_failed_run_and_a_resume_continues_it(tmp_path):
     error, and the same fedcpt run id started again (a resume) continues that MLflow run."""
     from mlflow.tracking import MlflowClient
 
-    from fedcpt.server.tracking_mlflow import MlflowObserver, local_store
+    from fedcpt.server.reports.tracking_mlflow import MlflowObserver, local_store
 
     cfg = load_config("smoke", overrides=["tracking.backends=mlflow"])
     folder = RunFolder(tmp_path)

@@ -19,8 +19,8 @@ from flwr.app import (
     RecordDict,
 )
 
+from fedcpt.server.reports.summary import weighted_mean
 from fedcpt.server.round_loop import collect_evaluate, collect_train
-from fedcpt.server.summary import weighted_mean
 from fedcpt.strategies.base import SiteEvalReport
 from fedcpt.strategies.fedavg import AdapterFedAvg
 

@@ -10,7 +10,7 @@ from torch.utils.tensorboard import SummaryWriter
 from fedcpt.config import RunConfig
 from fedcpt.runfolder.paths import RunFolder
 from fedcpt.runfolder.records import RoundRecord, Summary
-from fedcpt.server.tracking import round_metrics, summary_metrics
+from fedcpt.server.reports.tracking import round_metrics, summary_metrics
 
 
 class TensorBoardObserver:

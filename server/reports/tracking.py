@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 # backend -> (the package it needs, the module of its observer, the observer's class)
 BACKENDS = {
-    "mlflow": ("mlflow", "fedcpt.server.tracking_mlflow", "MlflowObserver"),
-    "tensorboard": ("tensorboard", "fedcpt.server.tracking_tensorboard", "TensorBoardObserver"),
+    "mlflow": ("mlflow", "fedcpt.server.reports.tracking_mlflow", "MlflowObserver"),
+    "tensorboard": ("tensorboard", "fedcpt.server.reports.tracking_tensorboard",
+                    "TensorBoardObserver"),
 }
 
 

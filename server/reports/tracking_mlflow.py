@@ -22,7 +22,7 @@ from mlflow.utils.validation import (
 from fedcpt.config import RunConfig
 from fedcpt.runfolder.paths import RunFolder
 from fedcpt.runfolder.records import RoundRecord, Summary
-from fedcpt.server.tracking import round_metrics, summary_metrics
+from fedcpt.server.reports.tracking import round_metrics, summary_metrics
 
 RUN_ID_TAG = "fedcpt.run_id"
 

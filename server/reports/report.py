@@ -11,8 +11,8 @@ from fedcpt.core.continuations import Continuation
 from fedcpt.privacy.report import STATEMENT, site_table
 from fedcpt.runfolder.paths import RunFolder
 from fedcpt.runfolder.records import RoundRecord, Summary
-from fedcpt.server.report_html import markdown_to_html
-from fedcpt.server.report_plots import (
+from fedcpt.server.reports.report_html import markdown_to_html
+from fedcpt.server.reports.report_plots import (
     plot_data_drift,
     plot_domain,
     plot_drift,
@@ -20,7 +20,7 @@ from fedcpt.server.report_plots import (
     plot_general,
     plot_sites,
 )
-from fedcpt.server.retention_report import plot_kinds, retention_lines
+from fedcpt.server.reports.retention_report import plot_kinds, retention_lines
 
 
 def privacy_lines(privacy: dict[str, Any], epsilon_png: str | None = None) -> list[str]:
