@@ -43,7 +43,7 @@ def adapters_show(run_dir: Path = typer.Argument(...),
     """One version's provenance as JSON, then each site's attestation: verified, FAILED or
     unattested (exit 1 if any FAILED)."""
     from fedcpt.runfolder.versions import version_dir
-    from fedcpt.server.attestations import FAILED, verify_run_version
+    from fedcpt.tools.attestations import FAILED, verify_run_version
 
     print((version_dir(run_dir, server_round) / "version.json").read_text().strip())
     verdicts = verify_run_version(run_dir, server_round, ca)
@@ -64,7 +64,7 @@ def adapters_contains(
 ) -> None:
     """The versions whose verified attestation matches the site's own record: those that
     contain its data."""
-    from fedcpt.server.attestations import versions_with_site_data
+    from fedcpt.tools.attestations import versions_with_site_data
 
     found = versions_with_site_data(run_dir, record, ca)
     for server_round, site in found:
@@ -167,8 +167,8 @@ def adapters_forget(
     import json
 
     from fedcpt.server.app import new_run_dir
-    from fedcpt.server.forget import certificate_line, certify, plan_forget
     from fedcpt.simulations.runner import simulate as run
+    from fedcpt.tools.forget import certificate_line, certify, plan_forget
 
     plan = plan_forget(run_dir, site)
     target = None

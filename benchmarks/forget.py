@@ -32,7 +32,7 @@ from fedcpt.core.adapters import adapter_state, load_adapter, load_version, to_a
 from fedcpt.core.evaluation import evaluate_blocks, paired_standard_error
 from fedcpt.core.model import load_adapted_model
 from fedcpt.runfolder.versions import list_versions, run_config, version_dir
-from fedcpt.server.forget import CERTIFICATE
+from fedcpt.tools.forget import CERTIFICATE
 
 
 def fedcpt(*args: str) -> float:

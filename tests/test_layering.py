@@ -71,6 +71,8 @@ def test_the_rule_forbids_what_the_layers_forbid():
     assert not allowed("client", "strategies") and not allowed("strategies", "client")
     assert not allowed("core", "privacy") and allowed("privacy", "core")
     assert allowed("server", "runfolder") and allowed("client", "runfolder")
+    assert not allowed("server", "tools") and not allowed("tools", "server")  # apart
+    assert allowed("cli", "tools")
 
 
 def test_imports_go_down_the_layers_only():

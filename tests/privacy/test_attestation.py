@@ -31,10 +31,10 @@ from fedcpt.privacy.attestation import (
     verify_attestation,
 )
 from fedcpt.privacy.secagg.identity import load_identity
-from fedcpt.server.attestations import FAILED, UNATTESTED, VERIFIED, load_cas, verify_version
 from fedcpt.strategies.base import site_attestation
 from fedcpt.testing.bad_inputs.proposals import _site_data
 from fedcpt.testing.site_round import site_context, task_identity, train_message
+from fedcpt.tools.attestations import FAILED, UNATTESTED, VERIFIED, load_cas, verify_version
 
 RUN, OTHER_RUN = "run-a", "run-b"
 

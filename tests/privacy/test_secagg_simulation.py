@@ -19,8 +19,8 @@ from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import MASKED, STATE
 from fedcpt.runfolder.versions import list_versions
-from fedcpt.server.attestations import verify_run_version
 from fedcpt.simulations.runner import simulate
+from fedcpt.tools.attestations import verify_run_version
 
 
 @pytest.mark.slow  # a real simulation of its own, beside the shared DP one

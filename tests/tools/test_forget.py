@@ -14,8 +14,8 @@ from fedcpt.config import load_config
 from fedcpt.core.adapters import load_version
 from fedcpt.exceptions import ConfigError
 from fedcpt.runfolder.versions import list_versions, version_dir
-from fedcpt.server.forget import CERTIFICATE, certificate_line, certify, plan_forget
 from fedcpt.simulations.runner import prepare, simulate_many
+from fedcpt.tools.forget import CERTIFICATE, certificate_line, certify, plan_forget
 
 pytestmark = pytest.mark.smoke_run("plain")
 
