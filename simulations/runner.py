@@ -104,17 +104,17 @@ def prepare(cfg: RunConfig, run_dir: Path, run_id: str = "") -> Job:
 def simulated_identities(cfgs: list[RunConfig], run_dirs: list[Path]) -> Iterator[None]:
     """Under secure aggregation, a throwaway CA and one signing identity per site for the
     simulation's duration (in a temporary folder the local Ray workers find through the
-    environment they inherit). The CA certificate (public) is appended to the
-    ``simulated-ca.pem`` of every run folder whose config has secure aggregation, so the
-    sites' attestations can be verified after the run."""
-    secure = [d for c, d in zip(cfgs, run_dirs, strict=True) if c.secagg.enabled]
-    if not secure:
+    environment they inherit). The identities last the whole engine, so the sites sign in
+    every run on it, secure or not: the CA certificate (public) is appended to the
+    ``simulated-ca.pem`` of every run folder on the engine, so that every attestation can
+    be verified after the run."""
+    if not any(c.secagg.enabled for c in cfgs):
         yield
         return
-    names = list(dict.fromkeys(s.name for c in cfgs if c.secagg.enabled for s in c.sites))
+    names = list(dict.fromkeys(s.name for c in cfgs for s in c.sites))
     with tempfile.TemporaryDirectory(prefix="fedcpt-secagg-") as folder:
         provision_simulated_identities(Path(folder), names)
-        for run_dir in secure:
+        for run_dir in run_dirs:
             run_dir.mkdir(parents=True, exist_ok=True)
             with RunFolder(run_dir).simulated_ca.open("ab") as bundle:
                 bundle.write((Path(folder) / "ca.crt").read_bytes())

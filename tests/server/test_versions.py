@@ -10,8 +10,11 @@ from transformers import AutoModelForCausalLM
 from fedcpt.config import load_config
 from fedcpt.core.adapters import load_version
 from fedcpt.exceptions import ConfigError
+from fedcpt.runfolder.paths import RunFolder
+from fedcpt.runfolder.provenance import UNATTESTED
 from fedcpt.runfolder.versions import continue_from, export_version, list_versions, version_dir
 from fedcpt.simulations.runner import simulate
+from fedcpt.tools.attestations import VERIFIED, verify_run_version
 
 # the tests that read `run` get it from the shared smoke runs (tests/conftest.py:SMOKE_RUNS)
 pytestmark = pytest.mark.smoke_run("regression-guard")
@@ -32,8 +35,12 @@ def test_every_round_is_a_version_with_its_parent(run):
     assert sorted(versions[1]["sites"]) == ["east", "north", "south"]
     assert set(versions[1]["data_files"]) == {"east", "north", "south"}
     assert versions[1]["server_steps"]["regression_guard"]["rejected"] is False
-    # simulated sites have signing identities only under secure aggregation: no fake ones
-    assert versions[1]["attestations"] == dict.fromkeys(versions[1]["sites"], "unattested")
+    # Simulated sites sign only when their engine gave them identities (a secure run shares
+    # it in the slow tier); then every attestation verifies: never one nobody can check.
+    if RunFolder(run).simulated_ca.is_file():
+        assert [v.status for v in verify_run_version(run, 1)] == [VERIFIED] * 3
+    else:
+        assert versions[1]["attestations"] == dict.fromkeys(versions[1]["sites"], UNATTESTED)
     assert len(versions[1]["global_sha256"]) == 64
 
 
