@@ -45,10 +45,10 @@ def test_without_dp_the_audit_detects_leakage(write_text):
 
 
 @pytest.mark.slow  # one seed: each is minutes of the slow tier's CPU (a second ran here)
-def test_with_dp_the_bound_never_exceeds_the_accountant(write_text, seed=0):
+def test_with_dp_the_bound_never_exceeds_the_accountant(write_text):
     cfg = _cfg(write_text("clinic.txt", 60_000, seed=7), "privacy.enabled=true",
                "privacy.target_epsilon=2")
-    result = run_audit(cfg, canaries=100, data_blocks=100, steps=200, seed=seed)
+    result = run_audit(cfg, canaries=100, data_blocks=100, steps=200, seed=0)
     assert result.dp and result.accountant_epsilon is not None
     assert result.accountant_epsilon <= 2.0
     assert result.epsilon_lower_bound <= result.accountant_epsilon
