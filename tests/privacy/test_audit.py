@@ -44,7 +44,7 @@ def test_without_dp_the_audit_detects_leakage(write_text):
     assert result.tpr_at_fpr["0.05"] > 0.2
 
 
-@pytest.mark.slow  # one seed: each is minutes of the slow tier's CPU (a second ran here)
+@pytest.mark.slow  # one seed (seed 1 also held while it ran): each audit is CPU minutes
 def test_with_dp_the_bound_never_exceeds_the_accountant(write_text):
     cfg = _cfg(write_text("clinic.txt", 60_000, seed=7), "privacy.enabled=true",
                "privacy.target_epsilon=2")
