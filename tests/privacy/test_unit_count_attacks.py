@@ -5,9 +5,9 @@ site handler.
 N is the site's own: how many patients, users or documents it trains on. Before this
 change a DP-SGD reply carried the site's accounting in the clear, and each piece gave N:
 q = batch / N directly; ε (with σ, δ and the step count beside it) by inverting the
-accountant; σ alone by replaying the site's noise plan; the default δ = 1/(10·N) where
-N < 10⁴; and the signed attestation stated N. Now the reply carries none of them, and
-two sites that differ only in N send the same clear values.
+accountant; σ alone by replaying the site's noise plan; and the signed attestation stated
+N (so did the default δ = 1/(10·N) above 10⁴ units). Now the reply carries none of them,
+and two sites that differ only in N send the same clear values.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from fedcpt.deploy.certs import write_federation_certs
 from fedcpt.privacy.accounting import epsilon
 from fedcpt.privacy.attestation import Attestation, policy_digest
 from fedcpt.privacy.ledger import PrivacyLedger
-from fedcpt.privacy.plan import plan_site
+from fedcpt.privacy.policy import default_delta
 from fedcpt.testing.site_round import site_context, task_identity, train_message
 
 RUN = "run-n"
@@ -103,20 +103,14 @@ def n_from_epsilon(metrics: dict[str, float], cfg: RunConfig) -> int | None:
 
 
 def n_from_noise_multiplier(metrics: dict[str, float], cfg: RunConfig) -> int | None:
-    """σ alone: the site planned it from N, its budget and the run's steps; replay the plan."""
+    """σ alone: the site planned it so that the run's steps spend exactly its budget at
+    q = batch / N and its default δ, so the accountant inverted at the budget gives N."""
     sigma = metrics.get("noise-multiplier")
     if sigma is None:
         return None
     steps = cfg.federation.rounds * cfg.train.local_steps
-    return _bisect(lambda n: plan_site(cfg.privacy, site="?", records=n,
-                                       batch_size=cfg.train.batch_size, steps=steps,
-                                       target_epsilon=BUDGET).noise_multiplier, sigma)
-
-
-def n_from_delta(metrics: dict[str, float], cfg: RunConfig) -> int | None:
-    """The default δ is min(1e-5, 1/(10·N))."""
-    delta = metrics.get("delta")
-    return None if delta is None or delta >= 1e-5 else round(1 / (10 * delta))
+    return _bisect(lambda n: epsilon([(sigma, cfg.train.batch_size / n, steps)],
+                                     default_delta(n), cfg.privacy.accountant), BUDGET)
 
 
 def n_from_attestation(reply) -> int | None:
@@ -126,12 +120,12 @@ def n_from_attestation(reply) -> int | None:
     return Attestation.from_dict(dict(record)).fields().get("units")
 
 
-READINGS = (n_from_sample_rate, n_from_epsilon, n_from_noise_multiplier, n_from_delta)
+READINGS = (n_from_sample_rate, n_from_epsilon, n_from_noise_multiplier)
 
 
 @pytest.mark.parametrize("reading", READINGS, ids=lambda f: f.__name__)
 def test_the_servers_readings_of_a_dp_reply_give_no_unit_count(replies, reading):
-    """Before: each reading gave the site's exact N (40 users → N = 28 training units at
+    """Before: each reading gave the site's exact N (40 users → N = 27 training units at
     clinic); after: the reply carries nothing it can read."""
     cfg, out = replies
     for site, (reply, ledger) in out.items():
@@ -177,7 +171,4 @@ def test_each_reading_is_exact_on_what_the_old_reply_carried(replies, reading):
         old = {**_metrics(reply), "epsilon": ledger.epsilon(), "delta": ledger.delta,
                "noise-multiplier": entry.noise_multiplier, "sample-rate": entry.sample_rate,
                "dp-steps": ledger.steps}
-        truth = _true_n(ledger, cfg)
-        if reading is n_from_delta and ledger.delta >= 1e-5:
-            continue  # δ gives N only below 10⁴ units: shown by the sites here (N < 40)
-        assert reading(old, cfg) == truth
+        assert reading(old, cfg) == _true_n(ledger, cfg)
