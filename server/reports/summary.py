@@ -16,7 +16,7 @@ from fedcpt.privacy.user_level import user_level_epsilon
 from fedcpt.runfolder.records import RoundRecord, Summary
 from fedcpt.server.checkpoint import RunState
 from fedcpt.server.continual import continual_metrics
-from fedcpt.server.site_ledgers import FROM_LEDGERS, HELD_BY_SITES, sites_epsilon
+from fedcpt.server.reports.site_ledgers import FROM_LEDGERS, HELD_BY_SITES, sites_epsilon
 
 
 def weighted_mean(pairs: list[tuple[float, int]]) -> float | None:

@@ -9,7 +9,7 @@ from fedcpt.config import load_config
 from fedcpt.exceptions import FedcptError
 from fedcpt.privacy.accounting import epsilon
 from fedcpt.privacy.ledger import PrivacyLedger
-from fedcpt.server.site_ledgers import FROM_LEDGERS
+from fedcpt.server.reports.site_ledgers import FROM_LEDGERS
 from fedcpt.simulations.runner import simulate
 
 SITES = ("north", "south", "east")

@@ -16,7 +16,7 @@ from fedcpt.exceptions import ConfigError
 from fedcpt.runfolder.paths import RunFolder
 from fedcpt.server.reports.report import continuation_lines
 from fedcpt.server.reports.report_html import markdown_to_html
-from fedcpt.server.site_ledgers import FROM_LEDGERS
+from fedcpt.server.reports.site_ledgers import FROM_LEDGERS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -12,9 +12,9 @@ from fedcpt.config import RunConfig, load_config
 from fedcpt.privacy.accounting import epsilon
 from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.server.checkpoint import RunState, TrainOutcome
-from fedcpt.server.report import privacy_lines
-from fedcpt.server.site_ledgers import FROM_LEDGERS, HELD_BY_SITES
-from fedcpt.server.summary import privacy_summary
+from fedcpt.server.reports.report import privacy_lines
+from fedcpt.server.reports.site_ledgers import FROM_LEDGERS, HELD_BY_SITES
+from fedcpt.server.reports.summary import privacy_summary
 from fedcpt.strategies.base import SiteTrainReport
 
 RUN = "run-l"
