@@ -29,6 +29,7 @@ FROM_LEDGERS = ("read from the sites' own ledger files (simulation): no reply ca
                 "which depends on a site's number of training units")
 HELD_BY_SITES = ("held by the sites: no reply carries ε (it depends on a site's number of "
                  "training units); each site reports its own with `fedcpt privacy report`")
+HELD = "held by the site"  # a site without a ledger file the server can read
 SUMMARY_KEYS = ("unit", "epsilon", "epsilon_rdp", "delta", "steps", "noise_multiplier",
                 "sample_rate", "target_epsilon")
 
@@ -81,7 +82,7 @@ def sites_epsilon(cfg: RunConfig, sites: list[str], run_id: str,
             held[site] = f"its ledger file cannot be read: {err}"
             continue
         if ledger is None:
-            held[site] = "held by the site"
+            held[site] = HELD
             continue
         row = site_row(ledger)
         read[site] = {**{k: row[k] for k in SUMMARY_KEYS}, "ledger": str(ledger.path),

@@ -16,7 +16,12 @@ from fedcpt.privacy.user_level import user_level_epsilon
 from fedcpt.runfolder.records import RoundRecord, Summary
 from fedcpt.server.checkpoint import RunState
 from fedcpt.server.continual import continual_metrics
-from fedcpt.server.reports.site_ledgers import FROM_LEDGERS, HELD_BY_SITES, sites_epsilon
+from fedcpt.server.reports.site_ledgers import (
+    FROM_LEDGERS,
+    HELD,
+    HELD_BY_SITES,
+    sites_epsilon,
+)
 
 
 def weighted_mean(pairs: list[tuple[float, int]]) -> float | None:
@@ -41,8 +46,7 @@ def privacy_summary(cfg: RunConfig, state: RunState) -> dict[str, Any]:
     trained = {r.site for t in state.train.values() for r in t.reports}
     read, unreadable = sites_epsilon(cfg, sorted(trained | {s.name for s in cfg.sites}),
                                      state.run_id)
-    held = {site: why for site, why in unreadable.items() if site in trained or
-            why != "held by the site"}
+    held = {site: why for site, why in unreadable.items() if site in trained or why != HELD}
     complete = bool(read) and not held
     return {
         "epsilon_source": FROM_LEDGERS if read else HELD_BY_SITES,
