@@ -62,9 +62,12 @@ def print_summary(summary: dict, run_dir: Path) -> None:
                                       f"{general.get('final', float('nan')):.4f}")
     table.add_row("forgetting", nats(summary.get("forgetting")))
     table.add_row("adaptation", nats(summary.get("adaptation")))
-    epsilon = (summary.get("privacy") or {}).get("max_epsilon")
-    if epsilon is not None:
-        table.add_row("ε spent (max over sites)", f"{epsilon:.3f}")
+    privacy = summary.get("privacy") or {}
+    if privacy.get("max_epsilon") is not None:
+        table.add_row("ε spent (max over sites)", f"{privacy['max_epsilon']:.3f} (from the "
+                                                  "site ledgers)")
+    elif privacy:
+        table.add_row("ε spent", "held by the sites (`fedcpt privacy report` at each)")
     table.add_row("wall time", f"{summary.get('wall_time_s', 0):.0f} s")
     table.add_row("report", str(run_dir / "report.md"))
     table.add_row("full log", str(run_dir / "run.log"))

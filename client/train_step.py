@@ -75,6 +75,7 @@ def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: T
 
     The training loss is computed on the protected records and is not released; neither is
     the training time (it depends on the realised Poisson batch sizes): it is sent as 0.
+    Nor is the accounting: ε, δ, σ and q depend on the number of training units.
     """
     records = blocks.units  # the N of the unit-level guarantee
     terms = accept_proposal(policy, cfg, records)
@@ -104,11 +105,12 @@ def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: T
             ledger.policy = policy.record()
             ledger.record(run_id, server_round, update.noise_multiplier, update.sample_rate,
                           update.steps)
-        metrics = dict(update.metrics)
-        metrics.update(zip(p.PRIVACY_METRICS, (
-            ledger.epsilon(), ledger.epsilon("rdp"), ledger.delta, update.noise_multiplier,
-            update.sample_rate, ledger.steps), strict=True))
-    return update.arrays, metrics
+        # ε, δ, σ and q depend on N (q = batch / N): they stay in the site's ledger and log
+        log.info("site %s round %d: ledger ε=%.3f (RDP %.3f) at δ=%.3g after %d DP-SGD steps "
+                 "(σ=%.4f, q=%.5f)", site.name, server_round, ledger.epsilon(),
+                 ledger.epsilon("rdp"), ledger.delta, ledger.steps, update.noise_multiplier,
+                 update.sample_rate)
+    return update.arrays, dict(update.metrics)
 
 
 def _anchor(cfg: RunConfig, lm: AdaptedModel, msg: Message, rank: int) -> Anchor | None:

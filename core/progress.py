@@ -41,7 +41,7 @@ DECIMALS = 4
 
 def emit(kind: str, **fields: Value) -> None:
     """Log one progress event (values JSON-encoded, so a site name may hold spaces). A
-    field that is None (no ε without DP, no loss under DP) is left out, not shown null."""
+    field that is None (no loss under DP) is left out, not shown null."""
     if kind not in EVENTS:
         raise ValueError(f"unknown progress event {kind!r}")  # a bug, never user input
     text = " ".join(f"{k}={json.dumps(round(v, DECIMALS) if isinstance(v, float) else v)}"

@@ -35,7 +35,7 @@ from fedcpt.core.data import TokenBlocks
 from fedcpt.exceptions import UpdateRejected
 from fedcpt.privacy.secagg.identity import SiteIdentity, verify_with_ca
 
-VERSION = 1
+VERSION = 2  # 2: no unit count (N is the site's: it shows only to whom the site reveals the salt)
 # Signed bytes are prefixed, so an attestation signature can never pass as a SecAgg one.
 _LABEL = b"fedcpt training attestation v1\x00"
 _SALT_LABEL = "fedcpt attestation salt\x00"
@@ -112,7 +112,7 @@ def attest(identity: SiteIdentity, blocks: TokenBlocks, *, site: str, run_id: st
     statement = json.dumps({
         "version": VERSION, "site": site, "run_id": run_id, "round": int(server_round),
         "global_sha256": global_sha256, "units_root": merkle_root(unit_hashes(blocks, salt)),
-        "units": blocks.units, "unit": blocks.unit, "salted": bool(salt),
+        "unit": blocks.unit, "salted": bool(salt),
         "policy_sha256": policy_digest(policy_record)}, sort_keys=True, separators=(",", ":"))
     signature = identity.sign(_LABEL + statement.encode("utf-8"))
     return Attestation(statement, signature.hex(), identity.cert_der.hex())

@@ -117,8 +117,8 @@ def _train_clear(m: Mode) -> tuple[str, str]:
 @_only(TRAIN, MASKED_TRAIN)
 def _privacy_metrics(m: Mode) -> tuple[str, str]:
     if m.dp_sgd:
-        return PUBLIC, ("the ledger's public accounting; they reveal N, the number of "
-                        "training units, which fedcpt treats as public")
+        return NOT_SENT, ("depends on N, the number of training units (q = batch / N; σ, δ and "
+                          "ε follow from it): the site's ε stays in its own ledger")
     return NOT_SENT, "no DP-SGD at this site"
 
 
@@ -126,7 +126,7 @@ def _privacy_metrics(m: Mode) -> tuple[str, str]:
 def _attestation(m: Mode) -> tuple[str, str]:
     if m.salted:
         return PUBLIC, ("a commitment keyed with the site's secret salt: independent of "
-                        "the data to anyone without it (it states N, treated as public)")
+                        "the data to anyone without it (it states no unit count)")
     return UNPROTECTED, ("unsalted (no ledger): anyone holding a candidate unit set can test "
                          "whether it is exactly the site's; NOT covered by ε")
 

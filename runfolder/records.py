@@ -53,9 +53,6 @@ class RoundRecord:
     data_drift_flags: list[str] = field(default_factory=list)
     """A flag per site whose data drift is beyond ``monitor.data_drift_threshold`` (in
     the first round its value arrived); a flag never rolls back."""
-    epsilon_per_site: dict[str, float] = field(default_factory=dict)
-    """Under record-level DP: each trained site's cumulative ε, as it reported it with
-    its update this round."""
     domain_secure: dict[str, Any] | None = None
     """Under secure aggregation, the round's one site evaluation: the sites' sum as
     token-weighted means (``sites``, ``tokens``, ``loss``, ``base_loss``, ``ece``,

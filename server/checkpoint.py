@@ -52,9 +52,6 @@ class RunState:
     """Each site's base-model domain loss, as it first reported it."""
     train: dict[int, TrainOutcome] = field(default_factory=dict)
     evals: dict[int, list[SiteEvalReport]] = field(default_factory=dict)
-    privacy: dict[str, dict[str, float | str]] = field(default_factory=dict)
-    """Each site's last reported accounting, and the kind of unit it is per."""
-    """Each site's latest cumulative record-level DP accounting."""
     steps: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
     pending: PendingGeneral | None = None
     """The last round, when its version is saved but its general evaluation is not yet
@@ -76,7 +73,6 @@ class RunState:
             "domain_base": self.domain_base,
             "train": {r: asdict(t) for r, t in self.train.items()},
             "eval": {r: [asdict(x) for x in reports] for r, reports in self.evals.items()},
-            "privacy": self.privacy,
             "steps": self.steps,
             "random_state": random_state,
         })
@@ -97,7 +93,6 @@ class RunState:
                                         t["failures"], t["aggregated"])
                    for r, t in raw["train"].items()},
             evals={int(r): [SiteEvalReport(**x) for x in v] for r, v in raw["eval"].items()},
-            privacy=raw["privacy"],
             steps={int(r): v for r, v in raw["steps"].items()},
             pending=PendingGeneral(**raw["pending"]) if raw.get("pending") else None,
         )

@@ -110,8 +110,6 @@ class RunRecorder:
         if steps:
             self.state.steps[server_round] = steps
         for r in reports:
-            if r.privacy:
-                self.state.privacy[r.site] = {**r.privacy, "unit": r.unit or "not reported"}
             loss = "n/a (DP)" if r.train_loss is None else f"{r.train_loss:.4f}"
             norm = "masked" if r.update_norm is None else f"{r.update_norm:.3f}"
             log.info("round %d · site %-12s train loss %s · %d examples · %.1fs · "
@@ -175,8 +173,6 @@ class RunRecorder:
             elapsed_s=time.time() - self.state.started,
             update_norm=drift.update_norm if drift else None,
             drift=drift.to_dict() if drift else {},
-            epsilon_per_site={r.site: r.privacy["epsilon"] for r in train
-                              if "epsilon" in r.privacy},
             domain_secure=next(({"sites": r.summed_sites, "tokens": r.tokens, "loss": r.loss,
                                  "base_loss": r.base_loss, "ece": r.ece,
                                  "clipped": r.clipped}

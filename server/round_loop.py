@@ -286,7 +286,7 @@ def _emit_sites(server_round: int, collected: Collected) -> None:
     """Each sampled site's outcome as a progress line (the live view's rows)."""
     for report in collected.reports:
         progress.emit("site", round=server_round, site=report.site, state="done",
-                      loss=report.train_loss, epsilon=report.privacy.get("epsilon"))
+                      loss=report.train_loss)
     for failure in collected.failures:
         progress.emit("site", round=server_round, site=failure.split(":", 1)[0],
                       state="failed")

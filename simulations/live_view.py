@@ -27,7 +27,6 @@ _FEDCPT_ALERT = re.compile(r"\b(WARNING|ERROR|CRITICAL) (fedcpt[\w.]*): (.*)$")
 class SiteRow:
     state: str = "waiting"
     loss: float | None = None
-    epsilon: float | None = None
 
 
 @dataclass
@@ -73,8 +72,6 @@ class RunState:
             row.state = str(f.get("state", row.state))
             if f.get("loss") is not None:
                 row.loss = float(f["loss"])
-            if f.get("epsilon") is not None:
-                row.epsilon = float(f["epsilon"])
 
     def _round_done(self, server_round: int, f: dict) -> None:
         self.rounds_done = max(self.rounds_done, server_round)
@@ -102,14 +99,13 @@ def render(state: RunState) -> Table:
              f"elapsed {_clock(elapsed)} · ETA {_clock(state.eta_s())}")
     if state.general_loss is not None:
         title += f" · general loss {state.general_loss:.4f}"
-    table = Table(title=title, title_justify="left")
-    for col in ("site", "state", "train loss", "ε spent"):
+    table = Table(title=title, title_justify="left", min_width=len(title))  # title: one line
+    for col in ("site", "state", "train loss"):  # no ε: no reply carries it (it reveals N)
         table.add_column(col)
     style = {"failed": "red", "done": "green", "training": "yellow", "evaluating": "cyan"}
     for name, row in state.sites.items():
         table.add_row(name, f"[{style.get(row.state, 'dim')}]{row.state}[/]",
-                      "—" if row.loss is None else f"{row.loss:.4f}",
-                      "—" if row.epsilon is None else f"{row.epsilon:.3f}")
+                      "—" if row.loss is None else f"{row.loss:.4f}")
     return table
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
@@ -35,8 +35,6 @@ class SiteTrainReport:
     update_norm: float | None
     """L2 distance from the global adapter; None under secure aggregation (the server
     never sees a single update)."""
-    privacy: dict[str, float] = field(default_factory=dict)
-    """The site's cumulative DP accounting after this round (empty without DP)."""
     unit: str | None = None
     """The kind of privacy unit the site's ε is per (its policy), as it said."""
     attestation: dict[str, str] | None = None
@@ -117,7 +115,6 @@ def site_report(msg: Message, metrics: dict[str, float], bytes_up: int,
         seconds=metrics[p.TRAIN_SECONDS],
         bytes_up=bytes_up,
         update_norm=norm,
-        privacy={k: metrics[k] for k in p.PRIVACY_METRICS if k in metrics},
         unit=site_unit(msg),
         attestation=site_attestation(msg),
     )

@@ -80,8 +80,7 @@ def _verdict(site: str, raw: Any, cas: list[bytes], run_id: str,
         except UpdateRejected as err:
             reasons.append(str(err))
             continue
-        return SiteVerdict(site, VERIFIED, f"units root {body['units_root'][:16]}…, "
-                                           f"{body['units']} units")
+        return SiteVerdict(site, VERIFIED, f"units root {body['units_root'][:16]}…")
     return SiteVerdict(site, FAILED, "; ".join(dict.fromkeys(reasons)) or "no CA certificate")
 
 

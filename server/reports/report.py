@@ -24,17 +24,19 @@ from fedcpt.server.reports.retention_report import plot_kinds, retention_lines
 
 
 def privacy_lines(privacy: dict[str, Any], epsilon_png: str | None = None) -> list[str]:
-    lines = [
-        "", "## Privacy", "", STATEMENT, "",
-        f"Federation unit-level ε = **{privacy['max_epsilon']:.3f}** at δ ≤ "
-        f"{privacy['max_delta']:.3g} ({privacy['accountant'].upper()}; budget "
-        f"{privacy['target_epsilon']} per site).", "",
-        *site_table(privacy["sites"]),
-    ]
+    lines = ["", "## Privacy", "", STATEMENT, "", f"Each site's ε is {privacy['epsilon_source']}."]
+    if privacy["max_epsilon"] is not None:
+        lines += ["", f"Federation unit-level ε = **{privacy['max_epsilon']:.3f}** at δ ≤ "
+                  f"{privacy['max_delta']:.3g} ({privacy['accountant'].upper()}; budget "
+                  f"{privacy['target_epsilon']} per site)."]
+    if privacy["sites"]:
+        lines += ["", *site_table(privacy["sites"])]
+    if privacy["held_by_sites"]:
+        lines += ["", "Not read by the server (so no federation maximum): " + "; ".join(
+            f"{site}: {why}" for site, why in privacy["held_by_sites"].items()) + "."]
     if epsilon_png:
-        lines += ["", "Cumulative ε of each site after each round, as the site reported it "
-                  "with its update (its ledger's total, every earlier run included):", "",
-                  f"![ε per round]({epsilon_png})"]
+        lines += ["", "Cumulative ε of each site after each round, from its ledger (every "
+                  "earlier run included):", "", f"![ε per round]({epsilon_png})"]
     return lines
 
 
@@ -298,9 +300,10 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
     if failures:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in failures]
     if s.privacy is not None:
-        reported = any(r.epsilon_per_site for r in rows)
-        lines += privacy_lines(s.privacy, plot_epsilon(folder, rows, s.privacy["target_epsilon"])
-                               if reported else None)
+        curves = {site: v["epsilon_by_round"] for site, v in s.privacy["sites"].items()
+                  if v["epsilon_by_round"]}
+        lines += privacy_lines(s.privacy, plot_epsilon(folder, curves, s.privacy["target_epsilon"])
+                               if curves else None)
     if s.secagg.get("enabled"):
         a = s.secagg
         lines += ["", "## Secure aggregation", "",

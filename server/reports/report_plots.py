@@ -77,14 +77,15 @@ def plot_sites(folder: RunFolder, per_site: dict[str, dict[str, float]]) -> str:
     return _save(fig, folder, "site_loss.png")
 
 
-def plot_epsilon(folder: RunFolder, rows: list[RoundRecord], target: float) -> str:
-    """Each site's cumulative ε as it reported it with each round's update, and the budget."""
+def plot_epsilon(folder: RunFolder, curves: dict[str, list[tuple[int, float]]],
+                 target: float) -> str:
+    """Each site's cumulative ε after each round it paid (``curves``: (round, ε) per site,
+    from its ledger), and the budget."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    top = max([target, *(e for r in rows for e in r.epsilon_per_site.values())])
-    sites = sorted({s for r in rows for s in r.epsilon_per_site})
+    top = max([target, *(e for points in curves.values() for _, e in points)])
+    sites = sorted(curves)
     for i, site in enumerate(sites):
-        points = [(r.round, r.epsilon_per_site[site]) for r in rows
-                  if site in r.epsilon_per_site]
+        points = curves[site]
         # shrinking markers: sites with the same spend stay visible on top of each other
         ax.plot(*zip(*points, strict=True), marker="o", markersize=9 - 6 * i / len(sites),
                 label=site)

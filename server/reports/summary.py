@@ -16,6 +16,12 @@ from fedcpt.privacy.user_level import user_level_epsilon
 from fedcpt.runfolder.records import RoundRecord, Summary
 from fedcpt.server.checkpoint import RunState
 from fedcpt.server.continual import continual_metrics
+from fedcpt.server.reports.site_ledgers import (
+    FROM_LEDGERS,
+    HELD,
+    HELD_BY_SITES,
+    sites_epsilon,
+)
 
 
 def weighted_mean(pairs: list[tuple[float, int]]) -> float | None:
@@ -32,26 +38,22 @@ def secagg_summary(cfg: RunConfig) -> dict[str, Any]:
             "modulus": MODULUS}
 
 
-def privacy_summary(cfg: RunConfig,
-                    latest: dict[str, dict[str, float | str]]) -> dict[str, Any]:
-    """Per-site unit-level (ε, δ) as the sites last reported them (with the kind of unit
-    each is per), and the federation's."""
-    sites = {
-        site: {
-            "unit": p.get("unit", "not reported"),
-            "epsilon": p["epsilon"],
-            "epsilon_rdp": p["epsilon-rdp"],
-            "delta": p["delta"],
-            "steps": int(p["dp-steps"]),
-            "noise_multiplier": p["noise-multiplier"],
-            "sample_rate": p["sample-rate"],
-        }
-        for site, p in sorted(latest.items())
-    }
+def privacy_summary(cfg: RunConfig, state: RunState) -> dict[str, Any]:
+    """Per-site unit-level (ε, δ) where the server may read it (:mod:`.site_ledgers`: a
+    simulated site's own ledger file; a deployed site holds its own), and the federation's
+    maximum — None while any site that trained holds its ε (a maximum over the others
+    would under-report it)."""
+    trained = {r.site for t in state.train.values() for r in t.reports}
+    read, unreadable = sites_epsilon(cfg, sorted(trained | {s.name for s in cfg.sites}),
+                                     state.run_id)
+    held = {site: why for site, why in unreadable.items() if site in trained or why != HELD}
+    complete = bool(read) and not held
     return {
-        "sites": sites,
-        "max_epsilon": max((v["epsilon"] for v in sites.values()), default=0.0),
-        "max_delta": max((v["delta"] for v in sites.values()), default=0.0),
+        "epsilon_source": FROM_LEDGERS if read else HELD_BY_SITES,
+        "sites": read,
+        "held_by_sites": held,
+        "max_epsilon": max(v["epsilon"] for v in read.values()) if complete else None,
+        "max_delta": max(v["delta"] for v in read.values()) if complete else None,
         "accountant": cfg.privacy.accountant,
         "target_epsilon": cfg.privacy.target_epsilon,
         "level": "unit",
@@ -135,7 +137,7 @@ def build_summary(cfg: RunConfig, state: RunState, rows: list[RoundRecord]) -> S
         retention=retention_summary(base_report, final_report, in_pool).to_dict(),
         continual=(continual_metrics(cfg, state.evals, {r.round: r.general_loss for r in rows})
                    if cfg.phases else None),
-        privacy=privacy_summary(cfg, state.privacy) if cfg.privacy.enabled else None,
+        privacy=privacy_summary(cfg, state) if cfg.privacy.enabled else None,
         privacy_user_level=(user_level_summary(cfg, last, bytes_up) if cfg.privacy.user_level
                             else None),
     )

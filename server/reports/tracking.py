@@ -77,7 +77,7 @@ def round_metrics(record: RoundRecord) -> dict[str, float]:
         "data_drift_flags": len(r.data_drift_flags),
     }
     for prefix, per in (("general_loss", r.general_per_kind), ("domain_loss", r.domain_per_site),
-                        ("epsilon", r.epsilon_per_site), ("data_drift", r.data_drift_per_site),
+                        ("data_drift", r.data_drift_per_site),
                         ("update_norm", r.update_norm_per_site)):
         values.update({f"{prefix}/{metric_name(key)}": v for key, v in per.items()})
     if r.drift:
@@ -100,8 +100,10 @@ def summary_metrics(summary: Summary) -> dict[str, float]:
               "summary/rounds_aggregated": summary.rounds_aggregated,
               "summary/bytes_up_per_client_round": summary.bytes_up_per_client_round,
               "summary/wall_time_s": summary.wall_time_s}
-    if summary.privacy:
+    if summary.privacy:  # read from the sites' ledgers (simulation), never from replies
         values["summary/max_epsilon"] = summary.privacy.get("max_epsilon")
+        values.update({f"summary/epsilon/{metric_name(site)}": v["epsilon"]
+                       for site, v in summary.privacy["sites"].items()})
     return {k: float(v) for k, v in values.items() if _is_number(v)}
 
 

@@ -4,13 +4,13 @@ before anything is spent (the ledger byte for byte unchanged)."""
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
 
 import fedcpt.client.app as client_app
 from fedcpt.config import load_config
-from fedcpt.core import protocol as p
 from fedcpt.core.model import load_adapted_model
 from fedcpt.privacy.accounting import MIN_DELTA, UncomputableEpsilon, epsilon
 from fedcpt.privacy.ledger import PrivacyLedger
@@ -33,18 +33,29 @@ def _train(tmp_path, run: str, overrides: list[str]):
         return client_app.train(train_message(cfg, run, 1, initial), context), ledger
 
 
-def test_a_delta_the_server_proposes_once_holds_for_that_run_only(tmp_path):
+_ACCOUNTED = re.compile(r"ledger ε=([\d.]+) .* at δ=([\d.e-]+) after")
+
+
+def _site_accounting(caplog) -> tuple[float, float]:
+    """(ε, δ) the site's own log states after the round (no reply carries them: N)."""
+    [(eps, delta)] = [m.groups() for m in map(_ACCOUNTED.search, caplog.messages) if m]
+    caplog.clear()
+    return float(eps), float(delta)
+
+
+def test_a_delta_the_server_proposes_once_holds_for_that_run_only(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fedcpt.client.train_step")
     tight, ledger_path = _train(tmp_path, "run-tight", ["privacy.target_delta=1e-12"])
     assert not tight.has_error(), tight.error.reason if tight.has_error() else ""
-    assert tight.content[p.METRICS]["delta"] == 1e-12  # the run is held to it
+    assert _site_accounting(caplog)[1] == 1e-12  # the run is held to it
     assert PrivacyLedger.load(ledger_path).delta == SITE_DELTA  # the ledger keeps the site's
     later, _ = _train(tmp_path, "run-later", [])
     assert not later.has_error(), later.error.reason if later.has_error() else ""
     ledger = PrivacyLedger.load(ledger_path)
-    assert later.content[p.METRICS]["delta"] == SITE_DELTA  # before: still 1e-12
+    eps, delta = _site_accounting(caplog)
+    assert delta == SITE_DELTA  # before: still 1e-12
     assert ledger.delta == SITE_DELTA and len(ledger.entries) == 2
-    assert later.content[p.METRICS]["epsilon"] == pytest.approx(
-        epsilon(ledger.history, SITE_DELTA))
+    assert eps == pytest.approx(epsilon(ledger.history, SITE_DELTA), abs=1e-3)
 
 
 def test_an_uncomputable_delta_is_refused_before_any_spend(tmp_path, site_refusal):

@@ -9,6 +9,7 @@ from fedcpt.config import load_config
 from fedcpt.exceptions import FedcptError
 from fedcpt.privacy.accounting import epsilon
 from fedcpt.privacy.ledger import PrivacyLedger
+from fedcpt.server.reports.site_ledgers import FROM_LEDGERS
 from fedcpt.simulations.runner import simulate
 
 SITES = ("north", "south", "east")
@@ -20,10 +21,12 @@ def test_dp_run_reports_cumulative_epsilon_from_the_ledgers(smoke_dp_run):
     cfg, run_dir, summary = smoke_dp_run
 
     privacy = summary["privacy"]
+    assert privacy["epsilon_source"] == FROM_LEDGERS and privacy["held_by_sites"] == {}
     assert set(privacy["sites"]) == set(SITES)
     assert privacy["accountant"] == "prv"
     for site, entry in privacy["sites"].items():
         ledger = PrivacyLedger.load(run_dir / "ledgers" / f"{site}.ledger.json")
+        assert entry["ledger"] == str(ledger.path.resolve())  # the site's own file
         assert ledger.site == site and ledger.unit == "passage"
         assert entry["unit"] == "passage"  # the summary and report name the site's unit
         assert ledger.delta == 1e-5  # the site default min(1e-5, 1/(10·N))

@@ -14,9 +14,9 @@ from fedcpt.config import ReportConfig
 from fedcpt.core.continuations import Continuation, continuations
 from fedcpt.exceptions import ConfigError
 from fedcpt.runfolder.paths import RunFolder
-from fedcpt.runfolder.records import read_rounds
 from fedcpt.server.reports.report import continuation_lines
 from fedcpt.server.reports.report_html import markdown_to_html
+from fedcpt.server.reports.site_ledgers import FROM_LEDGERS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -57,16 +57,16 @@ def test_continuations_are_the_config_prompts_only(smoke_dp_run):
 
 @pytest.mark.slow  # a real simulation: minutes on 2 cores (the slow tier)
 @pytest.mark.smoke_run("dp")
-def test_epsilon_per_round_is_what_the_sites_reported(smoke_dp_run):
+def test_epsilon_per_round_is_read_from_the_site_ledgers(smoke_dp_run):
     cfg, run_dir, summary = smoke_dp_run
-    rows = read_rounds(RunFolder(run_dir))
-    trained = [r for r in rows if r.round > 0]
-    assert len(trained) == cfg.federation.rounds
-    for site, final in summary["privacy"]["sites"].items():
-        curve = [r.epsilon_per_site[site] for r in trained]
-        assert curve == sorted(curve) and curve[0] > 0  # cumulative: never falls
+    assert summary["privacy"]["epsilon_source"] == FROM_LEDGERS
+    for final in summary["privacy"]["sites"].values():
+        rounds, curve = zip(*final["epsilon_by_round"], strict=True)
+        assert list(rounds) == list(range(1, cfg.federation.rounds + 1))
+        assert list(curve) == sorted(curve) and curve[0] > 0  # cumulative: never falls
         assert curve[-1] == pytest.approx(final["epsilon"])
-    assert rows[0].epsilon_per_site == {}  # round 0 trains nothing
+    report = RunFolder(run_dir).report.read_text(encoding="utf-8")
+    assert "read from the sites' own ledger files" in report and "epsilon.png" in report
 
 
 def test_base_continuation_ignores_the_adapter_and_is_deterministic(fresh_lm):

@@ -35,10 +35,6 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _sites_with_epsilon(rows: list[dict]) -> set[str]:
-    return {site for r in rows for site in r["epsilon_per_site"]}
-
-
 @pytest.mark.slow  # the tracked_run fixture is a real simulation
 def test_mlflow_run_reads_back_with_mlflow(tracked_run):
     from mlflow.tracking import MlflowClient
@@ -58,12 +54,10 @@ def test_mlflow_run_reads_back_with_mlflow(tracked_run):
     general = client.get_metric_history(run.info.run_id, "general_loss")
     assert sorted((m.step, m.value) for m in general) == \
         [(r["round"], pytest.approx(r["general_loss"])) for r in rows]
-    for site in (s.name for s in cfg.sites):  # each site's ε, as it reported it each round
-        history = client.get_metric_history(run.info.run_id, f"epsilon/{site}")
-        assert sorted((m.step, m.value) for m in history) == \
-            [(r["round"], pytest.approx(r["epsilon_per_site"][site])) for r in rows
-             if site in r["epsilon_per_site"]]
-    assert _sites_with_epsilon(rows)  # (a site that failed a round reports none for it)
+    sites = summary["privacy"]["sites"]  # each site's ε, read from its own ledger
+    assert set(sites) == {s.name for s in cfg.sites}
+    for site, entry in sites.items():
+        assert run.data.metrics[f"summary/epsilon/{site}"] == pytest.approx(entry["epsilon"])
     assert run.data.metrics["summary/forgetting"] == pytest.approx(summary["forgetting"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.md", "report.html", "summary.json", "metrics.jsonl",
@@ -76,13 +70,13 @@ def test_mlflow_run_reads_back_with_mlflow(tracked_run):
 def test_tensorboard_events_read_back_with_tensorboard(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, run_dir, _ = tracked_run
+    _, run_dir, summary = tracked_run
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     rows = _rows(run_dir)
     scalars = events.Tags()["scalars"]
     assert {"general_loss", "domain_loss", "summary/forgetting"} <= set(scalars)
-    assert {f"epsilon/{site}" for site in _sites_with_epsilon(rows)} <= set(scalars)
+    assert {f"summary/epsilon/{site}" for site in summary["privacy"]["sites"]} <= set(scalars)
     assert [(e.step, e.value) for e in events.Scalars("general_loss")] == \
         [(r["round"], pytest.approx(r["general_loss"])) for r in rows]
     assert "report/text_summary" in events.Tags()["tensors"]  # the report as text
@@ -131,13 +125,14 @@ def test_round_metrics_names_and_absent_values():
         round=2, phase="all", general_loss=3.0, general_perplexity=20.0, general_ece=0.1,
         domain_loss=None, domain_per_site={"a/b": 2.5}, domain_ece=None, aggregated=True,
         sites_trained=["a/b"], train_loss=None, update_norm_per_site={}, bytes_up_per_client=8,
-        failures=[], server_steps={}, elapsed_s=1.0, epsilon_per_site={"a/b": 1.5},
+        failures=[], server_steps={}, elapsed_s=1.0,
         drift={"update_ratio": 1.2, "general_loss_rise": None, "flags": ["x"],
                "rolled_back_to": None})
     metrics = round_metrics(record)
     assert metrics["general_loss"] == 3.0
     assert "domain_loss" not in metrics and "train_loss" not in metrics  # absent, not 0
-    assert metrics["epsilon/a_b"] == 1.5 and metrics["domain_loss/a_b"] == 2.5
+    assert metrics["domain_loss/a_b"] == 2.5
+    assert not any(k.startswith("epsilon") for k in metrics)  # no reply carries ε
     assert metrics["drift/update_ratio"] == 1.2 and metrics["drift/flags"] == 1.0
     assert "drift/general_loss_rise" not in metrics
     assert metrics["aggregated"] == 1.0

@@ -20,13 +20,12 @@ def _emitted(caplog, kind: str, **fields) -> str:
 
 
 def test_event_round_trips_through_flower_log_prefixes(caplog):
-    line = _emitted(caplog, "site", round=2, site="west clinic", state="done", loss=3.25,
-                    epsilon=0.5)
+    line = _emitted(caplog, "site", round=2, site="west clinic", state="done", loss=3.25)
     for prefix in ("", "\x1b[92mINFO \x1b[0m:      ", "12/01/2026 21:58:11:INFO:\t"):
         event = progress.parse(prefix + line)
         assert event is not None and event.kind == "site"
         assert event.fields == {"round": 2, "site": "west clinic", "state": "done",
-                                "loss": 3.25, "epsilon": 0.5}
+                                "loss": 3.25}
 
 
 def test_other_lines_are_not_events():
@@ -42,7 +41,7 @@ def test_state_follows_a_round_with_a_failed_site():
     state.apply(progress.ProgressEvent("round", {"round": 1, "state": "training"}))
     assert {r.state for r in state.sites.values()} == {"training"}
     state.apply(progress.ProgressEvent("site", {"round": 1, "site": "a", "state": "done",
-                                                "loss": 2.5, "epsilon": 0.25}))
+                                                "loss": 2.5}))
     state.apply(progress.ProgressEvent("site", {"round": 1, "site": "b", "state": "failed"}))
     state.apply(progress.ProgressEvent("round", {"round": 1, "state": "evaluating"}))
     assert state.sites["a"].state == "evaluating" and state.sites["b"].state == "failed"
@@ -53,7 +52,8 @@ def test_state_follows_a_round_with_a_failed_site():
     assert state.sites["a"].state == "done" and state.sites["b"].state == "failed"
     text = _text(render(state))
     assert "round 1/3" in text and "ETA" in text and "general loss 4.0000" in text
-    assert "2.5000" in text and "0.250" in text and "failed" in text
+    assert "2.5000" in text and "failed" in text
+    assert "ε" not in text  # no ε column: no reply carries it
 
 
 def test_a_rounds_evaluation_recorded_during_the_next_round_leaves_that_round_on_screen():
@@ -82,14 +82,13 @@ def test_plain_output_shows_progress_and_fedcpt_warnings_only():
     assert "ConfigRecord" not in printed and "FutureWarning" not in printed
 
 
-def test_plain_lines_show_epsilon_only_under_dp_and_never_wrap(caplog):
-    without_dp = _emitted(caplog, "site", round=1, site="north", state="done", loss=3.2107,
-                          epsilon=None)
+def test_plain_lines_leave_out_absent_values_and_never_wrap(caplog):
+    without_dp = _emitted(caplog, "site", round=1, site="north", state="done", loss=3.2107)
     with_dp = _emitted(caplog, "site", round=1, site="a site with a long name", state="done",
-                       loss=None, epsilon=0.41234567)
-    assert "epsilon" not in without_dp and "null" not in without_dp
-    assert "loss" not in with_dp
-    assert with_dp.endswith("epsilon=0.4123")
+                       loss=None)
+    assert "loss=3.2107" in without_dp and "null" not in with_dp
+    assert "loss" not in with_dp  # under DP no loss is sent
+    assert with_dp.endswith('state="done"')
     out = io.StringIO()
     view = LiveView(Console(file=out, force_terminal=False, width=40))
     with view:
