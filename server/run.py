@@ -215,7 +215,7 @@ class FederatedRun:
     rng: random.Random
     """Samples the sites; saved in every checkpoint."""
     steps: list[ServerStep] = field(default_factory=list)
-    fisher: Any = None
+    fisher: Callable[[int, ArrayRecord], ArrayRecord] | None = None
     """The EWC Fisher for the sites (:class:`~fedcpt.server.fisher.FisherForSites`), or None."""
     committer: Committer = field(default_factory=Committer)
     phase_start: ArrayRecord | None = None
