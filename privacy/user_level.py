@@ -4,7 +4,8 @@ Each site's adapter update is clipped to ``user_clipping_norm`` at the site (Flo
 ``fixedclipping_mod``, asked for by :func:`clipping_config`); the aggregator clips it to C
 again and takes the **unweighted** mean (:class:`~fedcpt.strategies.fedavg.AdapterFedAvg`:
 a site's ``num-examples`` is its own claim, and any weight above 1/n would move the mean by
-more than C/n); and the round loop adds Gaussian noise of std σ·C/n to the mean of the n
+more than C/n); and the server's site-level DP protocol
+(:mod:`fedcpt.server.protocols.site_dp`) adds Gaussian noise of std σ·C/n to the mean of the n
 updates it actually averaged (:func:`add_site_noise`, with Flower's own noise helpers;
 McMahan et al., 2018, https://arxiv.org/abs/1710.06963), before any server step, so every
 step is post-processing. A site that is silent or rejected shrinks n and so raises the

@@ -13,6 +13,11 @@ from fedcpt.core.durable import write_durably, write_json
 from fedcpt.runfolder.paths import RunFolder
 
 
+def weighted_mean(pairs: list[tuple[float, int]]) -> float | None:
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
+
+
 @dataclass(frozen=True)
 class RoundRecord:
     """What one round did; round 0 is the starting adapter (evaluated, never trained)."""

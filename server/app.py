@@ -1,8 +1,9 @@
 """Flower ServerApp: set up a run, hand it to the round loop, write the result.
 
 :func:`run_federation` loads the server's model and general data, builds the strategy
-(:mod:`fedcpt.strategies`) and the server steps (:mod:`fedcpt.server.steps`), then
-:func:`~fedcpt.server.round_loop.run_rounds` runs every round and
+and its round protocol (:func:`fedcpt.server.protocols.round_protocol`, once) and the
+server steps (:mod:`fedcpt.server.steps`), then
+:meth:`~fedcpt.server.run.FederatedRun.run_rounds` runs every round and
 :class:`~fedcpt.server.recorder.RunRecorder` writes the run folder.
 """
 
@@ -43,18 +44,16 @@ from fedcpt.runfolder.paths import RunFolder
 from fedcpt.runfolder.records import Summary
 from fedcpt.runfolder.versions import resumable_config
 from fedcpt.server.fisher import FisherForSites
+from fedcpt.server.protocols import round_protocol
 from fedcpt.server.recorder import RunRecorder
 from fedcpt.server.reports.tracking import tracking_observers
-from fedcpt.server.round_loop import Federation, run_rounds
+from fedcpt.server.run import FederatedRun, ServerModel
 from fedcpt.server.steps.base import ServerStep, StatefulStep
 from fedcpt.server.steps.delta_scaling import DeltaScaling
 from fedcpt.server.steps.regression_guard import RegressionGuard
 from fedcpt.server.steps.rehearsal import Rehearsal
 from fedcpt.server.steps.self_distillation import ChatAnswers, SelfDistillation
 from fedcpt.server.steps.server_optimizer import ServerOptimizer
-from fedcpt.strategies.base import Aggregator
-from fedcpt.strategies.fedavg import AdapterFedAvg
-from fedcpt.strategies.secagg_fedavg import SecAggFedAvg
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +128,8 @@ def general_evaluation(cfg: RunConfig, lm: AdaptedModel, data: GeneralData,
     return evaluation
 
 
-def server_steps(cfg: RunConfig, lm: AdaptedModel, general: GeneralData) -> list[ServerStep]:
+def server_steps(cfg: RunConfig, lm: AdaptedModel | ServerModel,
+                 general: GeneralData) -> list[ServerStep]:
     """The server optimiser, rehearsal, self-distillation, delta scaling, then the
     regression guard, as configured in ``[strategy]``.
 
@@ -156,7 +156,7 @@ def server_steps(cfg: RunConfig, lm: AdaptedModel, general: GeneralData) -> list
     return steps
 
 
-def self_distillation(cfg: RunConfig, lm: AdaptedModel, general: GeneralData,
+def self_distillation(cfg: RunConfig, lm: AdaptedModel | ServerModel, general: GeneralData,
                       ) -> SelfDistillation:
     """The self-distillation step on the pool, the chat answers or both. The base model
     answers :data:`~fedcpt.core.behaviour.REHEARSAL_PROMPTS` here, once per process: its
@@ -189,18 +189,6 @@ def final_continuations(cfg: RunConfig, lm: AdaptedModel,
     return items
 
 
-def build_strategy(cfg: RunConfig) -> Aggregator:
-    """Secure FedAvg when ``secagg`` is on, else FedAvg with the update-norm bound; either
-    weighs every site equally under site-level DP."""
-    max_examples = cfg.train.local_steps * cfg.train.batch_size
-    if cfg.secagg.enabled:
-        return SecAggFedAvg(cfg=cfg, max_examples=max_examples)
-    return AdapterFedAvg(max_update_norm=cfg.federation.max_update_norm,
-                         max_examples=max_examples,
-                         site_clip=cfg.privacy.user_clipping_norm if cfg.privacy.user_level
-                         else 0.0, upload_dtype=cfg.federation.upload_dtype)
-
-
 def with_default_ledger_dir(cfg: RunConfig, run_dir: Path) -> RunConfig:
     """With DP on and no ledger folder configured, simulated sites keep theirs in the run."""
     if not cfg.privacy.enabled or cfg.privacy.ledger_dir:
@@ -228,8 +216,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path,
     recorder: RunRecorder | None = None
     try:
         lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
+        model = ServerModel(lm)  # what the steps and the Fisher hold: waits for evaluations
         data = general_data(cfg)
-        steps = server_steps(cfg, lm, data)
+        steps = server_steps(cfg, model, data)
         observers = tracking_observers(cfg, folder)  # none (nothing imported) when off
         if resume:
             recorder, done = RunRecorder.resume(folder, cfg, rng, observers)
@@ -242,15 +231,15 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path,
             # Not the cached model's current adapter: it may carry an earlier run's training.
             arrays = (load_version(cfg.federation.initial_adapter, lm.initial_adapter)
                       if cfg.federation.initial_adapter else lm.initial_adapter)
-        fed = Federation(
-            grid=grid, cfg=cfg, aggregator=build_strategy(cfg), recorder=recorder, lm=lm,
+        run = FederatedRun(
+            grid=grid, cfg=cfg, protocol=round_protocol(cfg), recorder=recorder, model=model,
             general=general_evaluation(cfg, lm, data, folder, resume), rng=rng, steps=steps,
             config=ConfigRecord({protocol.RUN_CONFIG: cfg.to_json(),
                                  protocol.RUN_ID: recorder.run_id}),
-            fisher=(FisherForSites(lm, spread(data.rehearsal, cfg.strategy.fisher_blocks))
+            fisher=(FisherForSites(model, spread(data.rehearsal, cfg.strategy.fisher_blocks))
                     if cfg.strategy.anchor == "ewc" else None))
-        run_rounds(fed, arrays, done)
-        return recorder.finish(final_continuations(cfg, lm, recorder))
+        run.run_rounds(arrays, done)
+        return recorder.finish(run.protocol, final_continuations(cfg, model.use(), recorder))
     except BaseException as err:
         folder.mark_failed(err)
         if recorder is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord
@@ -25,6 +26,9 @@ from fedcpt.core.adapters import load_adapter, to_arrays
 from fedcpt.core.fisher import diagonal_fisher
 from fedcpt.core.model import AdaptedModel
 
+if TYPE_CHECKING:
+    from fedcpt.server.run import ServerModel
+
 log = logging.getLogger(__name__)
 
 
@@ -32,7 +36,8 @@ log = logging.getLogger(__name__)
 class FisherForSites:
     """The diagonal Fisher of a global adapter on the server's general ``blocks``."""
 
-    lm: AdaptedModel
+    lm: AdaptedModel | ServerModel
+    """The server's model; in a run its handle, so the Fisher waits for a pending evaluation."""
     blocks: torch.Tensor
 
     def __call__(self, server_round: int, global_arrays: ArrayRecord) -> ArrayRecord:

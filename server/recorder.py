@@ -10,9 +10,12 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import ArrayRecord
 
 from fedcpt.config import RunConfig
+from fedcpt.core.adapters import load_version
 from fedcpt.core.continuations import Continuation
 from fedcpt.core.durable import write_json
 from fedcpt.core.model import AdaptedModel
@@ -24,16 +27,20 @@ from fedcpt.runfolder.records import (
     Summary,
     append_round,
     read_rounds,
+    weighted_mean,
     write_rounds,
     write_summary,
 )
 from fedcpt.server.checkpoint import PendingGeneral, RunState, TrainOutcome, encode_random
 from fedcpt.server.drift import Drift, check_data_drift
 from fedcpt.server.reports.report import write_report
-from fedcpt.server.reports.summary import build_summary, weighted_mean
+from fedcpt.server.reports.summary import build_summary
 from fedcpt.server.reports.tracking import RunObserver, final_version, notify_all
 from fedcpt.server.steps.base import StatefulStep
 from fedcpt.strategies.base import SiteEvalReport, SiteTrainReport
+
+if TYPE_CHECKING:
+    from fedcpt.server.protocols.base import RoundProtocol
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +202,10 @@ class RunRecorder:
         self._random_state = encode_random(rng)
         self._save_checkpoint(server_round)
 
+    def load_version(self, server_round: int, reference: ArrayRecord) -> ArrayRecord:
+        """The global adapter saved as ``server_round``'s version (``reference``: its layout)."""
+        return load_version(self.folder.version(server_round), reference)
+
     def record_general(self, general: GeneralReport | None) -> RoundRecord:
         """The pending round's general evaluation (None: a round ``federation.eval_every``
         leaves unevaluated): its metrics line and the version's provenance, then the
@@ -234,12 +245,15 @@ class RunRecorder:
         """Tell the observers the run failed (the folder's ``error.txt`` is the record)."""
         notify_all(self.observers, "run_failed", error)
 
-    def finish(self, continuations: list[Continuation] | None = None) -> Summary:
-        """Write report.md and report.html (with the final adapter's ``continuations``),
-        then summary.json (last: it marks the run finished)."""
-        summary = build_summary(self.cfg, self.state, self.rows)
+    def finish(self, protocol: RoundProtocol,
+               continuations: list[Continuation] | None = None) -> Summary:
+        """Write report.md and report.html (with the final adapter's ``continuations``
+        and the round ``protocol``'s section), then summary.json (last: it marks the run
+        finished)."""
+        summary = build_summary(self.cfg, self.state, self.rows, protocol.summary)
         write_report(self.folder, summary, self.rows, self.state.domain_base, self.cfg,
-                     continuations or [])
+                     continuations or [], mechanism=protocol.report_lines(summary),
+                     upload_form=protocol.upload_form(self.cfg))
         write_summary(self.folder, summary)
         notify_all(self.observers, "run_finished", summary,
                    final_version(self.folder, self.rows))

@@ -1,8 +1,9 @@
 """FedAvg under secure aggregation: the server sees only the sum of the updates.
 
-The round loop calls SecAgg+'s stages (:mod:`fedcpt.privacy.secagg`) explicitly around
-the training message: :meth:`SecAggFedAvg.open_round` and its ``share_keys`` (stages 1–2:
-keys and shares) before it; the training message carries each site's inbound shares
+The SecAgg+ round protocol (:mod:`fedcpt.server.protocols.secagg`) calls SecAgg+'s stages
+(:mod:`fedcpt.privacy.secagg`) explicitly around the training message:
+:meth:`SecAggFedAvg.open_round` and its ``share_keys`` (stages 1–2: keys and shares)
+before it; the training message carries each site's inbound shares
 (stage 3) and its reply the masked, quantised update; :meth:`SecAggFedAvg.unmask`
 (stages 4–5) has the surviving sites sign the survivor set, then asks them for the shares
 that unmask the sum;

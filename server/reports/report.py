@@ -223,8 +223,11 @@ def _evaluated_rounds(rows: list[RoundRecord], cfg: RunConfig) -> list[str]:
 
 def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
                  domain_base: dict[str, float], cfg: RunConfig,
-                 continuations: list[Continuation] | None = None) -> None:
-    """Render the run's report as Markdown beside its plots, and as one HTML page."""
+                 continuations: list[Continuation] | None = None,
+                 *, mechanism: list[str], upload_form: str) -> None:
+    """Render the run's report as Markdown beside its plots, and as one HTML page, with
+    the round protocol's ``mechanism`` section and ``upload_form`` (how an update
+    travels; :class:`~fedcpt.server.protocols.base.RoundProtocol`)."""
     evaluated = [r for r in rows if r.evaluated]
     general_png = plot_general(folder, evaluated)
     domain_png = plot_domain(folder, rows, domain_base)
@@ -304,35 +307,13 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
                   if v["epsilon_by_round"]}
         lines += privacy_lines(s.privacy, plot_epsilon(folder, curves, s.privacy["target_epsilon"])
                                if curves else None)
-    if s.secagg.get("enabled"):
-        a = s.secagg
-        lines += ["", "## Secure aggregation", "",
-                  f"Every round ran {a['protocol']}: the server saw only the weighted sum of "
-                  f"the sites' updates. Each site shared its secrets with {a['num_shares']} "
-                  f"sites (itself included); any {a['threshold']} of them could unmask it, "
-                  f"so a round survived up to {a['num_shares'] - a['threshold']} of a site's "
-                  "neighbours dropping. Each site checked its own update before masking and "
-                  f"quantised it over ±{a['clipping_range']:g} to "
-                  f"{a['quantization_range']:,} levels; per-site update norms are therefore "
-                  "not shown. The sites' evaluations went through a SecAgg+ session of "
-                  "their own: the server saw only their sum."]
-    if s.privacy_user_level is not None:
-        u = s.privacy_user_level
-        who = (f"the sites added {u['mechanism']} noise (z = {u['noise_multiplier']}) "
-               "before masking" if "mechanism" in u else
-               f"the server added Gaussian noise (σ = {u['noise_multiplier']}) to the average")
-        lines += ["", "## Site-level privacy (DP-FedAvg)", "",
-                  f"Each site's update was clipped to L2 norm {u['clipping_norm']} and "
-                  f"{who}: "
-                  f"site-level ε = **{u['epsilon']:.3f}** at δ = {u['delta']:g} after "
-                  f"{u['rounds']} rounds ({u['accountant']}). This is separate from, and "
-                  "does not combine with, the unit-level ε above."]
+    lines += mechanism
     lines += [
         "",
         "## Communication",
         "",
         f"A site uploads {s.bytes_up_per_client_round:,} bytes of adapter tensors per "
-        f"round (the mean over sites; {_upload_form(cfg)}), "
+        f"round (the mean over sites; {upload_form}), "
         f"{100 * (s.upload_fraction or 0):.3f}% of the full model "
         f"({s.full_model_bytes:,} bytes). Wall time {s.wall_time_s:.0f} s.",
         "",
@@ -342,10 +323,3 @@ def write_report(folder: RunFolder, summary: Summary, rows: list[RoundRecord],
     folder.report_html.write_text(markdown_to_html(text, folder, f"fedcpt run {s.name}"),
                                   encoding="utf-8")
 
-
-def _upload_form(cfg: RunConfig) -> str:
-    """How an update travels: masked under SecAgg, else ``federation.upload_dtype`` at the
-    site's own LoRA rank."""
-    if cfg.secagg.enabled:
-        return f"masked uint32 at the global rank {cfg.lora.r}"
-    return f"{cfg.federation.upload_dtype}, each at its own rank ≤ {cfg.lora.r}"

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from collections.abc import Callable
 from typing import Any
 
 from fedcpt.config import RunConfig
 from fedcpt.core.evaluation import paired_standard_error
 from fedcpt.core.retention import retention_summary
 from fedcpt.exceptions import FedcptError
-from fedcpt.privacy.secagg.ddp import DistributedDP
-from fedcpt.privacy.secagg.params import MODULUS, SecAggParams
-from fedcpt.privacy.user_level import user_level_epsilon
-from fedcpt.runfolder.records import RoundRecord, Summary
+from fedcpt.runfolder.records import RoundRecord, Summary, weighted_mean
 from fedcpt.server.checkpoint import RunState
 from fedcpt.server.continual import continual_metrics
 from fedcpt.server.reports.site_ledgers import (
@@ -22,20 +19,6 @@ from fedcpt.server.reports.site_ledgers import (
     HELD_BY_SITES,
     sites_epsilon,
 )
-
-
-def weighted_mean(pairs: list[tuple[float, int]]) -> float | None:
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total else None
-
-
-def secagg_summary(cfg: RunConfig) -> dict[str, Any]:
-    """Whether the server saw only sums, and the SecAgg+ parameters of a full round."""
-    if not cfg.secagg.enabled:
-        return {"enabled": False}
-    params = SecAggParams.for_round(cfg, cfg.sites_per_round)
-    return {"enabled": True, "protocol": "SecAgg+ (Bell et al. 2020)", **asdict(params),
-            "modulus": MODULUS}
 
 
 def privacy_summary(cfg: RunConfig, state: RunState) -> dict[str, Any]:
@@ -61,32 +44,11 @@ def privacy_summary(cfg: RunConfig, state: RunState) -> dict[str, Any]:
     }
 
 
-def user_level_summary(cfg: RunConfig, rounds: int, bytes_up: int) -> dict[str, Any]:
-    """Site-level (ε, δ) after ``rounds`` noisy releases: of the server's Gaussian noise,
-    or under SecAgg of the distributed discrete Gaussian the sites added."""
-    if cfg.secagg.enabled:
-        # a masked upload is the uint32 vector [weight, one value per adapter coordinate]
-        ddp = DistributedDP.for_config(cfg, SecAggParams.for_round(cfg, cfg.sites_per_round)
-                                       .threshold, cfg.sites_per_round, bytes_up // 4 - 1)
-        return {"epsilon": ddp.epsilon(rounds, cfg.privacy.user_delta),
-                "delta": cfg.privacy.user_delta,
-                "noise_multiplier": cfg.privacy.user_noise_multiplier,
-                "clipping_norm": cfg.privacy.user_clipping_norm, "rounds": rounds,
-                "mechanism": "distributed discrete Gaussian (Kairouz et al. 2021), added by "
-                             f"the sites; counts only {ddp.honest} honest survivors",
-                "accountant": "rdp (DDG, no sampling amplification)"}
-    return {
-        "epsilon": user_level_epsilon(cfg.privacy, rounds),
-        "delta": cfg.privacy.user_delta,
-        "noise_multiplier": cfg.privacy.user_noise_multiplier,
-        "clipping_norm": cfg.privacy.user_clipping_norm,
-        "rounds": rounds,
-        "accountant": "rdp (no sampling amplification)",
-    }
-
-
-def build_summary(cfg: RunConfig, state: RunState, rows: list[RoundRecord]) -> Summary:
-    """The summary of a run; FedcptError if no round was aggregated (no result)."""
+def build_summary(cfg: RunConfig, state: RunState, rows: list[RoundRecord],
+                  mechanism: Callable[[RunConfig, int, int], dict[str, Any]]) -> Summary:
+    """The summary of a run; FedcptError if no round was aggregated (no result).
+    ``mechanism(cfg, rounds, bytes_up)`` gives the fields the round protocol fills
+    (:meth:`~fedcpt.server.protocols.base.RoundProtocol.summary`)."""
     last = max(state.general)
     aggregated = sum(1 for t in state.train.values() if t.aggregated)
     if aggregated == 0:
@@ -131,13 +93,11 @@ def build_summary(cfg: RunConfig, state: RunState, rows: list[RoundRecord]) -> S
         upload_fraction=bytes_up / state.full_model_bytes if state.full_model_bytes else None,
         failures=sum(len(t.failures) for t in state.train.values()),
         wall_time_s=time.time() - state.started,
-        secagg=secagg_summary(cfg),
         general_kinds={k.name: {"sources": list(k.sources), "rehearsal_share": k.rehearsal_share,
                                 "in_pool": k.rehearsal_share > 0} for k in kinds},
         retention=retention_summary(base_report, final_report, in_pool).to_dict(),
         continual=(continual_metrics(cfg, state.evals, {r.round: r.general_loss for r in rows})
                    if cfg.phases else None),
         privacy=privacy_summary(cfg, state) if cfg.privacy.enabled else None,
-        privacy_user_level=(user_level_summary(cfg, last, bytes_up) if cfg.privacy.user_level
-                            else None),
+        **mechanism(cfg, last, bytes_up),
     )

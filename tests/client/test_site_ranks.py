@@ -19,7 +19,9 @@ from fedcpt.core.adapters import count_bytes
 from fedcpt.core.model import load_adapted_model
 from fedcpt.core.ranks import max_rank, truncate
 from fedcpt.exceptions import ConfigError
-from fedcpt.server.round_loop import Federation, request, train_attempt
+from fedcpt.server.protocols.fedavg import PlainFedAvg
+from fedcpt.server.round_loop import request, train_attempt
+from fedcpt.server.run import FederatedRun, ServerModel
 from fedcpt.strategies.fedavg import AdapterFedAvg
 from fedcpt.testing.site_round import task_identity
 
@@ -130,9 +132,10 @@ def test_mixed_ranks_under_secagg_sum_over_the_max_rank_layout(ranked, tmp_path)
     nodes = simulated_sites(tmp_path, list(RANKS))
     initial = load_adapted_model(plain_cfg.model, plain_cfg.lora, 0).initial_adapter
     with task_identity():
-        plain_fed = Federation(
-            grid=AppGrid(nodes), cfg=plain_cfg, recorder=None, lm=None, general=None,
-            aggregator=AdapterFedAvg(max_update_norm=5.0), rng=__import__("random").Random(0),
+        plain_fed = FederatedRun(
+            grid=AppGrid(nodes), cfg=plain_cfg, recorder=None, model=ServerModel(None),
+            general=None, protocol=PlainFedAvg(AdapterFedAvg(max_update_norm=5.0)),
+            rng=__import__("random").Random(0),
             config=ConfigRecord({p.RUN_CONFIG: plain_cfg.to_json(), p.RUN_ID: "run-e"}))
         plain = train_attempt(plain_fed, 1, initial,
                               request(initial, plain_fed.config, 1), None)

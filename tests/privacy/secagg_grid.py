@@ -21,7 +21,8 @@ from fedcpt.privacy.secagg.encoding import encode, vector_length
 from fedcpt.privacy.secagg.identity import SiteIdentity
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import CONSISTENCY, MASKED, SETUP, SHARE_KEYS, STATE, UNMASK
-from fedcpt.server.round_loop import Federation
+from fedcpt.server.protocols.secagg import SecAggPlus
+from fedcpt.server.run import FederatedRun, ServerModel
 from fedcpt.strategies.secagg_fedavg import SecAggFedAvg
 
 
@@ -201,9 +202,10 @@ def simulated_sites(folder, names) -> dict[int, dict]:
             for i, name in enumerate(names)}
 
 
-def secagg_federation(grid, cfg: RunConfig) -> Federation:
-    """The round loop's Federation for ``site_evaluations`` / ``train_attempt`` over
-    ``grid`` under SecAgg (no recorder, model or general text: the loop's other steps)."""
-    return Federation(grid=grid, cfg=cfg, aggregator=SecAggFedAvg(cfg=cfg), recorder=None,
-                      lm=None, general=None, rng=random.Random(0),
-                      config=ConfigRecord({p.RUN_CONFIG: cfg.to_json(), p.RUN_ID: "run-e"}))
+def secagg_federation(grid, cfg: RunConfig) -> FederatedRun:
+    """The run for ``site_evaluations`` / ``train_attempt`` over ``grid`` under SecAgg (no
+    recorder, model or general text: the loop's other steps)."""
+    return FederatedRun(grid=grid, cfg=cfg, protocol=SecAggPlus(SecAggFedAvg(cfg=cfg)),
+                        recorder=None, model=ServerModel(None), general=None,
+                        rng=random.Random(0),
+                        config=ConfigRecord({p.RUN_CONFIG: cfg.to_json(), p.RUN_ID: "run-e"}))

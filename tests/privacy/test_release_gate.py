@@ -25,7 +25,7 @@ from fedcpt.privacy.gate import (
     release_rows,
 )
 from fedcpt.privacy.report import release_list
-from fedcpt.server.app import build_strategy
+from fedcpt.server.protocols import round_protocol
 from fedcpt.server.round_loop import request, site_evaluations, train_attempt
 
 pytestmark = pytest.mark.usefixtures("flower_task")  # Messages are built here
@@ -180,7 +180,7 @@ def test_every_reply_key_of_every_handler_is_gated_and_listed(tmp_path, name):
         f"privacy.ledger_dir={tmp_path / 'ledgers'}", f"site_policy.eval_release={release}"])
     grid = AppGrid(simulated_sites(tmp_path / "fed", SITES))
     fed = secagg_federation(grid, cfg)
-    fed.aggregator = build_strategy(cfg)  # the server's own choice for this config
+    fed.protocol = round_protocol(cfg)  # the server's own choice for this config
     initial = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
     attempt = train_attempt(fed, 1, initial, request(initial, fed.config, 1), None)
     assert attempt.aggregate is not None, attempt.failures

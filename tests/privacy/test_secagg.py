@@ -25,8 +25,9 @@ from fedcpt.privacy.secagg import site
 from fedcpt.privacy.secagg.masking import expand
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import MASKED, SETUP, SHARE_KEYS, STATE, UNMASK
-from fedcpt.server.round_loop import Federation, request, train_attempt
-from fedcpt.strategies.secagg_fedavg import SecAggFedAvg
+from fedcpt.server.protocols import round_protocol
+from fedcpt.server.round_loop import request, train_attempt
+from fedcpt.server.run import FederatedRun, ServerModel
 
 SHAPES = {"a.lora_A.weight": (4, 64), "a.lora_B.weight": (64, 4), "b.lora_A.weight": (4, 64)}
 NODES = (101, 202, 303, 404, 505)
@@ -51,12 +52,11 @@ def _config(n_sites: int = 5, **secagg) -> RunConfig:
 def _round(grid: SiteGrid, cfg: RunConfig, reference: ArrayRecord):
     """One attempt of the round loop's training over ``grid``: the aggregate (None if the
     round failed) and the examples it covers (None then too)."""
-    max_weight = cfg.train.local_steps * cfg.train.batch_size
     cfg = dataclasses.replace(cfg, federation=dataclasses.replace(
         cfg.federation, sites_per_round=len(grid.updates), round_timeout_s=5.0))
-    fed = Federation(grid=grid, cfg=cfg, recorder=None, lm=None, general=None,
-                     aggregator=SecAggFedAvg(cfg=cfg, max_examples=max_weight),
-                     config=ConfigRecord(), rng=random.Random(0))
+    fed = FederatedRun(grid=grid, cfg=cfg, protocol=round_protocol(cfg), recorder=None,
+                       model=ServerModel(None), general=None, config=ConfigRecord(),
+                       rng=random.Random(0))
     attempt = train_attempt(fed, 1, reference, request(reference, ConfigRecord(), 1), None)
     if attempt.aggregate is None:
         return None, None

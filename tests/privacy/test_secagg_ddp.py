@@ -28,8 +28,9 @@ from fedcpt.privacy.accounting import epsilon as opacus_epsilon
 from fedcpt.privacy.secagg.ddp import DistributedDP, discrete_gaussian
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import MASKED
-from fedcpt.server.round_loop import Federation, request, train_attempt
-from fedcpt.strategies.secagg_fedavg import SecAggFedAvg
+from fedcpt.server.protocols import round_protocol
+from fedcpt.server.round_loop import request, train_attempt
+from fedcpt.server.run import FederatedRun, ServerModel
 
 NODES = (101, 202, 303, 404, 505)
 SHAPES = {"a.lora_A.weight": (8, 64), "a.lora_B.weight": (64, 8), "b.lora_A.weight": (8, 64)}
@@ -54,12 +55,11 @@ def _round(cfg: RunConfig, updates: dict[int, tuple[ArrayRecord, int]],
     """One secure round over the five sites' ``(update, claimed num-examples)``, the sites
     in ``dropped`` silent after stage 2: the unmasked mean."""
     grid = SiteGrid(updates, drop={MASKED: dropped}, cfg=cfg)
-    max_weight = cfg.train.local_steps * cfg.train.batch_size
     cfg = dataclasses.replace(cfg, federation=dataclasses.replace(
         cfg.federation, sites_per_round=5, round_timeout_s=5.0))
-    fed = Federation(grid=grid, cfg=cfg, recorder=None, lm=None, general=None,
-                     aggregator=SecAggFedAvg(cfg=cfg, max_examples=max_weight),
-                     config=ConfigRecord(), rng=random.Random(0))
+    fed = FederatedRun(grid=grid, cfg=cfg, protocol=round_protocol(cfg), recorder=None,
+                       model=ServerModel(None), general=None, config=ConfigRecord(),
+                       rng=random.Random(0))
     reference = _zeros()
     return train_attempt(fed, 1, reference, request(reference, ConfigRecord(), 1),
                          None).aggregate

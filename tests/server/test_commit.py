@@ -21,10 +21,9 @@ from fedcpt.core.evaluation import EvalResult
 from fedcpt.core.retention import GeneralReport
 from fedcpt.runfolder.paths import RunFolder
 from fedcpt.runfolder.records import read_rounds
-from fedcpt.server.commit import overlaps
+from fedcpt.server.protocols import round_protocol
 from fedcpt.server.recorder import RunRecorder
-from fedcpt.server.round_loop import Federation, run_rounds
-from fedcpt.strategies.fedavg import AdapterFedAvg
+from fedcpt.server.run import FederatedRun, ServerModel, overlaps
 
 pytestmark = pytest.mark.usefixtures("flower_task")  # Messages are built here
 
@@ -98,9 +97,9 @@ def _federation(tmp_path, lm, grid, general, overrides=(), resume=False):
     folder, rng = RunFolder(tmp_path / "run"), random.Random(0)
     recorder, done = (RunRecorder.resume(folder, cfg, rng) if resume
                       else (RunRecorder.start(folder, cfg, lm), None))
-    fed = Federation(grid, cfg, AdapterFedAvg(), recorder, lm, general,
-                     ConfigRecord({p.RUN_CONFIG: cfg.to_json(), p.RUN_ID: recorder.run_id}),
-                     rng)
+    fed = FederatedRun(grid, cfg, round_protocol(cfg), recorder, ServerModel(lm), general,
+                       ConfigRecord({p.RUN_CONFIG: cfg.to_json(), p.RUN_ID: recorder.run_id}),
+                       rng)
     arrays = lm.initial_adapter if done is None else load_version(folder.version(done),
                                                                   lm.initial_adapter)
     return fed, folder, arrays, done
@@ -122,7 +121,7 @@ def test_each_rounds_general_evaluation_runs_while_the_sites_train_the_next(
     fed, folder, arrays, _ = _federation(tmp_path, fresh_lm, grid,
                                          General(after_next_round_is_sent))
     assert overlaps(fed.cfg)
-    run_rounds(fed, arrays)
+    fed.run_rounds(arrays)
 
     rows = read_rounds(folder)
     assert [r.round for r in rows] == [0, 1, 2, 3]
@@ -141,7 +140,7 @@ def test_a_monitor_that_may_roll_back_makes_the_next_round_wait(tmp_path, fresh_
         tmp_path, fresh_lm, grid,
         General(lambda k: sent_during.append(grid.trained[k + 1].is_set())), [monitor])
     assert not overlaps(fed.cfg)
-    run_rounds(fed, arrays)
+    fed.run_rounds(arrays)
     assert sent_during == [False] * (ROUNDS + 1)
     assert [r.round for r in read_rounds(folder)] == [0, 1, 2, 3]
 
@@ -157,7 +156,7 @@ def test_a_server_killed_while_a_version_awaits_its_evaluation_resumes_and_recor
         tmp_path, fresh_lm):
     fed, folder, arrays, _ = _federation(tmp_path, fresh_lm, Grid(kill_at=2), General())
     with pytest.raises(RuntimeError, match="killed in round 2"):
-        run_rounds(fed, arrays)
+        fed.run_rounds(arrays)
     checkpoint = json.loads(folder.checkpoint.read_text())
     assert checkpoint["last_round"] == 1 and checkpoint["pending"]["round"] == 1
     assert [r.round for r in read_rounds(folder)] == [0]  # round 1's line never written
@@ -165,7 +164,7 @@ def test_a_server_killed_while_a_version_awaits_its_evaluation_resumes_and_recor
     fed, folder, arrays, done = _federation(tmp_path, fresh_lm, Grid(), General(),
                                             resume=True)
     assert done == 1
-    run_rounds(fed, arrays, done)
+    fed.run_rounds(arrays, done)
     rows = read_rounds(folder)
     assert [r.round for r in rows] == [0, 1, 2, 3]  # round 1 evaluated once, on resume
     assert rows[1].general_loss == pytest.approx(
@@ -192,7 +191,7 @@ def test_eval_every_evaluates_every_kth_round_and_the_last_and_says_which(
     grid, general = CountingGrid(), General()
     fed, folder, arrays, _ = _federation(tmp_path, fresh_lm, grid, general,
                                          ["federation.eval_every=2"])
-    run_rounds(fed, arrays)
+    fed.run_rounds(arrays)
 
     assert grid.evaluated == [2, 3] and general.calls == 3  # rounds 0, 2 and 3 (the last)
     rows = read_rounds(folder)
@@ -209,7 +208,7 @@ def test_eval_every_evaluates_every_kth_round_and_the_last_and_says_which(
             3.0 + _saved_fingerprint(folder, row.round, fresh_lm.initial_adapter), abs=1e-6)
     assert json.loads(folder.checkpoint.read_text())["pending"] is None
 
-    fed.recorder.finish()
+    fed.recorder.finish(fed.protocol)
     report = folder.report.read_text()
     assert "Evaluated rounds: 0, 2, 3 (`federation.eval_every = 2`" in report
     assert "| 1 | — | — |" in report  # round 1's row: trained, not evaluated
@@ -219,7 +218,7 @@ def test_a_round_left_unevaluated_is_still_checked_for_update_drift(tmp_path, fr
     fed, folder, arrays, _ = _federation(tmp_path, fresh_lm, Grid(), General(),
                                          ["federation.eval_every=2",
                                           "monitor.update_drift=3", "monitor.action=flag"])
-    run_rounds(fed, arrays)
+    fed.run_rounds(arrays)
     rows = read_rounds(folder)
     assert not rows[1].evaluated and rows[1].update_norm is not None
     assert rows[1].drift["general_loss_rise"] is None  # nothing to compare

@@ -19,8 +19,10 @@ from fedcpt.exceptions import ConfigError, UpdateRejected
 from fedcpt.runfolder.paths import RunFolder
 from fedcpt.runfolder.records import read_rounds
 from fedcpt.server.drift import check_data_drift, good_rounds
+from fedcpt.server.protocols import round_protocol
 from fedcpt.server.recorder import RunRecorder
-from fedcpt.server.round_loop import Federation, evaluate_sites
+from fedcpt.server.round_loop import evaluate_sites
+from fedcpt.server.run import FederatedRun, ServerModel
 from fedcpt.strategies.base import eval_report
 from tests.server.test_drift import _row
 
@@ -61,8 +63,9 @@ def test_sites_beyond_the_threshold_are_flagged_once_in_the_rows_and_the_report(
                       ).with_secagg_resolved(deployment=False)
     folder = RunFolder(tmp_path / "run")
     recorder = RunRecorder.start(folder, cfg, fresh_lm)
-    fed = Federation(EvalGrid({"comedies": 0.8, "histories": -0.1}), cfg, None, recorder,
-                     fresh_lm, None, ConfigRecord({}), random.Random(0))
+    fed = FederatedRun(EvalGrid({"comedies": 0.8, "histories": -0.1}), cfg,
+                       round_protocol(cfg), recorder, ServerModel(fresh_lm), None,
+                       ConfigRecord({}), random.Random(0))
     rng = random.Random(0)
     recorder.save_version(0, fresh_lm, [], rng, None)
     recorder.record_general(_general(5.0))
@@ -71,7 +74,7 @@ def test_sites_beyond_the_threshold_are_flagged_once_in_the_rows_and_the_report(
         evaluate_sites(fed, server_round, fresh_lm.initial_adapter)
         recorder.save_version(server_round, fresh_lm, [], rng, None)
         recorder.record_general(_general(4.9))
-    recorder.finish()
+    recorder.finish(fed.protocol)
     rows = read_rounds(folder)
     assert rows[1].data_drift_per_site == rows[2].data_drift_per_site == {
         "comedies": 0.8, "histories": -0.1}  # tragedies: a first run, none sent

@@ -1,7 +1,7 @@
 """The round loop's policy over a fake Grid: sampling, retries, failed rounds, server steps,
-site-level DP noise, phases, the EWC Fisher and the phase anchor (commit, which evaluates
-and writes the run folder, is replaced by a list of the rounds committed; its overlap with
-the next round is tested in test_commit.py)."""
+site-level DP noise, phases, the EWC Fisher and the phase anchor (the run's committer, which
+evaluates and writes the run folder, is injected as a list of the rounds committed; the
+real one, and its overlap with the next round, is tested in test_commit.py)."""
 
 from __future__ import annotations
 
@@ -19,15 +19,16 @@ from fedcpt.config import (
     PhaseConfig,
     PrivacyConfig,
     RunConfig,
+    SecAggConfig,
     SiteConfig,
     StrategyConfig,
 )
 from fedcpt.core.adapters import arrays_digest
 from fedcpt.exceptions import RoundFailed
-from fedcpt.server import round_loop
-from fedcpt.server.round_loop import Federation, run_round, run_rounds
+from fedcpt.server.protocols import round_protocol
+from fedcpt.server.round_loop import run_round
+from fedcpt.server.run import FederatedRun, ServerModel
 from fedcpt.server.steps.base import StepResult
-from fedcpt.strategies.fedavg import AdapterFedAvg
 
 SHAPES = {"layer.lora_A.weight": (4, 8), "layer.lora_B.weight": (8, 4)}
 NODES = {11: "north", 12: "south", 13: "east"}
@@ -78,6 +79,12 @@ class Recorder:
         self.evaluate: dict[int, list] = {}
         self.sent: dict[int, str] = {}
         self.state = SimpleNamespace(pending=None)  # no version awaits its evaluation
+        self.versions: dict[int, ArrayRecord] = {}  # saved versions, by round
+        self.loaded: list[int] = []
+
+    def load_version(self, server_round, reference):
+        self.loaded.append(server_round)
+        return self.versions[server_round]
 
     def record_sent(self, server_round, global_sha256):
         self.sent[server_round] = global_sha256
@@ -92,28 +99,29 @@ class Recorder:
 pytestmark = pytest.mark.usefixtures("flower_task")  # Messages are built here
 
 
-@pytest.fixture
-def committed(monkeypatch) -> list[tuple[int, ArrayRecord]]:
-    rounds: list[tuple[int, ArrayRecord]] = []
-    def commit(fed, server_round, arrays, general, previous=None):  # returns the version
-        rounds.append((server_round, arrays))
+class Committed(list):
+    """The injected committer: lists (round, version) committed; evaluates nothing."""
+
+    def evaluate(self, run, arrays):
+        return None
+
+    def commit(self, run, server_round, arrays, general, previous=None):
+        self.append((server_round, arrays))
         return arrays
 
-    monkeypatch.setattr(round_loop, "commit", commit)
-    monkeypatch.setattr(round_loop, "start_general", lambda fed, arrays: None)
-    return rounds
 
-
-def _federation(grid, steps=(), privacy=None, phases=(), **federation) -> Federation:
+def _federation(grid, steps=(), privacy=None, phases=(), **federation) -> FederatedRun:
     cfg = RunConfig(sites=tuple(SiteConfig(name=n, data=("unused",)) for n in NODES.values()),
                     federation=FederationConfig(**{"round_retries": 0, **federation}),
-                    privacy=privacy or PrivacyConfig(), phases=tuple(phases))
-    return Federation(grid=grid, cfg=cfg, aggregator=AdapterFedAvg(), recorder=Recorder(),
-                      lm=None, general=None, config=ConfigRecord({"run-id": "r"}),
-                      rng=random.Random(0), steps=list(steps))
+                    privacy=privacy or PrivacyConfig(), phases=tuple(phases),
+                    secagg=SecAggConfig(mode="off"))
+    return FederatedRun(grid=grid, cfg=cfg, protocol=round_protocol(cfg), recorder=Recorder(),
+                        model=ServerModel(None), general=None,
+                        config=ConfigRecord({"run-id": "r"}), rng=random.Random(0),
+                        steps=list(steps), committer=Committed())
 
 
-def test_a_round_averages_the_updates_then_evaluates_every_site_then_commits(committed):
+def test_a_round_averages_the_updates_then_evaluates_every_site_then_commits():
     grid = SiteGrid(lambda m, _: _update(m, fill=float(m.metadata.dst_node_id - 10)))
     fed = _federation(grid)
     new = run_round(fed, 1, _arrays(0.0))
@@ -124,7 +132,7 @@ def test_a_round_averages_the_updates_then_evaluates_every_site_then_commits(com
     reports, failures, aggregated, _ = fed.recorder.train[1]
     assert aggregated and failures == [] and len(reports) == 3
     assert sorted(grid.evaluated) == list(NODES) and len(fed.recorder.evaluate[1]) == 3
-    assert committed == [(1, new)]
+    assert fed.committer == [(1, new)]
     # what the sites' attestations are bound to: the adapter the request carried
     assert fed.recorder.sent[1] == arrays_digest(request["arrays"])
 
@@ -152,7 +160,7 @@ class ArrivalGrid(SiteGrid):
         return self.arrival(super().send_and_receive(messages, timeout))
 
 
-def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(committed):
+def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in():
     """A seed fixes the adapter bit for bit: the sites finish in any order."""
     runs = []
     for arrival in (list, lambda replies: list(reversed(replies))):
@@ -167,14 +175,14 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(committed)
     assert evaluated == [["east", "north", "south"]] * 2
 
 
-def test_sites_per_round_samples_that_many_sites(committed):
+def test_sites_per_round_samples_that_many_sites():
     grid = SiteGrid(lambda m, _: _update(m, 1.0))
     fed = _federation(grid, sites_per_round=2, eval_sites_per_round=1)
     run_round(fed, 1, _arrays(0.0))
     assert len(grid.sent[0]) == 2 and len(grid.evaluated) == 1
 
 
-def test_fewer_than_min_sites_keeps_the_global_adapter(committed):
+def test_fewer_than_min_sites_keeps_the_global_adapter():
     bad = {12: ArrayRecord({"layer.lora_A.weight": Array(np.ones((4, 8), np.float32))})}
 
     def train(msg, _):
@@ -193,10 +201,10 @@ def test_fewer_than_min_sites_keeps_the_global_adapter(committed):
                         "['layer.lora_B.weight'], unexpected [])",
                         "node-13: no reply within the round timeout",
                         "1 valid updates, fewer than min_sites=2"]
-    assert committed == [(1, start)]  # the unchanged adapter is still evaluated and saved
+    assert fed.committer == [(1, start)]  # the unchanged adapter is still evaluated and saved
 
 
-def test_round_below_min_sites_is_sent_again_and_aggregated(committed):
+def test_round_below_min_sites_is_sent_again_and_aggregated():
     def train(msg, attempt):
         if attempt == 1:
             return Message(Error(code=1, reason="node crashed"), reply_to=msg)
@@ -216,7 +224,7 @@ def test_round_below_min_sites_is_sent_again_and_aggregated(committed):
                                 "attempt 1: node-13: node crashed"]
 
 
-def test_round_failing_after_its_retries_stops_the_run_with_a_clear_error(committed):
+def test_round_failing_after_its_retries_stops_the_run_with_a_clear_error():
     grid = SiteGrid(lambda m, _: Message(Error(code=1, reason="node crashed"), reply_to=m))
     fed = _federation(grid, min_sites=2, round_retries=2)
     with pytest.raises(RoundFailed, match=r"round 1 was not aggregated.*--resume"):
@@ -225,7 +233,7 @@ def test_round_failing_after_its_retries_stops_the_run_with_a_clear_error(commit
     assert reports == [] and not aggregated
     assert len(failures) == 12  # 3 attempts × (3 sites + the shortfall)
     assert sum("fewer than min_sites=2" in f for f in failures) == 3
-    assert committed == []
+    assert fed.committer == []
 
 
 class Step:
@@ -238,7 +246,7 @@ class Step:
         return StepResult(moved, {"shift": self.shift}, rejects_round=self.reject)
 
 
-def test_server_steps_apply_in_order_to_the_aggregate(committed):
+def test_server_steps_apply_in_order_to_the_aggregate():
     first, second = Step("first", shift=1.0), Step("second", shift=10.0)
     fed = _federation(SiteGrid(lambda m, _: _update(m, 1.0, examples=7)), steps=[first, second])
     new = run_round(fed, 1, _arrays(0.0))
@@ -248,7 +256,7 @@ def test_server_steps_apply_in_order_to_the_aggregate(committed):
     assert aggregated and details == {"first": {"shift": 1.0}, "second": {"shift": 10.0}}
 
 
-def test_a_step_that_rejects_the_round_keeps_the_global_adapter(committed):
+def test_a_step_that_rejects_the_round_keeps_the_global_adapter():
     guard, after = Step("regression_guard", reject=True), Step("after")
     fed = _federation(SiteGrid(lambda m, _: _update(m, 1.0)), steps=[guard, after])
     start = _arrays(0.0)
@@ -257,7 +265,7 @@ def test_a_step_that_rejects_the_round_keeps_the_global_adapter(committed):
     assert not aggregated and list(details) == ["regression_guard"] and after.seen == []
 
 
-def test_site_level_dp_asks_for_clipping_and_noises_the_average(committed):
+def test_site_level_dp_asks_for_clipping_and_noises_the_average():
     privacy = PrivacyConfig(user_level=True, user_clipping_norm=0.5,
                             user_noise_multiplier=2.0)
     grid = SiteGrid(lambda m, _: _update(m, 0.0))
@@ -269,7 +277,7 @@ def test_site_level_dp_asks_for_clipping_and_noises_the_average(committed):
     assert noise.std() == pytest.approx(2.0 * 0.5 / 3, rel=0.15)  # σ·C/n
 
 
-def test_site_level_dp_does_not_release_a_round_in_which_a_site_failed(committed):
+def test_site_level_dp_does_not_release_a_round_in_which_a_site_failed():
     privacy = PrivacyConfig(user_level=True, user_clipping_norm=0.5,
                             user_noise_multiplier=2.0)
 
@@ -285,7 +293,7 @@ def test_site_level_dp_does_not_release_a_round_in_which_a_site_failed(committed
     assert not aggregated and "site-level DP" in failures[-1]
 
 
-def test_site_level_dp_noise_follows_the_sites_averaged_when_one_is_silent(committed):
+def test_site_level_dp_noise_follows_the_sites_averaged_when_one_is_silent():
     """One of three sites never replies: the mean is over two planted zero updates, so the
     noise must be σ·C/2, not the σ·C/3 sized for the sites sampled (that would under-report ε)."""
     privacy = PrivacyConfig(user_level=True, user_clipping_norm=0.5,
@@ -298,20 +306,20 @@ def test_site_level_dp_noise_follows_the_sites_averaged_when_one_is_silent(commi
     assert noise.std() == pytest.approx(2.0 * 0.5 / 2, rel=0.15)  # σ·C/n, n = 2 averaged
 
 
-def test_phases_train_their_own_sites_and_evaluate_every_site(committed, monkeypatch):
-    monkeypatch.setattr(round_loop, "discover_sites", lambda *a, **k: dict(NODES))
+def test_phases_train_their_own_sites_and_evaluate_every_site():
     grid = SiteGrid(lambda m, _: _update(m, 1.0))
     phases = [PhaseConfig(name="early", rounds=1, sites=("north", "south", "east")),
               PhaseConfig(name="late", rounds=1, sites=("south", "east"))]
     fed = _federation(grid, phases=phases, rounds=2)
-    run_rounds(fed, _arrays(0.0))
+    fed.sites = dict(NODES)  # as discovered: node → site name
+    fed.run_rounds(_arrays(0.0))
     assert [sorted(m.metadata.dst_node_id for m in sent) for sent in grid.sent] == [
         [11, 12, 13], [12, 13]]
     assert sorted(grid.evaluated) == sorted(list(NODES) * 2)
-    assert [r for r, _ in committed] == [0, 1, 2]
+    assert [r for r, _ in fed.committer] == [0, 1, 2]
 
 
-def test_ewc_sends_the_rounds_fisher_with_every_training_request_retries_too(committed):
+def test_ewc_sends_the_rounds_fisher_with_every_training_request_retries_too():
     fisher = ArrayRecord({k: Array(np.full(s, 0.5, np.float32)) for k, s in SHAPES.items()})
     calls = []
 
@@ -334,11 +342,11 @@ def _phases_with_anchor(grid, rounds=(1, 2)):
     return fed
 
 
-def test_the_phase_anchor_is_the_adapter_each_phase_began_from(committed):
+def test_the_phase_anchor_is_the_adapter_each_phase_began_from():
     # each site's update moves the adapter by +1, so round r's global adapter is r
     grid = SiteGrid(lambda m, _: _update(m, m.content["arrays"]["layer.lora_A.weight"]
                                          .numpy()[0, 0] + 1.0))
-    run_rounds(_phases_with_anchor(grid), _arrays(0.0))
+    _phases_with_anchor(grid).run_rounds(_arrays(0.0))
     anchors = [float(sent[0].content["anchor"]["layer.lora_A.weight"].numpy()[0, 0])
                for sent in grid.sent]
     assert anchors == [0.0, 1.0, 1.0]  # phase 1: the initial adapter; phase 2: round 1's
@@ -347,22 +355,19 @@ def test_the_phase_anchor_is_the_adapter_each_phase_began_from(committed):
 
 
 def test_a_run_resumed_inside_a_phase_anchors_to_the_version_before_the_phase(
-        committed, monkeypatch):
-    loaded = []
-    monkeypatch.setattr(round_loop, "load_version",
-                        lambda path, reference: loaded.append(path) or _arrays(1.0))
+        ):
     grid = SiteGrid(lambda m, _: _update(m, 5.0))
     fed = _phases_with_anchor(grid, rounds=(1, 3))
-    fed.recorder.folder = SimpleNamespace(version=lambda r: f"versions/{r}")
-    run_rounds(fed, _arrays(2.0), done=2)  # killed after round 2, inside phase "late"
-    assert loaded == ["versions/1"]  # the version phase "late" began from, read once
+    fed.recorder.versions[1] = _arrays(1.0)
+    fed.run_rounds(_arrays(2.0), done=2)  # killed after round 2, inside phase "late"
+    assert fed.recorder.loaded == [1]  # the version phase "late" began from, read once
     assert [float(sent[0].content["anchor"]["layer.lora_A.weight"].numpy()[0, 0])
             for sent in grid.sent] == [1.0, 1.0]
 
 
-def test_a_resumed_run_goes_on_after_its_last_committed_round(committed):
+def test_a_resumed_run_goes_on_after_its_last_committed_round():
     grid = SiteGrid(lambda m, _: _update(m, 1.0))
     fed = _federation(grid, rounds=3)
-    run_rounds(fed, _arrays(0.0), done=0)  # killed after round 0 was committed
-    assert [r for r, _ in committed] == [1, 2, 3]  # round 0 is not evaluated twice
+    fed.run_rounds(_arrays(0.0), done=0)  # killed after round 0 was committed
+    assert [r for r, _ in fed.committer] == [1, 2, 3]  # round 0 is not evaluated twice
     assert len(grid.sent) == 3

@@ -14,6 +14,7 @@ from fedcpt.core.retention import GeneralReport
 from fedcpt.privacy.secagg.eval_sum import EvalSum
 from fedcpt.runfolder.paths import RunFolder
 from fedcpt.runfolder.records import read_rounds
+from fedcpt.server.protocols import round_protocol
 from fedcpt.server.recorder import RunRecorder
 from fedcpt.server.secure_eval import aggregate_report
 from fedcpt.strategies.base import SiteTrainReport
@@ -39,7 +40,7 @@ def test_a_secure_sum_is_recorded_as_one_aggregate_evaluation(tmp_path, fresh_lm
         recorder.record_evaluate(server_round, [aggregate_report(result)])
         recorder.save_version(server_round, fresh_lm, [], random.Random(0), None)
         recorder.record_general(_general(2.0))
-    summary = recorder.finish()
+    summary = recorder.finish(round_protocol(cfg))
 
     rows = read_rounds(folder)
     assert [r.domain_loss for r in rows] == [3.0, 2.5]

@@ -19,7 +19,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from fedcpt.server.reports.summary import weighted_mean
+from fedcpt.runfolder.records import weighted_mean
 from fedcpt.server.round_loop import collect_evaluate, collect_train
 from fedcpt.strategies.base import SiteEvalReport
 from fedcpt.strategies.fedavg import AdapterFedAvg
@@ -274,13 +274,13 @@ def _site_level_strategy(clip: float):
     """The aggregator the server builds for a run with site-level DP (1000 examples a site
     may claim at most, so a 1000× claim passes the example bound)."""
     from fedcpt.config import PrivacyConfig, RunConfig, SecAggConfig, SiteConfig, TrainConfig
-    from fedcpt.server.app import build_strategy
+    from fedcpt.server.protocols import round_protocol
 
     cfg = RunConfig(sites=tuple(SiteConfig(name=s, data=("unused",)) for s in "abc"),
                     train=TrainConfig(local_steps=100, batch_size=10),
                     privacy=PrivacyConfig(user_level=True, user_clipping_norm=clip),
                     secagg=SecAggConfig(mode="off"))
-    return build_strategy(cfg)
+    return round_protocol(cfg).aggregator
 
 
 def _planted(norm: float) -> ArrayRecord:
