@@ -6,7 +6,8 @@ Reports each run's adaptation, the three drift measures (KL to the base on the k
 outside the rehearsal pool, the rise in loss on the base model's own answers, out-of-pool
 forgetting), ε per unit, wall and CPU seconds, each of the default run's measures as a
 share of plain FedAvg's against the goals (adaptation ≥ 60%, each drift ≤ 20%, ε ≤ 8,
-wall time ≤ 10 min with native bf16 or ≤ 20 min in fp32), and the CPU class.
+wall time ≤ 10 min with native bf16 or ≤ 20 min in fp32; both runs on the same held-out
+blocks), and the CPU class.
 
     python benchmarks/default_run.py --out results/default_run.json [--fp32] [--keep DIR]
 

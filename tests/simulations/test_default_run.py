@@ -92,3 +92,11 @@ def test_cpu_time_counts_the_processes_the_run_starts():
         subprocess.run([sys.executable, "-c", f"import subprocess, sys; subprocess.run("
                         f"[sys.executable, '-c', {burn!r}])"], check=True)
     assert cpu.seconds >= 0.7  # the grandchild's second, less at most one interval
+
+
+def test_runs_measured_on_different_held_out_blocks_meet_no_goal_set():
+    plain = _measures(_summary(0.5, 0.5, 0.2, 0.2, None))
+    good = _measures(_summary(0.31, 0.09, 0.04, -0.01, 7.99), wall=500.0)
+    assert goal_report(plain, good, native_bf16=True)["goals_met"]["same_heldout"]
+    other = goal_report(plain, replace(good, domain_base=4.05), native_bf16=True)
+    assert not other["goals_met"]["same_heldout"] and not other["all_goals_met"]
