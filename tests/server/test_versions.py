@@ -44,6 +44,7 @@ def test_every_round_is_a_version_with_its_parent(run):
     assert len(versions[1]["global_sha256"]) == 64
 
 
+@pytest.mark.slow  # reads the shared smoke run: free there, a simulation here
 def test_rollback_to_a_missing_version_is_a_clear_error(run):
     with pytest.raises(ConfigError, match=r"no adapter version for round 7 .*\[0, 1, 2\]"):
         version_dir(run, 7)
@@ -69,6 +70,7 @@ def _reference(run):
     return load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
 
 
+@pytest.mark.slow  # reads the shared smoke run: free there, a simulation here
 def test_export_merges_the_adapter_into_a_standalone_model(run, tmp_path):
     from peft import PeftModel
 
