@@ -11,6 +11,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_hub import
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist every worker (and each Flower/Ray process it starts, which inherits the
+# environment) is one of several on a small machine: torch's default of one OpenMP thread
+# per core oversubscribes it, and spinning threads then made a 3 s canary audit take 100 s.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import logging  # noqa: E402
 import random  # noqa: E402

@@ -78,10 +78,18 @@ def run_to_summary(fed: LocalFederation, sites_config: Path, rounds: int,
     return json.loads((run_dir / "summary.json").read_text()), rows
 
 
-def test_three_sites_with_tls_and_node_auth(federation, sites_config: Path) -> None:
-    fed = federation([*SITES, "unregistered"])
+def test_four_sites_with_tls_and_node_auth_one_without_its_data(federation,
+                                                             sites_config: Path) -> None:
+    """One deployed federation for every deployment check: a deployed round costs minutes
+    (every message starts a ClientApp process per site, Flower's process isolation), so
+    the TLS, node-auth and refused-SuperNode checks share the run in which one site fails
+    alone."""
+    sites = [*SITES, "west"]  # secure aggregation unmasks no sum of fewer than 3 updates
+    fed = federation([*sites, "unregistered"])
     fed.start_superlink()
     paths = site_paths(sites_config)
+    paths["west"] = paths["north"]
+    paths["east"] = str(fed.root / "no-such-folder" / "east.txt")
     # The site's preflight passes against the real SuperLink (TCP, TLS verified with the CA).
     check = subprocess.run(
         [sys.executable, "-m", "fedcpt.cli", "site", "check", "--scenario", "smoke",
@@ -122,42 +130,24 @@ def test_three_sites_with_tls_and_node_auth(federation, sites_config: Path) -> N
         assert expected[name] in fed.log(f"supernode-{name}").read_text(), name
     assert "No SuperNode found with the given public key" in fed.log("superlink").read_text()
 
-    # One round: every message of a deployed round starts a ClientApp process per site
-    # (Flower's process isolation), so each round costs minutes of mostly waiting.
-    summary, rows = run_to_summary(fed, sites_config, rounds=1)
-    assert summary["num_sites"] == 3
-    assert summary["rounds"] == 1 and summary["rounds_aggregated"] == 1
-    assert summary["failures"] == 0
-    assert summary["secagg"]["enabled"] is True
-    # under SecAgg the sites evaluate masked too: the server learned only their sum
-    assert summary["domain_loss"]["per_site"] == {}
-    assert summary["domain_loss"]["secure_sum"]["sites"] == len(SITES)
-    for row in rows[1:]:  # the refused SuperNodes ("intruder") never took part
-        assert row["aggregated"] and sorted(row["sites_trained"]) == sorted(SITES)
-    assert [r["round"] for r in rows] == [0, 1]
-
-
-def test_site_with_missing_data_fails_alone(federation, sites_config: Path) -> None:
-    sites = [*SITES, "west"]  # secure aggregation unmasks no sum of fewer than 3 updates
-    fed = federation(sites)
-    fed.start_superlink()
-    paths = site_paths(sites_config)
-    paths["west"] = paths["north"]
-    paths["east"] = str(fed.root / "no-such-folder" / "east.txt")
-    start_sites(fed, paths)
     run_sites = fed.root / "four-sites.toml"  # the run waits for, and samples, four sites
     run_sites.write_text("".join(f'[[sites]]\nname = "{s}"\ndata = ["{paths["north"]}"]\n\n'
                                  for s in sites))
-
     summary, rows = run_to_summary(fed, run_sites, rounds=1)
-    assert summary["rounds_aggregated"] == 1
+    assert summary["num_sites"] == len(sites)
+    assert summary["rounds"] == 1 and summary["rounds_aggregated"] == 1
+    assert [r["round"] for r in rows] == [0, 1]
+    # the refused SuperNodes ("intruder") never took part, and east failed alone
     assert sorted(rows[1]["sites_trained"]) == ["north", "south", "west"]
     assert summary["failures"] == 1
     (failure,) = rows[1]["failures"]
     # the server learns only the gate's generic sentence; the path stays in east's own log
     assert "site east:" in failure and "site's own log" in failure
     assert paths["east"] not in failure and "no-such-folder" not in failure
-    assert summary["secagg"]["enabled"] is True  # the three others' sum was still unmasked
+    # the three others' sum was still unmasked; under SecAgg the sites evaluate masked too,
+    # so the server learned only their sum
+    assert summary["secagg"]["enabled"] is True
+    assert summary["domain_loss"]["per_site"] == {}
     assert summary["domain_loss"]["secure_sum"]["sites"] == 3  # east dropped out of it
     # The site's own log says what to fix, in one line each time, with no traceback.
     east_log = fed.log("supernode-east").read_text()
