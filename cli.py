@@ -52,10 +52,8 @@ def simulate(
     """Run a federated continual-pretraining simulation and write its report."""
     from fedcpt.config import load_config
     from fedcpt.core.progress import ProgressEvent
+    from fedcpt.runfolder.paths import new_run_dir
     from fedcpt.runfolder.versions import resumable_config
-    from fedcpt.server.app import new_run_dir
-    from fedcpt.simulations.live_view import LiveView
-    from fedcpt.simulations.runner import simulate as run
 
     if resume is not None:
         if config or overrides or out:
@@ -67,6 +65,11 @@ def simulate(
         run_dir = new_run_dir("runs", cfg.name, exact=out)
     setup_logging(verbose, run_dir / "run.log")
     log.info("config: %s", cfg.to_json())
+    # the runtime (torch, transformers, Flower) loads only once the config is known good:
+    # a mistyped scenario or key fails in a second, not after ten
+    from fedcpt.simulations.live_view import LiveView
+    from fedcpt.simulations.runner import simulate as run
+
     console.print(f"[bold]{cfg.name}[/]: {len(cfg.sites)} sites, {cfg.federation.rounds} "
                   f"rounds, model {cfg.model.name}; run folder {run_dir}", highlight=False)
     try:

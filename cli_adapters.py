@@ -144,8 +144,8 @@ def adapters_rollback(
 ) -> None:
     """Continue the run's federation from an earlier version (a new run folder)."""
     setup_logging(False)
+    from fedcpt.runfolder.paths import new_run_dir
     from fedcpt.runfolder.versions import continue_from
-    from fedcpt.server.app import new_run_dir
     from fedcpt.simulations.runner import simulate as run
 
     cfg = continue_from(run_dir, server_round, rounds)
@@ -166,7 +166,7 @@ def adapters_forget(
     setup_logging(False)
     import json
 
-    from fedcpt.server.app import new_run_dir
+    from fedcpt.runfolder.paths import new_run_dir
     from fedcpt.simulations.runner import simulate as run
     from fedcpt.tools.forget import certificate_line, certify, plan_forget
 

@@ -6,8 +6,11 @@ fails leaves ``error.txt`` instead, so nobody mistakes it for a result.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from fedcpt.exceptions import ConfigError
 
 
 @dataclass(frozen=True)
@@ -91,3 +94,11 @@ class RunFolder:
         """Write ``error.txt``: the folder holds a failed run (no summary.json follows)."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.error.write_text(f"{type(error).__name__}: {error}\n", encoding="utf-8")
+
+
+def new_run_dir(root: str | Path, name: str, exact: str | Path | None = None) -> Path:
+    """``exact`` if given, else ``<root>/<name>-<timestamp>``; never a non-empty folder."""
+    path = Path(exact) if exact else Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if path.exists() and any(path.iterdir()):
+        raise ConfigError(f"output folder {path} already exists and is not empty")
+    return path

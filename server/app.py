@@ -15,7 +15,6 @@ import json
 import logging
 import random
 import shlex
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from fedcpt.core.model import AdaptedModel, load_adapted_model, load_tokenizer
 from fedcpt.core.progress import stream_plain_lines
 from fedcpt.core.retention import GeneralEvaluation
 from fedcpt.exceptions import ConfigError
-from fedcpt.runfolder.paths import RunFolder
+from fedcpt.runfolder.paths import RunFolder, new_run_dir
 from fedcpt.runfolder.records import Summary
 from fedcpt.runfolder.versions import resumable_config
 from fedcpt.server.fisher import FisherForSites
@@ -245,14 +244,6 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path,
         if recorder is not None:
             recorder.fail(err)
         raise
-
-
-def new_run_dir(root: str | Path, name: str, exact: str | Path | None = None) -> Path:
-    """``exact`` if given, else ``<root>/<name>-<timestamp>``; never a non-empty folder."""
-    path = Path(exact) if exact else Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if path.exists() and any(path.iterdir()):
-        raise ConfigError(f"output folder {path} already exists and is not empty")
-    return path
 
 
 app = ServerApp()
