@@ -274,8 +274,9 @@ def _typed(name: str, value: Any, where: str) -> Any:
             if text not in ("true", "false", "1", "0"):
                 raise ValueError
             return text in ("true", "1")
-        if isinstance(value, bool):
-            raise ValueError
+        if isinstance(value, bool) or (isinstance(default, int) and isinstance(value, float)
+                                       and not value.is_integer()):
+            raise ValueError  # a count is never rounded silently
         return type(default)(value) if not isinstance(default, str) else str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where} sets `{name}` to {value!r}, which is not a "

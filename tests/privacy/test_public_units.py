@@ -142,6 +142,12 @@ def test_default_delta_from_public_units_is_never_looser_than_from_n() -> None:
     assert explicit.delta_for(60_000) == 1e-7
 
 
+@pytest.mark.parametrize("value", ["-1", "twenty", 20.5])
+def test_a_bad_public_units_value_is_one_clear_error(value) -> None:
+    with pytest.raises(ConfigError, match="public_units"):
+        _policy(**{"public-units": value})
+
+
 def test_the_server_cannot_shrink_n_below_public_units() -> None:
     cfg = load_config("smoke", overrides=["data.train_share=0.5"])
     inputs = dataclasses.replace(cfg.data, text_field="text", block_size=64)
