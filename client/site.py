@@ -105,7 +105,8 @@ def open_ledger(cfg: RunConfig, policy: SitePolicy, terms: RunTerms) -> PrivacyL
     return PrivacyLedger.open(
         Path(policy.ledger_path).expanduser(), policy.site, delta=terms.own_delta,
         run_delta=terms.delta, target_epsilon=terms.epsilon_budget,
-        accountant=cfg.privacy.accountant, site_sets_budget=True, unit=policy.unit)
+        accountant=cfg.privacy.accountant, site_sets_budget=True, unit=policy.unit,
+        public_units=policy.public_units)
 
 
 def require_dp(cfg: RunConfig, policy: SitePolicy) -> None:

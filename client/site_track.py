@@ -231,25 +231,29 @@ def _train_private(cfg: RunConfig, lm: AdaptedModel, blocks: TokenBlocks, policy
         if target > ledger.target_epsilon:
             raise SiteTrackError(f"--dp-epsilon {target:g} is above site {policy.site!r}'s "
                                  f"budget ε = {ledger.target_epsilon:g} ({ledger.path})")
-        if ledger.epsilon() >= target:
+        if ledger.epsilon_bound() >= target:
             raise SiteTrackError(f"--dp-epsilon {target:g} is not above the ε = "
-                                 f"{ledger.epsilon():.3f} site {policy.site!r} has already "
-                                 f"spent ({ledger.path}): the total after this training "
-                                 "must be larger")
+                                 f"{ledger.epsilon_bound():.3f} site {policy.site!r} has "
+                                 f"already spent ({ledger.path}; its public bound under "
+                                 "public-units): the total after this training must be "
+                                 "larger")
         # σ is always planned for the target here, never a run's fixed noise multiplier
         privacy = dataclasses.replace(cfg.privacy, noise_multiplier=0.0)
         plan = plan_site(privacy, site=policy.site, records=blocks.units,
                          batch_size=train.batch_size, steps=train.local_steps,
-                         delta=ledger.delta, prior=ledger.history, target_epsilon=target)
+                         delta=ledger.delta, prior=ledger.decision_history,
+                         target_epsilon=target, public_units=policy.public_units)
+        public = plan.public_sample_rate if policy.public_units else None
         ledger.check_budget(plan.noise_multiplier, plan.sample_rate, train.local_steps,
-                            action="train its site track",
+                            public_sample_rate=public, action="train its site track",
                             spend=f"{train.local_steps} DP-SGD steps")
         result = train_adapter_dp(lm, blocks.train, train, cfg.privacy, lr=lr,
                                   noise_multiplier=plan.noise_multiplier,
                                   sample_rate=plan.sample_rate, units=blocks.train_units)
         ledger_run = f"{TRACK_FOLDER}/{policy.site}/{uuid.uuid4().hex[:12]}"
         ledger.policy = policy.record()
-        ledger.record(ledger_run, 1, plan.noise_multiplier, plan.sample_rate, result.steps)
+        ledger.record(ledger_run, 1, plan.noise_multiplier, plan.sample_rate, result.steps,
+                      public_sample_rate=public)
         eps = ledger.epsilon()
     return {"trained_with_dp": True,
             "statement": f"trained with unit-level DP-SGD (unit: {policy.unit}); with it the "

@@ -75,7 +75,8 @@ def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: T
 
     The training loss is computed on the protected records and is not released; neither is
     the training time (it depends on the realised Poisson batch sizes): it is sent as 0.
-    Nor is the accounting: ε, δ, σ and q depend on the number of training units.
+    Nor is the accounting: ε, δ, σ and q depend on the number of training units. Under
+    the site's ``public-units`` σ and the budget refusal are planned from public values.
     """
     records = blocks.units  # the N of the unit-level guarantee
     terms = accept_proposal(policy, cfg, records)
@@ -89,7 +90,11 @@ def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: T
                             batch_size=cfg.train.batch_size,
                             steps=cfg.federation.rounds * cfg.train.local_steps, run_id=run_id,
                             reserved=reserved)
-            ledger.check_budget(plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps)
+            public = plan.public_sample_rate if policy.public_units else None
+            # under public-units the refusal is decided at public rates only: it depends on
+            # the budget, δ, σ, the steps and batch, and public-units, never on N
+            ledger.check_budget(plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps,
+                                public_sample_rate=public)
             result = train_adapter_dp(lm, blocks.train, cfg.train, cfg.privacy, lr=lr,
                                       noise_multiplier=plan.noise_multiplier,
                                       sample_rate=plan.sample_rate, anchor=anchor,
@@ -100,11 +105,11 @@ def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: T
                 arrays=pad(to_arrays(adapter_state(lm.model)), request),
                 metrics={p.NUM_EXAMPLES: result.examples, p.TRAIN_SECONDS: 0.0},
                 noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-                steps=result.steps)
+                steps=result.steps, public_sample_rate=public)
             cache.store(update)
             ledger.policy = policy.record()
             ledger.record(run_id, server_round, update.noise_multiplier, update.sample_rate,
-                          update.steps)
+                          update.steps, public_sample_rate=public)
         # ε, δ, σ and q depend on N (q = batch / N): they stay in the site's ledger and log
         log.info("site %s round %d: ledger ε=%.3f (RDP %.3f) at δ=%.3g after %d DP-SGD steps "
                  "(σ=%.4f, q=%.5f)", site.name, server_round, ledger.epsilon(),

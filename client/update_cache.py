@@ -62,6 +62,8 @@ class StoredUpdate:
     noise_multiplier: float
     sample_rate: float
     steps: int
+    public_sample_rate: float | None = None
+    """The public rate it was planned at under public-units (None: none)."""
 
 
 class UpdateCache:
@@ -90,7 +92,7 @@ class UpdateCache:
             "request": update.request, "content": arrays_digest(update.arrays),
             "order": list(update.arrays.keys()), "metrics": update.metrics,
             "noise_multiplier": update.noise_multiplier, "sample_rate": update.sample_rate,
-            "steps": update.steps,
+            "steps": update.steps, "public_sample_rate": update.public_sample_rate,
         }
         target = self.path(update.run, update.round)
         write_durably(target, save(tensors, metadata={"fedcpt": json.dumps(meta)}))
@@ -114,7 +116,9 @@ class UpdateCache:
                 run=str(meta["run"]), round=int(meta["round"]), request=str(meta["request"]),
                 arrays=arrays, metrics=dict(meta["metrics"]),
                 noise_multiplier=float(meta["noise_multiplier"]),
-                sample_rate=float(meta["sample_rate"]), steps=int(meta["steps"]))
+                sample_rate=float(meta["sample_rate"]), steps=int(meta["steps"]),
+                public_sample_rate=(None if meta.get("public_sample_rate") is None
+                                    else float(meta["public_sample_rate"])))
             content = str(meta["content"])
         except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
             raise UpdateCacheError(f"stored update {path} is unreadable: {err}") from None
@@ -171,8 +175,13 @@ def reusable_update(ledger: PrivacyLedger, cache: UpdateCache, run: str, server_
                     "trained from another global adapter", ledger.site, server_round, run)
         cache.discard(run, server_round)
         return None
-    ledger.check_budget(stored.noise_multiplier, stored.sample_rate, stored.steps)
-    ledger.record(run, server_round, stored.noise_multiplier, stored.sample_rate, stored.steps)
+    public = stored.public_sample_rate
+    if ledger.public_units and public is None:
+        public = 1.0  # stored before public-units: 1 bounds its q and tells nothing of N
+    ledger.check_budget(stored.noise_multiplier, stored.sample_rate, stored.steps,
+                        public_sample_rate=public)
+    ledger.record(run, server_round, stored.noise_multiplier, stored.sample_rate, stored.steps,
+                  public_sample_rate=public)
     log.warning("site %s: round %d of run %s was trained but not recorded before the site "
                 "stopped; recorded its spend now and sending it", ledger.site, server_round, run)
     return stored

@@ -53,6 +53,10 @@ class SitePolicySettings:
         0, "Highest LoRA rank the site trains: with a lower cap than `lora.r` it trains "
         "the first components of the global adapter at its own rank (HetLoRA zero-padding, "
         "docs/strategies.md) (default 0: `lora.r`).")
+    public_units: int = _opt(
+        0, "A unit count the site declares public, at most its N: σ and budget refusals are "
+        "planned at batch / public_units, so neither depends on N (default 0: none, and "
+        "both do).")
     secagg_colluders: int = _opt(
         -1, "Other sites assumed to collude with the server: rounds whose secure-aggregation "
         "threshold t over the site's n neighbours does not satisfy 2t > n + k are refused "
@@ -91,6 +95,8 @@ class SitePolicySettings:
                 self.secagg_colluders, ">= 0 (-1: the site default)")
         require(self.max_lora_rank >= 0, "policy.max_lora_rank", self.max_lora_rank,
                 ">= 0 (0: the run's lora.r)")
+        require(self.public_units >= 0, "policy.public_units", self.public_units,
+                ">= 0 (0: none)")
         require(0 <= self.train_share <= 1, "policy.train_share", self.train_share,
                 "in [0, 1] (0: site default)")
         require(all(b >= 8 for b in self.block_sizes), "policy.block_sizes", self.block_sizes,

@@ -9,6 +9,7 @@ site that passes here trains the same blocks when the federation starts.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import difflib
 import logging
@@ -136,11 +137,13 @@ def check_data(cfg: RunConfig, node_config: dict) -> str:
     site = resolve_site(cfg, node_config)
     policy = policy_for(cfg, site, node_config)
     blocks = site_blocks(site, cfg.model, cfg.data, policy)
-    delta = policy.delta_for(blocks.units)  # refuses δ ≥ 1/N
+    delta = policy.delta_for(blocks.units)  # refuses δ ≥ 1/N, and N below public-units
     line = (f"data: {len(blocks.train)} training + {len(blocks.heldout)} held-out blocks of "
             f"{cfg.data.block_size} tokens from {blocks.documents} documents, in "
             f"{blocks.units} training + {blocks.heldout_unit_count} held-out privacy units "
             f"({blocks.unit}); δ = {delta:.3g}")
+    if policy.public_units:
+        line += "; " + check_public_units(cfg, site, policy)
     if policy.eval_release != "nothing" and blocks.heldout_unit_count < policy.eval_min_units:
         log.warning("site %s will refuse every evaluation: %d held-out units, fewer than "
                     "its eval-min-units %d", site.name, blocks.heldout_unit_count,
@@ -148,6 +151,21 @@ def check_data(cfg: RunConfig, node_config: dict) -> str:
         line += (f"; evaluation will be refused ({blocks.heldout_unit_count} held-out units "
                  f"< eval-min-units {policy.eval_min_units})")
     return line
+
+
+def check_public_units(cfg: RunConfig, site: SiteConfig, policy: SitePolicy) -> str:
+    """``public-units`` against the site's data: at most its N at every block size the
+    server may choose (each changes N), for the scenario's text field; else a site would
+    refuse some rounds and not others, and which ones would tell the server about N."""
+    counts = {}
+    for size in policy.block_sizes:
+        data = dataclasses.replace(cfg.data, block_size=size)
+        counts[size] = site_blocks(site, cfg.model, data, policy).units
+        policy.delta_for(counts[size])  # N ≥ public-units, and the public δ no looser
+    fewest = min(counts, key=counts.__getitem__)
+    return (f"public-units {policy.public_units} ≤ N at every allowed block size (fewest: "
+            f"{counts[fewest]} units at {fewest} tokens, text field "
+            f"{cfg.data.text_field!r}): σ and budget refusals are planned from public values")
 
 
 def check_ledger(node_config: dict) -> str:

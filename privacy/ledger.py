@@ -11,6 +11,10 @@ The ledger records the site's privacy unit: a history kept for one unit (a docum
 patient) is never composed with rounds run for another (version-1 ledgers predate units:
 their unit is ``block``). The stored δ is the site's own: only the site's policy
 tightens it; a stricter δ the server proposes applies to its run alone (``run_delta``).
+A site that declares ``public-units`` decides its budget refusals on a public bound: each
+entry also records the sample rate its plan used (batch / public-units, at least the real
+q), and :meth:`PrivacyLedger.check_budget` composes those, never the real q's; ε itself is
+always computed, recorded and reported at the real q's.
 Ledger files are named ``<site>.ledger.json``.
 """
 
@@ -60,6 +64,18 @@ class LedgerEntry:
     steps: int
     recorded_at: str
     kind: str = "train"  # train: DP-SGD steps; eval: a noised evaluation release
+    public_sample_rate: float | None = None
+    """The public rate the site planned and decided this entry at (batch / public-units);
+    None: recorded without public-units (entries of older ledgers too)."""
+
+    @property
+    def decision_rate(self) -> float:
+        """The sample rate a public-units site decides on for this entry: its public rate;
+        an evaluation release's rate, a public constant; else 1 (no public rate was
+        recorded, and any function of the real q would tell N: 1 bounds every q)."""
+        if self.public_sample_rate is not None:
+            return self.public_sample_rate
+        return self.sample_rate if self.kind == "eval" else 1.0
 
 
 def _checksum(body: dict) -> str:
@@ -88,11 +104,15 @@ class PrivacyLedger:
         ``prv`` (reported) or ``rdp``.
     unit : str
         The privacy unit every recorded step protects (the site policy's).
+    public_units : int
+        The site's ``public-units`` (0: none): when set, budget refusals are decided on the
+        public bound (:meth:`epsilon_bound`), never on the real q's.
     """
 
     def __init__(self, path: Path, site: str, *, delta: float, target_epsilon: float,
                  accountant: str = "prv", entries: list[LedgerEntry] | None = None,
-                 unit: str = "document", site_delta: float | None = None) -> None:
+                 unit: str = "document", site_delta: float | None = None,
+                 public_units: int = 0) -> None:
         self.path = Path(path)
         self.site = site
         self.delta = delta
@@ -100,6 +120,7 @@ class PrivacyLedger:
         self.target_epsilon = target_epsilon
         self.accountant = accountant
         self.unit = unit
+        self.public_units = public_units
         self.entries: list[LedgerEntry] = list(entries or [])
         # the site policy in force at the last record: each value and who set it
         self.policy: dict[str, dict] = {}
@@ -107,7 +128,8 @@ class PrivacyLedger:
     @classmethod
     def open(cls, path: Path, site: str, *, delta: float, target_epsilon: float,
              accountant: str = "prv", site_sets_budget: bool = False,
-             unit: str = "document", run_delta: float | None = None) -> PrivacyLedger:
+             unit: str = "document", run_delta: float | None = None,
+             public_units: int = 0) -> PrivacyLedger:
         """Load the site's ledger, or start an empty one if the file does not exist yet.
 
         ``delta`` is the site's own δ (its policy): a stored δ is kept unless ``delta`` is
@@ -115,12 +137,12 @@ class PrivacyLedger:
         ε is reported and checked at it, but it is never written. The budget stored in an
         existing ledger can be lowered by a run's configuration but only raised by the
         site itself (``site_sets_budget``: its own policy). A ledger of another unit is
-        refused.
+        refused. ``public_units`` (the site's, 0: none) makes budget refusals public.
         """
         path = Path(path)
         if not path.exists():
             ledger = cls(path, site, delta=delta, target_epsilon=target_epsilon,
-                         accountant=accountant, unit=unit)
+                         accountant=accountant, unit=unit, public_units=public_units)
             ledger.for_run(run_delta)
             return ledger
         ledger = cls.load(path)
@@ -145,6 +167,13 @@ class PrivacyLedger:
             log.warning("site %s keeps its budget ε=%g: a run cannot raise it to %g", site,
                         ledger.target_epsilon, target_epsilon)
         ledger.accountant = accountant
+        ledger.public_units = public_units
+        unbounded = [e for e in ledger.entries
+                     if e.public_sample_rate is None and e.kind == "train"]
+        if public_units and unbounded:
+            log.warning("ledger %s: %d training entries were recorded without public-units; "
+                        "budget decisions count them at q = 1 (an upper bound on any q), "
+                        "as their real q would tell N", path, len(unbounded))
         return ledger
 
     def for_run(self, run_delta: float | None) -> None:
@@ -194,11 +223,27 @@ class PrivacyLedger:
                      accountant=str(body["accountant"]), entries=entries,
                      unit=str(body.get("unit", LEGACY_UNIT)))
         ledger.policy = dict(body.get("policy", {}))
+        # as recorded with the last entry; open() puts the site's policy in force
+        ledger.public_units = int(ledger.policy.get("public_units", {}).get("value", 0))
         return ledger
 
     @property
     def history(self) -> list[Step]:
+        """Every entry at its real sample rate: what ε is computed from."""
         return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries]
+
+    @property
+    def public_history(self) -> list[Step]:
+        """Every entry at its decision rate (:attr:`LedgerEntry.decision_rate`): a function
+        of public values only, and ε over it bounds ε over :attr:`history` (ε grows with
+        q and no decision rate is below its entry's real q)."""
+        return [(e.noise_multiplier, e.decision_rate, e.steps) for e in self.entries]
+
+    @property
+    def decision_history(self) -> list[Step]:
+        """What budget refusals are decided on: the public history under public-units,
+        else the real one."""
+        return self.public_history if self.public_units else self.history
 
     @property
     def steps(self) -> int:
@@ -209,20 +254,41 @@ class PrivacyLedger:
         """Cumulative ε of every recorded step at the ledger's δ."""
         return epsilon(self.history, self.delta, accountant or self.accountant)
 
+    def epsilon_bound(self) -> float:
+        """ε over :attr:`decision_history`: the bound budget refusals are decided on (the
+        real ε under no public-units, else an upper bound on it)."""
+        return epsilon(self.decision_history, self.delta, self.accountant)
+
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """ε the site would have after one more round of ``steps`` steps."""
         return epsilon(self.history + [(noise_multiplier, sample_rate, steps)], self.delta,
                        self.accountant)
 
     def check_budget(self, noise_multiplier: float, sample_rate: float, steps: int, *,
-                     action: str = "train", spend: str = "the next round") -> float:
+                     public_sample_rate: float | None = None, action: str = "train",
+                     spend: str = "the next round") -> float:
         """Raise PrivacyBudgetExhausted if ``spend`` (the next round, by default) would
-        exceed the budget; the message says the site refuses to ``action``."""
-        after = self.epsilon_after(noise_multiplier, sample_rate, steps)
+        exceed the budget; the message says the site refuses to ``action``. Returns the ε
+        the decision was made on.
+
+        Under ``public_units`` the decision composes :attr:`public_history` with the
+        spend at ``public_sample_rate`` (required: the public rate the spend was planned
+        at), so it depends on public values only; it is never below the real ε after."""
+        if not self.public_units:
+            after = self.epsilon_after(noise_multiplier, sample_rate, steps)
+            before, what = self.epsilon, "ε"
+        else:
+            if public_sample_rate is None or public_sample_rate < sample_rate:
+                raise ValueError(f"a public-units site decides at a public rate at least the "
+                                 f"real q={sample_rate:.4g}, got {public_sample_rate!r}")  # bug
+            after = epsilon(self.public_history + [(noise_multiplier, public_sample_rate,
+                                                    steps)], self.delta, self.accountant)
+            before, what = self.epsilon_bound, (f"its public bound on ε (public-units "
+                                                f"{self.public_units})")
         if after > self.target_epsilon:
             raise PrivacyBudgetExhausted(
-                f"site {self.site!r} refuses to {action}: {spend} would raise ε from "
-                f"{self.epsilon():.3f} to {after:.3f}, above its budget {self.target_epsilon}"
+                f"site {self.site!r} refuses to {action}: {spend} would raise {what} from "
+                f"{before():.3f} to {after:.3f}, above its budget {self.target_epsilon}"
                 f" (δ={self.delta:.3g})")
         return after
 
@@ -232,8 +298,10 @@ class PrivacyLedger:
                     None)
 
     def record(self, run: str, server_round: int, noise_multiplier: float, sample_rate: float,
-               steps: int, kind: str = "train") -> None:
-        """Append one round and persist it durably before returning.
+               steps: int, kind: str = "train", public_sample_rate: float | None = None
+               ) -> None:
+        """Append one round and persist it durably before returning (``public_sample_rate``:
+        the public rate it was planned and decided at, under public-units).
 
         Raises LedgerError if the round is already recorded: a round is paid for once."""
         if self.entry(run, server_round) is not None:
@@ -242,7 +310,8 @@ class PrivacyLedger:
         self.entries.append(LedgerEntry(
             run=run, round=server_round, noise_multiplier=noise_multiplier,
             sample_rate=sample_rate, steps=steps,
-            recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), kind=kind))
+            recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), kind=kind,
+            public_sample_rate=public_sample_rate))
         self.save()
 
     def save(self) -> None:
@@ -254,7 +323,15 @@ class PrivacyLedger:
             "accountant": self.accountant,
             "unit": self.unit,
             "policy": self.policy,
-            "entries": [asdict(e) for e in self.entries],
+            "entries": [_entry_body(e) for e in self.entries],
         }
         payload = dict(body, checksum=_checksum(body))
         write_durably(self.path, json.dumps(payload, indent=2).encode("utf-8"))
+
+
+def _entry_body(entry: LedgerEntry) -> dict:
+    """An entry as stored; without a public rate it is written as before public-units."""
+    body = asdict(entry)
+    if body["public_sample_rate"] is None:
+        del body["public_sample_rate"]
+    return body

@@ -51,6 +51,7 @@ NODE_KEYS = {
     "block-sizes": "block_sizes",
     "allowed-models": "models",
     "train-share": "train_share",
+    "public-units": "public_units",
 }
 POLICY_FILE_KEY = "policy-file"
 DP_BY_DEFAULT = ("site default: DP on, as the site sets an ε budget or a ledger location "
@@ -62,7 +63,7 @@ SITE_DEFAULTS: dict[str, Any] = {
     "eval_loss_bound": 10.0, "require_dp": False, "min_user_noise_multiplier": 0.0,
     "min_dishonest_fraction": 0.0, "secagg_colluders": 1, "max_lora_rank": 0,
     "text_fields": ("text",), "block_sizes": (64, 128, 256, 512), "models": BUILTIN_MODELS,
-    "train_share": 1.0,
+    "train_share": 1.0, "public_units": 0,
 }
 DEFAULT_COLLUDERS_NOTE = (
     "1: a federation of 3 to 7 sites (docs/deploy.md) cannot rule out that one site "
@@ -82,6 +83,14 @@ def model_id(model: ModelConfig) -> str:
 def default_delta(units: int) -> float:
     """The site-side default δ: min(1e-5, 1/(10·N)) for N units, well below 1/N."""
     return min(DEFAULT_DELTA_CAP, 1.0 / (10 * units))
+
+
+N_DEPENDENT_NOTE = (
+    "no `public-units` set: the noise multiplier σ is planned at q = batch / N and budget "
+    "refusals are decided on ε at that q, so the update's noise scale and the round at which "
+    "the site refuses are functions of its number of training units N that ε does not "
+    "cover; set `public-units` (a unit count the site declares public, at most N) to plan "
+    "and refuse from public values only")
 
 
 class PolicyRefused(SiteRefused):
@@ -125,6 +134,10 @@ class SitePolicy:
     train_share: float
     """The cap on the trained set: the share of training units kept, each by the site's
     salted hash (1: all; the server may propose a smaller ``data.train_share``)."""
+    public_units: int = 0
+    """A unit count the site declares public, at most its N (0: none). When set, σ and
+    every budget refusal are planned at the public rate batch / public_units (an upper
+    bound on q), so neither depends on N; the ledger still records the real q and ε."""
     max_lora_rank: int = 0
     """Highest LoRA rank the site trains (0: the run's ``lora.r``); below ``lora.r`` it
     trains the global adapter truncated to this rank (:mod:`fedcpt.core.ranks`)."""
@@ -159,6 +172,7 @@ class SitePolicy:
             ("models", bool(self.models) and all(m.strip() for m in self.models),
              "a non-empty list of model ids or paths"),
             ("train_share", 0 < self.train_share <= 1, "in (0, 1] (1: every unit)"),
+            ("public_units", self.public_units >= 0, ">= 0 (0: none declared)"),
         )
         for name, ok, expected in checks:
             if not ok:
@@ -172,9 +186,30 @@ class SitePolicy:
 
     def delta_for(self, units: int) -> float:
         """δ for ``units`` training units: the site's, else min(1e-5, 1/(10·N)). A δ at or
-        above 1/N would allow releasing one unit's data outright, and is refused."""
+        above 1/N would allow releasing one unit's data outright, and is refused.
+
+        With ``public_units`` P the default is min(1e-5, 1/(10·P)), a function of public
+        values only; it is refused (a local misconfiguration) where it exceeds what the
+        rule above gives for N (N > max(P, 10⁴)): δ is never looser than without P. Fewer
+        than P units is refused too. These refusals depend on N: they fire on every
+        request alike, and their reason stays in the site's log."""
         if units <= 0:
             raise ConfigError(f"site {self.site!r} has no training units")
+        if self.public_units and units < self.public_units:
+            raise ConfigError(
+                f"site {self.site!r} trains on {units} units, fewer than its public-units "
+                f"{self.public_units} ({self.who('public_units')}): the public bound on the "
+                f"sample rate would not hold; lower public-units to at most {units} (for "
+                "every block size and text field the site allows)")
+        if not self.delta and self.public_units:
+            public = default_delta(self.public_units)
+            if public > default_delta(units):
+                raise ConfigError(
+                    f"site {self.site!r}: the default δ from public-units "
+                    f"{self.public_units}, {public:.3g}, is above min(1e-5, 1/(10·N)) = "
+                    f"{default_delta(units):.3g} for its {units} units; set `delta` "
+                    f"explicitly (at most {default_delta(units):.2g}) or raise public-units")
+            return public
         if not self.delta:
             return default_delta(units)
         if self.delta >= 1.0 / units:
@@ -191,7 +226,12 @@ class SitePolicy:
     def lines(self) -> list[str]:
         """The policy in force, one line per value with who set it (for `site check`)."""
         k = self.secagg_colluders
-        shown = {"delta": self.delta or "min(1e-5, 1/(10·N))",
+        shown = {"delta": self.delta or (f"min(1e-5, 1/(10·public_units)) = "
+                                         f"{default_delta(self.public_units):.3g}"
+                                         if self.public_units else "min(1e-5, 1/(10·N))"),
+                 "public_units": (f"{self.public_units} (σ and budget refusals planned at "
+                                  "batch / public_units: public values only)"
+                                  if self.public_units else f"0 (none): {N_DEPENDENT_NOTE}"),
                  "ledger_path": self.ledger_path or "(none)",
                  "secagg_colluders": f"{k} (assumes up to {k} other site(s) collude with the "
                                      f"server: masks only under a threshold t with 2t > n + "
@@ -234,8 +274,9 @@ def _typed(name: str, value: Any, where: str) -> Any:
             if text not in ("true", "false", "1", "0"):
                 raise ValueError
             return text in ("true", "1")
-        if isinstance(value, bool):
-            raise ValueError
+        if isinstance(value, bool) or (isinstance(default, int) and isinstance(value, float)
+                                       and not value.is_integer()):
+            raise ValueError  # a count is never rounded silently
         return type(default)(value) if not isinstance(default, str) else str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where} sets `{name}` to {value!r}, which is not a "
@@ -365,6 +406,13 @@ def check_inputs(policy: SitePolicy, data: DataConfig, model: ModelConfig) -> Ru
             f"loosen the site's cap, a share of {policy.train_share:g} of its units "
             f"({policy.who('train_share')}); the server may only propose stricter values")
     tightened = 0 < proposed < policy.train_share
+    if tightened and policy.public_units:
+        # a smaller share shrinks N below what public-units was declared for, and the
+        # site's refusal when N < public-units would then tell the server about N
+        raise PolicyRefused(
+            f"site {policy.site!r} refuses `data.train_share` = {proposed:g}: it declares "
+            f"public-units {policy.public_units} ({policy.who('public_units')}) for its own "
+            f"share {policy.train_share:g}, and a smaller share could take N below it")
     return RunInputs(
         text_field=data.text_field, block_size=data.block_size, model=asked,
         train_share=proposed if tightened else policy.train_share,

@@ -120,7 +120,8 @@ def release_evaluation(cfg: RunConfig, lm: AdaptedModel, policy: SitePolicy,
     sigma = policy.eval_noise_multiplier
     accounted = accounted_noise_multiplier(sigma)  # public parameters only
     with ledger.locked():
-        ledger.check_budget(accounted, EVAL_SAMPLE_RATE, queries, action="evaluate",
+        ledger.check_budget(accounted, EVAL_SAMPLE_RATE, queries,
+                            public_sample_rate=EVAL_SAMPLE_RATE, action="evaluate",
                             spend=f"releasing {queries} noised statistics")
         losses, eces = _padded(_per_unit(lm, chosen), k)
         base = None
@@ -130,7 +131,7 @@ def release_evaluation(cfg: RunConfig, lm: AdaptedModel, policy: SitePolicy,
         evals = sum(1 for e in ledger.entries if e.run == run_id + EVAL_RUN_SUFFIX)
         ledger.policy = policy.record()
         ledger.record(run_id + EVAL_RUN_SUFFIX, evals + 1, accounted, EVAL_SAMPLE_RATE,
-                      queries, kind="eval")  # durable before anything is released
+                      queries, kind="eval", public_sample_rate=EVAL_SAMPLE_RATE)  # durable first
     bound = policy.eval_loss_bound
     if base is not None:
         base_cache["noised"] = noised_mean(base, bound, sigma)

@@ -23,6 +23,7 @@ from fedcpt.privacy.gate import (  # noqa: E402
     site_modes,
 )
 from fedcpt.privacy.ledger import LEDGER_SUFFIX, LedgerError, PrivacyLedger  # noqa: E402
+from fedcpt.privacy.policy import N_DEPENDENT_NOTE  # noqa: E402
 
 STATEMENT = (
     "Unit-level differential privacy at each site: the unit is named by the site's own "
@@ -108,6 +109,8 @@ def site_row(ledger: PrivacyLedger) -> dict[str, Any]:
     trained = [e for e in ledger.entries if e.kind == "train"]
     last = trained[-1] if trained else None
     eps = ledger.epsilon()
+    public = ledger.public_units
+    bound = ledger.epsilon_bound() if public else eps
     return {
         "site": ledger.site,
         "unit": ledger.unit,
@@ -124,7 +127,20 @@ def site_row(ledger: PrivacyLedger) -> dict[str, Any]:
         "accountant": ledger.accountant,
         "target_epsilon": ledger.target_epsilon,
         "budget_left": max(0.0, ledger.target_epsilon - eps),
+        "public_units": public,
+        "epsilon_decisions": bound,
+        "decisions": decisions_statement(public, bound),
     }
+
+
+def decisions_statement(public_units: int, bound: float) -> str:
+    """What the site's noise plan and budget refusals were decided on."""
+    if not public_units:
+        return N_DEPENDENT_NOTE[0].upper() + N_DEPENDENT_NOTE[1:] + "."
+    return (f"σ and budget refusals are decided on ε at the public rates batch / public-units "
+            f"({public_units}): that bound stands at ε ≤ {bound:.3f}, never below the real ε "
+            "above, and depends on public values only (entries recorded without public-units "
+            "count at q = 1).")
 
 
 def epsilon_per_round(ledger: PrivacyLedger) -> list[float]:
@@ -171,6 +187,7 @@ def write_privacy_report(ledgers: list[PrivacyLedger], out_dir: Path) -> dict[st
     for r in rows:
         lines += ["", f"## Site {r['site']}: what it releases", ""]
         lines += [f"- {item}" for item in r["releases"]]
+        lines += ["", f"Noise plan and refusals: {r['decisions']}"]
         if r["policy"]:
             lines += ["", "| policy | value | set by |", "|---|---|---|"]
             lines += [f"| {k} | {v['value']} | {v['set_by']} |" for k, v in r["policy"].items()]

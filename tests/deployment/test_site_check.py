@@ -154,6 +154,17 @@ def test_data_counted_with_the_client_code(smoke, write_text) -> None:
     assert line.startswith("data: ") and "training" in line and "held-out" in line
 
 
+def test_public_units_checked_against_the_data_at_every_allowed_block_size(
+        smoke, write_text) -> None:
+    path = write_text("clinic/notes.txt", 40_000)
+    site = {"site-name": "clinic", "data-path": str(path.parent), "privacy-unit": "passage",
+            "block-sizes": "64,512"}
+    line = check_data(smoke, {**site, "public-units": 2})
+    assert "public-units 2 ≤ N at every allowed block size (fewest: 21 units at" in line
+    with pytest.raises(ConfigError, match="fewer than its public-units 100000"):
+        check_data(smoke, {**site, "public-units": 100_000})
+
+
 def test_missing_data_path(smoke, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=f"data path not found: {tmp_path / 'gone.txt'}"):
         check_data(smoke, {"site-name": "clinic", "data-path": str(tmp_path / "gone.txt")})
