@@ -15,19 +15,27 @@ unmask fewer than ``max(threshold, 3)`` survivors, of which up to
 ``secagg.dishonest_fraction`` of the sampled sites may collude with the server and
 subtract their own contributions). Extra noise from further sites is post-processing.
 
+Noise: each site's vector of discrete Gaussian samples is drawn by OpenDP
+(``make_gaussian`` on an ``i64`` vector domain under L2), exactly, with OpenDP's own
+CSPRNG: no floating-point sampler touches the data (Mironov, CCS 2012).
+
 Accounting: the RDP bound of Proposition 14 (Eq. 17) with the sensitivity of Theorem 1,
 no amplification by sampling (the server chooses the sites), composed over rounds and
-converted to (ε, δ) by ``dp_accounting``. No maintained library implements this
-mechanism's bound or its sampler, so both are written here.
+converted to (ε, δ) by ``dp_accounting``. Its Gaussian term is OpenDP's own zCDP bound ρ
+for one discrete Gaussian of the sum's scale at the integer sensitivity ⌈Δ₂⌉, so ε is
+never below what OpenDP's privacy map implies. No maintained library implements the
+distributed bound (the τ terms for a sum of discrete Gaussians), so it is written here.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
+import opendp.prelude as dp
 from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS, compute_epsilon
 
 from fedcpt.config import RunConfig
@@ -39,6 +47,7 @@ from fedcpt.privacy.secagg.params import MIN_SECAGG_SITES, MODULUS
 _HEADROOM = 2**30
 _BETA = math.exp(-0.5)  # conditional rounding's failure probability per try (the paper's)
 _ROUNDING_TRIES = 100
+dp.enable_features("contrib")  # OpenDP gates its measurement constructors behind this flag
 MAX_GRID_INFLATION = 1.01
 """The most a site with a noise floor lets rounding onto the grid raise its sensitivity
 (Δ₂ / C in grid steps). The grid coarsens as the participant count grows: fake
@@ -117,12 +126,16 @@ class DistributedDP:
         return self.l2_bound / self.clip_steps
 
     def rdp(self, orders=DEFAULT_RDP_ORDERS) -> np.ndarray:
-        """One round's RDP ε(α) (Proposition 14, Eq. 17, with ``honest`` summands)."""
+        """One round's RDP ε(α) (Proposition 14, Eq. 17, with ``honest`` summands). The
+        Gaussian term Δ₂²/(2nσ²) is OpenDP's ρ for N_Z(0, nσ²) at sensitivity ⌈Δ₂⌉
+        (OpenDP's L2 distance on integers is an integer; the bound is monotone in Δ₂)."""
         n, var, d = self.honest, self.site_sigma**2, self.dimension
         tau = 10 * sum(math.exp(-2 * math.pi**2 * var * k / (k + 1)) for k in range(1, n))
-        scale = self.l2_bound / math.sqrt(n * var)
-        return np.array([min(a * scale**2 / 2 + tau * d, a / 2 * (scale + math.sqrt(d) * tau) ** 2)
-                         for a in orders])
+        rho = float(_vector_gaussian(math.sqrt(n) * self.site_sigma).map(
+            math.ceil(self.l2_bound)))
+        # a/2·(√(2ρ) + √d·τ)², expanded so that rounding never takes either bound below αρ
+        cross = math.sqrt(2 * rho * d) * tau + d * tau**2 / 2
+        return np.array([min(a * rho + tau * d, a * rho + a * cross) for a in orders])
 
     def epsilon(self, rounds: int, delta: float) -> float:
         """Site-level ε after ``rounds`` rounds, at ``delta``."""
@@ -130,9 +143,12 @@ class DistributedDP:
             return 0.0
         return float(compute_epsilon(DEFAULT_RDP_ORDERS, rounds * self.rdp(), delta)[0])
 
-    def noised(self, delta: np.ndarray) -> np.ndarray:
-        """Clip, scale, round (conditionally) and noise one site's update: the int64 grid
-        vector that goes into the sum."""
+    def rounded(self, delta: np.ndarray) -> np.ndarray:
+        """Clip one site's update to C, scale it onto the grid and round it with
+        conditional randomized rounding: an int64 vector of L2 norm at most Δ₂."""
+        # The rounding's coin flips need no CSPRNG: the guarantee holds for any rounding
+        # outcome (Δ₂ bounds every accepted vector and the noise alone hides it); the
+        # coins only keep the rounding unbiased.
         rng = np.random.Generator(np.random.PCG64(int.from_bytes(os.urandom(32), "little")))
         norm = float(np.linalg.norm(delta))
         clipped = delta * min(1.0, self.clip / norm) if norm > 0 else delta
@@ -141,27 +157,23 @@ class DistributedDP:
         for _ in range(_ROUNDING_TRIES):
             rounded = floor + (rng.random(scaled.shape) < scaled - floor)
             if np.linalg.norm(rounded) <= self.l2_bound:
-                break
-        else:  # the chance of this is below (1 - e^-0.5)^100 for any input
-            raise UpdateRejected("conditional rounding did not meet its norm bound")
-        return rounded.astype(np.int64) + discrete_gaussian(rng, self.site_sigma, scaled.size)
+                return rounded.astype(np.int64)
+        # the chance of this is below (1 - e^-0.5)^100 for any input
+        raise UpdateRejected("conditional rounding did not meet its norm bound")
+
+    def noised(self, delta: np.ndarray) -> np.ndarray:
+        """One site's rounded update plus OpenDP's exact discrete Gaussian noise (std
+        ``site_sigma``): the int64 grid vector that goes into the sum."""
+        noised = _vector_gaussian(self.site_sigma)(self.rounded(delta).tolist())
+        return np.asarray(noised, dtype=np.int64)
 
 
-def discrete_gaussian(rng: np.random.Generator, sigma: float, size: int) -> np.ndarray:
-    """``size`` samples of the discrete Gaussian N_Z(0, σ²) by rejection from the discrete
-    Laplace (Canonne, Kamath & Steinke 2020, Algorithm 3; vectorised, in floating point
-    as TFF's implementation is, rather than in exact arithmetic)."""
-    t = math.floor(sigma) + 1
-    out = np.empty(size, dtype=np.int64)
-    todo = np.arange(size)
-    p = -math.expm1(-1 / t)  # discrete Laplace(t) = difference of two Geometric(p) − 1
-    while todo.size:
-        y = rng.geometric(p, todo.size) - rng.geometric(p, todo.size)
-        accept = rng.random(todo.size) < np.exp(-((np.abs(y) - sigma**2 / t) ** 2)
-                                                 / (2 * sigma**2))
-        out[todo[accept]] = y[accept]
-        todo = todo[~accept]
-    return out
+@functools.lru_cache(maxsize=8)
+def _vector_gaussian(sigma: float) -> dp.Measurement:
+    """OpenDP's exact discrete Gaussian N_Z(0, σ²) added to each coordinate of an integer
+    vector (Canonne, Kamath & Steinke 2020), with its zCDP map under L2."""
+    return dp.m.make_gaussian(dp.vector_domain(dp.atom_domain(T="i64")),
+                              dp.l2_distance(T="i64"), scale=sigma)
 
 
 def to_ring(vector: np.ndarray) -> np.ndarray:

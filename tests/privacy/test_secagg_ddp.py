@@ -8,10 +8,13 @@ import math
 import random
 
 import numpy as np
+import opendp.prelude as dp
 import pytest
 from dp_accounting import dp_event
 from dp_accounting.rdp import RdpAccountant
+from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
 from flwr.app import Array, ArrayRecord, ConfigRecord
+from scipy import stats
 from secagg_grid import SiteGrid
 
 from fedcpt.config import (
@@ -25,7 +28,8 @@ from fedcpt.config import (
 )
 from fedcpt.exceptions import ConfigError
 from fedcpt.privacy.accounting import epsilon as opacus_epsilon
-from fedcpt.privacy.secagg.ddp import DistributedDP, discrete_gaussian
+from fedcpt.privacy.secagg import ddp as ddp_module
+from fedcpt.privacy.secagg.ddp import DistributedDP
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import MASKED
 from fedcpt.server.protocols import round_protocol
@@ -137,9 +141,10 @@ def test_dishonest_sites_are_not_counted_on_for_noise():
 def test_reported_epsilon_matches_an_independent_gaussian_accountant():
     plan = _plan(_config())
     rounds, delta = 20, 1e-5
-    # the sum's noise: honest × σ_site² in grid steps, against the enforced sensitivity Δ₂;
-    # with σ_site this large the discrete terms (τ) vanish and DDG is the Gaussian mechanism
-    z_effective = math.sqrt(plan.honest) * plan.site_sigma / plan.l2_bound
+    # the sum's noise: honest × σ_site² in grid steps, against the enforced sensitivity Δ₂
+    # (as an integer, OpenDP's L2 distance); with σ_site this large the discrete terms (τ)
+    # vanish and DDG is the Gaussian mechanism
+    z_effective = math.sqrt(plan.honest) * plan.site_sigma / math.ceil(plan.l2_bound)
     accountant = RdpAccountant()
     accountant.compose(dp_event.GaussianDpEvent(z_effective), rounds)
     assert plan.epsilon(rounds, delta) == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
@@ -151,13 +156,88 @@ def test_reported_epsilon_matches_an_independent_gaussian_accountant():
     assert z_effective <= Z
 
 
-def test_discrete_gaussian_sampler_has_the_planned_variance():
-    rng = np.random.default_rng(0)
-    for sigma in (0.8, 3.0, 1e6):
-        x = discrete_gaussian(rng, sigma, 200_000)
-        assert x.dtype == np.int64
-        assert x.std() == pytest.approx(sigma, rel=0.02)
-        assert abs(x.mean()) < 5 * sigma / math.sqrt(x.size)
+def _noise_plan(noise_multiplier: float, dimension: int) -> DistributedDP:
+    return DistributedDP.for_round(clip=1.0, noise_multiplier=noise_multiplier, sites=5,
+                                   threshold=3, dishonest_fraction=0.0, dimension=dimension)
+
+
+# 10^5 draws: the sample variance's relative std is √(2/n) = 0.45%, so 2.5% is 5.6 of them
+# (a false alarm once in 10^7 runs) while a 5% error in σ (10% in σ²) fails for certain
+NOISE_DRAWS, VARIANCE_TOLERANCE = 100_000, 0.025
+
+
+def test_site_noise_has_the_planned_variance_at_the_real_scale():
+    """A zero update rounds to zero, so ``noised`` returns the noise alone."""
+    plan = _noise_plan(Z, NOISE_DRAWS)
+    assert plan.site_sigma > 1e6  # fedcpt's grid: σ_site is ~10^7 steps
+    noise = plan.noised(np.zeros(NOISE_DRAWS))
+    assert noise.dtype == np.int64
+    assert noise.var() == pytest.approx(plan.site_sigma**2, rel=VARIANCE_TOLERANCE)
+    assert abs(noise.mean()) < 5 * plan.site_sigma / math.sqrt(noise.size)
+
+
+def test_site_noise_follows_the_exact_discrete_gaussian():
+    """At a small σ (z = 10^-7: σ_site ≈ 12 steps) the histogram of the noise matches the
+    discrete Gaussian's pmf ∝ exp(−x²/2σ²) on Z, by a χ² test at p > 10^-6."""
+    plan = _noise_plan(1e-7, NOISE_DRAWS)
+    sigma = plan.site_sigma
+    assert 5 < sigma < 20
+    noise = plan.noised(np.zeros(NOISE_DRAWS))
+    support = np.arange(-40 * 4, 40 * 4 + 1)
+    pmf = np.exp(-(support**2) / (2 * sigma**2))
+    pmf /= pmf.sum()
+    inner = np.abs(support) <= 3 * sigma  # ≥ 5 expected draws in every bin
+    cut = int(support[inner].max())
+    observed = [np.sum(noise < -cut)] + [np.sum(noise == x) for x in support[inner]] + [
+        np.sum(noise > cut)]
+    expected = np.concatenate([[pmf[support < -cut].sum()], pmf[inner],
+                               [pmf[support > cut].sum()]]) * noise.size
+    assert min(expected) > 5
+    assert stats.chisquare(observed, expected).pvalue > 1e-6
+    assert noise.var() == pytest.approx(sigma**2, rel=VARIANCE_TOLERANCE)
+
+
+def test_site_noise_does_not_come_from_pythons_or_numpys_randomness(monkeypatch):
+    """An attacker who knows every seed Python and numpy see (here: os.urandom returns
+    zeros, so the rounding's PCG64 is fixed) still cannot predict the noise: OpenDP draws
+    it with its own CSPRNG. The float sampler it replaced is gone."""
+    monkeypatch.setattr(ddp_module.os, "urandom", lambda n: bytes(n))
+    plan = _noise_plan(Z, 1000)
+    first, second = plan.noised(np.zeros(1000)), plan.noised(np.zeros(1000))
+    assert np.count_nonzero(first != second) > 990
+    assert not hasattr(ddp_module, "discrete_gaussian")
+
+
+@pytest.mark.parametrize("noise_multiplier", [1e-7, 1e-3, 0.5, Z])
+@pytest.mark.parametrize("dishonest", [0.0, 0.2])
+def test_accounting_is_never_below_opendps_privacy_map(noise_multiplier, dishonest):
+    """ε(α) per round ≥ α·ρ, for ρ OpenDP's zCDP map of one discrete Gaussian carrying the
+    honest sites' summed noise, at the enforced sensitivity Δ₂ (rounded up: OpenDP's L2
+    distance on integers is an integer)."""
+    plan = DistributedDP.for_round(clip=CLIP, noise_multiplier=noise_multiplier, sites=5,
+                                   threshold=3, dishonest_fraction=dishonest, dimension=1536)
+    dp.enable_features("contrib")
+    sum_noise = dp.m.make_gaussian(dp.vector_domain(dp.atom_domain(T="i64")),
+                                   dp.l2_distance(T="i64"),
+                                   scale=math.sqrt(plan.honest) * plan.site_sigma)
+    rho = float(sum_noise.map(math.ceil(plan.l2_bound)))
+    assert np.all(plan.rdp() >= np.array(DEFAULT_RDP_ORDERS) * rho)
+
+
+def test_rounding_enforces_its_norm_bound():
+    """An update just inside C whose grid coordinates all sit half-way between two steps
+    (the rounding's widest spread) rounds to integer vectors of norm ≤ Δ₂, a bound below
+    the one any rounding meets (so it is enforced, not implied), each coordinate to one of
+    its two neighbouring steps."""
+    plan = _noise_plan(Z, 4096)
+    scaled = np.full(plan.dimension, math.floor(plan.clip_steps / math.sqrt(plan.dimension))
+                     - 0.5)
+    assert plan.l2_bound < plan.clip_steps + math.sqrt(plan.dimension)
+    draws = np.array([plan.rounded(scaled * plan.granularity) for _ in range(50)])
+    assert draws.dtype == np.int64
+    assert np.linalg.norm(draws, axis=1).max() <= plan.l2_bound
+    assert np.all((draws == np.floor(scaled)) | (draws == np.floor(scaled) + 1))
+    assert 0.4 < (draws - np.floor(scaled)).mean() < 0.6  # both steps are taken
 
 
 def test_user_level_dp_now_runs_with_secagg(sites_config):
