@@ -12,7 +12,6 @@ accountant's at the real q, below the public bound the site decided on.
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
+from user_notes import user_notes
 
 import fedcpt.client.app as client_app
 import fedcpt.privacy.dpsgd as dpsgd
@@ -32,14 +32,6 @@ from fedcpt.testing.site_round import site_context, task_identity, train_message
 SITES = {"clinic": 40, "ward": 25}  # users per site: the same policy, different N
 PUBLIC_UNITS = 20  # at most either site's N (2% of users are held out, by salted hash)
 HELDOUT = "0.02"
-
-
-def _notes(folder: Path, users: int) -> Path:
-    path = folder / f"notes-{users}.jsonl"
-    path.write_text("\n".join(json.dumps({"user_id": f"p{u}", "text": " ".join(
-        f"Note {i} of patient {u}: slept well, walked a little, asked about lunch."
-        for i in range(11))}) for u in range(users)), encoding="utf-8")
-    return path
 
 
 class Seen:
@@ -75,7 +67,7 @@ def _site(tmp: Path, cfg: RunConfig, site: str, users: int, public: bool, run: s
     policy = {"heldout-fraction": HELDOUT}
     if public:
         policy["public-units"] = str(PUBLIC_UNITS)
-    context = site_context(str(_notes(folder, users)), ledger, name=site, unit="field:user_id",
+    context = site_context(str(user_notes(folder, users)), ledger, name=site, unit="field:user_id",
                            **policy)
     initial = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
     seen, refused = Seen(), None

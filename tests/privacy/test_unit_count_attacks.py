@@ -12,10 +12,10 @@ and two sites that differ only in N send the same clear values.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
+from user_notes import user_notes
 
 import fedcpt.client.app as client_app
 from fedcpt.config import RunConfig, load_config
@@ -33,19 +33,10 @@ BUDGET = 8.0  # the site's default ε budget, which smoke-dp also proposes
 SITES = {"clinic": 40, "ward": 25}  # users per site: the same policy, different N
 
 
-def _notes(folder: Path, users: int) -> Path:
-    """A site's notes, ``users`` users of ~800 characters each, keyed by ``user_id``."""
-    path = folder / f"notes-{users}.jsonl"
-    path.write_text("\n".join(json.dumps({"user_id": f"p{u}", "text": " ".join(
-        f"Note {i} of patient {u}: slept well, walked a little, asked about lunch."
-        for i in range(11))}) for u in range(users)), encoding="utf-8")
-    return path
-
-
 def _reply(tmp_path: Path, cfg: RunConfig, site: str, users: int, identity: dict[str, str]):
     """The site's real train handler's reply to round 1 of a DP run, and its ledger."""
     ledger = tmp_path / f"{site}.ledger.json"
-    context = site_context(str(_notes(tmp_path, users)), ledger, name=site,
+    context = site_context(str(user_notes(tmp_path, users)), ledger, name=site,
                            unit="field:user_id", **identity, **{"heldout-fraction": "0.3"})
     initial = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
     with task_identity():
