@@ -10,6 +10,7 @@ and is deliberately not offered.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from opacus.accountants import create_accountant
@@ -59,12 +60,20 @@ def plan_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps
 
     Opacus's ``get_noise_multiplier`` plans a single homogeneous run; a site that has
     already spent budget in earlier phases needs the plan on top of its ``prior`` history,
-    so the same bisection is done here over the composed history.
+    so the same bisection is done here over the composed history. Cached per process on
+    its (public) inputs: sites and tests that plan the same spend share one bisection.
     """
+    return _plan_noise(target_epsilon, delta, sample_rate, steps, accountant,
+                       tuple(tuple(step) for step in prior), tolerance)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                accountant: str, prior: tuple[Step, ...], tolerance: float) -> float:
     if not 0 < sample_rate <= 1:
         raise ConfigError(f"sample rate must be in (0, 1], got {sample_rate:.4g}: the batch "
                           "is larger than the site's data")
-    spent = epsilon(prior, delta, accountant)
+    spent = epsilon(list(prior), delta, accountant)
     if spent >= target_epsilon:
         raise ConfigError(f"the budget ε={target_epsilon} is already spent (ε={spent:.3f})")
 
