@@ -13,17 +13,21 @@ recipe (C = 0.1, FFA-LoRA, lr 0.01, AdamW). Adaptation = base − final held-out
 
 The block size is shorter than the default 128 tokens because a unit shorter than one
 block gives no block (``core/data.py``): at 24 tokens ~95k entries count, at 128 only ~10k.
-The compute is kept at about 190 blocks of 128 tokens (16 × 64 × 24 = 24,576 tokens).
+The compute is about 144 blocks of 128 tokens (12 × 64 × 24 = 18,432 tokens) per point.
 
     python benchmarks/dp_utility_vs_units.py --out results/dp_utility_vs_units.json
 
-The JSON is rewritten after every point, so a cut run keeps what finished.
+The JSON is rewritten after every point, so a cut run keeps what finished. On a shared CPU
+the site sizes can run as separate processes (``--units 1000 --out a.json`` …) and be
+joined with ``--merge a.json b.json … --out results/dp_utility_vs_units.json``, which
+refuses parts whose settings or base held-out loss differ.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -73,21 +77,46 @@ def kept_shares(points: list[dict]) -> dict[str, dict[str, float]]:
     return shares
 
 
+SAME = ("model", "corpus", "unit", "block_size", "steps", "expected_batch",
+        "tokens_per_point", "lr", "max_grad_norm", "ffa_lora", "accountant", "corpus_units",
+        "heldout_blocks")
+
+
+def merge(parts: list[dict]) -> dict:
+    """One result from runs of the same benchmark over different site sizes."""
+    first = parts[0]
+    for part in parts[1:]:
+        differ = [k for k in SAME if part[k] != first[k]]
+        if differ or abs(part["base_loss"] - first["base_loss"]) > 1e-3:
+            raise SystemExit(f"cannot merge runs that differ in {differ or ['base_loss']}")
+    points = sorted((p for part in parts for p in part["points"]),
+                    key=lambda p: (p["units"], p["epsilon"] is not None, -(p["epsilon"] or 0)))
+    return {**{k: first[k] for k in ("benchmark", *SAME, "base_loss", "cpu_class")},
+            "points": points, "kept": kept_shares(points),
+            "load_average": [a for part in parts for a in part["load_average"]],
+            "parts": len(parts)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="join these results (one per site size) into --out")
     parser.add_argument("--model", default="", help="model name (default: shakespeare-dp's)")
     parser.add_argument("--units", type=int, nargs="+", default=[1_000, 10_000, 100_000],
                         help="target site sizes; one beyond the corpus takes all its units")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 4.0, 1.0])
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--block-size", type=int, default=24)
     parser.add_argument("--heldout-fraction", type=float, default=0.02)
-    parser.add_argument("--eval-blocks", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-blocks", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     setup(args.threads)
+    if args.merge:
+        write(args.out, merge([json.loads(path.read_text()) for path in args.merge]))
+        return
     load_before = load_average()
 
     cfg = load_config("shakespeare-dp")
