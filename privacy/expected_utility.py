@@ -32,7 +32,7 @@ def expected_share(units: int, epsilon: float,
         raise ValueError(f"units {units} and ε {epsilon} must be positive")
     sizes = sorted(table)
     if not sizes:
-        return None
+        raise ValueError("no measured table to interpolate")
     budgets = sorted(table[sizes[0]])
     if any(sorted(table[n]) != budgets for n in sizes):
         raise ValueError("every N of the table must be measured at the same ε values")
@@ -62,8 +62,6 @@ def expected_share_line(units: int, epsilon: float,
     head = f"expected share of DP-off adaptation at ε={epsilon:g} for N={units:,} units: "
     share = expected_share(units, epsilon, table)
     if share is None:
-        if not table:
-            return head + "not measured (no benchmark in this install)"
         sizes, budgets = sorted(table), sorted(next(iter(table.values())))
         return head + (f"outside the measured range (N {sizes[0]:,}-{sizes[-1]:,}, "
                        f"ε {budgets[0]:g}-{budgets[-1]:g}; {MEASURED_ON})")

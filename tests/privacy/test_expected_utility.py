@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -61,3 +62,12 @@ def test_library_table_is_the_benchmarks_measured_result():
     assert sorted(KEPT) == sorted(rows)
     for n, row in rows.items():
         assert KEPT[n] == pytest.approx({float(eps): share for eps, share in row.items()})
+
+
+def test_privacy_doc_carries_the_table_as_the_report_prints_it():
+    spec = importlib.util.spec_from_file_location(
+        "dp_utility_vs_units_report", RESULT.parents[1] / "dp_utility_vs_units_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    table = report.markdown_table(json.loads(RESULT.read_text()))
+    assert table in (RESULT.parents[2] / "docs" / "privacy.md").read_text()
