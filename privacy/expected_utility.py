@@ -15,11 +15,15 @@ import math
 
 # benchmarks/results/dp_utility_vs_units.json (tests/privacy/test_expected_utility.py
 # checks that this table is that file's): SmolLM2-135M-Instruct, one site on gcide:entries
-# (one unit per dictionary entry), 16 steps of an expected 64 units × 24 tokens, C = 0.1,
+# (one unit per dictionary entry), 12 steps of an expected 64 units × 24 tokens, C = 0.1,
 # FFA-LoRA, lr 0.01, δ = min(1e-5, 1/(10 N)); one run per point.
-MEASURED_ON = ("gcide:entries (GCIDE dictionary entries), SmolLM2-135M-Instruct, 16 steps × "
+MEASURED_ON = ("gcide:entries (GCIDE dictionary entries), SmolLM2-135M-Instruct, 12 steps × "
                "64 units × 24 tokens")
-KEPT: dict[int, dict[float, float]] = {}
+KEPT: dict[int, dict[float, float]] = {
+    926: {8.0: 0.7193},
+    8926: {8.0: 0.7262},
+    90439: {8.0: 0.7451},
+}
 
 
 def expected_share(units: int, epsilon: float,

@@ -155,7 +155,7 @@ def test_data_counted_with_the_client_code(smoke, write_text) -> None:
     assert line.startswith("data: ") and "training" in line and "held-out" in line
     units = int(re.search(r"in (\d+) training \+ \d+ held-out privacy units", line)[1])
     assert utility.startswith(f"DP utility: expected share of DP-off adaptation at ε=4 for "
-                              f"N={units:,} units: outside the measured range (N 1,")
+                              f"N={units:,} units: outside the measured range (N ")
 
 
 def test_missing_data_path(smoke, tmp_path: Path) -> None:
