@@ -103,7 +103,7 @@ class GeneralSet:
     sources: tuple[str, ...] = _opt(
         (), "At least one source, as for `[[sites]]` `data` (built-in: `stdlib:topics`, "
         "`stdlib:code`, `licenses:packages`, `numpy:c-headers`, `chatterbot:english`, "
-        "`torch:c10`, `torch:aten-core`).")
+        "`torch:c10`, `torch:aten-core`, `gcide:entries`).")
     rehearsal_share: float = _opt(
         0.0, "Share of the rehearsal pool drawn from this kind (0: evaluation only, never "
         "trained on).")

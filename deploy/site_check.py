@@ -40,6 +40,7 @@ from fedcpt.client.site import (
 from fedcpt.config import RunConfig, SiteConfig
 from fedcpt.exceptions import ConfigError
 from fedcpt.privacy.data_drift import DataDriftRecord, drift_path
+from fedcpt.privacy.expected_utility import expected_share_line
 from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.privacy.policy import (
     NODE_KEYS,
@@ -132,8 +133,11 @@ def check_run_inputs(cfg: RunConfig, node_config: dict) -> list[str]:
     return check_inputs(node_policy(node_config), cfg.data, cfg.model).lines()
 
 
-def check_data(cfg: RunConfig, node_config: dict) -> str:
-    """Load and count the site's blocks with the ClientApp's own code."""
+def check_data(cfg: RunConfig, node_config: dict) -> list[str]:
+    """Load and count the site's blocks with the ClientApp's own code; then the share of
+    DP-off adaptation the site can expect at its unit count and ε budget (the run's, when
+    it proposes a smaller one), from the measured table of
+    :mod:`fedcpt.privacy.expected_utility`."""
     site = resolve_site(cfg, node_config)
     policy = policy_for(cfg, site, node_config)
     blocks = site_blocks(site, cfg.model, cfg.data, policy)
@@ -150,7 +154,9 @@ def check_data(cfg: RunConfig, node_config: dict) -> str:
                     policy.eval_min_units)
         line += (f"; evaluation will be refused ({blocks.heldout_unit_count} held-out units "
                  f"< eval-min-units {policy.eval_min_units})")
-    return line
+    budget = (min(policy.epsilon_budget, cfg.privacy.target_epsilon) if cfg.privacy.enabled
+              else policy.epsilon_budget)
+    return [line, "DP utility: " + expected_share_line(blocks.units, budget)]
 
 
 def check_public_units(cfg: RunConfig, site: SiteConfig, policy: SitePolicy) -> str:
@@ -323,7 +329,7 @@ def run_site_check(cfg: RunConfig, node_config_text: str, *, superlink: str | No
     node_config = parse_node_config(node_config_text)
     lines = check_node_config(node_config)
     lines.extend(check_run_inputs(cfg, node_config))
-    lines.append(check_data(cfg, node_config))
+    lines.extend(check_data(cfg, node_config))
     lines.append(check_ledger(node_config))
     if root_certificates is not None:
         lines.append(check_root_certificates(root_certificates))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import socket
 import ssl
 import subprocess
@@ -149,9 +150,12 @@ def test_unparseable_node_config() -> None:
 
 def test_data_counted_with_the_client_code(smoke, write_text) -> None:
     path = write_text("clinic/notes.txt", 40_000)
-    line = check_data(smoke, {"site-name": "clinic", "data-path": str(path.parent),
-                              "privacy-unit": "passage"})
+    line, utility = check_data(smoke, {"site-name": "clinic", "data-path": str(path.parent),
+                                       "privacy-unit": "passage", "epsilon-budget": 4.0})
     assert line.startswith("data: ") and "training" in line and "held-out" in line
+    units = int(re.search(r"in (\d+) training \+ \d+ held-out privacy units", line)[1])
+    assert utility.startswith(f"DP utility: expected share of DP-off adaptation at ε=4 for "
+                              f"N={units:,} units: outside the measured range (N ")
 
 
 def test_public_units_checked_against_the_data_at_every_allowed_block_size(
@@ -319,7 +323,8 @@ def test_run_site_check_stops_at_the_first_problem(smoke, sites_config, certs) -
                            auth_key=certs.site_keys["clinic"][0])
     assert [line.split(":")[0] for line in lines if not line.startswith("policy ")] == [
         "site name", "run data.text_field", "run data.block_size", "run model",
-        "run train_share", "data", "privacy ledger", "root certificate", "authentication key"]
+        "run train_share", "data", "DP utility", "privacy ledger", "root certificate",
+        "authentication key"]
     assert "policy unit: passage [site node config]" in lines
     with pytest.raises(ConfigError, match="does not answer"):
         run_site_check(smoke, f'site-name="north" data-path="{data}" privacy-unit="passage"',
