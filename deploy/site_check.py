@@ -156,7 +156,11 @@ def check_data(cfg: RunConfig, node_config: dict) -> list[str]:
                  f"< eval-min-units {policy.eval_min_units})")
     budget = (min(policy.epsilon_budget, cfg.privacy.target_epsilon) if cfg.privacy.enabled
               else policy.epsilon_budget)
-    return [line, "DP utility: " + expected_share_line(blocks.units, budget)]
+    # under public-units σ is planned as for a site of public-units units: that is the N
+    # whose noise, and so whose utility, the site gets
+    planned = policy.public_units or blocks.units
+    return [line, "DP utility: " + expected_share_line(planned, budget)
+            + (f" (σ planned at public-units {planned:,})" if policy.public_units else "")]
 
 
 def check_public_units(cfg: RunConfig, site: SiteConfig, policy: SitePolicy) -> str:

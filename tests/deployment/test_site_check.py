@@ -163,8 +163,10 @@ def test_public_units_checked_against_the_data_at_every_allowed_block_size(
     path = write_text("clinic/notes.txt", 40_000)
     site = {"site-name": "clinic", "data-path": str(path.parent), "privacy-unit": "passage",
             "block-sizes": "64,512"}
-    line = check_data(smoke, {**site, "public-units": 2})
+    line, utility = check_data(smoke, {**site, "public-units": 2})
     assert "public-units 2 ≤ N at every allowed block size (fewest: 21 units at" in line
+    # σ is planned as for a site of 2 units, so that is the N its expected utility is for
+    assert "for N=2 units" in utility and "(σ planned at public-units 2)" in utility
     with pytest.raises(ConfigError, match="fewer than its public-units 100000"):
         check_data(smoke, {**site, "public-units": 100_000})
 
