@@ -11,6 +11,13 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_hub import
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist every worker (and each Flower/Ray process it starts, which inherits the
+# environment) is one of several on a small machine: torch's default of one OpenMP thread
+# per core oversubscribes it, and spinning threads then made a 3 s canary audit take 100 s.
+# (Leaving the Flower processes on torch's default made the slow tier slower: > 32 min
+# against 27 on the idle machine.)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import logging  # noqa: E402
 import random  # noqa: E402
@@ -21,14 +28,6 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-# Under pytest-xdist each worker is one of several on a small machine: torch's default of
-# one OpenMP thread per core oversubscribes it, and spinning threads made a 3 s canary
-# audit take 100 s. Only the worker's own torch runs on one thread; the Flower processes a
-# test starts keep torch's default, as before (giving them one thread too did not shorten
-# the slow tier: 27 min either way on the idle 2-core machine).
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
 
 from fedcpt.config import RunConfig  # noqa: E402
 from fedcpt.testing.site_round import task_identity  # noqa: E402
