@@ -4,31 +4,30 @@ Every message carries the run configuration (``config["run-config"]``, JSON) so 
 same app serves simulations and deployments; a deployed site names its data with
 ``--node-config 'site-name=… data-path=…'``. Only adapter tensors and scalar metrics
 are sent back — never base weights or text — and every reply leaves through the release
-gate (:mod:`~fedcpt.client.gate`). This module holds the handlers; training is
-in :mod:`~fedcpt.client.train_step`, evaluation in :mod:`~fedcpt.client.eval_step`, the
-SecAgg+ stages in :mod:`~fedcpt.client.secagg_stages` (training and evaluation sessions).
+gate (:mod:`~fedcpt.client.gate`). This module registers the handlers: training and the
+query are in :mod:`~fedcpt.client.model_handlers`, evaluation in
+:mod:`~fedcpt.client.eval_step`, the SecAgg+ key-exchange stages in
+:mod:`~fedcpt.client.secagg_stages` (training and evaluation sessions).
+
+A deployed SuperNode starts a ClientApp process for every message. The handlers that open
+the model import their module when called, so that a key-exchange stage (four of the five
+messages of each SecAgg+ session) starts without torch, transformers, peft or Opacus:
+about 1 CPU-s instead of 10 (``tests/client/test_light_stages.py``).
 """
 
 from __future__ import annotations
 
 import logging
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedcpt.client import eval_step, gate, secagg_stages
-from fedcpt.client.attest import attestation_record
+from fedcpt.client import secagg_stages
+from fedcpt.client.clipping import clip_when_asked
 from fedcpt.client.errors import report_site_errors
-from fedcpt.client.request import request_for
-from fedcpt.client.site import require_secagg
-from fedcpt.client.train_step import train_update
 from fedcpt.client.upload import compact_upload
 from fedcpt.core import protocol as p
-from fedcpt.privacy.gate import QUERY, TRAIN
-from fedcpt.privacy.ledger import SiteRefused
-from fedcpt.privacy.policy import check_site_level_dp
 from fedcpt.privacy.secagg.context import EVALUATE
-from fedcpt.privacy.user_level import clip_when_asked
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +44,9 @@ def train(msg: Message, context: Context) -> Message:
     would exceed its privacy budget, when it requires DP and the run has none, or when
     secure aggregation is required and this message is a plain one.
     """
-    try:
-        request = request_for(msg, context)  # refuses inputs the site's policy does not allow
-        require_secagg(request.cfg, request.node_config, secure=False)
-        # a site with a floor on site-level noise adds that noise itself, under SecAgg only
-        check_site_level_dp(request.policy, request.cfg, None)
-        arrays, metrics = train_update(request)
-    except SiteRefused as err:
-        return gate.refuse(msg, dict(context.node_config), err, p.BUDGET_EXHAUSTED)
-    content = RecordDict({p.ARRAYS: arrays, p.METRICS: MetricRecord(metrics),
-                          p.SITE: ConfigRecord({"name": request.site.name,
-                                                "unit": request.policy.unit})})
-    attestation = attestation_record(request)
-    if attestation is not None:
-        content[p.ATTESTATION] = attestation
-    return gate.send(request, TRAIN, content)
+    from fedcpt.client import model_handlers  # loads the model: see the module docstring
+
+    return model_handlers.train(msg, context)
 
 
 # --- Secure aggregation (SecAgg+): the five stages of a round --------------------------
@@ -80,7 +67,9 @@ def secagg_share_keys(msg: Message, context: Context) -> Message:
 def secagg_masked(msg: Message, context: Context) -> Message:
     """Stage 3: train as in :func:`train`, check the update here (the server will only
     see the sum), then send it quantised and masked."""
-    return secagg_stages.masked(msg, context)
+    from fedcpt.client import model_handlers  # loads the model: see the module docstring
+
+    return model_handlers.secagg_masked(msg, context)
 
 
 @app.train(p.SECAGG_CONSISTENCY)
@@ -99,12 +88,9 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Say which site this node is (the server trains only a phase's sites)."""
-    try:
-        request = request_for(msg, context)
-    except SiteRefused as err:
-        return gate.refuse(msg, dict(context.node_config), err, p.BUDGET_EXHAUSTED)
-    return gate.send(request, QUERY, RecordDict({p.SITE: ConfigRecord(
-        {"name": request.site.name})}))
+    from fedcpt.client import model_handlers  # resolves the site and its data
+
+    return model_handlers.query(msg, context)
 
 
 @app.evaluate()
@@ -112,6 +98,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Held-out domain loss of the received adapter on this site's data (and of the base),
     released only as the site's policy allows (:mod:`fedcpt.privacy.release`); a site whose
     policy is ``eval-release=secagg`` refuses this plain message."""
+    from fedcpt.client import eval_step  # loads the model: see the module docstring
+
     return eval_step.plain(msg, context)
 
 
@@ -132,6 +120,8 @@ def secagg_eval_share_keys(msg: Message, context: Context) -> Message:
 def secagg_eval_masked(msg: Message, context: Context) -> Message:
     """Stage 3: evaluate as in :func:`evaluate`, then send the statistics fixed-point
     encoded and masked: the server learns only their sum over the sites."""
+    from fedcpt.client import eval_step  # loads the model: see the module docstring
+
     return eval_step.masked(msg, context)
 
 

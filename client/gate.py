@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import logging
 import weakref
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, Error, Message, RecordDict
 
-from fedcpt.client.request import SiteRequest
-from fedcpt.client.site import SITE_NAME_KEY
+from fedcpt.client.node_keys import SITE_NAME_KEY
 from fedcpt.core import protocol as p
 from fedcpt.privacy import gate
 from fedcpt.privacy.gate import NOT_SENT, PUBLIC, Mode
+
+if TYPE_CHECKING:  # the key-exchange stages load this gate without the site's data code
+    from fedcpt.client.request import SiteRequest
 
 log = logging.getLogger(__name__)
 

@@ -1,36 +1,28 @@
-"""A site's side of the five SecAgg+ stages (:mod:`fedcpt.privacy.secagg.site` holds the
-cryptography and every check against a malicious server). Stages 1, 2, 4 and 5 carry
-keys, shares and signatures only, signed with this site's identity
-(:mod:`fedcpt.privacy.secagg.identity`); stage 3 trains as a plain round does, checks the
-update here (the server will only see the sum), then sends it quantised and masked — with
-site-level DP on, clipped and noised here first (:mod:`fedcpt.privacy.secagg.ddp`). A
-check that fails is a generic error reply (:func:`fedcpt.client.gate.refuse`; the reason
-is in the site's log)."""
+"""A site's side of the SecAgg+ key-exchange stages, 1, 2, 4 and 5, of a training or
+evaluation session (:mod:`fedcpt.privacy.secagg.site` holds the cryptography and every
+check against a malicious server). They carry keys, shares and signatures only, signed
+with this site's identity (:mod:`fedcpt.privacy.secagg.identity`). Stage 3, which trains
+or evaluates, is :func:`fedcpt.client.model_handlers.secagg_masked` and
+:func:`fedcpt.client.eval_step.masked`. A check that fails is a generic error reply
+(:func:`fedcpt.client.gate.refuse`; the reason is in the site's log).
+
+Nothing here loads torch or the site's model and data: Flower starts a ClientApp process
+for every message, and these stages are four of the five of each session."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedcpt.client import gate
-from fedcpt.client.attest import attestation_record
-from fedcpt.client.request import SiteRequest, request_for
-from fedcpt.client.train_step import train_update
 from fedcpt.core import protocol as p
-from fedcpt.core.adapters import check_update, update_norm
-from fedcpt.exceptions import FedcptError, UpdateRejected
-from fedcpt.privacy.gate import MASKED_TRAIN, SECAGG_STAGE, Mode
-from fedcpt.privacy.ledger import SiteRefused
-from fedcpt.privacy.policy import check_reconstruction_threshold, check_site_level_dp
-from fedcpt.privacy.secagg import participation
+from fedcpt.exceptions import FedcptError
+from fedcpt.privacy.gate import SECAGG_STAGE, Mode
 from fedcpt.privacy.secagg import site as secagg_site
 from fedcpt.privacy.secagg.context import TRAIN
-from fedcpt.privacy.secagg.ddp import DistributedDP
-from fedcpt.privacy.secagg.encoding import encode, vector_length
 from fedcpt.privacy.secagg.identity import SiteIdentity, identity_for
-from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.site import STATE
 
 log = logging.getLogger(__name__)
@@ -58,71 +50,6 @@ def share_keys(msg: Message, context: Context, purpose: str = TRAIN) -> Message:
     encrypted for each neighbour."""
     return _secagg_stage(msg, context,
                          lambda r, me: secagg_site.share_keys(context, r, me, purpose))
-
-
-def masked(msg: Message, context: Context) -> Message:
-    """Stage 3: check that the adapter and config are those the round committed to, that
-    the threshold and the site-level noise meet this site's floors (its policy) and that
-    this site has not yet sent an update for this run, round or adapter
-    (:mod:`~fedcpt.privacy.secagg.participation`); train, check the update against
-    ``federation.max_update_norm``, then send it quantised (noised, under site-level DP)
-    and masked. Under DP nothing about the training but the masked update leaves."""
-    node_config = dict(context.node_config)
-    try:
-        secagg_site.receive_shares(context, msg.content.config_records[STATE],
-                                   msg.content[p.ARRAYS], msg.content[p.CONFIG])
-        request = request_for(msg, context)
-        cfg, reference = request.cfg, msg.content[p.ARRAYS]
-        state = context.state.config_records[STATE]
-        params = SecAggParams.from_record(state)
-        ddp = DistributedDP.for_config(cfg, params.threshold, len(state["participants"]),
-                                       vector_length(reference) - 1)
-        policy = request.policy  # the site's floors, before anything trains
-        check_reconstruction_threshold(policy, *secagg_site.reconstruction(context))
-        check_site_level_dp(policy, cfg, ddp)
-        bound = cfg.federation.max_update_norm
-        if ddp is not None and bound and ddp.clip > bound:
-            # decided on public values: the update is clipped to C before it is noised,
-            # so a bound below C is all a refusal after training could reveal
-            raise UpdateRejected(f"the site-level clipping norm {ddp.clip:g} exceeds the "
-                                 f"update norm bound {bound:g}; nothing is trained")
-        participation.claim(context, policy.ledger_path, participation.training_questions(
-            request.run_id, request.server_round, str(state["adapter-digest"]),
-            fresh_noise=request.dp_sgd))
-        arrays, metrics = train_update(request)
-        check_update(arrays, reference)
-        if ddp is None and bound:
-            _check_norm(request, arrays, reference, bound)
-        vector = encode(arrays, reference, int(metrics[p.NUM_EXAMPLES]), params, ddp)
-        masked_vector = secagg_site.mask(context, vector)
-        attestation = attestation_record(request)
-    except SiteRefused as err:
-        return gate.refuse(msg, node_config, err, p.BUDGET_EXHAUSTED)
-    except FedcptError as err:
-        return gate.refuse(msg, node_config, err, p.UPDATE_REFUSED)
-    if ddp is not None:  # site-level noise: the loss and time would leave un-noised
-        metrics = {k: v for k, v in metrics.items() if k != p.TRAIN_LOSS} | {
-            p.TRAIN_SECONDS: 0.0}
-    content = RecordDict({p.MASKED: ArrayRecord({p.MASKED_VECTOR: Array(masked_vector)}),
-                          p.METRICS: MetricRecord(metrics),
-                          p.SITE: ConfigRecord({"name": request.site.name,
-                                                "unit": policy.unit})})
-    if attestation is not None:
-        content[p.ATTESTATION] = attestation
-    return gate.send(request, MASKED_TRAIN, content, site_dp=ddp is not None)
-
-
-def _check_norm(request: SiteRequest, arrays: ArrayRecord, reference: ArrayRecord,
-                bound: float) -> None:
-    """Refuse an update above the norm bound. Without site-level noise: under DP-SGD the
-    update is already paid for (the refusal is post-processing); without DP the site's
-    update is released in the clear to the sum anyway, and the participation record
-    answers each (run, round) once, so retries with other bounds learn nothing more."""
-    norm = update_norm(arrays, reference)
-    if norm > bound:
-        # the norm itself stays here: it is a release about the site's data
-        raise UpdateRejected(f"site {request.site.name}: update norm {norm:.3f} exceeds the "
-                             f"bound {bound:g}; not sent")
 
 
 def consistency(msg: Message, context: Context, purpose: str = TRAIN) -> Message:

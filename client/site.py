@@ -6,6 +6,12 @@ import functools
 import logging
 from pathlib import Path
 
+from fedcpt.client.node_keys import (
+    DATA_PATH_KEY,
+    LEDGER_PATH_KEY,
+    REQUIRE_SECAGG_KEY,
+    SITE_NAME_KEY,
+)
 from fedcpt.config import DataConfig, ModelConfig, RunConfig, SiteConfig
 from fedcpt.core.data import TokenBlocks, heldout_by_hash, kept_by_hash, load_blocks
 from fedcpt.core.model import load_tokenizer
@@ -16,15 +22,6 @@ from fedcpt.privacy.ledger import PrivacyLedger, SiteRefused
 from fedcpt.privacy.policy import RunTerms, SitePolicy, check_inputs, site_policy
 
 log = logging.getLogger(__name__)
-
-# node_config keys a deployed SuperNode sets with --node-config (the privacy policy's keys
-# are in fedcpt.privacy.policy.NODE_KEYS)
-SITE_NAME_KEY = "site-name"
-DATA_PATH_KEY = "data-path"
-LEDGER_PATH_KEY = "ledger-path"
-BUDGET_KEY = "epsilon-budget"
-REQUIRE_DP_KEY = "require-dp"
-REQUIRE_SECAGG_KEY = "require-secagg"
 
 
 def resolve_site(cfg: RunConfig, node_config: dict) -> SiteConfig:

@@ -21,9 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedcpt.client import gate
-from fedcpt.client.request import request_for
 from fedcpt.core import protocol as p
-from fedcpt.core.upload import encode_upload
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +36,11 @@ def compact_upload(msg: Message, context: Context, call_next: ClientAppCallable)
     if msg.metadata.message_type != MessageType.TRAIN or reply.has_error() or (
             p.ARRAYS not in reply.content.array_records):
         return reply
+    # imported past the return above, so that other messages start without torch
+    # (Flower starts a ClientApp process per message: fedcpt.client.app)
+    from fedcpt.client.request import request_for
+    from fedcpt.core.upload import encode_upload
+
     request = request_for(msg, context)  # the handler's, resolved once
     rank, dtype = request.rank, request.cfg.federation.upload_dtype
     run, server_round = request.run_id, request.server_round

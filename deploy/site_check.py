@@ -26,17 +26,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.common.config import parse_config_args
 
-from fedcpt.client.site import (
+from fedcpt.client.node_keys import (
     BUDGET_KEY,
     DATA_PATH_KEY,
     LEDGER_PATH_KEY,
     REQUIRE_DP_KEY,
     REQUIRE_SECAGG_KEY,
     SITE_NAME_KEY,
-    policy_for,
-    resolve_site,
-    site_blocks,
 )
+from fedcpt.client.site import policy_for, resolve_site, site_blocks
 from fedcpt.config import RunConfig, SiteConfig
 from fedcpt.exceptions import ConfigError
 from fedcpt.privacy.data_drift import DataDriftRecord, drift_path

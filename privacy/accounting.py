@@ -13,9 +13,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-from opacus.accountants import create_accountant
-
 from fedcpt.exceptions import ConfigError
+from fedcpt.privacy.opacus_lib import create_accountant
 
 ACCOUNTANTS = ("prv", "rdp")
 Step = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)

@@ -27,14 +27,13 @@ import warnings
 from collections.abc import Iterator
 
 import torch
-from opacus import PrivacyEngine
-from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fedcpt.config import PrivacyConfig, TrainConfig
 from fedcpt.core.lm_loss import next_token_loss
 from fedcpt.core.model import AdaptedModel
 from fedcpt.core.training import Anchor, TrainResult
+from fedcpt.privacy.opacus_lib import BatchMemoryManager, PrivacyEngine
 
 log = logging.getLogger(__name__)
 

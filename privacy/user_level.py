@@ -1,8 +1,9 @@
 """User-level (site-level) DP: DP-FedAvg with client-side fixed clipping.
 
 Each site's adapter update is clipped to ``user_clipping_norm`` at the site (Flower's
-``fixedclipping_mod``, asked for by :func:`clipping_config`); the aggregator clips it to C
-again and takes the **unweighted** mean (:class:`~fedcpt.strategies.fedavg.AdapterFedAvg`:
+``fixedclipping_mod``, applied by :func:`fedcpt.client.clipping.clip_when_asked` when
+:func:`clipping_config` asks); the aggregator clips it to C again and takes the
+**unweighted** mean (:class:`~fedcpt.strategies.fedavg.AdapterFedAvg`:
 a site's ``num-examples`` is its own claim, and any weight above 1/n would move the mean by
 more than C/n); and the server's site-level DP protocol
 (:mod:`fedcpt.server.protocols.site_dp`) adds Gaussian noise of std σ·C/n to the mean of the n
@@ -21,9 +22,7 @@ from __future__ import annotations
 
 import logging
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType
-from flwr.clientapp.mod import fixedclipping_mod
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.supercore.differential_privacy import (
     KEY_CLIPPING_NORM,
     add_gaussian_noise_inplace,
@@ -55,13 +54,3 @@ def add_site_noise(arrays: ArrayRecord, privacy: PrivacyConfig,
 def user_level_epsilon(privacy: PrivacyConfig, rounds: int) -> float:
     """Site-level ε after ``rounds`` noisy aggregations (RDP, no amplification)."""
     return epsilon([(privacy.user_noise_multiplier, 1.0, rounds)], privacy.user_delta, "rdp")
-
-
-def clip_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Client mod: apply Flower's ``fixedclipping_mod`` to training messages whose config
-    carries a clipping norm (sent only when user-level DP is on); pass others through."""
-    config = msg.content.config_records.get("config") if msg.has_content() else None
-    if (msg.metadata.message_type == MessageType.TRAIN and config is not None
-            and KEY_CLIPPING_NORM in config):
-        return fixedclipping_mod(msg, context, call_next)
-    return call_next(msg, context)

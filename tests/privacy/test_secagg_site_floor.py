@@ -8,7 +8,7 @@ unmasks. A site that sets ``min-user-noise-multiplier`` / ``min-dishonest-fracti
 its own node config refuses such a round at stage 3, before it trains, and sends nothing.
 
 Each test plays the server: stages 1 and 2 run honestly through the real site functions,
-then the real stage-3 handler (:func:`fedcpt.client.secagg_stages.masked`) gets the
+then the real stage-3 handler (:func:`fedcpt.client.model_handlers.secagg_masked`) gets the
 hostile proposal, committed in the round context as an honest-looking round would be.
 """
 
@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from secagg_grid import Sites
 
 import fedcpt.client.app as client_app
-from fedcpt.client import secagg_stages
+from fedcpt.client import model_handlers
 from fedcpt.config import SiteConfig, SitePolicySettings, load_config
 from fedcpt.core import protocol as p
 from fedcpt.core.model import load_adapted_model
@@ -67,7 +67,7 @@ def _stage_three(tmp_path, write_text, overrides: list[str], floor: dict[str, st
     with task_identity():
         msg = Message(RecordDict({p.ARRAYS: adapter, p.CONFIG: config,
                                   STATE: shares}), dst_node_id=A, message_type=MASKED)
-        return secagg_stages.masked(msg, victim), victim
+        return model_handlers.secagg_masked(msg, victim), victim
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
@@ -178,7 +178,7 @@ def test_fake_participants_that_coarsen_the_noise_grid_are_refused():
     honest z = 1. The grid the site rounds onto shrinks with the participant count, so
     rounding raises the sensitivity 2.4-fold and the round's ε nearly triples, while z
     still meets the site's floor. The site's check of the mechanism stage 3 builds from
-    the round's participant list (:func:`fedcpt.client.secagg_stages.masked`) refuses it;
+    the round's participant list (:func:`fedcpt.client.model_handlers.secagg_masked`) refuses it;
     the honest round's grid passes."""
     node = {"site-name": "victim", "data-path": "/data", "min-user-noise-multiplier": "1.0"}
     policy = site_policy(None, SiteConfig(name="victim", data=("/data",)), node,

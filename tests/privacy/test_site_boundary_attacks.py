@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from secagg_grid import AppGrid, Sites, secagg_federation, simulated_sites
 
 import fedcpt.client.app as client_app
-from fedcpt.client import secagg_stages
+from fedcpt.client import model_handlers
 from fedcpt.config import RunConfig, load_config
 from fedcpt.core import protocol as p
 from fedcpt.core.model import load_adapted_model
@@ -123,7 +123,7 @@ def _stage_three(tmp_path: Path, text: Path, run_id: str, overrides: list[str],
     with task_identity():
         msg = Message(RecordDict({p.ARRAYS: adapter, p.CONFIG: config, STATE: ConfigRecord(
             {"src": src, "sealed": boxes})}), dst_node_id=A, message_type=MASKED)
-        return secagg_stages.masked(msg, victim), victim
+        return model_handlers.secagg_masked(msg, victim), victim
 
 
 def test_the_masked_reply_under_site_level_dp_carries_no_loss_or_time(tmp_path, write_text):
