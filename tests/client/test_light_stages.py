@@ -63,7 +63,7 @@ KEY_EXCHANGE = textwrap.dedent("""
 
 def _heavy_after(script: str, *args: str) -> list[str]:
     out = subprocess.run([sys.executable, "-c", script, *args, ",".join(HEAVY)],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
