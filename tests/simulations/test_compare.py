@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -121,12 +122,24 @@ def test_frontier_plot_draws_each_budget(tmp_path):
     assert (width, height) == (715, 715)  # 6.5 in × 110 dpi, both panels
 
 
-@pytest.mark.slow
-def test_compare_dp_frontier_on_smoke(tmp_path, sites_config):
-    out = tmp_path / "frontier"
-    payload = compare("smoke", out, ["fedavg"], [False, True], [], config_file=sites_config,
-                      epsilons=(2.0, 8.0))
-    dp_rows = {r["target_epsilon"]: r for r in payload["arms"] if r["dp"]}
+@pytest.fixture(scope="module")
+def frontier_and_default_run(tmp_path_factory, sites_config) -> tuple[Path, dict]:
+    """One real comparison on one engine start: plain FedAvg off and at ε 2 and 8 (the
+    frontier), and the smoke analogue of the default run (DP + SecAgg+ + protection)."""
+    from fedcpt.simulations.compare import DEFAULT_RUN
+
+    out = tmp_path_factory.mktemp("compare") / "product"
+    payload = compare("smoke", out, ["fedavg", DEFAULT_RUN], [False, True], [],
+                      config_file=sites_config, epsilons=(2.0, 8.0),
+                      default_scenario="smoke-default")
+    return out, payload
+
+
+@pytest.mark.slow  # shares one real comparison (four runs) with the default-run test below
+def test_compare_dp_frontier_on_smoke(frontier_and_default_run):
+    out, payload = frontier_and_default_run
+    dp_rows = {r["target_epsilon"]: r for r in payload["arms"]
+               if r["dp"] and r["arm"] == "fedavg"}
     assert set(dp_rows) == {2.0, 8.0}
     for target, row in dp_rows.items():
         assert 0 < row["epsilon"] <= target  # the budget spent, never above it
@@ -167,13 +180,11 @@ def test_the_default_run_is_measured_against_plain_fedavg_without_dp(tmp_path):
 
 
 @pytest.mark.slow  # the smoke analogue of the default run: DP + SecAgg+ + protection
-def test_compare_runs_the_default_run_beside_plain_fedavg(tmp_path, sites_config):
+def test_compare_runs_the_default_run_beside_plain_fedavg(frontier_and_default_run):
     from fedcpt.simulations.compare import DEFAULT_RUN
 
-    out = tmp_path / "product"
-    payload = compare("smoke", out, [DEFAULT_RUN], [False], [], config_file=sites_config,
-                      default_scenario="smoke-default")
-    arms = {r["arm"]: r for r in payload["arms"]}
+    out, payload = frontier_and_default_run
+    arms = {r["arm"]: r for r in payload["arms"] if not (r["dp"] and r["arm"] == "fedavg")}
     assert set(arms) == {"fedavg", DEFAULT_RUN}
     row = arms[DEFAULT_RUN]
     assert row["dp"] and 0 < row["epsilon"] <= 8.0  # spent, never above the budget
