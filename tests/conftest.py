@@ -181,6 +181,8 @@ SMOKE_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "user-level-secagg": ("smoke", ("secagg.mode=on", "federation.max_update_norm=5",
                                     "privacy.user_level=true", "privacy.user_clipping_norm=0.01",
                                     "privacy.user_noise_multiplier=0.5")),
+    "tracked": ("smoke-dp", ("tracking.backends=mlflow,tensorboard",)),
+    "four-bit": ("smoke", ("model.quantization=4bit",)),
 }
 """name: (scenario, overrides) of each shared smoke run."""
 

@@ -104,15 +104,12 @@ def test_four_bit_config():
         load_config("smoke", overrides=["model.quantization=8bit"])
 
 
-@pytest.mark.slow  # a real simulation; bitsandbytes' CPU kernels are slow (minutes on 2 cores)
-def test_smoke_simulation_on_a_four_bit_base(tmp_path, sites_config):
+@pytest.mark.slow  # a shared smoke run (tests/conftest.py:SMOKE_RUNS, one engine start)
+@pytest.mark.smoke_run("four-bit")
+def test_smoke_simulation_on_a_four_bit_base(smoke_runs):
     """The smoke federation on a 4-bit base: every round aggregates, the domain loss
     falls, and each site uploads the same fp32 adapter bytes as on an fp32 base."""
-    from fedcpt.simulations.runner import simulate
-
-    cfg = load_config("smoke", config_file=sites_config,
-                      overrides=["model.quantization=4bit"])
-    summary = simulate(cfg, tmp_path / "run")
+    cfg, summary = smoke_runs["four-bit"].cfg, smoke_runs["four-bit"].summary
     assert summary["rounds_aggregated"] == cfg.federation.rounds
     assert summary["adaptation"] > 0
     adapter = adapter_state(load_adapted_model(FP32, cfg.lora, seed=0).model)

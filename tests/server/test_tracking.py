@@ -20,22 +20,20 @@ from fedcpt.runfolder.records import RoundRecord
 from fedcpt.server.reports.tracking import metric_name, round_metrics, tracking_observers
 
 
-@pytest.fixture(scope="module")
-def tracked_run(tmp_path_factory, sites_config):
-    """One smoke-dp simulation with MLflow and TensorBoard on: (config, run_dir, summary)."""
-    from fedcpt.simulations.runner import simulate
-
-    cfg = load_config("smoke-dp", config_file=sites_config,
-                      overrides=["tracking.backends=mlflow,tensorboard"])
-    run_dir = tmp_path_factory.mktemp("tracked") / "run"
-    return cfg, run_dir, simulate(cfg, run_dir)
+@pytest.fixture
+def tracked_run(smoke_runs):
+    """The shared smoke-dp simulation with MLflow and TensorBoard on (mark the test
+    ``smoke_run("tracked")``): (config, run_dir, summary)."""
+    run = smoke_runs["tracked"]
+    return run.cfg, run.run_dir, run.summary
 
 
 def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow  # the tracked_run fixture is a real simulation
+@pytest.mark.slow  # a shared smoke run (tests/conftest.py:SMOKE_RUNS, one engine start)
+@pytest.mark.smoke_run("tracked")
 def test_mlflow_run_reads_back_with_mlflow(tracked_run):
     from mlflow.tracking import MlflowClient
 
@@ -66,7 +64,8 @@ def test_mlflow_run_reads_back_with_mlflow(tracked_run):
     assert "adapter/adapter_model.safetensors" in adapter
 
 
-@pytest.mark.slow  # the tracked_run fixture is a real simulation
+@pytest.mark.slow  # a shared smoke run (tests/conftest.py:SMOKE_RUNS, one engine start)
+@pytest.mark.smoke_run("tracked")
 def test_tensorboard_events_read_back_with_tensorboard(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
