@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -40,6 +42,21 @@ def test_ray_address_is_refused_with_the_key_named():
 def test_run_config_strings_are_toml_quoted():
     assert toml_pairs({"scenario": "smoke", "set": 'a=1 b="x y"', "n": 3}) == (
         'scenario="smoke" set="a=1 b=\\"x y\\"" n=3')
+
+
+def test_flower_processes_of_a_simulation_post_no_telemetry(tmp_path):
+    # what Flower's processes would send: an event, through urllib, to telemetry.flower.ai
+    probe = ("import urllib.request\n"
+             "def sent(*args, **kwargs):\n"
+             "    raise SystemExit('telemetry posted')\n"
+             "urllib.request.urlopen = sent\n"
+             "from flwr.supercore import telemetry\n"
+             "print(telemetry.create_event(telemetry.EventType.FLWR_SIMULATION_RUN_ENTER, {}))")
+    env = LocalSuperLink(tmp_path).env()
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "disabled"
 
 
 @pytest.mark.slow  # two real simulations (about a minute each on 2 idle cores)
