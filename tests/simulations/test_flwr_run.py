@@ -25,6 +25,13 @@ def test_federation_config_has_one_supernode_per_site_and_whole_cpus():
                                       "init-args-num-cpus": 2}
 
 
+@pytest.mark.parametrize("scenario", ["smoke", "smoke-dp", "smoke-secagg", "smoke-default"])
+def test_the_smoke_sites_share_one_ray_worker(scenario):
+    # the smoke work is seconds: a second worker only repeats its start (see smoke.toml)
+    fed = federation_config(load_config(scenario))
+    assert fed["init-args-num-cpus"] // fed["client-resources-num-cpus"] == 1
+
+
 @pytest.mark.parametrize("cpus", ["0.5", "1.5", "0"])
 def test_a_fractional_cpu_per_client_is_refused_with_the_key_named(cpus):
     # Flower's SimulationConfig carries client CPUs as an integer; `flwr run` would fail
