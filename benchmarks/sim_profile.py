@@ -36,7 +36,7 @@ PHASES = [  # (phase ending at the first run.log line containing the marker, mar
     ("cli imports", "fedcpt.core.model: Loaded"), ("cli preflight", "Simulating"),
     ("engine start", "Starting Flower Simulation"), ("serverapp start", "fedcpt job 1 of"),
     ("server model and general data", 'round=1 state="training"'),
-    ("round 1 (with Ray's and the workers' start)", 'round=1 state="done"'),
+    ("round 1 (with Ray's and the workers' start)", 'round=2 state="training"'),
     ("round 2", 'round=2 state="done"'), ("report", "run finished")]
 
 
@@ -68,9 +68,11 @@ def profile(cmd: list[str], log: Path) -> dict:
                 name = role(p)
             except psutil.Error:
                 continue
-            known = cpu.get(p.pid, (name, 0.0))
-            # a forked child shows its parent's command line until it execs
-            cpu[p.pid] = (name if name != "other" else known[0], times.user + times.system)
+            known = cpu.get(p.pid, (name, 0.0))[0]
+            # a forked child shows its parent's command line until it execs (a Ray worker
+            # its name until it hosts an actor), and an exited one none: the last role wins
+            cpu[p.pid] = (name if name not in ("", "other") else known,
+                          times.user + times.system)
         timeline.append((now, sum(seconds for _, seconds in cpu.values())))
         if log.is_file():
             text = log.read_text(errors="replace")
