@@ -69,10 +69,10 @@ def profile(cmd: list[str], log: Path) -> dict:
             except psutil.Error:
                 continue
             known = cpu.get(p.pid, (name, 0.0))[0]
-            # a forked child shows its parent's command line until it execs (a Ray worker
-            # its name until it hosts an actor), and an exited one none: the last role wins
-            cpu[p.pid] = (name if name not in ("", "other") else known,
-                          times.user + times.system)
+            # a forked child shows its parent's command line until it execs, an exited one
+            # none, and a Ray worker its actor's name only while it hosts it
+            keep = name in ("", "other") or (known, name) == ("clientapp-worker", "ray")
+            cpu[p.pid] = (known if keep else name, times.user + times.system)
         timeline.append((now, sum(seconds for _, seconds in cpu.values())))
         if log.is_file():
             text = log.read_text(errors="replace")
