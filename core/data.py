@@ -312,8 +312,11 @@ def blocks_across_units(blocks: torch.Tensor, owners: torch.Tensor, n: int) -> t
     first[1:] = owners[1:] != owners[:-1]
     starts = torch.nonzero(first).flatten()
     rank = torch.arange(len(owners)) - starts[torch.cumsum(first.long(), 0) - 1]
-    order = sorted(range(len(owners)), key=lambda i: (int(rank[i]), int(owners[i])))
-    return blocks[torch.tensor(order[:n], dtype=torch.long)]
+    # ordered by (rank, owner, position): two stable sorts, the minor key first (a Python
+    # sort keyed on tensor items took seconds per query in a busy Ray worker)
+    by_owner = torch.sort(owners, stable=True).indices
+    order = by_owner[torch.sort(rank[by_owner], stable=True).indices]
+    return blocks[order[:n]]
 
 
 def first_block_per_unit(blocks: torch.Tensor, owners: torch.Tensor, n: int) -> torch.Tensor:

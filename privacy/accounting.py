@@ -11,14 +11,20 @@ and is deliberately not offered.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 
 from fedcpt.exceptions import ConfigError
+from fedcpt.privacy import plan_store
 from fedcpt.privacy.opacus_lib import create_accountant
+
+log = logging.getLogger(__name__)
 
 ACCOUNTANTS = ("prv", "rdp")
 Step = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 MAX_SIGMA = 1e3  # noise a thousand times the clipping norm: nothing is learned
+SIGMA_RESOLUTION = 1e-4
+"""The planner stops once the smallest σ that meets the budget is bracketed this tightly."""
 MIN_DELTA = 1e-12
 """The smallest δ a site accepts: below about 1e-13 Opacus's PRV accountant refuses to
 compute ε for common histories (its floating-point error exceeds δ), and even 1e-12 fails
@@ -60,7 +66,8 @@ def plan_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps
     Opacus's ``get_noise_multiplier`` plans a single homogeneous run; a site that has
     already spent budget in earlier phases needs the plan on top of its ``prior`` history,
     so the same bisection is done here over the composed history. Cached per process on
-    its (public) inputs: sites and tests that plan the same spend share one bisection.
+    its (public) inputs, and across processes by :mod:`fedcpt.privacy.plan_store`: a σ
+    stored by another process is used only once :func:`_meets_plan` confirms it here.
     """
     return _plan_noise(target_epsilon, delta, sample_rate, steps, accountant,
                        tuple(tuple(step) for step in prior), tolerance)
@@ -79,6 +86,34 @@ def _plan_noise(target_epsilon: float, delta: float, sample_rate: float, steps: 
     def eps(sigma: float) -> float:
         return epsilon(list(prior) + [(sigma, sample_rate, steps)], delta, accountant)
 
+    inputs = [target_epsilon, delta, sample_rate, steps, accountant,
+              [list(step) for step in prior], tolerance]
+    stored = plan_store.load(inputs)
+    if stored is not None:
+        if _meets_plan(stored, eps, target_epsilon, tolerance):
+            return stored
+        log.warning("the stored noise plan σ=%g does not meet the plan for ε=%g; planning "
+                    "again", stored, target_epsilon)
+    sigma = _bisect_noise(eps, target_epsilon, delta, sample_rate, steps, tolerance)
+    plan_store.save(inputs, sigma)
+    return sigma
+
+
+def _meets_plan(sigma: float, eps: Callable[[float], float], target_epsilon: float,
+                tolerance: float) -> bool:
+    """Whether ``sigma`` is what :func:`_bisect_noise` may return: within the budget, and
+    within ``tolerance`` of it in ε or within :data:`SIGMA_RESOLUTION` of the smallest σ
+    that meets it (one or two accountant calls instead of a bisection's 20-30)."""
+    spent = eps(sigma)
+    if spent > target_epsilon:
+        return False
+    if target_epsilon - spent <= tolerance:
+        return True
+    return sigma > SIGMA_RESOLUTION and eps(sigma - SIGMA_RESOLUTION) > target_epsilon
+
+
+def _bisect_noise(eps: Callable[[float], float], target_epsilon: float, delta: float,
+                  sample_rate: float, steps: int, tolerance: float) -> float:
     if eps(MAX_SIGMA) > target_epsilon:
         raise ConfigError(
             f"privacy budget ε={target_epsilon}, δ={delta:g} is too small for {steps} steps at "
@@ -86,7 +121,7 @@ def _plan_noise(target_epsilon: float, delta: float, sample_rate: float, steps: 
     low, high = 0.0, 1.0
     while eps(high) > target_epsilon:
         low, high = high, 2 * high
-    while high - low > 1e-4 and target_epsilon - eps(high) > tolerance:
+    while high - low > SIGMA_RESOLUTION and target_epsilon - eps(high) > tolerance:
         mid = (low + high) / 2
         if eps(mid) <= target_epsilon:
             high = mid

@@ -58,8 +58,12 @@ class LocalSuperLink:
         self.log_path = home / "superlink.log"
 
     def env(self) -> dict[str, str]:
+        """The environment of ``flwr run``, the SuperLink and all it starts. Flower's
+        telemetry is off: every Flower process would otherwise post its platform and run
+        events to telemetry.flower.ai, and wait up to 4 s at exit for the post."""
         env = dict(os.environ, FLWR_HOME=str(self.home), PYTHONUNBUFFERED="1",
-                   FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+                   FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+                   FLWR_TELEMETRY_ENABLED="0")
         # Flower starts flower-superexec and flwr-simulation by name, from this environment.
         env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
         return env

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedcpt.core.data import (
+    blocks_across_units,
     build_blocks,
     expand_source,
     heldout_by_hash,
@@ -424,3 +425,23 @@ def test_bad_unit_specs_fail_cleanly(tmp_path, write_text, byte_tok, make_text):
     notes = _records(tmp_path, make_text, users=3, per_user=1)
     with pytest.raises(DataError, match="has no unit field 'patient_id'"):
         _blocks([notes], byte_tok, unit="field:patient_id")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_blocks_across_units_takes_the_first_block_of_every_unit_then_the_second(seed):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 6, (40,), generator=gen)
+    owners = torch.repeat_interleave(torch.randperm(40, generator=gen), lengths)
+    if seed % 2:  # a unit may also come back after another (ranks count within each run)
+        owners = torch.cat([owners, owners[:7]])
+    blocks = torch.arange(len(owners)).unsqueeze(1).repeat(1, 3)
+    first = torch.ones(len(owners), dtype=torch.bool)
+    first[1:] = owners[1:] != owners[:-1]
+    rank, seen = [], 0
+    for i in range(len(owners)):
+        seen = 0 if first[i] else seen + 1
+        rank.append(seen)
+    expected = sorted(range(len(owners)), key=lambda i: (rank[i], int(owners[i]), i))
+    for n in (1, 8, 40, len(owners)):
+        assert blocks_across_units(blocks, owners, n)[:, 0].tolist() == expected[:n]
+    assert len(blocks_across_units(blocks, owners[:0], 8)) == 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -21,6 +23,13 @@ def test_federation_config_has_one_supernode_per_site_and_whole_cpus():
     assert federation_config(cfg) == {"num-supernodes": 3, "client-resources-num-cpus": 1,
                                       "client-resources-num-gpus": 0,
                                       "init-args-num-cpus": 2}
+
+
+@pytest.mark.parametrize("scenario", ["smoke", "smoke-dp", "smoke-secagg", "smoke-default"])
+def test_the_smoke_sites_share_one_ray_worker(scenario):
+    # the smoke work is seconds: a second worker only repeats its start (see smoke.toml)
+    fed = federation_config(load_config(scenario))
+    assert fed["init-args-num-cpus"] // fed["client-resources-num-cpus"] == 1
 
 
 @pytest.mark.parametrize("cpus", ["0.5", "1.5", "0"])
@@ -40,6 +49,21 @@ def test_ray_address_is_refused_with_the_key_named():
 def test_run_config_strings_are_toml_quoted():
     assert toml_pairs({"scenario": "smoke", "set": 'a=1 b="x y"', "n": 3}) == (
         'scenario="smoke" set="a=1 b=\\"x y\\"" n=3')
+
+
+def test_flower_processes_of_a_simulation_post_no_telemetry(tmp_path):
+    # what Flower's processes would send: an event, through urllib, to telemetry.flower.ai
+    probe = ("import urllib.request\n"
+             "def sent(*args, **kwargs):\n"
+             "    raise SystemExit('telemetry posted')\n"
+             "urllib.request.urlopen = sent\n"
+             "from flwr.supercore import telemetry\n"
+             "print(telemetry.create_event(telemetry.EventType.FLWR_SIMULATION_RUN_ENTER, {}))")
+    env = LocalSuperLink(tmp_path).env()
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "disabled"
 
 
 @pytest.mark.slow  # two real simulations (about a minute each on 2 idle cores)
