@@ -209,13 +209,13 @@ def site_check(
     its SuperNode."""
     setup_logging(False)
     from fedcpt.config import load_config
-    from fedcpt.deploy.site_check import run_site_check
+    from fedcpt.deploy.site_check import WARNING, run_site_check
 
     cfg = load_config(scenario=scenario, config_file=config, overrides=overrides)
     for line in run_site_check(cfg, node_config, superlink=superlink,
                                root_certificates=root_certificates, auth_key=auth_key,
                                timeout=timeout):
-        typer.echo(f"ok  {line}")
+        typer.echo(f"!!  {line[len(WARNING):]}" if line.startswith(WARNING) else f"ok  {line}")
     typer.echo("site is ready")
 
 

@@ -323,6 +323,25 @@ def check_superlink(address: str, root_certificates: Path | None,
     return f"SuperLink: {endpoint} answers, TLS certificate verified ({version})"
 
 
+WARNING = "warning: "
+"""Starts a line that does not stop the site but needs its admin's attention."""
+TELEMETRY_ENV = "FLWR_TELEMETRY_ENABLED"
+
+
+def check_telemetry(environ: dict[str, str] | None = None) -> str:
+    """Whether Flower's processes here would post to telemetry.flower.ai: each SuperNode,
+    SuperExec and ClientApp process sends this machine's platform (OS, release, Python,
+    CPU count) and its run events unless ``FLWR_TELEMETRY_ENABLED`` is set to anything but
+    ``1`` (``flwr/supercore/telemetry.py``). Not the site's data, but a message leaving the
+    site that its board did not sign for: the line says how to turn it off."""
+    value = (os.environ if environ is None else environ).get(TELEMETRY_ENV, "1")
+    if value != "1":
+        return f"Flower telemetry: off ({TELEMETRY_ENV}={value})"
+    return (f"{WARNING}Flower telemetry: on: Flower's processes would post this machine's "
+            f"platform and their run events to telemetry.flower.ai; set {TELEMETRY_ENV}=0 "
+            "where flower-supernode runs")
+
+
 def run_site_check(cfg: RunConfig, node_config_text: str, *, superlink: str | None = None,
                    root_certificates: Path | None = None, auth_key: Path | None = None,
                    timeout: float = 5.0) -> list[str]:
@@ -333,6 +352,7 @@ def run_site_check(cfg: RunConfig, node_config_text: str, *, superlink: str | No
     lines.extend(check_run_inputs(cfg, node_config))
     lines.extend(check_data(cfg, node_config))
     lines.append(check_ledger(node_config))
+    lines.append(check_telemetry())
     if root_certificates is not None:
         lines.append(check_root_certificates(root_certificates))
     if auth_key is not None:

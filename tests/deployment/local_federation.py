@@ -70,7 +70,8 @@ class LocalFederation:
         self._logs: list = []
 
     def env(self, flwr_home: Path) -> dict[str, str]:
-        env = dict(os.environ, FLWR_HOME=str(flwr_home), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, FLWR_HOME=str(flwr_home), PYTHONUNBUFFERED="1",
+                   FLWR_TELEMETRY_ENABLED="0")  # as docs/deploy.md asks of every site
         # Flower launches flower-superexec and flwr-clientapp by name.
         env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
         return env

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import socket
 import ssl
@@ -21,6 +22,8 @@ from local_federation import free_port
 from fedcpt.config import load_config
 from fedcpt.deploy.certs import FederationFiles, write_federation_certs
 from fedcpt.deploy.site_check import (
+    TELEMETRY_ENV,
+    WARNING,
     check_auth_key,
     check_data,
     check_ledger,
@@ -28,6 +31,7 @@ from fedcpt.deploy.site_check import (
     check_root_certificates,
     check_run_inputs,
     check_superlink,
+    check_telemetry,
     parse_endpoint,
     parse_node_config,
     run_site_check,
@@ -323,10 +327,11 @@ def test_run_site_check_stops_at_the_first_problem(smoke, sites_config, certs) -
     lines = run_site_check(smoke, f'site-name="north" data-path="{data}" '
                            'privacy-unit="passage"', root_certificates=certs.ca_cert,
                            auth_key=certs.site_keys["clinic"][0])
-    assert [line.split(":")[0] for line in lines if not line.startswith("policy ")] == [
+    assert [line.removeprefix(WARNING).split(":")[0] for line in lines
+            if not line.startswith("policy ")] == [
         "site name", "run data.text_field", "run data.block_size", "run model",
-        "run train_share", "data", "DP utility", "privacy ledger", "root certificate",
-        "authentication key"]
+        "run train_share", "data", "DP utility", "privacy ledger", "Flower telemetry",
+        "root certificate", "authentication key"]
     assert "policy unit: passage [site node config]" in lines
     with pytest.raises(ConfigError, match="does not answer"):
         run_site_check(smoke, f'site-name="north" data-path="{data}" privacy-unit="passage"',
@@ -342,3 +347,25 @@ def test_cli_error_line(sites_config: Path, tmp_path: Path) -> None:
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: data path not found: {tmp_path / 'nothing'}")
+
+
+# What Flower's telemetry would post, made as Flower makes it, with the network call replaced
+# by an exit: status 3 means a post would have left the machine.
+TELEMETRY_PROBE = ("import sys, urllib.request\n"
+                   "urllib.request.urlopen = lambda *a, **k: sys.exit(3)\n"
+                   "from flwr.supercore import telemetry\n"
+                   "telemetry.create_event(telemetry.EventType.RUN_SUPERNODE_ENTER, {})\n")
+
+
+@pytest.mark.parametrize("value", [None, "1", "0", "false"])
+def test_the_telemetry_line_says_whether_flower_would_post(value: str | None) -> None:
+    env = {k: v for k, v in os.environ.items() if k != TELEMETRY_ENV}
+    if value is not None:
+        env[TELEMETRY_ENV] = value
+    line = check_telemetry(env)
+    probe = subprocess.run([sys.executable, "-c", TELEMETRY_PROBE], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert probe.returncode in (0, 3), probe.stderr
+    assert line.startswith(f"{WARNING}Flower telemetry: on") == (probe.returncode == 3), line
+    if probe.returncode == 3:
+        assert f"set {TELEMETRY_ENV}=0 where flower-supernode runs" in line
