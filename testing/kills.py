@@ -114,6 +114,9 @@ def client_kills(workdir: Path, points: tuple[str, ...] = tuple(POINTS)) -> Kill
     if whole.returncode != 0:
         report.problems.append(f"uninterrupted site failed: {whole.stderr[-2000:]}")
         return report
+    # the held-out split's salt is fresh per ledger folder: the killed site starts from the
+    # uninterrupted one's split record, so both train on the same units (the same N, q, σ)
+    share_splits(workdir / "whole", workdir / "killed")
     logs: list[str] = []  # stderr of each start of the killed site
     for i, point in enumerate(points, 1):
         killed = _site(workdir, config, data, "killed", kill=f"{i}:{point}")
