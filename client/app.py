@@ -11,8 +11,9 @@ query are in :mod:`~fedcpt.client.model_handlers`, evaluation in
 
 A deployed SuperNode starts a ClientApp process for every message. The handlers that open
 the model import their module when called, so that a key-exchange stage (four of the five
-messages of each SecAgg+ session) starts without torch, transformers, peft or Opacus:
-about 1 CPU-s instead of 10 (``tests/client/test_light_stages.py``).
+messages of each SecAgg+ session) starts without torch, transformers, peft or Opacus
+(``tests/client/test_light_stages.py``): importing this module took 0.55 CPU-s, against
+about 17 with them (2-core AMX Xeon).
 """
 
 from __future__ import annotations
