@@ -4,16 +4,18 @@ All run through the same private simulation SuperLink and ``flwr run`` path
 (:mod:`fedcpt.simulations.superlink`), with the same model, sites, local steps, batch and
 Ray resources. The plain app (written to a temporary folder) is what a Flower user would
 write: Flower's FedAvg, a ClientApp that loads SmolLM2 + peft once per process and runs
-AdamW steps on its site's blocks in fedcpt's precision (bf16 autocast where the CPU has
-native bf16, else fp32), and no evaluation. fedcpt runs with evaluation on (its
-general evaluation overlapping the next round, as shipped, then waited for), then with
-DP-SGD + SecAgg+.
+AdamW steps on its site's blocks, and the same evaluation as fedcpt's every round (each
+site's held-out loss, the server's general kinds with KL to the base and the base model's
+answers), with fedcpt's model loader and evaluation functions, so at the same precision
+(bf16 autocast where the CPU has native bf16, else fp32). fedcpt runs with evaluation on
+(its general evaluation overlapping the next round, as shipped, then waited for), then
+with DP-SGD + SecAgg+.
 
 A round is the steady-state one: from round 2's start to round 3's, read from the
 streamed log lines as they arrive (Flower's ``[ROUND r/N]``, fedcpt's round progress
 line), so model loading, the base model's one-off evaluations and the report are left
-out. Whole-run wall times are kept beside. Goals: ≤ 1.1× with evaluation, ≤ 1.2× with
-DP + SecAgg.
+out. Whole-run wall times are kept beside. Goal (#28): ≤ 1.05× the plain app, with and
+without DP + SecAgg.
 
     python benchmarks/round_overhead.py --out results/round_overhead.json
 """
@@ -34,32 +36,39 @@ from fedcpt.simulations.runner import federation_config, simulate
 from fedcpt.simulations.superlink import LocalSuperLink
 
 PLAIN_APP = '''
-"""A plain Flower + peft FedAvg app: the reference round."""
+"""A plain Flower + peft FedAvg app that trains and evaluates as fedcpt does: the reference
+round. Flower's FedAvg runs the rounds; each site trains AdamW steps on its blocks and
+evaluates the global adapter on its held-out blocks (its base loss once); the server
+evaluates each round's global adapter on the general kinds, with KL to the base and the
+base model's own answers, in Flower's ``evaluate_fn``. The model and the evaluation are
+fedcpt's own functions, so both apps do the same work at the same precision."""
 import functools, torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from fedcpt.client.site import site_blocks
 from fedcpt.config import load_config
-from fedcpt.core.model import load_base_model, resolve_autocast
+from fedcpt.core.adapters import adapter_state, load_adapter, to_arrays
+from fedcpt.core.data import blocks_across_units
+from fedcpt.core.evaluation import evaluate_blocks
+from fedcpt.core.model import load_adapted_model
+from fedcpt.core.retention import GeneralEvaluation
+from fedcpt.server.app import general_data
 
 CFG = load_config("{scenario}", overrides={overrides!r})
-AUTOCAST = resolve_autocast(CFG.model, torch.device("cpu"))  # fedcpt's precision
+BASE_LOSS = {{}}
 
 
 @functools.lru_cache(maxsize=1)
 def model():
-    base = load_base_model(CFG.model)[0]  # the scenario's weights, fp32
-    lora = LoraConfig(r=CFG.lora.r, lora_alpha=CFG.lora.alpha, lora_dropout=0.0,
-                      target_modules=list(CFG.lora.target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(base, lora)
+    return load_adapted_model(CFG.model, CFG.lora, CFG.seed)  # fedcpt's model and precision
 
 
-def arrays(m):
-    return ArrayRecord({{k: v.detach() for k, v in get_peft_model_state_dict(m).items()}})
+@functools.lru_cache(maxsize=4)
+def blocks(partition):
+    return site_blocks(CFG.sites[partition], CFG.model, CFG.data)
 
 
 client = ClientApp()
@@ -67,25 +76,43 @@ client = ClientApp()
 
 @client.train()
 def train(msg: Message, context: Context) -> Message:
-    m = model()
-    set_peft_model_state_dict(m, msg.content["arrays"].to_torch_state_dict())
-    site = CFG.sites[int(context.node_config["partition-id"])]
-    blocks = site_blocks(site, CFG.model, CFG.data).train
-    params = [p for p in m.parameters() if p.requires_grad]
+    lm = model()
+    load_adapter(lm.model, msg.content["arrays"])
+    train_blocks = blocks(int(context.node_config["partition-id"])).train
+    params = [p for p in lm.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=CFG.train.lr)
     g = torch.Generator().manual_seed(0)
-    m.train()
+    lm.model.train()
     for _ in range(CFG.train.local_steps):
-        batch = blocks[torch.randint(len(blocks), (CFG.train.batch_size,), generator=g)]
-        with torch.autocast("cpu", dtype=AUTOCAST, enabled=AUTOCAST is not None):
-            loss = m(input_ids=batch, labels=batch).loss
+        batch = train_blocks[torch.randint(len(train_blocks), (CFG.train.batch_size,),
+                                           generator=g)]
+        with lm.autocast():
+            loss = lm.model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     n = CFG.train.local_steps * CFG.train.batch_size
-    reply = RecordDict({{"arrays": arrays(m), "metrics": MetricRecord({{"num-examples": n}})}})
+    reply = RecordDict({{"arrays": to_arrays(adapter_state(lm.model)),
+                        "metrics": MetricRecord({{"num-examples": n}})}})
     return Message(reply, reply_to=msg)
+
+
+@client.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    lm = model()
+    partition = int(context.node_config["partition-id"])
+    site = blocks(partition)
+    heldout = blocks_across_units(site.heldout, site.heldout_units, CFG.data.heldout_blocks)
+    if partition not in BASE_LOSS:
+        with lm.model.disable_adapter():
+            BASE_LOSS[partition] = evaluate_blocks(lm, heldout,
+                                                   CFG.train.eval_batch_size).loss
+    load_adapter(lm.model, msg.content["arrays"])
+    loss = evaluate_blocks(lm, heldout, CFG.train.eval_batch_size).loss
+    return Message(RecordDict({{"metrics": MetricRecord({{
+        "num-examples": len(heldout), "domain-loss": loss,
+        "adaptation": BASE_LOSS[partition] - loss}})}}), reply_to=msg)
 
 
 server = ServerApp()
@@ -93,8 +120,20 @@ server = ServerApp()
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
-    FedAvg(fraction_evaluate=0.0).start(grid=grid, initial_arrays=arrays(model()),
-                                        num_rounds=CFG.federation.rounds)
+    lm = model()
+    data = general_data(CFG)
+    general = GeneralEvaluation.prepare(lm, data.kinds, data.in_pool, CFG.data,
+                                        CFG.train.eval_batch_size)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_adapter(lm.model, arrays)
+        report = general.evaluate(lm)
+        return MetricRecord({{"general-loss": report.overall.loss,
+                             "kl-to-base": report.overall.kl_to_base}})
+
+    FedAvg(fraction_evaluate=1.0).start(
+        grid=grid, initial_arrays=to_arrays(adapter_state(lm.model)),
+        num_rounds=CFG.federation.rounds, evaluate_fn=evaluate_fn)
 '''
 
 PYPROJECT = '''
