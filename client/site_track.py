@@ -243,7 +243,7 @@ def _train_private(cfg: RunConfig, lm: AdaptedModel, blocks: TokenBlocks, policy
                          batch_size=train.batch_size, steps=train.local_steps,
                          delta=ledger.delta, prior=ledger.decision_history,
                          target_epsilon=target, public_units=policy.public_units)
-        public = plan.public_sample_rate if policy.public_units else None
+        public = plan.ledger_public_rate
         ledger.check_budget(plan.noise_multiplier, plan.sample_rate, train.local_steps,
                             public_sample_rate=public, action="train its site track",
                             spend=f"{train.local_steps} DP-SGD steps")

@@ -90,7 +90,7 @@ def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: T
                             batch_size=cfg.train.batch_size,
                             steps=cfg.federation.rounds * cfg.train.local_steps, run_id=run_id,
                             reserved=reserved)
-            public = plan.public_sample_rate if policy.public_units else None
+            public = plan.ledger_public_rate
             # under public-units the refusal is decided at public rates only: it depends on
             # the budget, δ, σ, the steps and batch, and public-units, never on N
             ledger.check_budget(plan.noise_multiplier, plan.sample_rate, cfg.train.local_steps,

@@ -39,6 +39,14 @@ class SitePlan:
     budget refusals are decided on (the real ε is at most this)."""
     public_sample_rate: float
     """The rate σ was planned at: batch / public-units, or ``sample_rate`` without it."""
+    public_units: int = 0
+    """The site's declared public unit count σ was planned at (0: none, the real N)."""
+
+    @property
+    def ledger_public_rate(self) -> float | None:
+        """The public rate the ledger's decisions use for this plan's steps: None when σ
+        was planned at the real q (no ``public-units``)."""
+        return self.public_sample_rate if self.public_units else None
 
 
 def sample_rate(units: int, batch_size: int) -> float:
@@ -68,7 +76,7 @@ def plan_site(privacy: PrivacyConfig, *, site: str, records: int, batch_size: in
     expected = epsilon(prior + [(sigma, planned, steps)], delta, privacy.accountant)
     return SitePlan(site=site, records=records, sample_rate=q, delta=delta, steps=steps,
                     noise_multiplier=sigma, expected_epsilon=expected,
-                    public_sample_rate=planned)
+                    public_sample_rate=planned, public_units=public_units)
 
 
 EVAL_RUN_SUFFIX = "/eval"  # ledger run id of a run's noised evaluation releases
