@@ -19,7 +19,7 @@ from fedcpt.exceptions import FedcptError, UpdateRejected
 from fedcpt.privacy.gate import MASKED_TRAIN, QUERY, TRAIN
 from fedcpt.privacy.ledger import SiteRefused
 from fedcpt.privacy.policy import check_reconstruction_threshold, check_site_level_dp
-from fedcpt.privacy.secagg import participation
+from fedcpt.privacy.secagg import participation, site_level_record
 from fedcpt.privacy.secagg import site as secagg_site
 from fedcpt.privacy.secagg.ddp import DistributedDP
 from fedcpt.privacy.secagg.encoding import encode, vector_length
@@ -87,6 +87,9 @@ def secagg_masked(msg: Message, context: Context) -> Message:
         check_update(arrays, reference)
         if ddp is None and bound:
             _check_norm(request, arrays, reference, bound)
+        if ddp is not None:  # counted by the site, whatever run ids the server uses
+            site_level_record.record_release(policy.ledger_path, request.run_id,
+                                             request.server_round, ddp, cfg.privacy.user_delta)
         vector = encode(arrays, reference, int(metrics[p.NUM_EXAMPLES]), params, ddp)
         masked_vector = secagg_site.mask(context, vector)
         attestation = attestation_record(request)

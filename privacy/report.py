@@ -24,6 +24,11 @@ from fedcpt.privacy.gate import (  # noqa: E402
 )
 from fedcpt.privacy.ledger import LEDGER_SUFFIX, LedgerError, PrivacyLedger  # noqa: E402
 from fedcpt.privacy.policy import N_DEPENDENT_NOTE  # noqa: E402
+from fedcpt.privacy.secagg.site_level_record import (  # noqa: E402
+    load_releases,
+    record_path,
+    site_level_epsilon,
+)
 
 STATEMENT = (
     "Unit-level differential privacy at each site: the unit is named by the site's own "
@@ -130,7 +135,18 @@ def site_row(ledger: PrivacyLedger) -> dict[str, Any]:
         "public_units": public,
         "epsilon_decisions": bound,
         "decisions": decisions_statement(public, bound),
+        "site_level": site_level_row(ledger),
     }
+
+
+def site_level_row(ledger: PrivacyLedger) -> dict[str, Any] | None:
+    """The site's own count of its distributed-DP releases, over every run (None: none)."""
+    releases = load_releases(record_path(ledger.path))
+    if not releases:
+        return None
+    eps, delta = site_level_epsilon(releases)
+    return {"releases": len(releases), "runs": len({r.run for r in releases}),
+            "epsilon": eps, "delta": delta}
 
 
 def decisions_statement(public_units: int, bound: float) -> str:
@@ -188,6 +204,11 @@ def write_privacy_report(ledgers: list[PrivacyLedger], out_dir: Path) -> dict[st
         lines += ["", f"## Site {r['site']}: what it releases", ""]
         lines += [f"- {item}" for item in r["releases"]]
         lines += ["", f"Noise plan and refusals: {r['decisions']}"]
+        if (level := r["site_level"]) is not None:
+            lines += ["", f"Site-level DP (distributed, counted by the site over every run): "
+                          f"{level['releases']} noised updates in {level['runs']} run(s), "
+                          f"site-level ε = **{level['epsilon']:.3f}** at δ = "
+                          f"{level['delta']:g}."]
         if r["policy"]:
             lines += ["", "| policy | value | set by |", "|---|---|---|"]
             lines += [f"| {k} | {v['value']} | {v['set_by']} |" for k, v in r["policy"].items()]

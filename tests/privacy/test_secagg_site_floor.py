@@ -27,12 +27,20 @@ from fedcpt.core import protocol as p
 from fedcpt.core.model import load_adapted_model
 from fedcpt.deploy.site_check import check_node_config
 from fedcpt.exceptions import ConfigError, UpdateRejected
+from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.privacy.policy import PolicyRefused, check_site_level_dp, site_policy
+from fedcpt.privacy.report import site_row
 from fedcpt.privacy.secagg import site as secagg_site
 from fedcpt.privacy.secagg.ddp import DistributedDP
 from fedcpt.privacy.secagg.encoding import vector_length
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import MASKED, STATE
+from fedcpt.privacy.secagg.site_level_record import (
+    MAX_DELTA,
+    load_releases,
+    record_path,
+    site_level_epsilon,
+)
 from fedcpt.testing.site_round import site_context, task_identity, train_message
 
 A, B, C, D, E = NODES = (11, 22, 33, 44, 55)
@@ -43,7 +51,7 @@ HONEST = ["privacy.user_level=true", "privacy.user_noise_multiplier=1.0",
 
 
 def _stage_three(tmp_path, write_text, overrides: list[str], floor: dict[str, str] = FLOOR,
-                 threshold: int = 0) -> tuple[Message, Context]:
+                 threshold: int = 0, run_id: str = "run-1") -> tuple[Message, Context]:
     """Stages 1–2 run honestly for five sites under the server's config (``HONEST`` with
     ``overrides``) and its ``threshold`` (0: the default majority); returns site A's reply
     to the real stage-3 handler, and A's context. A is a deployed site whose node config
@@ -51,7 +59,7 @@ def _stage_three(tmp_path, write_text, overrides: list[str], floor: dict[str, st
     cfg = load_config("smoke", overrides=[*HONEST, *overrides])
     adapter = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
     with task_identity():
-        request = train_message(cfg, "run-1", 1, adapter)
+        request = train_message(cfg, run_id, 1, adapter)
     config = request.content[p.CONFIG]
     params = SecAggParams.for_round(cfg, len(NODES))
     sites = Sites(NODES, replace(params, threshold=threshold or params.threshold), adapter,
@@ -118,6 +126,42 @@ def test_a_proposal_at_the_sites_floor_trains_and_sends_its_masked_update(tmp_pa
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert p.MASKED_VECTOR in reply.content[p.MASKED]
     assert victim.state.config_records[STATE]["stage"] == "mask"
+
+
+def test_a_server_repeating_the_round_under_new_run_ids_is_counted_by_the_site(
+        tmp_path, write_text):
+    """The run's summary counts its own rounds; a server that re-sends round 1 under three
+    run ids gets three noised updates of the same site (one that also trains with DP-SGD,
+    so its fresh noise lets it answer each (run, round)). The site records each release
+    before it leaves, beside its ledger, and its privacy report composes all three."""
+    floor = {**FLOOR, "require-dp": "true"}
+    for run_id in ("run-1", "run-2", "run-3"):
+        reply, _ = _stage_three(tmp_path, write_text, ["privacy.enabled=true"], floor,
+                                run_id=run_id)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    ledger = tmp_path / "victim.ledger.json"
+    releases = load_releases(record_path(ledger))
+    assert [(r.run, r.server_round) for r in releases] == [
+        ("run-1", 1), ("run-2", 1), ("run-3", 1)]
+    cfg = load_config("smoke", overrides=HONEST)
+    params = SecAggParams.for_round(cfg, len(NODES))
+    adapter = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
+    ddp = DistributedDP.for_config(cfg, params.threshold, len(NODES), vector_length(adapter) - 1)
+    eps, delta = site_level_epsilon(releases)
+    assert delta == cfg.privacy.user_delta
+    assert eps == pytest.approx(ddp.epsilon(3, delta), rel=1e-9)
+    assert eps > ddp.epsilon(1, delta)  # what one run's summary would state
+    row = site_row(PrivacyLedger.load(ledger))
+    assert row["site_level"] == {"releases": 3, "runs": 3, "epsilon": pytest.approx(eps),
+                                 "delta": delta}
+
+
+def test_a_server_stating_a_loose_site_level_delta_is_recorded_at_the_default(tmp_path,
+                                                                              write_text):
+    reply, _ = _stage_three(tmp_path, write_text, ["privacy.user_delta=0.5"])
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    [release] = load_releases(record_path(tmp_path / "victim.ledger.json"))
+    assert release.delta == MAX_DELTA
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
