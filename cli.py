@@ -234,13 +234,15 @@ def privacy_report(
     and privacy_epsilon.png."""
     from rich.table import Table
 
-    from fedcpt.privacy.report import find_ledgers, write_privacy_report
+    from fedcpt.privacy.report import find_ledgers, find_site_level, write_privacy_report
 
-    ledgers = find_ledgers(path)
+    site_level = find_site_level(path)  # a site without DP-SGD may keep only this count
+    ledgers = find_ledgers(path, required=not site_level)
     out_dir = out or (path if path.is_dir() else path.parent)
-    payload = write_privacy_report(ledgers, out_dir)
-    table = Table(title=f"Privacy spent (federation unit-level ε = "
-                        f"{payload['max_epsilon']:.3f}; unit: {', '.join(payload['units'])})")
+    payload = write_privacy_report(ledgers, out_dir, site_level)
+    federation = ("none" if payload["max_epsilon"] is None else
+                  f"{payload['max_epsilon']:.3f}; unit: {', '.join(payload['units'])}")
+    table = Table(title=f"Privacy spent (federation unit-level ε = {federation})")
     for col in ("site", "ε", "ε (RDP)", "δ", "steps", "σ", "q", "accountant", "budget left"):
         table.add_column(col)
     for r in payload["sites"].values():
@@ -248,6 +250,9 @@ def privacy_report(
                       f"{r['delta']:.3g}", str(r["steps"]), f"{r['noise_multiplier'] or 0:.4f}",
                       f"{r['sample_rate'] or 0:.5f}", r["accountant"], f"{r['budget_left']:.3f}")
     Console().print(table)
+    for site, row in payload["site_level"].items():
+        print(f"{site}: site-level ε = {row['epsilon']:.3f} at δ = {row['delta']:g} over "
+              f"{row['releases']} noised updates in {row['runs']} run(s), counted by the site")
     print(out_dir / "privacy_report.md")
 
 

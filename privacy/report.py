@@ -25,6 +25,7 @@ from fedcpt.privacy.gate import (  # noqa: E402
 from fedcpt.privacy.ledger import LEDGER_SUFFIX, LedgerError, PrivacyLedger  # noqa: E402
 from fedcpt.privacy.policy import N_DEPENDENT_NOTE  # noqa: E402
 from fedcpt.privacy.secagg.site_level_record import (  # noqa: E402
+    RECORD_SUFFIX,
     load_releases,
     record_path,
     site_level_epsilon,
@@ -98,16 +99,37 @@ def site_table(sites: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def find_ledgers(path: Path) -> list[PrivacyLedger]:
-    """Ledgers at ``path``: a ledger file, a folder of them, or a run folder."""
+def _ledger_folder(path: Path) -> Path:
+    return path / "ledgers" if (path / "ledgers").is_dir() else path
+
+
+def find_ledgers(path: Path, required: bool = True) -> list[PrivacyLedger]:
+    """Ledgers at ``path``: a ledger file, a folder of them, or a run folder (LedgerError
+    when there is none and ``required``)."""
     path = Path(path)
     if path.is_file():
         return [PrivacyLedger.load(path)]
-    folder = path / "ledgers" if (path / "ledgers").is_dir() else path
+    folder = _ledger_folder(path)
     files = sorted(folder.glob(f"*{LEDGER_SUFFIX}")) if folder.is_dir() else []
-    if not files:
+    if not files and required:
         raise LedgerError(f"no privacy ledgers found at {path}")
     return [PrivacyLedger.load(f) for f in files]
+
+
+def find_site_level(path: Path) -> dict[str, dict[str, Any]]:
+    """Each site's own count of its distributed-DP releases at ``path`` (beside a ledger
+    file, or in a folder of ledgers or a run folder), composed: site → row."""
+    path = Path(path)
+    files = ([record_path(path)] if path.is_file() else
+             sorted(_ledger_folder(path).glob(f"*{RECORD_SUFFIX}")))
+    rows = {}
+    for file in files:
+        if releases := load_releases(file):
+            eps, delta = site_level_epsilon(releases)
+            rows[file.name.removesuffix(RECORD_SUFFIX)] = {
+                "releases": len(releases), "runs": len({r.run for r in releases}),
+                "epsilon": eps, "delta": delta}
+    return rows
 
 
 def site_row(ledger: PrivacyLedger) -> dict[str, Any]:
@@ -135,18 +157,7 @@ def site_row(ledger: PrivacyLedger) -> dict[str, Any]:
         "public_units": public,
         "epsilon_decisions": bound,
         "decisions": decisions_statement(public, bound),
-        "site_level": site_level_row(ledger),
     }
-
-
-def site_level_row(ledger: PrivacyLedger) -> dict[str, Any] | None:
-    """The site's own count of its distributed-DP releases, over every run (None: none)."""
-    releases = load_releases(record_path(ledger.path))
-    if not releases:
-        return None
-    eps, delta = site_level_epsilon(releases)
-    return {"releases": len(releases), "runs": len({r.run for r in releases}),
-            "epsilon": eps, "delta": delta}
 
 
 def decisions_statement(public_units: int, bound: float) -> str:
@@ -166,17 +177,21 @@ def epsilon_per_round(ledger: PrivacyLedger) -> list[float]:
             for i in range(len(history))]
 
 
-def write_privacy_report(ledgers: list[PrivacyLedger], out_dir: Path) -> dict[str, Any]:
-    """Write privacy.json, privacy_report.md and privacy_epsilon.png; return the JSON."""
+def write_privacy_report(ledgers: list[PrivacyLedger], out_dir: Path,
+                         site_level: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Write privacy.json, privacy_report.md and privacy_epsilon.png; return the JSON.
+    ``site_level``: the sites' own counts of their distributed-DP releases
+    (:func:`find_site_level`), reported beside the unit-level ledgers."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [site_row(ledger) for ledger in ledgers]
     curves = {ledger.site: epsilon_per_round(ledger) for ledger in ledgers}
     payload = {
         "sites": {r["site"]: r for r in rows},
-        "max_epsilon": max(r["epsilon"] for r in rows),
+        "max_epsilon": max((r["epsilon"] for r in rows), default=None),
         "level": "unit",
         "units": sorted({r["unit"] for r in rows}),
         "epsilon_per_round": curves,
+        "site_level": site_level or {},
         "statement": STATEMENT,
     }
     (out_dir / "privacy.json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -188,14 +203,17 @@ def write_privacy_report(ledgers: list[PrivacyLedger], out_dir: Path) -> dict[st
         ax.axhline(target, color="grey", linestyle="--", linewidth=1)
     ax.set(xlabel="recorded round", ylabel="cumulative ε", title="Privacy spent per site")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if curves:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "privacy_epsilon.png", dpi=110)
     plt.close(fig)
 
+    federation = ("no site keeps a unit-level ledger here" if not rows else
+                  f"**{payload['max_epsilon']:.3f}** (max over sites; units: "
+                  f"{', '.join(payload['units'])})")
     lines = ["# Privacy budget report", "", STATEMENT, "",
-             f"Federation unit-level ε = **{payload['max_epsilon']:.3f}** (max over sites; "
-             f"units: {', '.join(payload['units'])}).",
+             f"Federation unit-level ε: {federation}.",
              "", *site_table(payload["sites"]), "",
              "| site | accountant | budget | left | rounds |", "|---|---|---|---|---|"]
     lines += [f"| {r['site']} | {r['accountant']} | {r['target_epsilon']} | "
@@ -204,14 +222,17 @@ def write_privacy_report(ledgers: list[PrivacyLedger], out_dir: Path) -> dict[st
         lines += ["", f"## Site {r['site']}: what it releases", ""]
         lines += [f"- {item}" for item in r["releases"]]
         lines += ["", f"Noise plan and refusals: {r['decisions']}"]
-        if (level := r["site_level"]) is not None:
-            lines += ["", f"Site-level DP (distributed, counted by the site over every run): "
-                          f"{level['releases']} noised updates in {level['runs']} run(s), "
-                          f"site-level ε = **{level['epsilon']:.3f}** at δ = "
-                          f"{level['delta']:g}."]
         if r["policy"]:
             lines += ["", "| policy | value | set by |", "|---|---|---|"]
             lines += [f"| {k} | {v['value']} | {v['set_by']} |" for k, v in r["policy"].items()]
+    if payload["site_level"]:
+        lines += ["", "## Site-level DP, counted by each site over every run", "",
+                  "Each masked update a site noised itself under secure aggregation "
+                  "(distributed DP), as the site recorded it before it left, whatever run id "
+                  "the server used.", "",
+                  "| site | noised updates | runs | site-level ε | δ |", "|---|---|---|---|---|"]
+        lines += [f"| {site} | {v['releases']} | {v['runs']} | {v['epsilon']:.3f} | "
+                  f"{v['delta']:g} |" for site, v in payload["site_level"].items()]
     lines += ["", "![ε per round](privacy_epsilon.png)", ""]
     (out_dir / "privacy_report.md").write_text("\n".join(lines))
     return payload

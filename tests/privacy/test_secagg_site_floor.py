@@ -27,9 +27,8 @@ from fedcpt.core import protocol as p
 from fedcpt.core.model import load_adapted_model
 from fedcpt.deploy.site_check import check_node_config
 from fedcpt.exceptions import ConfigError, UpdateRejected
-from fedcpt.privacy.ledger import PrivacyLedger
 from fedcpt.privacy.policy import PolicyRefused, check_site_level_dp, site_policy
-from fedcpt.privacy.report import site_row
+from fedcpt.privacy.report import find_ledgers, find_site_level, write_privacy_report
 from fedcpt.privacy.secagg import site as secagg_site
 from fedcpt.privacy.secagg.ddp import DistributedDP
 from fedcpt.privacy.secagg.encoding import vector_length
@@ -131,16 +130,14 @@ def test_a_proposal_at_the_sites_floor_trains_and_sends_its_masked_update(tmp_pa
 def test_a_server_repeating_the_round_under_new_run_ids_is_counted_by_the_site(
         tmp_path, write_text):
     """The run's summary counts its own rounds; a server that re-sends round 1 under three
-    run ids gets three noised updates of the same site (one that also trains with DP-SGD,
-    so its fresh noise lets it answer each (run, round)). The site records each release
-    before it leaves, beside its ledger, and its privacy report composes all three."""
-    floor = {**FLOOR, "require-dp": "true"}
-    for run_id in ("run-1", "run-2", "run-3"):
-        reply, _ = _stage_three(tmp_path, write_text, ["privacy.enabled=true"], floor,
-                                run_id=run_id)
+    run ids, each from another adapter (the site answers each adapter once), gets three
+    noised updates of the same site. The site records each before it leaves, beside its
+    ledger, and its privacy report composes all three, though this site (site-level noise,
+    no DP-SGD) keeps no unit-level ledger."""
+    for seed, run_id in enumerate(("run-1", "run-2", "run-3")):
+        reply, _ = _stage_three(tmp_path, write_text, [f"seed={seed}"], run_id=run_id)
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    ledger = tmp_path / "victim.ledger.json"
-    releases = load_releases(record_path(ledger))
+    releases = load_releases(record_path(tmp_path / "victim.ledger.json"))
     assert [(r.run, r.server_round) for r in releases] == [
         ("run-1", 1), ("run-2", 1), ("run-3", 1)]
     cfg = load_config("smoke", overrides=HONEST)
@@ -151,9 +148,14 @@ def test_a_server_repeating_the_round_under_new_run_ids_is_counted_by_the_site(
     assert delta == cfg.privacy.user_delta
     assert eps == pytest.approx(ddp.epsilon(3, delta), rel=1e-9)
     assert eps > ddp.epsilon(1, delta)  # what one run's summary would state
-    row = site_row(PrivacyLedger.load(ledger))
-    assert row["site_level"] == {"releases": 3, "runs": 3, "epsilon": pytest.approx(eps),
-                                 "delta": delta}
+    counted = find_site_level(tmp_path)
+    assert counted == {"victim": {"releases": 3, "runs": 3, "epsilon": pytest.approx(eps),
+                                  "delta": delta}}
+    assert find_ledgers(tmp_path, required=False) == []
+    payload = write_privacy_report([], tmp_path / "report", counted)
+    assert payload["max_epsilon"] is None and payload["site_level"] == counted
+    assert f"| victim | 3 | 3 | {eps:.3f} | 1e-05 |" in (
+        tmp_path / "report" / "privacy_report.md").read_text()
 
 
 def test_a_server_stating_a_loose_site_level_delta_is_recorded_at_the_default(tmp_path,
