@@ -193,7 +193,8 @@ def test_compare_runs_the_default_run_beside_plain_fedavg(frontier_and_default_r
     assert summary["secagg"]["enabled"]  # the server saw only the sites' sum
     assert (out / DEFAULT_RUN / "simulated-ca.pem").is_file()  # signing identities made
     manifest = json.loads((out / DEFAULT_RUN / "manifest.json").read_text())
-    assert manifest["config"]["strategy"]["rehearsal"] == "mix"  # the server's protection
+    strategy = manifest["config"]["strategy"]  # the server's protection, as `shakespeare`'s
+    assert strategy["rehearsal"] == "mix" and strategy["distillation"] == "chat"
     # the sites held out the reference's units: the base model's held-out loss is the
     # same (under SecAgg+ the sites release it only as a quantised sum, not per site)
     domain = [json.loads((out / arm / "summary.json").read_text())["domain_loss"]
