@@ -5,7 +5,7 @@ and the site-level ε the run's summary states counts the rounds of that run onl
 server can ask again: a round re-sent under another run id, or run after run, each releases
 a freshly noised update of the same site. The site therefore records every masked
 site-level release, durably and before it leaves, in ``<name>.site-level.json`` beside its
-unit-level ledger, and its privacy report composes all of them (``fedcpt privacy-report``).
+unit-level ledger, and its privacy report composes all of them (``fedcpt privacy report``).
 
 Each release keeps its own RDP curve (:meth:`.ddp.DistributedDP.rdp`: the mechanism as that
 round ran it) and the δ its run stated, at most :data:`MAX_DELTA`; the composed ε is given
