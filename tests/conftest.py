@@ -171,6 +171,7 @@ def sites_config(tmp_path_factory, make_text) -> Path:
 SMOKE_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dp": ("smoke-dp", ()),
     "plain": ("smoke", ()),
+    "plain-again": ("smoke", ()),  # the same seed on the same engine: reproducibility
     "fedavgm": ("smoke", ("strategy.server_optimizer=fedavgm", "strategy.server_lr=0.02")),
     "fedadam": ("smoke", ("strategy.server_optimizer=fedadam", "strategy.server_lr=0.02")),
     "fedyogi": ("smoke", ("strategy.server_optimizer=fedyogi", "strategy.server_lr=0.02")),
