@@ -24,11 +24,11 @@ from fedcpt.privacy.secagg.identity import (
     SIMULATION_IDENTITIES_ENV,
     identity_for,
 )
+from fedcpt.privacy.site_files import beside_ledger
 
 log = logging.getLogger(__name__)
 
 RECORD_SUFFIX = ".attestations.jsonl"
-_LEDGER_SUFFIX = ".ledger.json"
 
 
 def has_identity(node_config: dict) -> bool:
@@ -67,8 +67,7 @@ def site_salt(policy: SitePolicy) -> str:
 
 def record_path(ledger: Path) -> Path:
     """The site's own record of what it attested, beside its ledger."""
-    name = ledger.name.removesuffix(_LEDGER_SUFFIX).removesuffix(".json")
-    return ledger.with_name(name + RECORD_SUFFIX)
+    return beside_ledger(ledger, RECORD_SUFFIX)
 
 
 def _remember(ledger: Path, attestation: Attestation) -> None:

@@ -25,6 +25,7 @@ import torch
 from fedcpt.core.durable import write_durably
 from fedcpt.core.model import AdaptedModel
 from fedcpt.exceptions import FedcptError
+from fedcpt.privacy.site_files import beside_ledger
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,7 @@ class DataDriftError(FedcptError):
 
 def drift_path(ledger_path: Path) -> Path:
     """``<site>.data-drift.json`` beside ``<site>.ledger.json``."""
-    name = ledger_path.name.removesuffix(".ledger.json").removesuffix(".json")
-    return ledger_path.with_name(name + DRIFT_SUFFIX)
+    return beside_ledger(ledger_path, DRIFT_SUFFIX)
 
 
 @dataclass(frozen=True)

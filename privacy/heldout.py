@@ -22,6 +22,7 @@ from pathlib import Path
 from fedcpt.core.data import HeldoutRule, heldout_by_hash, unit_digest
 from fedcpt.core.durable import write_durably
 from fedcpt.exceptions import FedcptError
+from fedcpt.privacy.site_files import beside_ledger
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,7 @@ class SplitError(FedcptError):
 
 def split_path(ledger_path: Path) -> Path:
     """``<site>.split.json`` beside ``<site>.ledger.json``."""
-    name = ledger_path.name.removesuffix(".ledger.json").removesuffix(".json")
-    return ledger_path.with_name(name + SPLIT_SUFFIX)
+    return beside_ledger(ledger_path, SPLIT_SUFFIX)
 
 
 def share_splits(source: Path, target: Path) -> list[Path]:

@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 LEDGER_VERSION = 2
 LEGACY_UNIT = "block"  # version-1 ledgers: one packed block per record
-LEDGER_SUFFIX = ".ledger.json"
 
 
 class LedgerError(FedcptError):

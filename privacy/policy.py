@@ -26,8 +26,9 @@ from fedcpt.core.data import parse_unit
 from fedcpt.core.model import BUILTIN_MODELS
 from fedcpt.exceptions import ConfigError, DataError
 from fedcpt.privacy.accounting import MIN_DELTA
-from fedcpt.privacy.ledger import LEDGER_SUFFIX, SiteRefused
+from fedcpt.privacy.ledger import SiteRefused
 from fedcpt.privacy.secagg.ddp import MAX_GRID_INFLATION, DistributedDP
+from fedcpt.privacy.site_files import LEDGER_SUFFIX
 
 log = logging.getLogger(__name__)
 

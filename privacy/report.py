@@ -22,7 +22,7 @@ from fedcpt.privacy.gate import (  # noqa: E402
     released_paths,
     site_modes,
 )
-from fedcpt.privacy.ledger import LEDGER_SUFFIX, LedgerError, PrivacyLedger  # noqa: E402
+from fedcpt.privacy.ledger import LedgerError, PrivacyLedger  # noqa: E402
 from fedcpt.privacy.policy import N_DEPENDENT_NOTE  # noqa: E402
 from fedcpt.privacy.secagg.site_level_record import (  # noqa: E402
     RECORD_SUFFIX,
@@ -30,6 +30,7 @@ from fedcpt.privacy.secagg.site_level_record import (  # noqa: E402
     record_path,
     site_level_epsilon,
 )
+from fedcpt.privacy.site_files import LEDGER_SUFFIX  # noqa: E402
 
 STATEMENT = (
     "Unit-level differential privacy at each site: the unit is named by the site's own "

@@ -22,7 +22,8 @@ from pathlib import Path
 from fedcpt.config import load_config
 from fedcpt.core.data import read_texts, split_documents
 from fedcpt.privacy.heldout import share_splits
-from fedcpt.privacy.ledger import LEDGER_SUFFIX, PrivacyLedger
+from fedcpt.privacy.ledger import PrivacyLedger
+from fedcpt.privacy.site_files import LEDGER_SUFFIX
 from fedcpt.testing.site_process import POINTS
 
 log = logging.getLogger(__name__)

@@ -23,12 +23,12 @@ from flwr.app import ConfigRecord, Context
 
 from fedcpt.core.durable import write_json
 from fedcpt.exceptions import UpdateRejected
+from fedcpt.privacy.site_files import beside_ledger
 
 log = logging.getLogger(__name__)
 
 RECORD_SUFFIX = ".participation.json"
 _STATE_KEY = "secagg-participation"
-_LEDGER_SUFFIX = ".ledger.json"
 
 
 class AlreadyReleased(UpdateRejected):
@@ -37,8 +37,7 @@ class AlreadyReleased(UpdateRejected):
 
 def record_path(ledger: Path) -> Path:
     """The participation record beside the site's ledger."""
-    name = ledger.name.removesuffix(_LEDGER_SUFFIX).removesuffix(".json")
-    return ledger.with_name(name + RECORD_SUFFIX)
+    return beside_ledger(ledger, RECORD_SUFFIX)
 
 
 def training_questions(run_id: str, server_round: int, adapter_digest: str,

@@ -26,11 +26,11 @@ from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS, compute
 from fedcpt.core.durable import write_json
 from fedcpt.privacy.ledger import LedgerError
 from fedcpt.privacy.secagg.ddp import DistributedDP
+from fedcpt.privacy.site_files import beside_ledger
 
 log = logging.getLogger(__name__)
 
 RECORD_SUFFIX = ".site-level.json"
-_LEDGER_SUFFIX = ".ledger.json"
 MAX_DELTA = 1e-5
 """The loosest site-level δ a release is recorded at (``privacy.user_delta``'s default): a
 server may state a tighter δ for its run, never a looser one."""
@@ -55,8 +55,7 @@ class SiteLevelRelease:
 
 def record_path(ledger: Path) -> Path:
     """The site-level record beside the site's unit-level ledger."""
-    name = ledger.name.removesuffix(_LEDGER_SUFFIX).removesuffix(".json")
-    return ledger.with_name(name + RECORD_SUFFIX)
+    return beside_ledger(ledger, RECORD_SUFFIX)
 
 
 def load_releases(path: Path) -> list[SiteLevelRelease]:
