@@ -27,6 +27,7 @@ from fedcpt.core import protocol as p
 from fedcpt.core.model import load_adapted_model
 from fedcpt.deploy.site_check import check_node_config
 from fedcpt.exceptions import ConfigError, UpdateRejected
+from fedcpt.privacy.ledger import LedgerError
 from fedcpt.privacy.policy import PolicyRefused, check_site_level_dp, site_policy
 from fedcpt.privacy.report import find_ledgers, find_site_level, write_privacy_report
 from fedcpt.privacy.secagg import site as secagg_site
@@ -261,3 +262,13 @@ def test_a_default_site_assumes_one_colluder_and_the_default_threshold_meets_it(
     assert ("policy secagg_colluders: 1 (assumes up to 1 other site(s) collude with the "
             "server: masks only under a threshold t with 2t > n + 1 over its n neighbours) "
             "[site default]") in lines
+
+
+def test_a_damaged_site_level_record_stops_the_release_with_a_clear_error(tmp_path):
+    """A site whose record of its site-level releases cannot be read sends no further
+    release: the count it would compose is unknown (the handler then refuses, generically)."""
+    record = record_path(tmp_path / "victim.ledger.json")
+    record.write_text("{not json", encoding="utf-8")
+    with pytest.raises(LedgerError, match=r"site-level record .*victim\.site-level\.json is "
+                                          r"damaged.*sends no site-level release"):
+        load_releases(record)
