@@ -74,6 +74,9 @@ def secagg_masked(msg: Message, context: Context) -> Message:
         policy = request.policy  # the site's floors, before anything trains
         check_reconstruction_threshold(policy, *secagg_site.reconstruction(context))
         check_site_level_dp(policy, cfg, ddp)
+        if ddp is not None:  # the site's cap over every run's site-level releases
+            site_level_record.check_budget(policy, request.run_id, request.server_round, ddp,
+                                           cfg.privacy.user_delta)
         bound = cfg.federation.max_update_norm
         if ddp is not None and bound and ddp.clip > bound:
             # decided on public values: the update is clipped to C before it is noised,

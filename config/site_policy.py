@@ -49,6 +49,10 @@ class SitePolicySettings:
         0.0, "Floor on `secagg.dishonest_fraction`, the share of sampled sites assumed to "
         "collude with the server when the site calibrates its site-level noise "
         "(default 0).")
+    site_level_epsilon_budget: float = _opt(
+        0.0, "Cap on the site's site-level ε over every site-level release it has recorded, "
+        "across runs: a round whose release would pass it is refused before training "
+        "(default 0: counted, not capped).")
     max_lora_rank: int = _opt(
         0, "Highest LoRA rank the site trains: with a lower cap than `lora.r` it trains "
         "the first components of the global adapter at its own rank (HetLoRA zero-padding, "
@@ -93,6 +97,8 @@ class SitePolicySettings:
                 self.min_dishonest_fraction, "in [0, 1)")
         require(self.secagg_colluders >= -1, "policy.secagg_colluders",
                 self.secagg_colluders, ">= 0 (-1: the site default)")
+        require(self.site_level_epsilon_budget >= 0, "policy.site_level_epsilon_budget",
+                self.site_level_epsilon_budget, ">= 0 (0: not capped)")
         require(self.max_lora_rank >= 0, "policy.max_lora_rank", self.max_lora_rank,
                 ">= 0 (0: the run's lora.r)")
         require(self.public_units >= 0, "policy.public_units", self.public_units,

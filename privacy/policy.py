@@ -46,6 +46,7 @@ NODE_KEYS = {
     "require-dp": "require_dp",
     "min-user-noise-multiplier": "min_user_noise_multiplier",
     "min-dishonest-fraction": "min_dishonest_fraction",
+    "site-level-epsilon-budget": "site_level_epsilon_budget",
     "secagg-colluders": "secagg_colluders",
     "max-lora-rank": "max_lora_rank",
     "text-fields": "text_fields",
@@ -62,7 +63,8 @@ SITE_DEFAULTS: dict[str, Any] = {
     "unit": "document", "delta": 0.0, "epsilon_budget": 8.0, "ledger_path": "",
     "heldout_fraction": 0.1, "eval_min_units": 8, "eval_noise_multiplier": 4.0,
     "eval_loss_bound": 10.0, "require_dp": False, "min_user_noise_multiplier": 0.0,
-    "min_dishonest_fraction": 0.0, "secagg_colluders": 1, "max_lora_rank": 0,
+    "min_dishonest_fraction": 0.0, "site_level_epsilon_budget": 0.0, "secagg_colluders": 1,
+    "max_lora_rank": 0,
     "text_fields": ("text",), "block_sizes": (64, 128, 256, 512), "models": BUILTIN_MODELS,
     "train_share": 1.0, "public_units": 0,
 }
@@ -122,6 +124,9 @@ class SitePolicy:
     min_dishonest_fraction: float
     """Floor on the fraction of sampled sites assumed to collude with the server when the
     site calibrates its site-level noise."""
+    site_level_epsilon_budget: float
+    """Cap on the site-level ε of every site-level release the site has recorded, across
+    runs (:mod:`fedcpt.privacy.secagg.site_level_record`; 0: counted, not capped)."""
     secagg_colluders: int
     """Other sites this site assumes may collude with the server: it masks nothing under a
     reconstruction threshold t that k colluders could beat among its n neighbours
@@ -164,6 +169,8 @@ class SitePolicy:
             ("min_user_noise_multiplier", self.min_user_noise_multiplier >= 0,
              ">= 0 (0: site-level DP not required)"),
             ("min_dishonest_fraction", 0 <= self.min_dishonest_fraction < 1, "in [0, 1)"),
+            ("site_level_epsilon_budget", self.site_level_epsilon_budget >= 0,
+             ">= 0 (0: counted, not capped)"),
             ("secagg_colluders", self.secagg_colluders >= 0, ">= 0"),
             ("max_lora_rank", self.max_lora_rank >= 0, ">= 0 (0: the run's lora.r)"),
             ("text_fields", bool(self.text_fields) and all(f.strip() for f in self.text_fields),
@@ -234,6 +241,8 @@ class SitePolicy:
                                   "batch / public_units: public values only)"
                                   if self.public_units else f"0 (none): {N_DEPENDENT_NOTE}"),
                  "ledger_path": self.ledger_path or "(none)",
+                 "site_level_epsilon_budget": self.site_level_epsilon_budget or (
+                     "0 (site-level releases counted in <name>.site-level.json, not capped)"),
                  "secagg_colluders": f"{k} (assumes up to {k} other site(s) collude with the "
                                      f"server: masks only under a threshold t with 2t > n + "
                                      f"{k} over its n neighbours)"}

@@ -11,6 +11,11 @@ Each release keeps its own RDP curve (:meth:`.ddp.DistributedDP.rdp`: the mechan
 round ran it) and the δ its run stated, at most :data:`MAX_DELTA`; the composed ε is given
 at the smallest δ recorded, so it is never below the ε any run claimed. A site without a
 ledger location keeps no record across runs, as it keeps no unit-level ledger.
+
+A site that sets ``site-level-epsilon-budget`` also refuses, before it trains, a round
+whose release would take that ε past its budget (:func:`check_budget`). The refusal is a
+function of public values only: how many site-level updates this site has sent (the server
+received each) and the mechanisms' parameters (the run configs).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS, compute
 
 from fedcpt.core.durable import write_json
 from fedcpt.privacy.ledger import LedgerError
+from fedcpt.privacy.policy import PolicyRefused, SitePolicy
 from fedcpt.privacy.secagg.ddp import DistributedDP
 from fedcpt.privacy.site_files import beside_ledger
 
@@ -71,6 +77,38 @@ def load_releases(path: Path) -> list[SiteLevelRelease]:
                           "site-level release until it is restored") from None
 
 
+def _release(run: str, server_round: int, ddp: DistributedDP,
+             delta: float) -> SiteLevelRelease:
+    return SiteLevelRelease(
+        run=run, server_round=server_round, noise_multiplier=ddp.noise_multiplier,
+        clip=ddp.clip, honest=ddp.honest, sites=ddp.sites, delta=min(delta, MAX_DELTA),
+        rdp=tuple(float(x) for x in ddp.rdp()),
+        recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
+def check_budget(policy: SitePolicy, run: str, server_round: int, ddp: DistributedDP,
+                 delta: float) -> None:
+    """Refuse, before training, a release that would take the site's site-level ε past
+    its ``site_level_epsilon_budget`` (0: no cap). A capped site needs a ledger location,
+    where its record is kept."""
+    budget = policy.site_level_epsilon_budget
+    if not budget:
+        return
+    if not policy.ledger_path:
+        raise PolicyRefused(
+            f"site {policy.site!r} caps its site-level ε at {budget:g} "
+            f"(site_level_epsilon_budget, {policy.who('site_level_epsilon_budget')}) but "
+            "keeps no ledger location to count its releases in; set `ledger-path`")
+    releases = load_releases(record_path(Path(policy.ledger_path).expanduser()))
+    after, at_delta = site_level_epsilon([*releases, _release(run, server_round, ddp, delta)])
+    if after > budget:
+        raise PolicyRefused(
+            f"site {policy.site!r} refuses site-level release {len(releases) + 1}: its "
+            f"site-level ε would reach {after:.3f} at δ={at_delta:g}, over its budget "
+            f"{budget:g} (site_level_epsilon_budget, "
+            f"{policy.who('site_level_epsilon_budget')})")
+
+
 def record_release(ledger_path: str, run: str, server_round: int, ddp: DistributedDP,
                    delta: float) -> None:
     """Append this release to the site's record, durably, before the update leaves (a
@@ -79,11 +117,7 @@ def record_release(ledger_path: str, run: str, server_round: int, ddp: Distribut
         return
     path = record_path(Path(ledger_path).expanduser())
     releases = load_releases(path)
-    releases.append(SiteLevelRelease(
-        run=run, server_round=server_round, noise_multiplier=ddp.noise_multiplier,
-        clip=ddp.clip, honest=ddp.honest, sites=ddp.sites, delta=min(delta, MAX_DELTA),
-        rdp=tuple(float(x) for x in ddp.rdp()),
-        recorded_at=time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+    releases.append(_release(run, server_round, ddp, delta))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {"releases": [asdict(r) for r in releases]})
     log.info("site-level release %d recorded (run %s, round %d): site-level ε now %.3f",

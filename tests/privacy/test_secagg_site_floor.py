@@ -37,6 +37,7 @@ from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import MASKED, STATE
 from fedcpt.privacy.secagg.site_level_record import (
     MAX_DELTA,
+    check_budget,
     load_releases,
     record_path,
     site_level_epsilon,
@@ -157,6 +158,47 @@ def test_a_server_repeating_the_round_under_new_run_ids_is_counted_by_the_site(
     assert payload["max_epsilon"] is None and payload["site_level"] == counted
     assert f"| victim | 3 | 3 | {eps:.3f} | 1e-05 |" in (
         tmp_path / "report" / "privacy_report.md").read_text()
+
+
+def _honest_ddp() -> DistributedDP:
+    cfg = load_config("smoke", overrides=HONEST)
+    params = SecAggParams.for_round(cfg, len(NODES))
+    adapter = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
+    return DistributedDP.for_config(cfg, params.threshold, len(NODES),
+                                    vector_length(adapter) - 1)
+
+
+def test_a_site_with_a_site_level_budget_refuses_the_release_that_would_pass_it(
+        tmp_path, write_text, site_refusal):
+    """The server re-sends round 1 under new run ids to a site that caps its site-level ε
+    between what two and three releases compose to. It gets two; the third is refused
+    before training, nothing is masked, and the site's record is byte-for-byte unchanged."""
+    ddp = _honest_ddp()
+    delta = load_config("smoke", overrides=HONEST).privacy.user_delta
+    budget = (ddp.epsilon(2, delta) + ddp.epsilon(3, delta)) / 2
+    floor = {**FLOOR, "site-level-epsilon-budget": f"{budget:.6f}"}
+    for seed, run_id in enumerate(("run-1", "run-2")):
+        reply, _ = _stage_three(tmp_path, write_text, [f"seed={seed}"], floor, run_id=run_id)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    record = record_path(tmp_path / "victim.ledger.json")
+    before = record.read_bytes()
+    reply, victim = _stage_three(tmp_path, write_text, ["seed=2"], floor, run_id="run-3")
+    site_refusal(reply, rf"refuses site-level release 3: its site-level ε would reach "
+                        rf"{ddp.epsilon(3, delta):.3f} at δ=1e-05, over its budget "
+                        rf"{float(floor['site-level-epsilon-budget']):g} "
+                        r"\(site_level_epsilon_budget, site node config\)")
+    assert record.read_bytes() == before
+    assert victim.state.config_records[STATE]["stage"] == "receive_shares"  # nothing masked
+
+
+def test_a_site_level_budget_without_a_ledger_location_refuses_every_release():
+    """A cap the site cannot count against is never met: it refuses rather than send."""
+    policy = site_policy(None, SiteConfig(name="victim", data=("/data",)),
+                         {**FLOOR, "site-level-epsilon-budget": "100"}, deployed=True)
+    assert policy.who("site_level_epsilon_budget") == "site node config"
+    with pytest.raises(PolicyRefused, match=r"caps its site-level ε at 100 .*keeps no "
+                                            r"ledger location"):
+        check_budget(policy, "run-1", 1, _honest_ddp(), 1e-5)
 
 
 def test_a_server_stating_a_loose_site_level_delta_is_recorded_at_the_default(tmp_path,

@@ -152,7 +152,9 @@ def _finished(proc: subprocess.Popen) -> None:
 
 
 # Three real simulations (whole, killed, resumed): 198 s under pytest with the SuperLink
-# reaper (simulations/reaper.py) on a 2-core AVX2 machine.
+# reaper (simulations/reaper.py) on a 2-core AVX2 machine. This is the SIGKILL-and-resume
+# test of every run: a phased run with a server optimiser has the most state to restore
+# (phase, momentum, LR schedule, sampling RNG, adapter version).
 @pytest.mark.slow
 def test_phased_run_trains_phase_sites_and_resumes_across_phases(tmp_path, phases_config):
     # with FedAvgM, the resumed run matches only if the momentum is restored too
@@ -189,6 +191,7 @@ def test_phased_run_trains_phase_sites_and_resumes_across_phases(tmp_path, phase
     resumed = json.loads((killed / "summary.json").read_text())
     flat = [v for row in resumed["continual"]["loss_matrix"] for v in row]
     assert flat == pytest.approx([v for row in c["loss_matrix"] for v in row], abs=1e-5)
-    assert resumed["forgetting"] == pytest.approx(summary["forgetting"], abs=1e-5)
+    for key in ("forgetting", "adaptation"):
+        assert resumed[key] == pytest.approx(summary[key], abs=1e-5)
     rounds = [json.loads(line)["round"] for line in metrics.read_text().splitlines()]
-    assert rounds == [0, 1, 2, 3]
+    assert rounds == [0, 1, 2, 3]  # the whole run, no round lost or doubled
