@@ -129,6 +129,15 @@ def test_a_proposal_at_the_sites_floor_trains_and_sends_its_masked_update(tmp_pa
     assert victim.state.config_records[STATE]["stage"] == "mask"
 
 
+def _honest_ddp() -> DistributedDP:
+    """The site-level mechanism of the honest round (``HONEST``) over the five sites."""
+    cfg = load_config("smoke", overrides=HONEST)
+    params = SecAggParams.for_round(cfg, len(NODES))
+    adapter = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
+    return DistributedDP.for_config(cfg, params.threshold, len(NODES),
+                                    vector_length(adapter) - 1)
+
+
 def test_a_server_repeating_the_round_under_new_run_ids_is_counted_by_the_site(
         tmp_path, write_text):
     """The run's summary counts its own rounds; a server that re-sends round 1 under three
@@ -142,10 +151,7 @@ def test_a_server_repeating_the_round_under_new_run_ids_is_counted_by_the_site(
     releases = load_releases(record_path(tmp_path / "victim.ledger.json"))
     assert [(r.run, r.server_round) for r in releases] == [
         ("run-1", 1), ("run-2", 1), ("run-3", 1)]
-    cfg = load_config("smoke", overrides=HONEST)
-    params = SecAggParams.for_round(cfg, len(NODES))
-    adapter = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
-    ddp = DistributedDP.for_config(cfg, params.threshold, len(NODES), vector_length(adapter) - 1)
+    cfg, ddp = load_config("smoke", overrides=HONEST), _honest_ddp()
     eps, delta = site_level_epsilon(releases)
     assert delta == cfg.privacy.user_delta
     assert eps == pytest.approx(ddp.epsilon(3, delta), rel=1e-9)
@@ -158,14 +164,6 @@ def test_a_server_repeating_the_round_under_new_run_ids_is_counted_by_the_site(
     assert payload["max_epsilon"] is None and payload["site_level"] == counted
     assert f"| victim | 3 | 3 | {eps:.3f} | 1e-05 |" in (
         tmp_path / "report" / "privacy_report.md").read_text()
-
-
-def _honest_ddp() -> DistributedDP:
-    cfg = load_config("smoke", overrides=HONEST)
-    params = SecAggParams.for_round(cfg, len(NODES))
-    adapter = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
-    return DistributedDP.for_config(cfg, params.threshold, len(NODES),
-                                    vector_length(adapter) - 1)
 
 
 def test_a_site_with_a_site_level_budget_refuses_the_release_that_would_pass_it(
