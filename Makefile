@@ -46,12 +46,11 @@ test: install lint
 
 # The slow tier (CI runs it as a second, time-bounded step: .ci/run). Its tests mostly wait
 # on Flower and Ray processes, so they run on SLOW_WORKERS pytest-xdist workers; tests that
-# share an expensive fixture stay on one worker (tests/conftest.py, --dist loadgroup), and
-# the longest work starts first (tests/conftest.py:LONGEST_FIRST, --no-loadscope-reorder).
+# share an expensive fixture stay on one worker (tests/conftest.py, --dist loadgroup).
 SLOW_WORKERS ?= 3
 test-slow: install
 	$(VENV)/bin/python -m pytest -q -m "slow and not kills" -n $(SLOW_WORKERS) \
-		--dist loadgroup --no-loadscope-reorder --durations=15
+		--dist loadgroup --durations=15
 
 clean:
 	rm -rf $(VENV) runs

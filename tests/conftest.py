@@ -215,40 +215,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     session.config.stash[_SMOKE_RUNS_NEEDED] = [n for n in SMOKE_RUNS if n in named]
 
 
-# The slow tier's longest work, longest first: the shared smoke runs' group, then modules
-# whose one test runs a federation for minutes (2-core AMX bf16: 530, 280, 250, 210, 143,
-# 117, 108, 100 and 77 s in stop 34's CI run). `make test-slow` hands scopes to the
-# workers in collection order (--no-loadscope-reorder), so none of these starts last and
-# leaves the other workers idle; pytest-xdist's own order is by test count.
-LONGEST_FIRST = ("smoke-runs", "tests/deployment/test_deployment.py",
-                 "tests/server/test_phases.py", "tests/simulations/test_compare.py",
-                 "tests/simulations/test_dp_utility.py", "tests/server/test_drift.py",
-                 "tests/privacy/test_dp_simulation.py", "tests/simulations/test_flwr_run.py",
-                 "tests/client/test_phase_anchor.py")
-
-
-def _group(item: pytest.Item) -> str | None:
-    mark = item.get_closest_marker("xdist_group")
-    return None if mark is None else str(mark.args[0] if mark.args else mark.kwargs["name"])
-
-
-def _slow_rank(item: pytest.Item) -> int:
-    """Where ``item`` goes in the slow tier: its group's or module's place in
-    :data:`LONGEST_FIRST`, else after all of them (fast tests keep their order)."""
-    if item.get_closest_marker("slow") is None:
-        return len(LONGEST_FIRST)
-    for key in (_group(item), item.nodeid.split("::")[0]):
-        if key in LONGEST_FIRST:
-            return LONGEST_FIRST.index(key)
-    return len(LONGEST_FIRST)
-
-
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under ``pytest -n N --dist loadgroup`` (the slow tier), keep on one worker the tests
     that share an expensive fixture: all users of ``smoke_runs``, and each module whose
-    tests use a module- or class-scoped fixture; every other test is scheduled alone. The
-    slow tier's longest work comes first (:data:`LONGEST_FIRST`)."""
+    tests use a module- or class-scoped fixture; every other test is scheduled alone."""
     for item in items:
         if item.get_closest_marker("xdist_group") is not None:
             continue
@@ -261,7 +232,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             if definitions is not None else set()
         if scopes & {"module", "class", "package"}:
             item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-    items.sort(key=_slow_rank)  # stable: every other test keeps its place
 
 
 @pytest.fixture(scope="session")

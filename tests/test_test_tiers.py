@@ -45,16 +45,3 @@ def test_loadgroup_computes_a_shared_fixture_on_one_worker(tmp_path: Path) -> No
     assert out.returncode == 0, out.stdout + out.stderr
     workers = (tmp_path / "computed.txt").read_text().split()
     assert len(workers) == 1, f"the shared fixture was computed on {workers}"
-
-
-def test_the_longest_first_order_names_only_scopes_that_exist() -> None:
-    """A renamed module would silently fall back to pytest-xdist's order: each entry of
-    ``LONGEST_FIRST`` is the shared runs' group or a test module of the slow tier."""
-    from tests.conftest import LONGEST_FIRST
-
-    root = Path(__file__).resolve().parents[1]
-    assert LONGEST_FIRST[0] == "smoke-runs"
-    for module in LONGEST_FIRST[1:]:
-        path = root / module
-        assert path.is_file(), module
-        assert "pytest.mark.slow" in path.read_text(encoding="utf-8"), module
