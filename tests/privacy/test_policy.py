@@ -106,6 +106,8 @@ def test_a_site_with_a_budget_or_ledger_has_dp_on_by_default(keys, dp):
     ({"allowed_models": " , "}, r"`models` must be a non-empty list of model ids or paths"),
     ({"text_fields": ""}, r"`text_fields` must be a non-empty list of column names"),
     ({"train_share": 0}, r"`train_share` must be in \(0, 1\]"),
+    ({"site_level_epsilon_budget": -1}, r"`site_level_epsilon_budget` must be >= 0 "
+                                        r"\(0: counted, not capped\), got -1.0"),
 ])
 def test_bad_site_policy_fails_naming_the_key(keys, match):
     with pytest.raises(ConfigError, match=match):
