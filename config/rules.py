@@ -56,6 +56,11 @@ def check_run(cfg: RunConfig) -> None:
         require(pull < 1, "strategy.anchor_weight", strategy.anchor_weight,
                 f"small enough that train.lr × anchor_weight < 1 (it is {pull:g}: each "
                 "step would erase or overshoot the update)")
+    if strategy.distill_teacher == "phase":
+        require(len(cfg.phases) > 1 and strategy.distillation != "none",
+                "strategy.distill_teacher", strategy.distill_teacher,
+                "\"phase\" only with strategy.distillation and two or more [[phases]] (it "
+                "distils toward the adapter each later phase began from)")
     for key in ("sites_per_round", "eval_sites_per_round", "min_sites"):
         value = getattr(cfg.federation, key)
         require(value <= len(cfg.sites), f"federation.{key}", value,

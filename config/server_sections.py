@@ -40,6 +40,11 @@ class StrategyConfig:
         "next-token distributions on its rehearsal pool (pool), on the base model's own "
         "answers to built-in chat-formatted prompts (chat: chat-format rehearsal), or "
         "both. Only the server's general text is used, never site data.")
+    distill_teacher: Literal["base", "phase"] = _opt(
+        "base", "Self-distillation's teacher: the base model, or, in a stream "
+        "(``[[phases]]``), the global adapter the current phase began from, i.e. the "
+        "previous phases' solution (a function-space pull against backward transfer, "
+        "Learning without Forgetting; the first phase then is not distilled).")
     distill_steps: int = _opt(8, "Self-distillation: optimizer steps per round.")
     distill_lr: float = _opt(
         0.0, "Self-distillation: learning rate; 0: the sites' learning rate of the round.")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,19 @@ def load_adapter(model: PeftModel, arrays: ArrayRecord) -> None:
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise UpdateRejected(f"adapter tensors not in the model: {unexpected[:3]}")
+
+
+@contextmanager
+def swapped_adapter(model: PeftModel, state: dict[str, torch.Tensor]) -> Iterator[None]:
+    """``model`` with the adapter tensors ``state`` (peft names) inside the block, and its
+    own adapter restored after it: a teacher that shares the model, e.g. an earlier global
+    adapter. Use it without gradients; the restore copies in place."""
+    own = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    set_peft_model_state_dict(model, state)
+    try:
+        yield
+    finally:
+        set_peft_model_state_dict(model, own)
 
 
 def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:

@@ -1,4 +1,4 @@
-"""Next-token loss and KL to the base of a causal LM without full-vocabulary logits.
+"""Next-token loss and KL to a teacher of a causal LM without full-vocabulary logits.
 
 ``model(input_ids=x, labels=x).loss`` builds (B, T, V) fp32 logits (200 MB for 8 × 128
 tokens and SmolLM2's 49k vocabulary), a log-softmax of the same size, and its gradient:
@@ -6,7 +6,8 @@ about a tenth of a CPU training step. Here the frozen output head and the cross-
 run together over chunks of tokens, and the gradient with respect to the final hidden
 states is formed in the same pass (the approach of Liger-Kernel's fused linear
 cross-entropy; no maintained library offers it for CPU, hence this file). The same
-chunking gives the KL to the base model for self-distillation (:func:`next_token_kl_to_base`).
+chunking gives the KL to a teacher (the base model, or an earlier adapter) for
+self-distillation (:func:`next_token_kl`).
 
 The loss is the same mean over all (B · (T − 1)) predicted tokens that transformers
 computes, so Opacus' ``loss_reduction="mean"`` sees the same scale. Only the decoder's
@@ -16,6 +17,9 @@ logits, take transformers' own path.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -120,29 +124,33 @@ class _HeadKLToTeacher(_GradInForward):
         return total / n
 
 
-def next_token_kl_to_base(model: nn.Module, input_ids: torch.Tensor,
-                          positions: torch.Tensor | None = None,
-                          chunk: int = CHUNK_TOKENS) -> torch.Tensor:
-    """Mean per-token KL(base ‖ adapted) of the next-token distributions of a peft model on
-    ``input_ids`` (B, T), with the base = the adapter disabled (no gradient through it).
+def next_token_kl(model: nn.Module, input_ids: torch.Tensor,
+                  positions: torch.Tensor | None = None, chunk: int = CHUNK_TOKENS,
+                  teacher: Callable[[], AbstractContextManager] | None = None,
+                  ) -> torch.Tensor:
+    """Mean per-token KL(teacher ‖ adapted) of the next-token distributions of a peft model
+    on ``input_ids`` (B, T), with no gradient through the teacher. The teacher is the base
+    (the adapter disabled), or the model inside the context ``teacher()`` gives (e.g.
+    :func:`fedcpt.core.adapters.swapped_adapter`: an earlier adapter).
 
     ``positions`` (B, T − 1, bool) picks which predictions count (None: all of them), e.g.
     only the answer of a chat-formatted prompt. Equal to the mean of
     :func:`fedcpt.core.evaluation.kl_divergence` over those positions.
     """
+    as_teacher = teacher or model.disable_adapter
     causal_lm = model.get_base_model()
     head = _plain_head(causal_lm)
     if head is None:
-        with torch.no_grad(), model.disable_adapter():
+        with torch.no_grad(), as_teacher():
             base = torch.log_softmax(model(input_ids=input_ids).logits[:, :-1].float(), -1)
         adapted = torch.log_softmax(model(input_ids=input_ids).logits[:, :-1].float(), -1)
         kl = (base.exp() * (base - adapted)).sum(-1)  # (B, T−1)
         return kl.mean() if positions is None else kl[positions].mean()
     decoder = causal_lm.get_decoder()
-    with torch.no_grad(), model.disable_adapter():
-        teacher = decoder(input_ids=input_ids).last_hidden_state[:, :-1]  # (B, T−1, H)
+    with torch.no_grad(), as_teacher():
+        target = decoder(input_ids=input_ids).last_hidden_state[:, :-1]  # (B, T−1, H)
     hidden = decoder(input_ids=input_ids).last_hidden_state[:, :-1]
     if positions is None:
         positions = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-    hidden, teacher = hidden[positions], teacher[positions]  # (N, H)
-    return _HeadKLToTeacher.apply(hidden, head.weight, teacher, chunk)
+    hidden, target = hidden[positions], target[positions]  # (N, H)
+    return _HeadKLToTeacher.apply(hidden, head.weight, target, chunk)

@@ -15,11 +15,12 @@ import json
 import logging
 import random
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedcpt.config import DataConfig, ModelConfig, RunConfig, StrategyConfig, load_config
@@ -51,7 +52,7 @@ from fedcpt.server.steps.base import ServerStep, StatefulStep
 from fedcpt.server.steps.delta_scaling import DeltaScaling
 from fedcpt.server.steps.regression_guard import RegressionGuard
 from fedcpt.server.steps.rehearsal import Rehearsal
-from fedcpt.server.steps.self_distillation import ChatAnswers, SelfDistillation
+from fedcpt.server.steps.self_distillation import ChatAnswers, PhaseTeacher, SelfDistillation
 from fedcpt.server.steps.server_optimizer import ServerOptimizer
 
 log = logging.getLogger(__name__)
@@ -127,10 +128,11 @@ def general_evaluation(cfg: RunConfig, lm: AdaptedModel, data: GeneralData,
     return evaluation
 
 
-def server_steps(cfg: RunConfig, lm: AdaptedModel | ServerModel,
-                 general: GeneralData) -> list[ServerStep]:
+def server_steps(cfg: RunConfig, lm: AdaptedModel | ServerModel, general: GeneralData,
+                 version: Callable[[int], ArrayRecord] | None = None) -> list[ServerStep]:
     """The server optimiser, rehearsal, self-distillation, delta scaling, then the
-    regression guard, as configured in ``[strategy]``.
+    regression guard, as configured in ``[strategy]`` (``version``: a committed global
+    adapter by round, for the phase teacher).
 
     The optimiser comes first: its moments follow the federation's own updates, and the
     steps that protect general skill judge the move it proposes. Self-distillation follows
@@ -143,7 +145,7 @@ def server_steps(cfg: RunConfig, lm: AdaptedModel | ServerModel,
                                replay_fraction=cfg.strategy.replay_fraction,
                                lr_at=cfg.lr_at, seed=cfg.seed))
     if cfg.strategy.distillation != "none":
-        steps.append(self_distillation(cfg, lm, general))
+        steps.append(self_distillation(cfg, lm, general, version))
     if cfg.strategy.delta_scaling:
         steps.append(DeltaScaling(lm, general.validation, alphas=cfg.strategy.delta_alphas,
                                   tolerance=cfg.strategy.delta_tolerance,
@@ -156,11 +158,15 @@ def server_steps(cfg: RunConfig, lm: AdaptedModel | ServerModel,
 
 
 def self_distillation(cfg: RunConfig, lm: AdaptedModel | ServerModel, general: GeneralData,
+                      version: Callable[[int], ArrayRecord] | None = None
                       ) -> SelfDistillation:
     """The self-distillation step on the pool, the chat answers or both. The base model
     answers :data:`~fedcpt.core.behaviour.REHEARSAL_PROMPTS` here, once per process: its
-    greedy answers are deterministic, so a resumed run trains on the same ones."""
+    greedy answers are deterministic, so a resumed run trains on the same ones. The phase
+    teacher reads the adapter a phase began from through ``version``."""
     s = cfg.strategy
+    if s.distill_teacher == "phase" and version is None:
+        raise ValueError("the phase teacher needs the run's committed versions")
     chat = None
     if s.distillation in ("chat", "both"):
         answers = base_answers(lm, REHEARSAL_PROMPTS, cfg.data.answer_tokens)
@@ -171,7 +177,9 @@ def self_distillation(cfg: RunConfig, lm: AdaptedModel | ServerModel, general: G
         batch_size=s.distill_batch_size or cfg.train.batch_size, lr=s.distill_lr,
         lr_at=cfg.lr_at, chat_weight=s.distill_chat_weight,
         max_grad_norm=cfg.train.max_grad_norm, seed=cfg.seed,
-        from_round=s.distill_from_round)
+        from_round=s.distill_from_round,
+        phase_teacher=(PhaseTeacher(cfg.phase_of, version)
+                       if s.distill_teacher == "phase" else None))
 
 
 def final_continuations(cfg: RunConfig, lm: AdaptedModel,
@@ -217,7 +225,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path,
         lm = load_adapted_model(cfg.model, cfg.lora, cfg.seed)
         model = ServerModel(lm)  # what the steps and the Fisher hold: waits for evaluations
         data = general_data(cfg)
-        steps = server_steps(cfg, model, data)
+        steps = server_steps(cfg, model, data,
+                             lambda r: load_version(folder.version(r), lm.initial_adapter))
         observers = tracking_observers(cfg, folder)  # none (nothing imported) when off
         if resume:
             recorder, done = RunRecorder.resume(folder, cfg, rng, observers)

@@ -1,5 +1,6 @@
 """Self-distillation toward the base model: after aggregation the server pulls the
-adapted model's next-token distributions back toward the frozen base model's.
+adapted model's next-token distributions back toward the frozen base model's, or, in a
+stream of phases, toward the global adapter the current phase began from.
 
 Rehearsal trains on general text with hard labels, so it recalibrates the model toward raw
 text and leaves much of the drift from the base in place (docs/strategies.md). Here the
@@ -14,6 +15,10 @@ gives it) and the loss is KL(base ‖ adapted), the drift the run measures (Hint
   scored on the answer positions only — chat-format rehearsal;
 - ``both``: the pool KL plus ``chat_weight`` × the chat KL, every step.
 
+With the phase teacher (:class:`PhaseTeacher`) the pull keeps the previous phases'
+solution in function space, against backward transfer (Li & Hoiem's LwF with the
+previous task's model as teacher), where the phase anchor pulls in parameter space.
+
 The step sees the aggregate and the server's own text only, never site data, so it
 composes with secure aggregation and, under DP, is post-processing.
 """
@@ -27,8 +32,15 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord
 
-from fedcpt.core.adapters import adapter_state, load_adapter, to_arrays
-from fedcpt.core.lm_loss import next_token_kl_to_base
+from fedcpt.config import Phase
+from fedcpt.core.adapters import (
+    adapter_state,
+    from_arrays,
+    load_adapter,
+    swapped_adapter,
+    to_arrays,
+)
+from fedcpt.core.lm_loss import next_token_kl
 from fedcpt.core.model import AdaptedModel
 from fedcpt.server.steps.base import StepResult
 
@@ -44,15 +56,42 @@ class ChatAnswers:
     positions: torch.Tensor
 
 
+class PhaseTeacher:
+    """The global adapter the current phase of a stream began from; none in the first
+    phase, which has nothing earlier to keep."""
+
+    def __init__(self, phase_of: Callable[[int], Phase],
+                 version: Callable[[int], ArrayRecord]) -> None:
+        self.phase_of = phase_of
+        self.version = version
+        """A committed global adapter by round (a resumed run reads the phase's start)."""
+        self._held: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def at(self, server_round: int, global_arrays: ArrayRecord
+           ) -> dict[str, torch.Tensor] | None:
+        """The teacher's adapter tensors for ``server_round`` (``global_arrays``: the
+        adapter the round began from)."""
+        phase = self.phase_of(server_round)
+        if phase.index == 0:
+            return None
+        if self._held is None or self._held[0] != phase.index:
+            start = (global_arrays if server_round == phase.first_round
+                     else self.version(phase.first_round - 1))
+            self._held = (phase.index, from_arrays(start))
+        return self._held[1]
+
+
 class SelfDistillation:
-    """A few AdamW steps on the aggregate minimising KL(base ‖ adapted) on server text."""
+    """A few AdamW steps on the aggregate minimising KL(teacher ‖ adapted) on server text;
+    the teacher is the base, or the phase's starting adapter (``phase_teacher``)."""
 
     name = "self_distillation"
 
     def __init__(self, lm: AdaptedModel, *, pool: torch.Tensor | None,
                  chat: ChatAnswers | None, steps: int, batch_size: int, lr: float,
                  lr_at: Callable[[int], float], chat_weight: float, max_grad_norm: float,
-                 seed: int, from_round: int = 1) -> None:
+                 seed: int, from_round: int = 1,
+                 phase_teacher: PhaseTeacher | None = None) -> None:
         if pool is None and chat is None:
             raise ValueError("self-distillation needs pool text, chat answers or both")
         self.lm = lm
@@ -68,22 +107,27 @@ class SelfDistillation:
         self.seed = seed
         self.from_round = from_round
         """Rounds before this one keep the aggregate unchanged."""
+        self.phase_teacher = phase_teacher
 
-    def _loss(self, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """The step's objective on one batch of each kind of text, and its parts."""
+    def _loss(self, generator: torch.Generator, teacher: dict[str, torch.Tensor] | None
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The step's objective on one batch of each kind of text, and its parts
+        (``teacher``: adapter tensors; None: the base)."""
         device, model = self.lm.device, self.lm.model
+        as_teacher = None if teacher is None else (lambda: swapped_adapter(model, teacher))
         total = torch.zeros((), device=device)
         parts: dict[str, float] = {}
         with self.lm.autocast():
             if self.pool is not None:
                 idx = torch.randint(len(self.pool), (self.batch_size,), generator=generator)
-                kl = next_token_kl_to_base(model, self.pool[idx].to(device))  # (B, T) blocks
+                kl = next_token_kl(model, self.pool[idx].to(device),  # (B, T) blocks
+                                   teacher=as_teacher)
                 total = total + kl
                 parts["pool_kl"] = kl.item()
             if self.chat is not None:
                 idx = torch.randint(len(self.chat.ids), (self.batch_size,), generator=generator)
-                kl = next_token_kl_to_base(model, self.chat.ids[idx].to(device),
-                                           self.chat.positions[idx].to(device))
+                kl = next_token_kl(model, self.chat.ids[idx].to(device),
+                                   self.chat.positions[idx].to(device), teacher=as_teacher)
                 weight = 1.0 if self.pool is None else self.chat_weight
                 total = total + weight * kl
                 parts["chat_kl"] = kl.item()
@@ -95,6 +139,13 @@ class SelfDistillation:
             log.info("round %d · self-distillation: not before round %d", server_round,
                      self.from_round)
             return StepResult(aggregated, {"steps": 0})
+        teacher = None
+        if self.phase_teacher is not None:
+            teacher = self.phase_teacher.at(server_round, global_arrays)
+            if teacher is None:
+                log.info("round %d · self-distillation: the first phase has no earlier "
+                         "adapter to keep", server_round)
+                return StepResult(aggregated, {"steps": 0})
         model = self.lm.model
         load_adapter(model, aggregated)
         lr = self.lr or self.lr_at(server_round)
@@ -105,7 +156,7 @@ class SelfDistillation:
         first: dict[str, float] = {}
         last: dict[str, float] = {}
         for i in range(self.steps):
-            loss, last = self._loss(generator)
+            loss, last = self._loss(generator, teacher)
             first = first or last
             loss.backward()
             if self.max_grad_norm > 0:
@@ -114,10 +165,11 @@ class SelfDistillation:
             optimizer.zero_grad(set_to_none=True)
             log.debug("round %d · self-distillation step %d: %s", server_round, i, last)
         model.eval()
-        log.info("round %d · self-distillation: %d steps at lr %.2g, KL to base %s",
-                 server_round, self.steps, lr,
+        log.info("round %d · self-distillation: %d steps at lr %.2g, KL to the %s %s",
+                 server_round, self.steps, lr, "base" if teacher is None else "phase's start",
                  ", ".join(f"{k} {first[k]:.4f} → {last[k]:.4f}" for k in last))
         return StepResult(to_arrays(adapter_state(model)),
                           {"steps": self.steps, "lr": lr,
+                           "teacher": "base" if teacher is None else "phase",
                            **{f"first_{k}": v for k, v in first.items()},
                            **{f"last_{k}": v for k, v in last.items()}})

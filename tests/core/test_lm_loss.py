@@ -102,7 +102,7 @@ def test_trainable_head_takes_transformers_path():
 @pytest.mark.parametrize("masked", [False, True])
 def test_kl_to_base_and_gradients_equal_full_logits(chunk, masked):
     from fedcpt.core.evaluation import kl_divergence
-    from fedcpt.core.lm_loss import next_token_kl_to_base
+    from fedcpt.core.lm_loss import next_token_kl
 
     model = _lora_model()
     ids = torch.randint(0, 257, (3, 21), generator=torch.Generator().manual_seed(3))
@@ -113,9 +113,39 @@ def test_kl_to_base_and_gradients_equal_full_logits(chunk, masked):
     ref_kl = kl_divergence(base, torch.log_softmax(model(input_ids=ids).logits[:, :-1], -1))
     ref_kl = ref_kl[positions].mean()
     ref = _lora_grads(model, ref_kl)
-    kl = next_token_kl_to_base(model, ids, positions if masked else None, chunk=chunk)
+    kl = next_token_kl(model, ids, positions if masked else None, chunk=chunk)
     got = _lora_grads(model, kl)
     assert ref_kl.item() > 1e-3  # the adapter moved the model: a KL worth matching
     assert kl.item() == pytest.approx(ref_kl.item(), rel=1e-10)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_kl_to_an_earlier_adapter_equals_full_logits_and_restores_the_adapter():
+    """The phase teacher: KL(earlier adapter ‖ current) through swapped_adapter equals the
+    full-logit KL against that adapter's own logits, and the current adapter comes back
+    bit for bit."""
+    from peft import get_peft_model_state_dict
+
+    from fedcpt.core.adapters import swapped_adapter
+    from fedcpt.core.evaluation import kl_divergence
+    from fedcpt.core.lm_loss import next_token_kl
+
+    model = _lora_model()
+    own = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+    earlier = {k: v + 0.2 * torch.randn(v.shape, generator=torch.Generator().manual_seed(7),
+                                         dtype=v.dtype) for k, v in own.items()}
+    ids = torch.randint(0, 257, (3, 21), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), swapped_adapter(model, earlier):
+        teacher = torch.log_softmax(model(input_ids=ids).logits[:, :-1], -1)
+    ref_kl = kl_divergence(teacher, torch.log_softmax(model(input_ids=ids).logits[:, :-1], -1))
+    ref = _lora_grads(model, ref_kl.mean())
+    kl = next_token_kl(model, ids, teacher=lambda: swapped_adapter(model, earlier))
+    got = _lora_grads(model, kl)
+    assert kl.item() == pytest.approx(ref_kl.mean().item(), rel=1e-10)
+    with torch.no_grad():  # the base (the default teacher) is another
+        assert abs(kl.item() - next_token_kl(model, ids).item()) > 0.1 * kl.item()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-12, msg=name)
+    for key, value in get_peft_model_state_dict(model).items():
+        assert torch.equal(value, own[key]), key

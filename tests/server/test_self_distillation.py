@@ -153,3 +153,70 @@ def test_distillation_batch_is_its_own_or_the_sites(sites_config, fresh_lm, text
                                               "strategy.distill_from_round=2"])
     step = self_distillation(cfg, fresh_lm, general)
     assert (step.batch_size, step.from_round) == (2, 2)
+
+
+def _two_phases(server_round: int):
+    from fedcpt.config import Phase
+
+    first = Phase(0, "prose", 1, 2, ("a",))
+    return first if server_round <= 2 else Phase(1, "code", 3, 4, ("b",))
+
+
+def test_phase_teacher_keeps_the_previous_phase_where_the_base_teacher_would_not(
+        fresh_lm, byte_tok, drifted, make_text):
+    """A stream: phase 1 trained on prose (``drifted``), phase 2's aggregate on code. The
+    phase teacher pulls toward phase 1's solution: the loss on held-out prose falls back
+    toward phase 1's and the adapter is not pulled to the base."""
+    from fedcpt.server.steps.self_distillation import PhaseTeacher
+
+    code = _blocks(byte_tok, "def f(x):\n    return x * 2\n" * 200)
+    load_adapter(fresh_lm.model, drifted)
+    train_adapter(fresh_lm, code, TrainConfig(local_steps=15, batch_size=4), lr=5e-2, seed=1)
+    phase2 = to_arrays(adapter_state(fresh_lm.model))
+    pool = _blocks(byte_tok, make_text(6000, seed=25))
+    heldout = _blocks(byte_tok, make_text(3000, seed=26))[:12]  # phase 1's register
+
+    def prose_loss(arrays) -> float:
+        load_adapter(fresh_lm.model, arrays)
+        return evaluate_blocks(fresh_lm, heldout, 8).loss
+
+    asked: list[int] = []
+    teacher = PhaseTeacher(_two_phases, lambda r: asked.append(r))
+    step = _step(fresh_lm, pool=pool, phase_teacher=teacher)
+    assert step.apply(2, drifted, drifted, client_examples=0).details == {"steps": 0}
+    result = step.apply(3, drifted, phase2, client_examples=0)  # round 3 began from drifted
+    after_phase1, forgot, kept = prose_loss(drifted), prose_loss(phase2), prose_loss(
+        result.arrays)
+    assert forgot - after_phase1 > 0.02  # phase 2 forgot prose: backward transfer to remove
+    assert kept - after_phase1 < 0.5 * (forgot - after_phase1)
+    assert result.details["teacher"] == "phase" and asked == []
+    base = _step(fresh_lm, pool=pool).apply(3, drifted, phase2, client_examples=0)
+    assert prose_loss(base.arrays) > kept  # toward the base, prose is not kept as well
+
+
+def test_phase_teacher_of_a_resumed_run_is_the_committed_phase_start(fresh_lm, drifted):
+    """Resumed inside phase 2: the teacher is the version committed before its first round,
+    not the adapter the resumed round began from."""
+    from fedcpt.core.adapters import from_arrays
+    from fedcpt.server.steps.self_distillation import PhaseTeacher
+
+    asked: list[int] = []
+
+    def version(server_round: int):
+        asked.append(server_round)
+        return drifted
+
+    later = to_arrays({k: v + 1.0 for k, v in from_arrays(drifted).items()})
+    held = PhaseTeacher(_two_phases, version).at(4, later)
+    assert asked == [2]
+    for key, value in from_arrays(drifted).items():
+        assert torch.equal(held[key], value), key
+
+
+def test_phase_teacher_needs_a_stream():
+    with pytest.raises(ConfigError, match="strategy.distill_teacher"):
+        load_config("smoke", overrides=["strategy.distillation=pool",
+                                        "strategy.distill_teacher=phase"])
+    cfg = load_config("smoke-stream", overrides=["strategy.distillation=pool",
+                                                 "strategy.distill_teacher=phase"])
+    assert cfg.strategy.distill_teacher == "phase"
