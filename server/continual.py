@@ -11,6 +11,8 @@ All are held-out losses in nats (lower is better), so every transfer is a loss c
   opposite sign).
 - ``fwt`` = mean over j ≥ 1 of (R[j−1][j] − base_loss[j]): how the phases before j moved
   the loss on phase j before it was trained. **Negative = positive transfer.**
+- ``phase_adaptation[j]`` = base_loss[j] − R[j][j]: what phase j's own training gained on
+  its sites (the diagonal against the base). **Positive = learned.**
 - ``general_forgetting[i]``: general loss after phase i − base general loss.
 """
 
@@ -71,6 +73,7 @@ def continual_metrics(cfg: RunConfig, evals: dict[int, list[SiteEvalReport]],
         "base_loss": base,
         "bwt": bwt,
         "fwt": fwt,
+        "phase_adaptation": [diff(base[j], matrix[j][j]) for j in range(len(plan))],
         "general_forgetting": [diff(general_loss.get(ph.last_round), general_loss.get(0))
                                for ph in plan],
         "sign_convention": "losses in nats, lower is better: bwt > 0 means forgetting of "

@@ -137,6 +137,7 @@ def arm_row(arm: Arm, summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         "forgetting": summary["forgetting"], "adaptation": summary["adaptation"],
         "retention": retention_measures(summary),
         "bwt": (summary.get("continual") or {}).get("bwt"),
+        "phase_adaptation": (summary.get("continual") or {}).get("phase_adaptation"),
         "run_dir": str(run_dir),
     }
 
@@ -155,6 +156,9 @@ def against_reference(rows: list[dict[str, Any]]) -> None:
         row["retention_removed"] = {k: share_removed(ref["retention"][k], v)
                                     for k, v in row["retention"].items()}
         row["bwt_removed"] = share_removed(ref["bwt"], row["bwt"])
+        row["phase_adaptation_kept"] = None if row["phase_adaptation"] is None else [
+            share(a, r) for a, r in zip(row["phase_adaptation"], ref["phase_adaptation"],
+                                        strict=True)]
 
 
 def compare(scenario: str, out: Path, arms: list[str], dp_settings: list[bool],
@@ -273,9 +277,13 @@ def _table(rows: list[dict[str, Any]], path: Path) -> None:
         lines.append(f"| {r['arm']} | {'on' if r['dp'] else 'off'} | {' | '.join(cells)} |")
     if any(r["bwt"] is not None for r in rows):
         lines += ["", "Backward transfer over the stream's phases (positive: earlier phases "
-                  "forgotten; share of plain FedAvg's removed):", "",
-                  "| arm | DP | BWT | BWT removed |", "|---|---|---|---|"]
+                  "forgotten; share of plain FedAvg's removed) and each phase's own "
+                  "adaptation kept:", "",
+                  "| arm | DP | BWT | BWT removed | each phase's adaptation kept |",
+                  "|---|---|---|---|---|"]
         lines += [f"| {r['arm']} | {'on' if r['dp'] else 'off'} | {_signed(r['bwt'])} | "
-                  f"{_pct(r['bwt_removed'])} |" for r in rows]
+                  f"{_pct(r['bwt_removed'])} | "
+                  f"{', '.join(_pct(k) for k in r['phase_adaptation_kept'] or [])} |"
+                  for r in rows]
     lines += ["", "![pareto](pareto.png)", ""]
     path.write_text("\n".join(lines))

@@ -119,6 +119,8 @@ def test_loss_matrix_bwt_and_fwt_by_hand(tmp_path, sites_config):
     assert m["base_loss"] == pytest.approx([early(base), late(base)])
     assert m["bwt"] == pytest.approx(early(after_2) - early(after_1))   # 2.225 − 2.25
     assert m["fwt"] == pytest.approx(late(after_1) - late(base))        # 2.7 − 3.5
+    assert m["phase_adaptation"] == pytest.approx([early(base) - early(after_1),
+                                                   late(base) - late(after_2)])
     assert m["general_forgetting"] == pytest.approx([0.1, 0.05])
 
 

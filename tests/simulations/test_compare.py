@@ -22,9 +22,10 @@ def test_grid_always_includes_the_fedavg_reference():
 def test_every_arm_is_a_valid_configuration(arm):
     from fedcpt.config import load_config
 
-    cfg = load_config("smoke", overrides=ARMS[arm])
+    cfg = load_config("smoke-stream" if arm.startswith("phase") else "smoke",
+                      overrides=ARMS[arm])
     if "distill" in arm:
-        assert cfg.strategy.distillation == "both"
+        assert cfg.strategy.distillation in ("both", "pool")
 
 
 def test_unknown_arm_is_rejected_before_anything_runs():
@@ -70,11 +71,12 @@ def test_removed_is_the_share_of_the_reference_damage():
                                            "kl_to_base": 0.3, "answer_loss_increase": 0.2}
 
 
-def _summary(forgetting: float, adaptation: float, bwt: float | None) -> dict:
+def _summary(forgetting: float, adaptation: float, bwt: float | None,
+             phases: list[float] | None = None) -> dict:
     kinds = {"in_pool": {"forgetting": forgetting}, "out_of_pool": {"forgetting": forgetting},
              "behaviour": {"kl_to_base": 0.1, "answer_loss_increase": 0.1}}
     return {"forgetting": forgetting, "adaptation": adaptation, "retention": kinds,
-            "continual": None if bwt is None else {"bwt": bwt}}
+            "continual": None if bwt is None else {"bwt": bwt, "phase_adaptation": phases}}
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -82,8 +84,10 @@ def test_a_streams_backward_transfer_is_compared_against_fedavgs(tmp_path, strea
     from fedcpt.simulations.compare import _table, against_reference, arm_row
 
     fedavg, mix = grid(["rehearsal-mix"], [False])
-    rows = [arm_row(fedavg, _summary(0.1, 0.5, 0.2 if stream else None), tmp_path / "a"),
-            arm_row(mix, _summary(0.0, 0.45, 0.05 if stream else None), tmp_path / "b")]
+    rows = [arm_row(fedavg, _summary(0.1, 0.5, 0.2 if stream else None, [0.4, 0.5]),
+                    tmp_path / "a"),
+            arm_row(mix, _summary(0.0, 0.45, 0.05 if stream else None, [0.38, 0.25]),
+                    tmp_path / "b")]
     against_reference(rows)
     assert rows[1]["adaptation_kept"] == pytest.approx(0.9)
     assert rows[1]["forgetting_removed"] == pytest.approx(1.0)
@@ -91,7 +95,8 @@ def test_a_streams_backward_transfer_is_compared_against_fedavgs(tmp_path, strea
     table = (tmp_path / "compare.md").read_text()
     if stream:
         assert rows[1]["bwt_removed"] == pytest.approx(0.75)
-        assert "| rehearsal-mix | off | +0.0500 | 75% |" in table
+        assert rows[1]["phase_adaptation_kept"] == pytest.approx([0.95, 0.5])
+        assert "| rehearsal-mix | off | +0.0500 | 75% | 95%, 50% |" in table
     else:
         assert rows[1]["bwt"] is None and rows[1]["bwt_removed"] is None
         assert "BWT" not in table
