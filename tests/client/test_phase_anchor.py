@@ -55,10 +55,20 @@ def test_a_request_without_the_phase_start_is_refused(tmp_path, write_text):
 
 
 @pytest.mark.slow  # a real three-phase simulation: minutes on 2 cores (the slow tier)
-def test_a_stream_with_the_phase_anchor_runs_every_phase(tmp_path):
+def test_a_stream_with_the_phase_anchor_and_teacher_runs_every_phase(tmp_path):
+    """Both pulls toward the phase's start, in one run: the sites' anchor, and the server's
+    distillation toward the version committed before each later phase (none in phase 1)."""
+    import json
+
     from fedcpt.simulations.runner import simulate
 
-    summary = simulate(load_config("smoke-stream", overrides=["strategy.anchor=phase"]),
-                       tmp_path / "run")
+    summary = simulate(load_config("smoke-stream", overrides=[
+        "strategy.anchor=phase", "strategy.distillation=pool", "strategy.distill_steps=1",
+        "strategy.distill_teacher=phase"]), tmp_path / "run")
     assert summary["rounds_aggregated"] == 3 and summary["failures"] == 0
     assert summary["continual"]["bwt"] is not None
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    distilled = {r["round"]: r["server_steps"]["self_distillation"] for r in lines
+                 if "self_distillation" in r.get("server_steps", {})}
+    assert distilled[1] == {"steps": 0}
+    assert distilled[2]["teacher"] == distilled[3]["teacher"] == "phase"
