@@ -88,7 +88,8 @@ def _train_private(cfg: RunConfig, lm: AdaptedModel, site: SiteConfig, blocks: T
         if update is None:
             plan = plan_run(cfg.privacy, ledger, records=records,
                             batch_size=cfg.train.batch_size,
-                            steps=cfg.federation.rounds * cfg.train.local_steps, run_id=run_id,
+                            steps=cfg.training_rounds(site.name) * cfg.train.local_steps,
+                            run_id=run_id,
                             reserved=reserved)
             public = plan.ledger_public_rate
             # under public-units the refusal is decided at public rates only: it depends on

@@ -392,6 +392,14 @@ class RunConfig:
             first += ph.rounds
         return plan
 
+    def training_rounds(self, site: str) -> int:
+        """The rounds ``site`` is asked to train in: those of the [[phases]] that name it;
+        every round without phases or where none names it (a deployed site's own name
+        need not be in the run's config). A DP plan spreads the site's budget over these;
+        a server that asks for more rounds meets the ledger's refusal past the budget."""
+        rounds = sum(ph.rounds for ph in self.phase_plan() if site in ph.sites)
+        return rounds if self.phases and rounds else self.federation.rounds
+
     def phase_of(self, server_round: int) -> Phase:
         """The phase a (1-based) round belongs to; round 0 belongs to the first."""
         plan = self.phase_plan()

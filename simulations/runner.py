@@ -52,7 +52,7 @@ def preflight(cfg: RunConfig, run_id: str = "") -> list[SitePlan]:
             ledger = open_ledger(cfg, policy, accept_proposal(policy, cfg, records))
             plans.append(plan_run(cfg.privacy, ledger, records=records,
                                   batch_size=cfg.train.batch_size,
-                                  steps=cfg.federation.rounds * cfg.train.local_steps,
+                                  steps=cfg.training_rounds(site.name) * cfg.train.local_steps,
                                   run_id=run_id,
                                   reserved=eval_reservation(policy, cfg.federation.rounds)))
     general_eval_blocks(cfg)

@@ -65,3 +65,20 @@ def test_site_refuses_the_round_that_would_exceed_its_budget(tmp_path, sites_con
         paid = len(ledger.entries)
         if paid < cfg.federation.rounds:  # it refused the next round: that one would exceed
             assert epsilon([(sigma, q, (paid + 1) * q_steps)], ledger.delta) > budget
+
+
+def test_a_stream_site_spreads_its_budget_over_its_own_phases_rounds(tmp_path):
+    """In a stream each site trains in its phase's rounds only: its σ is planned for those
+    steps, not for every round of the run (which would spend a third of ε here and add
+    noise for nothing)."""
+    from fedcpt.simulations.runner import preflight
+
+    cfg = load_config("smoke-stream", overrides=[
+        "privacy.enabled=true", "privacy.target_epsilon=8", f"privacy.ledger_dir={tmp_path}"])
+    rounds = {s.name: cfg.training_rounds(s.name) for s in cfg.sites}
+    assert rounds == {"comedies": 1, "licenses": 1, "c10": 1}
+    assert cfg.training_rounds("a-deployed-name") == cfg.federation.rounds == 3
+    assert load_config("smoke").training_rounds("north") == 2  # no phases: every round
+    for plan in preflight(cfg):
+        assert plan.steps == rounds[plan.site] * cfg.train.local_steps
+        assert 0.9 * 8 < plan.expected_epsilon <= 8
