@@ -193,11 +193,14 @@ GATE: tuple[Entry, ...] = (
     *(Entry(p.METRICS, k, f"privacy accounting: {k}", _privacy_metrics)
       for k in p.PRIVACY_METRICS),
     Entry(p.METRICS, p.DOMAIN_LOSS, "held-out domain loss",
-          _eval(lambda m: (ACCOUNTED, "Gaussian mechanism, in the ledger before release"))),
+          _eval(lambda m: (ACCOUNTED, "discrete Gaussian mechanism (OpenDP, exact integer "
+                                      "noise), in the ledger before release"))),
     Entry(p.METRICS, p.DOMAIN_BASE_LOSS, "held-out base-model loss",
-          _eval(lambda m: (ACCOUNTED, "Gaussian mechanism, in the ledger before release"))),
+          _eval(lambda m: (ACCOUNTED, "discrete Gaussian mechanism (OpenDP, exact integer "
+                                      "noise), in the ledger before release"))),
     Entry(p.METRICS, p.DOMAIN_ECE, "held-out ECE",
-          _eval(lambda m: (ACCOUNTED, "Gaussian mechanism, in the ledger before release"))),
+          _eval(lambda m: (ACCOUNTED, "discrete Gaussian mechanism (OpenDP, exact integer "
+                                      "noise), in the ledger before release"))),
     Entry(p.METRICS, p.DATA_DRIFT, "data drift (base loss minus earlier runs' mean)",
           _eval(lambda m: (ACCOUNTED, "post-processing of noised, accounted releases"))),
     Entry(p.SITE, "name", "site name", _site_name),

@@ -61,7 +61,8 @@ def test_report_names_the_unit_every_release_and_who_set_each_value(tmp_path):
     assert row["noise_multiplier"] == 1.0  # the last DP-SGD round, not the evaluation
     # the release list is the gate's table: each key, each reply, its class
     assert any(r.startswith("held-out domain loss (`metrics.domain-loss`), evaluate") and
-               ": accounted — Gaussian mechanism, in the ledger" in r for r in row["releases"])
+               ": accounted — discrete Gaussian mechanism (OpenDP" in r and
+               "in the ledger before release" in r for r in row["releases"])
     assert any(r.startswith("train-seconds (`metrics.train-seconds`), train (DP-SGD)") and
                ": public — sent as 0 under DP" in r for r in row["releases"])
     assert not any("`metrics.train-loss`" in r for r in row["releases"])  # not sent
