@@ -58,13 +58,19 @@ def load_adapter(model: PeftModel, arrays: ArrayRecord) -> None:
 def swapped_adapter(model: PeftModel, state: dict[str, torch.Tensor]) -> Iterator[None]:
     """``model`` with the adapter tensors ``state`` (peft names) inside the block, and its
     own adapter restored after it: a teacher that shares the model, e.g. an earlier global
-    adapter. Use it without gradients; the restore copies in place."""
+    adapter. Use it without gradients; the restore copies in place.
+
+    Autocast keeps its low-precision copies of trainable leaf weights for the whole
+    autocast region, keyed by tensor, so an in-place swap would leave it computing with
+    the other adapter: its cache is cleared on each swap."""
     own = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
     set_peft_model_state_dict(model, state)
+    torch.clear_autocast_cache()
     try:
         yield
     finally:
         set_peft_model_state_dict(model, own)
+        torch.clear_autocast_cache()
 
 
 def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:

@@ -149,3 +149,31 @@ def test_kl_to_an_earlier_adapter_equals_full_logits_and_restores_the_adapter():
         torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-12, msg=name)
     for key, value in get_peft_model_state_dict(model).items():
         assert torch.equal(value, own[key]), key
+
+
+def test_kl_to_an_earlier_adapter_under_bf16_autocast_uses_each_adapter():
+    """Autocast caches its bf16 copies of trainable weights for the whole region: without
+    clearing that cache on a swap the student would run with the teacher's adapter (a KL
+    of exactly 0 on SmolLM2 before the fix)."""
+    from peft import get_peft_model_state_dict
+
+    from fedcpt.core.adapters import swapped_adapter
+    from fedcpt.core.evaluation import kl_divergence
+    from fedcpt.core.lm_loss import next_token_kl
+
+    model = _lora_model(torch.float32)
+    earlier = {k: v + 0.2 * torch.randn(v.shape, generator=torch.Generator().manual_seed(7))
+               for k, v in get_peft_model_state_dict(model).items()}
+    ids = torch.randint(0, 257, (3, 21), generator=torch.Generator().manual_seed(3))
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    with torch.no_grad(), swapped_adapter(model, earlier), autocast():
+        teacher = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+    with torch.no_grad(), autocast():
+        student = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+        kl = next_token_kl(model, ids, teacher=lambda: swapped_adapter(model, earlier))
+    reference = kl_divergence(teacher, student).mean().item()
+    assert reference > 1e-2
+    assert kl.item() == pytest.approx(reference, rel=0.05)
