@@ -1,15 +1,29 @@
 """Bad certificates and a deployed site's settings (``fedcpt certs``, ``fedcpt site
 check``): site names and addresses a certificate cannot carry, roots that are not a CA or
-have expired, a key in the wrong format, and a SuperNode's mistyped ``--node-config``."""
+have expired, a neighbour's SecAgg certificate that expired after the site process verified
+it (issue 25, attack 7c: validity is checked at every use), a key in the wrong format, and
+a SuperNode's mistyped ``--node-config``."""
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
-from fedcpt.deploy.certs import FederationFiles, site_names, write_federation_certs
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from fedcpt.deploy.certs import (
+    FederationFiles,
+    make_ca,
+    make_site_signing_cert,
+    site_names,
+    write_federation_certs,
+)
 from fedcpt.deploy.site_check import check_auth_key, check_node_config, check_root_certificates
+from fedcpt.privacy.secagg import identity
+from fedcpt.privacy.secagg.identity import verify_with_ca
 from fedcpt.testing.bad_inputs.judge import BadInput
 
 
@@ -51,6 +65,24 @@ def _write_certs(addresses: list[str], days: int = 30, twice: bool = False,
     return attempt
 
 
+def _neighbour_expired(folder: Path) -> object:
+    """A site process verifies a neighbour's signed keys while its certificate is valid;
+    the server replays them after it expired (the site's clock two days on)."""
+    ca_key, ca_cert = make_ca(days=30)
+    key, cert = make_site_signing_cert(ca_key, ca_cert, "neighbour", days=1)
+    ca_der, cert_der = ca_cert.public_bytes(Encoding.DER), cert.public_bytes(Encoding.DER)
+    message = b"the neighbour's public keys for round 1"
+    verify_with_ca(ca_der, cert_der, message, key.sign(message))  # valid: verified, cached
+
+    class Later(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime.now(tz) + dt.timedelta(days=2)
+
+    with mock.patch.object(identity, "dt", SimpleNamespace(datetime=Later, UTC=dt.UTC)):
+        return verify_with_ca(ca_der, cert_der, message, key.sign(message))
+
+
 def _node_config(node_config: dict) -> Callable[[Path], object]:
     def attempt(folder: Path) -> object:
         return check_node_config(node_config)
@@ -76,6 +108,9 @@ CERTIFICATE = [
              _root_check(lambda certs: certs / "superlink.crt"), r"is not a CA certificate"),
     BadInput("cert-root-expired", "certificate",
              _root_check(lambda certs: certs / "ca.crt", years_ahead=2), r"expired on"),
+    BadInput("cert-neighbour-expired-after-it-was-verified", "certificate",
+             _neighbour_expired, r"a site certificate outside its validity period",
+             attack="7c"),
     BadInput("cert-auth-key-not-openssh", "certificate", _auth_key,
              r"is not an unencrypted OpenSSH private key.*PEM key"),
     BadInput("site-node-config-unknown-key", "certificate",
