@@ -23,6 +23,7 @@ import logging  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import AbstractContextManager, contextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -30,6 +31,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fedcpt.config import RunConfig  # noqa: E402
+from fedcpt.privacy.site_files import beside_ledger  # noqa: E402
 from fedcpt.testing.site_round import task_identity  # noqa: E402
 
 SUBJECTS = [
@@ -94,6 +96,48 @@ def site_refusal(caplog) -> Callable[..., None]:
         assert "the reason is in the site's own log" in reply.error.reason, reply.error.reason
         assert any(re.search(pattern, m) for m in caplog.messages), caplog.messages
     return check
+
+
+def site_files(ledger: Path) -> dict[str, bytes | None]:
+    """Every file and folder a site keeps beside its ledger ``<name>.ledger.json``, each
+    named after it (:func:`fedcpt.privacy.site_files.beside_ledger`: the ledger, its lock,
+    the participation, site-level, split, attestation and drift records, the update cache
+    ``<name>.ledger.updates/``): path relative to the ledger's folder → bytes (None for a
+    folder)."""
+    ledger = Path(ledger)
+    folder, prefix = ledger.parent, beside_ledger(ledger, ".").name
+    if not folder.is_dir():
+        return {}
+    found: dict[str, bytes | None] = {}
+    for top in folder.iterdir():
+        if top.name.startswith(prefix):
+            for path in [top, *(sorted(top.rglob("*")) if top.is_dir() else ())]:
+                found[str(path.relative_to(folder))] = (None if path.is_dir()
+                                                        else path.read_bytes())
+    return found
+
+
+@contextmanager
+def files_unchanged(*ledgers: Path) -> Iterator[dict[Path, dict[str, bytes | None]]]:
+    """Around a request each site refuses: every file the site keeps beside its ledger
+    (:func:`site_files`) is byte for byte what it was, and none appeared or went away.
+    Yields the snapshot taken before (to check it is not empty where it should not be)."""
+    before = {Path(ledger): site_files(ledger) for ledger in ledgers}
+    yield before
+    for ledger, was in before.items():
+        now = site_files(ledger)
+        changed = sorted(name for name in was.keys() | now.keys()
+                         if name not in was or name not in now or was[name] != now[name])
+        assert not changed, (f"a refused request changed the site's files beside {ledger}: "
+                             f"{changed}")
+
+
+@pytest.fixture
+def unchanged_site_files() -> Callable[..., AbstractContextManager]:
+    """``with unchanged_site_files(ledger, ...):`` around a request the sites refuse (issue
+    25: a refusal counts only if the site's own check fired — :func:`site_refusal` — and
+    its ledger and the records beside it are byte for byte unchanged)."""
+    return files_unchanged
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ a grid that delivers each stage message to the real site functions the ClientApp
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
@@ -14,7 +15,8 @@ from fedcpt.client.app import app
 from fedcpt.config import RunConfig
 from fedcpt.core import protocol as p
 from fedcpt.deploy.certs import make_ca, make_site_signing_cert, write_federation_certs
-from fedcpt.privacy.secagg import site
+from fedcpt.privacy.heldout import HeldoutSplit, split_path
+from fedcpt.privacy.secagg import participation, site
 from fedcpt.privacy.secagg.context import RoundContext, adapter_digest, config_digest
 from fedcpt.privacy.secagg.ddp import DistributedDP
 from fedcpt.privacy.secagg.encoding import encode, vector_length
@@ -39,6 +41,16 @@ def make_identities(nodes, ca=None) -> dict[int, SiteIdentity]:
 
 def new_context(node: int) -> Context:
     return Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+
+
+def keep_records(context: Context, ledger: Path, name: str) -> Path:
+    """Give the site of ``context`` a ledger location (``ledger-path``) and records beside
+    that ledger from an earlier run — its held-out split, a secure sum it joined — so that
+    a refusal can be checked to leave them byte for byte (``unchanged_site_files``)."""
+    context.node_config["ledger-path"] = str(ledger)
+    HeldoutSplit.open(split_path(ledger), name, "passage")
+    participation.claim(context, str(ledger), ["train/run/run-0/round/1"])
+    return ledger
 
 
 class SiteGrid:

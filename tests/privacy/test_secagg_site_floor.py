@@ -14,7 +14,10 @@ hostile proposal, committed in the round context as an honest-looking round woul
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -30,8 +33,9 @@ from fedcpt.exceptions import ConfigError, UpdateRejected
 from fedcpt.privacy.ledger import LedgerError
 from fedcpt.privacy.policy import PolicyRefused, check_site_level_dp, site_policy
 from fedcpt.privacy.report import find_ledgers, find_site_level, write_privacy_report
+from fedcpt.privacy.secagg import participation
 from fedcpt.privacy.secagg import site as secagg_site
-from fedcpt.privacy.secagg.ddp import DistributedDP
+from fedcpt.privacy.secagg.ddp import MAX_GRID_INFLATION, DistributedDP
 from fedcpt.privacy.secagg.encoding import vector_length
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import MASKED, STATE
@@ -51,29 +55,40 @@ HONEST = ["privacy.user_level=true", "privacy.user_noise_multiplier=1.0",
           "secagg.mode=on", "secagg.dishonest_fraction=0.2"]
 
 
+def _no_check(ledger: Path) -> AbstractContextManager:
+    return nullcontext()
+
+
 def _stage_three(tmp_path, write_text, overrides: list[str], floor: dict[str, str] = FLOOR,
-                 threshold: int = 0, run_id: str = "run-1") -> tuple[Message, Context]:
-    """Stages 1–2 run honestly for five sites under the server's config (``HONEST`` with
-    ``overrides``) and its ``threshold`` (0: the default majority); returns site A's reply
-    to the real stage-3 handler, and A's context. A is a deployed site whose node config
-    sets ``floor``."""
+                 threshold: int = 0, run_id: str = "run-1", nodes: Sequence[int] = NODES,
+                 participants: Sequence[int] | None = None,
+                 around: Callable[[Path], AbstractContextManager] = _no_check,
+                 ) -> tuple[Message, Context]:
+    """Stages 1–2 run honestly for the sites ``nodes`` (five, A first) under the server's
+    config (``HONEST`` with ``overrides``), its ``threshold`` (0: the default majority)
+    and the ``participants`` it lists in the round context (default: ``nodes``); returns
+    site A's reply to the real stage-3 handler, and A's context. A is a deployed site
+    whose node config sets ``floor``; the handler runs inside ``around(A's ledger)`` (a
+    refused round: ``unchanged_site_files``)."""
     cfg = load_config("smoke", overrides=[*HONEST, *overrides])
     adapter = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
     with task_identity():
         request = train_message(cfg, run_id, 1, adapter)
     config = request.content[p.CONFIG]
-    params = SecAggParams.for_round(cfg, len(NODES))
-    sites = Sites(NODES, replace(params, threshold=threshold or params.threshold), adapter,
+    params = SecAggParams.for_round(cfg, len(nodes))
+    sites = Sites(nodes, replace(params, threshold=threshold or params.threshold), adapter,
                   config)
-    victim = site_context(str(write_text("victim.txt", 40_000, seed=5)),
-                          tmp_path / "victim.ledger.json", name="victim", **floor)
+    ledger = tmp_path / "victim.ledger.json"
+    victim = site_context(str(write_text("victim.txt", 40_000, seed=5)), ledger,
+                          name="victim", **floor)
     sites.contexts[A] = victim
-    keys = {n: sites.setup(n) for n in NODES}
-    sealed = {n: sites.share_keys(n, Sites.key_list(keys, NODES)) for n in NODES}
+    setup = sites.round_record(nodes=participants or nodes)
+    keys = {n: sites.setup(n, setup) for n in nodes}
+    sealed = {n: sites.share_keys(n, Sites.key_list(keys, nodes)) for n in nodes}
     src = sorted(s for s in sealed if A in list(sealed[s]["dst"]))
     boxes = [sealed[s]["sealed"][list(sealed[s]["dst"]).index(A)] for s in src]
     shares = ConfigRecord({"src": src, "sealed": boxes})
-    with task_identity():
+    with task_identity(), around(ledger):
         msg = Message(RecordDict({p.ARRAYS: adapter, p.CONFIG: config,
                                   STATE: shares}), dst_node_id=A, message_type=MASKED)
         return model_handlers.secagg_masked(msg, victim), victim
@@ -92,8 +107,8 @@ def _stage_three(tmp_path, write_text, overrides: list[str], floor: dict[str, st
      r"collude \(min_dishonest_fraction, site node config\)"),
 ])
 def test_a_server_proposing_less_noise_than_the_sites_floor_gets_nothing(
-        tmp_path, write_text, overrides, match, site_refusal):
-    reply, victim = _stage_three(tmp_path, write_text, overrides)
+        tmp_path, write_text, overrides, match, site_refusal, unchanged_site_files):
+    reply, victim = _stage_three(tmp_path, write_text, overrides, around=unchanged_site_files)
     site_refusal(reply, match)
     # nothing was masked or sent, and the site will sign no survivor set for this round
     state = victim.state.config_records[STATE]
@@ -102,14 +117,15 @@ def test_a_server_proposing_less_noise_than_the_sites_floor_gets_nothing(
         secagg_site.consistency(victim, ConfigRecord({"survivors": list(NODES)}), None)
 
 
-def test_a_site_assuming_colluders_refuses_a_threshold_they_could_beat(tmp_path, write_text,
-                                                                       site_refusal):
+def test_a_site_assuming_colluders_refuses_a_threshold_they_could_beat(
+        tmp_path, write_text, site_refusal, unchanged_site_files):
     """With 5 neighbours a majority threshold is 3, which one colluding site beats
     (tests/privacy/test_secagg_collusion.py unmasks a victim at exactly that setting). A
     site that assumes one colluder masks nothing under it; at threshold 4, which one
     colluder cannot beat, it trains and sends its masked update."""
     floor = {**FLOOR, "secagg-colluders": "1"}
-    reply, victim = _stage_three(tmp_path, write_text, [], floor, threshold=3)
+    reply, victim = _stage_three(tmp_path, write_text, [], floor, threshold=3,
+                                 around=unchanged_site_files)
     site_refusal(reply, r"refuses `secagg.reconstruction_threshold` = 3 over 5 neighbours: "
                         r"the server with 1 colluding site\(s\) \(secagg_colluders, site "
                         r"node config\) could unmask this site's update; it needs at least 4")
@@ -167,7 +183,7 @@ def test_a_server_repeating_the_round_under_new_run_ids_is_counted_by_the_site(
 
 
 def test_a_site_with_a_site_level_budget_refuses_the_release_that_would_pass_it(
-        tmp_path, write_text, site_refusal):
+        tmp_path, write_text, site_refusal, unchanged_site_files):
     """The server re-sends round 1 under new run ids to a site that caps its site-level ε
     between what two and three releases compose to. It gets two; the third is refused
     before training, nothing is masked, and the site's record is byte-for-byte unchanged."""
@@ -180,7 +196,8 @@ def test_a_site_with_a_site_level_budget_refuses_the_release_that_would_pass_it(
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     record = record_path(tmp_path / "victim.ledger.json")
     before = record.read_bytes()
-    reply, victim = _stage_three(tmp_path, write_text, ["seed=2"], floor, run_id="run-3")
+    reply, victim = _stage_three(tmp_path, write_text, ["seed=2"], floor, run_id="run-3",
+                                 around=unchanged_site_files)
     site_refusal(reply, rf"refuses site-level release 3: its site-level ε would reach "
                         rf"{ddp.epsilon(3, delta):.3f} at δ=1e-05, over its budget "
                         rf"{float(floor['site-level-epsilon-budget']):g} "
@@ -213,14 +230,15 @@ def test_a_server_stating_a_loose_site_level_delta_is_recorded_at_the_default(tm
     ([], r"refuses `privacy.user_level` = False"),
 ])
 def test_a_site_with_a_floor_refuses_plain_rounds(tmp_path, write_text, overrides, match,
-                                                   site_refusal):
+                                                   site_refusal, unchanged_site_files):
     """Without SecAgg the server would add the site-level noise (or none): a site with a
     floor does not train."""
     cfg = load_config("smoke", overrides=overrides)
-    context = site_context(str(write_text("victim.txt", 40_000, seed=5)),
-                           tmp_path / "victim.ledger.json", name="victim", **FLOOR)
+    ledger = tmp_path / "victim.ledger.json"
+    context = site_context(str(write_text("victim.txt", 40_000, seed=5)), ledger,
+                           name="victim", **FLOOR)
     adapter = load_adapted_model(cfg.model, cfg.lora, cfg.seed).initial_adapter
-    with task_identity():
+    with task_identity(), unchanged_site_files(ledger):
         reply = client_app.train(train_message(cfg, "run-1", 1, adapter), context)
     site_refusal(reply, match)
 
@@ -266,7 +284,7 @@ def test_fake_participants_that_coarsen_the_noise_grid_are_refused():
     rounding raises the sensitivity 2.4-fold and the round's ε nearly triples, while z
     still meets the site's floor. The site's check of the mechanism stage 3 builds from
     the round's participant list (:func:`fedcpt.client.model_handlers.secagg_masked`) refuses it;
-    the honest round's grid passes."""
+    the honest round's grid passes. (The attack through that handler: the next test.)"""
     node = {"site-name": "victim", "data-path": "/data", "min-user-noise-multiplier": "1.0"}
     policy = site_policy(None, SiteConfig(name="victim", data=("/data",)), node,
                          deployed=True)
@@ -284,12 +302,47 @@ def test_fake_participants_that_coarsen_the_noise_grid_are_refused():
         check_site_level_dp(policy, cfg, faked)
 
 
+GRID_FLOOR = {"min-user-noise-multiplier": "1.0", "require-dp": "false"}
+COARSE = ["secagg.dishonest_fraction=0", "secagg.quantization_range=2"]
+FAKED = 6_500_000  # participant ids in all; the site's bound here is about 5.95 million
+REAL = (A, B, C)  # three real sites, threshold 3: every site checks the fakes at setup
+
+
+def test_fake_participants_refused_by_the_real_stage_three_handler(
+        tmp_path, write_text, site_refusal, unchanged_site_files):
+    """The same attack against the real site: stages 1–2 run honestly for three real sites
+    under a round context that lists ``FAKED`` participant ids (the three among them), and
+    the real stage-3 handler gets the round. The site, with records from an honest round
+    of the three, refuses before it trains (its own grid check, in its log): nothing is
+    masked and every file beside its ledger is byte for byte unchanged."""
+    ledger = tmp_path / "victim.ledger.json"
+    reply, _ = _stage_three(tmp_path, write_text, [*COARSE, "seed=1"], GRID_FLOOR,
+                            run_id="run-0", nodes=REAL)  # the honest round
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert record_path(ledger).exists() and participation.record_path(ledger).exists()
+    fakes = [*REAL, *range(1000, 1000 + FAKED - len(REAL))]
+    reply, victim = _stage_three(tmp_path, write_text, COARSE, GRID_FLOOR, nodes=REAL,
+                                 participants=fakes, around=unchanged_site_files)
+    site_refusal(reply, rf"refuses the round's noise grid: {FAKED} participants leave "
+                        r"\d+ grid steps for the clipping norm, and rounding onto them raises "
+                        rf"the sensitivity [0-9.]+-fold \(at most {MAX_GRID_INFLATION:g}\)")
+    assert victim.state.config_records[STATE]["stage"] == "receive_shares"  # nothing masked
+    assert len(victim.state.config_records[STATE]["participants"]) == FAKED
+
+
 def test_a_default_site_assumes_one_colluder_and_the_default_threshold_meets_it(
-        tmp_path, write_text, site_refusal):
+        tmp_path, write_text, site_refusal, unchanged_site_files):
     """With one colluding site, a server unmasks a victim at a majority threshold (3 of 5,
     test_secagg_collusion.py). A site that set nothing refuses that threshold, saying
-    which colluder assumption refused it; the server's default threshold (4 of 5) passes."""
-    reply, victim = _stage_three(tmp_path, write_text, [], floor={}, threshold=3)
+    which colluder assumption refused it, and its records from an earlier run are byte for
+    byte unchanged; the server's default threshold (4 of 5) passes."""
+    ledger = tmp_path / "victim.ledger.json"
+    reply, _ = _stage_three(tmp_path, write_text, ["seed=1"], floor={"require-dp": "false"},
+                            run_id="run-0")  # an earlier release: records beside its ledger
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert record_path(ledger).exists() and participation.record_path(ledger).exists()
+    reply, victim = _stage_three(tmp_path, write_text, [], floor={}, threshold=3,
+                                 around=unchanged_site_files)
     site_refusal(reply, r"refuses `secagg.reconstruction_threshold` = 3 over 5 neighbours: the "
                         r"server with 1 colluding site\(s\) \(secagg_colluders, site default\)")
     assert victim.state.config_records[STATE]["stage"] == "receive_shares"  # nothing masked

@@ -22,9 +22,12 @@ from secagg_grid import AppGrid, Sites, secagg_federation, simulated_sites
 
 import fedcpt.client.app as client_app
 from fedcpt.client import model_handlers
+from fedcpt.client.site import resolve_site
 from fedcpt.config import RunConfig, load_config
 from fedcpt.core import protocol as p
 from fedcpt.core.model import load_adapted_model
+from fedcpt.privacy.policy import site_policy
+from fedcpt.privacy.secagg import participation
 from fedcpt.privacy.secagg.params import SecAggParams
 from fedcpt.privacy.secagg.server import MASKED, STATE
 from fedcpt.server.round_loop import request, site_evaluations, train_attempt
@@ -170,6 +173,29 @@ def _four_sites(cfg: RunConfig) -> RunConfig:
                                                                name="more-comedies")))
 
 
+# Where the sites keep their record of the sums they joined: beside a ledger (each site's
+# ledger under privacy.ledger_dir, as a deployed site keeps it) or, without a ledger
+# location, in the run's Flower Context.state only (nothing on disk to compare).
+KEPT = pytest.mark.parametrize("kept", ["beside-ledger", "in-state"])
+
+
+def _kept(cfg: RunConfig, tmp_path: Path, kept: str) -> RunConfig:
+    if kept == "in-state":
+        return cfg
+    return replace(cfg, privacy=replace(cfg.privacy, ledger_dir=str(tmp_path / "ledgers")))
+
+
+def _ledgers(cfg: RunConfig, grid: AppGrid) -> dict[int, Path]:
+    """Node → the ledger location each simulated site's own policy names (none in state)."""
+    ledgers = {}
+    for node, context in grid.contexts.items():
+        node_config = dict(context.node_config)
+        policy = site_policy(cfg, resolve_site(cfg, node_config), node_config, deployed=False)
+        if policy.ledger_path:
+            ledgers[node] = Path(policy.ledger_path)
+    return ledgers
+
+
 class SubsetGrid(AppGrid):
     """The server's grid, showing it only the nodes in ``only`` when it samples."""
 
@@ -188,47 +214,72 @@ def adapter() -> ArrayRecord:
                                  .astype(a.numpy().dtype)) for k, a in initial.items()})
 
 
+def _refused_by(messages: list[str]) -> list[str]:
+    """The sites (``partition <i>``) whose own participation check refused, from their log."""
+    return sorted(m.split(" refused this ")[0].removeprefix("site ") for m in messages
+                  if "already joined a secure sum" in m)
+
+
+@KEPT
 @pytest.mark.usefixtures("flower_task")
 def test_a_training_round_resent_without_one_site_gives_nothing_to_subtract(
-        tmp_path, adapter, caplog):
+        tmp_path, adapter, caplog, kept, unchanged_site_files):
     """SecAgg without DP: the server runs round 1 with all four sites, then sends round 1
     again without the victim. Before: both sums were unmasked and their difference was
     the victim's exact update. After: the three others sent their update for this round
-    already, refuse the second session, and no second sum exists."""
-    cfg = _four_sites(load_config("smoke", overrides=[
-        "secagg.mode=on", "federation.min_sites=3", "train.local_steps=1"]))
+    already, refuse the second session (their own check, in their log), no second sum
+    exists, and no site's files beside its ledger change."""
+    cfg = _kept(_four_sites(load_config("smoke", overrides=[
+        "secagg.mode=on", "federation.min_sites=3", "train.local_steps=1"])), tmp_path, kept)
     grid = SubsetGrid(simulated_sites(tmp_path, SITES))
     fed = secagg_federation(grid, cfg)
+    ledgers = _ledgers(cfg, grid)
+    assert len(ledgers) == (4 if kept == "beside-ledger" else 0)
     content = request(adapter, fed.config, 1)
     first = train_attempt(fed, 1, adapter, content, None)
     assert first.aggregate is not None  # the honest round: one sum over the four sites
     victim = sorted(grid.contexts)[0]
     grid.only = set(grid.contexts) - {victim}
     sent = len(grid.replies)
-    with caplog.at_level(logging.WARNING, logger="fedcpt.client"):
+    with caplog.at_level(logging.WARNING, logger="fedcpt.client"), \
+            unchanged_site_files(*ledgers.values()) as before:
         second = train_attempt(fed, 1, adapter, content, sorted(grid.only))
     assert second.aggregate is None
-    refused = [m for m in caplog.messages if "already joined a secure sum" in m]
-    assert len(refused) == 3, caplog.messages
+    assert _refused_by(caplog.messages) == sorted(
+        f"partition {grid.contexts[n].node_config['partition-id']}" for n in grid.only)
     assert not any(r.has_content() and p.MASKED in r.content for r in grid.replies[sent:])
+    for ledger in ledgers.values():  # what was compared: each site's record of round 1
+        assert participation.record_path(ledger).name in before[ledger]
 
 
+@KEPT
 @pytest.mark.usefixtures("flower_task")
 def test_secure_evaluations_of_one_adapter_over_different_groups_give_one_sum(
-        tmp_path, adapter, caplog):
+        tmp_path, adapter, caplog, kept, unchanged_site_files):
     """Four secure evaluations of one adapter over the four groups of three sites. Before:
     four sums, from which every site's own loss follows (to 1e-8). After: each site joins
-    one un-noised sum per adapter version; only the first sum exists."""
-    cfg = _four_sites(load_config("smoke", overrides=[
-        "secagg.mode=on", "site_policy.eval_release=secagg"]))
+    one un-noised sum per adapter version; only the first sum exists. In each later
+    evaluation every site asked before refuses (its own check, in its log) and its files
+    beside its ledger do not change; a site asked for the first time joins."""
+    cfg = _kept(_four_sites(load_config("smoke", overrides=[
+        "secagg.mode=on", "site_policy.eval_release=secagg"])), tmp_path, kept)
     grid = SubsetGrid(simulated_sites(tmp_path, SITES))
     fed = secagg_federation(grid, cfg)
     fed.cfg = dataclasses.replace(cfg, federation=dataclasses.replace(
         cfg.federation, eval_sites_per_round=3))
-    sums = []
-    with caplog.at_level(logging.WARNING, logger="fedcpt.client"):
-        for left_out in sorted(grid.contexts):
-            grid.only = set(grid.contexts) - {left_out}
+    ledgers = _ledgers(cfg, grid)
+    assert len(ledgers) == (4 if kept == "beside-ledger" else 0)
+    sums, asked = [], set()
+    for left_out in sorted(grid.contexts):
+        grid.only = set(grid.contexts) - {left_out}
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fedcpt.client"), \
+                unchanged_site_files(*(ledgers[n] for n in asked if n in ledgers)) as before:
             sums += site_evaluations(fed, 1, adapter)
+        assert _refused_by(caplog.messages) == sorted(
+            f"partition {grid.contexts[n].node_config['partition-id']}"
+            for n in grid.only & asked)
+        for ledger in before:  # what was compared: the record of the sum it joined
+            assert participation.record_path(ledger).name in before[ledger]
+        asked |= grid.only
     assert len(sums) == 1 and sums[0].summed_sites == 3
-    assert any("already joined a secure sum" in m for m in caplog.messages)
