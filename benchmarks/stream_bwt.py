@@ -41,11 +41,10 @@ def stream_measures(run_dir: Path) -> dict[str, Any]:
     """BWT and each phase's own adaptation from a finished run's summary."""
     summary = json.loads((run_dir / "summary.json").read_text())
     continual = summary["continual"]
-    matrix, base = continual["loss_matrix"], continual["base_loss"]
     return {"bwt": continual["bwt"], "fwt": continual["fwt"],
-            "phase_adaptation": [b - matrix[j][j] for j, b in enumerate(base)],
+            "phase_adaptation": continual["phase_adaptation"],
             "general_forgetting": continual["general_forgetting"],
-            "loss_matrix": matrix, "base_loss": base,
+            "loss_matrix": continual["loss_matrix"], "base_loss": continual["base_loss"],
             "epsilon": (summary.get("privacy") or {}).get("max_epsilon"),
             "wall_time_s": summary.get("wall_time_s")}
 
@@ -74,7 +73,8 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, required=True,
                         help="the run folders; finished runs there are reused")
     parser.add_argument("--arm", action="append", default=[], type=parse_arm,
-                        help="NAME=KEY=VALUE[,KEY=VALUE...]: an arm's overrides")
+                        help="NAME=KEY=VALUE[,KEY=VALUE...]: an arm's overrides (values "
+                        "without commas)")
     parser.add_argument("--dp", action="store_true",
                         help="every run at ε = 8 with the default run's DP-SGD settings")
     parser.add_argument("--set", action="append", default=[], dest="overrides",

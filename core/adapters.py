@@ -58,13 +58,17 @@ def load_adapter(model: PeftModel, arrays: ArrayRecord) -> None:
 def swapped_adapter(model: PeftModel, state: dict[str, torch.Tensor]) -> Iterator[None]:
     """``model`` with the adapter tensors ``state`` (peft names) inside the block, and its
     own adapter restored after it: a teacher that shares the model, e.g. an earlier global
-    adapter. Use it without gradients; the restore copies in place.
+    adapter. Use it without gradients, and backpropagate any graph built before the swap
+    first: the swap and the restore copy into the parameters in place.
 
     Autocast keeps its low-precision copies of trainable leaf weights for the whole
     autocast region, keyed by tensor, so an in-place swap would leave it computing with
     the other adapter: its cache is cleared on each swap."""
     own = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-    set_peft_model_state_dict(model, state)
+    unexpected = getattr(set_peft_model_state_dict(model, state), "unexpected_keys", [])
+    if unexpected:
+        set_peft_model_state_dict(model, own)
+        raise UpdateRejected(f"adapter tensors not in the model: {unexpected[:3]}")
     torch.clear_autocast_cache()
     try:
         yield

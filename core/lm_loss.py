@@ -142,9 +142,9 @@ def next_token_kl(model: nn.Module, input_ids: torch.Tensor,
     head = _plain_head(causal_lm)
     if head is None:
         with torch.no_grad(), as_teacher():
-            base = torch.log_softmax(model(input_ids=input_ids).logits[:, :-1].float(), -1)
+            target = torch.log_softmax(model(input_ids=input_ids).logits[:, :-1].float(), -1)
         adapted = torch.log_softmax(model(input_ids=input_ids).logits[:, :-1].float(), -1)
-        kl = (base.exp() * (base - adapted)).sum(-1)  # (B, T−1)
+        kl = (target.exp() * (target - adapted)).sum(-1)  # (B, T−1)
         return kl.mean() if positions is None else kl[positions].mean()
     decoder = causal_lm.get_decoder()
     with torch.no_grad(), as_teacher():

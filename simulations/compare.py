@@ -109,7 +109,9 @@ def _folder(arm: Arm, single_budget: bool) -> str:
 
 
 def share(part: float | None, whole: float | None) -> float | None:
-    return None if part is None or not whole else part / whole
+    """``part`` as a share of a positive ``whole`` (None when the whole gained nothing: a
+    share of nothing says nothing, and two losses would divide into a gain)."""
+    return None if part is None or whole is None or whole <= 0 else part / whole
 
 
 def share_removed(reference: float | None, value: float | None) -> float | None:
@@ -156,7 +158,8 @@ def against_reference(rows: list[dict[str, Any]]) -> None:
         row["retention_removed"] = {k: share_removed(ref["retention"][k], v)
                                     for k, v in row["retention"].items()}
         row["bwt_removed"] = share_removed(ref["bwt"], row["bwt"])
-        row["phase_adaptation_kept"] = None if row["phase_adaptation"] is None else [
+        row["phase_adaptation_kept"] = None if None in (row["phase_adaptation"],
+                                                        ref["phase_adaptation"]) else [
             share(a, r) for a, r in zip(row["phase_adaptation"], ref["phase_adaptation"],
                                         strict=True)]
 

@@ -109,29 +109,30 @@ class SelfDistillation:
         """Rounds before this one keep the aggregate unchanged."""
         self.phase_teacher = phase_teacher
 
-    def _loss(self, generator: torch.Generator, teacher: dict[str, torch.Tensor] | None
-              ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The step's objective on one batch of each kind of text, and its parts
-        (``teacher``: adapter tensors; None: the base)."""
+    def _backward(self, generator: torch.Generator, teacher: dict[str, torch.Tensor] | None
+                  ) -> dict[str, float]:
+        """Backpropagate the step's objective on one batch of each kind of text; its parts.
+        Each kind's KL is backpropagated before the next teacher forward, which (with an
+        earlier adapter as teacher) swaps the parameters that graph holds."""
         device, model = self.lm.device, self.lm.model
         as_teacher = None if teacher is None else (lambda: swapped_adapter(model, teacher))
-        total = torch.zeros((), device=device)
         parts: dict[str, float] = {}
-        with self.lm.autocast():
-            if self.pool is not None:
-                idx = torch.randint(len(self.pool), (self.batch_size,), generator=generator)
+        if self.pool is not None:
+            idx = torch.randint(len(self.pool), (self.batch_size,), generator=generator)
+            with self.lm.autocast():
                 kl = next_token_kl(model, self.pool[idx].to(device),  # (B, T) blocks
                                    teacher=as_teacher)
-                total = total + kl
-                parts["pool_kl"] = kl.item()
-            if self.chat is not None:
-                idx = torch.randint(len(self.chat.ids), (self.batch_size,), generator=generator)
+            kl.backward()
+            parts["pool_kl"] = kl.item()
+        if self.chat is not None:
+            idx = torch.randint(len(self.chat.ids), (self.batch_size,), generator=generator)
+            with self.lm.autocast():
                 kl = next_token_kl(model, self.chat.ids[idx].to(device),
                                    self.chat.positions[idx].to(device), teacher=as_teacher)
-                weight = 1.0 if self.pool is None else self.chat_weight
-                total = total + weight * kl
-                parts["chat_kl"] = kl.item()
-        return total, parts
+            weight = 1.0 if self.pool is None else self.chat_weight
+            (weight * kl).backward()
+            parts["chat_kl"] = kl.item()
+        return parts
 
     def apply(self, server_round: int, global_arrays: ArrayRecord, aggregated: ArrayRecord,
               client_examples: int) -> StepResult:
@@ -156,9 +157,8 @@ class SelfDistillation:
         first: dict[str, float] = {}
         last: dict[str, float] = {}
         for i in range(self.steps):
-            loss, last = self._loss(generator, teacher)
+            last = self._backward(generator, teacher)
             first = first or last
-            loss.backward()
             if self.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
             optimizer.step()

@@ -177,3 +177,19 @@ def test_kl_to_an_earlier_adapter_under_bf16_autocast_uses_each_adapter():
     reference = kl_divergence(teacher, student).mean().item()
     assert reference > 1e-2
     assert kl.item() == pytest.approx(reference, rel=0.05)
+
+
+def test_a_teacher_adapter_that_does_not_fit_is_refused_and_the_model_kept():
+    from peft import get_peft_model_state_dict
+
+    from fedcpt.core.adapters import swapped_adapter
+    from fedcpt.exceptions import UpdateRejected
+
+    model = _lora_model()
+    own = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+    foreign = {**{k: v + 1 for k, v in own.items()}, "lora_Z.weight": torch.zeros(2)}
+    with pytest.raises(UpdateRejected, match="not in the model"):
+        with swapped_adapter(model, foreign):
+            pytest.fail("the swap must not happen")
+    for key, value in get_peft_model_state_dict(model).items():
+        assert torch.equal(value, own[key]), key

@@ -156,10 +156,11 @@ def test_distillation_batch_is_its_own_or_the_sites(sites_config, fresh_lm, text
 
 
 def _two_phases(server_round: int):
+    """Phases of two rounds each (a third after round 4)."""
     from fedcpt.config import Phase
 
-    first = Phase(0, "prose", 1, 2, ("a",))
-    return first if server_round <= 2 else Phase(1, "code", 3, 4, ("b",))
+    index = (server_round - 1) // 2 if server_round else 0
+    return Phase(index, f"phase-{index}", 2 * index + 1, 2 * index + 2, (f"site-{index}",))
 
 
 def test_phase_teacher_keeps_the_previous_phase_where_the_base_teacher_would_not(
@@ -207,10 +208,16 @@ def test_phase_teacher_of_a_resumed_run_is_the_committed_phase_start(fresh_lm, d
         return drifted
 
     later = to_arrays({k: v + 1.0 for k, v in from_arrays(drifted).items()})
-    held = PhaseTeacher(_two_phases, version).at(4, later)
+    teacher = PhaseTeacher(_two_phases, version)
+    held = teacher.at(4, later)
     assert asked == [2]
     for key, value in from_arrays(drifted).items():
         assert torch.equal(held[key], value), key
+    # the next phase's teacher is the adapter it begins from, not phase 2's kept one
+    third = teacher.at(5, later)
+    assert asked == [2]
+    for key, value in from_arrays(later).items():
+        assert torch.equal(third[key], value), key
 
 
 def test_phase_teacher_needs_a_stream():
@@ -220,3 +227,32 @@ def test_phase_teacher_needs_a_stream():
     cfg = load_config("smoke-stream", overrides=["strategy.distillation=pool",
                                                  "strategy.distill_teacher=phase"])
     assert cfg.strategy.distill_teacher == "phase"
+
+
+def test_phase_teacher_with_pool_and_chat_trains_in_fp32(fresh_lm, byte_tok, drifted,
+                                                         make_text):
+    """`both` with the phase teacher: each kind's teacher swap comes after the previous
+    kind's backward, so fp32 (where the graph holds the parameters themselves) trains."""
+    from fedcpt.server.steps.self_distillation import PhaseTeacher
+
+    pool = _blocks(byte_tok, make_text(3000, seed=27))
+    trained_on = base_answers(fresh_lm, REHEARSAL_PROMPTS, max_new_tokens=8)
+    chat = ChatAnswers(*answer_batch(trained_on, fresh_lm.tokenizer.eos_token_id))
+    moved = to_arrays({k: v + 0.3 for k, v in adapter_state(fresh_lm.model).items()})
+    step = _step(fresh_lm, pool=pool, chat=chat, steps=4, lr=1e-2,
+                 phase_teacher=PhaseTeacher(_two_phases, lambda r: drifted))
+    result = step.apply(3, drifted, moved, client_examples=0)
+    for kind in ("pool_kl", "chat_kl"):
+        assert result.details[f"last_{kind}"] < result.details[f"first_{kind}"], kind
+
+
+def test_the_phase_teacher_needs_the_runs_versions(sites_config, fresh_lm, text_blocks):
+    from fedcpt.server.app import GeneralData, self_distillation
+
+    general = GeneralData({"prose": text_blocks}, ("prose",), text_blocks, text_blocks[:2])
+    cfg = load_config("smoke-stream", overrides=["strategy.distillation=pool",
+                                                 "strategy.distill_teacher=phase"])
+    with pytest.raises(ValueError, match="committed versions"):
+        self_distillation(cfg, fresh_lm, general)
+    step = self_distillation(cfg, fresh_lm, general, version=lambda r: None)
+    assert step.phase_teacher is not None

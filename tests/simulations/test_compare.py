@@ -64,6 +64,10 @@ def test_removed_is_the_share_of_the_reference_damage():
     assert share_removed(0.2, 0.05) == pytest.approx(0.75)
     assert share_removed(0.2, -0.1) == pytest.approx(1.5)  # past the base
     assert share_removed(-0.1, 0.0) is None and share_removed(None, 0.1) is None
+    from fedcpt.simulations.compare import share
+
+    assert share(0.3, 0.5) == pytest.approx(0.6)
+    assert share(-0.2, -0.1) is None and share(0.1, 0.0) is None  # nothing gained to keep
     summary = {"retention": {"in_pool": {"forgetting": 0.1}, "out_of_pool": None,
                              "behaviour": {"kl_to_base": 0.3, "answer_loss_increase": 0.2}}}
     assert retention_measures(summary) == {"in_pool_forgetting": 0.1,
