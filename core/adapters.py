@@ -48,8 +48,13 @@ def check_update(arrays: ArrayRecord, reference: ArrayRecord) -> None:
 
 def load_adapter(model: PeftModel, arrays: ArrayRecord) -> None:
     """Copy adapter tensors into ``model`` in place (no new parameters are created)."""
-    result = set_peft_model_state_dict(model, from_arrays(arrays))
-    unexpected = getattr(result, "unexpected_keys", [])
+    _copy_into(model, from_arrays(arrays))
+
+
+def _copy_into(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` (peft names) into the model's adapter; UpdateRejected for a tensor
+    the model does not have."""
+    unexpected = getattr(set_peft_model_state_dict(model, state), "unexpected_keys", [])
     if unexpected:
         raise UpdateRejected(f"adapter tensors not in the model: {unexpected[:3]}")
 
@@ -65,12 +70,9 @@ def swapped_adapter(model: PeftModel, state: dict[str, torch.Tensor]) -> Iterato
     autocast region, keyed by tensor, so an in-place swap would leave it computing with
     the other adapter: its cache is cleared on each swap."""
     own = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-    unexpected = getattr(set_peft_model_state_dict(model, state), "unexpected_keys", [])
-    if unexpected:
-        set_peft_model_state_dict(model, own)
-        raise UpdateRejected(f"adapter tensors not in the model: {unexpected[:3]}")
-    torch.clear_autocast_cache()
     try:
+        _copy_into(model, state)
+        torch.clear_autocast_cache()
         yield
     finally:
         set_peft_model_state_dict(model, own)

@@ -129,7 +129,8 @@ def general_evaluation(cfg: RunConfig, lm: AdaptedModel, data: GeneralData,
 
 
 def server_steps(cfg: RunConfig, lm: AdaptedModel | ServerModel, general: GeneralData,
-                 version: Callable[[int], ArrayRecord] | None = None) -> list[ServerStep]:
+                 version: Callable[[int, ArrayRecord], ArrayRecord] | None = None,
+                 ) -> list[ServerStep]:
     """The server optimiser, rehearsal, self-distillation, delta scaling, then the
     regression guard, as configured in ``[strategy]`` (``version``: a committed global
     adapter by round, for the phase teacher).
@@ -158,7 +159,7 @@ def server_steps(cfg: RunConfig, lm: AdaptedModel | ServerModel, general: Genera
 
 
 def self_distillation(cfg: RunConfig, lm: AdaptedModel | ServerModel, general: GeneralData,
-                      version: Callable[[int], ArrayRecord] | None = None
+                      version: Callable[[int, ArrayRecord], ArrayRecord] | None = None,
                       ) -> SelfDistillation:
     """The self-distillation step on the pool, the chat answers or both. The base model
     answers :data:`~fedcpt.core.behaviour.REHEARSAL_PROMPTS` here, once per process: its
@@ -226,7 +227,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path,
         model = ServerModel(lm)  # what the steps and the Fisher hold: waits for evaluations
         data = general_data(cfg)
         steps = server_steps(cfg, model, data,
-                             lambda r: load_version(folder.version(r), lm.initial_adapter))
+                             lambda r, layout: load_version(folder.version(r), layout))
         observers = tracking_observers(cfg, folder)  # none (nothing imported) when off
         if resume:
             recorder, done = RunRecorder.resume(folder, cfg, rng, observers)

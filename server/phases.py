@@ -1,4 +1,5 @@
-"""Which nodes a phase trains on, while every site is still evaluated.
+"""Which nodes a phase trains on, while every site is still evaluated, and the adapter
+each phase began from.
 
 A continual stream (``[[phases]]``) trains some sites per phase but needs every site's
 held-out loss after each phase (the loss matrix), so the round loop samples training
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedcpt.config import Phase
 from fedcpt.core import protocol as p
 from fedcpt.exceptions import FedcptError
 
@@ -53,3 +55,22 @@ def phase_nodes(directory: dict[int, str], sites: Iterable[str], phase: str) -> 
         raise FedcptError(f"phase {phase!r} needs sites {absent}, but no connected node is "
                           f"that site (connected: {sorted(set(directory.values()))})")
     return nodes
+
+
+class PhaseStarts:
+    """The global adapter each phase began from (the phase anchor's target, the phase
+    teacher): the adapter of the phase's first round, or, in a run resumed inside the
+    phase, the version committed before that round (``version(round, layout)``)."""
+
+    def __init__(self, version: Callable[[int, ArrayRecord], ArrayRecord]) -> None:
+        self.version = version
+        self._held: tuple[int, ArrayRecord] | None = None
+
+    def at(self, phase: Phase, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The adapter ``phase`` began from, in its round ``server_round`` (``arrays``: the
+        adapter that round began from)."""
+        if self._held is None or self._held[0] != phase.index:
+            start = (arrays if server_round == phase.first_round
+                     else self.version(phase.first_round - 1, arrays))
+            self._held = (phase.index, start)
+        return self._held[1]

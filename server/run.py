@@ -33,7 +33,7 @@ from fedcpt.core.adapters import load_adapter, update_norm
 from fedcpt.core.model import AdaptedModel
 from fedcpt.core.retention import GeneralEvaluation, GeneralReport
 from fedcpt.server.drift import check_drift
-from fedcpt.server.phases import discover_sites, phase_nodes
+from fedcpt.server.phases import PhaseStarts, discover_sites, phase_nodes
 from fedcpt.server.protocols.base import Exchange, RoundProtocol
 from fedcpt.server.recorder import RunRecorder
 from fedcpt.server.round_loop import run_round
@@ -220,8 +220,13 @@ class FederatedRun:
     committer: Committer = field(default_factory=Committer)
     phase_start: ArrayRecord | None = None
     """The global adapter the current phase began from (``strategy.anchor = "phase"``)."""
+    phase_starts: PhaseStarts = field(init=False)
     sites: dict[int, str] | None = None
     """Node → site name, asked of the nodes once a phase trains on some of them."""
+
+    def __post_init__(self) -> None:
+        # resumed inside a phase: the version committed before it, read when first needed
+        self.phase_starts = PhaseStarts(lambda r, layout: self.recorder.load_version(r, layout))
 
     def exchange(self, server_round: int) -> Exchange:
         """How the round's protocol reaches the sites."""
@@ -245,7 +250,7 @@ class FederatedRun:
                 log.info("phase %d (%s): rounds %d-%d, sites %s", phase.index + 1,
                          phase.name, server_round, phase.last_round, ", ".join(phase.sites))
             if self.cfg.strategy.anchor == "phase":
-                self.phase_start = self._phase_start(phase, server_round, arrays)
+                self.phase_start = self.phase_starts.at(phase, server_round, arrays)
             arrays = run_round(self, server_round, arrays, self.training_pool(phase))
         self.model.settle()
         return arrays
@@ -258,14 +263,3 @@ class FederatedRun:
             self.sites = discover_sites(self.grid, len(self.cfg.sites), self.config,
                                         self.cfg.federation.round_timeout_s)
         return phase_nodes(self.sites, phase.sites, phase.name)
-
-    def _phase_start(self, phase: Phase, server_round: int,
-                     arrays: ArrayRecord) -> ArrayRecord:
-        """The adapter ``phase`` began from: ``arrays`` at its first round; later, the one
-        kept (or, in a run resumed inside the phase, the version committed before its
-        first round)."""
-        if server_round == phase.first_round:
-            return arrays
-        if self.phase_start is None:
-            return self.recorder.load_version(phase.first_round - 1, arrays)
-        return self.phase_start

@@ -42,6 +42,7 @@ from fedcpt.core.adapters import (
 )
 from fedcpt.core.lm_loss import next_token_kl
 from fedcpt.core.model import AdaptedModel
+from fedcpt.server.phases import PhaseStarts
 from fedcpt.server.steps.base import StepResult
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,9 @@ class PhaseTeacher:
     phase, which has nothing earlier to keep."""
 
     def __init__(self, phase_of: Callable[[int], Phase],
-                 version: Callable[[int], ArrayRecord]) -> None:
+                 version: Callable[[int, ArrayRecord], ArrayRecord]) -> None:
         self.phase_of = phase_of
-        self.version = version
-        """A committed global adapter by round (a resumed run reads the phase's start)."""
-        self._held: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.starts = PhaseStarts(version)
 
     def at(self, server_round: int, global_arrays: ArrayRecord
            ) -> dict[str, torch.Tensor] | None:
@@ -74,11 +73,7 @@ class PhaseTeacher:
         phase = self.phase_of(server_round)
         if phase.index == 0:
             return None
-        if self._held is None or self._held[0] != phase.index:
-            start = (global_arrays if server_round == phase.first_round
-                     else self.version(phase.first_round - 1))
-            self._held = (phase.index, from_arrays(start))
-        return self._held[1]
+        return from_arrays(self.starts.at(phase, server_round, global_arrays))
 
 
 class SelfDistillation:

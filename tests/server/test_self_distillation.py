@@ -182,7 +182,7 @@ def test_phase_teacher_keeps_the_previous_phase_where_the_base_teacher_would_not
         return evaluate_blocks(fresh_lm, heldout, 8).loss
 
     asked: list[int] = []
-    teacher = PhaseTeacher(_two_phases, lambda r: asked.append(r))
+    teacher = PhaseTeacher(_two_phases, lambda r, layout: asked.append(r))
     step = _step(fresh_lm, pool=pool, phase_teacher=teacher)
     assert step.apply(2, drifted, drifted, client_examples=0).details == {"steps": 0}
     result = step.apply(3, drifted, phase2, client_examples=0)  # round 3 began from drifted
@@ -203,7 +203,7 @@ def test_phase_teacher_of_a_resumed_run_is_the_committed_phase_start(fresh_lm, d
 
     asked: list[int] = []
 
-    def version(server_round: int):
+    def version(server_round: int, layout):
         asked.append(server_round)
         return drifted
 
@@ -240,7 +240,7 @@ def test_phase_teacher_with_pool_and_chat_trains_in_fp32(fresh_lm, byte_tok, dri
     chat = ChatAnswers(*answer_batch(trained_on, fresh_lm.tokenizer.eos_token_id))
     moved = to_arrays({k: v + 0.3 for k, v in adapter_state(fresh_lm.model).items()})
     step = _step(fresh_lm, pool=pool, chat=chat, steps=4, lr=1e-2,
-                 phase_teacher=PhaseTeacher(_two_phases, lambda r: drifted))
+                 phase_teacher=PhaseTeacher(_two_phases, lambda r, layout: drifted))
     result = step.apply(3, drifted, moved, client_examples=0)
     for kind in ("pool_kl", "chat_kl"):
         assert result.details[f"last_{kind}"] < result.details[f"first_{kind}"], kind
@@ -254,5 +254,5 @@ def test_the_phase_teacher_needs_the_runs_versions(sites_config, fresh_lm, text_
                                                  "strategy.distill_teacher=phase"])
     with pytest.raises(ValueError, match="committed versions"):
         self_distillation(cfg, fresh_lm, general)
-    step = self_distillation(cfg, fresh_lm, general, version=lambda r: None)
+    step = self_distillation(cfg, fresh_lm, general, version=lambda r, layout: None)
     assert step.phase_teacher is not None
