@@ -34,12 +34,14 @@ class StrategyConfig:
     fisher_blocks: int = _opt(
         32, "EWC: rehearsal-pool blocks the server computes the diagonal Fisher on, each "
         "round.")
-    distillation: Literal["none", "pool", "chat", "both"] = _opt(
+    distillation: Literal["none", "pool", "chat", "both", "samples"] = _opt(
         "none", "Self-distillation toward the base model after aggregation (and rehearsal): "
         "the server takes `distill_steps` AdamW steps minimising KL(base ‖ adapted) of the "
         "next-token distributions on its rehearsal pool (pool), on the base model's own "
-        "answers to built-in chat-formatted prompts (chat: chat-format rehearsal), or "
-        "both. Only the server's general text is used, never site data.")
+        "answers to built-in chat-formatted prompts (chat: chat-format rehearsal), "
+        "both, or on text sampled from the teacher itself (samples: generative replay; "
+        "with the phase teacher, from the start of every phase so far). Only the server's "
+        "general text and the models it holds are used, never site data.")
     distill_teacher: Literal["base", "phase"] = _opt(
         "base", "Self-distillation's teacher: the base model, or, in a stream "
         "(``[[phases]]``), the global adapter the current phase began from, i.e. the "
@@ -53,6 +55,9 @@ class StrategyConfig:
     distill_batch_size: int = _opt(
         0, "Self-distillation: sequences of each kind of text per step; 0: "
         "`train.batch_size` (a DP logical batch can be far larger than the step needs).")
+    distill_samples: int = _opt(
+        64, "Self-distillation `samples`: sequences sampled from each teacher, of "
+        "`data.block_size` tokens.")
     distill_from_round: int = _opt(
         1, "Self-distillation: the first round it runs in; earlier rounds keep the "
         "aggregate as it is (distillation in late rounds only).")
@@ -89,6 +94,8 @@ class StrategyConfig:
                 self.distill_chat_weight, "> 0")
         require(self.distill_batch_size >= 0, "strategy.distill_batch_size",
                 self.distill_batch_size, ">= 0 (0: train.batch_size)")
+        require(self.distill_samples > 0, "strategy.distill_samples", self.distill_samples,
+                "> 0")
         require(self.distill_from_round >= 1, "strategy.distill_from_round",
                 self.distill_from_round, ">= 1")
         require(self.fisher_blocks > 0, "strategy.fisher_blocks", self.fisher_blocks, "> 0")

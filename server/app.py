@@ -52,7 +52,12 @@ from fedcpt.server.steps.base import ServerStep, StatefulStep
 from fedcpt.server.steps.delta_scaling import DeltaScaling
 from fedcpt.server.steps.regression_guard import RegressionGuard
 from fedcpt.server.steps.rehearsal import Rehearsal
-from fedcpt.server.steps.self_distillation import ChatAnswers, PhaseTeacher, SelfDistillation
+from fedcpt.server.steps.self_distillation import (
+    PhaseTeacher,
+    ScoredText,
+    SelfDistillation,
+    TeacherSamples,
+)
 from fedcpt.server.steps.server_optimizer import ServerOptimizer
 
 log = logging.getLogger(__name__)
@@ -161,17 +166,17 @@ def server_steps(cfg: RunConfig, lm: AdaptedModel | ServerModel, general: Genera
 def self_distillation(cfg: RunConfig, lm: AdaptedModel | ServerModel, general: GeneralData,
                       version: Callable[[int, ArrayRecord], ArrayRecord] | None = None,
                       ) -> SelfDistillation:
-    """The self-distillation step on the pool, the chat answers or both. The base model
-    answers :data:`~fedcpt.core.behaviour.REHEARSAL_PROMPTS` here, once per process: its
-    greedy answers are deterministic, so a resumed run trains on the same ones. The phase
-    teacher reads the adapter a phase began from through ``version``."""
+    """The self-distillation step on the pool, the chat answers, both, or the teacher's
+    samples. The base model answers :data:`~fedcpt.core.behaviour.REHEARSAL_PROMPTS` here,
+    once per process: its greedy answers are deterministic, so a resumed run trains on the
+    same ones. The phase teacher reads the adapter a phase began from through ``version``."""
     s = cfg.strategy
     if s.distill_teacher == "phase" and version is None:
         raise ValueError("the phase teacher needs the run's committed versions")
     chat = None
     if s.distillation in ("chat", "both"):
         answers = base_answers(lm, REHEARSAL_PROMPTS, cfg.data.answer_tokens)
-        chat = ChatAnswers(*answer_batch(answers, lm.tokenizer.eos_token_id))
+        chat = ScoredText(*answer_batch(answers, lm.tokenizer.eos_token_id))
     return SelfDistillation(
         lm, pool=general.rehearsal if s.distillation in ("pool", "both") else None,
         chat=chat, steps=s.distill_steps,
@@ -180,7 +185,10 @@ def self_distillation(cfg: RunConfig, lm: AdaptedModel | ServerModel, general: G
         max_grad_norm=cfg.train.max_grad_norm, seed=cfg.seed,
         from_round=s.distill_from_round,
         phase_teacher=(PhaseTeacher(cfg.phase_of, version)
-                       if s.distill_teacher == "phase" else None))
+                       if s.distill_teacher == "phase" else None),
+        samples=(TeacherSamples(lm, count=s.distill_samples, tokens=cfg.data.block_size,
+                                seed=cfg.seed)
+                 if s.distillation == "samples" else None))
 
 
 def final_continuations(cfg: RunConfig, lm: AdaptedModel,

@@ -13,7 +13,11 @@ gives it) and the loss is KL(base ‖ adapted), the drift the run measures (Hint
 - ``chat``: the base model's own greedy answers to built-in chat-formatted prompts
   (:data:`fedcpt.core.behaviour.REHEARSAL_PROMPTS`, disjoint from the evaluation prompts),
   scored on the answer positions only — chat-format rehearsal;
-- ``both``: the pool KL plus ``chat_weight`` × the chat KL, every step.
+- ``both``: the pool KL plus ``chat_weight`` × the chat KL, every step;
+- ``samples``: the teacher's own text, sampled from it (:mod:`fedcpt.core.samples`):
+  generative replay. With the phase teacher these are drawn at the start of every phase so
+  far, so the text replays what each earlier phase taught, where the pool is only as close
+  to it as general text happens to be.
 
 With the phase teacher (:class:`PhaseTeacher`) the pull keeps the previous phases'
 solution in function space, against backward transfer (Li & Hoiem's LwF with the
@@ -25,8 +29,10 @@ composes with secure aggregation and, under DP, is post-processing.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +48,7 @@ from fedcpt.core.adapters import (
 )
 from fedcpt.core.lm_loss import next_token_kl
 from fedcpt.core.model import AdaptedModel
+from fedcpt.core.samples import sample_text
 from fedcpt.server.phases import PhaseStarts
 from fedcpt.server.steps.base import StepResult
 
@@ -49,12 +56,19 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ChatAnswers:
-    """Chat-formatted prompts with the base model's answers (N, L), and the predictions
-    that produce the answers (N, L − 1, bool): :func:`fedcpt.core.behaviour.answer_batch`."""
+class ScoredText:
+    """Token ids (N, L) and the predictions that count (N, L − 1, bool; None: all), e.g.
+    chat prompts with the base model's answers scored on the answer only
+    (:func:`fedcpt.core.behaviour.answer_batch`)."""
 
     ids: torch.Tensor
-    positions: torch.Tensor
+    positions: torch.Tensor | None = None
+
+    def batch(self, idx: torch.Tensor, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows ``idx`` on ``device``."""
+        return (self.ids[idx].to(device),
+                None if self.positions is None else self.positions[idx].to(device))
 
 
 class PhaseTeacher:
@@ -64,6 +78,7 @@ class PhaseTeacher:
     def __init__(self, phase_of: Callable[[int], Phase],
                  version: Callable[[int, ArrayRecord], ArrayRecord]) -> None:
         self.phase_of = phase_of
+        self.version = version
         self.starts = PhaseStarts(version)
 
     def at(self, server_round: int, global_arrays: ArrayRecord
@@ -75,6 +90,58 @@ class PhaseTeacher:
             return None
         return from_arrays(self.starts.at(phase, server_round, global_arrays))
 
+    def earlier_starts(self, server_round: int, global_arrays: ArrayRecord
+                       ) -> dict[int, Callable[[], dict[str, torch.Tensor]]]:
+        """Phase index → the adapter that phase began from, read when called, for every
+        phase after the first up to ``server_round``'s."""
+        phase = self.phase_of(server_round)
+        starts: dict[int, Callable[[], dict[str, torch.Tensor]]] = {}
+        if phase.index > 0:
+            starts[phase.index] = lambda: self.at(server_round, global_arrays)
+        while phase.index > 1:
+            phase = self.phase_of(phase.first_round - 1)
+            starts[phase.index] = functools.partial(self._committed_start, phase,
+                                                    global_arrays)
+        return starts
+
+    def _committed_start(self, phase: Phase, layout: ArrayRecord
+                         ) -> dict[str, torch.Tensor]:
+        return from_arrays(self.version(phase.first_round - 1, layout))
+
+
+class TeacherSamples:
+    """The teacher's own samples, ``count`` of ``tokens`` tokens from each teacher, drawn
+    once and kept (a resumed run draws the same ones from the same committed adapters):
+    the base's, or those of the adapter each phase so far began from."""
+
+    def __init__(self, lm: AdaptedModel, *, count: int, tokens: int, seed: int) -> None:
+        self.lm = lm
+        self.count = count
+        self.tokens = tokens
+        self.seed = seed
+        self._drawn: dict[int, ScoredText] = {}
+
+    def text(self, teachers: dict[int, Callable[[], dict[str, torch.Tensor] | None]]
+             ) -> ScoredText:
+        """The samples of every teacher in ``teachers`` (key → its adapter tensors; None:
+        the base), drawn for those not drawn yet."""
+        model = self.lm.model
+        for key, state_of in sorted(teachers.items()):
+            if key in self._drawn:
+                continue
+            state = state_of()
+            as_teacher: AbstractContextManager = (
+                model.disable_adapter() if state is None else swapped_adapter(model, state))
+            with as_teacher:
+                ids, positions = sample_text(self.lm, self.count, self.tokens,
+                                             seed=self.seed * 1000 + key)
+            self._drawn[key] = ScoredText(ids, positions)
+            log.info("self-distillation: %d samples of %d tokens from the %s", self.count,
+                     self.tokens, "base" if state is None else f"start of phase {key}")
+        kept = [self._drawn[key] for key in sorted(teachers)]
+        return ScoredText(torch.cat([t.ids for t in kept]),
+                          torch.cat([t.positions for t in kept]))
+
 
 class SelfDistillation:
     """A few AdamW steps on the aggregate minimising KL(teacher ‖ adapted) on server text;
@@ -83,15 +150,17 @@ class SelfDistillation:
     name = "self_distillation"
 
     def __init__(self, lm: AdaptedModel, *, pool: torch.Tensor | None,
-                 chat: ChatAnswers | None, steps: int, batch_size: int, lr: float,
+                 chat: ScoredText | None, steps: int, batch_size: int, lr: float,
                  lr_at: Callable[[int], float], chat_weight: float, max_grad_norm: float,
                  seed: int, from_round: int = 1,
-                 phase_teacher: PhaseTeacher | None = None) -> None:
-        if pool is None and chat is None:
-            raise ValueError("self-distillation needs pool text, chat answers or both")
+                 phase_teacher: PhaseTeacher | None = None,
+                 samples: TeacherSamples | None = None) -> None:
+        if pool is None and chat is None and samples is None:
+            raise ValueError("self-distillation needs pool text, chat answers or samples")
         self.lm = lm
-        self.pool = pool
+        self.pool = None if pool is None else ScoredText(pool)
         self.chat = chat
+        self.samples = samples
         self.steps = steps
         self.batch_size = batch_size
         self.lr = lr
@@ -104,29 +173,34 @@ class SelfDistillation:
         """Rounds before this one keep the aggregate unchanged."""
         self.phase_teacher = phase_teacher
 
-    def _backward(self, generator: torch.Generator, teacher: dict[str, torch.Tensor] | None
-                  ) -> dict[str, float]:
+    def _texts(self, server_round: int, global_arrays: ArrayRecord
+               ) -> list[tuple[str, ScoredText, float]]:
+        """Each kind of text of the round with its weight in the objective."""
+        texts = []
+        if self.pool is not None:
+            texts.append(("pool", self.pool, 1.0))
+        if self.chat is not None:
+            texts.append(("chat", self.chat, 1.0 if self.pool is None else self.chat_weight))
+        if self.samples is not None:
+            teachers = ({0: lambda: None} if self.phase_teacher is None
+                        else self.phase_teacher.earlier_starts(server_round, global_arrays))
+            texts.append(("samples", self.samples.text(teachers), 1.0))
+        return texts
+
+    def _backward(self, generator: torch.Generator, teacher: dict[str, torch.Tensor] | None,
+                  texts: list[tuple[str, ScoredText, float]]) -> dict[str, float]:
         """Backpropagate the step's objective on one batch of each kind of text; its parts.
         Each kind's KL is backpropagated before the next teacher forward, which (with an
         earlier adapter as teacher) swaps the parameters that graph holds."""
         device, model = self.lm.device, self.lm.model
         as_teacher = None if teacher is None else (lambda: swapped_adapter(model, teacher))
         parts: dict[str, float] = {}
-        if self.pool is not None:
-            idx = torch.randint(len(self.pool), (self.batch_size,), generator=generator)
+        for name, text, weight in texts:
+            idx = torch.randint(len(text.ids), (self.batch_size,), generator=generator)
             with self.lm.autocast():
-                kl = next_token_kl(model, self.pool[idx].to(device),  # (B, T) blocks
-                                   teacher=as_teacher)
-            kl.backward()
-            parts["pool_kl"] = kl.item()
-        if self.chat is not None:
-            idx = torch.randint(len(self.chat.ids), (self.batch_size,), generator=generator)
-            with self.lm.autocast():
-                kl = next_token_kl(model, self.chat.ids[idx].to(device),
-                                   self.chat.positions[idx].to(device), teacher=as_teacher)
-            weight = 1.0 if self.pool is None else self.chat_weight
+                kl = next_token_kl(model, *text.batch(idx, device), teacher=as_teacher)
             (weight * kl).backward()
-            parts["chat_kl"] = kl.item()
+            parts[f"{name}_kl"] = kl.item()
         return parts
 
     def apply(self, server_round: int, global_arrays: ArrayRecord, aggregated: ArrayRecord,
@@ -144,6 +218,7 @@ class SelfDistillation:
                 return StepResult(aggregated, {"steps": 0})
         model = self.lm.model
         load_adapter(model, aggregated)
+        texts = self._texts(server_round, global_arrays)
         lr = self.lr or self.lr_at(server_round)
         params = [p for p in model.parameters() if p.requires_grad]  # the adapter only
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -152,7 +227,7 @@ class SelfDistillation:
         first: dict[str, float] = {}
         last: dict[str, float] = {}
         for i in range(self.steps):
-            last = self._backward(generator, teacher)
+            last = self._backward(generator, teacher, texts)
             first = first or last
             if self.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)

@@ -20,7 +20,7 @@ from fedcpt.core.data import pack
 from fedcpt.core.evaluation import evaluate_blocks
 from fedcpt.core.training import train_adapter
 from fedcpt.exceptions import ConfigError
-from fedcpt.server.steps.self_distillation import ChatAnswers, SelfDistillation
+from fedcpt.server.steps.self_distillation import ScoredText, SelfDistillation
 
 
 def _blocks(tok, text: str) -> torch.Tensor:
@@ -59,7 +59,7 @@ def test_pool_distillation_removes_most_kl_to_base_on_heldout_text(fresh_lm, byt
 def test_chat_distillation_keeps_answers_to_prompts_it_never_saw(fresh_lm, drifted):
     held_out = base_answers(fresh_lm, INSTRUCTION_PROMPTS[:4], max_new_tokens=8)
     trained_on = base_answers(fresh_lm, REHEARSAL_PROMPTS, max_new_tokens=8)
-    chat = ChatAnswers(*answer_batch(trained_on, fresh_lm.tokenizer.eos_token_id))
+    chat = ScoredText(*answer_batch(trained_on, fresh_lm.tokenizer.eos_token_id))
     load_adapter(fresh_lm.model, drifted)
     without = answer_retention(fresh_lm, held_out).loss
     result = _step(fresh_lm, chat=chat).apply(1, drifted, drifted, client_examples=60)
@@ -103,6 +103,7 @@ def test_distillation_changes_only_adapter_weights(fresh_lm, byte_tok, drifted, 
     ("strategy.distill_chat_weight=0", "strategy.distill_chat_weight"),
     ("strategy.distill_batch_size=-1", "strategy.distill_batch_size"),
     ("strategy.distill_from_round=0", "strategy.distill_from_round"),
+    ("strategy.distill_samples=0", "strategy.distill_samples"),
 ])
 def test_bad_distillation_settings_are_rejected(override, key):
     with pytest.raises(ConfigError, match=f"`?{key}`?"):
@@ -125,7 +126,7 @@ def test_server_builds_distillation_after_rehearsal(sites_config, fresh_lm, text
     steps = server_steps(cfg, fresh_lm, general)
     assert [s.name for s in steps] == ["rehearsal", "self_distillation"]
     distill = steps[1]
-    assert distill.pool is general.rehearsal
+    assert distill.pool.ids is general.rehearsal
     assert len(distill.chat.ids) == len(REHEARSAL_PROMPTS)
 
 
@@ -237,7 +238,7 @@ def test_phase_teacher_with_pool_and_chat_trains_in_fp32(fresh_lm, byte_tok, dri
 
     pool = _blocks(byte_tok, make_text(3000, seed=27))
     trained_on = base_answers(fresh_lm, REHEARSAL_PROMPTS, max_new_tokens=8)
-    chat = ChatAnswers(*answer_batch(trained_on, fresh_lm.tokenizer.eos_token_id))
+    chat = ScoredText(*answer_batch(trained_on, fresh_lm.tokenizer.eos_token_id))
     moved = to_arrays({k: v + 0.3 for k, v in adapter_state(fresh_lm.model).items()})
     step = _step(fresh_lm, pool=pool, chat=chat, steps=4, lr=1e-2,
                  phase_teacher=PhaseTeacher(_two_phases, lambda r, layout: drifted))
@@ -256,3 +257,59 @@ def test_the_phase_teacher_needs_the_runs_versions(sites_config, fresh_lm, text_
         self_distillation(cfg, fresh_lm, general)
     step = self_distillation(cfg, fresh_lm, general, version=lambda r, layout: None)
     assert step.phase_teacher is not None
+
+
+def test_distillation_on_the_base_models_samples_removes_kl_to_base(fresh_lm, drifted):
+    """`samples`: the KL to the base falls on base samples the step never trained on."""
+    from fedcpt.core.lm_loss import next_token_kl
+    from fedcpt.core.samples import sample_text
+    from fedcpt.server.steps.self_distillation import TeacherSamples
+
+    with fresh_lm.model.disable_adapter():
+        unseen = sample_text(fresh_lm, count=32, tokens=48, seed=99)
+
+    def kl_on_unseen(arrays) -> float:
+        load_adapter(fresh_lm.model, arrays)
+        with torch.no_grad():
+            return next_token_kl(fresh_lm.model, *unseen).item()
+
+    samples = TeacherSamples(fresh_lm, count=32, tokens=48, seed=0)
+    result = _step(fresh_lm, samples=samples).apply(1, drifted, drifted, client_examples=0)
+    assert result.details["last_samples_kl"] < result.details["first_samples_kl"]
+    assert result.details["teacher"] == "base"
+    assert kl_on_unseen(drifted) > 0.01
+    assert kl_on_unseen(result.arrays) < 0.8 * kl_on_unseen(drifted)  # 0.024 → 0.017
+
+
+def test_phase_samples_come_from_every_phase_start_and_a_resumed_run_draws_the_same(
+        fresh_lm, drifted):
+    """In phase 2 of a stream the samples are those of phase 1's start and phase 2's;
+    a run resumed in phase 2 reads phase 1's start from its committed version and draws
+    the same samples as the run that never stopped."""
+    from fedcpt.server.steps.self_distillation import PhaseTeacher, TeacherSamples
+
+    later = to_arrays({k: v + 0.5 for k, v in adapter_state(fresh_lm.model).items()})
+    versions = {2: drifted, 4: later}  # committed before phase 1's and phase 2's first
+
+    def text_at(samples: TeacherSamples, teacher: PhaseTeacher, server_round: int, arrays):
+        return samples.text(teacher.earlier_starts(server_round, arrays))
+
+    asked: list[int] = []
+
+    def version(server_round: int, layout):
+        asked.append(server_round)
+        return versions[server_round]
+
+    kept = TeacherSamples(fresh_lm, count=8, tokens=16, seed=0)
+    teacher = PhaseTeacher(_two_phases, version)
+    phase1 = text_at(kept, teacher, 3, drifted)
+    assert phase1.ids.shape == (8, 17) and asked == []
+    assert torch.equal(text_at(kept, teacher, 4, drifted).ids, phase1.ids) and asked == []
+    phase2 = text_at(kept, teacher, 5, later)  # phase 2 began from `later`
+    assert phase2.ids.shape == (16, 17) and torch.equal(phase2.ids[:8], phase1.ids)
+    assert not torch.equal(phase2.ids[8:], phase1.ids)
+
+    resumed = text_at(TeacherSamples(fresh_lm, count=8, tokens=16, seed=0),
+                      PhaseTeacher(_two_phases, version), 6, later)
+    assert sorted(asked) == [2, 4]
+    torch.testing.assert_close(resumed.ids, phase2.ids, rtol=0, atol=0)
