@@ -42,6 +42,13 @@ class PrivacyConfig:
     ffa_lora: bool = _opt(
         False, "Train only LoRA B under DP-SGD, A frozen at its shared initialisation "
         "(FFA-LoRA, Sun et al. 2024).")
+    optimizer: Literal["adamw", "sgd"] = _opt(
+        "adamw", "The sites' optimizer on the noised gradient. adamw: AdamW, fresh each "
+        "round; from a few noised steps its second moment is mostly noise, and its first "
+        "step is a sign step. sgd: SGD whose step is train.lr divided by the noise's "
+        "standard deviation on each coordinate of the noised mean gradient (σ·C / the "
+        "expected batch): the step Adam tends to once noise dominates its second moment, "
+        "with that moment known rather than estimated. Needs train.weight_decay = 0.")
 
     def __post_init__(self) -> None:
         require(self.target_epsilon > 0, "privacy.target_epsilon", self.target_epsilon, "> 0")

@@ -56,6 +56,10 @@ def check_run(cfg: RunConfig) -> None:
         require(pull < 1, "strategy.anchor_weight", strategy.anchor_weight,
                 f"small enough that train.lr × anchor_weight < 1 (it is {pull:g}: each "
                 "step would erase or overshoot the update)")
+    if cfg.privacy.enabled and cfg.privacy.optimizer == "sgd":
+        require(cfg.train.weight_decay == 0, "train.weight_decay", cfg.train.weight_decay,
+                "0 with privacy.optimizer = \"sgd\" (its step is scaled by the noise's "
+                "std; a decay would be scaled with it)")
     if strategy.distill_teacher == "phase":
         require(len(cfg.phases) > 1 and strategy.distillation != "none",
                 "strategy.distill_teacher", strategy.distill_teacher,

@@ -136,7 +136,9 @@ def train_adapter_dp(
                         collate_fn=lambda items: _stack(items, blocks.shape[1]))
     with _only_lora_b(model, privacy.ffa_lora):
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
+        optimizer = _optimizer(params, privacy, train, lr,
+                               noise_std=noise_multiplier * privacy.max_grad_norm
+                               / (q * n_units))
         engine = PrivacyEngine(accountant="prv")  # its accountant is unused: the ledger counts
         with warnings.catch_warnings():
             # Opacus warns that a seeded generator is not secure_mode; ours is CSPRNG-seeded.
@@ -167,6 +169,18 @@ def train_adapter_dp(
     return TrainResult(steps=train.local_steps, examples=nominal,
                        tokens=nominal * blocks.shape[1],
                        mean_loss=sum(losses) / max(1, len(losses)), seconds=seconds)
+
+
+def _optimizer(params: list[torch.nn.Parameter], privacy: PrivacyConfig,
+               train: TrainConfig, lr: float, noise_std: float) -> torch.optim.Optimizer:
+    """``privacy.optimizer`` on the trainable parameters; ``noise_std``: the noise's std on
+    each coordinate of the noised mean gradient, the unit of an ``sgd`` step."""
+    if privacy.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
+    if noise_std <= 0:
+        raise ValueError("privacy.optimizer = 'sgd' scales its step by the noise's std, "
+                         "which is 0 here")  # σ is planned > 0; a bug, never user input
+    return torch.optim.SGD(params, lr=lr / noise_std)
 
 
 def _stack(items: list[torch.Tensor], block_size: int) -> torch.Tensor:

@@ -174,3 +174,35 @@ def test_dp_sgd_noise_is_opacus_secure_mode_noise(fresh_lm, text_blocks, monkeyp
     monkeypatch.setattr(opacus_optimizer, "_generate_noise", spy)
     train_adapter_dp(fresh_lm, text_blocks, TRAIN, PRIVACY, lr=1e-2, noise_multiplier=0.5)
     assert calls and all(calls_ == (True, True) for calls_ in calls)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_a_noise_dominated_step_moves_each_coordinate_by_about_the_lr(fresh_lm, text_blocks,
+                                                                      optimizer):
+    """One step with noise far above the clipped gradients: AdamW's first step is a sign
+    step (every coordinate of B moves by exactly lr); `sgd` divides by the noise's std, so
+    the coordinates move by lr × a standard normal (root mean square ≈ lr, not all equal)."""
+    train = TrainConfig(local_steps=1, batch_size=8, max_grad_norm=0.0)
+    before = adapter_state(fresh_lm.model)
+    train_adapter_dp(fresh_lm, text_blocks, train,
+                     PrivacyConfig(enabled=True, ffa_lora=True, optimizer=optimizer),
+                     lr=1e-2, noise_multiplier=1000.0)
+    after = adapter_state(fresh_lm.model)
+    moved = torch.cat([(after[k] - before[k]).flatten() for k in before if "lora_B" in k])
+    rms = moved.pow(2).mean().sqrt().item()
+    if optimizer == "adamw":
+        torch.testing.assert_close(moved.abs(), torch.full_like(moved, 1e-2), rtol=1e-3,
+                                   atol=0)
+    else:
+        assert 0.9e-2 < rms < 1.1e-2
+        assert moved.abs().std() > 0.3e-2
+
+
+def test_sgd_needs_no_weight_decay():
+    from fedcpt.config import load_config
+    from fedcpt.exceptions import ConfigError
+
+    with pytest.raises(ConfigError, match="train.weight_decay"):
+        load_config("smoke", overrides=["privacy.enabled=true", "privacy.optimizer=sgd",
+                                        "train.weight_decay=0.01"])
+    load_config("smoke", overrides=["privacy.enabled=true", "privacy.optimizer=sgd"])
