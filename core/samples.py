@@ -15,8 +15,8 @@ import torch
 
 from fedcpt.core.model import AdaptedModel
 
-CHUNK = 16
-"""Sequences generated at once (bounds the KV cache)."""
+CHUNK = 64
+"""Sequences generated at once (bounds the KV cache and the logits)."""
 
 
 @torch.no_grad()

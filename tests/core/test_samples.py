@@ -11,7 +11,8 @@ from fedcpt.core.training import train_adapter
 from fedcpt.config import TrainConfig
 
 
-def test_samples_are_reproducible_and_shaped(fresh_lm):
+def test_samples_are_reproducible_and_shaped(fresh_lm, monkeypatch):
+    monkeypatch.setattr("fedcpt.core.samples.CHUNK", 16)
     ids, positions = sample_text(fresh_lm, count=20, tokens=12, seed=3)
     again, _ = sample_text(fresh_lm, count=20, tokens=12, seed=3)
     other, _ = sample_text(fresh_lm, count=20, tokens=12, seed=4)
