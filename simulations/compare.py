@@ -44,6 +44,7 @@ ARMS: dict[str, list[str]] = {
     "ewc": ["strategy.anchor=ewc"],
     "phase-anchor": ["strategy.anchor=phase"],
     "phase-distill": ["strategy.distillation=pool", "strategy.distill_teacher=phase"],
+    "phase-replay": ["strategy.distillation=samples", "strategy.distill_teacher=phase"],
     "delta-scaling": ["strategy.delta_scaling=true"],
     "self-distill": ["strategy.distillation=both"],
     "rehearsal-distill": ["strategy.rehearsal=mix", "strategy.distillation=both"],
