@@ -47,7 +47,7 @@ class PrivacyConfig:
         "round; from a few noised steps its second moment is mostly noise, and its first "
         "step is a sign step. sgd: SGD whose step is train.lr divided by the noise's "
         "standard deviation on each coordinate of the noised mean gradient (σ·C / the "
-        "expected batch): the step Adam tends to once noise dominates its second moment, "
+        "expected batch): the scale of Adam's step once noise dominates its second moment, "
         "with that moment known rather than estimated. Needs train.weight_decay = 0.")
 
     def __post_init__(self) -> None:

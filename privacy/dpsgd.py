@@ -110,7 +110,7 @@ def train_adapter_dp(
     anchor: Anchor | None = None,
     units: torch.Tensor | None = None,
 ) -> TrainResult:
-    """Run ``train.local_steps`` unit-level DP-SGD (AdamW) steps on ``blocks``.
+    """Run ``train.local_steps`` unit-level DP-SGD steps (``privacy.optimizer``) on ``blocks``.
 
     ``units[i]`` is the unit of ``blocks[i]`` (default: every block its own unit).
     Sampling and noise use generators seeded from the OS's CSPRNG: noise derived from a

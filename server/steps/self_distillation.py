@@ -48,7 +48,7 @@ from fedcpt.core.adapters import (
 )
 from fedcpt.core.lm_loss import next_token_kl
 from fedcpt.core.model import AdaptedModel
-from fedcpt.core.samples import sample_text
+from fedcpt.core.samples import sample_seed, sample_text
 from fedcpt.server.phases import PhaseStarts
 from fedcpt.server.steps.base import StepResult
 
@@ -78,7 +78,6 @@ class PhaseTeacher:
     def __init__(self, phase_of: Callable[[int], Phase],
                  version: Callable[[int, ArrayRecord], ArrayRecord]) -> None:
         self.phase_of = phase_of
-        self.version = version
         self.starts = PhaseStarts(version)
 
     def at(self, server_round: int, global_arrays: ArrayRecord
@@ -91,11 +90,11 @@ class PhaseTeacher:
         return from_arrays(self.starts.at(phase, server_round, global_arrays))
 
     def earlier_starts(self, server_round: int, global_arrays: ArrayRecord
-                       ) -> dict[int, Callable[[], dict[str, torch.Tensor]]]:
+                       ) -> dict[int, Callable[[], dict[str, torch.Tensor] | None]]:
         """Phase index → the adapter that phase began from, read when called, for every
         phase after the first up to ``server_round``'s."""
         phase = self.phase_of(server_round)
-        starts: dict[int, Callable[[], dict[str, torch.Tensor]]] = {}
+        starts: dict[int, Callable[[], dict[str, torch.Tensor] | None]] = {}
         if phase.index > 0:
             starts[phase.index] = lambda: self.at(server_round, global_arrays)
         while phase.index > 1:
@@ -106,13 +105,15 @@ class PhaseTeacher:
 
     def _committed_start(self, phase: Phase, layout: ArrayRecord
                          ) -> dict[str, torch.Tensor]:
-        return from_arrays(self.version(phase.first_round - 1, layout))
+        """An earlier ``phase``'s start: the version committed before its first round."""
+        return from_arrays(self.starts.version(phase.first_round - 1, layout))
 
 
 class TeacherSamples:
-    """The teacher's own samples, ``count`` of ``tokens`` tokens from each teacher, drawn
-    once and kept (a resumed run draws the same ones from the same committed adapters):
-    the base's, or those of the adapter each phase so far began from."""
+    """The teacher's own samples, ``count`` of up to ``tokens`` tokens from each teacher,
+    drawn once and kept: the base's, or those of the adapter each phase so far began from.
+    A resumed run draws them again from the committed adapters, the same ones on the same
+    device, threads and library versions."""
 
     def __init__(self, lm: AdaptedModel, *, count: int, tokens: int, seed: int) -> None:
         self.lm = lm
@@ -134,7 +135,7 @@ class TeacherSamples:
                 model.disable_adapter() if state is None else swapped_adapter(model, state))
             with as_teacher:
                 ids, positions = sample_text(self.lm, self.count, self.tokens,
-                                             seed=self.seed * 1000 + key)
+                                             seed=sample_seed(self.seed, key))
             self._drawn[key] = ScoredText(ids, positions)
             log.info("self-distillation: %d samples of %d tokens from the %s", self.count,
                      self.tokens, "base" if state is None else f"start of phase {key}")

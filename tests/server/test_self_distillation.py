@@ -283,13 +283,17 @@ def test_distillation_on_the_base_models_samples_removes_kl_to_base(fresh_lm, dr
 
 def test_phase_samples_come_from_every_phase_start_and_a_resumed_run_draws_the_same(
         fresh_lm, drifted):
-    """In phase 2 of a stream the samples are those of phase 1's start and phase 2's;
-    a run resumed in phase 2 reads phase 1's start from its committed version and draws
-    the same samples as the run that never stopped."""
+    """In phase 2 of a stream the samples are those of phase 1's start and phase 2's, each
+    drawn from that adapter; phase 3 adds its own; a run resumed in phase 2 reads phase
+    1's start from its committed version and draws the same samples as the run that never
+    stopped. Drawing leaves the student's adapter in the model."""
+    from fedcpt.core.adapters import from_arrays, swapped_adapter
+    from fedcpt.core.samples import sample_seed, sample_text
     from fedcpt.server.steps.self_distillation import PhaseTeacher, TeacherSamples
 
     later = to_arrays({k: v + 0.5 for k, v in adapter_state(fresh_lm.model).items()})
-    versions = {2: drifted, 4: later}  # committed before phase 1's and phase 2's first
+    last = to_arrays({k: v - 0.5 for k, v in adapter_state(fresh_lm.model).items()})
+    versions = {2: drifted, 4: later, 6: last}  # committed before phases 1, 2 and 3
 
     def text_at(samples: TeacherSamples, teacher: PhaseTeacher, server_round: int, arrays):
         return samples.text(teacher.earlier_starts(server_round, arrays))
@@ -300,6 +304,7 @@ def test_phase_samples_come_from_every_phase_start_and_a_resumed_run_draws_the_s
         asked.append(server_round)
         return versions[server_round]
 
+    student = {k: v.clone() for k, v in adapter_state(fresh_lm.model).items()}
     kept = TeacherSamples(fresh_lm, count=8, tokens=16, seed=0)
     teacher = PhaseTeacher(_two_phases, version)
     phase1 = text_at(kept, teacher, 3, drifted)
@@ -307,9 +312,33 @@ def test_phase_samples_come_from_every_phase_start_and_a_resumed_run_draws_the_s
     assert torch.equal(text_at(kept, teacher, 4, drifted).ids, phase1.ids) and asked == []
     phase2 = text_at(kept, teacher, 5, later)  # phase 2 began from `later`
     assert phase2.ids.shape == (16, 17) and torch.equal(phase2.ids[:8], phase1.ids)
-    assert not torch.equal(phase2.ids[8:], phase1.ids)
+    with swapped_adapter(fresh_lm.model, from_arrays(later)):
+        from_later, _ = sample_text(fresh_lm, 8, 16, seed=sample_seed(0, 2))
+    assert torch.equal(phase2.ids[8:], from_later)
+    assert all(torch.equal(v, student[k])
+               for k, v in adapter_state(fresh_lm.model).items())
+    assert text_at(kept, teacher, 7, last).ids.shape == (24, 17) and asked == []
 
     resumed = text_at(TeacherSamples(fresh_lm, count=8, tokens=16, seed=0),
                       PhaseTeacher(_two_phases, version), 6, later)
     assert sorted(asked) == [2, 4]
-    torch.testing.assert_close(resumed.ids, phase2.ids, rtol=0, atol=0)
+    assert torch.equal(resumed.ids, phase2.ids)
+    asked.clear()
+    third = text_at(TeacherSamples(fresh_lm, count=8, tokens=16, seed=0),
+                    PhaseTeacher(_two_phases, version), 8, last)  # resumed in phase 3
+    assert sorted(asked) == [2, 4, 6] and torch.equal(third.ids[:16], phase2.ids)
+
+
+def test_phase_replay_pulls_toward_the_phase_start_on_its_samples(fresh_lm, drifted):
+    """`samples` with the phase teacher, end to end: the KL to the phase's start on its
+    own samples falls over the steps, and the first phase is left alone."""
+    from fedcpt.server.steps.self_distillation import PhaseTeacher, TeacherSamples
+
+    moved = to_arrays({k: v + 0.3 for k, v in adapter_state(fresh_lm.model).items()})
+    step = _step(fresh_lm, samples=TeacherSamples(fresh_lm, count=16, tokens=32, seed=0),
+                 steps=6, lr=1e-2,
+                 phase_teacher=PhaseTeacher(_two_phases, lambda r, layout: drifted))
+    assert step.apply(1, drifted, moved, client_examples=0).details == {"steps": 0}
+    result = step.apply(3, drifted, moved, client_examples=0)
+    assert result.details["teacher"] == "phase"
+    assert result.details["last_samples_kl"] < result.details["first_samples_kl"]
