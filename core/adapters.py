@@ -79,21 +79,6 @@ def swapped_adapter(model: PeftModel, state: dict[str, torch.Tensor]) -> Iterato
         torch.clear_autocast_cache()
 
 
-@contextmanager
-def only_lora_b(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """Freeze LoRA A for the duration (FFA-LoRA: A stays at its shared initialisation);
-    the model's trainable set is restored after."""
-    frozen = [p for n, p in model.named_parameters()
-              if enabled and "lora_A" in n and p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-
-
 def update_norm(arrays: ArrayRecord, reference: ArrayRecord) -> float:
     """L2 norm of ``arrays - reference`` over all adapter tensors."""
     return math.sqrt(sum(

@@ -30,7 +30,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fedcpt.config import PrivacyConfig, TrainConfig
-from fedcpt.core.adapters import only_lora_b
 from fedcpt.core.lm_loss import next_token_loss
 from fedcpt.core.model import AdaptedModel
 from fedcpt.core.training import Anchor, TrainResult
@@ -85,6 +84,20 @@ def unit_sample_rate(units: int, batch_size: int) -> float:
     return min(1.0, batch_size / units)
 
 
+@contextlib.contextmanager
+def _only_lora_b(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Freeze LoRA A for the duration (FFA-LoRA); the cached model is restored after."""
+    frozen = [p for n, p in model.named_parameters()
+              if enabled and "lora_A" in n and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def train_adapter_dp(
     lm: AdaptedModel,
     blocks: torch.Tensor,
@@ -121,7 +134,7 @@ def train_adapter_dp(
                         batch_sampler=UnitPoissonSampler(n_units, q, train.local_steps,
                                                          sampling),
                         collate_fn=lambda items: _stack(items, blocks.shape[1]))
-    with only_lora_b(model, privacy.ffa_lora):
+    with _only_lora_b(model, privacy.ffa_lora):
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = _optimizer(params, privacy, train, lr,
                                noise_std=noise_multiplier * privacy.max_grad_norm

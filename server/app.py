@@ -149,8 +149,7 @@ def server_steps(cfg: RunConfig, lm: AdaptedModel | ServerModel, general: Genera
     if cfg.strategy.rehearsal != "none":
         steps.append(Rehearsal(lm, general.rehearsal, cfg.train, mode=cfg.strategy.rehearsal,
                                replay_fraction=cfg.strategy.replay_fraction,
-                               lr_at=cfg.lr_at, seed=cfg.seed,
-                               frozen_a=sites_train_only_b(cfg)))
+                               lr_at=cfg.lr_at, seed=cfg.seed))
     if cfg.strategy.distillation != "none":
         steps.append(self_distillation(cfg, lm, general, version))
     if cfg.strategy.delta_scaling:
@@ -189,15 +188,7 @@ def self_distillation(cfg: RunConfig, lm: AdaptedModel | ServerModel, general: G
                        if s.distill_teacher == "phase" else None),
         samples=(TeacherSamples(lm, count=s.distill_samples, tokens=cfg.data.block_size,
                                 seed=cfg.seed)
-                 if s.distillation == "samples" else None),
-        frozen_a=sites_train_only_b(cfg))
-
-
-def sites_train_only_b(cfg: RunConfig) -> bool:
-    """Whether the sites train LoRA B only (FFA-LoRA under DP-SGD). The server's own
-    training steps then leave A at its shared initialisation too: the product B·A of the
-    sites' B stays the one they trained, and averaging B alone is exact (Sun et al. 2024)."""
-    return cfg.privacy.enabled and cfg.privacy.ffa_lora
+                 if s.distillation == "samples" else None))
 
 
 def final_continuations(cfg: RunConfig, lm: AdaptedModel,

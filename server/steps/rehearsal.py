@@ -21,13 +21,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedcpt.config import TrainConfig
-from fedcpt.core.adapters import (
-    adapter_state,
-    load_adapter,
-    only_lora_b,
-    to_arrays,
-    weighted_sum,
-)
+from fedcpt.core.adapters import adapter_state, load_adapter, to_arrays, weighted_sum
 from fedcpt.core.model import AdaptedModel
 from fedcpt.core.training import train_adapter
 from fedcpt.server.steps.base import StepResult
@@ -42,7 +36,7 @@ class Rehearsal:
 
     def __init__(self, lm: AdaptedModel, pool: torch.Tensor, train: TrainConfig, *,
                  mode: str, replay_fraction: float, lr_at: Callable[[int], float],
-                 seed: int, frozen_a: bool = False) -> None:
+                 seed: int) -> None:
         self.lm = lm
         self.pool = pool
         self.train = train
@@ -51,8 +45,6 @@ class Rehearsal:
         self.lr_at = lr_at
         """The sites' learning rate for a round (phase-aware: see RunConfig.lr_at)."""
         self.seed = seed
-        self.frozen_a = frozen_a
-        """Train LoRA B only, as the sites do under FFA-LoRA."""
 
     def apply(self, server_round: int, global_arrays: ArrayRecord, aggregated: ArrayRecord,
               client_examples: int) -> StepResult:
@@ -60,8 +52,7 @@ class Rehearsal:
         seed = self.seed * 1000 + server_round
         if self.mode == "mix":
             load_adapter(self.lm.model, global_arrays)
-            with only_lora_b(self.lm.model, self.frozen_a):
-                result = train_adapter(self.lm, self.pool, self.train, lr=lr, seed=seed)
+            result = train_adapter(self.lm, self.pool, self.train, lr=lr, seed=seed)
             own = to_arrays(adapter_state(self.lm.model))
             log.info("round %d · rehearsal (mix): server update on %d examples, weight %.2f",
                      server_round, result.examples, self.rho)
@@ -70,9 +61,8 @@ class Rehearsal:
                                       "weight": self.rho})
         steps = max(1, math.ceil(self.rho * client_examples / self.train.batch_size))
         load_adapter(self.lm.model, aggregated)
-        with only_lora_b(self.lm.model, self.frozen_a):
-            train_adapter(self.lm, self.pool, dataclasses.replace(self.train, local_steps=steps),
-                          lr=lr, seed=seed)
+        train_adapter(self.lm, self.pool, dataclasses.replace(self.train, local_steps=steps),
+                      lr=lr, seed=seed)
         log.info("round %d · rehearsal (finetune): %d steps on the general pool",
                  server_round, steps)
         return StepResult(to_arrays(adapter_state(self.lm.model)),

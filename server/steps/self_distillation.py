@@ -43,7 +43,6 @@ from fedcpt.core.adapters import (
     adapter_state,
     from_arrays,
     load_adapter,
-    only_lora_b,
     swapped_adapter,
     to_arrays,
 )
@@ -156,7 +155,7 @@ class SelfDistillation:
                  lr_at: Callable[[int], float], chat_weight: float, max_grad_norm: float,
                  seed: int, from_round: int = 1,
                  phase_teacher: PhaseTeacher | None = None,
-                 samples: TeacherSamples | None = None, frozen_a: bool = False) -> None:
+                 samples: TeacherSamples | None = None) -> None:
         if pool is None and chat is None and samples is None:
             raise ValueError("self-distillation needs pool text, chat answers or samples")
         self.lm = lm
@@ -174,8 +173,6 @@ class SelfDistillation:
         self.from_round = from_round
         """Rounds before this one keep the aggregate unchanged."""
         self.phase_teacher = phase_teacher
-        self.frozen_a = frozen_a
-        """Train LoRA B only, as the sites do under FFA-LoRA."""
 
     def _texts(self, server_round: int, global_arrays: ArrayRecord
                ) -> list[tuple[str, ScoredText, float]]:
@@ -224,21 +221,20 @@ class SelfDistillation:
         load_adapter(model, aggregated)
         texts = self._texts(server_round, global_arrays)
         lr = self.lr or self.lr_at(server_round)
-        with only_lora_b(model, self.frozen_a):
-            params = [p for p in model.parameters() if p.requires_grad]  # the adapter only
-            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-            generator = torch.Generator().manual_seed(self.seed * 1000 + server_round)
-            model.train()
-            first: dict[str, float] = {}
-            last: dict[str, float] = {}
-            for i in range(self.steps):
-                last = self._backward(generator, teacher, texts)
-                first = first or last
-                if self.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                log.debug("round %d · self-distillation step %d: %s", server_round, i, last)
+        params = [p for p in model.parameters() if p.requires_grad]  # the adapter only
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(self.seed * 1000 + server_round)
+        model.train()
+        first: dict[str, float] = {}
+        last: dict[str, float] = {}
+        for i in range(self.steps):
+            last = self._backward(generator, teacher, texts)
+            first = first or last
+            if self.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            log.debug("round %d · self-distillation step %d: %s", server_round, i, last)
         model.eval()
         log.info("round %d · self-distillation: %d steps at lr %.2g, KL to the %s %s",
                  server_round, self.steps, lr, "base" if teacher is None else "phase's start",

@@ -63,42 +63,6 @@ def test_rehearsal_lowers_general_loss_of_the_aggregate(fresh_lm, trained, byte_
     assert evaluate_blocks(fresh_lm, general, 8).loss < before
 
 
-@pytest.mark.parametrize("frozen_a", [True, False])
-def test_server_steps_train_b_only_when_the_sites_do(fresh_lm, trained, byte_tok, frozen_a):
-    """Under FFA-LoRA the sites never move A; rehearsal (mix and finetune) and
-    self-distillation then leave A where the round began (else the sites' B would act
-    through another A), and still train B. Without FFA they train A as well."""
-    from fedcpt.server.steps.self_distillation import SelfDistillation
-
-    initial, aggregate = trained
-    general = _general_blocks(byte_tok)
-    train = TrainConfig(local_steps=3, batch_size=4, lr=5e-2)
-    steps = [Rehearsal(fresh_lm, general, train, mode=mode, replay_fraction=0.5,
-                       lr_at=lambda r: train.lr, seed=0, frozen_a=frozen_a)
-             for mode in ("mix", "finetune")]
-    steps.append(SelfDistillation(fresh_lm, pool=general, chat=None, steps=3, batch_size=4,
-                                  lr=5e-2, lr_at=lambda r: 5e-2, chat_weight=1.0,
-                                  max_grad_norm=1.0, seed=0, frozen_a=frozen_a))
-    for step in steps:
-        result = step.apply(1, aggregate, aggregate, client_examples=40).arrays
-        moved = {k: not np.array_equal(result[k].numpy(), aggregate[k].numpy())
-                 for k in aggregate.keys()}
-        assert any(moved[k] for k in moved if "lora_B" in k), step.name
-        assert any(moved[k] for k in moved if "lora_A" in k) is not frozen_a, step.name
-    assert all(p.requires_grad for n, p in fresh_lm.model.named_parameters() if "lora_A" in n)
-
-
-def test_server_steps_freeze_a_exactly_under_dp_with_ffa_lora():
-    from fedcpt.config import load_config
-    from fedcpt.server.app import sites_train_only_b
-
-    ffa = ["privacy.enabled=true", "privacy.ffa_lora=true"]
-    assert sites_train_only_b(load_config("smoke", overrides=ffa))
-    assert not sites_train_only_b(load_config("smoke", overrides=ffa[1:]))
-    assert not sites_train_only_b(load_config("smoke", overrides=ffa[:1]))
-    assert sites_train_only_b(load_config("shakespeare"))
-
-
 def test_delta_scaling_takes_the_largest_alpha_within_tolerance(fresh_lm, trained, byte_tok):
     initial, aggregate = trained
     validation = _general_blocks(byte_tok)
