@@ -71,6 +71,11 @@ class PhaseStarts:
         adapter that round began from)."""
         if self._held is None or self._held[0] != phase.index:
             start = (arrays if server_round == phase.first_round
-                     else self.version(phase.first_round - 1, arrays))
+                     else self.committed(phase, arrays))
             self._held = (phase.index, start)
         return self._held[1]
+
+    def committed(self, phase: Phase, layout: ArrayRecord) -> ArrayRecord:
+        """The adapter ``phase`` began from as committed: the version of the round before
+        its first (``layout``: its tensors' layout)."""
+        return self.version(phase.first_round - 1, layout)

@@ -105,8 +105,8 @@ class PhaseTeacher:
 
     def _committed_start(self, phase: Phase, layout: ArrayRecord
                          ) -> dict[str, torch.Tensor]:
-        """An earlier ``phase``'s start: the version committed before its first round."""
-        return from_arrays(self.starts.version(phase.first_round - 1, layout))
+        """An earlier ``phase``'s start, as committed."""
+        return from_arrays(self.starts.committed(phase, layout))
 
 
 class TeacherSamples:
@@ -127,10 +127,8 @@ class TeacherSamples:
         """The samples of every teacher in ``teachers`` (key → its adapter tensors; None:
         the base), drawn for those not drawn yet."""
         model = self.lm.model
-        for key, state_of in sorted(teachers.items()):
-            if key in self._drawn:
-                continue
-            state = state_of()
+        for key in sorted(teachers.keys() - self._drawn.keys()):
+            state = teachers[key]()
             as_teacher: AbstractContextManager = (
                 model.disable_adapter() if state is None else swapped_adapter(model, state))
             with as_teacher:
